@@ -1,0 +1,1 @@
+"""The ``titan`` command: inspect services and call their methods."""

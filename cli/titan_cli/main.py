@@ -1,0 +1,147 @@
+"""``titan``: inspect services and call them from the shell.
+
+Exit codes (also in README.md):
+  0  success
+  1  the call failed (remote error, timeout, no live worker, backlog full)
+  2  bad command line
+  4  Redis unreachable or refused the credentials
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from titan_broker.client import Client
+from titan_broker.config import ENV_NAMESPACE, ENV_URL
+from titan_broker.errors import CallError, ConfigError, RedisUnavailable, TitanError
+from titan_broker.registry import list_services
+
+EXIT_CALL_FAILED = 1
+EXIT_USAGE = 2
+EXIT_REDIS = 4
+
+R = TypeVar("R")
+
+app = typer.Typer(help="Inspect and call titan-broker services.", add_completion=False, no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    url: str | None
+    namespace: str | None
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    redis: Annotated[str | None, typer.Option("--redis", envvar=ENV_URL, help="Redis URL.")] = None,
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", envvar=ENV_NAMESPACE, help="Key namespace.")
+    ] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
+) -> None:
+    """Inspect and call titan-broker services."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = _Settings(redis, namespace)
+
+
+def _run(ctx: typer.Context, work: Callable[[Client], Awaitable[R]]) -> R:
+    """Connect, run ``work``, and turn titan errors into one line and an exit code."""
+    settings: _Settings = ctx.obj
+
+    async def main() -> R:
+        async with Client(settings.url, namespace=settings.namespace) as client:
+            return await work(client)
+
+    try:
+        return anyio.run(main)
+    except RedisUnavailable as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_REDIS) from None
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    except CallError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CALL_FAILED) from None
+    except TitanError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CALL_FAILED) from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+@app.command()
+def services(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the services that have at least one live worker."""
+    found = _run(ctx, lambda c: list_services(c.redis, c.keys))
+    if as_json:
+        _print_json([s.to_dict() for s in found])
+        return
+    if not found:
+        out.print("no live services (start one with: titan-worker run FILE)")
+        return
+    table = Table(title="services")
+    for col in ("service", "version", "workers", "in flight", "calls", "methods"):
+        table.add_column(col)
+    for s in found:
+        table.add_row(
+            s.name,
+            s.version,
+            str(len(s.workers)),
+            str(sum(w.in_flight for w in s.workers)),
+            str(sum(w.calls for w in s.workers)),
+            "\n".join(m.get("signature", m.get("name", "?")) for m in s.methods),
+        )
+    out.print(table)
+
+
+def _parse_arg(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+@app.command()
+def call(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    method: Annotated[str, typer.Argument(help="Public method name.")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Arguments, each parsed as JSON, else taken as a string."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
+) -> None:
+    """Call SERVICE.METHOD(ARGS...) and print the result as JSON."""
+    values = tuple(_parse_arg(a) for a in args or [])
+    result = _run(ctx, lambda c: c.call(service, method, values, timeout=timeout))
+    _print_json(result)

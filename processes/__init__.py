@@ -1,0 +1,1 @@
+"""Example services; each file holds one @process class."""

@@ -1,0 +1,2 @@
+class NotAService:
+    pass

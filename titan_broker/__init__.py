@@ -1,0 +1,63 @@
+"""titan-broker: run Python services as worker processes and call them through typed proxies over Redis."""
+
+from .client import Client as Client
+from .client import ServiceProxy as ServiceProxy
+from .client import with_options as with_options
+from .config import WorkerOptions as WorkerOptions
+from .decorators import Health as Health
+from .decorators import HealthStatus as HealthStatus
+from .decorators import health_check as health_check
+from .decorators import on_shutdown as on_shutdown
+from .decorators import process as process
+from .decorators import public as public
+from .errors import BacklogFull as BacklogFull
+from .errors import BadArguments as BadArguments
+from .errors import BadRequest as BadRequest
+from .errors import CallError as CallError
+from .errors import CallTimeout as CallTimeout
+from .errors import ConfigError as ConfigError
+from .errors import DeadlineExceeded as DeadlineExceeded
+from .errors import EncodeError as EncodeError
+from .errors import MethodNotFound as MethodNotFound
+from .errors import NoLiveWorkers as NoLiveWorkers
+from .errors import PayloadTooLarge as PayloadTooLarge
+from .errors import RedisUnavailable as RedisUnavailable
+from .errors import RemoteError as RemoteError
+from .errors import ServiceFileError as ServiceFileError
+from .errors import SpawnError as SpawnError
+from .errors import TitanError as TitanError
+from .manager import ProcessManager as ProcessManager
+from .manager import WorkerProcess as WorkerProcess
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "BacklogFull",
+    "BadArguments",
+    "BadRequest",
+    "CallError",
+    "CallTimeout",
+    "Client",
+    "ConfigError",
+    "DeadlineExceeded",
+    "EncodeError",
+    "Health",
+    "HealthStatus",
+    "MethodNotFound",
+    "NoLiveWorkers",
+    "PayloadTooLarge",
+    "ProcessManager",
+    "RedisUnavailable",
+    "RemoteError",
+    "ServiceFileError",
+    "ServiceProxy",
+    "SpawnError",
+    "TitanError",
+    "WorkerOptions",
+    "WorkerProcess",
+    "health_check",
+    "on_shutdown",
+    "process",
+    "public",
+    "with_options",
+)

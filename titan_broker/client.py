@@ -1,0 +1,303 @@
+"""The calling side: a Client that sends requests and one dispatcher that routes replies, and proxies.
+
+Every call carries an absolute deadline. Replies for all calls of a client
+arrive on one list, popped by a single dispatcher task, and are matched to
+their callers by call id; a reply nobody waits for (a duplicate, or one for
+a caller that gave up) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import anyio
+from redis import exceptions as rexc
+
+from . import protocol
+from .config import resolve_namespace, resolve_url
+from .connection import CONNECTION_ERRORS, Redis, open_redis, server_version, text
+from .errors import (
+    BacklogFull,
+    CallTimeout,
+    NoLiveWorkers,
+    RedisUnavailable,
+    TitanError,
+    remote_error,
+)
+from .keys import Keys
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Refuse the call when the stream already holds max_backlog entries; acknowledged
+# entries are deleted, so the length is the backlog (unread plus in progress).
+_SUBMIT = """
+local max = tonumber(ARGV[1])
+if max > 0 and redis.call('XLEN', KEYS[1]) >= max then
+  return redis.error_reply('TITANBACKLOG ' .. max)
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+"""
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_BACKLOG = 10_000
+
+
+class Client:
+    """Sends calls to services and receives their replies.
+
+    The constructor does no I/O; ``async with Client(...)`` connects and starts
+    the reply dispatcher, leaving the block stops it.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        default_timeout: float = DEFAULT_TIMEOUT,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        max_payload: int = protocol.DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.url = resolve_url(url)
+        self.namespace = resolve_namespace(namespace)
+        self.keys = Keys(self.namespace)
+        self.default_timeout = default_timeout
+        self.max_backlog = max_backlog
+        self.max_payload = max_payload
+        self.client_id = uuid.uuid4().hex[:16]
+        self._reply_key = self.keys.reply(self.client_id)
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
+        self._redis: Redis | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._submit: Any = None
+
+    @property
+    def redis(self) -> Redis:
+        """The connection; raise TitanError when used outside ``async with``."""
+        if self._redis is None:
+            raise TitanError("client is not connected: use 'async with' first")
+        return self._redis
+
+    async def __aenter__(self) -> Client:
+        self._redis = await open_redis(self.url)
+        self._submit = self._redis.register_script(_SUBMIT)
+        blmpop = await server_version(self._redis) >= (7,)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._dispatch, blmpop)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the dispatcher and close the connection; calls still waiting fail."""
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(TitanError("client closed while the call was waiting"))
+        self._pending.clear()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _dispatch(self, blmpop: bool) -> None:
+        redis = self.redis
+        key = self._reply_key
+        backoff = 0.05
+        while True:
+            try:
+                if blmpop:
+                    res = await redis.execute_command(  # type: ignore[no-untyped-call]
+                        "BLMPOP", 1, 1, key, "LEFT", "COUNT", 256
+                    )
+                    items: list[bytes] = res[1] if res else []
+                else:
+                    popped = await redis.blpop([key], timeout=1)
+                    items = [cast(bytes, popped[1])] if popped else []
+                    if items:
+                        items += cast("list[bytes] | None", await redis.lpop(key, 255)) or []
+                backoff = 0.05
+            except CONNECTION_ERRORS as exc:
+                logger.warning("reply dispatcher lost Redis (%s); retrying in %.2f s", exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for raw in items:
+                reply = protocol.decode_reply(raw)
+                if reply is None:
+                    logger.warning("dropped a malformed reply on %s", key)
+                    continue
+                fut = self._pending.get(reply.call_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call ``service.method(*args, **kwargs)`` and return its result.
+
+        Raises RemoteError (or a subclass) when the worker answers with an error,
+        CallTimeout (NoLiveWorkers when no worker is alive) when the deadline
+        passes, BacklogFull when the service refuses new calls, and
+        RedisUnavailable when Redis cannot be reached.
+        """
+        timeout = self.default_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        started = time.monotonic()
+        deadline_ms = int((time.time() + timeout) * 1000)
+        call_id = f"{self.client_id}-{next(self._ids)}"
+        fields = protocol.encode_request(
+            call_id,
+            method,
+            args,
+            kwargs or {},
+            self._reply_key,
+            deadline_ms,
+            max_payload=self.max_payload,
+        )
+        fut: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        try:
+            await self._send(service, method, fields)
+            with anyio.move_on_after(timeout - (time.monotonic() - started)):
+                reply = await fut
+                if reply.ok:
+                    return reply.value
+                error = reply.error or {}
+                raise remote_error(
+                    str(error.get("type", "titan.Unknown")),
+                    str(error.get("message", "")),
+                    error.get("details") if isinstance(error.get("details"), dict) else None,
+                )
+            raise await self._timeout_error(service, method, timeout)
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def _send(self, service: str, method: str, fields: dict[bytes, bytes]) -> None:
+        argv: list[Any] = [self.max_backlog]
+        for name, value in fields.items():
+            argv += (name, value)
+        try:
+            await self._submit(keys=[self.keys.calls(service)], args=argv)
+        except rexc.ResponseError as exc:
+            if str(exc).startswith("TITANBACKLOG"):
+                raise BacklogFull(
+                    f"service {service!r} refused {method}(): its backlog is full "
+                    f"({self.max_backlog} calls waiting); add workers or retry later"
+                ) from None
+            raise
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable(f"cannot send {service}.{method}(): Redis is unreachable ({exc})") from exc
+
+    async def _timeout_error(self, service: str, method: str, timeout: float) -> CallTimeout:
+        try:
+            live = await self.live_workers(service)
+        except CONNECTION_ERRORS:
+            live = -1
+        if live == 0:
+            return NoLiveWorkers(
+                f"{service}.{method}() got no answer within {timeout:g} s: "
+                f"service {service!r} has no live worker (start one with 'titan-worker run FILE')"
+            )
+        return CallTimeout(f"{service}.{method}() got no answer within {timeout:g} s")
+
+    async def live_workers(self, service: str) -> int:
+        """How many workers of ``service`` have a live registry record."""
+        ids = await self.redis.smembers(self.keys.workers(service))
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.exists(self.keys.worker(service, text(wid)))
+            found = await pipe.execute()
+        return sum(int(x) for x in found)
+
+    def proxy(self, service: str, cls: type[T] | None = None, *, methods: frozenset[str] | None = None) -> T:
+        """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers."""
+        return cast(T, ServiceProxy(self, service, methods=methods, timeout=None))
+
+
+class ServiceProxy:
+    """Calls the methods of a service by attribute: ``await proxy.add(1, 2)``.
+
+    A proxy addresses the service, not one process: any live worker may answer.
+    """
+
+    __slots__ = ("_client", "_methods", "_service", "_timeout")
+
+    def __init__(
+        self, client: Client, service: str, *, methods: frozenset[str] | None, timeout: float | None
+    ) -> None:
+        self._client = client
+        self._service = service
+        self._methods = methods
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._methods is not None and name not in self._methods:
+            known = ", ".join(sorted(self._methods)) or "none"
+            raise AttributeError(f"service {self._service!r} has no public method {name!r} (public: {known})")
+        return _RemoteMethod(self._client, self._service, name, self._timeout)
+
+    def with_options(self, *, timeout: float | None = None) -> ServiceProxy:
+        """A copy of this proxy whose calls use these options."""
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        return ServiceProxy(self._client, self._service, methods=self._methods, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<ServiceProxy {self._service!r} in namespace {self._client.namespace!r}>"
+
+
+class _RemoteMethod:
+    __slots__ = ("_client", "_method", "_service", "_timeout")
+
+    def __init__(self, client: Client, service: str, method: str, timeout: float | None) -> None:
+        self._client = client
+        self._service = service
+        self._method = method
+        self._timeout = timeout
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._client.call(self._service, self._method, args, kwargs, timeout=self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._service}.{self._method}>"
+
+
+def with_options(proxy: T, *, timeout: float | None = None) -> T:
+    """``proxy.with_options(...)`` for typed code: the proxy's static type is the service class.
+
+    Raises TypeError when ``proxy`` is not a titan-broker proxy.
+    """
+    if not isinstance(proxy, ServiceProxy):
+        raise TypeError(f"with_options() takes a proxy from spawn/connect, not {type(proxy).__name__}")
+    return cast(T, proxy.with_options(timeout=timeout))

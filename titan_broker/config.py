@@ -1,0 +1,83 @@
+"""Configuration as small frozen value objects; durations are seconds as floats."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+from .protocol import DEFAULT_MAX_PAYLOAD
+
+ENV_URL = "TITAN_REDIS_URL"
+ENV_NAMESPACE = "TITAN_NAMESPACE"
+DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_NAMESPACE = "titan"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def resolve_url(url: str | None) -> str:
+    """The Redis URL to use: the one given, else $TITAN_REDIS_URL, else redis://localhost:6379/0."""
+    url = url or os.environ.get(ENV_URL) or DEFAULT_URL
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"Redis URL {redact(url)!r} must start with redis://, rediss:// or unix://")
+    return url
+
+
+def resolve_namespace(namespace: str | None) -> str:
+    """The namespace to use: the one given, else $TITAN_NAMESPACE, else 'titan'."""
+    ns = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
+    return check_name(ns, "namespace")
+
+
+def check_name(value: str, what: str) -> str:
+    """Refuse names that would break key names (braces, colons, spaces)."""
+    if not _NAME.match(value):
+        raise ConfigError(
+            f"{what} {value!r} is not valid: use letters, digits, '_', '-' and '.', at most 128"
+        )
+    return value
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by '***', for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker serves its stream."""
+
+    concurrency: int = 16
+    """Calls run at once; the worker reads no more entries than it has free slots."""
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 5.0
+    """The registry record expires this long after the last heartbeat."""
+    grace_period: float = 30.0
+    """On shutdown, how long calls in flight may take to finish."""
+    read_block: float = 1.0
+    """How long one XREADGROUP blocks; also bounds how fast a drain stops reading."""
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    reply_ttl: float = 300.0
+    """A reply list nobody reads expires after this long."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.heartbeat_interval <= 0 or self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat_ttl ({self.heartbeat_ttl}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}), and both be positive"
+            )
+        if self.grace_period < 0 or self.read_block <= 0:
+            raise ConfigError("grace_period must be >= 0 and read_block > 0")

@@ -1,0 +1,172 @@
+"""What a service is, read off its class: name, version, public methods and their signatures.
+
+Also loads a service file, enforcing the rule of exactly one @process class per file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .decorators import HEALTH_ATTR, PROCESS_ATTR, PUBLIC_ATTR, SHUTDOWN_ATTR, ProcessInfo
+from .errors import ConfigError, ServiceFileError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One @public method."""
+
+    name: str
+    signature: inspect.Signature
+    """Without ``self``; used to check arguments before the method runs."""
+    is_async: bool
+
+    @property
+    def display(self) -> str:
+        """``add(a: float, b: float) -> float``."""
+        return f"{self.name}{self.signature}"
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description for the registry."""
+        params = [
+            {
+                "name": p.name,
+                "kind": p.kind.name.lower(),
+                "annotation": _annotation(p.annotation),
+                **({"default": repr(p.default)} if p.default is not p.empty else {}),
+            }
+            for p in self.signature.parameters.values()
+        ]
+        return {
+            "name": self.name,
+            "signature": self.display,
+            "params": params,
+            "returns": _annotation(self.signature.return_annotation),
+            "async": self.is_async,
+        }
+
+
+def _annotation(ann: Any) -> str | None:
+    if ann is inspect.Parameter.empty:
+        return None
+    return ann if isinstance(ann, str) else inspect.formatannotation(ann)
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """A @process class and what the runtime needs to serve it."""
+
+    cls: type
+    info: ProcessInfo
+    methods: dict[str, MethodSpec]
+    health_check: str | None
+    on_shutdown: tuple[str, ...]
+    has_init: bool
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+
+def _signature(fn: Any) -> inspect.Signature:
+    try:
+        sig = inspect.signature(fn, eval_str=True)
+    except Exception:  # annotations naming things only imported under TYPE_CHECKING
+        sig = inspect.signature(fn)
+    params = list(sig.parameters.values())[1:]  # drop self
+    return sig.replace(parameters=params)
+
+
+def describe(cls: type) -> ServiceDefinition:
+    """Read a @process class; raise ConfigError when it is not one or a marked method is unusable."""
+    info = getattr(cls, PROCESS_ATTR, None)
+    if not isinstance(info, ProcessInfo):
+        raise ConfigError(f"{cls.__qualname__} is not a service: decorate it with @process(name=...)")
+    methods: dict[str, MethodSpec] = {}
+    health: list[str] = []
+    shutdown: list[str] = []
+    for attr, fn in inspect.getmembers(cls, inspect.isfunction):
+        where = f"{cls.__qualname__}.{attr}"
+        if getattr(fn, PUBLIC_ATTR, False):
+            if attr.startswith("_") or attr == "init":
+                raise ConfigError(f"{where} cannot be @public: names starting with '_' and init stay private")
+            if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+                raise ConfigError(f"{where} is a generator; streaming methods are not supported yet")
+            methods[attr] = MethodSpec(attr, _signature(fn), inspect.iscoroutinefunction(fn))
+        if getattr(fn, HEALTH_ATTR, False):
+            health.append(attr)
+        if getattr(fn, SHUTDOWN_ATTR, False):
+            if not inspect.iscoroutinefunction(fn):
+                raise ConfigError(f"{where} is @on_shutdown and must be 'async def'")
+            shutdown.append(attr)
+    if len(health) > 1:
+        raise ConfigError(
+            f"{cls.__qualname__} has several @health_check methods ({', '.join(health)}); keep one"
+        )
+    init = getattr(cls, "init", None)
+    if init is not None and not inspect.iscoroutinefunction(init):
+        raise ConfigError(f"{cls.__qualname__}.init must be 'async def init(self, **dependencies)'")
+    return ServiceDefinition(
+        cls=cls,
+        info=info,
+        methods=methods,
+        health_check=health[0] if health else None,
+        on_shutdown=tuple(shutdown),
+        has_init=init is not None,
+    )
+
+
+def load_service_file(path: str | Path) -> ServiceDefinition:
+    """Import a service file and return its one @process class.
+
+    The file's folder goes first on sys.path, as when running a script, so it
+    can import its neighbours. Raises ServiceFileError naming the file.
+    """
+    file = Path(path).resolve()
+    shown = str(path)
+    if not file.is_file():
+        raise ServiceFileError(
+            shown, "file not found (give the path to a .py file holding one @process class)"
+        )
+    module_name = f"titan_service_{file.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise ServiceFileError(shown, "not a Python module (expected a .py file)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    folder = str(file.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ServiceFileError(shown, f"import failed: {type(exc).__name__}: {exc}") from exc
+    found = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__module__ == module_name and hasattr(obj, PROCESS_ATTR)
+    ]
+    if not found:
+        raise ServiceFileError(
+            shown,
+            "no @process class found; decorate exactly one class with @process(name=..., version=...)",
+        )
+    if len(found) > 1:
+        names = ", ".join(c.__name__ for c in found)
+        raise ServiceFileError(
+            shown,
+            f"{len(found)} @process classes found ({names}); keep one per file and move the others",
+        )
+    try:
+        return describe(found[0])
+    except ConfigError as exc:
+        raise ServiceFileError(shown, str(exc)) from exc

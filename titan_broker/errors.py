@@ -1,0 +1,107 @@
+"""The exception hierarchy: every error titan-broker raises derives from TitanError.
+
+Errors that happen in a worker cross the wire as data (``{type, message,
+details}``, see PROTOCOL.md) and are raised again at the caller as the
+matching class below; they are never pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TitanError(Exception):
+    """Base class of every error raised by titan-broker."""
+
+
+class ConfigError(TitanError):
+    """An option, URL or argument given to titan-broker is invalid."""
+
+
+class ServiceFileError(TitanError):
+    """A service file cannot be loaded: missing, fails to import, or not exactly one @process class."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class SpawnError(TitanError):
+    """A worker process started by ProcessManager failed before it became ready."""
+
+    def __init__(self, path: str, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(f"worker for {path} failed to start: {message}")
+        self.path = path
+        self.exit_code = exit_code
+        self.child_message = message
+
+
+class RedisUnavailable(TitanError):
+    """Redis cannot be reached, refused the credentials, or dropped the connection."""
+
+
+class CallError(TitanError):
+    """A call to a service did not produce a result."""
+
+
+class CallTimeout(CallError):
+    """A call was not answered before its deadline."""
+
+
+class NoLiveWorkers(CallTimeout):
+    """A call timed out and the service has no live worker to answer it."""
+
+
+class BacklogFull(CallError):
+    """The service's request stream holds its maximum backlog; the call was refused, not queued."""
+
+
+class RemoteError(CallError):
+    """The worker answered with an error; ``type`` names the remote exception class."""
+
+    def __init__(self, type: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{type}: {message}" if message else type)
+        self.type = type
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+
+class MethodNotFound(RemoteError):
+    """The method does not exist on the service or is not @public."""
+
+
+class BadArguments(RemoteError):
+    """The arguments do not match the method's signature."""
+
+
+class BadRequest(RemoteError):
+    """The worker could not read the request (malformed entry, unknown protocol version)."""
+
+
+class PayloadTooLarge(RemoteError):
+    """The arguments or the result exceed the configured size limit."""
+
+
+class DeadlineExceeded(RemoteError):
+    """The worker dropped or cancelled the call because its deadline passed."""
+
+
+class EncodeError(RemoteError):
+    """A value could not be encoded with msgpack."""
+
+
+# Protocol error types as they appear on the wire, mapped to their classes.
+WIRE_ERRORS: dict[str, type[RemoteError]] = {
+    "titan.MethodNotFound": MethodNotFound,
+    "titan.BadArguments": BadArguments,
+    "titan.BadRequest": BadRequest,
+    "titan.PayloadTooLarge": PayloadTooLarge,
+    "titan.DeadlineExceeded": DeadlineExceeded,
+    "titan.EncodeError": EncodeError,
+}
+
+
+def remote_error(type: str, message: str, details: dict[str, Any] | None = None) -> RemoteError:
+    """Build the exception that a wire error ``{type, message, details}`` stands for."""
+    cls = WIRE_ERRORS.get(type, RemoteError)
+    return cls(type, message, details)

@@ -1,0 +1,43 @@
+"""Every Redis key titan-broker uses, in one place (documented in PROTOCOL.md).
+
+Keys of one service share the Redis Cluster hash tag ``{<service>}`` so that
+scripts touching a stream and its worker records run on one node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace."""
+
+    namespace: str = "titan"
+
+    @property
+    def services(self) -> str:
+        """Hash: service name -> JSON description (version, methods)."""
+        return f"{self.namespace}:services"
+
+    def calls(self, service: str) -> str:
+        """Stream of requests to a service, read through the consumer group ``workers``."""
+        return f"{self.namespace}:{{{service}}}:calls"
+
+    def dead(self, service: str) -> str:
+        """Stream of dead-lettered requests of a service."""
+        return f"{self.namespace}:{{{service}}}:dead"
+
+    def workers(self, service: str) -> str:
+        """Set of the ids of the workers that registered for a service."""
+        return f"{self.namespace}:{{{service}}}:workers"
+
+    def worker(self, service: str, worker_id: str) -> str:
+        """Hash with a TTL: one worker's registry record; it expires when heartbeats stop."""
+        return f"{self.namespace}:{{{service}}}:worker:{worker_id}"
+
+    def reply(self, client_id: str) -> str:
+        """List with a TTL: replies to one client."""
+        return f"{self.namespace}:reply:{client_id}"

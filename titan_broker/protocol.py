@@ -1,0 +1,216 @@
+"""The wire protocol, version 1 (PROTOCOL.md is its specification).
+
+A request is one stream entry with short fields; a reply is one msgpack map
+pushed to the caller's reply list. Values are msgpack only: a value msgpack
+cannot encode is an error, never a pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import EncodeError, PayloadTooLarge
+
+VERSION = b"1"
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+# Stream entry fields.
+F_VERSION = b"v"
+F_ID = b"id"
+F_METHOD = b"m"
+F_ARGS = b"a"
+F_REPLY = b"r"
+F_DEADLINE = b"d"
+F_TRACE = b"t"
+
+
+def pack(value: Any) -> bytes:
+    """Encode a value with msgpack; raise EncodeError naming the type that cannot be encoded."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError("titan.EncodeError", f"cannot encode with msgpack: {exc}") from exc
+
+
+def unpack(data: bytes) -> Any:
+    """Decode one msgpack value (maps may have non-string keys)."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded request entry."""
+
+    call_id: str
+    method: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    reply_to: str
+    deadline_ms: int
+    trace: str | None = None
+
+
+class BadEntry(Exception):
+    """A stream entry is not a valid request; ``call_id`` and ``reply_to`` are set when readable."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        call_id: str | None,
+        reply_to: str | None,
+        type: str = "titan.BadRequest",
+    ) -> None:
+        super().__init__(message)
+        self.call_id = call_id
+        self.reply_to = reply_to
+        self.type = type
+
+
+def encode_request(
+    call_id: str,
+    method: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    reply_to: str,
+    deadline_ms: int,
+    *,
+    trace: str | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+) -> dict[bytes, bytes]:
+    """Build the fields of a request entry; raise PayloadTooLarge or EncodeError."""
+    payload = pack([list(args), dict(kwargs)])
+    if len(payload) > max_payload:
+        raise PayloadTooLarge(
+            "titan.PayloadTooLarge",
+            f"arguments of {method}() are {len(payload)} bytes, over the limit of {max_payload}",
+        )
+    fields = {
+        F_VERSION: VERSION,
+        F_ID: call_id.encode(),
+        F_METHOD: method.encode(),
+        F_ARGS: payload,
+        F_REPLY: reply_to.encode(),
+        F_DEADLINE: str(deadline_ms).encode(),
+    }
+    if trace is not None:
+        fields[F_TRACE] = trace.encode()
+    return fields
+
+
+def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
+    raw = fields.get(name)
+    if raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def decode_request(fields: Mapping[bytes, bytes], *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Request:
+    """Parse a request entry; raise BadEntry saying which field is at fault."""
+    call_id = _text(fields, F_ID)
+    reply_to = _text(fields, F_REPLY)
+
+    def bad(message: str, type: str = "titan.BadRequest") -> BadEntry:
+        return BadEntry(message, call_id=call_id, reply_to=reply_to, type=type)
+
+    version = fields.get(F_VERSION)
+    if version != VERSION:
+        raise bad(f"unsupported protocol version {version!r}; this worker speaks {VERSION.decode()}")
+    if not call_id:
+        raise bad("request has no call id (field 'id')")
+    if not reply_to:
+        raise bad("request has no reply key (field 'r')")
+    method = _text(fields, F_METHOD)
+    if not method:
+        raise bad("request has no method name (field 'm')")
+    deadline = _text(fields, F_DEADLINE)
+    try:
+        deadline_ms = int(deadline) if deadline is not None else -1
+    except ValueError:
+        deadline_ms = -1
+    if deadline_ms < 0:
+        raise bad(f"request has no valid deadline (field 'd' = {deadline!r})")
+    payload = fields.get(F_ARGS)
+    if payload is None:
+        raise bad("request has no arguments (field 'a')")
+    if len(payload) > max_payload:
+        raise bad(
+            f"arguments of {method}() are {len(payload)} bytes, over the limit of {max_payload}",
+            "titan.PayloadTooLarge",
+        )
+    try:
+        decoded = unpack(payload)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise bad(f"arguments of {method}() are not valid msgpack: {exc}") from exc
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != 2
+        or not isinstance(decoded[0], list)
+        or not isinstance(decoded[1], dict)
+        or not all(isinstance(k, str) for k in decoded[1])
+    ):
+        raise bad(f"arguments of {method}() must be a msgpack array [args, {{name: value}}]")
+    return Request(
+        call_id=call_id,
+        method=method,
+        args=decoded[0],
+        kwargs=decoded[1],
+        reply_to=reply_to,
+        deadline_ms=deadline_ms,
+        trace=_text(fields, F_TRACE),
+    )
+
+
+def encode_ok(call_id: str, value: Any, worker_id: str) -> bytes:
+    """A success reply; raise EncodeError when the value cannot be encoded."""
+    return pack({"id": call_id, "ok": True, "v": value, "w": worker_id})
+
+
+def encode_error(
+    call_id: str, type: str, message: str, worker_id: str, details: dict[str, Any] | None = None
+) -> bytes:
+    """An error reply; details that cannot be encoded are replaced by their repr."""
+    error = {"type": type, "message": message, "details": details or {}}
+    try:
+        return pack({"id": call_id, "ok": False, "e": error, "w": worker_id})
+    except EncodeError:
+        error["details"] = {"repr": repr(details)}
+        return pack({"id": call_id, "ok": False, "e": error, "w": worker_id})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded reply."""
+
+    call_id: str
+    ok: bool
+    value: Any
+    error: dict[str, Any] | None
+    worker_id: str | None
+
+
+def decode_reply(data: bytes) -> Reply | None:
+    """Parse a reply; None when it is not a valid reply map (it is then ignored)."""
+    try:
+        msg = unpack(data)
+    except Exception:
+        return None
+    if not isinstance(msg, dict) or not isinstance(msg.get("id"), str):
+        return None
+    ok = bool(msg.get("ok"))
+    error = msg.get("e")
+    if not ok and not isinstance(error, dict):
+        error = {"type": "titan.BadReply", "message": "reply carries neither value nor error"}
+    return Reply(msg["id"], ok, msg.get("v"), None if ok else error, msg.get("w"))
+
+
+def size_error(what: str, size: int, limit: int) -> PayloadTooLarge:
+    """The error for a value over the size limit."""
+    return PayloadTooLarge("titan.PayloadTooLarge", f"{what} is {size} bytes, over the limit of {limit}")

@@ -1,0 +1,113 @@
+"""Reading the registry: which services exist and which of their workers are alive.
+
+A worker is alive while its record (a hash with a TTL refreshed by its
+heartbeat) exists. Ids left in a service's worker set by workers whose
+record expired are pruned when read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .connection import Redis, text
+from .keys import Keys
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One live worker, as its registry record shows it."""
+
+    worker_id: str
+    service: str
+    version: str
+    host: str
+    pid: int
+    status: str
+    in_flight: int
+    concurrency: int
+    calls: int
+    errors: int
+    started_at: float
+    heartbeat_at: float
+    health: dict[str, Any] | None = None
+
+    @classmethod
+    def from_record(cls, record: dict[bytes, bytes]) -> WorkerInfo:
+        r = {k.decode(): v.decode() for k, v in record.items()}
+        return cls(
+            worker_id=r.get("worker_id", "?"),
+            service=r.get("service", "?"),
+            version=r.get("version", "?"),
+            host=r.get("host", "?"),
+            pid=int(r.get("pid", 0)),
+            status=r.get("status", "?"),
+            in_flight=int(r.get("in_flight", 0)),
+            concurrency=int(r.get("concurrency", 0)),
+            calls=int(r.get("calls", 0)),
+            errors=int(r.get("errors", 0)),
+            started_at=float(r.get("started_at", 0)),
+            heartbeat_at=float(r.get("heartbeat_at", 0)),
+            health=json.loads(r["health"]) if "health" in r else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """A service: what its last registered worker described, and its live workers."""
+
+    name: str
+    version: str
+    description: str
+    methods: list[dict[str, Any]]
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def list_workers(redis: Redis, keys: Keys, service: str) -> list[WorkerInfo]:
+    """The live workers of ``service``; prunes ids whose record has expired."""
+    ids = sorted(text(w) for w in await redis.smembers(keys.workers(service)))
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for wid in ids:
+            pipe.hgetall(keys.worker(service, wid))
+        records = await pipe.execute()
+    live: list[WorkerInfo] = []
+    dead: list[str] = []
+    for wid, record in zip(ids, records, strict=True):
+        if record:
+            live.append(WorkerInfo.from_record(record))
+        else:
+            dead.append(wid)
+    if dead:
+        await redis.srem(keys.workers(service), *dead)
+    return live
+
+
+async def list_services(redis: Redis, keys: Keys, *, live_only: bool = True) -> list[ServiceInfo]:
+    """Every known service with its live workers; only those with a live worker when ``live_only``."""
+    raw = await redis.hgetall(keys.services)
+    services: list[ServiceInfo] = []
+    for name_b, desc_b in sorted(raw.items()):
+        desc = json.loads(desc_b)
+        name = text(name_b)
+        workers = await list_workers(redis, keys, name)
+        if live_only and not workers:
+            continue
+        services.append(
+            ServiceInfo(
+                name=name,
+                version=str(desc.get("version", "?")),
+                description=str(desc.get("description", "")),
+                methods=list(desc.get("methods", [])),
+                workers=workers,
+            )
+        )
+    return services
