@@ -31,7 +31,8 @@ async def test_spawned_calculator_answers_every_method(pm: ProcessManager) -> No
     assert await calc.divide(9, 3) == 3
     assert await calc.power(2, 10) == 1024
     assert await calc.factorial(20) == 2432902008176640000
-    assert await calc.get_stats() == {"operation_count": 6, "last_operation": "factorial"}
+    assert await calc.factorial(30) == 265252859812191058636308480000000  # beyond 64 bits
+    assert await calc.get_stats() == {"operation_count": 7, "last_operation": "factorial"}
 
 
 async def test_dependencies_reach_init_by_name(pm: ProcessManager) -> None:

@@ -9,6 +9,7 @@ a caller that gave up) is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ from redis import exceptions as rexc
 
 from . import protocol
 from .config import resolve_namespace, resolve_url
-from .connection import CONNECTION_ERRORS, Redis, open_redis, server_version, text
+from .connection import CONNECTION_ERRORS, AutoPipeline, Redis, open_dedicated, open_redis, text
 from .errors import (
     BacklogFull,
     CallTimeout,
@@ -79,7 +80,9 @@ class Client:
         self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
         self._redis: Redis | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._submit: Any = None
+        self._sender: AutoPipeline | None = None
+        self._dedicated: list[Redis] = []
+        self._submit_sha = ""
 
     @property
     def redis(self) -> Redis:
@@ -90,12 +93,33 @@ class Client:
 
     async def __aenter__(self) -> Client:
         self._redis = await open_redis(self.url)
-        self._submit = self._redis.register_script(_SUBMIT)
-        blmpop = await server_version(self._redis) >= (7,)
+        try:
+            self._submit_sha = await self._redis.script_load(_SUBMIT)
+            # Calls and replies each get a connection of their own, off the pool.
+            sender, receiver = await open_dedicated(self.url), await open_dedicated(self.url)
+            self._dedicated = [sender, receiver]
+            self._sender = AutoPipeline(sender)
+            blmpop = await self._has_blmpop()
+        except BaseException:
+            await self.aclose()
+            raise
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._dispatch, blmpop)
+        self._tg.start_soon(self._dispatch, receiver, blmpop)
         return self
+
+    async def _has_blmpop(self) -> bool:
+        """BLMPOP (Redis 7) pops many replies in one round trip; Redis 6.2 falls back to BLPOP+LPOP.
+
+        Probed with the command itself: INFO is not allowed to ACL users without @dangerous.
+        """
+        try:
+            await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "BLMPOP", 0.001, 1, self._reply_key, "LEFT"
+            )
+        except rexc.ResponseError:
+            return False
+        return True
 
     async def __aexit__(
         self,
@@ -115,12 +139,15 @@ class Client:
             if not fut.done():
                 fut.set_exception(TitanError("client closed while the call was waiting"))
         self._pending.clear()
+        for dedicated in self._dedicated:
+            await dedicated.aclose()
+        self._dedicated = []
+        self._sender = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
 
-    async def _dispatch(self, blmpop: bool) -> None:
-        redis = self.redis
+    async def _dispatch(self, redis: Redis, blmpop: bool) -> None:
         key = self._reply_key
         backoff = 0.05
         while True:
@@ -181,12 +208,18 @@ class Client:
             deadline_ms,
             max_payload=self.max_payload,
         )
-        fut: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[protocol.Reply] = loop.create_future()
         self._pending[call_id] = fut
         try:
-            await self._send(service, method, fields)
-            with anyio.move_on_after(timeout - (time.monotonic() - started)):
+            entry_id = await self._send(service, method, fields)
+            # A timer on the future is much cheaper than a cancel scope on this hot path.
+            timer = loop.call_later(timeout - (time.monotonic() - started), _expire, fut)
+            try:
                 reply = await fut
+            except _Expired:
+                pass
+            else:
                 if reply.ok:
                     return reply.value
                 error = reply.error or {}
@@ -195,16 +228,26 @@ class Client:
                     str(error.get("message", "")),
                     error.get("details") if isinstance(error.get("details"), dict) else None,
                 )
+            finally:
+                timer.cancel()
+            # Nobody waits for it any more: drop it if no worker has taken it yet.
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.redis.xdel(self.keys.calls(service), entry_id)
             raise await self._timeout_error(service, method, timeout)
         finally:
             self._pending.pop(call_id, None)
 
-    async def _send(self, service: str, method: str, fields: dict[bytes, bytes]) -> None:
-        argv: list[Any] = [self.max_backlog]
+    async def _send(self, service: str, method: str, fields: dict[bytes, bytes]) -> bytes:
+        assert self._sender is not None, "client is not connected"
+        argv: list[Any] = [self.keys.calls(service), self.max_backlog]
         for name, value in fields.items():
             argv += (name, value)
         try:
-            await self._submit(keys=[self.keys.calls(service)], args=argv)
+            try:
+                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 1, *argv))
+            except rexc.NoScriptError:  # Redis restarted and lost its script cache
+                self._submit_sha = await self.redis.script_load(_SUBMIT)
+                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 1, *argv))
         except rexc.ResponseError as exc:
             if str(exc).startswith("TITANBACKLOG"):
                 raise BacklogFull(
@@ -241,6 +284,15 @@ class Client:
     def proxy(self, service: str, cls: type[T] | None = None, *, methods: frozenset[str] | None = None) -> T:
         """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers."""
         return cast(T, ServiceProxy(self, service, methods=methods, timeout=None))
+
+
+class _Expired(Exception):
+    """Set on a call's future when its timeout passes."""
+
+
+def _expire(fut: asyncio.Future[protocol.Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 class ServiceProxy:

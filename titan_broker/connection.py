@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
@@ -53,8 +56,69 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def server_version(client: Redis) -> tuple[int, ...]:
-    """The Redis server version as a tuple of ints."""
-    info = await client.info("server")
-    raw = str(info.get("redis_version", "0"))
-    return tuple(int(p) for p in raw.split(".") if p.isdigit())
+async def open_dedicated(url: str) -> Redis:
+    """One connection of its own, for a hot path (no pool to acquire from on every command)."""
+    client = aioredis.Redis.from_url(url, decode_responses=False, single_connection_client=True)
+    try:
+        await client.initialize()
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
+
+
+class AutoPipeline:
+    """Sends commands over one dedicated connection, batching the ones issued at the same time.
+
+    When no send is in flight a command goes out alone; commands issued while
+    one is in flight are sent together, as one pipeline, when it returns. Each
+    command keeps its own result or error (no transaction across the batch).
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._busy = False
+
+    async def execute(self, *args: Any) -> Any:
+        """Run one command and return its reply, raising its error."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, fut))
+        if not self._busy:
+            self._busy = True
+            try:
+                while self._queue:
+                    batch, self._queue = self._queue, []
+                    await self._send(batch)
+            finally:
+                self._busy = False
+                # Cancelled while leading: whoever still waits must not wait forever.
+                for _, waiting in self._queue:
+                    if not waiting.done():
+                        waiting.set_exception(RedisUnavailable("send interrupted before it was made"))
+                self._queue.clear()
+        return await fut
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                results: list[Any] = [await self._redis.execute_command(*batch[0][0])]  # type: ignore[no-untyped-call]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.execute_command(*args)
+                    results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else RedisUnavailable(str(exc)))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)

@@ -49,7 +49,8 @@ class LocalRedis:
     """A private redis-server process; use as a (sync) context manager.
 
     ``extra_args`` are passed to redis-server (e.g. ``["--appendonly", "yes"]``).
-    ``port`` may be fixed to restart a server on the same address.
+    ``port`` may be fixed to restart a server on the same address; ``binary``
+    picks a redis-server (default: find_redis_server()).
     """
 
     def __init__(
@@ -58,7 +59,9 @@ class LocalRedis:
         port: int | None = None,
         extra_args: list[str] | None = None,
         dir: str | None = None,
+        binary: str | None = None,
     ) -> None:
+        self.binary = binary
         self.port = port
         self.extra_args = list(extra_args or [])
         self._dir = dir
@@ -82,7 +85,7 @@ class LocalRedis:
         if self.port is None:
             self.port = free_port()
         args = [
-            find_redis_server(),
+            self.binary or find_redis_server(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", self._dir,

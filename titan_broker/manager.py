@@ -211,7 +211,11 @@ class ProcessManager:
         await _terminate(process, grace=1.0)
         raise SpawnError(path, f"worker was not ready within {timeout:g} s; it was stopped")
 
-    async def connect(self, service: str, cls: type[T] | None = None) -> T:
+    @overload
+    async def connect(self, service: str, cls: type[T]) -> T: ...
+    @overload
+    async def connect(self, service: str, cls: None = ...) -> ServiceProxy: ...
+    async def connect(self, service: str, cls: type[Any] | None = None) -> Any:
         """A proxy for ``service``, whose workers may run on any host.
 
         No worker needs to be alive now: calls wait for one within their timeout.

@@ -28,17 +28,34 @@ F_DEADLINE = b"d"
 F_TRACE = b"t"
 
 
+EXT_BIGINT = 1
+"""msgpack extension type for integers outside 64 bits: signed big-endian two's complement."""
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, int):
+        size = (value.bit_length() + 8) // 8
+        return msgpack.ExtType(EXT_BIGINT, value.to_bytes(size, "big", signed=True))
+    raise TypeError(f"cannot serialize {type(value).__name__!r} object")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_BIGINT:
+        return int.from_bytes(data, "big", signed=True)
+    return msgpack.ExtType(code, data)
+
+
 def pack(value: Any) -> bytes:
     """Encode a value with msgpack; raise EncodeError naming the type that cannot be encoded."""
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(value, use_bin_type=True, default=_default)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError("titan.EncodeError", f"cannot encode with msgpack: {exc}") from exc
 
 
 def unpack(data: bytes) -> Any:
-    """Decode one msgpack value (maps may have non-string keys)."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    """Decode one msgpack value (maps may have non-string keys; big integers are ext type 1)."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
 
 
 @dataclass(frozen=True, slots=True)

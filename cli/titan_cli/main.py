@@ -34,7 +34,7 @@ R = TypeVar("R")
 
 app = typer.Typer(help="Inspect and call titan-broker services.", add_completion=False, no_args_is_help=True)
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per error, never wrapped
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from redis import exceptions as rexc
 from redis.typing import EncodableT, FieldT
 
 from titan_broker import protocol
 from titan_broker.config import WorkerOptions, check_name, redact
-from titan_broker.connection import CONNECTION_ERRORS, Redis, open_redis
+from titan_broker.connection import CONNECTION_ERRORS, AutoPipeline, Redis, open_dedicated, open_redis
 from titan_broker.decorators import Health
 from titan_broker.definition import ServiceDefinition
 from titan_broker.errors import EncodeError, TitanError
@@ -37,6 +38,20 @@ logger = logging.getLogger(__name__)
 
 
 _ReadResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]] | None
+
+
+# Reply first, then acknowledge and delete, atomically: if the reply cannot be
+# written (say Redis is out of memory) the script stops before XACK and the
+# entry stays pending for another try.
+_FINISH = """
+if KEYS[2] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 class InitError(TitanError):
@@ -91,6 +106,8 @@ class Worker:
         self._redis: Redis | None = None
         self._reader: Redis | None = None
         self._reader_id: int | None = None
+        self._finish_sha = ""
+        self._writer: AutoPipeline | None = None
         self._health: dict[str, Any] | None = None
 
     @property
@@ -116,12 +133,15 @@ class Worker:
         """Serve until stop(); raises RedisUnavailable or InitError when start-up fails."""
         self._slot_freed = anyio.Event()
         self._stop_requested = anyio.Event()
-        # One connection per call slot plus the heartbeat; the read loop has its own,
-        # so that stop() can end a blocked XREADGROUP with CLIENT UNBLOCK.
+        # The read loop has a connection of its own, so that stop() can end a blocked
+        # XREADGROUP with CLIENT UNBLOCK; replies go out on another, batched.
         self._redis = await open_redis(self.url, max_connections=self.options.concurrency + 4)
+        writer: Redis | None = None
         try:
-            self._reader = await open_redis(self.url, max_connections=1)
+            self._reader = await open_dedicated(self.url)
             self._reader_id = await self._reader.client_id()
+            writer = await open_dedicated(self.url)
+            self._writer = AutoPipeline(writer)
             self.instance = self.definition.cls()
             if self.definition.has_init:
                 try:
@@ -131,6 +151,7 @@ class Worker:
                         f"{self.definition.cls.__qualname__}.init() raised {type(exc).__name__}: {exc}"
                     ) from exc
             await self._ensure_group()
+            self._finish_sha = await self.redis.script_load(_FINISH)
             await self._register()
             logger.info(
                 "worker %s serving %r (v%s) on %s, concurrency %d",
@@ -146,6 +167,9 @@ class Worker:
             await self._run_shutdown_hooks()
             await self._deregister()
         finally:
+            if writer is not None:
+                await writer.aclose()
+            self._writer = None
             if self._reader is not None:
                 await self._reader.aclose()
                 self._reader = None
@@ -220,6 +244,8 @@ class Worker:
                 for entry_id, fields in entries:
                     self.in_flight += 1
                     calls.start_soon(self._handle, entry_id, fields or {})
+            # Let the new calls run (and a quick one reply) before the next read is sent.
+            await anyio.lowlevel.checkpoint()
 
     async def _handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -234,13 +260,16 @@ class Worker:
             self._slot_freed.set()
 
     async def _finish(self, entry_id: bytes, outcome: _Outcome) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if outcome.reply_to is not None and outcome.payload is not None:
-                pipe.rpush(outcome.reply_to, outcome.payload)
-                pipe.pexpire(outcome.reply_to, int(self.options.reply_ttl * 1000))
-            pipe.xack(self.stream, GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            await pipe.execute()
+        assert self._writer is not None
+        keys = [self.stream]
+        if outcome.reply_to is not None and outcome.payload is not None:
+            keys.append(outcome.reply_to)
+        args = [entry_id, GROUP, outcome.payload or b"", int(self.options.reply_ttl * 1000)]
+        try:
+            await self._writer.execute("EVALSHA", self._finish_sha, len(keys), *keys, *args)
+        except rexc.NoScriptError:  # Redis restarted without its script cache
+            self._finish_sha = await self.redis.script_load(_FINISH)
+            await self._writer.execute("EVALSHA", self._finish_sha, len(keys), *keys, *args)
 
     async def _execute(self, fields: dict[bytes, bytes]) -> _Outcome:
         wid = self.worker_id

