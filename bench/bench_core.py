@@ -3,18 +3,20 @@
 (A) one caller, sequential `add` calls after a warm-up: p50/p99 latency.
 (B) 64 calls in flight, 2 worker processes: calls/s.
 The same two for a minimal XADD -> XREADGROUP -> LPUSH -> BLPOP loop, then the ratios.
-Run: `make bench` or `python -m bench.bench_core [--calls-a 2000] [--calls-b 10000]`.
+Both systems run side by side and are measured in alternating rounds, so that
+drift in a shared, noisy machine hits both alike.
+Run: `make bench` or `python -m bench.bench_core [--calls-a 2000] [--calls-b 10000] [--rounds 4]`.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import anyio
 import msgpack
@@ -26,6 +28,7 @@ from titan_broker.local_redis import LocalRedis
 
 WARMUP = 200
 IN_FLIGHT = 64
+Call = Callable[[int], Awaitable[object]]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -33,9 +36,7 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sequential(call: Callable[[int], Awaitable[object]], n: int) -> list[float]:
-    for i in range(WARMUP):
-        await call(i)
+async def sequential(call: Call, n: int) -> list[float]:
     samples = []
     for i in range(n):
         t = time.perf_counter()
@@ -44,15 +45,10 @@ async def sequential(call: Callable[[int], Awaitable[object]], n: int) -> list[f
     return samples
 
 
-async def throughput(
-    make_caller: Callable[[], Awaitable[Callable[[int], Awaitable[object]]]], n: int
-) -> float:
-    callers = [await make_caller() for _ in range(IN_FLIGHT)]
-    for c in callers:
-        await c(0)
-    per_task = n // IN_FLIGHT
+async def throughput(callers: list[Call], n: int) -> float:
+    per_task = n // len(callers)
 
-    async def run(c: Callable[[int], Awaitable[object]]) -> None:
+    async def run(c: Call) -> None:
         for i in range(per_task):
             await c(i)
 
@@ -60,33 +56,35 @@ async def throughput(
     async with anyio.create_task_group() as tg:
         for c in callers:
             tg.start_soon(run, c)
-    return per_task * IN_FLIGHT / (time.perf_counter() - t)
+    return per_task * len(callers) / (time.perf_counter() - t)
 
 
-async def bench_titan(url: str, calls_a: int, calls_b: int) -> tuple[list[float], float]:
+@asynccontextmanager
+async def titan(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], Awaitable[None]]]]:
     async with ProcessManager(url, namespace=f"bench-{uuid.uuid4().hex[:6]}") as pm:
         calc = await pm.spawn("processes/calculator.py", Calculator)
-        lat = await sequential(lambda i: calc.add(i, 1), calls_a)
-        await pm.spawn("processes/calculator.py", Calculator)
 
-        async def make() -> Callable[[int], Awaitable[object]]:
-            return lambda i: calc.add(i, 1)
+        async def second_worker() -> None:
+            await pm.spawn("processes/calculator.py", Calculator)
 
-        rate = await throughput(make, calls_b)
-    return lat, rate
+        def one(i: int) -> Awaitable[object]:
+            return calc.add(i, 1)
+
+        yield one, [one] * IN_FLIGHT, second_worker
 
 
-async def bench_raw(url: str, calls_a: int, calls_b: int) -> tuple[list[float], float]:
+@asynccontextmanager
+async def raw(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], Awaitable[None]]]]:
     stream = f"raw-{uuid.uuid4().hex[:6]}"
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start_worker() -> None:
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.raw_worker", url, stream,
-                                       f"c{len(procs)}"]))  # fmt: skip
+    async def start_worker() -> None:
+        cmd = [sys.executable, "-m", "bench.raw_worker", url, stream, f"c{len(procs)}"]
+        procs.append(subprocess.Popen(cmd))  # noqa: ASYNC220 - starting it does not block
 
-    redis = aioredis.Redis.from_url(url, max_connections=IN_FLIGHT + 8)
+    redis = aioredis.Redis.from_url(url, max_connections=2 * IN_FLIGHT + 8)
 
-    async def make() -> Callable[[int], Awaitable[object]]:
+    def make() -> Call:
         reply = f"raw-reply-{uuid.uuid4().hex}"
 
         async def call(i: int) -> object:
@@ -97,35 +95,50 @@ async def bench_raw(url: str, calls_a: int, calls_b: int) -> tuple[list[float], 
         return call
 
     try:
-        start_worker()
-        one = await make()
-        lat = await sequential(one, calls_a)
-        start_worker()
-        rate = await throughput(make, calls_b)
+        await start_worker()
+        yield make(), [make() for _ in range(IN_FLIGHT)], start_worker
     finally:
         for p in procs:
             p.kill()
             p.wait()
         await redis.aclose()
-    return lat, rate
+
+
+async def run(url: str, calls_a: int, calls_b: int, rounds: int) -> None:
+    async with titan(url) as (t_one, t_many, t_grow), raw(url) as (r_one, r_many, r_grow):
+        lat: dict[str, list[float]] = {"titan": [], "raw": []}
+        rate: dict[str, list[float]] = {"titan": [], "raw": []}
+        for one in (t_one, r_one):
+            await sequential(one, WARMUP)
+        for _ in range(rounds):
+            for name, one in (("titan", t_one), ("raw", r_one)):
+                lat[name] += await sequential(one, calls_a // rounds)
+        await t_grow()
+        await r_grow()
+        for many in (t_many, r_many):
+            await throughput(many, IN_FLIGHT * 10)
+        for _ in range(rounds):
+            for name, many in (("titan", t_many), ("raw", r_many)):
+                rate[name].append(await throughput(many, calls_b // rounds))
+    ms = 1000
+    print(f"{'':26}{'titan':>10}{'hand-written':>14}{'ratio':>8}")
+    for label, q in (("A p50 latency (ms)", 0.5), ("A p99 latency (ms)", 0.99)):
+        t, r = percentile(lat["titan"], q) * ms, percentile(lat["raw"], q) * ms
+        print(f"{label:26}{t:10.3f}{r:14.3f}{t / r:8.2f}")
+    t_rate, r_rate = sum(rate["titan"]) / rounds, sum(rate["raw"]) / rounds
+    print(f"{'B throughput (calls/s)':26}{t_rate:10,.0f}{r_rate:14,.0f}{t_rate / r_rate:8.2f}")
+    print(f"B per round: titan {[round(x) for x in rate['titan']]}, raw {[round(x) for x in rate['raw']]}")
+    print("targets: A p50 ratio <= 1.30, B ratio >= 0.75")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls-a", type=int, default=2000)
     parser.add_argument("--calls-b", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     with LocalRedis() as server:
-        raw_lat, raw_rate = anyio.run(bench_raw, server.url, args.calls_a, args.calls_b)
-        lat, rate = anyio.run(bench_titan, server.url, args.calls_a, args.calls_b)
-    ms = 1000
-    print(f"{'':24}{'titan':>12}{'hand-written':>14}{'ratio':>8}")
-    for label, q in (("A p50 latency (ms)", 0.5), ("A p99 latency (ms)", 0.99)):
-        t, r = percentile(lat, q) * ms, percentile(raw_lat, q) * ms
-        print(f"{label:24}{t:12.3f}{r:14.3f}{t / r:8.2f}")
-    print(f"{'A mean latency (ms)':24}{statistics.mean(lat) * ms:12.3f}{statistics.mean(raw_lat) * ms:14.3f}")
-    print(f"{'B throughput (calls/s)':24}{rate:12,.0f}{raw_rate:14,.0f}{rate / raw_rate:8.2f}")
-    print("targets: A p50 ratio <= 1.30, B ratio >= 0.75")
+        anyio.run(run, server.url, args.calls_a, args.calls_b, args.rounds)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 from redis import exceptions as rexc
 
 from . import protocol
@@ -176,6 +177,9 @@ class Client:
                 fut = self._pending.get(reply.call_id)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
+            if items:
+                # Let the callers just answered run (and send their next call) before re-arming.
+                await anyio.lowlevel.checkpoint()
 
     async def call(
         self,
