@@ -9,7 +9,8 @@ from titan_broker import errors
 def test_exported_names_are_pinned() -> None:
     assert titan_broker.__all__ == (
         "BacklogFull", "BadArguments", "BadRequest", "CallError", "CallTimeout", "Client",
-        "ConfigError", "DeadlineExceeded", "EncodeError", "Health", "HealthStatus", "MethodNotFound",
+        "ConfigError", "DeadLetter", "DeadLettered", "DeadlineExceeded", "EncodeError", "Health",
+        "HealthStatus", "MethodNotFound",
         "NoLiveWorkers", "PayloadTooLarge", "ProcessManager", "RedisUnavailable", "RemoteError",
         "ServiceFileError", "ServiceProxy", "SpawnError", "TitanError", "WorkerOptions", "WorkerProcess",
         "health_check", "on_shutdown", "process", "public", "with_options",

@@ -4,6 +4,7 @@ from .client import Client as Client
 from .client import ServiceProxy as ServiceProxy
 from .client import with_options as with_options
 from .config import WorkerOptions as WorkerOptions
+from .dead_letters import DeadLetter as DeadLetter
 from .decorators import Health as Health
 from .decorators import HealthStatus as HealthStatus
 from .decorators import health_check as health_check
@@ -16,6 +17,7 @@ from .errors import BadRequest as BadRequest
 from .errors import CallError as CallError
 from .errors import CallTimeout as CallTimeout
 from .errors import ConfigError as ConfigError
+from .errors import DeadLettered as DeadLettered
 from .errors import DeadlineExceeded as DeadlineExceeded
 from .errors import EncodeError as EncodeError
 from .errors import MethodNotFound as MethodNotFound
@@ -39,6 +41,8 @@ __all__ = (
     "CallTimeout",
     "Client",
     "ConfigError",
+    "DeadLetter",
+    "DeadLettered",
     "DeadlineExceeded",
     "EncodeError",
     "Health",

@@ -41,8 +41,10 @@ T = TypeVar("T")
 
 # Refuse the call when the stream already holds max_backlog entries; acknowledged
 # entries are deleted, so the length is the backlog (unread plus in progress).
+# The limit is the one the service's workers publish, else the client's default.
+# KEYS: calls stream, service config hash; ARGV: default limit, field, value, ...
 _SUBMIT = """
-local max = tonumber(ARGV[1])
+local max = tonumber(redis.call('HGET', KEYS[2], 'max_backlog') or ARGV[1])
 if max > 0 and redis.call('XLEN', KEYS[1]) >= max then
   return redis.error_reply('TITANBACKLOG ' .. max)
 end
@@ -243,20 +245,21 @@ class Client:
 
     async def _send(self, service: str, method: str, fields: dict[bytes, bytes]) -> bytes:
         assert self._sender is not None, "client is not connected"
-        argv: list[Any] = [self.keys.calls(service), self.max_backlog]
+        argv: list[Any] = [self.keys.calls(service), self.keys.config(service), self.max_backlog]
         for name, value in fields.items():
             argv += (name, value)
         try:
             try:
-                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 1, *argv))
+                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 2, *argv))
             except rexc.NoScriptError:  # Redis restarted and lost its script cache
                 self._submit_sha = await self.redis.script_load(_SUBMIT)
-                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 1, *argv))
+                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 2, *argv))
         except rexc.ResponseError as exc:
             if str(exc).startswith("TITANBACKLOG"):
+                limit = str(exc).split()[-1]
                 raise BacklogFull(
                     f"service {service!r} refused {method}(): its backlog is full "
-                    f"({self.max_backlog} calls waiting); add workers or retry later"
+                    f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
                 ) from None
             raise
         except CONNECTION_ERRORS as exc:

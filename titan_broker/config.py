@@ -70,6 +70,12 @@ class WorkerOptions:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     reply_ttl: float = 300.0
     """A reply list nobody reads expires after this long."""
+    reclaim_interval: float = 1.0
+    """How often the worker looks for calls left pending by dead workers."""
+    max_deliveries: int | None = None
+    """Overrides the service's @process(max_deliveries=...) when set."""
+    dead_letter_maxlen: int = 10_000
+    """The dead-letter stream keeps about this many entries (oldest trimmed first)."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

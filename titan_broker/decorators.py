@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from .config import check_name
+from .errors import ConfigError
 
 C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,25 +26,52 @@ class ProcessInfo:
     name: str
     version: str
     description: str = ""
+    max_deliveries: int = 3
+    max_backlog: int = 10_000
 
 
-def process(*, name: str, version: str = "0.0.0", description: str = "") -> Callable[[C], C]:
+def process(
+    *,
+    name: str,
+    version: str = "0.0.0",
+    description: str = "",
+    max_deliveries: int = 3,
+    max_backlog: int = 10_000,
+) -> Callable[[C], C]:
     """Mark a class as a service called ``name``; a service file holds exactly one.
 
-    Raises ConfigError when the name cannot be used in Redis key names.
+    ``max_deliveries``: a call delivered more often than this (its workers kept
+    dying on it) goes to the dead letters. ``max_backlog``: calls waiting beyond
+    this are refused with BacklogFull. Raises ConfigError for a name that cannot
+    be used in Redis keys or limits below 1.
     """
     check_name(name, "@process name")
+    _check_limit("max_deliveries", max_deliveries)
+    _check_limit("max_backlog", max_backlog)
 
     def mark(cls: C) -> C:
-        setattr(cls, PROCESS_ATTR, ProcessInfo(name, version, description or (cls.__doc__ or "")))
+        info = ProcessInfo(name, version, description or (cls.__doc__ or ""), max_deliveries, max_backlog)
+        setattr(cls, PROCESS_ATTR, info)
         return cls
 
     return mark
 
 
-def _mark(attr: str, fn: Any) -> Any:
+def _check_limit(what: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{what} must be a whole number of at least 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PublicOptions:
+    """What @public recorded on a method."""
+
+    max_deliveries: int | None = None
+
+
+def _mark(attr: str, fn: Any, value: Any = True) -> Any:
     def mark(f: F) -> F:
-        setattr(f, attr, True)
+        setattr(f, attr, value)
         return f
 
     return mark if fn is None else mark(fn)
@@ -52,13 +80,16 @@ def _mark(attr: str, fn: Any) -> Any:
 @overload
 def public(fn: F, /) -> F: ...
 @overload
-def public() -> Callable[[F], F]: ...
-def public(fn: Any = None, /) -> Any:
+def public(*, max_deliveries: int | None = None) -> Callable[[F], F]: ...
+def public(fn: Any = None, /, *, max_deliveries: int | None = None) -> Any:
     """Expose a method to callers. ``async def`` runs on the worker's loop; plain ``def`` in a thread.
 
-    Usable as ``@public`` or ``@public()``. Only @public methods can be called.
+    Usable as ``@public`` or ``@public(max_deliveries=1)`` (overrides the
+    service's limit, e.g. 1 for a call that must never run twice). Only
+    @public methods can be called.
     """
-    return _mark(PUBLIC_ATTR, fn)
+    _check_limit("max_deliveries", max_deliveries)
+    return _mark(PUBLIC_ATTR, fn, PublicOptions(max_deliveries))
 
 
 @overload

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .decorators import HEALTH_ATTR, PROCESS_ATTR, PUBLIC_ATTR, SHUTDOWN_ATTR, ProcessInfo
+from .decorators import HEALTH_ATTR, PROCESS_ATTR, PUBLIC_ATTR, SHUTDOWN_ATTR, ProcessInfo, PublicOptions
 from .errors import ConfigError, ServiceFileError
 
 
@@ -24,6 +24,8 @@ class MethodSpec:
     signature: inspect.Signature
     """Without ``self``; used to check arguments before the method runs."""
     is_async: bool
+    max_deliveries: int | None = None
+    """Overrides the service's limit when set."""
 
     @property
     def display(self) -> str:
@@ -75,6 +77,13 @@ class ServiceDefinition:
     def version(self) -> str:
         return self.info.version
 
+    def max_deliveries(self, method: str | None) -> int:
+        """How often a call of ``method`` may be delivered before it is dead-lettered."""
+        spec = self.methods.get(method) if method else None
+        if spec is not None and spec.max_deliveries is not None:
+            return spec.max_deliveries
+        return self.info.max_deliveries
+
 
 def _signature(fn: Any) -> inspect.Signature:
     try:
@@ -100,7 +109,9 @@ def describe(cls: type) -> ServiceDefinition:
                 raise ConfigError(f"{where} cannot be @public: names starting with '_' and init stay private")
             if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
                 raise ConfigError(f"{where} is a generator; streaming methods are not supported yet")
-            methods[attr] = MethodSpec(attr, _signature(fn), inspect.iscoroutinefunction(fn))
+            opts = getattr(fn, PUBLIC_ATTR)
+            limit = opts.max_deliveries if isinstance(opts, PublicOptions) else None
+            methods[attr] = MethodSpec(attr, _signature(fn), inspect.iscoroutinefunction(fn), limit)
         if getattr(fn, HEALTH_ATTR, False):
             health.append(attr)
         if getattr(fn, SHUTDOWN_ATTR, False):

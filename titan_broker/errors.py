@@ -90,6 +90,10 @@ class EncodeError(RemoteError):
     """A value could not be encoded with msgpack."""
 
 
+class DeadLettered(RemoteError):
+    """The call was delivered more than its max_deliveries and moved to the dead letters."""
+
+
 # Protocol error types as they appear on the wire, mapped to their classes.
 WIRE_ERRORS: dict[str, type[RemoteError]] = {
     "titan.MethodNotFound": MethodNotFound,
@@ -98,6 +102,7 @@ WIRE_ERRORS: dict[str, type[RemoteError]] = {
     "titan.PayloadTooLarge": PayloadTooLarge,
     "titan.DeadlineExceeded": DeadlineExceeded,
     "titan.EncodeError": EncodeError,
+    "titan.DeadLettered": DeadLettered,
 }
 
 

@@ -26,6 +26,10 @@ class Keys:
         """Stream of requests to a service, read through the consumer group ``workers``."""
         return f"{self.namespace}:{{{service}}}:calls"
 
+    def config(self, service: str) -> str:
+        """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
+        return f"{self.namespace}:{{{service}}}:config"
+
     def dead(self, service: str) -> str:
         """Stream of dead-lettered requests of a service."""
         return f"{self.namespace}:{{{service}}}:dead"

@@ -20,6 +20,7 @@ import anyio.abc
 
 from .client import DEFAULT_TIMEOUT, Client, ServiceProxy
 from .config import ENV_NAMESPACE, ENV_URL, check_name
+from .dead_letters import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
 from .decorators import PROCESS_ATTR, ProcessInfo
 from .errors import ConfigError, SpawnError, TitanError
 
@@ -226,6 +227,23 @@ class ProcessManager:
         if expected is not None and expected != service:
             logger.info("connecting %s as service %r", getattr(cls, "__name__", cls), service)
         return self.client.proxy(service, cls)
+
+    async def dead_letters(self, service: str, *, count: int = 100) -> list[DeadLetter]:
+        """The oldest ``count`` dead letters of ``service``."""
+        self._check_entered()
+        return await list_dead_letters(self.client.redis, self.client.keys, service, count=count)
+
+    async def replay_dead_letters(
+        self, service: str, ids: list[str] | None = None, *, timeout: float = 60.0
+    ) -> int:
+        """Put dead letters (all, or ``ids``) back on the service's stream; return how many."""
+        self._check_entered()
+        return await replay_dead_letters(self.client.redis, self.client.keys, service, ids, timeout=timeout)
+
+    async def purge_dead_letters(self, service: str, ids: list[str] | None = None) -> int:
+        """Delete dead letters (all, or ``ids``); return how many."""
+        self._check_entered()
+        return await purge_dead_letters(self.client.redis, self.client.keys, service, ids)
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop every worker this manager spawned: SIGTERM, let it drain, SIGKILL after ``timeout``."""

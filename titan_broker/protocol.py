@@ -7,6 +7,7 @@ cannot encode is an error, never a pickle.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +120,8 @@ def encode_request(
     return fields
 
 
-def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
+def field_text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
+    """A field of a stream entry as text; None when missing or not UTF-8."""
     raw = fields.get(name)
     if raw is None:
         return None
@@ -131,8 +133,8 @@ def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
 
 def decode_request(fields: Mapping[bytes, bytes], *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Request:
     """Parse a request entry; raise BadEntry saying which field is at fault."""
-    call_id = _text(fields, F_ID)
-    reply_to = _text(fields, F_REPLY)
+    call_id = field_text(fields, F_ID)
+    reply_to = field_text(fields, F_REPLY)
 
     def bad(message: str, type: str = "titan.BadRequest") -> BadEntry:
         return BadEntry(message, call_id=call_id, reply_to=reply_to, type=type)
@@ -144,10 +146,10 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_payload: int = DEFAULT_
         raise bad("request has no call id (field 'id')")
     if not reply_to:
         raise bad("request has no reply key (field 'r')")
-    method = _text(fields, F_METHOD)
+    method = field_text(fields, F_METHOD)
     if not method:
         raise bad("request has no method name (field 'm')")
-    deadline = _text(fields, F_DEADLINE)
+    deadline = field_text(fields, F_DEADLINE)
     try:
         deadline_ms = int(deadline) if deadline is not None else -1
     except ValueError:
@@ -181,7 +183,7 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_payload: int = DEFAULT_
         kwargs=decoded[1],
         reply_to=reply_to,
         deadline_ms=deadline_ms,
-        trace=_text(fields, F_TRACE),
+        trace=field_text(fields, F_TRACE),
     )
 
 
@@ -200,6 +202,24 @@ def encode_error(
     except EncodeError:
         error["details"] = {"repr": repr(details)}
         return pack({"id": call_id, "ok": False, "e": error, "w": worker_id})
+
+
+def dead_letter_fields(
+    fields: Mapping[bytes, bytes], *, reason: str, deliveries: int, worker: str, source_id: bytes
+) -> dict[bytes, bytes]:
+    """The fields of a dead-letter entry: the original entry, kept whole, and why it is here."""
+    dead = {
+        b"entry": pack(dict(fields)),
+        b"reason": reason.encode(),
+        b"deliveries": str(deliveries).encode(),
+        b"worker": worker.encode(),
+        b"source_id": source_id,
+        b"at": str(int(time.time() * 1000)).encode(),
+    }
+    for name in (F_ID, F_METHOD):
+        if name in fields:
+            dead[name] = fields[name]
+    return dead
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from titan_broker.client import Client
 from titan_broker.config import ENV_NAMESPACE, ENV_URL
+from titan_broker.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
 from titan_broker.errors import CallError, ConfigError, RedisUnavailable, TitanError
 from titan_broker.registry import list_services
 
@@ -120,6 +121,48 @@ def services(
             str(sum(w.calls for w in s.workers)),
             "\n".join(m.get("signature", m.get("name", "?")) for m in s.methods),
         )
+    out.print(table)
+
+
+@app.command("dead-letters")
+def dead_letters(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    replay: Annotated[bool, typer.Option("--replay", help="Put them back on the service's stream.")] = False,
+    purge: Annotated[bool, typer.Option("--purge", help="Delete them.")] = False,
+    ids: Annotated[list[str] | None, typer.Option("--id", help="Only this dead letter (repeatable).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds a replayed call may take.")] = 60.0,
+) -> None:
+    """List a service's dead letters, or --replay / --purge them."""
+    if replay and purge:
+        err.print("[red]error:[/] choose one of --replay and --purge", highlight=False)
+        raise typer.Exit(EXIT_USAGE)
+    if replay or purge:
+
+        async def act(c: Client) -> int:
+            if replay:
+                return await replay_dead_letters(c.redis, c.keys, service, ids, timeout=timeout)
+            return await purge_dead_letters(c.redis, c.keys, service, ids)
+
+        count = _run(ctx, act)
+        if as_json:
+            _print_json({"replayed" if replay else "purged": count})
+        else:
+            out.print(f"{'replayed' if replay else 'purged'} {count} dead letter(s) of {service!r}")
+        return
+    letters = _run(ctx, lambda c: list_dead_letters(c.redis, c.keys, service, count=1000))
+    if as_json:
+        _print_json([d.to_dict() for d in letters])
+        return
+    if not letters:
+        out.print(f"no dead letters for {service!r}")
+        return
+    table = Table(title=f"dead letters of {service}")
+    for col in ("id", "method", "deliveries", "reason"):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(d.id, d.method or "?", str(d.deliveries), d.reason)
     out.print(table)
 
 

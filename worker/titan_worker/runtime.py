@@ -1,9 +1,16 @@
 """The worker runtime: serve one service's request stream through the consumer group.
 
-A worker is a task group: a heartbeat task and a read loop, and one task per
+A worker is a task group: a heartbeat task, a read loop and one task per
 call in flight. It reads no more entries than it has free slots, so it never
 holds work that an idle sibling could do. An entry is acknowledged and
-deleted only in the same transaction that writes its reply, after the reply.
+deleted only by the script that writes its reply, after the reply.
+
+Liveness is the heartbeat: every beat refreshes the worker's record and
+renews its in-flight entries (XCLAIM JUSTID: idle time reset, no delivery
+counted). An entry idle longer than the heartbeat TTL therefore belongs to a
+dead worker, and any live worker claims it (XAUTOCLAIM, walking the pending
+list with its cursor). An entry delivered more than max_deliveries times
+goes to the dead letters and its caller is told.
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ from redis import exceptions as rexc
 from redis.typing import EncodableT, FieldT
 
 from titan_broker import protocol
+from titan_broker.arguments import check_arguments
 from titan_broker.config import WorkerOptions, check_name, redact
 from titan_broker.connection import CONNECTION_ERRORS, AutoPipeline, Redis, open_dedicated, open_redis
 from titan_broker.decorators import Health
 from titan_broker.definition import ServiceDefinition
-from titan_broker.errors import EncodeError, TitanError
+from titan_broker.errors import EncodeError, RedisUnavailable, TitanError
 from titan_broker.keys import GROUP, Keys
+
+from .scripts import SOURCES, ScriptShas
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +50,9 @@ logger = logging.getLogger(__name__)
 _ReadResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes] | None]]]] | None
 
 
-# Reply first, then acknowledge and delete, atomically: if the reply cannot be
-# written (say Redis is out of memory) the script stops before XACK and the
-# entry stays pending for another try.
-_FINISH = """
-if KEYS[2] then
-  redis.call('RPUSH', KEYS[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-return 1
-"""
+# Errors after which a step is tried again once Redis is back.
+_TRANSIENT: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable)
+_REDIS_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, rexc.ResponseError)
 
 
 class InitError(TitanError):
@@ -63,6 +64,9 @@ class _Outcome:
     reply_to: str | None
     payload: bytes | None
     ok: bool
+    deadline_ms: int | None = None
+    dead_reason: str | None = None
+    """Set when the entry cannot be answered: it goes to the dead letters."""
 
 
 class Worker:
@@ -106,8 +110,11 @@ class Worker:
         self._redis: Redis | None = None
         self._reader: Redis | None = None
         self._reader_id: int | None = None
-        self._finish_sha = ""
+        self._shas = ScriptShas()
         self._writer: AutoPipeline | None = None
+        self._active: set[bytes] = set()
+        self._claim_cursor = "0-0"
+        self._reclaims = 0
         self._health: dict[str, Any] | None = None
 
     @property
@@ -151,7 +158,8 @@ class Worker:
                         f"{self.definition.cls.__qualname__}.init() raised {type(exc).__name__}: {exc}"
                     ) from exc
             await self._ensure_group()
-            self._finish_sha = await self.redis.script_load(_FINISH)
+            await self._load_scripts()
+            self.status = "ready"
             await self._register()
             logger.info(
                 "worker %s serving %r (v%s) on %s, concurrency %d",
@@ -217,20 +225,28 @@ class Worker:
 
     async def _read_until_stopped(self, calls: anyio.abc.TaskGroup, reader: Redis, block_ms: int) -> None:
         backoff = 0.05
+        next_reclaim = 0.0
         while not self._stopping:
             free = self.options.concurrency - self.in_flight
             if free <= 0:
                 await self._wait_slot_change()
                 continue
             try:
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + self.options.reclaim_interval
+                    if await self._reclaim(calls, reader, free):
+                        continue  # slots changed; recount before reading
                 response: _ReadResponse = await reader.xreadgroup(  # type: ignore[assignment]
                     GROUP, self.worker_id, {self.stream: ">"}, count=free, block=block_ms
                 )
                 backoff = 0.05
+            except rexc.NoScriptError:
+                await self._load_scripts()  # Redis restarted without its script cache
+                continue
             except rexc.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                await self._ensure_group()
+                await self._ensure_group()  # Redis lost the group: make it again
                 continue
             except CONNECTION_ERRORS as exc:
                 logger.warning("worker %s lost Redis (%s); retrying in %.2f s", self.worker_id, exc, backoff)
@@ -242,10 +258,40 @@ class Worker:
                 continue
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
-                    self.in_flight += 1
-                    calls.start_soon(self._handle, entry_id, fields or {})
+                    self._start(calls, entry_id, fields or {})
             # Let the new calls run (and a quick one reply) before the next read is sent.
             await anyio.lowlevel.checkpoint()
+
+    def _start(self, calls: anyio.abc.TaskGroup, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        self.in_flight += 1
+        self._active.add(entry_id)
+        calls.start_soon(self._handle, entry_id, fields)
+
+    async def _reclaim(self, calls: anyio.abc.TaskGroup, reader: Redis, free: int) -> int:
+        """Claim calls left pending by dead workers; return how many were taken."""
+        min_idle = int(self.options.heartbeat_ttl * 1000)
+        cursor, entries, counts = await self._evalsha(
+            reader, "reclaim", [self.stream], [GROUP, self.worker_id, min_idle, self._claim_cursor, free]
+        )
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        self._reclaims += 1
+        if self._reclaims % 10 == 0:
+            calls.start_soon(self._remove_dead_consumers)
+        for (entry_id, raw_fields), deliveries in zip(entries, counts, strict=True):
+            fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
+            method = protocol.field_text(fields, protocol.F_METHOD)
+            limit = self.options.max_deliveries or self.definition.max_deliveries(method)
+            logger.warning(
+                "worker %s claimed call %s (%s) from a dead worker, delivery %d of %d",
+                self.worker_id, entry_id.decode(), method, deliveries, limit,
+            )  # fmt: skip
+            if deliveries > limit:
+                self.in_flight += 1
+                self._active.add(entry_id)
+                calls.start_soon(self._bury, entry_id, fields, deliveries, limit)
+            else:
+                self._start(calls, entry_id, fields)
+        return len(entries)
 
     async def _handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -253,11 +299,54 @@ class Worker:
             self.calls += 1
             if not outcome.ok:
                 self.errors += 1
-            await self._finish(entry_id, outcome)
+            if outcome.dead_reason is not None:
+                await self._settle(entry_id, outcome.deadline_ms, self._dead_letter, entry_id, fields,
+                                   outcome.dead_reason, 1)  # fmt: skip
+            else:
+                await self._settle(entry_id, outcome.deadline_ms, self._finish, entry_id, outcome)
         finally:
-            self.in_flight -= 1
-            assert self._slot_freed is not None
-            self._slot_freed.set()
+            self._done(entry_id)
+
+    async def _bury(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, limit: int) -> None:
+        """Dead-letter a call its workers kept dying on, and tell its caller."""
+        try:
+            method = protocol.field_text(fields, protocol.F_METHOD) or "?"
+            reason = (
+                f"{method}() was delivered {deliveries} times (max_deliveries {limit}): the workers "
+                f"running it died each time; it was moved to the dead letters of {self.service!r}"
+            )
+            await self._settle(entry_id, None, self._dead_letter, entry_id, fields, reason, deliveries)
+        finally:
+            self._done(entry_id)
+
+    def _done(self, entry_id: bytes) -> None:
+        self._active.discard(entry_id)
+        self.in_flight -= 1
+        assert self._slot_freed is not None
+        self._slot_freed.set()
+
+    async def _settle(self, entry_id: bytes, deadline_ms: int | None, step: Any, *args: Any) -> None:
+        """Run the script that answers and acknowledges an entry, riding out a Redis outage.
+
+        Retries until Redis is back, for at most 30 s past the call's deadline;
+        then the entry is left pending (and no longer renewed) for another
+        worker to claim.
+        """
+        deadline = (deadline_ms / 1000 if deadline_ms else time.time()) + 30.0
+        backoff = 0.05
+        while True:
+            try:
+                await step(*args)
+                return
+            except _TRANSIENT as exc:
+                if time.time() > deadline:
+                    logger.error("worker %s: could not answer %s (%s); leaving it pending",
+                                 self.worker_id, entry_id.decode(), exc)  # fmt: skip
+                    return
+                logger.warning("worker %s: cannot answer %s yet (%s); retrying in %.2f s",
+                               self.worker_id, entry_id.decode(), exc, backoff)  # fmt: skip
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def _finish(self, entry_id: bytes, outcome: _Outcome) -> None:
         assert self._writer is not None
@@ -265,11 +354,60 @@ class Worker:
         if outcome.reply_to is not None and outcome.payload is not None:
             keys.append(outcome.reply_to)
         args = [entry_id, GROUP, outcome.payload or b"", int(self.options.reply_ttl * 1000)]
+        await self._evalsha(self._writer, "finish", keys, args)
+
+    async def _dead_letter(
+        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int
+    ) -> None:
+        call_id = protocol.field_text(fields, protocol.F_ID)
+        reply_to = protocol.field_text(fields, protocol.F_REPLY)
+        keys = [self.stream, self.keys.dead(self.service)]
+        payload = b""
+        if call_id and reply_to:
+            keys.append(reply_to)
+            payload = protocol.encode_error(call_id, "titan.DeadLettered", reason, self.worker_id)
+        dead = protocol.dead_letter_fields(
+            fields, reason=reason, deliveries=deliveries, worker=self.worker_id, source_id=entry_id
+        )
+        args: list[Any] = [entry_id, GROUP, self.options.dead_letter_maxlen, payload,
+                           int(self.options.reply_ttl * 1000)]  # fmt: skip
+        for name, value in dead.items():
+            args += (name, value)
+        logger.error("worker %s: dead-lettered %s: %s", self.worker_id, entry_id.decode(), reason)
+        await self._evalsha(self.redis, "dead_letter", keys, args)
+
+    async def _load_scripts(self) -> None:
+        for name, source in SOURCES.items():
+            setattr(self._shas, name, await self.redis.script_load(source))
+
+    async def _evalsha(self, via: Redis | AutoPipeline, name: str, keys: list[Any], args: list[Any]) -> Any:
+        """Run a loaded script (reloading them all if Redis lost its script cache)."""
+        for attempt in (1, 2):
+            command = ("EVALSHA", getattr(self._shas, name), len(keys), *keys, *args)
+            try:
+                if isinstance(via, AutoPipeline):
+                    return await via.execute(*command)
+                return await via.execute_command(*command)  # type: ignore[no-untyped-call]
+            except rexc.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._load_scripts()
+        raise AssertionError("unreachable")
+
+    async def _remove_dead_consumers(self) -> None:
+        """Delete consumers whose worker is gone once nothing is pending on them."""
         try:
-            await self._writer.execute("EVALSHA", self._finish_sha, len(keys), *keys, *args)
-        except rexc.NoScriptError:  # Redis restarted without its script cache
-            self._finish_sha = await self.redis.script_load(_FINISH)
-            await self._writer.execute("EVALSHA", self._finish_sha, len(keys), *keys, *args)
+            consumers = await self.redis.xinfo_consumers(self.stream, GROUP)
+            for consumer in consumers:
+                name = consumer["name"]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                if name == self.worker_id or int(consumer.get("pending", 0)):
+                    continue
+                keys = [self.stream, self.keys.worker(self.service, name)]
+                if await self._evalsha(self.redis, "delete_consumer", keys, [GROUP, name]) == 1:
+                    logger.info("worker %s removed the dead consumer %s", self.worker_id, name)
+        except _REDIS_ERRORS as exc:
+            logger.warning("worker %s: could not clean up dead consumers (%s)", self.worker_id, exc)
 
     async def _execute(self, fields: dict[bytes, bytes]) -> _Outcome:
         wid = self.worker_id
@@ -280,11 +418,11 @@ class Worker:
             if bad.call_id and bad.reply_to:
                 payload = protocol.encode_error(bad.call_id, bad.type, str(bad), wid)
                 return _Outcome(bad.reply_to, payload, ok=False)
-            return _Outcome(None, None, ok=False)
+            return _Outcome(None, None, ok=False, dead_reason=f"unanswerable request: {bad}")
 
         def error(type: str, message: str, details: dict[str, Any] | None = None) -> _Outcome:
             payload = protocol.encode_error(req.call_id, type, message, wid, details)
-            return _Outcome(req.reply_to, payload, ok=False)
+            return _Outcome(req.reply_to, payload, ok=False, deadline_ms=req.deadline_ms)
 
         remaining = req.deadline_ms / 1000 - time.time()
         if remaining <= 0:
@@ -299,10 +437,9 @@ class Worker:
                 "titan.MethodNotFound",
                 f"service {self.service!r} has no public method {req.method!r} (public: {public})",
             )
-        try:
-            spec.signature.bind(*req.args, **req.kwargs)
-        except TypeError as exc:
-            return error("titan.BadArguments", f"{spec.display}: {exc}")
+        problem = check_arguments(req.method, spec.signature, req.args, req.kwargs)
+        if problem is not None:
+            return error("titan.BadArguments", problem)
         method = getattr(self.instance, req.method)
         with anyio.move_on_after(remaining) as scope:
             try:
@@ -325,7 +462,7 @@ class Worker:
         if len(payload) > self.options.max_payload:
             err = protocol.size_error(f"result of {req.method}()", len(payload), self.options.max_payload)
             return error(err.type, err.message)
-        return _Outcome(req.reply_to, payload, ok=True)
+        return _Outcome(req.reply_to, payload, ok=True, deadline_ms=req.deadline_ms)
 
     async def _ensure_group(self) -> None:
         try:
@@ -347,7 +484,6 @@ class Worker:
 
     async def _register(self) -> None:
         methods = [m.describe() for m in self.definition.methods.values()]
-        self.status = "ready"
         self._health = await self._check_health()
         record: dict[FieldT, EncodableT] = {
             "service": self.service,
@@ -366,11 +502,16 @@ class Worker:
             "description": self.definition.info.description.strip(),
             "methods": methods,
         }
+        limits: dict[FieldT, EncodableT] = {
+            "max_backlog": self.definition.info.max_backlog,
+            "max_deliveries": self.options.max_deliveries or self.definition.info.max_deliveries,
+        }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.record_key, mapping=record)
             pipe.pexpire(self.record_key, int(self.options.heartbeat_ttl * 1000))
             pipe.sadd(self.keys.workers(self.service), self.worker_id)
             pipe.hset(self.keys.services, self.service, json.dumps(description))
+            pipe.hset(self.keys.config(self.service), mapping=limits)
             await pipe.execute()
 
     async def _heartbeat_loop(self) -> None:
@@ -382,12 +523,25 @@ class Worker:
             if beats % 10 == 0:
                 self._health = await self._check_health()
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(self.record_key, mapping=self._record())
-                    pipe.pexpire(self.record_key, ttl_ms)
-                    await pipe.execute()
-            except CONNECTION_ERRORS as exc:
+                await self._beat(ttl_ms)
+            except _REDIS_ERRORS as exc:
                 logger.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
+
+    async def _beat(self, ttl_ms: int) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.record_key, mapping=self._record())
+            pipe.pexpire(self.record_key, ttl_ms)
+            pipe.sadd(self.keys.workers(self.service), self.worker_id)
+            added, *_ = await pipe.execute()
+        if added:
+            # The record had expired (Redis was away longer than the TTL): register anew.
+            logger.warning("worker %s: registry record was gone; registering again", self.worker_id)
+            await self._register()
+        if self._active:
+            renewed = await self._evalsha(
+                self.redis, "renew", [self.stream], [GROUP, self.worker_id, *self._active]
+            )
+            logger.debug("worker %s renewed %d in-flight call(s)", self.worker_id, renewed)
 
     async def _check_health(self) -> dict[str, Any] | None:
         name = self.definition.health_check

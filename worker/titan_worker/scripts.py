@@ -1,0 +1,106 @@
+"""The Lua scripts a worker runs; each makes one step atomic on the Redis side.
+
+All keys a script touches belong to one service and share its hash tag, so
+the scripts run unchanged on a Redis Cluster node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# Reply first, then acknowledge and delete: if the reply cannot be written
+# (say Redis is out of memory) the script stops before XACK and the entry
+# stays pending for another try.
+# KEYS: calls stream, [reply list]; ARGV: entry id, group, reply, reply ttl ms
+FINISH = """
+if KEYS[2] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Keep the entries this worker is running from looking idle, so nobody claims
+# them: XCLAIM ... JUSTID resets the idle time without counting a delivery.
+# Only entries still owned by this consumer are touched (never take one back).
+# KEYS: calls stream; ARGV: group, consumer, ids...
+RENEW = """
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] end
+end
+local n = #mine
+if n > 0 then
+  mine[n + 1] = 'JUSTID'  -- after the ids: unpack() expands only as the last argument
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+end
+return n
+"""
+
+# Claim entries idle longer than a heartbeat TTL (their worker stopped renewing
+# them: it is dead) and return each with its delivery count, continuing the walk
+# of the pending list from the cursor.
+# KEYS: calls stream; ARGV: group, consumer, min idle ms, cursor, count
+RECLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local entries, counts = {}, {}
+for _, e in ipairs(r[2]) do
+  if type(e) == 'table' and type(e[2]) == 'table' then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    entries[#entries + 1] = e
+    counts[#counts + 1] = p[1] and p[1][4] or 0
+  elseif type(e) == 'table' then
+    redis.call('XACK', KEYS[1], ARGV[1], e[1])
+  end
+end
+return {r[1], entries, counts}
+"""
+
+# Move an entry to the dead letters, answer its caller if it has one, then
+# acknowledge and delete it.
+# KEYS: calls stream, dead stream, [reply list]
+# ARGV: entry id, group, dead maxlen, reply, reply ttl ms, field, value, ...
+DEAD_LETTER = """
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
+if KEYS[3] then
+  redis.call('RPUSH', KEYS[3], ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Remove a consumer only when its worker is gone and it holds nothing pending:
+# XGROUP DELCONSUMER would throw its pending entries away.
+# KEYS: calls stream, the consumer's worker record; ARGV: group, consumer
+DELETE_CONSUMER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return -2 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+@dataclass
+class ScriptShas:
+    """The SHA1 of each script once loaded into Redis."""
+
+    finish: str = ""
+    renew: str = ""
+    reclaim: str = ""
+    dead_letter: str = ""
+    delete_consumer: str = ""
+
+
+SOURCES = {
+    "finish": FINISH,
+    "renew": RENEW,
+    "reclaim": RECLAIM,
+    "dead_letter": DEAD_LETTER,
+    "delete_consumer": DELETE_CONSUMER,
+}
+assert {f.name for f in fields(ScriptShas)} == set(SOURCES)
