@@ -12,11 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import redis as sync_redis
@@ -25,10 +26,14 @@ from titan_broker import ProcessManager
 from titan_broker.errors import TitanError
 from titan_broker.keys import Keys
 from titan_broker.local_redis import LocalRedis, find_redis_server
+from titan_broker.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = Path(__file__).resolve().parent / "services"
 CALCULATOR = str(ROOT / "processes" / "calculator.py")
+CHAOS = SERVICES / "chaos.py"
+# Worker flags for fault tests: a worker counts as dead 1 s after its last heartbeat.
+FAST_FAILOVER = ("--heartbeat-ttl", "1", "--heartbeat-interval", "0.25")
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +97,13 @@ async def pm(redis_url: str, namespace: str) -> AsyncIterator[ProcessManager]:
         yield manager
 
 
+@pytest.fixture
+def aof_redis() -> Iterator[LocalRedis]:
+    """A private Redis of this test's own that fsyncs every write, so it can be killed and restarted."""
+    with LocalRedis(extra_args=["--appendonly", "yes", "--appendfsync", "always"]) as server:
+        yield server
+
+
 class Workers:
     """Starts `titan-worker run` processes and ends every one of them by pid."""
 
@@ -99,17 +111,34 @@ class Workers:
         self.url = url
         self.namespace = namespace
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed: set[int] = set()
+        self.logs: dict[int, IO[bytes]] = {}
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker, as the OOM killer would, and reap it."""
+        self.killed.add(proc.pid)
+        proc.kill()
+        proc.wait(timeout=10)
 
     def start(
-        self, path: str | Path, *args: str, env: dict[str, str] | None = None
+        self, path: str | Path, *args: str, env: dict[str, str] | None = None, quiet: bool = False
     ) -> subprocess.Popen[bytes]:
+        """Start a worker; its output goes to a file (read with ``output``), or nowhere when ``quiet``."""
         cmd = [sys.executable, "-m", "titan_worker", "run", str(path), "--redis", self.url,
                "--namespace", self.namespace, *args]  # fmt: skip
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
-        )
+        log = tempfile.TemporaryFile() if not quiet else None  # noqa: SIM115 - open while the worker runs
+        out = log if log is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, **(env or {})})
         self.procs.append(proc)
+        if log is not None:
+            self.logs[proc.pid] = log
         return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> bytes:
+        """What the worker wrote to stdout and stderr so far."""
+        log = self.logs[proc.pid]
+        log.seek(0)
+        return log.read()
 
     def wait_registered(self, service: str, count: int, timeout: float = 20.0) -> list[str]:
         """Wait until ``count`` workers of ``service`` have live records; return their ids."""
@@ -123,10 +152,8 @@ class Workers:
                 if len(live) >= count:
                     return live
                 for proc in self.procs:
-                    if proc.poll() is not None:
-                        raise AssertionError(
-                            f"worker exited with {proc.returncode}: {proc.stderr and proc.stderr.read()!r}"
-                        )
+                    if proc.pid not in self.killed and proc.poll() is not None:
+                        raise AssertionError(f"worker exited with {proc.returncode}: {self.output(proc)!r}")
                 time.sleep(0.05)
             raise AssertionError(f"{count} worker(s) of {service!r} not registered within {timeout} s")
         finally:
@@ -137,9 +164,8 @@ class Workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+        for log in self.logs.values():
+            log.close()
 
 
 @pytest.fixture
@@ -147,6 +173,29 @@ def workers(redis_url: str, namespace: str) -> Iterator[Workers]:
     w = Workers(redis_url, namespace)
     yield w
     w.close()
+
+
+async def raw_call(
+    pm: ProcessManager,
+    service: str,
+    method: str,
+    args: tuple[Any, ...],
+    *,
+    deadline_in: float = 10.0,
+    mutate: Callable[[dict[bytes, bytes]], object] | None = None,
+) -> Reply:
+    """Write a request entry by hand (optionally altered) and read the reply the worker sends."""
+    keys = pm.client.keys
+    reply_key = keys.reply(f"manual-{uuid.uuid4().hex[:8]}")
+    fields = encode_request("raw-1", method, args, {}, reply_key, int((time.time() + deadline_in) * 1000))
+    if mutate is not None:
+        mutate(fields)
+    await pm.client.redis.xadd(keys.calls(service), fields)  # type: ignore[arg-type]
+    res = await pm.client.redis.xread({reply_key: "0-0"}, count=1, block=10_000)
+    assert res, f"no reply on {reply_key} within 10 s"
+    reply = decode_reply(res[0][1][0][1][F_REPLY_VALUE])  # type: ignore[index]
+    assert reply is not None
+    return reply
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -15,9 +16,9 @@ import redis as sync_redis
 
 from titan_broker import Client, ProcessManager
 from titan_broker.keys import GROUP, Keys
-from titan_broker.protocol import decode_reply, encode_request, pack
+from titan_broker.protocol import pack
 
-from .conftest import CALCULATOR, SERVICES, Workers, wait_until
+from .conftest import CALCULATOR, SERVICES, Workers, raw_call, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -111,44 +112,32 @@ async def test_sigterm_drains_calls_in_flight_and_runs_on_shutdown(
 async def test_worker_exit_code_for_bad_file(workers: Workers) -> None:
     proc = workers.start(SERVICES / "two_processes.py")
     assert proc.wait(timeout=20) == 3
-    assert proc.stderr is not None
-    assert b"2 @process classes found" in proc.stderr.read()
+    assert b"2 @process classes found" in workers.output(proc)
 
 
 async def test_worker_exit_code_when_redis_is_unreachable(workers: Workers) -> None:
     proc = workers.start(CALCULATOR, "--redis", "redis://127.0.0.1:1/0")
     assert proc.wait(timeout=20) == 4
-    assert proc.stderr is not None
-    assert b"cannot reach Redis at redis://127.0.0.1:1/0" in proc.stderr.read()
+    assert b"cannot reach Redis at redis://127.0.0.1:1/0" in workers.output(proc)
 
 
-async def test_expired_call_is_dropped_without_running(pm: ProcessManager, keys: Keys) -> None:
+async def test_expired_call_is_dropped_without_running(pm: ProcessManager) -> None:
     slow = await pm.spawn(SERVICES / "slow.py")
-    redis = pm.client.redis
-    reply_key = keys.reply("manual")
-    fields = encode_request("c1", "sleep", (30,), {}, reply_key, int((time.time() - 1) * 1000))
-    await redis.xadd(keys.calls("slow"), fields)  # type: ignore[arg-type]
-    raw = await redis.blpop([reply_key], timeout=10)
-    assert raw is not None
-    reply = decode_reply(raw[1])
-    assert reply is not None and reply.error is not None
+    reply = await raw_call(pm, "slow", "sleep", (30,), deadline_in=-1)
+    assert reply.error is not None
     assert reply.error["type"] == "titan.DeadlineExceeded"
     assert "dropped unrun" in reply.error["message"]
     assert await slow.max_concurrency() == 0  # it never ran
 
 
-async def test_call_running_past_its_deadline_is_cancelled(pm: ProcessManager, keys: Keys) -> None:
+async def test_call_running_past_its_deadline_is_cancelled(pm: ProcessManager) -> None:
     await pm.spawn(SERVICES / "slow.py")
-    redis = pm.client.redis
-    reply_key = keys.reply("manual")
-    fields = encode_request("c2", "sleep", (30,), {}, reply_key, int((time.time() + 0.3) * 1000))
-    await redis.xadd(keys.calls("slow"), fields)  # type: ignore[arg-type]
-    raw = await redis.blpop([reply_key], timeout=10)
-    assert raw is not None
-    reply = decode_reply(raw[1])
-    assert reply is not None and reply.error is not None
+    started = time.monotonic()
+    reply = await raw_call(pm, "slow", "sleep", (30,), deadline_in=0.3)
+    assert reply.error is not None
     assert reply.error["type"] == "titan.DeadlineExceeded"
     assert "cancelled" in reply.error["message"]
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize(
@@ -162,19 +151,12 @@ async def test_call_running_past_its_deadline_is_cancelled(pm: ProcessManager, k
     ],
 )
 async def test_malformed_entry_gets_an_error_reply_and_worker_keeps_serving(
-    pm: ProcessManager, keys: Keys, mutate: object, expected: str
+    pm: ProcessManager, mutate: Callable[[dict[bytes, bytes]], object], expected: str
 ) -> None:
     calc = await pm.spawn(CALCULATOR)
-    redis = pm.client.redis
-    reply_key = keys.reply("manual")
-    fields = encode_request("bad-1", "add", (1, 2), {}, reply_key, int((time.time() + 10) * 1000))
-    mutate(fields)  # type: ignore[operator]
-    await redis.xadd(keys.calls("calculator"), fields)  # type: ignore[arg-type]
-    raw = await redis.blpop([reply_key], timeout=10)
-    assert raw is not None
-    reply = decode_reply(raw[1])
-    assert reply is not None and reply.error is not None
-    assert reply.call_id == "bad-1"
+    reply = await raw_call(pm, "calculator", "add", (1, 2), mutate=mutate)
+    assert reply.error is not None
+    assert reply.call_id == "raw-1"
     assert expected in reply.error["message"]
     assert await calc.add(2, 2) == 4
 

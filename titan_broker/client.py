@@ -102,27 +102,13 @@ class Client:
             sender, receiver = await open_dedicated(self.url), await open_dedicated(self.url)
             self._dedicated = [sender, receiver]
             self._sender = AutoPipeline(sender)
-            blmpop = await self._has_blmpop()
         except BaseException:
             await self.aclose()
             raise
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._dispatch, receiver, blmpop)
+        self._tg.start_soon(self._dispatch, receiver)
         return self
-
-    async def _has_blmpop(self) -> bool:
-        """BLMPOP (Redis 7) pops many replies in one round trip; Redis 6.2 falls back to BLPOP+LPOP.
-
-        Probed with the command itself: INFO is not allowed to ACL users without @dangerous.
-        """
-        try:
-            await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                "BLMPOP", 0.001, 1, self._reply_key, "LEFT"
-            )
-        except rexc.ResponseError:
-            return False
-        return True
 
     async def __aexit__(
         self,
@@ -142,6 +128,9 @@ class Client:
             if not fut.done():
                 fut.set_exception(TitanError("client closed while the call was waiting"))
         self._pending.clear()
+        if self._redis is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self._redis.delete(self._reply_key)  # nobody will read it again
         for dedicated in self._dedicated:
             await dedicated.aclose()
         self._dedicated = []
@@ -150,37 +139,47 @@ class Client:
             await self._redis.aclose()
             self._redis = None
 
-    async def _dispatch(self, redis: Redis, blmpop: bool) -> None:
+    async def _dispatch(self, redis: Redis) -> None:
+        """Route replies to their callers.
+
+        Replies arrive on a stream read with XREAD from the last id seen, not
+        popped from a list: if Redis goes away before a read's answer reaches
+        us, the next read fetches the same replies again. Read replies are
+        deleted in batches (at most a second late).
+        """
         key = self._reply_key
+        last = b"0-0"
+        seen: list[bytes] = []
+        next_trim = time.monotonic() + 1.0
         backoff = 0.05
         while True:
             try:
-                if blmpop:
-                    res = await redis.execute_command(  # type: ignore[no-untyped-call]
-                        "BLMPOP", 1, 1, key, "LEFT", "COUNT", 256
-                    )
-                    items: list[bytes] = res[1] if res else []
-                else:
-                    popped = await redis.blpop([key], timeout=1)
-                    items = [cast(bytes, popped[1])] if popped else []
-                    if items:
-                        items += cast("list[bytes] | None", await redis.lpop(key, 255)) or []
+                if seen and (len(seen) >= 1024 or time.monotonic() >= next_trim):
+                    await redis.execute_command("XDEL", key, *seen)  # type: ignore[no-untyped-call]
+                    seen.clear()
+                    next_trim = time.monotonic() + 1.0
+                res = await redis.execute_command(  # type: ignore[no-untyped-call]
+                    "XREAD", "COUNT", 256, "BLOCK", 1000, "STREAMS", key, last
+                )
                 backoff = 0.05
             except CONNECTION_ERRORS as exc:
                 logger.warning("reply dispatcher lost Redis (%s); retrying in %.2f s", exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            for raw in items:
-                reply = protocol.decode_reply(raw)
+            entries = _stream_entries(res)
+            for entry_id, fields in entries:
+                seen.append(entry_id)
+                reply = protocol.decode_reply(fields.get(protocol.F_REPLY_VALUE, b""))
                 if reply is None:
                     logger.warning("dropped a malformed reply on %s", key)
                     continue
                 fut = self._pending.get(reply.call_id)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
-            if items:
-                # Let the callers just answered run (and send their next call) before re-arming.
+            if entries:
+                last = entries[-1][0]
+                # Let the callers just answered run (and send their next call) before reading again.
                 await anyio.lowlevel.checkpoint()
 
     async def call(
@@ -291,6 +290,21 @@ class Client:
     def proxy(self, service: str, cls: type[T] | None = None, *, methods: frozenset[str] | None = None) -> T:
         """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers."""
         return cast(T, ServiceProxy(self, service, methods=methods, timeout=None))
+
+
+def _stream_entries(res: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of an XREAD answer for one stream, as redis-py parses it (RESP2 or RESP3)."""
+    if not res:
+        return []
+    if isinstance(res, dict):
+        (value,) = res.values()
+        entries = value[0] if value and isinstance(value[0], list) else value
+    else:
+        entries = res[0][1]
+    return [
+        (entry_id, dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields)
+        for entry_id, fields in entries
+    ]
 
 
 class _Expired(Exception):

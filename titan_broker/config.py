@@ -61,6 +61,7 @@ class WorkerOptions:
     concurrency: int = 16
     """Calls run at once; the worker reads no more entries than it has free slots."""
     heartbeat_interval: float = 1.0
+    """Also how often the worker looks for calls left pending by dead workers."""
     heartbeat_ttl: float = 5.0
     """The registry record expires this long after the last heartbeat."""
     grace_period: float = 30.0
@@ -70,8 +71,6 @@ class WorkerOptions:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     reply_ttl: float = 300.0
     """A reply list nobody reads expires after this long."""
-    reclaim_interval: float = 1.0
-    """How often the worker looks for calls left pending by dead workers."""
     max_deliveries: int | None = None
     """Overrides the service's @process(max_deliveries=...) when set."""
     dead_letter_maxlen: int = 10_000

@@ -43,5 +43,5 @@ class Keys:
         return f"{self.namespace}:{{{service}}}:worker:{worker_id}"
 
     def reply(self, client_id: str) -> str:
-        """List with a TTL: replies to one client."""
+        """Stream with a TTL: replies to one client (field ``reply``)."""
         return f"{self.namespace}:reply:{client_id}"

@@ -27,6 +27,8 @@ F_ARGS = b"a"
 F_REPLY = b"r"
 F_DEADLINE = b"d"
 F_TRACE = b"t"
+# Reply stream entry field.
+F_REPLY_VALUE = b"reply"
 
 
 EXT_BIGINT = 1

@@ -132,8 +132,13 @@ def run(
     name: Annotated[str | None, typer.Option(help="Serve under this service name.")] = None,
     grace: Annotated[float, typer.Option(help="Seconds calls in flight may take on shutdown.")] = 30.0,
     heartbeat_ttl: Annotated[
-        float, typer.Option(help="Seconds the registry record outlives a heartbeat.")
+        float, typer.Option(help="Seconds after its last heartbeat that a worker counts as dead.")
     ] = 5.0,
+    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
+    max_deliveries: Annotated[
+        int | None, typer.Option(help="Dead-letter a call delivered more often (default: the service's).")
+    ] = None,
+    max_payload: Annotated[int, typer.Option(help="Largest request or reply, in bytes.")] = 1024 * 1024,
     worker_id: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
@@ -154,7 +159,14 @@ def run(
     try:
         deps = _parse_deps(dep or [])
         url = resolve_url(redis)
-        options = WorkerOptions(concurrency=concurrency, grace_period=grace, heartbeat_ttl=heartbeat_ttl)
+        options = WorkerOptions(
+            concurrency=concurrency,
+            grace_period=grace,
+            heartbeat_ttl=heartbeat_ttl,
+            heartbeat_interval=heartbeat_interval,
+            max_deliveries=max_deliveries,
+            max_payload=max_payload,
+        )
         definition = load_service_file(file)
         worker = Worker(definition, url=url, namespace=resolve_namespace(namespace), options=options,
                         dependencies=deps, service_name=name, worker_id=worker_id)  # fmt: skip

@@ -233,7 +233,7 @@ class Worker:
                 continue
             try:
                 if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + self.options.reclaim_interval
+                    next_reclaim = time.monotonic() + self.options.heartbeat_interval
                     if await self._reclaim(calls, reader, free):
                         continue  # slots changed; recount before reading
                 response: _ReadResponse = await reader.xreadgroup(  # type: ignore[assignment]
@@ -275,7 +275,7 @@ class Worker:
         )
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         self._reclaims += 1
-        if self._reclaims % 10 == 0:
+        if self._reclaims % 5 == 0:
             calls.start_soon(self._remove_dead_consumers)
         for (entry_id, raw_fields), deliveries in zip(entries, counts, strict=True):
             fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))

@@ -11,10 +11,10 @@ from dataclasses import dataclass, fields
 # Reply first, then acknowledge and delete: if the reply cannot be written
 # (say Redis is out of memory) the script stops before XACK and the entry
 # stays pending for another try.
-# KEYS: calls stream, [reply list]; ARGV: entry id, group, reply, reply ttl ms
+# KEYS: calls stream, [reply stream]; ARGV: entry id, group, reply, reply ttl ms
 FINISH = """
 if KEYS[2] then
-  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
@@ -61,12 +61,12 @@ return {r[1], entries, counts}
 
 # Move an entry to the dead letters, answer its caller if it has one, then
 # acknowledge and delete it.
-# KEYS: calls stream, dead stream, [reply list]
+# KEYS: calls stream, dead stream, [reply stream]
 # ARGV: entry id, group, dead maxlen, reply, reply ttl ms, field, value, ...
 DEAD_LETTER = """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
 if KEYS[3] then
-  redis.call('RPUSH', KEYS[3], ARGV[4])
+  redis.call('XADD', KEYS[3], '*', 'reply', ARGV[4])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])

@@ -1,0 +1,326 @@
+"""Nothing lost, nothing hung: failover after SIGKILL, poison calls, backlog, outages, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import redis as sync_redis
+
+from titan_broker import (
+    BacklogFull,
+    BadArguments,
+    Client,
+    DeadLettered,
+    PayloadTooLarge,
+    ProcessManager,
+    RedisUnavailable,
+)
+from titan_broker.keys import GROUP, Keys
+from titan_broker.local_redis import LocalRedis
+from titan_broker.protocol import encode_request
+
+from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def pending(client: sync_redis.Redis, keys: Keys, service: str) -> list[dict[str, object]]:
+    return list(client.xpending_range(keys.calls(service), GROUP, "-", "+", 100))
+
+
+async def in_thread(fn: object, *args: object) -> object:
+    return await anyio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+
+
+async def test_call_survives_worker_kill(
+    workers: Workers, redis_url: str, namespace: str, keys: Keys, sync_client: sync_redis.Redis
+) -> None:
+    first = workers.start(CHAOS, *FAST_FAILOVER)
+    workers.wait_registered("chaos", 1)
+    async with Client(redis_url, namespace=namespace) as client:
+        async with anyio.create_task_group() as tg:
+            result: list[object] = []
+
+            async def call() -> None:
+                result.append(await client.call("chaos", "work", (21, 1500), timeout=20))
+
+            tg.start_soon(call)
+            await in_thread(wait_until, lambda: pending(sync_client, keys, "chaos"), 10, "delivery")
+            second = workers.start(CHAOS, *FAST_FAILOVER)
+            await in_thread(workers.wait_registered, "chaos", 2)
+            killed_at = time.monotonic()
+            workers.kill(first)
+        failover = time.monotonic() - killed_at
+    assert result == [[42, second.pid]]
+    # Claimed once the dead worker's heartbeat expired (1 s), not after an hour; the call takes 1.5 s.
+    assert failover < 1.5 + 4.0, failover
+    assert pending(sync_client, keys, "chaos") == []
+
+
+async def test_live_worker_on_long_call_is_never_robbed(
+    workers: Workers,
+    redis_url: str,
+    namespace: str,
+    keys: Keys,
+    sync_client: sync_redis.Redis,
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "runs.log"
+    owner = workers.start(CHAOS, *FAST_FAILOVER, "--dep", f"log={json.dumps(str(log))}")
+    workers.wait_registered("chaos", 1)
+    async with Client(redis_url, namespace=namespace) as client, anyio.create_task_group() as tg:
+        result: list[object] = []
+
+        async def call() -> None:
+            result.append(await client.call("chaos", "work", (1, 4000), timeout=20))
+
+        tg.start_soon(call)
+        await in_thread(wait_until, lambda: pending(sync_client, keys, "chaos"), 10, "delivery")
+        workers.start(CHAOS, *FAST_FAILOVER, "--dep", f"log={json.dumps(str(log))}")
+        await in_thread(workers.wait_registered, "chaos", 2)
+        await anyio.sleep(2.5)  # more than twice the heartbeat TTL, while the other worker looks for work
+        [entry] = pending(sync_client, keys, "chaos")
+        assert entry["times_delivered"] == 1
+        assert entry["time_since_delivered"] < 1000  # renewed by its live owner
+    assert result == [[2, owner.pid]]
+    assert log.read_text().splitlines() == [f"1 {owner.pid}"]  # it ran once
+
+
+async def test_poison_call_is_dead_lettered_and_its_caller_told(
+    workers: Workers, redis_url: str, namespace: str, keys: Keys, sync_client: sync_redis.Redis
+) -> None:
+    procs = [workers.start(CHAOS, *FAST_FAILOVER) for _ in range(3)]
+    workers.wait_registered("chaos", 3)
+    async with Client(redis_url, namespace=namespace) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadLettered, match=r"delivered 3 times \(max_deliveries 2\)"):
+            await client.call("chaos", "crash", timeout=30)
+        assert time.monotonic() - started < 15
+        assert sum(p.poll() is not None for p in procs) == 2  # two deliveries, two dead workers
+        for p in procs:
+            if p.poll() is not None:
+                workers.killed.add(p.pid)
+        assert await client.call("chaos", "work", (5,)) == [
+            10,
+            next(p.pid for p in procs if p.poll() is None),
+        ]
+    letters = sync_client.xrange(keys.dead("chaos"))
+    assert len(letters) == 1
+    assert letters[0][1][b"m"] == b"crash"
+    assert sync_client.xlen(keys.calls("chaos")) == 0
+
+
+async def test_dead_letters_list_replay_and_purge(
+    workers: Workers, pm: ProcessManager, keys: Keys, tmp_path: Path
+) -> None:
+    marker = tmp_path / "allowed"
+    for _ in range(3):
+        workers.start(CHAOS, *FAST_FAILOVER)
+    workers.wait_registered("chaos", 3)
+    with pytest.raises(DeadLettered):
+        await pm.client.call("chaos", "crash_unless", (str(marker),), timeout=30)
+    [letter] = await pm.dead_letters("chaos")
+    assert letter.method == "crash_unless"
+    assert letter.deliveries == 3
+    assert letter.arguments == [[str(marker)], {}]
+    assert "dead letters of 'chaos'" in letter.reason
+    marker.write_text("")
+    assert await pm.replay_dead_letters("chaos") == 1
+    await in_thread(wait_until, lambda: marker.read_text() == "ran\n", 15, "the replayed call to run")
+    assert await pm.dead_letters("chaos") == []
+    # Purge: dead-letter an unanswerable entry (no reply key), then remove it.
+    await pm.client.redis.xadd(keys.calls("chaos"), {b"junk": b"\xff"})
+    letters = await anyio.to_thread.run_sync(
+        lambda: wait_until(lambda: anyio.from_thread.run(pm.dead_letters, "chaos"), 10, "a dead letter")
+    )
+    assert "unanswerable request" in letters[0].reason
+    assert await pm.purge_dead_letters("chaos") == 1
+    assert await pm.dead_letters("chaos") == []
+
+
+def titan(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "titan_cli", "--redis", url, "--namespace", namespace, *args],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+async def test_cli_dead_letters(workers: Workers, redis_url: str, namespace: str, keys: Keys) -> None:
+    workers.start(CALCULATOR)
+    workers.wait_registered("calculator", 1)
+    redis = sync_redis.Redis.from_url(redis_url)
+    redis.xadd(keys.calls("calculator"), {b"junk": b"1"})
+    redis.close()
+
+    def listing() -> list[dict[str, object]]:
+        return json.loads(titan(redis_url, namespace, "dead-letters", "calculator", "--json").stdout)  # type: ignore[no-any-return]
+
+    listed = await in_thread(wait_until, listing, 10, "a dead letter")
+    assert len(listed) == 1 and "unanswerable" in listed[0]["reason"]
+    table = titan(redis_url, namespace, "dead-letters", "calculator")
+    assert "unanswerable" in table.stdout
+    purged = titan(redis_url, namespace, "dead-letters", "calculator", "--purge", "--json")
+    assert json.loads(purged.stdout) == {"purged": 1}
+    assert listing() == []
+
+
+async def test_dead_consumer_is_removed_once_its_calls_are_claimed(
+    workers: Workers, redis_url: str, namespace: str, keys: Keys, sync_client: sync_redis.Redis
+) -> None:
+    first = workers.start(CHAOS, *FAST_FAILOVER)
+    [dead_id] = workers.wait_registered("chaos", 1)
+    async with Client(redis_url, namespace=namespace) as client, anyio.create_task_group() as tg:
+        tg.start_soon(client.call, "chaos", "work", (1, 500))
+        await in_thread(wait_until, lambda: pending(sync_client, keys, "chaos"), 10, "delivery")
+        workers.start(CHAOS, *FAST_FAILOVER)
+        await in_thread(workers.wait_registered, "chaos", 2)
+        workers.kill(first)
+
+    def consumers() -> set[str]:
+        return {c["name"].decode() for c in sync_client.xinfo_consumers(keys.calls("chaos"), GROUP)}
+
+    await in_thread(wait_until, lambda: dead_id not in consumers(), 15, "the dead consumer to go")
+    assert len(consumers()) == 1
+
+
+async def test_full_backlog_refuses_calls_at_once(workers: Workers, redis_url: str, namespace: str) -> None:
+    workers.start(SERVICES / "small_backlog.py", "--concurrency", "1")
+    workers.wait_registered("small-backlog", 1)
+    async with Client(redis_url, namespace=namespace) as client:
+        outcomes: list[object] = []
+
+        async def one() -> None:
+            try:
+                outcomes.append(await client.call("small-backlog", "wait", (0.5,)))
+            except BacklogFull as exc:
+                outcomes.append(exc)
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+        refused = [o for o in outcomes if isinstance(o, BacklogFull)]
+        assert len(refused) == 3
+        assert "max_backlog=5" in str(refused[0])
+        assert outcomes.count(0.5) == 5
+        assert time.monotonic() - started < 10
+
+
+async def test_wrong_argument_types_are_refused_before_the_method_runs(pm: ProcessManager) -> None:
+    calc = await pm.spawn(CALCULATOR)
+    with pytest.raises(BadArguments, match=r"argument 'a' must be float, got str \('five'\)"):
+        await calc.add("five", 3)
+    with pytest.raises(BadArguments, match="argument 'n' must be int, got float"):
+        await calc.factorial(2.5)
+    assert (await calc.get_stats())["operation_count"] == 0
+    assert await calc.add(1, 2.5) == 3.5
+
+
+async def test_payload_size_limit_is_checked_by_sender_and_receiver(
+    workers: Workers, redis_url: str, namespace: str, keys: Keys
+) -> None:
+    workers.start(SERVICES / "slow.py", "--max-payload", "1000")
+    workers.wait_registered("slow", 1)
+    async with Client(redis_url, namespace=namespace, max_payload=500) as client:
+        with pytest.raises(PayloadTooLarge, match="over the limit of 500"):
+            await client.call("slow", "echo", ("x" * 600,))
+    async with Client(redis_url, namespace=namespace) as client:
+        with pytest.raises(PayloadTooLarge, match="over the limit of 1000"):
+            await client.call("slow", "echo", ("x" * 2000,))
+        assert await client.call("slow", "echo", ("x" * 100,)) == "x" * 100
+
+
+async def test_duplicate_and_garbage_replies_are_ignored(pm: ProcessManager) -> None:
+    calc = await pm.spawn(CALCULATOR)
+    assert await calc.add(1, 1) == 2
+    client = pm.client
+    reply_key = client.keys.reply(client.client_id)
+    from titan_broker.protocol import encode_ok
+
+    await client.redis.xadd(reply_key, {b"reply": encode_ok(f"{client.client_id}-1", 999, "forged")})
+    await client.redis.xadd(reply_key, {b"reply": b"\x00garbage"})
+    assert await calc.add(2, 2) == 4
+
+
+async def test_calls_fail_fast_while_redis_is_down_and_work_again_after(
+    workers: Workers, aof_redis: LocalRedis, namespace: str
+) -> None:
+    workers.url = aof_redis.url
+    workers.start(CALCULATOR)
+    workers.wait_registered("calculator", 1)
+    async with Client(aof_redis.url, namespace=namespace) as client:
+        assert await client.call("calculator", "add", (1, 1)) == 2
+        aof_redis.stop(kill=True)
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="Redis is unreachable"):
+            await client.call("calculator", "add", (2, 2), timeout=5)
+        assert time.monotonic() - started < 2
+        aof_redis.start()
+        result = None
+        with anyio.fail_after(20):
+            while result is None:
+                try:
+                    result = await client.call("calculator", "add", (3, 3), timeout=5)
+                except RedisUnavailable:
+                    await anyio.sleep(0.1)  # the client reconnects on its next command
+        assert result == 6
+
+
+async def test_calls_in_flight_complete_across_a_redis_restart(
+    workers: Workers, aof_redis: LocalRedis, namespace: str
+) -> None:
+    workers.url = aof_redis.url
+    for _ in range(2):
+        workers.start(CHAOS, "--heartbeat-ttl", "3")
+    workers.wait_registered("chaos", 2)
+    async with Client(aof_redis.url, namespace=namespace) as client:
+        results: dict[int, object] = {}
+
+        async def one(i: int) -> None:
+            results[i] = (await client.call("chaos", "work", (i, 1500), timeout=30))[0]
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+            await anyio.sleep(0.5)  # all twenty sent and running
+            aof_redis.stop(kill=True)
+            await anyio.sleep(1.0)
+            aof_redis.start()
+    assert results == {i: i * 2 for i in range(20)}
+
+
+def test_no_pickle_anywhere() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("titan_broker", "worker", "cli", "processes"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "import pickle" not in text and "from pickle" not in text, path
+
+
+def test_worker_exit_code_2_for_bad_options(workers: Workers) -> None:
+    proc = workers.start(CALCULATOR, "--concurrency", "0")
+    assert proc.wait(timeout=20) == 2
+    assert b"concurrency must be at least 1" in workers.output(proc)
+
+
+def test_second_sigterm_stops_without_waiting_for_the_grace_period(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis
+) -> None:
+    proc = workers.start(SERVICES / "slow.py", "--grace", "60")
+    workers.wait_registered("slow", 1)
+
+    deadline = int((time.time() + 60) * 1000)
+    sync_client.xadd(keys.calls("slow"), encode_request("c", "sleep", (30,), {}, keys.reply("x"), deadline))  # type: ignore[arg-type]
+    wait_until(lambda: pending(sync_client, keys, "slow"), 10, "the worker to take the call")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
