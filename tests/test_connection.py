@@ -6,7 +6,7 @@ import anyio
 import pytest
 from redis import exceptions as rexc
 
-from titan_broker.connection import AutoPipeline, open_dedicated
+from titan_broker.connection import AutoPipeline, Channel, open_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -14,9 +14,10 @@ pytestmark = pytest.mark.anyio
 async def test_concurrent_commands_are_batched_and_keep_their_own_results(
     redis_url: str, namespace: str
 ) -> None:
-    redis = await open_dedicated(redis_url)
+    redis = await open_redis(redis_url)
+    channel = await Channel.open(redis_url)
     try:
-        pipe = AutoPipeline(redis)
+        pipe = AutoPipeline(channel)
         await redis.set(f"{namespace}:str", "x")
         results: dict[int, object] = {}
 
@@ -34,4 +35,5 @@ async def test_concurrent_commands_are_batched_and_keep_their_own_results(
         assert sorted(results.values()) == list(range(1, 100))  # type: ignore[type-var]
         assert await redis.get(f"{namespace}:n") == b"99"
     finally:
+        await channel.aclose()
         await redis.aclose()

@@ -24,7 +24,7 @@ from redis import exceptions as rexc
 
 from . import protocol
 from .config import resolve_namespace, resolve_url
-from .connection import CONNECTION_ERRORS, AutoPipeline, Redis, open_dedicated, open_redis, text
+from .connection import CONNECTION_ERRORS, AutoPipeline, Channel, Redis, open_redis, stream_entries, text
 from .errors import (
     BacklogFull,
     CallTimeout,
@@ -84,7 +84,7 @@ class Client:
         self._redis: Redis | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._sender: AutoPipeline | None = None
-        self._dedicated: list[Redis] = []
+        self._channels: list[Channel] = []
         self._submit_sha = ""
 
     @property
@@ -99,8 +99,8 @@ class Client:
         try:
             self._submit_sha = await self._redis.script_load(_SUBMIT)
             # Calls and replies each get a connection of their own, off the pool.
-            sender, receiver = await open_dedicated(self.url), await open_dedicated(self.url)
-            self._dedicated = [sender, receiver]
+            sender, receiver = await Channel.open(self.url), await Channel.open(self.url)
+            self._channels = [sender, receiver]
             self._sender = AutoPipeline(sender)
         except BaseException:
             await self.aclose()
@@ -131,15 +131,15 @@ class Client:
         if self._redis is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await self._redis.delete(self._reply_key)  # nobody will read it again
-        for dedicated in self._dedicated:
-            await dedicated.aclose()
-        self._dedicated = []
+        for channel in self._channels:
+            await channel.aclose()
+        self._channels = []
         self._sender = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
 
-    async def _dispatch(self, redis: Redis) -> None:
+    async def _dispatch(self, channel: Channel) -> None:
         """Route replies to their callers.
 
         Replies arrive on a stream read with XREAD from the last id seen, not
@@ -155,19 +155,17 @@ class Client:
         while True:
             try:
                 if seen and (len(seen) >= 1024 or time.monotonic() >= next_trim):
-                    await redis.execute_command("XDEL", key, *seen)  # type: ignore[no-untyped-call]
+                    await channel.execute("XDEL", key, *seen)
                     seen.clear()
                     next_trim = time.monotonic() + 1.0
-                res = await redis.execute_command(  # type: ignore[no-untyped-call]
-                    "XREAD", "COUNT", 256, "BLOCK", 1000, "STREAMS", key, last
-                )
+                res = await channel.execute("XREAD", "COUNT", 256, "BLOCK", 1000, "STREAMS", key, last)
                 backoff = 0.05
             except CONNECTION_ERRORS as exc:
                 logger.warning("reply dispatcher lost Redis (%s); retrying in %.2f s", exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            entries = _stream_entries(res)
+            entries = stream_entries(res)
             for entry_id, fields in entries:
                 seen.append(entry_id)
                 reply = protocol.decode_reply(fields.get(protocol.F_REPLY_VALUE, b""))
@@ -290,21 +288,6 @@ class Client:
     def proxy(self, service: str, cls: type[T] | None = None, *, methods: frozenset[str] | None = None) -> T:
         """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers."""
         return cast(T, ServiceProxy(self, service, methods=methods, timeout=None))
-
-
-def _stream_entries(res: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of an XREAD answer for one stream, as redis-py parses it (RESP2 or RESP3)."""
-    if not res:
-        return []
-    if isinstance(res, dict):
-        (value,) = res.values()
-        entries = value[0] if value and isinstance(value[0], list) else value
-    else:
-        entries = res[0][1]
-    return [
-        (entry_id, dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields)
-        for entry_id, fields in entries
-    ]
 
 
 class _Expired(Exception):

@@ -56,27 +56,81 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def open_dedicated(url: str) -> Redis:
-    """One connection of its own, for a hot path (no pool to acquire from on every command)."""
-    client = aioredis.Redis.from_url(url, decode_responses=False, single_connection_client=True)
-    try:
-        await client.initialize()
-    except BaseException:
-        await client.aclose()
-        raise
-    return client
+class Channel:
+    """One connection of its own for a hot path: commands go straight to the socket.
+
+    No pool to acquire from, no retry wrapper, no response callbacks: replies
+    come back as RESP2 values (bytes, ints, lists; nil as None). That saves
+    about a quarter of redis-py's per-command cost. An error reply raises
+    ResponseError and leaves the connection usable; any other failure
+    (including cancellation mid-command) drops the connection, and the next
+    command reconnects. The owner handles retries.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    @classmethod
+    async def open(cls, url: str) -> Channel:
+        """Connect; raise RedisUnavailable like open_redis."""
+        client = aioredis.Redis.from_url(
+            url, decode_responses=False, single_connection_client=True, protocol=2
+        )
+        try:
+            await client.initialize()
+            assert client.connection is not None
+            await client.connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException as exc:
+            await client.aclose()
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+            raise
+        return cls(client)
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its reply."""
+        conn = self._client.connection
+        assert conn is not None, "channel is closed"
+        try:
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            return await conn.read_response()
+        except rexc.ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send commands in one write; return their replies in order, errors as values."""
+        conn = self._client.connection
+        assert conn is not None, "channel is closed"
+        results: list[Any] = []
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            for _ in commands:
+                try:
+                    results.append(await conn.read_response())
+                except rexc.ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        return results
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class AutoPipeline:
-    """Sends commands over one dedicated connection, batching the ones issued at the same time.
+    """Sends commands over one channel, batching the ones issued at the same time.
 
     When no send is in flight a command goes out alone; commands issued while
-    one is in flight are sent together, as one pipeline, when it returns. Each
+    one is in flight are sent together, in one write, when it returns. Each
     command keeps its own result or error (no transaction across the batch).
     """
 
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._busy = False
 
@@ -102,12 +156,13 @@ class AutoPipeline:
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
             if len(batch) == 1:
-                results: list[Any] = [await self._redis.execute_command(*batch[0][0])]  # type: ignore[no-untyped-call]
+                results: list[Any] = []
+                try:
+                    results.append(await self._channel.execute(*batch[0][0]))
+                except rexc.ResponseError as exc:
+                    results.append(exc)
             else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for args, _ in batch:
-                        pipe.execute_command(*args)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._channel.execute_many([args for args, _ in batch])
         except BaseException as exc:
             for _, fut in batch:
                 if not fut.done():
@@ -122,3 +177,13 @@ class AutoPipeline:
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+
+
+def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of a raw RESP2 XREAD/XREADGROUP reply for one stream (nil: none)."""
+    if not reply:
+        return []
+    return [
+        (entry_id, dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {})
+        for entry_id, fields in reply[0][1]
+    ]
