@@ -11,6 +11,7 @@ Run: `make bench` or `python -m bench.bench_core [--calls-a 2000] [--calls-b 100
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import msgpack
+import psutil
 import redis.asyncio as aioredis
 
 from processes.calculator import Calculator
@@ -29,6 +31,15 @@ from titan_broker.local_redis import LocalRedis
 WARMUP = 200
 IN_FLIGHT = 64
 Call = Callable[[int], Awaitable[object]]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time used so far by these processes."""
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -59,8 +70,11 @@ async def throughput(callers: list[Call], n: int) -> float:
     return per_task * len(callers) / (time.perf_counter() - t)
 
 
+Harness = tuple[Call, list[Call], Callable[[], Awaitable[None]], list[int]]
+
+
 @asynccontextmanager
-async def titan(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], Awaitable[None]]]]:
+async def titan(url: str) -> AsyncIterator[Harness]:
     async with ProcessManager(url, namespace=f"bench-{uuid.uuid4().hex[:6]}") as pm:
         calc = await pm.spawn("processes/calculator.py", Calculator)
 
@@ -70,11 +84,11 @@ async def titan(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], 
         def one(i: int) -> Awaitable[object]:
             return calc.add(i, 1)
 
-        yield one, [one] * IN_FLIGHT, second_worker
+        yield one, [one] * IN_FLIGHT, second_worker, [w.pid for w in pm.workers]
 
 
 @asynccontextmanager
-async def raw(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], Awaitable[None]]]]:
+async def raw(url: str) -> AsyncIterator[Harness]:
     stream = f"raw-{uuid.uuid4().hex[:6]}"
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -96,7 +110,7 @@ async def raw(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], Aw
 
     try:
         await start_worker()
-        yield make(), [make() for _ in range(IN_FLIGHT)], start_worker
+        yield make(), [make() for _ in range(IN_FLIGHT)], start_worker, [p.pid for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -104,15 +118,21 @@ async def raw(url: str) -> AsyncIterator[tuple[Call, list[Call], Callable[[], Aw
         await redis.aclose()
 
 
-async def run(url: str, calls_a: int, calls_b: int, rounds: int) -> None:
-    async with titan(url) as (t_one, t_many, t_grow), raw(url) as (r_one, r_many, r_grow):
+async def run(url: str, redis_pid: int, calls_a: int, calls_b: int, rounds: int) -> None:
+    me = os.getpid()
+    async with titan(url) as (t_one, t_many, t_grow, t_pids), raw(url) as (r_one, r_many, r_grow, r_pids):
         lat: dict[str, list[float]] = {"titan": [], "raw": []}
         rate: dict[str, list[float]] = {"titan": [], "raw": []}
+        cpu: dict[str, list[float]] = {"titan": [0.0, 0.0, 0.0], "raw": [0.0, 0.0, 0.0]}
         for one in (t_one, r_one):
             await sequential(one, WARMUP)
         for _ in range(rounds):
-            for name, one in (("titan", t_one), ("raw", r_one)):
+            for name, one, worker_pids in (("titan", t_one, t_pids), ("raw", r_one, r_pids)):
+                groups = [[me], worker_pids, [redis_pid]]
+                before = [cpu_seconds(g) for g in groups]
                 lat[name] += await sequential(one, calls_a // rounds)
+                for k, g in enumerate(groups):
+                    cpu[name][k] += cpu_seconds(g) - before[k]
         await t_grow()
         await r_grow()
         for many in (t_many, r_many):
@@ -125,6 +145,10 @@ async def run(url: str, calls_a: int, calls_b: int, rounds: int) -> None:
     for label, q in (("A p50 latency (ms)", 0.5), ("A p99 latency (ms)", 0.99)):
         t, r = percentile(lat["titan"], q) * ms, percentile(lat["raw"], q) * ms
         print(f"{label:26}{t:10.3f}{r:14.3f}{t / r:8.2f}")
+    n = calls_a // rounds * rounds
+    for k, part in enumerate(("caller", "worker", "redis")):
+        t, r = cpu["titan"][k] / n * 1e6, cpu["raw"][k] / n * 1e6
+        print(f"{'A CPU us/call, ' + part:26}{t:10.0f}{r:14.0f}{t / r:8.2f}")
     t_rate, r_rate = sum(rate["titan"]) / rounds, sum(rate["raw"]) / rounds
     print(f"{'B throughput (calls/s)':26}{t_rate:10,.0f}{r_rate:14,.0f}{t_rate / r_rate:8.2f}")
     print(f"B per round: titan {[round(x) for x in rate['titan']]}, raw {[round(x) for x in rate['raw']]}")
@@ -138,7 +162,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     with LocalRedis() as server:
-        anyio.run(run, server.url, args.calls_a, args.calls_b, args.rounds)
+        assert server.process is not None
+        anyio.run(run, server.url, server.process.pid, args.calls_a, args.calls_b, args.rounds)
 
 
 if __name__ == "__main__":
