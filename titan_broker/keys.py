@@ -42,6 +42,11 @@ class Keys:
         """Hash with a TTL: one worker's registry record; it expires when heartbeats stop."""
         return f"{self.namespace}:{{{service}}}:worker:{worker_id}"
 
+    @property
+    def reply_prefix(self) -> str:
+        """Every reply key starts with this; workers write nowhere else."""
+        return f"{self.namespace}:reply:"
+
     def reply(self, client_id: str) -> str:
         """Stream with a TTL: replies to one client (field ``reply``)."""
         return f"{self.namespace}:reply:{client_id}"

@@ -133,10 +133,21 @@ def field_text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
         return None
 
 
-def decode_request(fields: Mapping[bytes, bytes], *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Request:
-    """Parse a request entry; raise BadEntry saying which field is at fault."""
+def decode_request(
+    fields: Mapping[bytes, bytes], *, reply_prefix: str, max_payload: int = DEFAULT_MAX_PAYLOAD
+) -> Request:
+    """Parse a request entry; raise BadEntry saying which field is at fault.
+
+    A reply key must start with ``reply_prefix`` (``<ns>:reply:``): an entry
+    cannot make a worker write into any other key. Such an entry has no
+    usable reply key and is answered nowhere (it is dead-lettered).
+    """
     call_id = field_text(fields, F_ID)
     reply_to = field_text(fields, F_REPLY)
+    if reply_to is not None and (not reply_to.startswith(reply_prefix) or len(reply_to) > 256):
+        raise BadEntry(
+            f"reply key {reply_to[:80]!r} is not under {reply_prefix!r}", call_id=call_id, reply_to=None
+        )
 
     def bad(message: str, type: str = "titan.BadRequest") -> BadEntry:
         return BadEntry(message, call_id=call_id, reply_to=reply_to, type=type)

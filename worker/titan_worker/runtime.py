@@ -284,7 +284,12 @@ class Worker:
 
     async def _slot(self, receive: anyio.abc.ObjectReceiveStream[tuple[bytes, dict[bytes, bytes]]]) -> None:
         async for entry_id, fields in receive:
-            await self._handle(entry_id, fields)
+            try:
+                await self._handle(entry_id, fields)
+            except Exception:
+                # Never lose a slot. The entry stays pending, unrenewed: it is claimed
+                # again and, if this keeps happening, dead-lettered.
+                logger.exception("worker %s: failed to settle %s", self.worker_id, entry_id.decode())
 
     async def _reclaim(self, calls: anyio.abc.TaskGroup, reader: Channel, free: int) -> int:
         """Claim calls left pending by dead workers; return how many were taken."""
@@ -322,19 +327,27 @@ class Worker:
                 await self._settle(entry_id, outcome.deadline_ms, self._dead_letter, entry_id, fields,
                                    outcome.dead_reason, 1)  # fmt: skip
             else:
-                await self._settle(entry_id, outcome.deadline_ms, self._finish, entry_id, outcome)
+                try:
+                    await self._settle(entry_id, outcome.deadline_ms, self._finish, entry_id, outcome)
+                except rexc.ResponseError as exc:
+                    # The reply key cannot take a reply (a key of another type, say): keep the call.
+                    reason = f"its reply could not be written: {exc}"
+                    await self._settle(entry_id, None, self._dead_letter, entry_id, fields, reason, 1, False)
         finally:
             self._done(entry_id)
 
     async def _bury(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, limit: int) -> None:
         """Dead-letter a call its workers kept dying on, and tell its caller."""
+        method = protocol.field_text(fields, protocol.F_METHOD) or "?"
+        reason = (
+            f"{method}() was delivered {deliveries} times (max_deliveries {limit}): the workers "
+            f"running it died each time; it was moved to the dead letters of {self.service!r}"
+        )
         try:
-            method = protocol.field_text(fields, protocol.F_METHOD) or "?"
-            reason = (
-                f"{method}() was delivered {deliveries} times (max_deliveries {limit}): the workers "
-                f"running it died each time; it was moved to the dead letters of {self.service!r}"
-            )
             await self._settle(entry_id, None, self._dead_letter, entry_id, fields, reason, deliveries)
+        except Exception:
+            # Left pending: claimed and tried again later.
+            logger.exception("worker %s: failed to dead-letter %s", self.worker_id, entry_id.decode())
         finally:
             self._done(entry_id)
 
@@ -376,13 +389,13 @@ class Worker:
         await self._evalsha(self._writer, "finish", keys, args)
 
     async def _dead_letter(
-        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int
+        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int, answer: bool = True
     ) -> None:
         call_id = protocol.field_text(fields, protocol.F_ID)
         reply_to = protocol.field_text(fields, protocol.F_REPLY)
         keys = [self.stream, self.keys.dead(self.service)]
         payload = b""
-        if call_id and reply_to:
+        if answer and call_id and reply_to and reply_to.startswith(self.keys.reply_prefix):
             keys.append(reply_to)
             payload = protocol.encode_error(call_id, "titan.DeadLettered", reason, self.worker_id)
         dead = protocol.dead_letter_fields(
@@ -393,7 +406,13 @@ class Worker:
         for name, value in dead.items():
             args += (name, value)
         logger.error("worker %s: dead-lettered %s: %s", self.worker_id, entry_id.decode(), reason)
-        await self._evalsha(self.redis, "dead_letter", keys, args)
+        try:
+            await self._evalsha(self.redis, "dead_letter", keys, args)
+        except rexc.ResponseError:
+            if len(keys) == 2 or not answer:
+                raise
+            # The caller's reply key cannot take the reply: keep the dead letter anyway.
+            await self._dead_letter(entry_id, fields, reason, deliveries, answer=False)
 
     async def _load_scripts(self) -> None:
         for name, source in SOURCES.items():
@@ -427,13 +446,15 @@ class Worker:
                 keys = [self.stream, self.keys.worker(self.service, name)]
                 if await self._evalsha(self.redis, "delete_consumer", keys, [GROUP, name]) == 1:
                     logger.info("worker %s removed the dead consumer %s", self.worker_id, name)
-        except _REDIS_ERRORS as exc:
+        except Exception as exc:  # housekeeping must never take the worker down
             logger.warning("worker %s: could not clean up dead consumers (%s)", self.worker_id, exc)
 
     async def _execute(self, fields: dict[bytes, bytes]) -> _Outcome:
         wid = self.worker_id
         try:
-            req = protocol.decode_request(fields, max_payload=self.options.max_payload)
+            req = protocol.decode_request(
+                fields, reply_prefix=self.keys.reply_prefix, max_payload=self.options.max_payload
+            )
         except protocol.BadEntry as bad:
             logger.warning("worker %s: bad request entry: %s", wid, bad)
             if bad.call_id and bad.reply_to:

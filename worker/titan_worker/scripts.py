@@ -63,12 +63,13 @@ return {r[1], entries, counts}
 # acknowledge and delete it.
 # KEYS: calls stream, dead stream, [reply stream]
 # ARGV: entry id, group, dead maxlen, reply, reply ttl ms, field, value, ...
+# The reply goes first: if it fails, nothing else has happened.
 DEAD_LETTER = """
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
 if KEYS[3] then
   redis.call('XADD', KEYS[3], '*', 'reply', ARGV[4])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
