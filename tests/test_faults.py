@@ -320,7 +320,10 @@ def test_second_sigterm_stops_without_waiting_for_the_grace_period(
     sync_client.xadd(keys.calls("slow"), encode_request("c", "sleep", (30,), {}, keys.reply("x"), deadline))  # type: ignore[arg-type]
     wait_until(lambda: pending(sync_client, keys, "slow"), 10, "the worker to take the call")
     started = time.monotonic()
+    [wid] = workers.wait_registered("slow", 1)
     proc.send_signal(signal.SIGTERM)
+    # Two signals sent back to back may merge into one: send the second once the first shows.
+    wait_until(lambda: sync_client.hget(keys.worker("slow", wid), "status") == b"draining", 10, "draining")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
     assert time.monotonic() - started < 5
