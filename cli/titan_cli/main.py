@@ -24,7 +24,7 @@ from rich.table import Table
 from titan_broker.client import Client
 from titan_broker.config import ENV_NAMESPACE, ENV_URL
 from titan_broker.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
-from titan_broker.errors import CallError, ConfigError, RedisUnavailable, TitanError
+from titan_broker.errors import ConfigError, RedisUnavailable, TitanError
 from titan_broker.registry import list_services
 
 EXIT_CALL_FAILED = 1
@@ -72,18 +72,16 @@ def _run(ctx: typer.Context, work: Callable[[Client], Awaitable[R]]) -> R:
 
     try:
         return anyio.run(main)
-    except RedisUnavailable as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_REDIS) from None
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
-    except CallError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_CALL_FAILED) from None
     except TitanError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(EXIT_CALL_FAILED) from None
+        code = (
+            EXIT_REDIS
+            if isinstance(exc, RedisUnavailable)
+            else EXIT_USAGE
+            if isinstance(exc, ConfigError)
+            else EXIT_CALL_FAILED
+        )
+        raise typer.Exit(code) from None
 
 
 def _print_json(value: Any) -> None:
