@@ -28,12 +28,21 @@ from .errors import RemoteError as RemoteError
 from .errors import ServiceFileError as ServiceFileError
 from .errors import SpawnError as SpawnError
 from .errors import TitanError as TitanError
+from .events import Event as Event
+from .health import ServiceHealth as ServiceHealth
 from .manager import ProcessManager as ProcessManager
 from .manager import WorkerProcess as WorkerProcess
+from .pool import AutoScale as AutoScale
+from .pool import Pool as Pool
+from .pool import PoolMetrics as PoolMetrics
+from .pool import RestartPolicy as RestartPolicy
+from .registry import ServiceInfo as ServiceInfo
+from .registry import WorkerInfo as WorkerInfo
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AutoScale",
     "BacklogFull",
     "BadArguments",
     "BadRequest",
@@ -45,18 +54,25 @@ __all__ = (
     "DeadLettered",
     "DeadlineExceeded",
     "EncodeError",
+    "Event",
     "Health",
     "HealthStatus",
     "MethodNotFound",
     "NoLiveWorkers",
     "PayloadTooLarge",
+    "Pool",
+    "PoolMetrics",
     "ProcessManager",
     "RedisUnavailable",
     "RemoteError",
+    "RestartPolicy",
     "ServiceFileError",
+    "ServiceHealth",
+    "ServiceInfo",
     "ServiceProxy",
     "SpawnError",
     "TitanError",
+    "WorkerInfo",
     "WorkerOptions",
     "WorkerProcess",
     "health_check",

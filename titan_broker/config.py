@@ -73,6 +73,10 @@ class WorkerOptions:
     """A reply list nobody reads expires after this long."""
     max_deliveries: int | None = None
     """Overrides the service's @process(max_deliveries=...) when set."""
+    health_interval: float = 5.0
+    """How often the @health_check runs."""
+    health_timeout: float = 2.0
+    """A health check slower than this counts as unhealthy."""
     dead_letter_maxlen: int = 10_000
     """The dead-letter stream keeps about this many entries (oldest trimmed first)."""
 

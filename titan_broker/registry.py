@@ -13,6 +13,7 @@ from typing import Any
 
 from .connection import Redis, text
 from .keys import Keys
+from .stats import LatencyHistogram
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,17 @@ class WorkerInfo:
     started_at: float
     heartbeat_at: float
     health: dict[str, Any] | None = None
+    unhealthy_streak: int = 0
+    latency_counts: dict[str, int] = field(default_factory=dict)
+    """The worker's latency histogram, sparse (see stats.LatencyHistogram)."""
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        return LatencyHistogram.from_dict(self.latency_counts)
+
+    @property
+    def healthy(self) -> bool:
+        return self.health is None or self.health.get("status") != "unhealthy"
 
     @classmethod
     def from_record(cls, record: dict[bytes, bytes]) -> WorkerInfo:
@@ -50,10 +62,15 @@ class WorkerInfo:
             started_at=float(r.get("started_at", 0)),
             heartbeat_at=float(r.get("heartbeat_at", 0)),
             health=json.loads(r["health"]) if "health" in r else None,
+            unhealthy_streak=int(r.get("unhealthy_streak", 0)),
+            latency_counts=json.loads(r.get("latency", "{}")),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("latency_counts")
+        data["latency_ms"] = self.latency.summary()
+        return data
 
 
 @dataclass(frozen=True)
@@ -66,26 +83,41 @@ class ServiceInfo:
     methods: list[dict[str, Any]]
     workers: list[WorkerInfo] = field(default_factory=list)
 
+    @property
+    def hosts(self) -> dict[str, int]:
+        """Live workers per host."""
+        counts: dict[str, int] = {}
+        for w in self.workers:
+            counts[w.host] = counts.get(w.host, 0) + 1
+        return counts
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "methods": self.methods,
+            "hosts": self.hosts,
+            "workers": [w.to_dict() for w in self.workers],
+        }
 
 
-async def list_workers(redis: Redis, keys: Keys, service: str) -> list[WorkerInfo]:
-    """The live workers of ``service``; prunes ids whose record has expired."""
-    ids = sorted(text(w) for w in await redis.smembers(keys.workers(service)))
+async def read_workers(redis: Redis, keys: Keys, service: str, ids: list[str]) -> list[WorkerInfo]:
+    """The records of these workers of ``service`` that are alive."""
     if not ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for wid in ids:
             pipe.hgetall(keys.worker(service, wid))
         records = await pipe.execute()
-    live: list[WorkerInfo] = []
-    dead: list[str] = []
-    for wid, record in zip(ids, records, strict=True):
-        if record:
-            live.append(WorkerInfo.from_record(record))
-        else:
-            dead.append(wid)
+    return [WorkerInfo.from_record(r) for r in records if r]
+
+
+async def list_workers(redis: Redis, keys: Keys, service: str) -> list[WorkerInfo]:
+    """The live workers of ``service``; prunes ids whose record has expired."""
+    ids = sorted(text(w) for w in await redis.smembers(keys.workers(service)))
+    live = await read_workers(redis, keys, service, ids)
+    dead = set(ids) - {w.worker_id for w in live}
     if dead:
         await redis.srem(keys.workers(service), *dead)
     return live

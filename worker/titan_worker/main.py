@@ -139,6 +139,8 @@ def run(
         int | None, typer.Option(help="Dead-letter a call delivered more often (default: the service's).")
     ] = None,
     max_payload: Annotated[int, typer.Option(help="Largest request or reply, in bytes.")] = 1024 * 1024,
+    health_interval: Annotated[float, typer.Option(help="Seconds between @health_check runs.")] = 5.0,
+    health_timeout: Annotated[float, typer.Option(help="A slower health check counts as unhealthy.")] = 2.0,
     worker_id: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
@@ -166,6 +168,8 @@ def run(
             heartbeat_interval=heartbeat_interval,
             max_deliveries=max_deliveries,
             max_payload=max_payload,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
         )
         definition = load_service_file(file)
         worker = Worker(definition, url=url, namespace=resolve_namespace(namespace), options=options,

@@ -49,6 +49,7 @@ from titan_broker.decorators import Health
 from titan_broker.definition import ServiceDefinition
 from titan_broker.errors import EncodeError, RedisUnavailable, TitanError
 from titan_broker.keys import GROUP, Keys
+from titan_broker.stats import LatencyHistogram
 
 from .scripts import SOURCES, ScriptShas
 
@@ -58,6 +59,10 @@ logger = logging.getLogger(__name__)
 # Errors after which a step is tried again once Redis is back.
 _TRANSIENT: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable)
 _REDIS_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, rexc.ResponseError)
+
+
+def _unhealthy(error: str) -> dict[str, Any]:
+    return {"status": "unhealthy", "checks": {}, "details": {"error": error}}
 
 
 class InitError(TitanError):
@@ -108,6 +113,10 @@ class Worker:
         self.in_flight = 0
         self.calls = 0
         self.errors = 0
+        self.latency = LatencyHistogram()
+        self.started_at = time.time()
+        self.unhealthy_streak = 0
+        """Consecutive health checks that failed; a pool replaces a worker past its threshold."""
         self._stopping = False
         self._reading = False
         self._slot_freed: anyio.Event | None = None
@@ -319,7 +328,9 @@ class Worker:
 
     async def _handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
+            started = time.perf_counter()
             outcome = await self._execute(fields)
+            self.latency.observe(time.perf_counter() - started)
             self.calls += 1
             if not outcome.ok:
                 self.errors += 1
@@ -521,6 +532,8 @@ class Worker:
             "calls": str(self.calls),
             "errors": str(self.errors),
             "heartbeat_at": f"{time.time():.3f}",
+            "latency": json.dumps(self.latency.to_dict()),
+            "unhealthy_streak": str(self.unhealthy_streak),
             **({"health": json.dumps(self._health)} if self._health is not None else {}),
         }
 
@@ -534,7 +547,7 @@ class Worker:
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
             "concurrency": str(self.options.concurrency),
-            "started_at": f"{time.time():.3f}",
+            "started_at": f"{self.started_at:.3f}",
             "methods": json.dumps(methods),
             **self._record(),
         }
@@ -558,11 +571,11 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         ttl_ms = int(self.options.heartbeat_ttl * 1000)
-        beats = 0
+        next_health = time.monotonic() + self.options.health_interval
         while True:
             await anyio.sleep(self.options.heartbeat_interval)
-            beats += 1
-            if beats % 10 == 0:
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + self.options.health_interval
                 self._health = await self._check_health()
             try:
                 await self._beat(ttl_ms)
@@ -586,27 +599,29 @@ class Worker:
             logger.debug("worker %s renewed %d in-flight call(s)", self.worker_id, renewed)
 
     async def _check_health(self) -> dict[str, Any] | None:
+        """Run the @health_check with a timeout; raising or timing out counts as unhealthy."""
         name = self.definition.health_check
         if name is None:
             return None
+        timeout = self.options.health_timeout
+        result: Any = None
         try:
-            with anyio.fail_after(5.0):
+            with anyio.fail_after(timeout):
                 result = getattr(self.instance, name)()
                 if inspect.isawaitable(result):
                     result = await result
+            report = (
+                result.to_dict()
+                if isinstance(result, Health)
+                else _unhealthy(f"{name}() returned {result!r}, not Health")
+            )
+        except TimeoutError:
+            report = _unhealthy(f"{name}() took longer than {timeout:g} s")
         except Exception as exc:
-            return {
-                "status": "unhealthy",
-                "checks": {},
-                "details": {"error": f"{type(exc).__name__}: {exc}"},
-            }
-        if isinstance(result, Health):
-            return result.to_dict()
-        return {
-            "status": "unhealthy",
-            "checks": {},
-            "details": {"error": f"returned {result!r}, not Health"},
-        }
+            report = _unhealthy(f"{name}() raised {type(exc).__name__}: {exc}")
+        self.unhealthy_streak = self.unhealthy_streak + 1 if report["status"] == "unhealthy" else 0
+        report["at"] = round(time.time(), 3)
+        return report
 
     async def _run_shutdown_hooks(self) -> None:
         for name in self.definition.on_shutdown:
