@@ -15,10 +15,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import anyio
 import pytest
 import redis as sync_redis
 
@@ -196,6 +197,16 @@ async def raw_call(
     reply = decode_reply(res[0][1][0][1][F_REPLY_VALUE])  # type: ignore[index]
     assert reply is not None
     return reply
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    """Await ``predicate`` until it returns a truthy value (state that lives in Redis or a process)."""
+    with anyio.fail_after(timeout):
+        while not (value := await predicate()):  # noqa: ASYNC110 - polled: no event to wait on
+            await anyio.sleep(0.05)
+    return value
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

@@ -21,6 +21,7 @@ import anyio.abc
 
 from .client import DEFAULT_TIMEOUT, Client, ServiceProxy
 from .config import ENV_NAMESPACE, ENV_URL, WorkerOptions, check_name
+from .connection import CONNECTION_ERRORS
 from .dead_letters import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
 from .decorators import PROCESS_ATTR, ProcessInfo
 from .errors import ConfigError, SpawnError, TitanError
@@ -121,6 +122,15 @@ class ProcessManager:
 
         self._spawn_task(wait)
 
+    async def _clear_record(self, worker: WorkerProcess) -> None:
+        """Remove the registry record of a local worker that died."""
+        keys = self.client.keys
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            async with self.client.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.worker(worker.service, worker.worker_id))
+                pipe.srem(keys.workers(worker.service), worker.worker_id)
+                await pipe.execute()
+
     def _forget_pool(self, pool: Pool[Any]) -> None:
         if pool in self.pools:
             self.pools.remove(pool)
@@ -147,7 +157,8 @@ class ProcessManager:
         read_fd, write_fd = os.pipe()
         command = [
             sys.executable, "-m", "titan_worker", "run", path,
-            "--worker-id", worker_id, "--ready-fd", str(write_fd), *_worker_flags(options),
+            "--worker-id", worker_id, "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid()),
+            *_worker_flags(options),
         ]  # fmt: skip
         if name is not None:
             command += ["--name", name]

@@ -150,7 +150,8 @@ class Pool(Generic[T]):
         self._options = options
         self._target = size
         self.workers: list[WorkerProcess] = []
-        self._retiring: set[str] = set()
+        self._retiring: dict[str, str] = {}
+        """Workers being stopped on purpose, with the reason (they are not restarted)."""
         self._crashes: deque[float] = deque()
         self.failed = 0
         self._closed = False
@@ -195,36 +196,35 @@ class Pool(Generic[T]):
             await self.close()
             raise errors[0]
 
-    async def _retire(self, worker: WorkerProcess, kind: EventKind, detail: str = "") -> None:
+    async def _retire(self, worker: WorkerProcess, reason: str) -> None:
         """Drain one worker through SIGTERM (calls in flight finish); it is not restarted."""
-        if worker.worker_id in self._retiring:
-            return
-        self._retiring.add(worker.worker_id)
-        self._emit(kind, worker, detail)
+        self._retiring[worker.worker_id] = reason
         await self._manager.stop_worker(worker, timeout=self._options.grace_period + 5)
 
     async def _replace(self, worker: WorkerProcess, kind: EventKind, detail: str) -> None:
         """Start the replacement first, then drain the old worker."""
         if worker.worker_id in self._retiring or self._closed:
             return
-        self._retiring.add(worker.worker_id)
+        self._retiring[worker.worker_id] = kind
+        self._emit(kind, worker, detail)
         try:
             await self._add_worker()
         except SpawnError as exc:
             logger.error("pool %s: replacement for %s failed: %s", self.service, worker.worker_id, exc)
-        self._retiring.discard(worker.worker_id)
-        await self._retire(worker, kind, detail)
+        await self._retire(worker, str(kind))
 
     def _on_exit(self, worker: WorkerProcess, code: int) -> None:
         """Called by the manager when a worker process exits."""
         if worker in self.workers:
             self.workers.remove(worker)
         self._cpu.pop(worker.pid, None)
-        if worker.worker_id in self._retiring or self._closed:
-            self._retiring.discard(worker.worker_id)
-            self._emit("stopped", worker, f"exit code {code}")
+        reason = self._retiring.pop(worker.worker_id, None)
+        if reason is not None or self._closed:
+            self._emit("stopped", worker, f"{reason or 'pool closed'}, exit code {code}")
             return
         self._emit("crashed", worker, f"exit code {code}")
+        # It will not beat again: take it out of the registry now rather than at its TTL.
+        self._manager._spawn_task(self._manager._clear_record, worker)
         self._after_crash(worker)
 
     def _after_crash(self, worker: WorkerProcess) -> None:
@@ -290,7 +290,7 @@ class Pool(Generic[T]):
                 )
                 async with anyio.create_task_group() as tg:
                     for worker in ordered[: len(live) - n]:
-                        tg.start_soon(self._retire, worker, "stopped", "scaled down")
+                        tg.start_soon(self._retire, worker, "scaled down")
             if before != n:
                 self._emit("scaled", None, f"{before} -> {n} workers")
 
@@ -355,7 +355,7 @@ class Pool(Generic[T]):
         workers, self.workers = list(self.workers), []
         async with anyio.create_task_group() as tg:
             for worker in workers:
-                self._retiring.add(worker.worker_id)
+                self._retiring[worker.worker_id] = "pool closed"
                 tg.start_soon(self._manager.stop_worker, worker, timeout)
         self._manager._forget_pool(self)
 

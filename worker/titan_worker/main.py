@@ -143,6 +143,9 @@ def run(
     health_timeout: Annotated[float, typer.Option(help="A slower health check counts as unhealthy.")] = 2.0,
     worker_id: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(help="Drain and exit when this process (the manager) is gone.")
+    ] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
 ) -> None:
     """Serve FILE's service from Redis until SIGTERM or Ctrl-C, then drain and exit 0."""
@@ -170,6 +173,7 @@ def run(
             max_payload=max_payload,
             health_interval=health_interval,
             health_timeout=health_timeout,
+            parent_pid=parent_pid,
         )
         definition = load_service_file(file)
         worker = Worker(definition, url=url, namespace=resolve_namespace(namespace), options=options,

@@ -574,6 +574,10 @@ class Worker:
         next_health = time.monotonic() + self.options.health_interval
         while True:
             await anyio.sleep(self.options.heartbeat_interval)
+            parent = self.options.parent_pid
+            if parent is not None and os.getppid() != parent and not self._stopping:
+                logger.warning("worker %s: its manager (pid %d) is gone; stopping", self.worker_id, parent)
+                self.stop()
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + self.options.health_interval
                 self._health = await self._check_health()

@@ -1,0 +1,341 @@
+"""Pools: size and balance, scaling, supervision, recycling, health, discovery and events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import psutil
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from titan_broker import (
+    AutoScale,
+    ConfigError,
+    Event,
+    HealthStatus,
+    Pool,
+    PoolMetrics,
+    ProcessManager,
+    RestartPolicy,
+    ServiceHealth,
+    WorkerOptions,
+)
+
+from .conftest import CALCULATOR, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually
+
+pytestmark = pytest.mark.anyio
+
+POOLED = SERVICES / "pooled.py"
+QUICK_HEALTH = WorkerOptions(health_interval=0.2, health_timeout=1.0)
+
+
+class Recorder:
+    """Collects a manager's events and lets a test wait for one."""
+
+    def __init__(self, pm: ProcessManager) -> None:
+        self.events: list[Event] = []
+        self._changed = anyio.Event()
+        pm.on_event(self._add)
+
+    def _add(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+    async def wait_for(self, kind: str, count: int = 1, timeout: float = 20.0) -> list[Event]:
+        with anyio.fail_after(timeout):
+            while len(found := [e for e in self.events if e.kind == kind]) < count:
+                await self._changed.wait()
+        return found
+
+
+async def test_pool_starts_its_workers_and_every_one_serves(pm: ProcessManager) -> None:
+    pool = await pm.pool(POOLED, size=3, concurrency=2)
+    assert pool.size == 3
+    assert len({w.pid for w in pool.workers}) == 3
+    async with anyio.create_task_group() as tg:
+        pids: list[int] = []
+
+        async def one() -> None:
+            pids.append(await pool.proxy.sleep(0.3))
+
+        for _ in range(12):
+            tg.start_soon(one)
+    assert Counter(pids).keys() == {w.pid for w in pool.workers}
+    # Counts come with the workers' heartbeats (about every second).
+    metrics = await eventually(lambda: _with_calls(pool, 12), 5, "12 calls in the metrics")
+    assert (metrics.workers, metrics.calls, metrics.errors, metrics.failed) == (3, 12, 0, 0)
+    assert metrics.p50_ms is not None and 250 <= metrics.p50_ms <= 500
+    assert metrics.rss > 0
+
+
+async def _unhealthy(pm: ProcessManager, service: str) -> ServiceHealth | None:
+    health = await pm.health(service)
+    return health if health.status == HealthStatus.UNHEALTHY else None
+
+
+async def _with_calls(pool: Pool[Any], calls: int) -> PoolMetrics | None:
+    metrics = await pool.metrics()
+    return metrics if metrics.calls >= calls else None
+
+
+async def test_a_busy_worker_does_not_hold_up_calls_an_idle_one_can_take(pm: ProcessManager) -> None:
+    pool = await pm.pool(POOLED, size=2, concurrency=1)
+    async with anyio.create_task_group() as tg:
+        busy: list[int] = []
+
+        async def long_call() -> None:
+            busy.append(await pool.proxy.sleep(3))
+
+        tg.start_soon(long_call)
+        await anyio.sleep(0.3)  # the long call is running on one worker
+        started = time.monotonic()
+        quick = [await pool.proxy.sleep(0.01) for _ in range(10)]
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.5, f"10 quick calls took {elapsed:.2f} s: they waited behind the busy worker"
+    assert len(set(quick)) == 1 and quick[0] != busy[0]
+
+
+async def test_scale_up_and_down_without_failing_calls_in_flight(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(POOLED, size=1, concurrency=4)
+    await pool.scale(3)
+    assert (pool.size, len(pool.workers)) == (3, 3)
+    async with anyio.create_task_group() as tg:
+        answers: list[int] = []
+
+        async def one() -> None:
+            answers.append(await pool.proxy.sleep(1.0))
+
+        for _ in range(9):
+            tg.start_soon(one)
+        await anyio.sleep(0.3)
+        await pool.scale(1)  # drains two workers while their calls run
+    assert len(answers) == 9
+    assert (pool.size, len(pool.workers)) == (1, 1)
+    assert [e.detail for e in recorder.events if e.kind == "scaled"] == ["1 -> 3 workers", "3 -> 1 workers"]
+    assert recorder.kinds().count("stopped") == 2 and "crashed" not in recorder.kinds()
+
+
+async def test_autoscale_grows_under_backlog_and_shrinks_when_idle(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    scale = AutoScale(min=1, max=3, target_cpu=0.9, target_backlog=2, interval=0.3, cooldown=1.0)
+    pool = await pm.pool(POOLED, autoscale=scale, concurrency=2)
+    assert pool.size == 1
+    failures: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+
+        async def one() -> None:
+            try:
+                await pool.proxy.sleep(0.4)
+            except Exception as exc:
+                failures.append(exc)
+
+        for _ in range(60):
+            tg.start_soon(one)
+    assert failures == []
+    grown = [e.detail for e in recorder.events if e.kind == "scaled"]
+    assert "2 -> 3 workers" in grown, grown
+    await recorder.wait_for("stopped", count=2, timeout=20)  # idle: back down to min
+    with anyio.fail_after(10):
+        while pool.size != 1:
+            await recorder._changed.wait()
+    assert "crashed" not in recorder.kinds()
+
+
+def test_target_cpu_above_one_is_refused_with_a_message() -> None:
+    with pytest.raises(ConfigError, match=r"fraction of one CPU between 0 and 1 \(0.7 means 70 %\), got 70"):
+        AutoScale(target_cpu=70)
+
+
+async def test_crashed_worker_is_restarted_with_exponential_backoff(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(POOLED, restart=RestartPolicy(max_restarts=5, window=60, backoff=0.3))
+    first = await pool.proxy.exit_soon()
+    [restarted] = await recorder.wait_for("restarted")
+    assert "after 0.30 s" in restarted.detail
+    second = await pool.proxy.exit_soon()
+    restarts = await recorder.wait_for("restarted", count=2)
+    assert "after 0.60 s" in restarts[1].detail  # doubled
+    crashed = [e for e in recorder.events if e.kind == "crashed"]
+    assert [e.pid for e in crashed] == [first, second]
+    assert "exit code 3" in crashed[0].detail
+    assert await pool.proxy.sleep(0) not in (first, second)
+
+
+async def test_restarts_stop_after_the_limit_and_the_slot_is_marked_failed(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(POOLED, restart=RestartPolicy(max_restarts=1, window=60, backoff=0.1))
+    await pool.proxy.exit_soon()
+    await recorder.wait_for("restarted")
+    await pool.proxy.exit_soon()
+    [failed] = await recorder.wait_for("failed")
+    assert "max_restarts 1" in failed.detail
+    assert pool.failed == 1 and pool.size == 0
+    # The dead worker's record was cleared at once, not at its TTL.
+    health = await eventually(lambda: _unhealthy(pm, "pooled"), 2, "an unhealthy service")
+    assert health.failed == 1 and health.workers == []
+    assert (await pool.metrics()).failed == 1
+
+
+async def test_worker_recycled_after_n_calls_with_its_replacement_started_first(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(POOLED, recycle_after_calls=5)
+    old = [await pool.proxy.sleep(0) for _ in range(5)]
+    [recycled] = await recorder.wait_for("recycled")
+    assert "served 5 calls" in recycled.detail
+    assert recycled.pid == old[0]
+    kinds = recorder.kinds()
+    assert kinds.index("ready") < kinds.index("recycled")  # the replacement was ready first
+    await recorder.wait_for("stopped")
+    assert await pool.proxy.sleep(0) != old[0]
+
+
+async def test_worker_recycled_when_its_memory_passes_the_limit(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(POOLED, memory_limit=150 * 2**20)
+    hog = await pool.proxy.hog(200)
+    [recycled] = await recorder.wait_for("recycled")
+    assert recycled.pid == hog and "over the limit of 150 MiB" in recycled.detail
+    await recorder.wait_for("stopped")
+    assert await pool.proxy.sleep(0) != hog
+
+
+async def test_unhealthy_worker_is_replaced(pm: ProcessManager, tmp_path: Path) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(
+        POOLED, size=2, dependencies={"sick_dir": str(tmp_path)}, options=QUICK_HEALTH, unhealthy_threshold=2
+    )
+    sick = pool.workers[0].pid
+    (tmp_path / str(sick)).touch()
+    [event] = await recorder.wait_for("unhealthy")
+    assert event.pid == sick and "2 failed health checks in a row" in event.detail
+    await recorder.wait_for("stopped")
+    assert sick not in {w.pid for w in pool.workers} and len(pool.workers) == 2
+
+
+async def test_health_aggregates_every_worker(pm: ProcessManager, tmp_path: Path) -> None:
+    pool = await pm.pool(POOLED, size=2, dependencies={"sick_dir": str(tmp_path)}, options=QUICK_HEALTH,
+                         unhealthy_threshold=1000)  # fmt: skip
+    healthy = await pm.health("pooled")
+    assert healthy.status == HealthStatus.HEALTHY and healthy.healthy == 2
+    (tmp_path / str(pool.workers[0].pid)).touch()
+
+    async def degraded() -> ServiceHealth | None:
+        health = await pm.health("pooled")
+        return health if health.status == HealthStatus.DEGRADED else None
+
+    health = await eventually(degraded, 10, "a degraded service")
+    statuses = {w["pid"]: w["status"] for w in health.workers}
+    assert statuses == {pool.workers[0].pid: "unhealthy", pool.workers[1].pid: "healthy"}
+    assert health.to_dict()["healthy"] == 1
+    assert (await pm.health("ghost")).status == HealthStatus.UNHEALTHY
+
+
+async def test_events_can_be_iterated(pm: ProcessManager) -> None:
+    seen: list[str] = []
+
+    async def listen(task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        events = pm.subscribe()
+        task_status.started()
+        async for event in events:
+            seen.append(event.kind)
+            if event.kind == "stopped":
+                break
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(listen)
+        await anyio.lowlevel.checkpoint()
+        pool = await pm.pool(POOLED)
+        await pool.close()
+    assert seen == ["ready", "stopped"]
+
+
+async def test_dead_worker_leaves_discovery_within_its_ttl(
+    pm: ProcessManager, workers: Workers, redis_url: str
+) -> None:
+    proc = workers.start(CALCULATOR, *FAST_FAILOVER)
+    workers.wait_registered("calculator", 1)
+    assert [s.name for s in await pm.services()] == ["calculator"]
+    workers.kill(proc)
+    started = time.monotonic()
+
+    async def gone() -> bool:
+        return not await pm.workers_of("calculator")
+
+    await eventually(gone, 5, "the dead worker to leave discovery")
+    assert time.monotonic() - started < 2.5  # TTL 1 s
+    assert await pm.services() == []
+    assert await pm.client.redis.smembers(pm.client.keys.workers("calculator")) == set()
+
+
+async def test_two_managers_in_separate_processes_see_each_other(
+    pm: ProcessManager, redis_url: str, namespace: str
+) -> None:
+    other = await anyio.open_process(
+        [sys.executable, str(ROOT / "tests" / "other_host.py"), redis_url, namespace], stderr=None
+    )
+    assert other.stdout is not None and other.stdin is not None
+    lines = BufferedByteReceiveStream(other.stdout)
+
+    async def readline() -> str:
+        with anyio.fail_after(30):
+            return (await lines.receive_until(b"\n", 65536)).decode()
+
+    try:
+        assert await readline() == "ready"
+        services = {s.name: s for s in await pm.services()}
+        assert "calculator" in services
+        [worker] = services["calculator"].workers
+        assert services["calculator"].hosts == {worker.host: 1}
+        assert "add(a: float, b: float) -> float" in [m["signature"] for m in services["calculator"].methods]
+        calc = await pm.connect("calculator")
+        assert await calc.add(20, 22) == 42
+        await pm.pool(POOLED)
+        await other.stdin.send(b"look\n")
+        seen = json.loads(await readline())
+        assert sorted(seen) == ["calculator", "pooled"]
+        await other.stdin.aclose()  # the other host shuts down its workers and exits
+        with anyio.fail_after(30):
+            assert await other.wait() == 0
+        assert [s.name for s in await pm.services()] == ["pooled"]
+    finally:
+        if other.returncode is None:
+            other.kill()
+        await other.aclose()
+
+
+async def test_workers_stop_when_their_manager_dies(redis_url: str, namespace: str) -> None:
+    other = await anyio.open_process(
+        [sys.executable, str(ROOT / "tests" / "other_host.py"), redis_url, namespace], stderr=None
+    )
+    try:
+        assert other.stdout is not None
+        line = await BufferedByteReceiveStream(other.stdout).receive_until(b"\n", 1024)
+        assert line == b"ready"
+        async with ProcessManager(redis_url, namespace=namespace) as pm:
+            [worker] = await pm.workers_of("calculator")
+            other.kill()  # SIGKILL: the manager cannot stop its workers itself
+            await other.wait()
+
+            async def gone() -> bool:
+                return not await pm.workers_of("calculator")
+
+            await eventually(gone, 10, "the orphaned worker to stop")
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone already is fine too
+                await anyio.to_thread.run_sync(psutil.Process(worker.pid).wait, 10)
+    finally:
+        if other.returncode is None:
+            other.kill()
+        await other.aclose()
