@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from titan_broker import (
     ServiceHealth,
     WorkerOptions,
 )
+from titan_broker.client import ROUTE_TTL
 
 from .conftest import CALCULATOR, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually
 
@@ -339,3 +341,50 @@ async def test_workers_stop_when_their_manager_dies(redis_url: str, namespace: s
         if other.returncode is None:
             other.kill()
         await other.aclose()
+
+
+async def test_calls_with_a_key_stick_to_one_worker_and_move_when_it_is_gone(pm: ProcessManager) -> None:
+    pool = await pm.pool(POOLED, size=3, restart=None)
+    owner: dict[str, int] = {}
+    for user in range(12):
+        keyed = pool.proxy.with_options(key=f"user-{user}")
+        pids = {await keyed.sleep(0) for _ in range(4)}
+        assert len(pids) == 1, f"user-{user} was served by {pids}"
+        owner[f"user-{user}"] = pids.pop()
+    assert len(set(owner.values())) >= 2  # keys spread over the workers
+    gone = owner["user-0"]
+    victim = next(w for w in pool.workers if w.pid == gone)
+    victim.process.kill()
+    await victim.process.wait()
+    # The dead worker's keys are served elsewhere at once; the others keep their worker.
+    assert await pool.proxy.with_options(key="user-0", timeout=10).sleep(0) != gone
+    await anyio.sleep(ROUTE_TTL + 0.1)  # the client refreshes its view of the workers this often
+    for key, pid in owner.items():
+        if pid != gone:
+            assert await pool.proxy.with_options(key=key).sleep(0) == pid, key
+
+
+async def test_calls_waiting_for_a_dead_worker_are_rescued(
+    workers: Workers, redis_url: str, namespace: str
+) -> None:
+    frozen = workers.start(POOLED, *FAST_FAILOVER)
+    [frozen_id] = workers.wait_registered("pooled", 1)
+    async with ProcessManager(redis_url, namespace=namespace) as pm:
+        proxy = await pm.connect("pooled")
+        key = "sticky"
+        assert await proxy.with_options(key=key).sleep(0) == frozen.pid
+        frozen.send_signal(signal.SIGSTOP)  # alive, holding its calls, reading nothing
+        other = workers.start(POOLED, *FAST_FAILOVER)
+        await anyio.to_thread.run_sync(workers.wait_registered, "pooled", 2)
+        answers: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def one() -> None:
+                answers.append(await proxy.with_options(key=key, timeout=20).sleep(0))
+
+            for _ in range(3):
+                tg.start_soon(one)
+            await anyio.sleep(0.2)  # sent to the frozen worker's own stream
+            assert await pm.client.redis.xlen(pm.client.keys.worker_calls("pooled", frozen_id)) == 3
+            workers.kill(frozen)
+        assert answers == [other.pid] * 3

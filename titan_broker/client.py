@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -42,14 +43,21 @@ T = TypeVar("T")
 # Refuse the call when the stream already holds max_backlog entries; acknowledged
 # entries are deleted, so the length is the backlog (unread plus in progress).
 # The limit is the one the service's workers publish, else the client's default.
-# KEYS: calls stream, service config hash; ARGV: default limit, field, value, ...
+# A call with an affinity key goes to its worker's own stream while that worker
+# lives (its record exists), else to the shared stream.
+# KEYS: calls stream, service config hash, [worker record, shared stream]
+# ARGV: default limit, field, value, ...
 _SUBMIT = """
+local stream = KEYS[1]
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then stream = KEYS[4] end
 local max = tonumber(redis.call('HGET', KEYS[2], 'max_backlog') or ARGV[1])
-if max > 0 and redis.call('XLEN', KEYS[1]) >= max then
+if max > 0 and redis.call('XLEN', stream) >= max then
   return redis.error_reply('TITANBACKLOG ' .. max)
 end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+return redis.call('XADD', stream, '*', unpack(ARGV, 2))
 """
+ROUTE_TTL = 1.0
+"""Seconds a client trusts its list of a service's workers for affinity routing."""
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BACKLOG = 10_000
@@ -86,6 +94,7 @@ class Client:
         self._sender: AutoPipeline | None = None
         self._channels: list[Channel] = []
         self._submit_sha = ""
+        self._routes: dict[str, tuple[float, list[str]]] = {}
 
     @property
     def redis(self) -> Redis:
@@ -166,7 +175,7 @@ class Client:
                 backoff = min(backoff * 2, 2.0)
                 continue
             entries = stream_entries(res)
-            for entry_id, fields in entries:
+            for _stream, entry_id, fields in entries:
                 seen.append(entry_id)
                 reply = protocol.decode_reply(fields.get(protocol.F_REPLY_VALUE, b""))
                 if reply is None:
@@ -176,7 +185,7 @@ class Client:
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
             if entries:
-                last = entries[-1][0]
+                last = entries[-1][1]
                 # Let the callers just answered run (and send their next call) before reading again.
                 await anyio.lowlevel.checkpoint()
 
@@ -188,8 +197,13 @@ class Client:
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        key: str | None = None,
     ) -> Any:
         """Call ``service.method(*args, **kwargs)`` and return its result.
+
+        Calls with the same ``key`` go to the same worker while the service's
+        workers do not change (rendezvous hashing over the live workers), and
+        to any worker when that one is gone.
 
         Raises RemoteError (or a subclass) when the worker answers with an error,
         CallTimeout (NoLiveWorkers when no worker is alive) when the deadline
@@ -215,7 +229,8 @@ class Client:
         fut: asyncio.Future[protocol.Reply] = loop.create_future()
         self._pending[call_id] = fut
         try:
-            entry_id = await self._send(service, method, fields)
+            worker = await self._route(service, key) if key is not None else None
+            entry_id = await self._send(service, method, fields, worker)
             # A timer on the future is much cheaper than a cancel scope on this hot path.
             timer = loop.call_later(timeout - (time.monotonic() - started), _expire, fut)
             try:
@@ -236,21 +251,50 @@ class Client:
             # Nobody waits for it any more: drop it if no worker has taken it yet.
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await self.redis.xdel(self.keys.calls(service), entry_id)
+                if worker is not None:
+                    await self.redis.xdel(self.keys.worker_calls(service, worker), entry_id)
             raise await self._timeout_error(service, method, timeout)
         finally:
             self._pending.pop(call_id, None)
 
-    async def _send(self, service: str, method: str, fields: dict[bytes, bytes]) -> bytes:
+    async def _route(self, service: str, key: str) -> str | None:
+        """The live worker that ``key`` maps to (rendezvous hashing), or None when none is known."""
+        cached = self._routes.get(service)
+        if cached is None or cached[0] < time.monotonic():
+            ids = sorted(text(w) for w in await self.redis.smembers(self.keys.affinity(service)))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for wid in ids:
+                    pipe.exists(self.keys.worker(service, wid))
+                alive = await pipe.execute()
+            cached = (time.monotonic() + ROUTE_TTL, [w for w, a in zip(ids, alive, strict=True) if a])
+            self._routes[service] = cached
+        workers = cached[1]
+        if not workers:
+            return None
+        return max(
+            workers, key=lambda wid: hashlib.blake2b(f"{key}\x00{wid}".encode(), digest_size=8).digest()
+        )
+
+    async def _send(self, service: str, method: str, fields: dict[bytes, bytes], worker: str | None) -> bytes:
         assert self._sender is not None, "client is not connected"
-        argv: list[Any] = [self.keys.calls(service), self.keys.config(service), self.max_backlog]
+        shared = self.keys.calls(service)
+        keys = [shared, self.keys.config(service)]
+        if worker is not None:
+            keys = [
+                self.keys.worker_calls(service, worker),
+                keys[1],
+                self.keys.worker(service, worker),
+                shared,
+            ]
+        argv: list[Any] = [len(keys), *keys, self.max_backlog]
         for name, value in fields.items():
             argv += (name, value)
         try:
             try:
-                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 2, *argv))
+                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, *argv))
             except rexc.NoScriptError:  # Redis restarted and lost its script cache
                 self._submit_sha = await self.redis.script_load(_SUBMIT)
-                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, 2, *argv))
+                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, *argv))
         except rexc.ResponseError as exc:
             if str(exc).startswith("TITANBACKLOG"):
                 limit = str(exc).split()[-1]
@@ -305,15 +349,22 @@ class ServiceProxy:
     A proxy addresses the service, not one process: any live worker may answer.
     """
 
-    __slots__ = ("_client", "_methods", "_service", "_timeout")
+    __slots__ = ("_client", "_key", "_methods", "_service", "_timeout")
 
     def __init__(
-        self, client: Client, service: str, *, methods: frozenset[str] | None, timeout: float | None
+        self,
+        client: Client,
+        service: str,
+        *,
+        methods: frozenset[str] | None,
+        timeout: float | None,
+        key: str | None = None,
     ) -> None:
         self._client = client
         self._service = service
         self._methods = methods
         self._timeout = timeout
+        self._key = key
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -321,39 +372,55 @@ class ServiceProxy:
         if self._methods is not None and name not in self._methods:
             known = ", ".join(sorted(self._methods)) or "none"
             raise AttributeError(f"service {self._service!r} has no public method {name!r} (public: {known})")
-        return _RemoteMethod(self._client, self._service, name, self._timeout)
+        return _RemoteMethod(self._client, self._service, name, self._timeout, self._key)
 
-    def with_options(self, *, timeout: float | None = None) -> ServiceProxy:
-        """A copy of this proxy whose calls use these options."""
+    def with_options(self, *, timeout: float | None = None, key: str | None = None) -> ServiceProxy:
+        """A copy of this proxy whose calls use these options.
+
+        ``timeout``: seconds each call may take. ``key``: calls with the same
+        key go to the same worker while the pool does not change (for
+        stateful services), and to any worker when that one is gone.
+        """
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        return ServiceProxy(self._client, self._service, methods=self._methods, timeout=timeout)
+        return ServiceProxy(
+            self._client,
+            self._service,
+            methods=self._methods,
+            timeout=timeout if timeout is not None else self._timeout,
+            key=key if key is not None else self._key,
+        )
 
     def __repr__(self) -> str:
         return f"<ServiceProxy {self._service!r} in namespace {self._client.namespace!r}>"
 
 
 class _RemoteMethod:
-    __slots__ = ("_client", "_method", "_service", "_timeout")
+    __slots__ = ("_client", "_key", "_method", "_service", "_timeout")
 
-    def __init__(self, client: Client, service: str, method: str, timeout: float | None) -> None:
+    def __init__(
+        self, client: Client, service: str, method: str, timeout: float | None, key: str | None
+    ) -> None:
         self._client = client
         self._service = service
         self._method = method
         self._timeout = timeout
+        self._key = key
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._client.call(self._service, self._method, args, kwargs, timeout=self._timeout)
+        return await self._client.call(
+            self._service, self._method, args, kwargs, timeout=self._timeout, key=self._key
+        )
 
     def __repr__(self) -> str:
         return f"<remote method {self._service}.{self._method}>"
 
 
-def with_options(proxy: T, *, timeout: float | None = None) -> T:
+def with_options(proxy: T, *, timeout: float | None = None, key: str | None = None) -> T:
     """``proxy.with_options(...)`` for typed code: the proxy's static type is the service class.
 
     Raises TypeError when ``proxy`` is not a titan-broker proxy.
     """
     if not isinstance(proxy, ServiceProxy):
         raise TypeError(f"with_options() takes a proxy from spawn/connect, not {type(proxy).__name__}")
-    return cast(T, proxy.with_options(timeout=timeout))
+    return cast(T, proxy.with_options(timeout=timeout, key=key))

@@ -179,11 +179,12 @@ class AutoPipeline:
                 fut.set_result(result)
 
 
-def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of a raw RESP2 XREAD/XREADGROUP reply for one stream (nil: none)."""
+def stream_entries(reply: Any) -> list[tuple[bytes, bytes, dict[bytes, bytes]]]:
+    """(stream, entry id, fields) of each entry in a raw RESP2 XREAD/XREADGROUP reply (nil: none)."""
     if not reply:
         return []
     return [
-        (entry_id, dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {})
-        for entry_id, fields in reply[0][1]
+        (stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {})
+        for stream, entries in reply
+        for entry_id, fields in entries
     ]

@@ -26,6 +26,14 @@ class Keys:
         """Stream of requests to a service, read through the consumer group ``workers``."""
         return f"{self.namespace}:{{{service}}}:calls"
 
+    def worker_calls(self, service: str, worker_id: str) -> str:
+        """Stream of calls for one worker only: the calls with a key that maps to it (affinity)."""
+        return f"{self.namespace}:{{{service}}}:calls:{worker_id}"
+
+    def affinity(self, service: str) -> str:
+        """Set of the ids of the workers that read a stream of their own."""
+        return f"{self.namespace}:{{{service}}}:affinity"
+
     def config(self, service: str) -> str:
         """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
         return f"{self.namespace}:{{{service}}}:config"

@@ -61,6 +61,16 @@ _TRANSIENT: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable)
 _REDIS_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, rexc.ResponseError)
 
 
+_Work = tuple[str, bytes, dict[bytes, bytes]]
+"""A call for a slot: (stream, entry id, fields)."""
+
+
+def _moves(fields: dict[bytes, bytes]) -> int:
+    """How often an entry was moved off a dead worker's own stream (field x; junk counts as 0)."""
+    raw = fields.get(b"x", b"0")
+    return int(raw) if raw.isdigit() and len(raw) < 6 else 0
+
+
 def _unhealthy(error: str) -> dict[str, Any]:
     return {"status": "unhealthy", "checks": {}, "details": {"error": error}}
 
@@ -107,6 +117,8 @@ class Worker:
         self.service = check_name(service_name or definition.name, "service name")
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stream = self.keys.calls(self.service)
+        self.own_stream = self.keys.worker_calls(self.service, self.worker_id)
+        """Calls whose affinity key maps to this worker."""
         self.record_key = self.keys.worker(self.service, self.worker_id)
         self.instance: Any = None
         self.status = "starting"
@@ -126,8 +138,9 @@ class Worker:
         self._reader_id: int | None = None
         self._shas = ScriptShas()
         self._writer: AutoPipeline | None = None
-        self._active: set[bytes] = set()
-        self._slots: MemoryObjectSendStream[tuple[bytes, dict[bytes, bytes]]] | None = None
+        self._active: set[tuple[str, bytes]] = set()
+        """(stream, entry id) of every call in flight."""
+        self._slots: MemoryObjectSendStream[_Work] | None = None
         self._claim_cursor = "0-0"
         self._reclaims = 0
         self._health: dict[str, Any] | None = None
@@ -212,9 +225,7 @@ class Worker:
     async def _serve(self) -> None:
         # One long-lived task per slot, fed entries through a memory stream: much
         # cheaper on the hot path than starting a task per call.
-        send, receive = anyio.create_memory_object_stream[tuple[bytes, dict[bytes, bytes]]](
-            self.options.concurrency
-        )
+        send, receive = anyio.create_memory_object_stream[_Work](self.options.concurrency)
         self._slots = send
         async with anyio.create_task_group() as calls, send, receive:
             for _ in range(self.options.concurrency):
@@ -261,7 +272,7 @@ class Worker:
                         continue  # slots changed; recount before reading
                 response = await reader.execute(
                     "XREADGROUP", "GROUP", GROUP, self.worker_id, "COUNT", free, "BLOCK", block_ms,
-                    "STREAMS", self.stream, ">",
+                    "STREAMS", self.stream, self.own_stream, ">", ">",
                 )  # fmt: skip
                 backoff = 0.05
             except rexc.NoScriptError:
@@ -280,21 +291,33 @@ class Worker:
                 with contextlib.suppress(*CONNECTION_ERRORS):
                     self._reader_id = await reader.execute("CLIENT", "ID")
                 continue
-            for entry_id, fields in stream_entries(response):
-                self._start(calls, entry_id, fields)
+            for stream, entry_id, fields in stream_entries(response):
+                self._start(calls, stream.decode(), entry_id, fields)
             # Let the new calls run (and a quick one reply) before the next read is sent.
             await anyio.lowlevel.checkpoint()
 
-    def _start(self, calls: anyio.abc.TaskGroup, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def _start(
+        self, calls: anyio.abc.TaskGroup, stream: str, entry_id: bytes, fields: dict[bytes, bytes]
+    ) -> None:
         assert self._slots is not None
         self.in_flight += 1
-        self._active.add(entry_id)
-        self._slots.send_nowait((entry_id, fields))  # never full: in_flight <= concurrency
+        self._active.add((stream, entry_id))
+        moves = _moves(fields)
+        limit = self._limit(fields)
+        if moves >= limit:
+            # Moved off the personal streams of workers that died holding it, time and again.
+            calls.start_soon(self._bury, stream, entry_id, fields, moves + 1, limit)
+            return
+        self._slots.send_nowait((stream, entry_id, fields))  # never full: in_flight <= concurrency
 
-    async def _slot(self, receive: anyio.abc.ObjectReceiveStream[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        async for entry_id, fields in receive:
+    def _limit(self, fields: dict[bytes, bytes]) -> int:
+        method = protocol.field_text(fields, protocol.F_METHOD)
+        return self.options.max_deliveries or self.definition.max_deliveries(method)
+
+    async def _slot(self, receive: anyio.abc.ObjectReceiveStream[_Work]) -> None:
+        async for stream, entry_id, fields in receive:
             try:
-                await self._handle(entry_id, fields)
+                await self._handle(stream, entry_id, fields)
             except Exception:
                 # Never lose a slot. The entry stays pending, unrenewed: it is claimed
                 # again and, if this keeps happening, dead-lettered.
@@ -310,23 +333,23 @@ class Worker:
         self._reclaims += 1
         if self._reclaims % 5 == 0:
             calls.start_soon(self._remove_dead_consumers)
+            calls.start_soon(self._rescue_dead_streams)
         for (entry_id, raw_fields), deliveries in zip(entries, counts, strict=True):
             fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
-            method = protocol.field_text(fields, protocol.F_METHOD)
-            limit = self.options.max_deliveries or self.definition.max_deliveries(method)
+            limit = self._limit(fields)
             logger.warning(
                 "worker %s claimed call %s (%s) from a dead worker, delivery %d of %d",
-                self.worker_id, entry_id.decode(), method, deliveries, limit,
+                self.worker_id, entry_id.decode(), fields.get(protocol.F_METHOD), deliveries, limit,
             )  # fmt: skip
             if deliveries > limit:
                 self.in_flight += 1
-                self._active.add(entry_id)
-                calls.start_soon(self._bury, entry_id, fields, deliveries, limit)
+                self._active.add((self.stream, entry_id))
+                calls.start_soon(self._bury, self.stream, entry_id, fields, deliveries, limit)
             else:
-                self._start(calls, entry_id, fields)
+                self._start(calls, self.stream, entry_id, fields)
         return len(entries)
 
-    async def _handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             started = time.perf_counter()
             outcome = await self._execute(fields)
@@ -335,19 +358,23 @@ class Worker:
             if not outcome.ok:
                 self.errors += 1
             if outcome.dead_reason is not None:
-                await self._settle(entry_id, outcome.deadline_ms, self._dead_letter, entry_id, fields,
+                await self._settle(entry_id, outcome.deadline_ms, self._dead_letter, stream, entry_id, fields,
                                    outcome.dead_reason, 1)  # fmt: skip
             else:
                 try:
-                    await self._settle(entry_id, outcome.deadline_ms, self._finish, entry_id, outcome)
+                    await self._settle(entry_id, outcome.deadline_ms, self._finish, stream, entry_id, outcome)
                 except rexc.ResponseError as exc:
                     # The reply key cannot take a reply (a key of another type, say): keep the call.
                     reason = f"its reply could not be written: {exc}"
-                    await self._settle(entry_id, None, self._dead_letter, entry_id, fields, reason, 1, False)
+                    await self._settle(
+                        entry_id, None, self._dead_letter, stream, entry_id, fields, reason, 1, False
+                    )
         finally:
-            self._done(entry_id)
+            self._done(stream, entry_id)
 
-    async def _bury(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, limit: int) -> None:
+    async def _bury(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, limit: int
+    ) -> None:
         """Dead-letter a call its workers kept dying on, and tell its caller."""
         method = protocol.field_text(fields, protocol.F_METHOD) or "?"
         reason = (
@@ -355,15 +382,17 @@ class Worker:
             f"running it died each time; it was moved to the dead letters of {self.service!r}"
         )
         try:
-            await self._settle(entry_id, None, self._dead_letter, entry_id, fields, reason, deliveries)
+            await self._settle(
+                entry_id, None, self._dead_letter, stream, entry_id, fields, reason, deliveries
+            )
         except Exception:
             # Left pending: claimed and tried again later.
             logger.exception("worker %s: failed to dead-letter %s", self.worker_id, entry_id.decode())
         finally:
-            self._done(entry_id)
+            self._done(stream, entry_id)
 
-    def _done(self, entry_id: bytes) -> None:
-        self._active.discard(entry_id)
+    def _done(self, stream: str, entry_id: bytes) -> None:
+        self._active.discard((stream, entry_id))
         self.in_flight -= 1
         assert self._slot_freed is not None
         self._slot_freed.set()
@@ -391,20 +420,26 @@ class Worker:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _finish(self, entry_id: bytes, outcome: _Outcome) -> None:
+    async def _finish(self, stream: str, entry_id: bytes, outcome: _Outcome) -> None:
         assert self._writer is not None
-        keys = [self.stream]
+        keys = [stream]
         if outcome.reply_to is not None and outcome.payload is not None:
             keys.append(outcome.reply_to)
         args = [entry_id, GROUP, outcome.payload or b"", int(self.options.reply_ttl * 1000)]
         await self._evalsha(self._writer, "finish", keys, args)
 
     async def _dead_letter(
-        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, deliveries: int, answer: bool = True
+        self,
+        stream: str,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        reason: str,
+        deliveries: int,
+        answer: bool = True,
     ) -> None:
         call_id = protocol.field_text(fields, protocol.F_ID)
         reply_to = protocol.field_text(fields, protocol.F_REPLY)
-        keys = [self.stream, self.keys.dead(self.service)]
+        keys = [stream, self.keys.dead(self.service)]
         payload = b""
         if answer and call_id and reply_to and reply_to.startswith(self.keys.reply_prefix):
             keys.append(reply_to)
@@ -423,7 +458,7 @@ class Worker:
             if len(keys) == 2 or not answer:
                 raise
             # The caller's reply key cannot take the reply: keep the dead letter anyway.
-            await self._dead_letter(entry_id, fields, reason, deliveries, answer=False)
+            await self._dead_letter(stream, entry_id, fields, reason, deliveries, answer=False)
 
     async def _load_scripts(self) -> None:
         for name, source in SOURCES.items():
@@ -444,6 +479,28 @@ class Worker:
                     raise
                 await self._load_scripts()
         raise AssertionError("unreachable")
+
+    async def _rescue_dead_streams(self) -> None:
+        """Move calls waiting on the own streams of dead workers to the shared stream."""
+        try:
+            for raw in await self.redis.smembers(self.keys.affinity(self.service)):
+                wid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if wid != self.worker_id:
+                    await self._rescue(wid)
+        except Exception as exc:  # housekeeping must never take the worker down
+            logger.warning("worker %s: could not rescue dead workers' calls (%s)", self.worker_id, exc)
+
+    async def _rescue(self, wid: str) -> None:
+        keys = [
+            self.keys.worker_calls(self.service, wid),
+            self.stream,
+            self.keys.worker(self.service, wid),
+            self.keys.affinity(self.service),
+        ]
+        moved = await self._evalsha(self.redis, "rescue", keys, [wid])
+        if moved and moved > 0:
+            logger.warning("worker %s moved %d call(s) of the dead worker %s to the shared stream",
+                           self.worker_id, moved, wid)  # fmt: skip
 
     async def _remove_dead_consumers(self) -> None:
         """Delete consumers whose worker is gone once nothing is pending on them."""
@@ -518,12 +575,13 @@ class Worker:
         return _Outcome(req.reply_to, payload, ok=True, deadline_ms=req.deadline_ms)
 
     async def _ensure_group(self) -> None:
-        try:
-            # Id 0: a group made after calls were queued still sees them.
-            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except rexc.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in (self.stream, self.own_stream):
+            try:
+                # Id 0: a group made after calls were queued still sees them.
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def _record(self) -> dict[FieldT, EncodableT]:
         return {
@@ -565,6 +623,7 @@ class Worker:
             pipe.hset(self.record_key, mapping=record)
             pipe.pexpire(self.record_key, int(self.options.heartbeat_ttl * 1000))
             pipe.sadd(self.keys.workers(self.service), self.worker_id)
+            pipe.sadd(self.keys.affinity(self.service), self.worker_id)
             pipe.hset(self.keys.services, self.service, json.dumps(description))
             pipe.hset(self.keys.config(self.service), mapping=limits)
             await pipe.execute()
@@ -596,9 +655,11 @@ class Worker:
             # The record had expired (Redis was away longer than the TTL): register anew.
             logger.warning("worker %s: registry record was gone; registering again", self.worker_id)
             await self._register()
-        if self._active:
+        # Only the shared stream's entries can be claimed by others; renew those.
+        shared = [entry_id for stream, entry_id in self._active if stream == self.stream]
+        if shared:
             renewed = await self._evalsha(
-                self.redis, "renew", [self.stream], [GROUP, self.worker_id, *self._active]
+                self.redis, "renew", [self.stream], [GROUP, self.worker_id, *shared]
             )
             logger.debug("worker %s renewed %d in-flight call(s)", self.worker_id, renewed)
 
@@ -641,13 +702,15 @@ class Worker:
                 pipe.delete(self.record_key)
                 pipe.srem(self.keys.workers(self.service), self.worker_id)
                 await pipe.execute()
+            # Calls still waiting on this worker's own stream go to the shared one.
+            await self._rescue(self.worker_id)
             pending = await self.redis.xpending_range(
                 self.stream, GROUP, min="-", max="+", count=1, consumername=self.worker_id
             )
             if not pending:
                 # Only a consumer with nothing pending may go: DELCONSUMER drops its entries.
                 await self.redis.xgroup_delconsumer(self.stream, GROUP, self.worker_id)
-        except CONNECTION_ERRORS as exc:
+        except _REDIS_ERRORS as exc:
             logger.warning(
                 "worker %s: could not deregister (%s); the record expires by itself",
                 self.worker_id,

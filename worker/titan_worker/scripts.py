@@ -86,6 +86,31 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
+# Move the calls of a dead worker's own stream (read or not) onto the shared
+# stream, counting the move in field x, then drop that stream. Only once the
+# worker's record is gone: a live worker keeps its calls.
+# KEYS: its stream, the shared stream, its record, the affinity set; ARGV: worker id
+RESCUE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+for _, e in ipairs(entries) do
+  local f, out, moves = e[2], {}, 0
+  for i = 1, #f, 2 do
+    if f[i] == 'x' then moves = tonumber(f[i + 1]) or 0 else
+      out[#out + 1] = f[i]
+      out[#out + 1] = f[i + 1]
+    end
+  end
+  out[#out + 1] = 'x'
+  out[#out + 1] = tostring(moves + 1)
+  redis.call('XADD', KEYS[2], '*', unpack(out))
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+return #entries
+"""
+
+
 @dataclass
 class ScriptShas:
     """The SHA1 of each script once loaded into Redis."""
@@ -95,6 +120,7 @@ class ScriptShas:
     reclaim: str = ""
     dead_letter: str = ""
     delete_consumer: str = ""
+    rescue: str = ""
 
 
 SOURCES = {
@@ -103,5 +129,6 @@ SOURCES = {
     "reclaim": RECLAIM,
     "dead_letter": DEAD_LETTER,
     "delete_consumer": DELETE_CONSUMER,
+    "rescue": RESCUE,
 }
 assert {f.name for f in fields(ScriptShas)} == set(SOURCES)
