@@ -26,6 +26,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench.bench_core
+	$(BIN)/python -m bench.bench_pool
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
