@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import psutil
 import pytest
 import redis as sync_redis
 
@@ -94,8 +95,22 @@ def sync_client(redis_url: str) -> Iterator[sync_redis.Redis]:
 
 @pytest.fixture
 async def pm(redis_url: str, namespace: str) -> AsyncIterator[ProcessManager]:
+    """A manager in this test's namespace; leaving it must leave no worker process behind."""
     async with ProcessManager(redis_url, namespace=namespace, default_timeout=15.0) as manager:
         yield manager
+    assert managed_workers() == [], "a worker outlived its ProcessManager"
+
+
+def managed_workers() -> list[psutil.Process]:
+    """Live worker processes started by a ProcessManager in this process."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "--parent-pid" in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 @pytest.fixture

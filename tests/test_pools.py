@@ -388,3 +388,22 @@ async def test_calls_waiting_for_a_dead_worker_are_rescued(
             assert await pm.client.redis.xlen(pm.client.keys.worker_calls("pooled", frozen_id)) == 3
             workers.kill(frozen)
         assert answers == [other.pid] * 3
+
+
+async def test_worker_recycled_after_its_maximum_lifetime(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    pool = await pm.pool(POOLED, max_lifetime=1.0)
+    first = pool.workers[0].pid
+    [recycled] = await recorder.wait_for("recycled", timeout=10)
+    assert recycled.pid == first and "limit 1 s" in recycled.detail
+    assert await pool.proxy.sleep(0) != first or len(pool.workers) >= 1
+
+
+async def test_a_health_check_that_hangs_counts_as_unhealthy(pm: ProcessManager, tmp_path: Path) -> None:
+    options = WorkerOptions(health_interval=0.2, health_timeout=0.3)
+    pool = await pm.pool(POOLED, dependencies={"sick_dir": str(tmp_path)}, options=options,
+                         unhealthy_threshold=1000)  # fmt: skip
+    (tmp_path / f"{pool.workers[0].pid}.hang").touch()
+    health = await eventually(lambda: _unhealthy(pm, "pooled"), 10, "an unhealthy service")
+    assert "took longer than 0.3 s" in health.workers[0]["details"]["error"]
+    assert await pool.proxy.sleep(0) == pool.workers[0].pid  # the worker still serves calls

@@ -176,6 +176,13 @@ class ProcessManager:
             os.close(write_fd)
         try:
             message = await _await_ready(read_fd, process, path, startup_timeout or self.startup_timeout)
+        except BaseException:
+            # Cancelled or failed while starting: never leave the child behind.
+            if process.returncode is None:
+                process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+            raise
         finally:
             os.close(read_fd)
         worker = WorkerProcess(

@@ -177,6 +177,9 @@ class Pool(Generic[T]):
         )
         self.workers.append(worker)
         self._manager._watch(worker, self._on_exit)
+        if self._closed:  # closed while this one was starting: it goes too
+            self._retiring[worker.worker_id] = "pool closed"
+            await self._manager.stop_worker(worker, timeout=self._options.grace_period + 5)
         return worker
 
     async def _start(self, count: int) -> None:

@@ -47,5 +47,9 @@ class Pooled:
 
     @health_check
     async def health(self) -> Health:
-        sick = self.sick_dir is not None and (Path(self.sick_dir) / str(os.getpid())).exists()
+        """Unhealthy when <sick_dir>/<pid> exists; hangs when <sick_dir>/<pid>.hang exists."""
+        flag = Path(self.sick_dir or "/nonexistent") / str(os.getpid())
+        if flag.with_suffix(".hang").exists():
+            await anyio.sleep(3600)
+        sick = flag.exists()
         return Health("unhealthy" if sick else "healthy", checks={"sick_flag": sick})
