@@ -8,12 +8,14 @@ from titan_broker import errors
 
 def test_exported_names_are_pinned() -> None:
     assert titan_broker.__all__ == (
-        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "CallError", "CallTimeout", "Client",
-        "ConfigError", "DeadLetter", "DeadLettered", "DeadlineExceeded", "EncodeError", "Event", "Health",
-        "HealthStatus", "MethodNotFound", "NoLiveWorkers", "PayloadTooLarge", "Pool", "PoolMetrics",
-        "ProcessManager", "RedisUnavailable", "RemoteError", "RestartPolicy", "ServiceFileError",
-        "ServiceHealth", "ServiceInfo", "ServiceProxy", "SpawnError", "TitanError", "WorkerInfo",
-        "WorkerOptions", "WorkerProcess", "health_check", "on_shutdown", "process", "public", "with_options",
+        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "CallError", "CallTimeout",
+        "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter", "DeadLettered",
+        "DeadlineExceeded", "EncodeError", "Event", "Health", "HealthStatus", "MethodNotFound",
+        "NoLiveWorkers", "PayloadTooLarge", "Pool", "PoolMetrics", "ProcessManager", "RateLimited",
+        "RedisUnavailable", "RemoteError", "RestartPolicy", "ServiceFileError", "ServiceHealth",
+        "ServiceInfo", "ServiceProxy", "SpawnError", "TitanError", "WorkerInfo", "WorkerOptions",
+        "WorkerProcess", "cache", "health_check", "metric", "on_shutdown", "process", "public",
+        "rate_limit", "trace", "with_options",
     )  # fmt: skip
     for name in titan_broker.__all__:
         assert hasattr(titan_broker, name), name

@@ -1,5 +1,6 @@
 """titan-broker: run Python services as worker processes and call them through typed proxies over Redis."""
 
+from .breaker import CircuitBreaker as CircuitBreaker
 from .client import Client as Client
 from .client import ServiceProxy as ServiceProxy
 from .client import with_options as with_options
@@ -7,15 +8,20 @@ from .config import WorkerOptions as WorkerOptions
 from .dead_letters import DeadLetter as DeadLetter
 from .decorators import Health as Health
 from .decorators import HealthStatus as HealthStatus
+from .decorators import cache as cache
 from .decorators import health_check as health_check
+from .decorators import metric as metric
 from .decorators import on_shutdown as on_shutdown
 from .decorators import process as process
 from .decorators import public as public
+from .decorators import rate_limit as rate_limit
+from .decorators import trace as trace
 from .errors import BacklogFull as BacklogFull
 from .errors import BadArguments as BadArguments
 from .errors import BadRequest as BadRequest
 from .errors import CallError as CallError
 from .errors import CallTimeout as CallTimeout
+from .errors import CircuitOpen as CircuitOpen
 from .errors import ConfigError as ConfigError
 from .errors import DeadLettered as DeadLettered
 from .errors import DeadlineExceeded as DeadlineExceeded
@@ -23,6 +29,7 @@ from .errors import EncodeError as EncodeError
 from .errors import MethodNotFound as MethodNotFound
 from .errors import NoLiveWorkers as NoLiveWorkers
 from .errors import PayloadTooLarge as PayloadTooLarge
+from .errors import RateLimited as RateLimited
 from .errors import RedisUnavailable as RedisUnavailable
 from .errors import RemoteError as RemoteError
 from .errors import ServiceFileError as ServiceFileError
@@ -48,6 +55,8 @@ __all__ = (
     "BadRequest",
     "CallError",
     "CallTimeout",
+    "CircuitBreaker",
+    "CircuitOpen",
     "Client",
     "ConfigError",
     "DeadLetter",
@@ -63,6 +72,7 @@ __all__ = (
     "Pool",
     "PoolMetrics",
     "ProcessManager",
+    "RateLimited",
     "RedisUnavailable",
     "RemoteError",
     "RestartPolicy",
@@ -75,9 +85,13 @@ __all__ = (
     "WorkerInfo",
     "WorkerOptions",
     "WorkerProcess",
+    "cache",
     "health_check",
+    "metric",
     "on_shutdown",
     "process",
     "public",
+    "rate_limit",
+    "trace",
     "with_options",
 )

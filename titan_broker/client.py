@@ -21,9 +21,12 @@ from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
+from opentelemetry import propagate
+from opentelemetry import trace as otel
 from redis import exceptions as rexc
 
 from . import protocol
+from .breaker import BreakerState, CircuitBreaker
 from .config import resolve_namespace, resolve_url
 from .connection import CONNECTION_ERRORS, AutoPipeline, Channel, Redis, open_redis, stream_entries, text
 from .errors import (
@@ -223,6 +226,7 @@ class Client:
             kwargs or {},
             self._reply_key,
             deadline_ms,
+            trace=_traceparent(),
             max_payload=self.max_payload,
         )
         loop = asyncio.get_running_loop()
@@ -329,9 +333,29 @@ class Client:
             found = await pipe.execute()
         return sum(int(x) for x in found)
 
-    def proxy(self, service: str, cls: type[T] | None = None, *, methods: frozenset[str] | None = None) -> T:
+    def proxy(
+        self,
+        service: str,
+        cls: type[T] | None = None,
+        *,
+        methods: frozenset[str] | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> T:
         """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers."""
-        return cast(T, ServiceProxy(self, service, methods=methods, timeout=None))
+        return cast(T, ServiceProxy(self, service, methods=methods, timeout=None, breaker=breaker))
+
+    async def invalidate_cache(self, service: str, method: str) -> None:
+        """Drop every cached result of ``service.method`` (@cache), in every worker, at once."""
+        await self.redis.incr(self.keys.cache_generation(service, method))
+
+
+def _traceparent() -> str | None:
+    """The W3C traceparent of the caller's current span, when tracing is on."""
+    if not otel.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
 
 
 class _Expired(Exception):
@@ -349,7 +373,7 @@ class ServiceProxy:
     A proxy addresses the service, not one process: any live worker may answer.
     """
 
-    __slots__ = ("_client", "_key", "_methods", "_service", "_timeout")
+    __slots__ = ("_breaker", "_client", "_key", "_methods", "_service", "_timeout")
 
     def __init__(
         self,
@@ -359,12 +383,19 @@ class ServiceProxy:
         methods: frozenset[str] | None,
         timeout: float | None,
         key: str | None = None,
+        breaker: CircuitBreaker | BreakerState | None = None,
     ) -> None:
         self._client = client
         self._service = service
         self._methods = methods
         self._timeout = timeout
         self._key = key
+        self._breaker = BreakerState(breaker, service) if isinstance(breaker, CircuitBreaker) else breaker
+
+    @property
+    def circuit(self) -> str | None:
+        """The circuit breaker's state (closed, open, half-open), or None without one."""
+        return self._breaker.state if self._breaker is not None else None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -372,7 +403,7 @@ class ServiceProxy:
         if self._methods is not None and name not in self._methods:
             known = ", ".join(sorted(self._methods)) or "none"
             raise AttributeError(f"service {self._service!r} has no public method {name!r} (public: {known})")
-        return _RemoteMethod(self._client, self._service, name, self._timeout, self._key)
+        return _RemoteMethod(self._client, self._service, name, self._timeout, self._key, self._breaker)
 
     def with_options(self, *, timeout: float | None = None, key: str | None = None) -> ServiceProxy:
         """A copy of this proxy whose calls use these options.
@@ -389,6 +420,7 @@ class ServiceProxy:
             methods=self._methods,
             timeout=timeout if timeout is not None else self._timeout,
             key=key if key is not None else self._key,
+            breaker=self._breaker,
         )
 
     def __repr__(self) -> str:
@@ -396,21 +428,40 @@ class ServiceProxy:
 
 
 class _RemoteMethod:
-    __slots__ = ("_client", "_key", "_method", "_service", "_timeout")
+    __slots__ = ("_breaker", "_client", "_key", "_method", "_service", "_timeout")
 
     def __init__(
-        self, client: Client, service: str, method: str, timeout: float | None, key: str | None
+        self,
+        client: Client,
+        service: str,
+        method: str,
+        timeout: float | None,
+        key: str | None,
+        breaker: BreakerState | None,
     ) -> None:
         self._client = client
         self._service = service
         self._method = method
         self._timeout = timeout
         self._key = key
+        self._breaker = breaker
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._client.call(
-            self._service, self._method, args, kwargs, timeout=self._timeout, key=self._key
-        )
+        breaker = self._breaker
+        if breaker is None:
+            return await self._client.call(
+                self._service, self._method, args, kwargs, timeout=self._timeout, key=self._key
+            )
+        breaker.before_call()
+        try:
+            result = await self._client.call(
+                self._service, self._method, args, kwargs, timeout=self._timeout, key=self._key
+            )
+        except BaseException as exc:
+            breaker.after_call(exc)
+            raise
+        breaker.after_call(None)
+        return result
 
     def __repr__(self) -> str:
         return f"<remote method {self._service}.{self._method}>"

@@ -77,6 +77,8 @@ class WorkerOptions:
     """How often the @health_check runs."""
     health_timeout: float = 2.0
     """A health check slower than this counts as unhealthy."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics over HTTP on this port (0 picks a free one)."""
     parent_pid: int | None = None
     """When set, the worker drains and exits once this process (its manager) is gone."""
     dead_letter_maxlen: int = 10_000

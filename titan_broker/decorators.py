@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 from .config import check_name
 from .errors import ConfigError
@@ -17,6 +18,10 @@ PROCESS_ATTR = "__titan_process__"
 PUBLIC_ATTR = "__titan_public__"
 HEALTH_ATTR = "__titan_health_check__"
 SHUTDOWN_ATTR = "__titan_on_shutdown__"
+CACHE_ATTR = "__titan_cache__"
+RATE_LIMIT_ATTR = "__titan_rate_limit__"
+METRIC_ATTR = "__titan_metric__"
+TRACE_ATTR = "__titan_trace__"
 
 
 @dataclass(frozen=True)
@@ -133,3 +138,105 @@ class Health:
             "checks": dict(self.checks),
             "details": dict(self.details),
         }
+
+
+Scope = Literal["worker", "service"]
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """What @cache recorded on a method."""
+
+    ttl: float
+    scope: Scope = "worker"
+    maxsize: int = 1024
+    key: Callable[..., Any] | None = None
+    invalidated_by: tuple[str, ...] = ()
+
+
+def cache(
+    *,
+    ttl: float,
+    scope: Scope = "worker",
+    maxsize: int = 1024,
+    key: Callable[..., Any] | None = None,
+    invalidated_by: Sequence[str] = (),
+) -> Callable[[F], F]:
+    """Cache a method's results per arguments for ``ttl`` seconds; errors are not cached.
+
+    ``scope="worker"`` keeps up to ``maxsize`` results in each worker;
+    ``scope="service"`` shares them among all workers through Redis. ``key``
+    is a function of the method's arguments giving the cache key (default:
+    all of them). A successful call of any method named in
+    ``invalidated_by`` empties this cache in every worker, as does
+    ``Client.invalidate_cache``. Raises ConfigError for a bad option.
+    """
+    if ttl <= 0 or maxsize < 1 or scope not in ("worker", "service"):
+        raise ConfigError(f"@cache needs ttl > 0, maxsize >= 1 and scope 'worker' or 'service' (ttl={ttl})")
+    options = CacheOptions(ttl, scope, maxsize, key, tuple(invalidated_by))
+    return lambda fn: _mark(CACHE_ATTR, fn, options)
+
+
+@dataclass(frozen=True)
+class RateLimitOptions:
+    """What @rate_limit recorded on a method."""
+
+    rps: float
+    burst: int
+    scope: Scope = "service"
+    key: Callable[..., Any] | None = None
+
+
+def rate_limit(
+    *, rps: float, burst: int | None = None, scope: Scope = "service", key: Callable[..., Any] | None = None
+) -> Callable[[F], F]:
+    """Admit at most ``rps`` calls a second (a token bucket holding ``burst`` tokens).
+
+    ``scope="service"`` counts across all workers atomically in Redis;
+    ``scope="worker"`` in each worker. ``key``, a function of the arguments,
+    gives each value its own bucket (per user, say). A refused call fails at
+    once with RateLimited, carrying ``retry_after``; it is never queued.
+    """
+    if rps <= 0 or scope not in ("worker", "service"):
+        raise ConfigError(f"@rate_limit needs rps > 0 and scope 'worker' or 'service', got rps={rps}")
+    size = burst if burst is not None else max(1, math.ceil(rps))
+    _check_limit("burst", size)
+    return lambda fn: _mark(RATE_LIMIT_ATTR, fn, RateLimitOptions(rps, size, scope, key))
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """What @metric recorded on a method."""
+
+    name: str | None = None
+
+
+@overload
+def metric(fn: F, /) -> F: ...
+@overload
+def metric(*, name: str | None = None) -> Callable[[F], F]: ...
+def metric(fn: Any = None, /, *, name: str | None = None) -> Any:
+    """Count calls and errors and time them (Prometheus, and a summary in the registry).
+
+    ``name`` replaces the method name in the metrics' ``method`` label.
+    """
+    return _mark(METRIC_ATTR, fn, MetricOptions(name))
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What @trace recorded on a method."""
+
+    name: str | None = None
+
+
+@overload
+def trace(fn: F, /) -> F: ...
+@overload
+def trace(*, name: str | None = None) -> Callable[[F], F]: ...
+def trace(fn: Any = None, /, *, name: str | None = None) -> Any:
+    """Run each call in an OpenTelemetry span, a child of the caller's span when it has one.
+
+    Does nothing when OpenTelemetry is not configured (only the API installed).
+    """
+    return _mark(TRACE_ATTR, fn, TraceOptions(name))

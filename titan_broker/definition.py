@@ -12,7 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .decorators import HEALTH_ATTR, PROCESS_ATTR, PUBLIC_ATTR, SHUTDOWN_ATTR, ProcessInfo, PublicOptions
+from .decorators import (
+    CACHE_ATTR,
+    HEALTH_ATTR,
+    METRIC_ATTR,
+    PROCESS_ATTR,
+    PUBLIC_ATTR,
+    RATE_LIMIT_ATTR,
+    SHUTDOWN_ATTR,
+    TRACE_ATTR,
+    CacheOptions,
+    MetricOptions,
+    ProcessInfo,
+    PublicOptions,
+    RateLimitOptions,
+    TraceOptions,
+)
 from .errors import ConfigError, ServiceFileError
 
 
@@ -26,6 +41,38 @@ class MethodSpec:
     is_async: bool
     max_deliveries: int | None = None
     """Overrides the service's limit when set."""
+    cache: CacheOptions | None = None
+    rate_limit: RateLimitOptions | None = None
+    metric: MetricOptions | None = None
+    trace: TraceOptions | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No decorator to apply around the call: the fast path."""
+        return self.cache is None and self.rate_limit is None and self.metric is None and self.trace is None
+
+    def decorators(self) -> dict[str, dict[str, Any]]:
+        """The decorators on this method with their options, for the registry."""
+        found: dict[str, dict[str, Any]] = {}
+        for label, options in (
+            ("cache", self.cache),
+            ("rate_limit", self.rate_limit),
+            ("metric", self.metric),
+            ("trace", self.trace),
+        ):
+            if options is not None:
+                found[label] = {
+                    k: (
+                        getattr(v, "__qualname__", repr(v))
+                        if callable(v)
+                        else list(v)
+                        if isinstance(v, tuple)
+                        else v
+                    )
+                    for k, v in vars(options).items()
+                    if v is not None and v != ()
+                }
+        return found
 
     @property
     def display(self) -> str:
@@ -49,6 +96,7 @@ class MethodSpec:
             "params": params,
             "returns": _annotation(self.signature.return_annotation),
             "async": self.is_async,
+            "decorators": self.decorators(),
         }
 
 
@@ -111,13 +159,29 @@ def describe(cls: type) -> ServiceDefinition:
                 raise ConfigError(f"{where} is a generator; streaming methods are not supported yet")
             opts = getattr(fn, PUBLIC_ATTR)
             limit = opts.max_deliveries if isinstance(opts, PublicOptions) else None
-            methods[attr] = MethodSpec(attr, _signature(fn), inspect.iscoroutinefunction(fn), limit)
+            methods[attr] = MethodSpec(
+                attr,
+                _signature(fn),
+                inspect.iscoroutinefunction(fn),
+                limit,
+                cache=getattr(fn, CACHE_ATTR, None),
+                rate_limit=getattr(fn, RATE_LIMIT_ATTR, None),
+                metric=getattr(fn, METRIC_ATTR, None),
+                trace=getattr(fn, TRACE_ATTR, None),
+            )
         if getattr(fn, HEALTH_ATTR, False):
             health.append(attr)
         if getattr(fn, SHUTDOWN_ATTR, False):
             if not inspect.iscoroutinefunction(fn):
                 raise ConfigError(f"{where} is @on_shutdown and must be 'async def'")
             shutdown.append(attr)
+    for spec in methods.values():
+        unknown = [m for m in (spec.cache.invalidated_by if spec.cache else ()) if m not in methods]
+        if unknown:
+            raise ConfigError(
+                f"{cls.__qualname__}.{spec.name}: @cache(invalidated_by=...) names {', '.join(unknown)}, "
+                f"which {'is' if len(unknown) == 1 else 'are'} not @public methods of the class"
+            )
     if len(health) > 1:
         raise ConfigError(
             f"{cls.__qualname__} has several @health_check methods ({', '.join(health)}); keep one"

@@ -90,6 +90,22 @@ class EncodeError(RemoteError):
     """A value could not be encoded with msgpack."""
 
 
+class RateLimited(RemoteError):
+    """A @rate_limit refused the call at once; ``retry_after`` says how many seconds to wait."""
+
+    @property
+    def retry_after(self) -> float:
+        return float(self.details.get("retry_after", 0.0))
+
+
+class CircuitOpen(CallError):
+    """The caller's circuit breaker is open after repeated failures: the call was not sent."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DeadLettered(RemoteError):
     """The call was delivered more than its max_deliveries and moved to the dead letters."""
 
@@ -103,6 +119,7 @@ WIRE_ERRORS: dict[str, type[RemoteError]] = {
     "titan.DeadlineExceeded": DeadlineExceeded,
     "titan.EncodeError": EncodeError,
     "titan.DeadLettered": DeadLettered,
+    "titan.RateLimited": RateLimited,
 }
 
 

@@ -38,6 +38,18 @@ class Keys:
         """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
         return f"{self.namespace}:{{{service}}}:config"
 
+    def cache_generation(self, service: str, method: str) -> str:
+        """Counter: bumping it invalidates every cached result of ``method``."""
+        return f"{self.namespace}:{{{service}}}:cache-gen:{method}"
+
+    def cache_prefix(self, service: str, method: str) -> str:
+        """Prefix of the service-scope cache entries of ``method`` (then generation:digest)."""
+        return f"{self.namespace}:{{{service}}}:cache:{method}:"
+
+    def rate(self, service: str, method: str, key: str = "") -> str:
+        """Hash: the service-wide token bucket of ``method`` (per key when the limit has one)."""
+        return f"{self.namespace}:{{{service}}}:rate:{method}" + (f":{key}" if key else "")
+
     def dead(self, service: str) -> str:
         """Stream of dead-lettered requests of a service."""
         return f"{self.namespace}:{{{service}}}:dead"

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, overload
 import anyio
 import anyio.abc
 
+from .breaker import CircuitBreaker
 from .client import DEFAULT_TIMEOUT, Client, ServiceProxy
 from .config import ENV_NAMESPACE, ENV_URL, WorkerOptions, check_name
 from .connection import CONNECTION_ERRORS
@@ -207,6 +208,7 @@ class ProcessManager:
         name: str | None,
         options: WorkerOptions,
         startup_timeout: float | None,
+        breaker: CircuitBreaker | None = None,
     ) -> Pool[Any]:
         self._task_group()
         shown = os.fspath(path)
@@ -224,7 +226,7 @@ class ProcessManager:
         if expected is not None and expected != first.service:
             await _terminate(first.process, grace=5.0)
             raise ConfigError(f"{shown} serves {first.service!r} but the class passed is {expected!r}")
-        proxy = ServiceProxy(self.client, first.service, methods=first.methods, timeout=None)
+        proxy = ServiceProxy(self.client, first.service, methods=first.methods, timeout=None, breaker=breaker)
         pool: Pool[Any] = Pool(
             self, shown, proxy,
             service=first.service, size=size, autoscale=autoscale, restart=restart,
@@ -252,6 +254,7 @@ class ProcessManager:
         restart: RestartPolicy | None = ...,
         options: WorkerOptions | None = ...,
         startup_timeout: float | None = ...,
+        breaker: CircuitBreaker | None = ...,
     ) -> T: ...
     @overload
     async def spawn(
@@ -265,6 +268,7 @@ class ProcessManager:
         restart: RestartPolicy | None = ...,
         options: WorkerOptions | None = ...,
         startup_timeout: float | None = ...,
+        breaker: CircuitBreaker | None = ...,
     ) -> ServiceProxy: ...
     async def spawn(
         self,
@@ -277,6 +281,7 @@ class ProcessManager:
         restart: RestartPolicy | None = RestartPolicy(),  # noqa: B008 - frozen, shared safely
         options: WorkerOptions | None = None,
         startup_timeout: float | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Any:
         """Start one supervised worker process for the service in ``path``; return a proxy.
 
@@ -291,7 +296,7 @@ class ProcessManager:
             path, cls, size=1, autoscale=None, restart=restart, recycle_after_calls=None,
             max_lifetime=None, memory_limit=None, unhealthy_threshold=3, dependencies=dependencies,
             name=name, options=replace(options or WorkerOptions(), concurrency=concurrency),
-            startup_timeout=startup_timeout,
+            startup_timeout=startup_timeout, breaker=breaker,
         )  # fmt: skip
         return pool.proxy
 
@@ -312,6 +317,7 @@ class ProcessManager:
         concurrency: int = 16,
         options: WorkerOptions | None = None,
         startup_timeout: float | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Pool[T]:
         """Start ``size`` supervised workers of the service in ``path`` (default: autoscale.min or 1).
 
@@ -328,21 +334,26 @@ class ProcessManager:
             recycle_after_calls=recycle_after_calls, max_lifetime=max_lifetime, memory_limit=memory_limit,
             unhealthy_threshold=unhealthy_threshold, dependencies=dependencies, name=name,
             options=replace(options or WorkerOptions(), concurrency=concurrency),
-            startup_timeout=startup_timeout,
+            startup_timeout=startup_timeout, breaker=breaker,
         )  # fmt: skip
 
     @overload
-    async def connect(self, service: str, cls: type[T]) -> T: ...
+    async def connect(self, service: str, cls: type[T], *, breaker: CircuitBreaker | None = ...) -> T: ...
     @overload
-    async def connect(self, service: str, cls: None = ...) -> ServiceProxy: ...
-    async def connect(self, service: str, cls: type[Any] | None = None) -> Any:
+    async def connect(
+        self, service: str, cls: None = ..., *, breaker: CircuitBreaker | None = ...
+    ) -> ServiceProxy: ...
+    async def connect(
+        self, service: str, cls: type[Any] | None = None, *, breaker: CircuitBreaker | None = None
+    ) -> Any:
         """A proxy for ``service``, whose workers may run on any host.
 
         No worker needs to be alive now: calls wait for one within their timeout.
+        ``breaker`` makes calls fail fast after repeated failures.
         """
         self._task_group()
         check_name(service, "service name")
-        return self.client.proxy(service, cls)
+        return self.client.proxy(service, cls, breaker=breaker)
 
     # -- discovery, health, events ---------------------------------------------------------
 

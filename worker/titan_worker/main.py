@@ -143,6 +143,9 @@ def run(
     health_timeout: Annotated[float, typer.Option(help="A slower health check counts as unhealthy.")] = 2.0,
     worker_id: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics.")
+    ] = None,
     parent_pid: Annotated[
         int | None, typer.Option(help="Drain and exit when this process (the manager) is gone.")
     ] = None,
@@ -174,6 +177,7 @@ def run(
             health_interval=health_interval,
             health_timeout=health_timeout,
             parent_pid=parent_pid,
+            metrics_port=metrics_port,
         )
         definition = load_service_file(file)
         worker = Worker(definition, url=url, namespace=resolve_namespace(namespace), options=options,

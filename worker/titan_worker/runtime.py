@@ -24,13 +24,15 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
+import prometheus_client
 from anyio.streams.memory import MemoryObjectSendStream
+from opentelemetry import trace as otel
 from redis import exceptions as rexc
 from redis.typing import EncodableT, FieldT
 
@@ -45,12 +47,13 @@ from titan_broker.connection import (
     open_redis,
     stream_entries,
 )
-from titan_broker.decorators import Health
-from titan_broker.definition import ServiceDefinition
+from titan_broker.decorators import CacheOptions, Health, RateLimitOptions
+from titan_broker.definition import MethodSpec, ServiceDefinition
 from titan_broker.errors import EncodeError, RedisUnavailable, TitanError
 from titan_broker.keys import GROUP, Keys
 from titan_broker.stats import LatencyHistogram
 
+from .features import LocalBucket, LocalCache, Metrics, cache_key, traced
 from .scripts import SOURCES, ScriptShas
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,8 @@ class _Outcome:
     deadline_ms: int | None = None
     dead_reason: str | None = None
     """Set when the entry cannot be answered: it goes to the dead letters."""
+    value: Any = None
+    """The result, when ok (for @cache)."""
 
 
 class Worker:
@@ -126,6 +131,15 @@ class Worker:
         self.calls = 0
         self.errors = 0
         self.latency = LatencyHistogram()
+        self.metrics = Metrics(self.service)
+        self.metrics_port: int | None = None
+        self._caches: dict[str, LocalCache] = {}
+        self._buckets: dict[tuple[str, str], LocalBucket] = {}
+        # method -> the cached methods whose results it invalidates
+        self._invalidates: dict[str, list[str]] = {}
+        for spec in definition.methods.values():
+            for name in spec.cache.invalidated_by if spec.cache else ():
+                self._invalidates.setdefault(name, []).append(spec.name)
         self.started_at = time.time()
         self.unhealthy_streak = 0
         """Consecutive health checks that failed; a pool replaces a worker past its threshold."""
@@ -172,6 +186,7 @@ class Worker:
         # XREADGROUP with CLIENT UNBLOCK; replies go out on another, batched.
         self._redis = await open_redis(self.url, max_connections=self.options.concurrency + 4)
         writer: Channel | None = None
+        http: Any = None
         try:
             self._reader = await Channel.open(self.url)
             self._reader_id = await self._reader.execute("CLIENT", "ID")
@@ -187,6 +202,11 @@ class Worker:
                     ) from exc
             await self._ensure_group()
             await self._load_scripts()
+            if self.options.metrics_port is not None:
+                http, _thread = prometheus_client.start_http_server(
+                    self.options.metrics_port, registry=self.metrics.registry
+                )
+                self.metrics_port = int(http.server_port)
             self.status = "ready"
             await self._register()
             logger.info(
@@ -203,6 +223,8 @@ class Worker:
             await self._run_shutdown_hooks()
             await self._deregister()
         finally:
+            if http is not None:
+                http.shutdown()
             if writer is not None:
                 await writer.aclose()
             self._writer = None
@@ -550,6 +572,14 @@ class Worker:
         problem = check_arguments(req.method, spec.signature, req.args, req.kwargs)
         if problem is not None:
             return error("titan.BadArguments", problem)
+        if spec.plain:
+            return await self._run(spec, req, remaining, error)
+        return await self._run_decorated(spec, req, remaining, error)
+
+    async def _run(
+        self, spec: MethodSpec, req: protocol.Request, remaining: float, error: Callable[..., _Outcome]
+    ) -> _Outcome:
+        """Run the method within the call's deadline and encode its reply."""
         method = getattr(self.instance, req.method)
         with anyio.move_on_after(remaining) as scope:
             try:
@@ -565,14 +595,93 @@ class Worker:
                 )
         if scope.cancelled_caught:
             return error("titan.DeadlineExceeded", f"{req.method}() was cancelled: it ran past its deadline")
+        return self._reply(req, result, error)
+
+    def _reply(self, req: protocol.Request, result: Any, error: Callable[..., _Outcome]) -> _Outcome:
         try:
-            payload = protocol.encode_ok(req.call_id, result, wid)
+            payload = protocol.encode_ok(req.call_id, result, self.worker_id)
         except EncodeError as exc:
             return error("titan.EncodeError", f"result of {req.method}() {exc.message}")
         if len(payload) > self.options.max_payload:
             err = protocol.size_error(f"result of {req.method}()", len(payload), self.options.max_payload)
             return error(err.type, err.message)
-        return _Outcome(req.reply_to, payload, ok=True, deadline_ms=req.deadline_ms)
+        return _Outcome(req.reply_to, payload, ok=True, deadline_ms=req.deadline_ms, value=result)
+
+    async def _run_decorated(
+        self, spec: MethodSpec, req: protocol.Request, remaining: float, error: Callable[..., _Outcome]
+    ) -> _Outcome:
+        """The call with its @rate_limit, @cache, @trace and @metric."""
+        if spec.rate_limit is not None:
+            wait = await self._admit(spec, spec.rate_limit, req)
+            if wait > 0:
+                return error(
+                    "titan.RateLimited",
+                    f"{req.method}() is limited to {spec.rate_limit.rps:g} calls/s "
+                    f"({spec.rate_limit.scope} scope); retry after {wait:.3f} s",
+                    {"retry_after": wait},
+                )
+        generation = b"0"
+        if spec.cache is not None:
+            hit, value, generation = await self._cache_get(spec, spec.cache, req)
+            if hit:
+                return self._reply(req, value, error)
+        started = time.perf_counter()
+        if spec.trace is not None:
+            with traced(spec, self.service, req.trace, self.worker_id) as span:
+                outcome = await self._run(spec, req, remaining, error)
+                if not outcome.ok:
+                    span.set_status(otel.Status(otel.StatusCode.ERROR))
+        else:
+            outcome = await self._run(spec, req, remaining, error)
+        if spec.metric is not None:
+            self.metrics.observe(spec.metric.name or spec.name, time.perf_counter() - started, outcome.ok)
+        if outcome.ok:
+            if spec.cache is not None:
+                await self._cache_put(spec, spec.cache, req, outcome.value, generation)
+            for cached in self._invalidates.get(spec.name, ()):
+                await self.redis.incr(self.keys.cache_generation(self.service, cached))
+        return outcome
+
+    async def _admit(self, spec: MethodSpec, limit: RateLimitOptions, req: protocol.Request) -> float:
+        """0 when the call may run, else the seconds until it could."""
+        key = cache_key(limit, req.args, req.kwargs) if limit.key is not None else ""
+        if limit.scope == "worker":
+            bucket = self._buckets.get((spec.name, key))
+            if bucket is None:
+                bucket = self._buckets[(spec.name, key)] = LocalBucket(limit.rps, limit.burst)
+            return bucket.take()
+        bucket_key = self.keys.rate(self.service, spec.name, key)
+        wait_ms = await self._evalsha(self.redis, "rate_limit", [bucket_key], [limit.rps, limit.burst])
+        return int(wait_ms) / 1000
+
+    async def _cache_get(
+        self, spec: MethodSpec, options: CacheOptions, req: protocol.Request
+    ) -> tuple[bool, Any, bytes]:
+        digest = cache_key(options, req.args, req.kwargs)
+        gen_key = self.keys.cache_generation(self.service, spec.name)
+        if options.scope == "worker":
+            # The generation lives in Redis, so an invalidation holds in every worker at once.
+            generation = cast(bytes, await self.redis.get(gen_key) or b"0")
+            local = self._caches.setdefault(spec.name, LocalCache(options.maxsize))
+            hit, value = local.get(digest, generation)
+            return hit, value, generation
+        prefix = self.keys.cache_prefix(self.service, spec.name)
+        generation, raw = await self._evalsha(self.redis, "cache_get", [gen_key], [prefix, digest])
+        if raw is None:
+            return False, None, generation
+        return True, protocol.unpack(raw), generation
+
+    async def _cache_put(
+        self, spec: MethodSpec, options: CacheOptions, req: protocol.Request, value: Any, generation: bytes
+    ) -> None:
+        digest = cache_key(options, req.args, req.kwargs)
+        if options.scope == "worker":
+            self._caches.setdefault(spec.name, LocalCache(options.maxsize)).put(
+                digest, value, options.ttl, generation
+            )
+            return
+        key = self.keys.cache_prefix(self.service, spec.name) + generation.decode() + ":" + digest
+        await self.redis.set(key, protocol.pack(value), px=max(1, int(options.ttl * 1000)))
 
     async def _ensure_group(self) -> None:
         for stream in (self.stream, self.own_stream):
@@ -592,6 +701,7 @@ class Worker:
             "heartbeat_at": f"{time.time():.3f}",
             "latency": json.dumps(self.latency.to_dict()),
             "unhealthy_streak": str(self.unhealthy_streak),
+            "metrics": json.dumps(self.metrics.summary()),
             **({"health": json.dumps(self._health)} if self._health is not None else {}),
         }
 
@@ -605,6 +715,7 @@ class Worker:
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
             "concurrency": str(self.options.concurrency),
+            **({"metrics_port": str(self.metrics_port)} if self.metrics_port is not None else {}),
             "started_at": f"{self.started_at:.3f}",
             "methods": json.dumps(methods),
             **self._record(),

@@ -111,6 +111,31 @@ return #entries
 """
 
 
+# A token bucket shared by all workers; time from Redis, so clocks do not matter.
+# KEYS: bucket hash; ARGV: rps, burst. Returns 0 when admitted, else ms to wait.
+RATE_LIMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rps, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + (now - ts) * rps / 1000)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rps) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rps) + 1000)
+return wait
+"""
+
+# Read a cached result under the method's current generation.
+# KEYS: generation counter; ARGV: entry prefix, digest. Returns {generation, value or false}.
+CACHE_GET = """
+local gen = redis.call('GET', KEYS[1]) or '0'
+return {gen, redis.call('GET', ARGV[1] .. gen .. ':' .. ARGV[2])}
+"""
+
+
 @dataclass
 class ScriptShas:
     """The SHA1 of each script once loaded into Redis."""
@@ -121,6 +146,8 @@ class ScriptShas:
     dead_letter: str = ""
     delete_consumer: str = ""
     rescue: str = ""
+    rate_limit: str = ""
+    cache_get: str = ""
 
 
 SOURCES = {
@@ -130,5 +157,7 @@ SOURCES = {
     "dead_letter": DEAD_LETTER,
     "delete_consumer": DELETE_CONSUMER,
     "rescue": RESCUE,
+    "rate_limit": RATE_LIMIT,
+    "cache_get": CACHE_GET,
 }
 assert {f.name for f in fields(ScriptShas)} == set(SOURCES)
