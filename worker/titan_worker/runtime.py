@@ -572,7 +572,7 @@ class Worker:
         problem = check_arguments(req.method, spec.signature, req.args, req.kwargs)
         if problem is not None:
             return error("titan.BadArguments", problem)
-        if spec.plain:
+        if spec.plain and spec.name not in self._invalidates:
             return await self._run(spec, req, remaining, error)
         return await self._run_decorated(spec, req, remaining, error)
 
