@@ -12,15 +12,17 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectSendStream
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 from redis import exceptions as rexc
@@ -92,6 +94,7 @@ class Client:
         self._reply_key = self.keys.reply(self.client_id)
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
+        self._streams: dict[str, MemoryObjectSendStream[protocol.Reply]] = {}
         self._redis: Redis | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._sender: AutoPipeline | None = None
@@ -184,6 +187,13 @@ class Client:
                 if reply is None:
                     logger.warning("dropped a malformed reply on %s", key)
                     continue
+                stream = self._streams.get(reply.call_id)
+                if stream is not None:
+                    try:
+                        stream.send_nowait(reply)
+                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        logger.warning("dropped an item of stream %s: its reader is gone", reply.call_id)
+                    continue
                 fut = self._pending.get(reply.call_id)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
@@ -242,6 +252,11 @@ class Client:
             except _Expired:
                 pass
             else:
+                if reply.seq is not None or reply.end is not None:
+                    await self._cancel_stream(service, call_id)
+                    raise TitanError(
+                        f"{service}.{method}() streams its results: iterate it with 'async for' instead"
+                    )
                 if reply.ok:
                     return reply.value
                 error = reply.error or {}
@@ -260,6 +275,90 @@ class Client:
             raise await self._timeout_error(service, method, timeout)
         finally:
             self._pending.pop(call_id, None)
+
+    async def stream(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Iterate over the items a streaming (async generator) method yields, as they come.
+
+        The worker runs at most STREAM_WINDOW items ahead of this iterator.
+        Leaving the loop early stops the producer. An error raised by the
+        producer is raised here after the items it sent. ``timeout`` bounds
+        the whole stream. Raises like ``call``.
+        """
+        timeout = self.default_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        deadline = time.monotonic() + timeout
+        call_id = f"{self.client_id}-{next(self._ids)}"
+        fields = protocol.encode_request(
+            call_id, method, args, kwargs or {}, self._reply_key, int((time.time() + timeout) * 1000),
+            trace=_traceparent(), max_payload=self.max_payload,
+        )  # fmt: skip
+        window = protocol.STREAM_WINDOW
+        send, receive = anyio.create_memory_object_stream[protocol.Reply](window * 2 + 8)
+        self._streams[call_id] = send
+        finished = False
+        try:
+            worker = await self._route(service, key) if key is not None else None
+            await self._send(service, method, fields, worker)
+            received = 0
+            while True:
+                reply = None
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    reply = await receive.receive()
+                if reply is None:
+                    raise await self._timeout_error(service, method, timeout)
+                if not reply.ok:
+                    finished = True
+                    error = reply.error or {}
+                    raise remote_error(
+                        str(error.get("type", "titan.Unknown")),
+                        str(error.get("message", "")),
+                        error.get("details") if isinstance(error.get("details"), dict) else None,
+                    )
+                if reply.end is not None:
+                    finished = True
+                    return
+                if reply.seq is None:
+                    finished = True
+                    raise TitanError(f"{service}.{method}() does not stream: await it instead of iterating")
+                if reply.seq < received:
+                    continue  # replayed from the start by a worker that took the call over
+                received += 1
+                yield reply.value
+                if received % (window // 2) == 0:
+                    await self._grant(service, call_id, received + window)
+        finally:
+            self._streams.pop(call_id, None)
+            send.close()
+            receive.close()
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await self._cancel_stream(service, call_id)
+
+    async def _grant(self, service: str, call_id: str, credit: int) -> None:
+        key = self.keys.stream_control(service, call_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, "credit", credit)
+            pipe.pexpire(key, 600_000)
+            await pipe.execute()
+
+    async def _cancel_stream(self, service: str, call_id: str) -> None:
+        """Tell the worker to stop producing (the caller left early or gave up)."""
+        key = self.keys.stream_control(service, call_id)
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, "cancel", 1)
+                pipe.pexpire(key, 600_000)
+                await pipe.execute()
 
     async def _route(self, service: str, key: str) -> str | None:
         """The live worker that ``key`` maps to (rendezvous hashing), or None when none is known."""
@@ -340,9 +439,25 @@ class Client:
         *,
         methods: frozenset[str] | None = None,
         breaker: CircuitBreaker | None = None,
+        streaming: frozenset[str] = frozenset(),
     ) -> T:
-        """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers."""
-        return cast(T, ServiceProxy(self, service, methods=methods, timeout=None, breaker=breaker))
+        """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers.
+
+        Methods named in ``streaming`` return async iterators; ``connect`` fills
+        it in from the registry.
+        """
+        proxy = ServiceProxy(
+            self, service, methods=methods, timeout=None, breaker=breaker, streaming=streaming
+        )
+        return cast(T, proxy)
+
+    async def streaming_methods(self, service: str) -> frozenset[str]:
+        """The streaming methods of ``service`` as its workers registered them (empty if unknown)."""
+        raw = await self.redis.hget(self.keys.services, service)
+        if not raw:
+            return frozenset()
+        methods = json.loads(raw).get("methods", [])
+        return frozenset(m["name"] for m in methods if m.get("streaming"))
 
     async def invalidate_cache(self, service: str, method: str) -> None:
         """Drop every cached result of ``service.method`` (@cache), in every worker, at once."""
@@ -373,7 +488,7 @@ class ServiceProxy:
     A proxy addresses the service, not one process: any live worker may answer.
     """
 
-    __slots__ = ("_breaker", "_client", "_key", "_methods", "_service", "_timeout")
+    __slots__ = ("_breaker", "_client", "_key", "_methods", "_service", "_streaming", "_timeout")
 
     def __init__(
         self,
@@ -384,10 +499,12 @@ class ServiceProxy:
         timeout: float | None,
         key: str | None = None,
         breaker: CircuitBreaker | BreakerState | None = None,
+        streaming: frozenset[str] = frozenset(),
     ) -> None:
         self._client = client
         self._service = service
         self._methods = methods
+        self._streaming = streaming
         self._timeout = timeout
         self._key = key
         self._breaker = BreakerState(breaker, service) if isinstance(breaker, CircuitBreaker) else breaker
@@ -403,7 +520,8 @@ class ServiceProxy:
         if self._methods is not None and name not in self._methods:
             known = ", ".join(sorted(self._methods)) or "none"
             raise AttributeError(f"service {self._service!r} has no public method {name!r} (public: {known})")
-        return _RemoteMethod(self._client, self._service, name, self._timeout, self._key, self._breaker)
+        kind = _StreamingMethod if name in self._streaming else _RemoteMethod
+        return kind(self._client, self._service, name, self._timeout, self._key, self._breaker)
 
     def with_options(self, *, timeout: float | None = None, key: str | None = None) -> ServiceProxy:
         """A copy of this proxy whose calls use these options.
@@ -421,6 +539,7 @@ class ServiceProxy:
             timeout=timeout if timeout is not None else self._timeout,
             key=key if key is not None else self._key,
             breaker=self._breaker,
+            streaming=self._streaming,
         )
 
     def __repr__(self) -> str:
@@ -463,8 +582,34 @@ class _RemoteMethod:
         breaker.after_call(None)
         return result
 
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """Iterate over the items of a streaming method (what calling one through a proxy does)."""
+        breaker = self._breaker
+        if breaker is not None:
+            breaker.before_call()
+        try:
+            async for item in self._client.stream(
+                self._service, self._method, args, kwargs, timeout=self._timeout, key=self._key
+            ):
+                yield item
+        except Exception as exc:
+            if breaker is not None:
+                breaker.after_call(exc)
+            raise
+        if breaker is not None:
+            breaker.after_call(None)
+
     def __repr__(self) -> str:
         return f"<remote method {self._service}.{self._method}>"
+
+
+class _StreamingMethod(_RemoteMethod):
+    """A method that streams: calling it gives an async iterator, not a coroutine."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        return self.stream(*args, **kwargs)
 
 
 def with_options(proxy: T, *, timeout: float | None = None, key: str | None = None) -> T:

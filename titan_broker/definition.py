@@ -45,6 +45,8 @@ class MethodSpec:
     rate_limit: RateLimitOptions | None = None
     metric: MetricOptions | None = None
     trace: TraceOptions | None = None
+    streaming: bool = False
+    """An async generator: its items are streamed to the caller."""
 
     @property
     def plain(self) -> bool:
@@ -96,6 +98,7 @@ class MethodSpec:
             "params": params,
             "returns": _annotation(self.signature.return_annotation),
             "async": self.is_async,
+            "streaming": self.streaming,
             "decorators": self.decorators(),
         }
 
@@ -155,8 +158,8 @@ def describe(cls: type) -> ServiceDefinition:
         if getattr(fn, PUBLIC_ATTR, False):
             if attr.startswith("_") or attr == "init":
                 raise ConfigError(f"{where} cannot be @public: names starting with '_' and init stay private")
-            if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
-                raise ConfigError(f"{where} is a generator; streaming methods are not supported yet")
+            if inspect.isgeneratorfunction(fn):
+                raise ConfigError(f"{where} is a generator: make it 'async def' to stream its items")
             opts = getattr(fn, PUBLIC_ATTR)
             limit = opts.max_deliveries if isinstance(opts, PublicOptions) else None
             methods[attr] = MethodSpec(
@@ -168,6 +171,7 @@ def describe(cls: type) -> ServiceDefinition:
                 rate_limit=getattr(fn, RATE_LIMIT_ATTR, None),
                 metric=getattr(fn, METRIC_ATTR, None),
                 trace=getattr(fn, TRACE_ATTR, None),
+                streaming=inspect.isasyncgenfunction(fn),
             )
         if getattr(fn, HEALTH_ATTR, False):
             health.append(attr)
@@ -176,6 +180,8 @@ def describe(cls: type) -> ServiceDefinition:
                 raise ConfigError(f"{where} is @on_shutdown and must be 'async def'")
             shutdown.append(attr)
     for spec in methods.values():
+        if spec.streaming and spec.cache is not None:
+            raise ConfigError(f"{cls.__qualname__}.{spec.name} streams its results: it cannot be @cache'd")
         unknown = [m for m in (spec.cache.invalidated_by if spec.cache else ()) if m not in methods]
         if unknown:
             raise ConfigError(

@@ -34,6 +34,10 @@ class Keys:
         """Set of the ids of the workers that read a stream of their own."""
         return f"{self.namespace}:{{{service}}}:affinity"
 
+    def stream_control(self, service: str, call_id: str) -> str:
+        """Hash with a TTL: a streaming call's flow control (credit) and cancellation, set by its caller."""
+        return f"{self.namespace}:{{{service}}}:stream:{call_id}"
+
     def config(self, service: str) -> str:
         """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
         return f"{self.namespace}:{{{service}}}:config"

@@ -48,6 +48,7 @@ class WorkerProcess:
     process: anyio.abc.Process
     methods: frozenset[str] = field(default_factory=frozenset)
     started_at: float = field(default_factory=time.time)
+    streaming: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def pid(self) -> int:
@@ -187,7 +188,12 @@ class ProcessManager:
         finally:
             os.close(read_fd)
         worker = WorkerProcess(
-            path, str(message["service"]), worker_id, process, frozenset(message.get("methods", ()))
+            path,
+            str(message["service"]),
+            worker_id,
+            process,
+            frozenset(message.get("methods", ())),
+            streaming=frozenset(message.get("streaming", ())),
         )
         self.events.emit(Event("ready", worker.service, worker_id, process.pid, path))
         return worker
@@ -226,7 +232,10 @@ class ProcessManager:
         if expected is not None and expected != first.service:
             await _terminate(first.process, grace=5.0)
             raise ConfigError(f"{shown} serves {first.service!r} but the class passed is {expected!r}")
-        proxy = ServiceProxy(self.client, first.service, methods=first.methods, timeout=None, breaker=breaker)
+        proxy = ServiceProxy(
+            self.client, first.service, methods=first.methods, timeout=None, breaker=breaker,
+            streaming=first.streaming,
+        )  # fmt: skip
         pool: Pool[Any] = Pool(
             self, shown, proxy,
             service=first.service, size=size, autoscale=autoscale, restart=restart,
@@ -353,7 +362,8 @@ class ProcessManager:
         """
         self._task_group()
         check_name(service, "service name")
-        return self.client.proxy(service, cls, breaker=breaker)
+        streaming = await self.client.streaming_methods(service)
+        return self.client.proxy(service, cls, breaker=breaker, streaming=streaming)
 
     # -- discovery, health, events ---------------------------------------------------------
 

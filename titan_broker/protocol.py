@@ -244,6 +244,10 @@ class Reply:
     value: Any
     error: dict[str, Any] | None
     worker_id: str | None
+    seq: int | None = None
+    """Set on a stream item: its position, from 0."""
+    end: int | None = None
+    """Set on the end of a stream: how many items it had."""
 
 
 def decode_reply(data: bytes) -> Reply | None:
@@ -258,7 +262,30 @@ def decode_reply(data: bytes) -> Reply | None:
     error = msg.get("e")
     if not ok and not isinstance(error, dict):
         error = {"type": "titan.BadReply", "message": "reply carries neither value nor error"}
-    return Reply(msg["id"], ok, msg.get("v"), None if ok else error, msg.get("w"))
+    seq, end = msg.get("s"), msg.get("end")
+    return Reply(
+        msg["id"],
+        ok,
+        msg.get("v"),
+        None if ok else error,
+        msg.get("w"),
+        seq if isinstance(seq, int) else None,
+        end if isinstance(end, int) else None,
+    )
+
+
+STREAM_WINDOW = 32
+"""Stream items a worker may send beyond those its caller has consumed."""
+
+
+def encode_item(call_id: str, seq: int, value: Any, worker_id: str) -> bytes:
+    """One item of a streamed result; raise EncodeError when it cannot be encoded."""
+    return pack({"id": call_id, "ok": True, "s": seq, "v": value, "w": worker_id})
+
+
+def encode_end(call_id: str, count: int, worker_id: str) -> bytes:
+    """The end of a streamed result that had ``count`` items."""
+    return pack({"id": call_id, "ok": True, "end": count, "w": worker_id})
 
 
 def size_error(what: str, size: int, limit: int) -> PayloadTooLarge:

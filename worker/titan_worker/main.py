@@ -106,8 +106,10 @@ async def _serve(worker: Worker, ready: _Ready) -> None:
             tg.cancel_scope.cancel()  # drained: only the signal watcher is left
 
         await tg.start(serve_then_stop)
+        streaming = sorted(m.name for m in worker.definition.methods.values() if m.streaming)
+        methods = sorted(worker.definition.methods)
         ready.send(event="ready", service=worker.service, worker_id=worker.worker_id,
-                   pid=os.getpid(), methods=sorted(worker.definition.methods))  # fmt: skip
+                   pid=os.getpid(), methods=methods, streaming=streaming)  # fmt: skip
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -580,6 +580,8 @@ class Worker:
         self, spec: MethodSpec, req: protocol.Request, remaining: float, error: Callable[..., _Outcome]
     ) -> _Outcome:
         """Run the method within the call's deadline and encode its reply."""
+        if spec.streaming:
+            return await self._run_stream(req, remaining, error)
         method = getattr(self.instance, req.method)
         with anyio.move_on_after(remaining) as scope:
             try:
@@ -596,6 +598,77 @@ class Worker:
         if scope.cancelled_caught:
             return error("titan.DeadlineExceeded", f"{req.method}() was cancelled: it ran past its deadline")
         return self._reply(req, result, error)
+
+    async def _run_stream(
+        self, req: protocol.Request, remaining: float, error: Callable[..., _Outcome]
+    ) -> _Outcome:
+        """Send an async generator's items as they come, never more than the caller's credit ahead.
+
+        The caller raises its credit as it consumes items and sets ``cancel``
+        when it stops early; the producer is then closed, as it is at the
+        deadline (a caller that vanished stops granting credit).
+        """
+        assert self._writer is not None
+        control = self.keys.stream_control(self.service, req.call_id)
+        credit, cancelled, sent = protocol.STREAM_WINDOW, False, 0
+        outcome: _Outcome | None = None
+
+        async def refresh() -> None:
+            nonlocal credit, cancelled
+            state = await self.redis.hgetall(control)
+            credit = max(credit, int(state.get(b"credit", b"0") or 0))
+            cancelled = cancelled or bool(state.get(b"cancel"))
+
+        with anyio.move_on_after(remaining) as deadline:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    while not cancelled:
+                        await anyio.sleep(0.2)
+                        await refresh()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                items = getattr(self.instance, req.method)(*req.args, **req.kwargs)
+                try:
+                    async for item in items:
+                        while sent >= credit and not cancelled:
+                            await anyio.sleep(0.02)  # the window is full: wait for the caller
+                            await refresh()
+                        try:
+                            payload = protocol.encode_item(req.call_id, sent, item, self.worker_id)
+                        except EncodeError as exc:
+                            outcome = error(
+                                "titan.EncodeError", f"item {sent} of {req.method}() {exc.message}"
+                            )
+                            break
+                        if len(payload) > self.options.max_payload:
+                            err = protocol.size_error(f"item {sent} of {req.method}()", len(payload),
+                                                      self.options.max_payload)  # fmt: skip
+                            outcome = error(err.type, err.message)
+                            break
+                        await self._writer.execute("XADD", req.reply_to, "*", "reply", payload)
+                        sent += 1
+                except Exception as exc:
+                    outcome = error(
+                        type(exc).__name__,
+                        str(exc),
+                        {"items": sent, "traceback": "".join(traceback.format_exception(exc)[-8:])},
+                    )
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await items.aclose()
+                tg.cancel_scope.cancel()
+        if cancelled:
+            logger.info("worker %s: caller stopped %s() after %d item(s)", self.worker_id, req.method, sent)
+            return _Outcome(None, None, ok=True, deadline_ms=req.deadline_ms)  # acknowledged, unanswered
+        if deadline.cancelled_caught:
+            return error("titan.DeadlineExceeded", f"{req.method}() was cancelled after {sent} item(s): "
+                         "it ran past its deadline")  # fmt: skip
+        if outcome is not None:
+            return outcome
+        payload = protocol.encode_end(req.call_id, sent, self.worker_id)
+        return _Outcome(req.reply_to, payload, ok=True, deadline_ms=req.deadline_ms)
 
     def _reply(self, req: protocol.Request, result: Any, error: Callable[..., _Outcome]) -> _Outcome:
         try:
