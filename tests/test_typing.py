@@ -35,4 +35,5 @@ def test_mypy_reports_wrong_arguments_and_wrong_use_of_results() -> None:
     assert 'Incompatible types in assignment (expression has type "float"' in errors[8]
     assert '"Calculator" has no attribute "no_such_method"' in errors[9]
     assert '"upper"' in errors[11]
-    assert set(errors) == {7, 8, 9, 11}
+    assert 'Argument 1 to "get" of "Typed" has incompatible type "str"; expected "int"' in errors[25]
+    assert set(errors) == {7, 8, 9, 11, 25}

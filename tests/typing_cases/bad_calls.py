@@ -1,4 +1,4 @@
-from titan_broker import ProcessManager
+from titan_broker import ProcessManager, cache, process, public, rate_limit
 from processes.calculator import Calculator
 
 
@@ -9,3 +9,19 @@ async def main(pm: ProcessManager) -> None:
     await calc.no_such_method()  # line 9: unknown method
     remote = await pm.connect("calculator", Calculator)
     remote.add(1, 2).upper()  # line 11: a coroutine of float has no upper()
+
+
+@process(name="typed")
+class Typed:
+    @cache(ttl=1)
+    @public
+    @rate_limit(rps=5)
+    async def get(self, key: int) -> str:
+        return str(key)
+
+
+async def decorated(pm: ProcessManager) -> None:
+    typed = await pm.connect("typed", Typed)
+    await typed.get("one")  # line 25: decorators keep the signature
+    ok: str = await typed.get(1)
+    assert ok
