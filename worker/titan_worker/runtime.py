@@ -855,10 +855,12 @@ class Worker:
         timeout = self.options.health_timeout
         result: Any = None
         try:
+            check = getattr(self.instance, name)
             with anyio.fail_after(timeout):
-                result = getattr(self.instance, name)()
-                if inspect.isawaitable(result):
-                    result = await result
+                if inspect.iscoroutinefunction(check):
+                    result = await check()
+                else:  # a plain def may block (a database ping): keep it off the event loop
+                    result = await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
             report = (
                 result.to_dict()
                 if isinstance(result, Health)

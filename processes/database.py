@@ -1,0 +1,146 @@
+"""A user database service on SQLite: CRUD, search, stats, a cached read and a rate-limited write."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from titan_broker import Health, cache, health_check, metric, on_shutdown, process, public, rate_limit
+
+
+class NotFound(LookupError):
+    """No user has that id."""
+
+
+@process(name="database", version="1.0.0")
+class Database:
+    """Users in a SQLite database; the path and options come from init(config=...)."""
+
+    async def init(self, config: dict[str, Any] | None = None) -> None:
+        config = config or {}
+        self.path = str(config.get("path", ":memory:"))
+        self.slow_query_ms = float(config.get("slow_query_ms", 100.0))
+        self.lock = threading.Lock()  # one connection, used from the worker's threads
+        self.db: sqlite3.Connection | None = sqlite3.connect(
+            self.path, check_same_thread=False, timeout=float(config.get("busy_timeout", 5.0))
+        )
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS users ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,"
+            " email TEXT NOT NULL UNIQUE COLLATE NOCASE, created_at REAL NOT NULL)"
+        )
+        self.db.commit()
+        self.queries = 0
+        self.last_query_ms = 0.0
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        if self.db is None:
+            raise ConnectionError("the database connection is closed")
+        started = time.perf_counter()
+        with self.lock:
+            rows = self.db.execute(sql, params).fetchall()
+            self.db.commit()
+        self.queries += 1
+        self.last_query_ms = (time.perf_counter() - started) * 1000
+        return [dict(row) for row in rows]
+
+    @staticmethod
+    def _check(name: str | None = None, email: str | None = None) -> None:
+        if name is not None and not name.strip():
+            raise ValueError("name is required and cannot be blank")
+        if email is not None and "@" not in email:
+            raise ValueError(f"email {email!r} is not an email address")
+
+    @public
+    @rate_limit(rps=50, burst=100)
+    @metric
+    def create_user(self, name: str, email: str) -> dict[str, Any]:
+        self._check(name, email)
+        try:
+            [user] = self._query(
+                "INSERT INTO users (name, email, created_at) VALUES (?, ?, ?) RETURNING *",
+                (name.strip(), email.strip(), time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a user with email {email!r} already exists") from None
+        return user
+
+    @public
+    @cache(ttl=60, invalidated_by=["update_user", "delete_user"])
+    @metric
+    def get_user(self, user_id: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM users WHERE id = ?", (user_id,))
+        return rows[0] if rows else None
+
+    @public
+    def get_all_users(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM users ORDER BY id LIMIT ? OFFSET ?", (limit, offset))
+
+    @public
+    @metric
+    def update_user(self, user_id: int, name: str | None = None, email: str | None = None) -> dict[str, Any]:
+        self._check(name, email)
+        try:
+            rows = self._query(
+                "UPDATE users SET name = COALESCE(?, name), email = COALESCE(?, email)"
+                " WHERE id = ? RETURNING *",
+                (name.strip() if name else None, email.strip() if email else None, user_id),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a user with email {email!r} already exists") from None
+        if not rows:
+            raise NotFound(f"no user with id {user_id}")
+        return rows[0]
+
+    @public
+    def delete_user(self, user_id: int) -> bool:
+        if not self._query("DELETE FROM users WHERE id = ? RETURNING id", (user_id,)):
+            raise NotFound(f"no user with id {user_id}")
+        return True
+
+    @public
+    @metric
+    def search_users(self, query: str) -> list[dict[str, Any]]:
+        """Users whose name or email contains ``query``, ignoring case."""
+        pattern = f"%{query.strip().lower()}%"
+        return self._query(
+            "SELECT * FROM users WHERE lower(name) LIKE ? OR lower(email) LIKE ? ORDER BY id",
+            (pattern, pattern),
+        )
+
+    @public
+    def get_database_stats(self) -> dict[str, Any]:
+        [row] = self._query("SELECT COUNT(*) AS users FROM users")
+        return {
+            "path": self.path,
+            "users": row["users"],
+            "queries": self.queries,
+            "last_query_ms": round(self.last_query_ms, 3),
+            "connected": self.db is not None,
+        }
+
+    @health_check
+    def health(self) -> Health:
+        if self.db is None:
+            return Health("unhealthy", checks={"connected": False})
+        started = time.perf_counter()
+        with self.lock:
+            self.db.execute("SELECT 1").fetchone()
+        ping_ms = (time.perf_counter() - started) * 1000
+        slow = max(ping_ms, self.last_query_ms) > self.slow_query_ms
+        return Health(
+            "degraded" if slow else "healthy",
+            checks={"connected": True, "ping_ms": round(ping_ms, 3)},
+            details={"last_query_ms": round(self.last_query_ms, 3), "threshold_ms": self.slow_query_ms},
+        )
+
+    @on_shutdown
+    async def close(self) -> None:
+        if self.db is not None:
+            with self.lock:
+                self.db.close()
+            self.db = None
