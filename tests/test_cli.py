@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import CALCULATOR, Workers
+from .conftest import CALCULATOR, Workers, wait_until
 
 
 def titan(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,3 +85,58 @@ def test_redis_url_from_environment(redis_url: str, namespace: str, calculator: 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == 42
+
+
+def test_workers_health_queues_and_stats(redis_url: str, namespace: str, calculator: str) -> None:
+    assert titan(redis_url, namespace, "call", "calculator", "add", "1", "2").returncode == 0
+    workers = json.loads(titan(redis_url, namespace, "workers", "--json").stdout)
+    assert [w["worker_id"] for w in workers] == [calculator]
+    assert workers[0]["status"] == "ready" and workers[0]["service"] == "calculator"
+    table = titan(redis_url, namespace, "workers", "calculator")
+    assert table.returncode == 0 and calculator in table.stdout
+
+    health = titan(redis_url, namespace, "health", "--json")
+    assert health.returncode == 0, health.stderr
+    [report] = json.loads(health.stdout)
+    assert (report["service"], report["status"], report["healthy"]) == ("calculator", "healthy", 1)
+    assert "healthy" in titan(redis_url, namespace, "health").stdout
+
+    [queue] = json.loads(titan(redis_url, namespace, "queues", "--json").stdout)
+    assert queue == {"service": "calculator", "backlog": 0, "pending": 0, "dead_letters": 0, "waiting": 0}
+    assert "calculator" in titan(redis_url, namespace, "queues").stdout
+
+    # Calls are counted at the worker's heartbeat (about every second).
+    def counted() -> list[dict[str, object]]:
+        rows = json.loads(titan(redis_url, namespace, "stats", "--json", "--interval", "0.2").stdout)
+        return [row for row in rows if row["calls"] >= 1]
+
+    stats = wait_until(counted, 10, "the call in the stats")
+    assert stats[0]["service"] == "calculator" and stats[0]["errors"] == 0 and stats[0]["p50_ms"] is not None
+    assert "p99 ms" in titan(redis_url, namespace, "stats", "--interval", "0.1").stdout
+
+
+def test_unknown_service_is_one_line_and_exit_3(redis_url: str, namespace: str, calculator: str) -> None:
+    for command in ("workers", "health", "stats"):
+        result = titan(redis_url, namespace, command, "nope")
+        assert result.returncode == 3, (command, result.stderr)
+        assert result.stderr.count("\n") == 1
+        assert "unknown service 'nope'" in result.stderr and "known: calculator" in result.stderr
+
+
+def test_health_exits_1_when_a_service_has_no_live_worker(
+    redis_url: str, namespace: str, workers: Workers
+) -> None:
+    proc = workers.start(CALCULATOR)
+    workers.wait_registered("calculator", 1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    result = titan(redis_url, namespace, "health", "calculator", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)[0]["status"] == "unhealthy"
+
+
+def test_top_refreshes_then_stops(redis_url: str, namespace: str, calculator: str) -> None:
+    result = titan(redis_url, namespace, "top", "--refresh", "0.2", "--count", "2")
+    assert result.returncode == 0, result.stderr
+    assert "titan top" in result.stdout and "calculator" in result.stdout
+    assert "workers by host" in result.stdout

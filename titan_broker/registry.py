@@ -143,3 +143,41 @@ async def list_services(redis: Redis, keys: Keys, *, live_only: bool = True) -> 
             )
         )
     return services
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """The calls of one service: waiting, running, dead-lettered."""
+
+    service: str
+    backlog: int
+    """Entries in the service's stream: waiting plus running."""
+    pending: int
+    """Delivered to a worker and not yet acknowledged (running, or held by a dead worker)."""
+    dead_letters: int
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.backlog - self.pending)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "waiting": self.waiting}
+
+
+async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
+    """Backlog, pending and dead letters of ``service``."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.calls(service))
+        pipe.xlen(keys.dead(service))
+        backlog, dead = await pipe.execute()
+    try:
+        summary = await redis.xpending(keys.calls(service), "workers")
+        pending = int(summary["pending"])
+    except Exception:  # no stream or no group yet
+        pending = 0
+    return QueueInfo(service, int(backlog), pending, int(dead))
+
+
+async def known_services(redis: Redis, keys: Keys) -> list[str]:
+    """Every service that ever registered in this namespace."""
+    return sorted(text(name) for name in await redis.hkeys(keys.services))

@@ -2,13 +2,16 @@
 
 Exit codes (also in README.md):
   0  success
-  1  the call failed (remote error, timeout, no live worker, backlog full)
+  1  the call failed (remote error, timeout, no live worker, backlog full); for
+     `health`, a service is not healthy
   2  bad command line
+  3  unknown service
   4  Redis unreachable or refused the credentials
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -19,22 +22,40 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from titan_broker.client import Client
 from titan_broker.config import ENV_NAMESPACE, ENV_URL
 from titan_broker.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
+from titan_broker.decorators import HealthStatus
 from titan_broker.errors import ConfigError, RedisUnavailable, TitanError
-from titan_broker.registry import list_services
+from titan_broker.health import ServiceHealth, aggregate
+from titan_broker.registry import (
+    QueueInfo,
+    WorkerInfo,
+    known_services,
+    list_services,
+    list_workers,
+    queue_info,
+)
+from titan_broker.stats import LatencyHistogram
 
 EXIT_CALL_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNKNOWN = 3
 EXIT_REDIS = 4
+
+
+class UnknownService(TitanError):
+    """The service never registered in this namespace."""
+
 
 R = TypeVar("R")
 
 app = typer.Typer(help="Inspect and call titan-broker services.", add_completion=False, no_args_is_help=True)
-out = Console()
+# Piped output is not cut at 80 columns: scripts and logs get whole rows.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)  # one line per error, never wrapped
 
 
@@ -74,13 +95,11 @@ def _run(ctx: typer.Context, work: Callable[[Client], Awaitable[R]]) -> R:
         return anyio.run(main)
     except TitanError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
-        code = (
-            EXIT_REDIS
-            if isinstance(exc, RedisUnavailable)
-            else EXIT_USAGE
-            if isinstance(exc, ConfigError)
-            else EXIT_CALL_FAILED
-        )
+        code = EXIT_CALL_FAILED
+        codes = ((RedisUnavailable, EXIT_REDIS), (ConfigError, EXIT_USAGE), (UnknownService, EXIT_UNKNOWN))
+        for kind, exit_code in codes:
+            if isinstance(exc, kind):
+                code = exit_code
         raise typer.Exit(code) from None
 
 
@@ -162,6 +181,192 @@ def dead_letters(
     for d in letters:
         table.add_row(d.id, d.method or "?", str(d.deliveries), d.reason)
     out.print(table)
+
+
+async def _services_named(client: Client, service: str | None) -> list[str]:
+    """``[service]`` after checking it exists, or every known service."""
+    known = await known_services(client.redis, client.keys)
+    if service is None:
+        return known
+    if service not in known:
+        hint = f"known: {', '.join(known)}" if known else "no service has registered yet"
+        raise UnknownService(
+            f"unknown service {service!r} in namespace {client.namespace!r} ({hint}); "
+            "check --namespace, or start it with titan-worker run FILE"
+        )
+    return [service]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@app.command()
+def workers(
+    ctx: typer.Context,
+    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List live workers: host, pid, status, load and health."""
+
+    async def gather(c: Client) -> list[WorkerInfo]:
+        found: list[WorkerInfo] = []
+        for name in await _services_named(c, service):
+            found += await list_workers(c.redis, c.keys, name)
+        return found
+
+    found = _run(ctx, gather)
+    if as_json:
+        _print_json([w.to_dict() for w in found])
+        return
+    table = Table(title="workers")
+    for col in ("service", "worker", "host", "pid", "status", "in flight", "calls", "errors", "health"):
+        table.add_column(col)
+    for w in found:
+        status = (w.health or {}).get("status", "-")
+        table.add_row(w.service, w.worker_id, w.host, str(w.pid), w.status, f"{w.in_flight}/{w.concurrency}",
+                      str(w.calls), str(w.errors), status)  # fmt: skip
+    out.print(table if found else "no live workers")
+
+
+@app.command()
+def health(
+    ctx: typer.Context,
+    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Health of each service across all its workers; exits 1 unless all are healthy."""
+
+    async def gather(c: Client) -> list[ServiceHealth]:
+        names = await _services_named(c, service)
+        return [aggregate(name, await list_workers(c.redis, c.keys, name)) for name in names]
+
+    found = _run(ctx, gather)
+    if as_json:
+        _print_json([h.to_dict() for h in found])
+    else:
+        colors = {"healthy": "green", "degraded": "yellow", "unhealthy": "red"}
+        table = Table(title="health")
+        for col in ("service", "status", "healthy workers", "details"):
+            table.add_column(col)
+        for h in found:
+            notes = "; ".join(
+                f"{w['worker_id']}: {w['status']} {w['details'] or ''}".strip()
+                for w in h.workers
+                if w["status"] != "healthy"
+            )
+            status = f"[{colors[str(h.status)]}]{h.status}[/]"
+            table.add_row(h.service, status, f"{h.healthy}/{len(h.workers)}", notes)
+        out.print(table)
+    if any(h.status != HealthStatus.HEALTHY for h in found):
+        raise typer.Exit(EXIT_CALL_FAILED)
+
+
+@app.command()
+def queues(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Calls waiting, running and dead-lettered, per service."""
+
+    async def gather(c: Client) -> list[QueueInfo]:
+        return [await queue_info(c.redis, c.keys, name) for name in await known_services(c.redis, c.keys)]
+
+    found = _run(ctx, gather)
+    if as_json:
+        _print_json([q.to_dict() for q in found])
+        return
+    table = Table(title="queues")
+    for col in ("service", "waiting", "running", "dead letters"):
+        table.add_column(col)
+    for q in found:
+        table.add_row(q.service, str(q.waiting), str(q.pending), str(q.dead_letters))
+    out.print(table if found else "no services")
+
+
+async def _stats(c: Client, names: list[str], interval: float) -> list[dict[str, Any]]:
+    before = {n: sum(w.calls for w in await list_workers(c.redis, c.keys, n)) for n in names}
+    await anyio.sleep(interval)
+    rows = []
+    for name in names:
+        live = await list_workers(c.redis, c.keys, name)
+        calls = sum(w.calls for w in live)
+        latency = LatencyHistogram.merged(w.latency for w in live).summary()
+        rows.append({
+            "service": name,
+            "workers": len(live),
+            "calls": calls,
+            "errors": sum(w.errors for w in live),
+            "throughput": round(max(0, calls - before[name]) / interval, 2),
+            **{f"{k}_ms": v for k, v in latency.items()},
+        })  # fmt: skip
+    return rows
+
+
+def _stats_table(rows: list[dict[str, Any]], title: str = "stats") -> Table:
+    table = Table(title=title)
+    for col in ("service", "workers", "calls", "errors", "calls/s", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(col, justify="left" if col == "service" else "right")
+    for r in rows:
+        counts = (str(r["workers"]), str(r["calls"]), str(r["errors"]), f"{r['throughput']:.1f}")
+        table.add_row(r["service"], *counts, _ms(r["p50_ms"]), _ms(r["p95_ms"]), _ms(r["p99_ms"]))
+    return table
+
+
+@app.command()
+def stats(
+    ctx: typer.Context,
+    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds over which throughput is measured.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Calls, errors, throughput and latency percentiles per service (all workers merged)."""
+
+    async def gather(c: Client) -> list[dict[str, Any]]:
+        return await _stats(c, await _services_named(c, service), interval)
+
+    rows = _run(ctx, gather)
+    if as_json:
+        _print_json(rows)
+    else:
+        out.print(_stats_table(rows) if rows else "no services")
+
+
+@app.command()
+def top(
+    ctx: typer.Context,
+    refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    count: Annotated[
+        int | None, typer.Option(help="Stop after this many refreshes (default: Ctrl-C).")
+    ] = None,
+) -> None:
+    """A live view of services, workers per host, load, latency and health, until Ctrl-C."""
+
+    async def view(c: Client) -> None:
+        with Live(console=out, auto_refresh=False) as live:
+            shown = 0
+            while count is None or shown < count:
+                names = await known_services(c.redis, c.keys)
+                rows = await _stats(c, names, refresh)
+                grid = Table.grid()
+                grid.add_row(_stats_table(rows, title=f"titan top: {c.namespace} (every {refresh:g} s)"))
+                table = Table(title="workers by host")
+                for col in ("service", "host", "workers", "in flight", "health"):
+                    table.add_column(col)
+                for name in names:
+                    live_workers = await list_workers(c.redis, c.keys, name)
+                    hosts: dict[str, list[WorkerInfo]] = {}
+                    for w in live_workers:
+                        hosts.setdefault(w.host, []).append(w)
+                    status = str(aggregate(name, live_workers).status)
+                    for host, ws in hosts.items():
+                        table.add_row(name, host, str(len(ws)), str(sum(w.in_flight for w in ws)), status)
+                grid.add_row(table)
+                live.update(grid, refresh=True)
+                shown += 1
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(ctx, view)
 
 
 def _parse_arg(raw: str) -> Any:
