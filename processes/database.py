@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+import anyio
+
 from titan_broker import Health, cache, health_check, metric, on_shutdown, process, public, rate_limit
 
 
@@ -37,7 +39,11 @@ class Database:
         self.queries = 0
         self.last_query_ms = 0.0
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    async def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run one statement in a worker thread: sqlite3 blocks, the event loop must not."""
+        return await anyio.to_thread.run_sync(self._query_now, sql, params)
+
+    def _query_now(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         if self.db is None:
             raise ConnectionError("the database connection is closed")
         started = time.perf_counter()
@@ -58,10 +64,10 @@ class Database:
     @public
     @rate_limit(rps=50, burst=100)
     @metric
-    def create_user(self, name: str, email: str) -> dict[str, Any]:
+    async def create_user(self, name: str, email: str) -> dict[str, Any]:
         self._check(name, email)
         try:
-            [user] = self._query(
+            [user] = await self._query(
                 "INSERT INTO users (name, email, created_at) VALUES (?, ?, ?) RETURNING *",
                 (name.strip(), email.strip(), time.time()),
             )
@@ -72,20 +78,22 @@ class Database:
     @public
     @cache(ttl=60, invalidated_by=["update_user", "delete_user"])
     @metric
-    def get_user(self, user_id: int) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM users WHERE id = ?", (user_id,))
+    async def get_user(self, user_id: int) -> dict[str, Any] | None:
+        rows = await self._query("SELECT * FROM users WHERE id = ?", (user_id,))
         return rows[0] if rows else None
 
     @public
-    def get_all_users(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        return self._query("SELECT * FROM users ORDER BY id LIMIT ? OFFSET ?", (limit, offset))
+    async def get_all_users(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        return await self._query("SELECT * FROM users ORDER BY id LIMIT ? OFFSET ?", (limit, offset))
 
     @public
     @metric
-    def update_user(self, user_id: int, name: str | None = None, email: str | None = None) -> dict[str, Any]:
+    async def update_user(
+        self, user_id: int, name: str | None = None, email: str | None = None
+    ) -> dict[str, Any]:
         self._check(name, email)
         try:
-            rows = self._query(
+            rows = await self._query(
                 "UPDATE users SET name = COALESCE(?, name), email = COALESCE(?, email)"
                 " WHERE id = ? RETURNING *",
                 (name.strip() if name else None, email.strip() if email else None, user_id),
@@ -97,24 +105,24 @@ class Database:
         return rows[0]
 
     @public
-    def delete_user(self, user_id: int) -> bool:
-        if not self._query("DELETE FROM users WHERE id = ? RETURNING id", (user_id,)):
+    async def delete_user(self, user_id: int) -> bool:
+        if not await self._query("DELETE FROM users WHERE id = ? RETURNING id", (user_id,)):
             raise NotFound(f"no user with id {user_id}")
         return True
 
     @public
     @metric
-    def search_users(self, query: str) -> list[dict[str, Any]]:
+    async def search_users(self, query: str) -> list[dict[str, Any]]:
         """Users whose name or email contains ``query``, ignoring case."""
         pattern = f"%{query.strip().lower()}%"
-        return self._query(
+        return await self._query(
             "SELECT * FROM users WHERE lower(name) LIKE ? OR lower(email) LIKE ? ORDER BY id",
             (pattern, pattern),
         )
 
     @public
-    def get_database_stats(self) -> dict[str, Any]:
-        [row] = self._query("SELECT COUNT(*) AS users FROM users")
+    async def get_database_stats(self) -> dict[str, Any]:
+        [row] = await self._query("SELECT COUNT(*) AS users FROM users")
         return {
             "path": self.path,
             "users": row["users"],
@@ -124,12 +132,11 @@ class Database:
         }
 
     @health_check
-    def health(self) -> Health:
+    async def health(self) -> Health:
         if self.db is None:
             return Health("unhealthy", checks={"connected": False})
         started = time.perf_counter()
-        with self.lock:
-            self.db.execute("SELECT 1").fetchone()
+        await self._query("SELECT 1")
         ping_ms = (time.perf_counter() - started) * 1000
         slow = max(ping_ms, self.last_query_ms) > self.slow_query_ms
         return Health(

@@ -24,4 +24,14 @@ def test_demo_runs_with_a_private_redis() -> None:
     assert "add(5, 3)        = 8" in out
     assert "RemoteError(type='ValueError', message='Division by zero')" in out
     assert "NoLiveWorkers" in out
-    assert "all workers stopped" in out
+    assert "after update_user: Ada King" in out
+    assert "search_users('HOPPER') = ['Grace Hopper']" in out
+    assert "already exists" in out
+    assert "processing 32 images" in out and "pool size now" in out
+    assert "process_batch streamed results" in out
+    for service in ("calculator", "database", "image-processor"):
+        assert f"{service:16} healthy" in out
+    assert "Every process with its metrics" in out
+    assert "all workers stopped" in out and "demo finished in" in out
+    seconds = float(out.rsplit("demo finished in", 1)[1].split()[0])
+    assert seconds < 30
