@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, Workers
 
 
 @pytest.mark.timeout(90)
@@ -35,3 +36,21 @@ def test_demo_runs_with_a_private_redis() -> None:
     assert "all workers stopped" in out and "demo finished in" in out
     seconds = float(out.rsplit("demo finished in", 1)[1].split()[0])
     assert seconds < 30
+
+
+@pytest.mark.timeout(90)
+def test_remote_caller_uses_workers_started_elsewhere(
+    workers: Workers, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    workers.start(ROOT / "processes" / "calculator.py")
+    workers.start(ROOT / "processes" / "database.py", "--dep", f'config={{"path": "{tmp_path / "u.db"}"}}')
+    workers.start(ROOT / "processes" / "image_processor.py")
+    env = {**os.environ, "TITAN_REDIS_URL": redis_url, "TITAN_NAMESPACE": namespace}
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.remote", "--wait", "30"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=80,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "calculator: 6 * 7 = 42" in result.stdout
+    assert "is Remote Caller" in result.stdout
+    assert "thumbnail of" in result.stdout and "(96, 72)" in result.stdout
