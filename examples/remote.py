@@ -47,7 +47,8 @@ async def main(wait: float) -> None:
         picture = io.BytesIO()
         Image.new("RGB", (640, 480), "teal").save(picture, format="PNG")
         thumb = await images.generate_thumbnail(picture.getvalue(), 96)
-        console.print(f"image-processor: thumbnail of {len(thumb)} bytes, {Image.open(io.BytesIO(thumb)).size}")
+        size = Image.open(io.BytesIO(thumb)).size
+        console.print(f"image-processor: thumbnail of {len(thumb)} bytes, {size}")
         for info in await pm.services():
             console.print(f"  {info.name}: {len(info.workers)} worker(s) on {sorted(info.hosts)}")
 
