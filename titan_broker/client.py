@@ -36,6 +36,7 @@ from .errors import (
     CallTimeout,
     NoLiveWorkers,
     RedisUnavailable,
+    RemoteError,
     TitanError,
     remote_error,
 )
@@ -259,12 +260,7 @@ class Client:
                     )
                 if reply.ok:
                     return reply.value
-                error = reply.error or {}
-                raise remote_error(
-                    str(error.get("type", "titan.Unknown")),
-                    str(error.get("message", "")),
-                    error.get("details") if isinstance(error.get("details"), dict) else None,
-                )
+                raise _error_of(reply)
             finally:
                 timer.cancel()
             # Nobody waits for it any more: drop it if no worker has taken it yet.
@@ -318,12 +314,7 @@ class Client:
                     raise await self._timeout_error(service, method, timeout)
                 if not reply.ok:
                     finished = True
-                    error = reply.error or {}
-                    raise remote_error(
-                        str(error.get("type", "titan.Unknown")),
-                        str(error.get("message", "")),
-                        error.get("details") if isinstance(error.get("details"), dict) else None,
-                    )
+                    raise _error_of(reply)
                 if reply.end is not None:
                     finished = True
                     return
@@ -462,6 +453,17 @@ class Client:
     async def invalidate_cache(self, service: str, method: str) -> None:
         """Drop every cached result of ``service.method`` (@cache), in every worker, at once."""
         await self.redis.incr(self.keys.cache_generation(service, method))
+
+
+def _error_of(reply: protocol.Reply) -> RemoteError:
+    """The exception an error reply stands for."""
+    error = reply.error or {}
+    details = error.get("details")
+    return remote_error(
+        str(error.get("type", "titan.Unknown")),
+        str(error.get("message", "")),
+        details if isinstance(details, dict) else None,
+    )
 
 
 def _traceparent() -> str | None:
