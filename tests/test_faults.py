@@ -166,6 +166,13 @@ async def test_cli_dead_letters(workers: Workers, redis_url: str, namespace: str
     assert len(listed) == 1 and "unanswerable" in listed[0]["reason"]
     table = titan(redis_url, namespace, "dead-letters", "calculator")
     assert "unanswerable" in table.stdout
+    replayed = titan(redis_url, namespace, "dead-letters", "calculator", "--replay", "--json")
+    assert json.loads(replayed.stdout) == {"replayed": 1}
+    # Junk stays junk: the worker dead-letters it again, with a new id.
+    again = await in_thread(
+        wait_until, lambda: [d for d in listing() if d["id"] != listed[0]["id"]], 10, "the replayed junk"
+    )
+    assert len(again) == 1 and len(listing()) == 1
     purged = titan(redis_url, namespace, "dead-letters", "calculator", "--purge", "--json")
     assert json.loads(purged.stdout) == {"purged": 1}
     assert listing() == []

@@ -8,6 +8,7 @@ key to answer. Each keeps the original entry whole (see PROTOCOL.md).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -84,22 +85,31 @@ async def list_dead_letters(redis: Redis, keys: Keys, service: str, *, count: in
 
 
 async def replay_dead_letters(
-    redis: Redis, keys: Keys, service: str, ids: list[str] | None = None, *, timeout: float = 60.0
+    redis: Redis,
+    keys: Keys,
+    service: str,
+    ids: list[str] | None = None,
+    *,
+    timeout: float = 60.0,
+    progress: Callable[[int, int], object] | None = None,
 ) -> int:
     """Put dead letters back on the service's stream, each with a new deadline ``timeout`` away.
 
     ``ids`` None replays them all. The original caller has gone: the reply
-    lands on its reply list and expires. Returns how many were replayed.
+    lands on its reply stream and expires. ``progress(done, total)`` is
+    called after each one. Returns how many were replayed.
     """
     letters = await list_dead_letters(redis, keys, service, count=100_000)
     chosen = [d for d in letters if ids is None or d.id in ids]
     deadline = str(int((time.time() + timeout) * 1000)).encode()
-    for letter in chosen:
+    for done, letter in enumerate(chosen, 1):
         fields: dict[Any, Any] = {**letter.entry, protocol.F_DEADLINE: deadline}
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.calls(service), fields)
             pipe.xdel(keys.dead(service), letter.id)
             await pipe.execute()
+        if progress is not None:
+            progress(done, len(chosen))
     return len(chosen)
 
 

@@ -23,6 +23,7 @@ import anyio
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.progress import Progress
 from rich.table import Table
 
 from titan_broker.client import Client
@@ -159,7 +160,12 @@ def dead_letters(
 
         async def act(c: Client) -> int:
             if replay:
-                return await replay_dead_letters(c.redis, c.keys, service, ids, timeout=timeout)
+                with Progress(console=err, transient=True, disable=as_json) as bar:
+                    task = bar.add_task(f"replaying dead letters of {service}", total=None)
+                    return await replay_dead_letters(
+                        c.redis, c.keys, service, ids, timeout=timeout,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    )  # fmt: skip
             return await purge_dead_letters(c.redis, c.keys, service, ids)
 
         count = _run(ctx, act)
