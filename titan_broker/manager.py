@@ -246,7 +246,11 @@ class ProcessManager:
         self._watch(first, pool._on_exit)
         self.pools.append(pool)
         if size > 1:
-            await pool._start(size - 1)
+            try:
+                await pool._start(size - 1)
+            except BaseException:
+                await pool.close()  # a pool starts whole or not at all
+                raise
         self._spawn_task(pool._monitor)
         logger.info("started %d worker(s) of %r from %s", size, first.service, shown)
         return pool

@@ -183,7 +183,7 @@ class Pool(Generic[T]):
         return worker
 
     async def _start(self, count: int) -> None:
-        """Start ``count`` workers at once; if any fails, stop the others and raise its SpawnError."""
+        """Start ``count`` workers at once; raise the first SpawnError (the others keep running)."""
         errors: list[BaseException] = []
 
         async def one() -> None:
@@ -196,7 +196,6 @@ class Pool(Generic[T]):
             for _ in range(count):
                 tg.start_soon(one)
         if errors:
-            await self.close()
             raise errors[0]
 
     async def _retire(self, worker: WorkerProcess, reason: str) -> None:
@@ -285,7 +284,11 @@ class Pool(Generic[T]):
             self._target = n
             live = [w for w in self.workers if w.worker_id not in self._retiring]
             if n > len(live):
-                await self._start(n - len(live))
+                try:
+                    await self._start(n - len(live))
+                except SpawnError:
+                    self._target = len([w for w in self.workers if w.worker_id not in self._retiring])
+                    raise
             elif n < len(live):
                 infos = {i.worker_id: i for i in await self._infos()}
                 ordered = sorted(
