@@ -43,6 +43,18 @@ def test_services_table_is_readable(redis_url: str, namespace: str, calculator: 
     assert "1.0.0" in result.stdout
 
 
+def test_services_table_shows_decorators_and_streams(
+    redis_url: str, namespace: str, workers: Workers
+) -> None:
+    from .conftest import SERVICES
+
+    workers.start(SERVICES / "decorated.py")
+    workers.wait_registered("decorated", 1)
+    out = titan(redis_url, namespace, "services").stdout
+    assert "[cache ttl=0.5 scope=worker]" in out
+    assert "[rate_limit rps=10 scope=service]" in out
+
+
 def test_services_in_an_empty_namespace(redis_url: str, namespace: str) -> None:
     result = titan(redis_url, namespace, "services", "--json")
     assert result.returncode == 0
@@ -140,3 +152,9 @@ def test_top_refreshes_then_stops(redis_url: str, namespace: str, calculator: st
     assert result.returncode == 0, result.stderr
     assert "titan top" in result.stdout and "calculator" in result.stdout
     assert "workers by host" in result.stdout
+
+
+def test_error_messages_keep_their_brackets(redis_url: str, namespace: str, calculator: str) -> None:
+    result = titan(redis_url, namespace, "call", "calculator", "factorial", "[1, 2]")
+    assert result.returncode == 1
+    assert "got list ([1, 2])" in result.stderr  # not eaten as rich markup

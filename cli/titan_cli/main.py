@@ -23,6 +23,7 @@ import anyio
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -95,7 +96,7 @@ def _run(ctx: typer.Context, work: Callable[[Client], Awaitable[R]]) -> R:
     try:
         return anyio.run(main)
     except TitanError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         code = EXIT_CALL_FAILED
         codes = ((RedisUnavailable, EXIT_REDIS), (ConfigError, EXIT_USAGE), (UnknownService, EXIT_UNKNOWN))
         for kind, exit_code in codes:
@@ -137,7 +138,7 @@ def services(
             str(len(s.workers)),
             str(sum(w.in_flight for w in s.workers)),
             str(sum(w.calls for w in s.workers)),
-            "\n".join(m.get("signature", m.get("name", "?")) for m in s.methods),
+            "\n".join(_method_line(m) for m in s.methods),
         )
     out.print(table)
 
@@ -172,20 +173,22 @@ def dead_letters(
         if as_json:
             _print_json({"replayed" if replay else "purged": count})
         else:
-            out.print(f"{'replayed' if replay else 'purged'} {count} dead letter(s) of {service!r}")
+            out.print(
+                f"{'replayed' if replay else 'purged'} {count} dead letter(s) of {escape(repr(service))}"
+            )
         return
     letters = _run(ctx, lambda c: list_dead_letters(c.redis, c.keys, service, count=1000))
     if as_json:
         _print_json([d.to_dict() for d in letters])
         return
     if not letters:
-        out.print(f"no dead letters for {service!r}")
+        out.print(f"no dead letters for {escape(repr(service))}")
         return
     table = Table(title=f"dead letters of {service}")
     for col in ("id", "method", "deliveries", "reason"):
         table.add_column(col)
     for d in letters:
-        table.add_row(d.id, d.method or "?", str(d.deliveries), d.reason)
+        table.add_row(d.id, escape(d.method or "?"), str(d.deliveries), escape(d.reason))
     out.print(table)
 
 
@@ -262,7 +265,7 @@ def health(
                 if w["status"] != "healthy"
             )
             status = f"[{colors[str(h.status)]}]{h.status}[/]"
-            table.add_row(h.service, status, f"{h.healthy}/{len(h.workers)}", notes)
+            table.add_row(h.service, status, f"{h.healthy}/{len(h.workers)}", escape(notes))
         out.print(table)
     if any(h.status != HealthStatus.HEALTHY for h in found):
         raise typer.Exit(EXIT_CALL_FAILED)
@@ -373,6 +376,21 @@ def top(
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(ctx, view)
+
+
+def _method_line(method: dict[str, Any]) -> str:
+    """``get_user(uid: int) -> dict  [cache ttl=60, metric]`` for the services table."""
+    line = str(method.get("signature", method.get("name", "?")))
+    decorators = method.get("decorators") or {}
+    if method.get("streaming"):
+        line += "  (streams)"
+    if decorators:
+        parts = []
+        for name, options in decorators.items():
+            shown = " ".join(f"{k}={v}" for k, v in options.items() if k in ("ttl", "scope", "rps", "name"))
+            parts.append(f"{name} {shown}".strip())
+        line += f"  [{', '.join(parts)}]"
+    return escape(line)  # '[' in type hints and options is text, not rich markup
 
 
 def _parse_arg(raw: str) -> Any:
