@@ -28,7 +28,7 @@ from .decorators import PROCESS_ATTR, ProcessInfo
 from .errors import ConfigError, SpawnError, TitanError
 from .events import Event, EventBus
 from .health import ServiceHealth, aggregate
-from .pool import AutoScale, Pool, RestartPolicy
+from .pool import AutoScale, Pool, PoolSettings, RestartPolicy
 from .registry import ServiceInfo, WorkerInfo, list_services, list_workers
 
 logger = logging.getLogger(__name__)
@@ -202,32 +202,23 @@ class ProcessManager:
         self,
         path: str | os.PathLike[str],
         cls: type[Any] | None,
+        settings: PoolSettings,
         *,
-        size: int,
-        autoscale: AutoScale | None,
-        restart: RestartPolicy | None,
-        recycle_after_calls: int | None,
-        max_lifetime: float | None,
-        memory_limit: int | None,
-        unhealthy_threshold: int,
-        dependencies: Mapping[str, Any] | None,
-        name: str | None,
-        options: WorkerOptions,
         startup_timeout: float | None,
-        breaker: CircuitBreaker | None = None,
+        breaker: CircuitBreaker | None,
     ) -> Pool[Any]:
         self._task_group()
         shown = os.fspath(path)
-        if name is not None:
-            check_name(name, "service name")
-        if size < 1:
-            raise ConfigError(f"a pool needs at least 1 worker, got size={size}")
-        if autoscale is not None and not autoscale.min <= size <= autoscale.max:
-            raise ConfigError(f"size={size} is outside autoscale min={autoscale.min}, max={autoscale.max}")
-        expected = _expected_name(cls, name)
+        if settings.name is not None:
+            check_name(settings.name, "service name")
+        expected = _expected_name(cls, settings.name)
         # The first worker tells what the service is called and what it offers.
         first = await self._start_worker(
-            shown, dependencies=dependencies, name=name, options=options, startup_timeout=startup_timeout
+            shown,
+            dependencies=settings.dependencies,
+            name=settings.name,
+            options=settings.options,
+            startup_timeout=startup_timeout,
         )
         if expected is not None and expected != first.service:
             await _terminate(first.process, grace=5.0)
@@ -236,23 +227,18 @@ class ProcessManager:
             self.client, first.service, methods=first.methods, timeout=None, breaker=breaker,
             streaming=first.streaming,
         )  # fmt: skip
-        pool: Pool[Any] = Pool(
-            self, shown, proxy,
-            service=first.service, size=size, autoscale=autoscale, restart=restart,
-            recycle_after_calls=recycle_after_calls, max_lifetime=max_lifetime, memory_limit=memory_limit,
-            unhealthy_threshold=unhealthy_threshold, dependencies=dependencies, name=name, options=options,
-        )  # fmt: skip
+        pool: Pool[Any] = Pool(self, shown, proxy, service=first.service, settings=settings)
         pool.workers.append(first)
         self._watch(first, pool._on_exit)
         self.pools.append(pool)
-        if size > 1:
+        if settings.size > 1:
             try:
-                await pool._start(size - 1)
+                await pool._start(settings.size - 1)
             except BaseException:
                 await pool.close()  # a pool starts whole or not at all
                 raise
         self._spawn_task(pool._monitor)
-        logger.info("started %d worker(s) of %r from %s", size, first.service, shown)
+        logger.info("started %d worker(s) of %r from %s", settings.size, first.service, shown)
         return pool
 
     @overload
@@ -305,12 +291,13 @@ class ProcessManager:
         SpawnError, with the child's message and the file name, when the
         worker exits or is not ready in time.
         """
-        pool = await self._create_pool(
-            path, cls, size=1, autoscale=None, restart=restart, recycle_after_calls=None,
-            max_lifetime=None, memory_limit=None, unhealthy_threshold=3, dependencies=dependencies,
-            name=name, options=replace(options or WorkerOptions(), concurrency=concurrency),
-            startup_timeout=startup_timeout, breaker=breaker,
-        )  # fmt: skip
+        settings = PoolSettings(
+            restart=restart,
+            dependencies=dict(dependencies or {}),
+            name=name,
+            options=replace(options or WorkerOptions(), concurrency=concurrency),
+        )
+        pool = await self._create_pool(path, cls, settings, startup_timeout=startup_timeout, breaker=breaker)
         return pool.proxy
 
     async def pool(
@@ -341,14 +328,19 @@ class ProcessManager:
         ``unhealthy_threshold`` failed health checks in a row. Call the
         service through ``pool.proxy`` (typed as ``cls``).
         """
-        chosen = size if size is not None else (autoscale.min if autoscale else 1)
-        return await self._create_pool(
-            path, cls, size=chosen, autoscale=autoscale, restart=restart,
-            recycle_after_calls=recycle_after_calls, max_lifetime=max_lifetime, memory_limit=memory_limit,
-            unhealthy_threshold=unhealthy_threshold, dependencies=dependencies, name=name,
+        settings = PoolSettings(
+            size=size if size is not None else (autoscale.min if autoscale else 1),
+            autoscale=autoscale,
+            restart=restart,
+            recycle_after_calls=recycle_after_calls,
+            max_lifetime=max_lifetime,
+            memory_limit=memory_limit,
+            unhealthy_threshold=unhealthy_threshold,
+            dependencies=dict(dependencies or {}),
+            name=name,
             options=replace(options or WorkerOptions(), concurrency=concurrency),
-            startup_timeout=startup_timeout, breaker=breaker,
-        )  # fmt: skip
+        )
+        return await self._create_pool(path, cls, settings, startup_timeout=startup_timeout, breaker=breaker)
 
     @overload
     async def connect(self, service: str, cls: type[T], *, breaker: CircuitBreaker | None = ...) -> T: ...

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -110,6 +110,29 @@ class PoolMetrics:
     """Slots given up after too many crashes."""
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """How a pool runs its workers (see ProcessManager.pool)."""
+
+    size: int = 1
+    autoscale: AutoScale | None = None
+    restart: RestartPolicy | None = field(default_factory=RestartPolicy)
+    recycle_after_calls: int | None = None
+    max_lifetime: float | None = None
+    memory_limit: int | None = None
+    unhealthy_threshold: int = 3
+    dependencies: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    options: WorkerOptions = field(default_factory=WorkerOptions)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"a pool needs at least 1 worker, got size={self.size}")
+        scale = self.autoscale
+        if scale is not None and not scale.min <= self.size <= scale.max:
+            raise ConfigError(f"size={self.size} is outside autoscale min={scale.min}, max={scale.max}")
+
+
 class Pool(Generic[T]):
     """Local worker processes of one service, supervised; call through ``pool.proxy``.
 
@@ -118,37 +141,15 @@ class Pool(Generic[T]):
     """
 
     def __init__(
-        self,
-        manager: ProcessManager,
-        path: str,
-        proxy: T,
-        *,
-        service: str,
-        size: int,
-        autoscale: AutoScale | None,
-        restart: RestartPolicy | None,
-        recycle_after_calls: int | None,
-        max_lifetime: float | None,
-        memory_limit: int | None,
-        unhealthy_threshold: int,
-        dependencies: Mapping[str, Any] | None,
-        name: str | None,
-        options: WorkerOptions,
+        self, manager: ProcessManager, path: str, proxy: T, *, service: str, settings: PoolSettings
     ) -> None:
         self.proxy = proxy
         self.service = service
         self.path = path
-        self.autoscale = autoscale
-        self.restart = restart
-        self.recycle_after_calls = recycle_after_calls
-        self.max_lifetime = max_lifetime
-        self.memory_limit = memory_limit
-        self.unhealthy_threshold = unhealthy_threshold
+        self.settings = settings
         self._manager = manager
-        self._dependencies = dict(dependencies or {})
-        self._name = name
-        self._options = options
-        self._target = size
+        self._options = settings.options
+        self._target = settings.size
         self.workers: list[WorkerProcess] = []
         self._retiring: dict[str, str] = {}
         """Workers being stopped on purpose, with the reason (they are not restarted)."""
@@ -173,7 +174,7 @@ class Pool(Generic[T]):
 
     async def _add_worker(self) -> WorkerProcess:
         worker = await self._manager._start_worker(
-            self.path, dependencies=self._dependencies, name=self._name, options=self._options
+            self.path, dependencies=self.settings.dependencies, name=self.settings.name, options=self._options
         )
         self.workers.append(worker)
         self._manager._watch(worker, self._on_exit)
@@ -231,24 +232,26 @@ class Pool(Generic[T]):
 
     def _after_crash(self, worker: WorkerProcess) -> None:
         """Restart after a backoff, unless the crashes within the window pass max_restarts."""
-        if self.restart is None or self._closed:
+        if self.settings.restart is None or self._closed:
             self._target = max(0, self._target - 1)
             return
         now = time.monotonic()
         self._crashes.append(now)
-        while self._crashes and self._crashes[0] < now - self.restart.window:
+        while self._crashes and self._crashes[0] < now - self.settings.restart.window:
             self._crashes.popleft()
-        if len(self._crashes) > self.restart.max_restarts:
+        if len(self._crashes) > self.settings.restart.max_restarts:
             self.failed += 1
             self._target = max(0, self._target - 1)
             self._emit(
                 "failed",
                 worker,
-                f"{len(self._crashes)} crashes within {self.restart.window:g} s "
-                f"(max_restarts {self.restart.max_restarts}); not restarting",
+                f"{len(self._crashes)} crashes within {self.settings.restart.window:g} s "
+                f"(max_restarts {self.settings.restart.max_restarts}); not restarting",
             )
             return
-        self._manager._spawn_task(self._restart_after, worker, self.restart.delay(len(self._crashes)))
+        self._manager._spawn_task(
+            self._restart_after, worker, self.settings.restart.delay(len(self._crashes))
+        )
 
     async def _restart_after(self, crashed: WorkerProcess, delay: float) -> None:
         await anyio.sleep(delay)
@@ -368,14 +371,14 @@ class Pool(Generic[T]):
     # -- the monitor: recycling, health, autoscale -------------------------------------------
 
     async def _monitor(self, interval: float = 1.0) -> None:
-        next_scale = time.monotonic() + (self.autoscale.interval if self.autoscale else 0)
+        next_scale = time.monotonic() + (self.settings.autoscale.interval if self.settings.autoscale else 0)
         while not self._closed:
             await anyio.sleep(interval)
             try:
                 await self._check_workers()
-                if self.autoscale is not None and time.monotonic() >= next_scale:
-                    next_scale = time.monotonic() + self.autoscale.interval
-                    await self._autoscale(self.autoscale)
+                if self.settings.autoscale is not None and time.monotonic() >= next_scale:
+                    next_scale = time.monotonic() + self.settings.autoscale.interval
+                    await self._autoscale(self.settings.autoscale)
             except Exception:
                 logger.exception("pool %s: monitor step failed", self.service)
 
@@ -386,31 +389,35 @@ class Pool(Generic[T]):
             if worker.worker_id in self._retiring:
                 continue
             info = infos.get(worker.worker_id)
-            if info is not None and info.unhealthy_streak >= self.unhealthy_threshold:
+            if info is not None and info.unhealthy_streak >= self.settings.unhealthy_threshold:
                 self._manager._spawn_task(
                     self._replace, worker, "unhealthy",
                     f"{info.unhealthy_streak} failed health checks in a row: replacing it",
                 )  # fmt: skip
-            elif info is not None and self.recycle_after_calls and info.calls >= self.recycle_after_calls:
+            elif (
+                info is not None
+                and self.settings.recycle_after_calls
+                and info.calls >= self.settings.recycle_after_calls
+            ):
                 self._manager._spawn_task(
                     self._replace,
                     worker,
                     "recycled",
-                    f"served {info.calls} calls (limit {self.recycle_after_calls})",
+                    f"served {info.calls} calls (limit {self.settings.recycle_after_calls})",
                 )
-            elif self.max_lifetime and now - worker.started_at >= self.max_lifetime:
+            elif self.settings.max_lifetime and now - worker.started_at >= self.settings.max_lifetime:
                 self._manager._spawn_task(
                     self._replace,
                     worker,
                     "recycled",
-                    f"lived {now - worker.started_at:.0f} s (limit {self.max_lifetime:g} s)",
+                    f"lived {now - worker.started_at:.0f} s (limit {self.settings.max_lifetime:g} s)",
                 )
-            elif self.memory_limit:
+            elif self.settings.memory_limit:
                 proc = self._process(worker)
                 with contextlib.suppress(psutil.Error):
                     rss = proc.memory_info().rss if proc else 0
-                    if rss >= self.memory_limit:
-                        limit = self.memory_limit / 2**20
+                    if rss >= self.settings.memory_limit:
+                        limit = self.settings.memory_limit / 2**20
                         self._manager._spawn_task(
                             self._replace, worker, "recycled",
                             f"RSS {rss / 2**20:.0f} MiB over the limit of {limit:.0f} MiB",
