@@ -407,3 +407,13 @@ async def test_a_health_check_that_hangs_counts_as_unhealthy(pm: ProcessManager,
     health = await eventually(lambda: _unhealthy(pm, "pooled"), 10, "an unhealthy service")
     assert "took longer than 0.3 s" in health.workers[0]["details"]["error"]
     assert await pool.proxy.sleep(0) == pool.workers[0].pid  # the worker still serves calls
+
+
+async def test_every_worker_option_reaches_a_spawned_worker(pm: ProcessManager) -> None:
+    options = WorkerOptions(metrics_port=0, heartbeat_ttl=7.0, read_block=0.3)
+    pool = await pm.pool(POOLED, options=options, concurrency=3)
+    [worker] = pool.workers
+    record = await pm.client.redis.hgetall(pm.client.keys.worker("pooled", worker.worker_id))
+    assert int(record[b"metrics_port"]) > 0  # metrics_port had no flag from pm.spawn before
+    assert record[b"concurrency"] == b"3"
+    assert 5000 < await pm.client.redis.pttl(pm.client.keys.worker("pooled", worker.worker_id)) <= 7000

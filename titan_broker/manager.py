@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -160,7 +160,8 @@ class ProcessManager:
         command = [
             sys.executable, "-m", "titan_worker", "run", path,
             "--worker-id", worker_id, "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid()),
-            *_worker_flags(options),
+            # Every option, whole: a flag per field would drift from WorkerOptions.
+            "--options-json", json.dumps(asdict(options)),
         ]  # fmt: skip
         if name is not None:
             command += ["--name", name]
@@ -418,19 +419,6 @@ class ProcessManager:
     async def stop_worker(self, worker: WorkerProcess, timeout: float = 30.0) -> int:
         """Drain and stop one worker process; return its exit code."""
         return await _terminate(worker.process, timeout)
-
-
-def _worker_flags(options: WorkerOptions) -> list[str]:
-    return [
-        "--concurrency", str(options.concurrency),
-        "--grace", str(options.grace_period),
-        "--heartbeat-ttl", str(options.heartbeat_ttl),
-        "--heartbeat-interval", str(options.heartbeat_interval),
-        "--health-interval", str(options.health_interval),
-        "--health-timeout", str(options.health_timeout),
-        "--max-payload", str(options.max_payload),
-        *(["--max-deliveries", str(options.max_deliveries)] if options.max_deliveries else []),
-    ]  # fmt: skip
 
 
 async def _await_ready(fd: int, process: anyio.abc.Process, path: str, timeout: float) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Annotated, Any
 
 import anyio
@@ -145,6 +146,10 @@ def run(
     health_timeout: Annotated[float, typer.Option(help="A slower health check counts as unhealthy.")] = 2.0,
     worker_id: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    options_json: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="All WorkerOptions as JSON (pm.spawn); replaces the flags."),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics.")
     ] = None,
@@ -169,24 +174,28 @@ def run(
     try:
         deps = _parse_deps(dep or [])
         url = resolve_url(redis)
-        options = WorkerOptions(
-            concurrency=concurrency,
-            grace_period=grace,
-            heartbeat_ttl=heartbeat_ttl,
-            heartbeat_interval=heartbeat_interval,
-            max_deliveries=max_deliveries,
-            max_payload=max_payload,
-            health_interval=health_interval,
-            health_timeout=health_timeout,
-            parent_pid=parent_pid,
-            metrics_port=metrics_port,
+        options = (
+            replace(WorkerOptions(**json.loads(options_json)), parent_pid=parent_pid)
+            if options_json
+            else WorkerOptions(
+                concurrency=concurrency,
+                grace_period=grace,
+                heartbeat_ttl=heartbeat_ttl,
+                heartbeat_interval=heartbeat_interval,
+                max_deliveries=max_deliveries,
+                max_payload=max_payload,
+                health_interval=health_interval,
+                health_timeout=health_timeout,
+                parent_pid=parent_pid,
+                metrics_port=metrics_port,
+            )
         )
         definition = load_service_file(file)
         worker = Worker(definition, url=url, namespace=resolve_namespace(namespace), options=options,
                         dependencies=deps, service_name=name, worker_id=worker_id)  # fmt: skip
     except ServiceFileError as exc:
         raise fail(EXIT_BAD_FILE, str(exc)) from None
-    except (ConfigError, typer.BadParameter, json.JSONDecodeError) as exc:
+    except (ConfigError, typer.BadParameter, json.JSONDecodeError, TypeError) as exc:
         raise fail(2, str(exc)) from None
     try:
         anyio.run(_serve, worker, ready)
