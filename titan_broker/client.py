@@ -224,22 +224,8 @@ class Client:
         passes, BacklogFull when the service refuses new calls, and
         RedisUnavailable when Redis cannot be reached.
         """
-        timeout = self.default_timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        timeout, call_id, fields = self._request(method, args, kwargs, timeout)
         started = time.monotonic()
-        deadline_ms = int((time.time() + timeout) * 1000)
-        call_id = f"{self.client_id}-{next(self._ids)}"
-        fields = protocol.encode_request(
-            call_id,
-            method,
-            args,
-            kwargs or {},
-            self._reply_key,
-            deadline_ms,
-            trace=_traceparent(),
-            max_payload=self.max_payload,
-        )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[protocol.Reply] = loop.create_future()
         self._pending[call_id] = fut
@@ -289,15 +275,8 @@ class Client:
         producer is raised here after the items it sent. ``timeout`` bounds
         the whole stream. Raises like ``call``.
         """
-        timeout = self.default_timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        timeout, call_id, fields = self._request(method, args, kwargs, timeout)
         deadline = time.monotonic() + timeout
-        call_id = f"{self.client_id}-{next(self._ids)}"
-        fields = protocol.encode_request(
-            call_id, method, args, kwargs or {}, self._reply_key, int((time.time() + timeout) * 1000),
-            trace=_traceparent(), max_payload=self.max_payload,
-        )  # fmt: skip
         window = protocol.STREAM_WINDOW
         send, receive = anyio.create_memory_object_stream[protocol.Reply](window * 2 + 8)
         self._streams[call_id] = send
@@ -334,6 +313,20 @@ class Client:
             if not finished:
                 with anyio.CancelScope(shield=True):
                     await self._cancel_stream(service, call_id)
+
+    def _request(
+        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None, timeout: float | None
+    ) -> tuple[float, str, dict[bytes, bytes]]:
+        """The timeout to use, a new call id, and the request entry's fields (deadline included)."""
+        timeout = self.default_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        call_id = f"{self.client_id}-{next(self._ids)}"
+        fields = protocol.encode_request(
+            call_id, method, args, kwargs or {}, self._reply_key, int((time.time() + timeout) * 1000),
+            trace=_traceparent(), max_payload=self.max_payload,
+        )  # fmt: skip
+        return timeout, call_id, fields
 
     async def _grant(self, service: str, call_id: str, credit: int) -> None:
         key = self.keys.stream_control(service, call_id)
