@@ -20,16 +20,19 @@ from .errors import BacklogFull as BacklogFull
 from .errors import BadArguments as BadArguments
 from .errors import BadRequest as BadRequest
 from .errors import CallError as CallError
+from .errors import CallLost as CallLost
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ConfigError as ConfigError
 from .errors import DeadLettered as DeadLettered
 from .errors import DeadlineExceeded as DeadlineExceeded
 from .errors import EncodeError as EncodeError
+from .errors import InternalError as InternalError
 from .errors import MethodNotFound as MethodNotFound
 from .errors import NoLiveWorkers as NoLiveWorkers
 from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import RateLimited as RateLimited
+from .errors import RedisOutOfMemory as RedisOutOfMemory
 from .errors import RedisUnavailable as RedisUnavailable
 from .errors import RemoteError as RemoteError
 from .errors import ServiceFileError as ServiceFileError
@@ -54,6 +57,7 @@ __all__ = (
     "BadArguments",
     "BadRequest",
     "CallError",
+    "CallLost",
     "CallTimeout",
     "CircuitBreaker",
     "CircuitOpen",
@@ -66,6 +70,7 @@ __all__ = (
     "Event",
     "Health",
     "HealthStatus",
+    "InternalError",
     "MethodNotFound",
     "NoLiveWorkers",
     "PayloadTooLarge",
@@ -73,6 +78,7 @@ __all__ = (
     "PoolMetrics",
     "ProcessManager",
     "RateLimited",
+    "RedisOutOfMemory",
     "RedisUnavailable",
     "RemoteError",
     "RestartPolicy",

@@ -83,6 +83,9 @@ class WorkerOptions:
     """When set, the worker drains and exits once this process (its manager) is gone."""
     dead_letter_maxlen: int = 10_000
     """The dead-letter stream keeps about this many entries (oldest trimmed first)."""
+    expose_tracebacks: bool = False
+    """Send the traceback of a failed call to its caller (for development); by default the caller
+    gets the error's type, message and id, and the worker logs the traceback under that id."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

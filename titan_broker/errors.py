@@ -7,6 +7,7 @@ matching class below; they are never pickled.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 
@@ -38,6 +39,10 @@ class SpawnError(TitanError):
 
 class RedisUnavailable(TitanError):
     """Redis cannot be reached, refused the credentials, or dropped the connection."""
+
+
+class RedisOutOfMemory(RedisUnavailable):
+    """Redis refused a write: it reached its ``maxmemory`` limit with the ``noeviction`` policy."""
 
 
 class CallError(TitanError):
@@ -110,16 +115,41 @@ class DeadLettered(RemoteError):
     """The call was delivered more than its max_deliveries and moved to the dead letters."""
 
 
+class InternalError(RemoteError):
+    """The worker failed outside the method (its bookkeeping, not your code); ``details['error_id']``
+    names the failure in the worker's log."""
+
+
+class CallLost(CallError):
+    """Redis lost the call before it was answered (it restarted without persistence, or its data was
+    deleted); the call may or may not have run."""
+
+
+class WireError(StrEnum):
+    """The ``type`` of an error reply raised by titan-broker itself (not by the service's code)."""
+
+    METHOD_NOT_FOUND = "titan.MethodNotFound"
+    BAD_ARGUMENTS = "titan.BadArguments"
+    BAD_REQUEST = "titan.BadRequest"
+    PAYLOAD_TOO_LARGE = "titan.PayloadTooLarge"
+    DEADLINE_EXCEEDED = "titan.DeadlineExceeded"
+    ENCODE_ERROR = "titan.EncodeError"
+    DEAD_LETTERED = "titan.DeadLettered"
+    RATE_LIMITED = "titan.RateLimited"
+    INTERNAL = "titan.InternalError"
+
+
 # Protocol error types as they appear on the wire, mapped to their classes.
 WIRE_ERRORS: dict[str, type[RemoteError]] = {
-    "titan.MethodNotFound": MethodNotFound,
-    "titan.BadArguments": BadArguments,
-    "titan.BadRequest": BadRequest,
-    "titan.PayloadTooLarge": PayloadTooLarge,
-    "titan.DeadlineExceeded": DeadlineExceeded,
-    "titan.EncodeError": EncodeError,
-    "titan.DeadLettered": DeadLettered,
-    "titan.RateLimited": RateLimited,
+    WireError.METHOD_NOT_FOUND: MethodNotFound,
+    WireError.BAD_ARGUMENTS: BadArguments,
+    WireError.BAD_REQUEST: BadRequest,
+    WireError.PAYLOAD_TOO_LARGE: PayloadTooLarge,
+    WireError.DEADLINE_EXCEEDED: DeadlineExceeded,
+    WireError.ENCODE_ERROR: EncodeError,
+    WireError.DEAD_LETTERED: DeadLettered,
+    WireError.RATE_LIMITED: RateLimited,
+    WireError.INTERNAL: InternalError,
 }
 
 
