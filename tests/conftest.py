@@ -197,13 +197,13 @@ async def raw_call(
     method: str,
     args: tuple[Any, ...],
     *,
-    deadline_in: float = 10.0,
+    deadline_in: float = 10.0,  # counted from when Redis adds the entry; <= 0: already late
     mutate: Callable[[dict[bytes, bytes]], object] | None = None,
 ) -> Reply:
     """Write a request entry by hand (optionally altered) and read the reply the worker sends."""
     keys = pm.client.keys
     reply_key = keys.reply(f"manual-{uuid.uuid4().hex[:8]}")
-    fields = encode_request("raw-1", method, args, {}, reply_key, int((time.time() + deadline_in) * 1000))
+    fields = encode_request("raw-1", method, args, {}, reply_key, int(deadline_in * 1000))
     if mutate is not None:
         mutate(fields)
     await pm.client.redis.xadd(keys.calls(service), fields)  # type: ignore[arg-type]

@@ -147,7 +147,7 @@ async def test_call_running_past_its_deadline_is_cancelled(pm: ProcessManager) -
         (lambda f: f.update({b"a": b"\xc1not msgpack"}), "not valid msgpack"),
         (lambda f: f.update({b"a": pack({"not": "a list"})}), "must be a msgpack array"),
         (lambda f: f.pop(b"m"), "no method name"),
-        (lambda f: f.update({b"d": b"soon"}), "no valid deadline"),
+        (lambda f: f.update({b"ttl": b"soon"}), "no valid timeout"),
     ],
 )
 async def test_malformed_entry_gets_an_error_reply_and_worker_keeps_serving(

@@ -41,27 +41,13 @@ from .errors import (
     remote_error,
 )
 from .keys import Keys
+from .scripting import Script
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Refuse the call when the stream already holds max_backlog entries; acknowledged
-# entries are deleted, so the length is the backlog (unread plus in progress).
-# The limit is the one the service's workers publish, else the client's default.
-# A call with an affinity key goes to its worker's own stream while that worker
-# lives (its record exists), else to the shared stream.
-# KEYS: calls stream, service config hash, [worker record, shared stream]
-# ARGV: default limit, field, value, ...
-_SUBMIT = """
-local stream = KEYS[1]
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then stream = KEYS[4] end
-local max = tonumber(redis.call('HGET', KEYS[2], 'max_backlog') or ARGV[1])
-if max > 0 and redis.call('XLEN', stream) >= max then
-  return redis.error_reply('TITANBACKLOG ' .. max)
-end
-return redis.call('XADD', stream, '*', unpack(ARGV, 2))
-"""
+_SUBMIT = Script("submit")
 ROUTE_TTL = 1.0
 """Seconds a client trusts its list of a service's workers for affinity routing."""
 
@@ -100,7 +86,6 @@ class Client:
         self._tg: anyio.abc.TaskGroup | None = None
         self._sender: AutoPipeline | None = None
         self._channels: list[Channel] = []
-        self._submit_sha = ""
         self._routes: dict[str, tuple[float, list[str]]] = {}
 
     @property
@@ -113,7 +98,6 @@ class Client:
     async def __aenter__(self) -> Client:
         self._redis = await open_redis(self.url)
         try:
-            self._submit_sha = await self._redis.script_load(_SUBMIT)
             # Calls and replies each get a connection of their own, off the pool.
             sender, receiver = await Channel.open(self.url), await Channel.open(self.url)
             self._channels = [sender, receiver]
@@ -323,7 +307,7 @@ class Client:
             raise ValueError(f"timeout must be positive, got {timeout}")
         call_id = f"{self.client_id}-{next(self._ids)}"
         fields = protocol.encode_request(
-            call_id, method, args, kwargs or {}, self._reply_key, int((time.time() + timeout) * 1000),
+            call_id, method, args, kwargs or {}, self._reply_key, int(timeout * 1000),
             trace=_traceparent(), max_payload=self.max_payload,
         )  # fmt: skip
         return timeout, call_id, fields
@@ -373,15 +357,11 @@ class Client:
                 self.keys.worker(service, worker),
                 shared,
             ]
-        argv: list[Any] = [len(keys), *keys, self.max_backlog]
+        argv: list[Any] = [self.max_backlog]
         for name, value in fields.items():
             argv += (name, value)
         try:
-            try:
-                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, *argv))
-            except rexc.NoScriptError:  # Redis restarted and lost its script cache
-                self._submit_sha = await self.redis.script_load(_SUBMIT)
-                return cast(bytes, await self._sender.execute("EVALSHA", self._submit_sha, *argv))
+            return cast(bytes, await _SUBMIT(self._sender, keys, argv))
         except rexc.ResponseError as exc:
             if str(exc).startswith("TITANBACKLOG"):
                 limit = str(exc).split()[-1]

@@ -7,7 +7,6 @@ key to answer. Each keeps the original entry whole (see PROTOCOL.md).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -101,9 +100,11 @@ async def replay_dead_letters(
     """
     letters = await list_dead_letters(redis, keys, service, count=100_000)
     chosen = [d for d in letters if ids is None or d.id in ids]
-    deadline = str(int((time.time() + timeout) * 1000)).encode()
+    # The timeout counts from the new entry's id: a replayed call gets a whole new deadline.
+    ttl = str(int(timeout * 1000)).encode()
     for done, letter in enumerate(chosen, 1):
-        fields: dict[Any, Any] = {**letter.entry, protocol.F_DEADLINE: deadline}
+        fields: dict[Any, Any] = {**letter.entry, protocol.F_TIMEOUT: ttl}
+        fields.pop(b"x", None)  # moves off dead workers' streams start again from 0
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.calls(service), fields)
             pipe.xdel(keys.dead(service), letter.id)

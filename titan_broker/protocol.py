@@ -1,8 +1,10 @@
-"""The wire protocol, version 1 (PROTOCOL.md is its specification).
+"""The wire protocol, version 2 (PROTOCOL.md is its specification).
 
 A request is one stream entry with short fields; a reply is one msgpack map
-pushed to the caller's reply list. Values are msgpack only: a value msgpack
-cannot encode is an error, never a pickle.
+added to the caller's reply stream. Values are msgpack only: a value msgpack
+cannot encode is an error, never a pickle. Decoding is bounded: the entry's
+size is checked before anything is decoded, and a payload may hold at most
+MAX_CONTAINERS arrays and maps, nested at most MAX_DEPTH deep.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import msgpack
 
 from .errors import EncodeError, PayloadTooLarge
 
-VERSION = b"1"
+VERSION = b"2"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+ENTRY_OVERHEAD = 4096
+"""Bytes an entry may hold beyond its payload (ids, method, reply key, trace context)."""
+MAX_CONTAINERS = 65_536
+"""Arrays and maps one payload may hold: 1 MiB of empty maps would otherwise be ~70 MB of objects."""
+MAX_DEPTH = 64
 
 # Stream entry fields.
 F_VERSION = b"v"
@@ -25,7 +32,8 @@ F_ID = b"id"
 F_METHOD = b"m"
 F_ARGS = b"a"
 F_REPLY = b"r"
-F_DEADLINE = b"d"
+F_TIMEOUT = b"ttl"
+"""Milliseconds the call may take, counted from its entry id (Redis's clock at XADD)."""
 F_TRACE = b"t"
 # Reply stream entry field.
 F_REPLY_VALUE = b"reply"
@@ -45,7 +53,22 @@ def _default(value: Any) -> Any:
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_BIGINT:
         return int.from_bytes(data, "big", signed=True)
-    return msgpack.ExtType(code, data)
+    raise ValueError(f"unknown msgpack extension type {code}")
+
+
+class _Counter:
+    """Counts the arrays and maps of one decode; raises past MAX_CONTAINERS."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, value: Any) -> Any:
+        self.count += 1
+        if self.count > MAX_CONTAINERS:
+            raise ValueError(f"more than {MAX_CONTAINERS} arrays and maps")
+        return value
 
 
 def pack(value: Any) -> bytes:
@@ -57,8 +80,39 @@ def pack(value: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """Decode one msgpack value (maps may have non-string keys; big integers are ext type 1)."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+    """Decode one msgpack value (maps may have non-string keys; big integers are ext type 1).
+
+    Raises ValueError (or another msgpack error) on garbage, an unknown
+    extension type, more than MAX_CONTAINERS arrays and maps, or nesting
+    deeper than MAX_DEPTH.
+    """
+    counter = _Counter()
+    value = msgpack.unpackb(
+        data, raw=False, strict_map_key=False, ext_hook=_ext_hook, object_hook=counter, list_hook=counter
+    )
+    if counter.count > MAX_DEPTH:  # fewer containers cannot nest deeper
+        _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"values nested more than {MAX_DEPTH} deep")
+        if isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, list | dict))
+        elif isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, list | dict))
+
+
+def show(raw: bytes | str | None, limit: int = 80) -> str:
+    """A field's value for a message or a log line, cut to ``limit`` characters."""
+    if raw is None:
+        return "nothing"
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    return repr(text[:limit]) + (f"... ({len(raw)} bytes)" if len(text) > limit else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +125,7 @@ class Request:
     kwargs: dict[str, Any]
     reply_to: str
     deadline_ms: int
+    """In Redis's clock: the entry id's milliseconds plus the call's timeout."""
     trace: str | None = None
 
 
@@ -97,12 +152,16 @@ def encode_request(
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
     reply_to: str,
-    deadline_ms: int,
+    timeout_ms: int,
     *,
     trace: str | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
 ) -> dict[bytes, bytes]:
-    """Build the fields of a request entry; raise PayloadTooLarge or EncodeError."""
+    """Build the fields of a request entry; raise PayloadTooLarge or EncodeError.
+
+    ``timeout_ms`` counts from the moment Redis adds the entry (its id), so the
+    deadline is in Redis's clock and no host's clock matters.
+    """
     payload = pack([list(args), dict(kwargs)])
     if len(payload) > max_payload:
         raise PayloadTooLarge(
@@ -115,7 +174,7 @@ def encode_request(
         F_METHOD: method.encode(),
         F_ARGS: payload,
         F_REPLY: reply_to.encode(),
-        F_DEADLINE: str(deadline_ms).encode(),
+        F_TIMEOUT: str(max(0, timeout_ms)).encode(),
     }
     if trace is not None:
         fields[F_TRACE] = trace.encode()
@@ -133,20 +192,43 @@ def field_text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
         return None
 
 
+def entry_time_ms(entry_id: bytes) -> int:
+    """The milliseconds part of a stream entry id: Redis's clock when the entry was added."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def entry_size(fields: Mapping[bytes, bytes]) -> int:
+    """The bytes an entry holds, names and values."""
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
 def decode_request(
-    fields: Mapping[bytes, bytes], *, reply_prefix: str, max_payload: int = DEFAULT_MAX_PAYLOAD
+    fields: Mapping[bytes, bytes],
+    entry_id: bytes,
+    *,
+    reply_prefix: str,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
 ) -> Request:
     """Parse a request entry; raise BadEntry saying which field is at fault.
 
-    A reply key must start with ``reply_prefix`` (``<ns>:reply:``): an entry
-    cannot make a worker write into any other key. Such an entry has no
-    usable reply key and is answered nowhere (it is dead-lettered).
+    The entry's size is checked first, before anything is decoded. A reply
+    key must start with ``reply_prefix`` (``<ns>:reply:``): an entry cannot
+    make a worker write into any other key. Such an entry has no usable reply
+    key and is answered nowhere (it is dead-lettered).
     """
-    call_id = field_text(fields, F_ID)
-    reply_to = field_text(fields, F_REPLY)
+    call_id = _small_text(fields, F_ID)
+    reply_to = _small_text(fields, F_REPLY)
     if reply_to is not None and (not reply_to.startswith(reply_prefix) or len(reply_to) > 256):
         raise BadEntry(
-            f"reply key {reply_to[:80]!r} is not under {reply_prefix!r}", call_id=call_id, reply_to=None
+            f"reply key {show(reply_to)} is not under {reply_prefix!r}", call_id=call_id, reply_to=None
+        )
+    size = entry_size(fields)
+    if size > max_payload + ENTRY_OVERHEAD:
+        raise BadEntry(
+            f"request entry is {size} bytes, over the limit of {max_payload + ENTRY_OVERHEAD}",
+            call_id=call_id,
+            reply_to=reply_to,
+            type="titan.PayloadTooLarge",
         )
 
     def bad(message: str, type: str = "titan.BadRequest") -> BadEntry:
@@ -154,21 +236,21 @@ def decode_request(
 
     version = fields.get(F_VERSION)
     if version != VERSION:
-        raise bad(f"unsupported protocol version {version!r}; this worker speaks {VERSION.decode()}")
+        raise bad(f"unsupported protocol version {show(version)}; this worker speaks {VERSION.decode()}")
     if not call_id:
-        raise bad("request has no call id (field 'id')")
+        raise bad("request has no call id (field 'id', at most 256 bytes of UTF-8)")
     if not reply_to:
         raise bad("request has no reply key (field 'r')")
-    method = field_text(fields, F_METHOD)
+    method = _small_text(fields, F_METHOD)
     if not method:
-        raise bad("request has no method name (field 'm')")
-    deadline = field_text(fields, F_DEADLINE)
+        raise bad("request has no method name (field 'm', at most 256 bytes of UTF-8)")
+    raw_timeout = fields.get(F_TIMEOUT, b"")
+    if not raw_timeout.isdigit() or len(raw_timeout) > 12:
+        raise bad(f"request has no valid timeout (field 'ttl' = {show(raw_timeout)}; milliseconds)")
     try:
-        deadline_ms = int(deadline) if deadline is not None else -1
+        deadline_ms = entry_time_ms(entry_id) + int(raw_timeout)
     except ValueError:
-        deadline_ms = -1
-    if deadline_ms < 0:
-        raise bad(f"request has no valid deadline (field 'd' = {deadline!r})")
+        raise bad(f"entry id {show(entry_id)} is not a stream id") from None
     payload = fields.get(F_ARGS)
     if payload is None:
         raise bad("request has no arguments (field 'a')")
@@ -196,8 +278,19 @@ def decode_request(
         kwargs=decoded[1],
         reply_to=reply_to,
         deadline_ms=deadline_ms,
-        trace=field_text(fields, F_TRACE),
+        trace=_small_text(fields, F_TRACE),
     )
+
+
+_FIELDS = frozenset({F_VERSION, F_ID, F_METHOD, F_ARGS, F_REPLY, F_TIMEOUT, F_TRACE, b"x"})
+"""The fields a request of this version has (``x`` counts moves off dead workers' own streams);
+others are ignored, so that later versions can add optional ones."""
+
+
+def _small_text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
+    """A short text field (id, method, reply key, trace); None when missing, too long or not UTF-8."""
+    raw = fields.get(name)
+    return field_text(fields, name) if raw is not None and len(raw) <= 256 else None
 
 
 def encode_ok(call_id: str, value: Any, worker_id: str) -> bytes:
@@ -213,14 +306,36 @@ def encode_error(
     try:
         return pack({"id": call_id, "ok": False, "e": error, "w": worker_id})
     except EncodeError:
-        error["details"] = {"repr": repr(details)}
+        error["details"] = {"repr": safe_repr(details)}
         return pack({"id": call_id, "ok": False, "e": error, "w": worker_id})
 
 
+def safe_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters; never raises (huge ints and broken __repr__ do)."""
+    try:
+        text = repr(value)
+    except Exception as exc:
+        return f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def dead_letter_fields(
-    fields: Mapping[bytes, bytes], *, reason: str, deliveries: int, worker: str, source_id: bytes
+    fields: Mapping[bytes, bytes],
+    *,
+    reason: str,
+    deliveries: int,
+    worker: str,
+    source_id: bytes,
+    max_size: int = DEFAULT_MAX_PAYLOAD + ENTRY_OVERHEAD,
 ) -> dict[bytes, bytes]:
-    """The fields of a dead-letter entry: the original entry, kept whole, and why it is here."""
+    """The fields of a dead-letter entry: the original entry and why it is here.
+
+    The entry is kept whole, for replay, unless it is over the size limit:
+    then only its known short fields are kept (it could not be served anyway).
+    """
+    if entry_size(fields) > max_size:
+        fields = {k: v for k, v in fields.items() if k in _FIELDS and k != F_ARGS and len(v) <= 256}
+        reason += " (the entry was over the size limit: only its short fields are kept)"
     dead = {
         b"entry": pack(dict(fields)),
         b"reason": reason.encode(),

@@ -374,7 +374,7 @@ class Worker:
     async def _handle(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             started = time.perf_counter()
-            outcome = await self._execute(fields)
+            outcome = await self._execute(entry_id, fields)
             self.latency.observe(time.perf_counter() - started)
             self.calls += 1
             if not outcome.ok:
@@ -539,11 +539,11 @@ class Worker:
         except Exception as exc:  # housekeeping must never take the worker down
             logger.warning("worker %s: could not clean up dead consumers (%s)", self.worker_id, exc)
 
-    async def _execute(self, fields: dict[bytes, bytes]) -> _Outcome:
+    async def _execute(self, entry_id: bytes, fields: dict[bytes, bytes]) -> _Outcome:
         wid = self.worker_id
         try:
             req = protocol.decode_request(
-                fields, reply_prefix=self.keys.reply_prefix, max_payload=self.options.max_payload
+                fields, entry_id, reply_prefix=self.keys.reply_prefix, max_payload=self.options.max_payload
             )
         except protocol.BadEntry as bad:
             logger.warning("worker %s: bad request entry: %s", wid, bad)

@@ -1,0 +1,62 @@
+"""Lua scripts as data: each lives in ``titan_broker/lua/<name>.lua`` and runs through ``Script``.
+
+A script is sent as EVALSHA with the SHA1 of its source, computed here, so
+nothing has to be loaded up front; a Redis that does not know it (it
+restarted, or SCRIPT FLUSH) answers NOSCRIPT, and the script is loaded on
+that connection and run again. Every script states its KEYS and ARGV at its
+top; all the keys one script touches share a hash tag (one cluster slot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis import exceptions as rexc
+
+from .connection import AutoPipeline, Channel, Redis
+
+Executor = Redis | Channel | AutoPipeline
+"""Anything a command can be sent through."""
+
+
+async def execute(via: Executor, *command: Any) -> Any:
+    """Send one command through a pooled client, a channel or an auto-pipeline."""
+    if isinstance(via, Redis):
+        return await via.execute_command(*command)  # type: ignore[no-untyped-call]
+    return await via.execute(*command)
+
+
+class Script:
+    """One Lua script, run with EVALSHA and reloaded on NOSCRIPT."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, via: Executor, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+        """Run the script; its errors (ResponseError) and connection errors are raised."""
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return await execute(via, *command)
+        except rexc.NoScriptError:
+            await execute(via, "SCRIPT", "LOAD", self.source)
+            return await execute(via, *command)
+
+    def run_sync(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+        """The same, from a thread with a synchronous client (the worker's heartbeat)."""
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except rexc.NoScriptError:
+            client.execute_command("SCRIPT", "LOAD", self.source)  # type: ignore[no-untyped-call]
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+
+    def __repr__(self) -> str:
+        return f"<Script {self.name} {self.sha[:8]}>"
