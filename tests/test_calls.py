@@ -48,7 +48,9 @@ async def test_remote_exception_carries_type_and_message(pm: ProcessManager) -> 
         await calc.divide(1, 0)
     assert info.value.type == "ValueError"
     assert info.value.message == "Division by zero"
-    assert "Traceback" in info.value.details["traceback"]
+    # The caller learns an error id, not the worker's traceback (that is in the worker's log).
+    assert "traceback" not in info.value.details
+    assert len(info.value.details["error_id"]) == 12
     with pytest.raises(RemoteError, match="negative"):
         await calc.factorial(-1)
     assert await calc.add(1, 1) == 2  # the worker keeps serving

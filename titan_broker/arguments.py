@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any
 
+from .protocol import safe_repr
+
 _SIMPLE: dict[Any, tuple[type, ...]] = {
     int: (int,),
     float: (int, float),  # as in mypy, an int is acceptable where a float is expected
@@ -47,7 +49,7 @@ def check_arguments(
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
             items = [(f"*{pname}[{i}]", v) for i, v in enumerate(value)]
         elif param.kind is inspect.Parameter.VAR_KEYWORD:
-            items = [(f"**{pname}[{k!r}]", v) for k, v in value.items()]
+            items = [(f"**{pname}[{safe_repr(k, 40)}]", v) for k, v in value.items()]
         else:
             items = [(pname, value)]
         for label, item in items:
@@ -98,5 +100,7 @@ def _show(ann: Any) -> str:
 
 
 def _preview(value: Any) -> str:
-    text = repr(value)
+    if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses ints over 4,300 digits
+        return f"(an integer of {value.bit_length()} bits)"
+    text = safe_repr(value, 43)
     return f"({text[:40]}...)" if len(text) > 43 else f"({text})"

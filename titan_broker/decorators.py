@@ -1,4 +1,12 @@
-"""The decorators that turn a class into a service: @process, @public, @health_check, @on_shutdown."""
+"""The decorators that turn a class into a service, and those that add a feature to a method.
+
+@process marks the class; @public, @health_check and @on_shutdown mark its
+methods. @cache, @rate_limit, @metric and @trace each record an options
+object in the method's feature map (``FEATURES_ATTR``, keyed by the options'
+``feature`` name); the worker turns each into a call middleware
+(``titan_worker.middleware``). A new feature is an options class, its
+decorator here, and its middleware module.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from .config import check_name
 from .errors import ConfigError
@@ -18,10 +26,7 @@ PROCESS_ATTR = "__titan_process__"
 PUBLIC_ATTR = "__titan_public__"
 HEALTH_ATTR = "__titan_health_check__"
 SHUTDOWN_ATTR = "__titan_on_shutdown__"
-CACHE_ATTR = "__titan_cache__"
-RATE_LIMIT_ATTR = "__titan_rate_limit__"
-METRIC_ATTR = "__titan_metric__"
-TRACE_ATTR = "__titan_trace__"
+FEATURES_ATTR = "__titan_features__"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,18 @@ class PublicOptions:
 def _mark(attr: str, fn: Any, value: Any = True) -> Any:
     def mark(f: F) -> F:
         setattr(f, attr, value)
+        return f
+
+    return mark if fn is None else mark(fn)
+
+
+def _feature(options: Any, fn: Any = None) -> Any:
+    """Record ``options`` in the method's feature map, under ``options.feature``."""
+
+    def mark(f: F) -> F:
+        features = dict(getattr(f, FEATURES_ATTR, {}))
+        features[options.feature] = options
+        setattr(f, FEATURES_ATTR, features)
         return f
 
     return mark if fn is None else mark(fn)
@@ -147,6 +164,8 @@ Scope = Literal["worker", "service"]
 class CacheOptions:
     """What @cache recorded on a method."""
 
+    feature: ClassVar[str] = "cache"
+
     ttl: float
     scope: Scope = "worker"
     maxsize: int = 1024
@@ -174,12 +193,15 @@ def cache(
     if ttl <= 0 or maxsize < 1 or scope not in ("worker", "service"):
         raise ConfigError(f"@cache needs ttl > 0, maxsize >= 1 and scope 'worker' or 'service' (ttl={ttl})")
     options = CacheOptions(ttl, scope, maxsize, key, tuple(invalidated_by))
-    return lambda fn: _mark(CACHE_ATTR, fn, options)
+    mark: Callable[[F], F] = _feature(options)
+    return mark
 
 
 @dataclass(frozen=True)
 class RateLimitOptions:
     """What @rate_limit recorded on a method."""
+
+    feature: ClassVar[str] = "rate_limit"
 
     rps: float
     burst: int
@@ -201,12 +223,15 @@ def rate_limit(
         raise ConfigError(f"@rate_limit needs rps > 0 and scope 'worker' or 'service', got rps={rps}")
     size = burst if burst is not None else max(1, math.ceil(rps))
     _check_limit("burst", size)
-    return lambda fn: _mark(RATE_LIMIT_ATTR, fn, RateLimitOptions(rps, size, scope, key))
+    mark: Callable[[F], F] = _feature(RateLimitOptions(rps, size, scope, key))
+    return mark
 
 
 @dataclass(frozen=True)
 class MetricOptions:
     """What @metric recorded on a method."""
+
+    feature: ClassVar[str] = "metric"
 
     name: str | None = None
 
@@ -220,12 +245,14 @@ def metric(fn: Any = None, /, *, name: str | None = None) -> Any:
 
     ``name`` replaces the method name in the metrics' ``method`` label.
     """
-    return _mark(METRIC_ATTR, fn, MetricOptions(name))
+    return _feature(MetricOptions(name), fn)
 
 
 @dataclass(frozen=True)
 class TraceOptions:
     """What @trace recorded on a method."""
+
+    feature: ClassVar[str] = "trace"
 
     name: str | None = None
 
@@ -239,4 +266,4 @@ def trace(fn: Any = None, /, *, name: str | None = None) -> Any:
 
     Does nothing when OpenTelemetry is not configured (only the API installed).
     """
-    return _mark(TRACE_ATTR, fn, TraceOptions(name))
+    return _feature(TraceOptions(name), fn)

@@ -8,19 +8,17 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .decorators import (
-    CACHE_ATTR,
+    FEATURES_ATTR,
     HEALTH_ATTR,
-    METRIC_ATTR,
     PROCESS_ATTR,
     PUBLIC_ATTR,
-    RATE_LIMIT_ATTR,
     SHUTDOWN_ATTR,
-    TRACE_ATTR,
     CacheOptions,
     MetricOptions,
     ProcessInfo,
@@ -41,27 +39,31 @@ class MethodSpec:
     is_async: bool
     max_deliveries: int | None = None
     """Overrides the service's limit when set."""
-    cache: CacheOptions | None = None
-    rate_limit: RateLimitOptions | None = None
-    metric: MetricOptions | None = None
-    trace: TraceOptions | None = None
+    features: Mapping[str, Any] = field(default_factory=dict)
+    """The options of each feature decorator on the method (@cache, @rate_limit, ...), by name."""
     streaming: bool = False
     """An async generator: its items are streamed to the caller."""
 
     @property
-    def plain(self) -> bool:
-        """No decorator to apply around the call: the fast path."""
-        return self.cache is None and self.rate_limit is None and self.metric is None and self.trace is None
+    def cache(self) -> CacheOptions | None:
+        return self.features.get(CacheOptions.feature)
+
+    @property
+    def rate_limit(self) -> RateLimitOptions | None:
+        return self.features.get(RateLimitOptions.feature)
+
+    @property
+    def metric(self) -> MetricOptions | None:
+        return self.features.get(MetricOptions.feature)
+
+    @property
+    def trace(self) -> TraceOptions | None:
+        return self.features.get(TraceOptions.feature)
 
     def decorators(self) -> dict[str, dict[str, Any]]:
         """The decorators on this method with their options, for the registry."""
         found: dict[str, dict[str, Any]] = {}
-        for label, options in (
-            ("cache", self.cache),
-            ("rate_limit", self.rate_limit),
-            ("metric", self.metric),
-            ("trace", self.trace),
-        ):
+        for label, options in self.features.items():
             if options is not None:
                 found[label] = {
                     k: (
@@ -167,10 +169,7 @@ def describe(cls: type) -> ServiceDefinition:
                 _signature(fn),
                 inspect.iscoroutinefunction(fn),
                 limit,
-                cache=getattr(fn, CACHE_ATTR, None),
-                rate_limit=getattr(fn, RATE_LIMIT_ATTR, None),
-                metric=getattr(fn, METRIC_ATTR, None),
-                trace=getattr(fn, TRACE_ATTR, None),
+                features=dict(getattr(fn, FEATURES_ATTR, {})),
                 streaming=inspect.isasyncgenfunction(fn),
             )
         if getattr(fn, HEALTH_ATTR, False):

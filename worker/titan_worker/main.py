@@ -32,7 +32,7 @@ from titan_broker.config import (
 from titan_broker.definition import load_service_file
 from titan_broker.errors import ConfigError, RedisUnavailable, ServiceFileError
 
-from .runtime import InitError, Worker
+from .worker import InitError, Worker
 
 EXIT_OK = 0
 EXIT_CRASH = 1

@@ -1,0 +1,18 @@
+-- Answer a call and acknowledge its entry, only if this worker still owns it.
+-- A worker that was cut off (its heartbeat lapsed) may have lost the entry
+-- to another worker's claim: then it writes nothing (returns 0), so a caller
+-- never gets two answers from two runs. The reply goes first: if it cannot be
+-- written (Redis out of memory) the script stops before XACK and the entry
+-- stays pending, still owned, for another try.
+-- KEYS: calls stream, [reply stream]
+-- ARGV: entry id, group, consumer, reply, reply ttl ms
+-- Returns 1 when answered, 0 when the entry is no longer this worker's.
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[2], ARGV[1], ARGV[1], 1, ARGV[3])
+if not ok or #p == 0 then return 0 end
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1

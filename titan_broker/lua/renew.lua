@@ -1,0 +1,18 @@
+-- Keep the entries this worker is running from looking idle, so nobody
+-- claims them: XCLAIM ... JUSTID resets the idle time without counting a
+-- delivery. Only entries still owned by this consumer are touched (never
+-- take one back).
+-- KEYS: calls stream; ARGV: group, consumer, ids...
+-- Returns the ids renewed; the others were taken over.
+local mine = {}
+for i = 3, #ARGV do
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if ok and #p > 0 then mine[#mine + 1] = ARGV[i] end
+end
+local n = #mine
+if n > 0 then
+  mine[n + 1] = 'JUSTID'  -- after the ids: unpack() expands only as the last argument
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+  mine[n + 1] = nil
+end
+return mine

@@ -1,0 +1,85 @@
+"""What every part of a worker shares: who it is, its options, its connections and its clock."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from titan_broker.config import WorkerOptions
+from titan_broker.connection import AutoPipeline, Redis
+from titan_broker.definition import ServiceDefinition
+from titan_broker.keys import Keys
+
+from .logs import Throttled
+from .metrics import Metrics
+
+logger = logging.getLogger("titan_worker")
+
+
+class Clock:
+    """Redis's clock as seen from here: deadlines are in Redis's time, not this host's.
+
+    The heartbeat measures the offset (Redis TIME against the local clock,
+    halfway through the round trip) every beat, so a host whose clock is
+    skewed neither runs stale calls nor drops fresh ones.
+    """
+
+    __slots__ = ("offset_ms",)
+
+    def __init__(self) -> None:
+        self.offset_ms = 0.0
+
+    def measured(self, redis_ms: float, sent: float, received: float) -> None:
+        """Record a TIME reply (``redis_ms``) asked at local ``sent`` and answered at ``received``."""
+        self.offset_ms = redis_ms - (sent + received) / 2 * 1000
+
+    def now_ms(self) -> float:
+        """Redis's time now, in milliseconds since the epoch."""
+        return time.time() * 1000 + self.offset_ms
+
+    def monotonic_deadline(self, deadline_ms: int) -> float:
+        """The time.monotonic() at which ``deadline_ms`` (Redis's clock) passes."""
+        return time.monotonic() + (deadline_ms - self.now_ms()) / 1000
+
+
+@dataclass(eq=False)
+class WorkerContext:
+    """The worker's identity, options and shared resources, handed to each of its parts."""
+
+    definition: ServiceDefinition
+    options: WorkerOptions
+    keys: Keys
+    service: str
+    worker_id: str
+    metrics: Metrics
+    clock: Clock = field(default_factory=Clock)
+    log: Throttled = field(default_factory=lambda: Throttled(logger))
+    redis_: Redis | None = None
+    writer_: AutoPipeline | None = None
+
+    @property
+    def stream(self) -> str:
+        """The service's shared calls stream."""
+        return self.keys.calls(self.service)
+
+    @property
+    def own_stream(self) -> str:
+        """Calls whose affinity key maps to this worker (or handed to it by another)."""
+        return self.keys.worker_calls(self.service, self.worker_id)
+
+    @property
+    def record_key(self) -> str:
+        return self.keys.worker(self.service, self.worker_id)
+
+    @property
+    def redis(self) -> Redis:
+        """The pooled connection (for everything off the hot path)."""
+        assert self.redis_ is not None, "worker is not running"
+        return self.redis_
+
+    @property
+    def writer(self) -> AutoPipeline:
+        """The hot path's connection for replies and acknowledgements, batched."""
+        assert self.writer_ is not None, "worker is not running"
+        return self.writer_

@@ -1,0 +1,172 @@
+"""Turning an entry into an outcome: decode it, find the method, run its chain.
+
+Every failure short of the process dying ends as an outcome here: a bad
+entry as BadRequest (or a dead letter when it cannot be answered), an
+unknown method as MethodNotFound (after offering it to a worker of another
+version that has it), an exception in the method as its type and message,
+and anything else that escapes (a bug, a Redis error in a middleware) as
+titan.InternalError. None of them turns into a silent rerun.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from titan_broker import protocol
+from titan_broker.definition import MethodSpec
+from titan_broker.errors import EncodeError, WireError
+from titan_broker.scripting import Script
+
+from . import middleware
+from .call import Call, Entry, Next, Outcome
+from .context import WorkerContext
+from .handoff import Handoff
+
+_STREAM_ITEM = Script("stream_item")
+
+
+class Executor:
+    """Serves entries for one service instance; a chain per method, built once."""
+
+    def __init__(self, ctx: WorkerContext, instance: Any) -> None:
+        self.ctx = ctx
+        self.instance = instance
+        self.handoff = Handoff(ctx)
+        self._chains: dict[str, Next] = {
+            spec.name: middleware.chain(spec, ctx, self._runner(spec))
+            for spec in ctx.definition.methods.values()
+        }
+
+    async def execute(self, entry: Entry) -> tuple[Outcome, int | None]:
+        """The outcome of an entry, and its deadline in Redis's clock when it could be read."""
+        ctx = self.ctx
+        try:
+            req = protocol.decode_request(
+                entry.fields,
+                entry.id,
+                reply_prefix=ctx.keys.reply_prefix,
+                max_payload=ctx.options.max_payload,
+            )
+        except protocol.BadEntry as bad:
+            ctx.log.log(logging.WARNING, "bad-entry", "worker %s: bad request entry %s: %s",
+                        ctx.worker_id, entry.id.decode(), bad)  # fmt: skip
+            if bad.call_id and bad.reply_to:
+                payload = protocol.encode_error(bad.call_id, bad.type, str(bad), ctx.worker_id)
+                return Outcome(False, bad.reply_to, payload), None
+            return Outcome(False, dead_reason=f"unanswerable request: {bad}"), None
+        spec = ctx.definition.methods.get(req.method)
+        if spec is None:
+            return await self.handoff.unknown_method(entry, req), req.deadline_ms
+        call = Call(entry, req, spec, ctx.worker_id, ctx.clock.monotonic_deadline(req.deadline_ms),
+                    ctx.options.max_payload, ctx.options.expose_tracebacks)  # fmt: skip
+        try:
+            return await self._chains[spec.name](call), req.deadline_ms
+        except Exception as exc:
+            outcome = call.raised(exc, WireError.INTERNAL)
+            ctx.log.log(logging.ERROR, f"internal:{spec.name}",
+                        "worker %s: %s() failed outside the method [error %s]: %s",
+                        ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc)  # fmt: skip
+            return outcome, req.deadline_ms
+
+    def _runner(self, spec: MethodSpec) -> Next:
+        """The innermost step of a chain: run the method itself."""
+        method = getattr(self.instance, spec.name)
+        if spec.streaming:
+            return functools.partial(self._run_stream, method)
+        if spec.is_async:
+            return functools.partial(self._run_async, method)
+        return functools.partial(self._run_thread, method)
+
+    async def _run_async(self, method: Any, call: Call) -> Outcome:
+        try:
+            result = await method(*call.request.args, **call.request.kwargs)
+        except Exception as exc:
+            return self._raised(call, exc)
+        return call.ok(result)
+
+    async def _run_thread(self, method: Any, call: Call) -> Outcome:
+        # A thread cannot be interrupted: abandoned only when the worker stops (see middleware.deadline).
+        run = functools.partial(method, *call.request.args, **call.request.kwargs)
+        try:
+            result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except Exception as exc:
+            return self._raised(call, exc)
+        return call.ok(result)
+
+    def _raised(self, call: Call, exc: Exception, **details: Any) -> Outcome:
+        """The service's code raised: the caller gets the type and message, the log the traceback."""
+        outcome = call.raised(exc, **details)
+        ctx = self.ctx
+        level = logging.WARNING
+        kind = f"raised:{call.method}:{type(exc).__name__}"
+        if not ctx.log.log(level, kind, "worker %s: %s() raised %s [error %s]", ctx.worker_id,
+                           call.method, type(exc).__name__, call.error_id, exc_info=exc):  # fmt: skip
+            ctx.log.logger.debug("worker %s: %s() raised [error %s]", ctx.worker_id, call.method,
+                                 call.error_id, exc_info=exc)  # fmt: skip
+        return outcome
+
+    async def _run_stream(self, method: Any, call: Call) -> Outcome:
+        """Send an async generator's items as they come, never more than the caller's credit ahead.
+
+        The caller raises its credit as it consumes items and sets ``cancel``
+        when it stops early; the producer is then closed, as it is at the
+        deadline (a caller that vanished stops granting credit).
+        """
+        ctx = self.ctx
+        req = call.request
+        control = ctx.keys.stream_control(ctx.service, req.call_id)
+        ttl_ms = int(ctx.options.reply_ttl * 1000)
+        credit, cancelled = protocol.STREAM_WINDOW, False
+        outcome: Outcome | None = None
+
+        async def refresh() -> None:
+            nonlocal credit, cancelled
+            state = await ctx.redis.hgetall(control)
+            credit = max(credit, int(state.get(b"credit", b"0") or 0))
+            cancelled = cancelled or bool(state.get(b"cancel"))
+
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                while not cancelled:
+                    await anyio.sleep(0.2)
+                    await refresh()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            items: AsyncIterator[Any] = method(*req.args, **req.kwargs)
+            try:
+                async for item in items:
+                    while call.items_sent >= credit and not cancelled:
+                        await anyio.sleep(0.02)  # the window is full: wait for the caller
+                        await refresh()
+                    what = f"item {call.items_sent} of {req.method}()"
+                    try:
+                        payload = protocol.encode_item(req.call_id, call.items_sent, item, ctx.worker_id)
+                    except EncodeError as exc:
+                        outcome = call.fail(WireError.ENCODE_ERROR, f"{what} {exc.message}")
+                        break
+                    if len(payload) > ctx.options.max_payload:
+                        err = protocol.size_error(what, len(payload), ctx.options.max_payload)
+                        outcome = call.fail(err.type, err.message)
+                        break
+                    await _STREAM_ITEM(ctx.writer, [req.reply_to], [payload, ttl_ms])
+                    call.items_sent += 1
+            except Exception as exc:
+                outcome = self._raised(call, exc, items=call.items_sent)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await items.aclose()  # type: ignore[attr-defined]
+            tg.cancel_scope.cancel()
+        if cancelled:
+            ctx.log.logger.info("worker %s: caller stopped %s() after %d item(s)", ctx.worker_id,
+                                req.method, call.items_sent)  # fmt: skip
+            return Outcome(True)  # acknowledged, unanswered: the caller is gone
+        if outcome is not None:
+            return outcome
+        return Outcome(True, req.reply_to, protocol.encode_end(req.call_id, call.items_sent, ctx.worker_id))

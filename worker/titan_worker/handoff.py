@@ -1,0 +1,94 @@
+"""Rolling upgrades: a call for a method this worker lacks goes to a worker that has it.
+
+While old and new versions of a service serve side by side (every deploy),
+a call to a method only the new version has may land on an old worker. It
+hands the entry to a live worker whose registry record lists the method
+(onto that worker's own stream, atomically). MethodNotFound is answered only
+when no live worker has the method, and at once. A method the new version
+removed is answered by old workers while they live, and MethodNotFound after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+from titan_broker import protocol
+from titan_broker.connection import text
+from titan_broker.errors import WireError
+from titan_broker.keys import GROUP
+from titan_broker.scripting import Script
+
+from .call import Entry, Outcome
+from .context import WorkerContext
+
+_HANDOFF = Script("handoff")
+LOOKUP_TTL = 1.0
+"""Seconds a worker trusts what it read of the other workers' methods."""
+MAX_MOVES = 3
+"""Hand-offs one call may take (the target may be gone by the time it reads)."""
+
+
+class Handoff:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self._seen_at = 0.0
+        self._methods: dict[str, set[str]] = {}
+        """Live worker id -> its public methods, as last read."""
+
+    async def unknown_method(self, entry: Entry, req: protocol.Request) -> Outcome:
+        """Hand the call to a live worker that has the method, else answer MethodNotFound."""
+        ctx = self.ctx
+        moves = int(entry.fields.get(b"x", b"0") or 0) if entry.fields.get(b"x", b"").isdigit() else 0
+        if moves < MAX_MOVES:
+            try:
+                for target in await self._workers_with(req.method):
+                    keys = [entry.stream, ctx.keys.worker_calls(ctx.service, target),
+                            ctx.keys.worker(ctx.service, target)]  # fmt: skip
+                    done = await _HANDOFF(ctx.redis, keys, [entry.id, GROUP, ctx.worker_id])
+                    if done == 1:
+                        ctx.log.log(logging.INFO, "handoff", "worker %s: handed %s() to worker %s",
+                                    ctx.worker_id, req.method, target)  # fmt: skip
+                        return Outcome(False, settled=True)
+                    if done == 0:
+                        return Outcome(False, settled=True)  # no longer ours: nothing to answer
+            except Exception as exc:  # no hand-off: answer as if nobody had it
+                ctx.log.log(logging.WARNING, "handoff-failed", "worker %s: could not hand %s() on (%s)",
+                            ctx.worker_id, req.method, exc)  # fmt: skip
+        public = ", ".join(sorted(ctx.definition.methods)) or "none"
+        payload = protocol.encode_error(
+            req.call_id,
+            WireError.METHOD_NOT_FOUND,
+            f"service {ctx.service!r} has no public method {req.method!r} (public: {public})",
+            ctx.worker_id,
+        )
+        return Outcome(False, req.reply_to, payload)
+
+    async def _workers_with(self, method: str) -> list[str]:
+        """Live workers of this service, other than this one, whose records list ``method``."""
+        if time.monotonic() - self._seen_at > LOOKUP_TTL:
+            await self._refresh()
+        found = [wid for wid, methods in self._methods.items() if method in methods]
+        random.shuffle(found)
+        return found
+
+    async def _refresh(self) -> None:
+        ctx = self.ctx
+        ids = [text(w) for w in await ctx.redis.smembers(ctx.keys.workers(ctx.service))]
+        ids = [w for w in ids if w != ctx.worker_id]
+        methods: dict[str, set[str]] = {}
+        if ids:
+            async with ctx.redis.pipeline(transaction=False) as pipe:
+                for wid in ids:
+                    pipe.hget(ctx.keys.worker(ctx.service, wid), "methods")
+                raw = await pipe.execute()
+            for wid, value in zip(ids, raw, strict=True):
+                if value:
+                    try:
+                        methods[wid] = {m["name"] for m in json.loads(value)}
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        self._methods = methods
+        self._seen_at = time.monotonic()

@@ -1,0 +1,86 @@
+"""Recovering what dead workers left: their pending calls, their own streams, their consumers.
+
+An entry idle longer than the heartbeat TTL belongs to a dead worker (a live
+one renews its entries every beat, from a thread user code cannot block), so
+any live worker may claim it; its delivery count decides whether it runs
+again or goes to the dead letters. Housekeeping never takes the worker
+down: its failures are logged and tried again next time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from titan_broker.connection import Channel, text
+from titan_broker.keys import GROUP
+from titan_broker.scripting import Script
+
+from .call import Entry
+from .context import WorkerContext
+
+_RECLAIM = Script("reclaim")
+_RESCUE = Script("rescue")
+_DELETE_CONSUMER = Script("delete_consumer")
+SWEEP_EVERY = 5
+"""Reclaims between two sweeps of dead workers' streams and consumers."""
+
+
+class Housekeeping:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self._cursor = "0-0"
+        self._reclaims = 0
+
+    @property
+    def sweep_due(self) -> bool:
+        """Whether the last reclaim was one after which dead streams and consumers are swept."""
+        return self._reclaims % SWEEP_EVERY == 0
+
+    async def reclaim(self, via: Channel, count: int) -> list[tuple[Entry, int]]:
+        """Claim up to ``count`` calls left pending by dead workers, each with its delivery count."""
+        ctx = self.ctx
+        min_idle = int(ctx.options.heartbeat_ttl * 1000)
+        cursor, entries, counts = await _RECLAIM(
+            via, [ctx.stream], [GROUP, ctx.worker_id, min_idle, self._cursor, count]
+        )
+        self._cursor = text(cursor)
+        self._reclaims += 1
+        claimed = []
+        for (entry_id, raw), deliveries in zip(entries, counts, strict=True):
+            entry = Entry(ctx.stream, entry_id, dict(zip(raw[::2], raw[1::2], strict=True)))
+            ctx.log.log(logging.WARNING, "claimed", "worker %s claimed %s of a dead worker (delivery %d)",
+                        ctx.worker_id, entry_id.decode(), int(deliveries))  # fmt: skip
+            claimed.append((entry, int(deliveries)))
+        return claimed
+
+    async def sweep(self) -> None:
+        """Move dead workers' own streams to the shared one; remove their consumers once empty."""
+        ctx = self.ctx
+        try:
+            for raw in await ctx.redis.smembers(ctx.keys.affinity(ctx.service)):
+                if text(raw) != ctx.worker_id:
+                    await self.rescue(text(raw))
+            for consumer in await ctx.redis.xinfo_consumers(ctx.stream, GROUP):
+                name = text(consumer["name"])
+                if name == ctx.worker_id or int(consumer.get("pending", 0)):
+                    continue
+                keys = [ctx.stream, ctx.keys.worker(ctx.service, name)]
+                if await _DELETE_CONSUMER(ctx.redis, keys, [GROUP, name]) == 1:
+                    ctx.log.logger.info("worker %s removed the dead consumer %s", ctx.worker_id, name)
+        except Exception as exc:  # housekeeping must never take the worker down
+            ctx.log.log(logging.WARNING, "sweep", "worker %s: could not sweep dead workers (%s)",
+                        ctx.worker_id, exc)  # fmt: skip
+
+    async def rescue(self, worker_id: str) -> None:
+        """Move the calls waiting on a dead worker's own stream onto the shared stream."""
+        ctx = self.ctx
+        keys = [
+            ctx.keys.worker_calls(ctx.service, worker_id),
+            ctx.stream,
+            ctx.keys.worker(ctx.service, worker_id),
+            ctx.keys.affinity(ctx.service),
+        ]
+        moved = await _RESCUE(ctx.redis, keys, [worker_id])
+        if moved and moved > 0:
+            ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to the shared stream",
+                                   ctx.worker_id, moved, worker_id)  # fmt: skip

@@ -1,0 +1,193 @@
+"""Taking calls in: read no more entries than there are free slots, and run each in a slot.
+
+One long-lived task per slot, fed through a memory stream (much cheaper on
+the hot path than a task per call). The read loop has a connection of its
+own, so that stopping can end a blocked XREADGROUP with CLIENT UNBLOCK
+(without that permission, within one read block). Every heartbeat interval
+it first claims calls that dead workers left pending. If Redis loses the
+stream or its group under the worker (a restart without persistence, a
+FLUSHALL, a DEL), they are made again and the worker carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream
+from redis import exceptions as rexc
+
+from titan_broker.backoff import Backoff
+from titan_broker.connection import CONNECTION_ERRORS, Channel, stream_entries
+from titan_broker.keys import GROUP
+
+from .call import Entry
+from .context import WorkerContext
+from .housekeeping import Housekeeping
+
+Serve = Callable[[Entry, int], Awaitable[None]]
+"""Runs and settles one entry, given its delivery count; must not raise."""
+
+
+class Intake:
+    """Reads the service's stream and this worker's own stream into ``concurrency`` slots."""
+
+    def __init__(self, ctx: WorkerContext, housekeeping: Housekeeping, serve: Serve) -> None:
+        self.ctx = ctx
+        self.housekeeping = housekeeping
+        self.serve = serve
+        self.in_flight = 0
+        self._active: set[bytes] = set()
+        """Ids of the shared stream's entries in flight (read by the heartbeat thread)."""
+        self._lock = threading.Lock()
+        self._freed = anyio.Event()
+        self._stopping = False
+        self._stop_requested = anyio.Event()
+        self._reading = False
+        self._reader: Channel | None = None
+        self._reader_id: int | None = None
+
+    def active_ids(self) -> list[bytes]:
+        """The shared stream's entries in flight (thread-safe: for the heartbeat)."""
+        with self._lock:
+            return list(self._active)
+
+    def stop(self) -> None:
+        """Stop reading (the calls in flight go on)."""
+        self._stopping = True
+        self._stop_requested.set()
+        self._freed.set()
+
+    async def ensure_groups(self) -> None:
+        """Make the streams and their consumer group (id 0: calls queued before are seen)."""
+        ctx = self.ctx
+        for stream in (ctx.stream, ctx.own_stream):
+            try:
+                await ctx.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def run(self, reader: Channel, grace: float) -> None:
+        """Read and serve until stop(), then let calls in flight finish within ``grace`` seconds."""
+        ctx = self.ctx
+        self._reader = reader
+        self._reader_id = await reader.execute("CLIENT", "ID")
+        send, receive = anyio.create_memory_object_stream[tuple[Entry, int]](ctx.options.concurrency)
+        async with anyio.create_task_group() as slots, send, receive:
+            for _ in range(ctx.options.concurrency):
+                slots.start_soon(self._slot, receive)
+            async with anyio.create_task_group() as helpers:
+                helpers.start_soon(self._unblock_on_stop)
+                self._reading = True
+                try:
+                    await self._read(send.send_nowait, slots)
+                finally:
+                    self._reading = False
+                helpers.cancel_scope.cancel()
+            with anyio.move_on_after(grace):
+                while self.in_flight:
+                    await self._wait_freed()
+            if self.in_flight:
+                # Unacknowledged entries stay pending and are claimed by another worker.
+                ctx.log.logger.warning(
+                    "worker %s: grace period of %.1f s over, abandoning %d call(s) to other workers",
+                    ctx.worker_id, grace, self.in_flight,
+                )  # fmt: skip
+            slots.cancel_scope.cancel()
+
+    async def _wait_freed(self) -> None:
+        await self._freed.wait()
+        self._freed = anyio.Event()
+
+    async def _slot(self, receive: MemoryObjectReceiveStream[tuple[Entry, int]]) -> None:
+        async for entry, deliveries in receive:
+            try:
+                await self.serve(entry, deliveries)
+            except Exception:  # serve() answers every failure itself; this is a last resort
+                self.ctx.log.logger.exception("worker %s: failed to serve %s", self.ctx.worker_id,
+                                              entry.id.decode())  # fmt: skip
+            finally:
+                self._done(entry)
+
+    def _take(self, entry: Entry) -> None:
+        self.in_flight += 1
+        if entry.stream == self.ctx.stream:
+            with self._lock:
+                self._active.add(entry.id)
+
+    def _done(self, entry: Entry) -> None:
+        with self._lock:
+            self._active.discard(entry.id)
+        self.in_flight -= 1
+        self._freed.set()
+
+    async def _read(self, dispatch: Callable[[tuple[Entry, int]], None], slots: anyio.abc.TaskGroup) -> None:
+        ctx = self.ctx
+        reader = self._reader
+        assert reader is not None
+        block_ms = max(1, int(ctx.options.read_block * 1000))
+        backoff = Backoff()
+        next_reclaim = 0.0
+        while not self._stopping:
+            free = ctx.options.concurrency - self.in_flight
+            if free <= 0:
+                await self._wait_freed()
+                continue
+            try:
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + ctx.options.heartbeat_interval
+                    claimed = await self.housekeeping.reclaim(reader, free)
+                    if self.housekeeping.sweep_due:
+                        slots.start_soon(self.housekeeping.sweep)
+                    for entry, deliveries in claimed:
+                        self._take(entry)
+                        dispatch((entry, deliveries))
+                    if claimed:
+                        continue  # slots changed; recount before reading
+                response = await reader.execute(
+                    "XREADGROUP", "GROUP", GROUP, ctx.worker_id, "COUNT", free, "BLOCK", block_ms,
+                    "STREAMS", ctx.stream, ctx.own_stream, ">", ">",
+                )  # fmt: skip
+                backoff.reset()
+            except rexc.ResponseError as exc:
+                message = str(exc)
+                if "NOGROUP" not in message and "no longer exists" not in message:
+                    raise
+                # The stream or its group was deleted under us (FLUSHALL, DEL, a restart without
+                # persistence): make them again; the heartbeat registers the worker again.
+                ctx.log.log(logging.WARNING, "lost-stream",
+                            "worker %s: Redis lost the service's stream or group (%s); made them again",
+                            ctx.worker_id, message)  # fmt: skip
+                with contextlib.suppress(*CONNECTION_ERRORS, rexc.ResponseError):
+                    await self.ensure_groups()
+                await backoff.sleep()
+                continue
+            except CONNECTION_ERRORS as exc:
+                ctx.log.log(logging.WARNING, "read-unreachable", "worker %s lost Redis (%s); reconnecting",
+                            ctx.worker_id, exc)  # fmt: skip
+                self._reader_id = None
+                await backoff.sleep()
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    self._reader_id = await reader.execute("CLIENT", "ID")
+                continue
+            for stream, entry_id, fields in stream_entries(response):
+                entry = Entry(stream.decode(), entry_id, fields)
+                self._take(entry)
+                dispatch((entry, 1))
+            # Let the new calls run (and a quick one reply) before the next read is sent.
+            await anyio.lowlevel.checkpoint()
+
+    async def _unblock_on_stop(self) -> None:
+        await self._stop_requested.wait()
+        # Repeat: the reader may be between two reads when the first unblock lands.
+        while self._reading:
+            if self._reader_id is not None:
+                with contextlib.suppress(*CONNECTION_ERRORS, rexc.ResponseError):
+                    await self.ctx.redis.client_unblock(self._reader_id)
+            await anyio.sleep(0.05)

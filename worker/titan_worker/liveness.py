@@ -1,0 +1,188 @@
+"""Being alive in the registry: registration, the heartbeat and the renewal of calls in flight.
+
+Liveness must not depend on the event loop being free: a method that blocks
+it (``time.sleep`` in an ``async def``, the commonest mistake in async code)
+would otherwise stop the heartbeat, and another worker would take its call
+over and run it a second time. So the heartbeat runs on a thread of its own
+with a connection of its own: every beat it refreshes the worker's record
+and its TTL, re-registers if the record was lost (Redis restarted, keys
+deleted), renews the entries in flight (so nobody claims them) and measures
+Redis's clock. The loop only hands it fresh numbers (a snapshot) and a tick;
+a loop that misses its ticks is reported in the log, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from titan_broker.keys import GROUP
+from titan_broker.scripting import Script
+
+from .context import WorkerContext
+
+_RENEW = Script("renew")
+_RESCUE = Script("rescue")
+
+
+class Heartbeat:
+    """The worker's registry record and the renewal of its calls, kept from a thread.
+
+    ``snapshot`` (set by the loop) holds the record's changing fields;
+    ``active`` returns the ids of the shared stream's entries in flight.
+    """
+
+    def __init__(self, ctx: WorkerContext, active: Callable[[], list[bytes]]) -> None:
+        self.ctx = ctx
+        self.active = active
+        self.snapshot: dict[str, str] = {}
+        self.tick = time.monotonic()
+        """Set by the event loop every beat; a stale tick means user code blocks the loop."""
+        self.static: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+        self._timeout = max(0.5, ctx.options.heartbeat_ttl / 2)
+
+    def connect(self, url: str) -> None:
+        """Open the heartbeat's own connection (sync; run it off the loop)."""
+        self._client = redis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            single_connection_client=True,
+        )
+
+    @property
+    def client(self) -> redis.Redis:
+        assert self._client is not None, "heartbeat is not connected"
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def register(self) -> None:
+        """Write the whole record, the registry entries and the service's limits (sync)."""
+        ctx = self.ctx
+        definition = ctx.definition
+        methods = [m.describe() for m in definition.methods.values()]
+        if not self.static:
+            self.static = {
+                "service": ctx.service,
+                "version": definition.version,
+                "worker_id": ctx.worker_id,
+                "host": socket.gethostname(),
+                "pid": str(os.getpid()),
+                "concurrency": str(ctx.options.concurrency),
+                "started_at": f"{time.time():.3f}",
+                "methods": json.dumps(methods),
+            }
+        description = {
+            "name": ctx.service,
+            "version": definition.version,
+            "description": definition.info.description.strip(),
+            "methods": methods,
+        }
+        limits = {
+            "max_backlog": definition.info.max_backlog,
+            "max_deliveries": ctx.options.max_deliveries or definition.info.max_deliveries,
+        }
+        pipe = self.client.pipeline(transaction=True)
+        record: dict[Any, Any] = {**self.static, **self._changing()}
+        pipe.hset(ctx.record_key, mapping=record)
+        pipe.pexpire(ctx.record_key, int(ctx.options.heartbeat_ttl * 1000))
+        pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
+        pipe.sadd(ctx.keys.affinity(ctx.service), ctx.worker_id)
+        pipe.hset(ctx.keys.services, ctx.service, json.dumps(description))
+        pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
+        pipe.execute()
+
+    def _changing(self) -> dict[str, str]:
+        return {**self.snapshot, "heartbeat_at": f"{time.time():.3f}"}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.ctx.worker_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating (sync: joins the thread; run it off the loop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._timeout * 4 + 1)
+
+    def _run(self) -> None:
+        ctx = self.ctx
+        interval = ctx.options.heartbeat_interval
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+                if ctx.log.active("beat"):
+                    ctx.log.forget("beat")
+                    ctx.log.logger.warning("worker %s: heartbeat reaches Redis again", ctx.worker_id)
+            except Exception as exc:  # the heartbeat must outlive any Redis trouble
+                ctx.log.log(logging.WARNING, "beat", "worker %s: heartbeat failed (%s); still trying",
+                            ctx.worker_id, exc)  # fmt: skip
+            stalled = time.monotonic() - self.tick
+            if stalled > max(2.0, 3 * interval):
+                ctx.log.log(logging.WARNING, "stalled",
+                            "worker %s: its event loop has been blocked for %.1f s: a method blocks it "
+                            "(time.sleep or blocking I/O in an 'async def'); make it a plain 'def' "
+                            "or use anyio.to_thread.run_sync. Its calls are kept, not taken over.",
+                            ctx.worker_id, stalled)  # fmt: skip
+
+    def beat(self) -> None:
+        """Refresh the record and its TTL, re-register if it was lost, renew calls in flight."""
+        ctx = self.ctx
+        ttl_ms = int(ctx.options.heartbeat_ttl * 1000)
+        sent = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.hset(ctx.record_key, mapping=self._changing())  # type: ignore[arg-type]
+        pipe.pexpire(ctx.record_key, ttl_ms)
+        pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
+        (seconds, micros), _, _, added = pipe.execute()
+        ctx.clock.measured(seconds * 1000 + micros / 1000, sent, time.time())
+        if added:
+            # The record was gone (Redis restarted or its keys were deleted): register anew.
+            ctx.log.logger.warning(
+                "worker %s: its registry record was gone; registering again", ctx.worker_id
+            )
+            self.register()
+        ids = self.active()
+        if ids:
+            renewed = _RENEW.run_sync(self.client, [ctx.stream], [GROUP, ctx.worker_id, *ids])
+            lost = len(ids) - len(renewed)
+            if lost:
+                ctx.log.log(logging.WARNING, "renew-lost",
+                            "worker %s: %d call(s) in flight were taken over by another worker; "
+                            "their results will not be sent from here", ctx.worker_id, lost)  # fmt: skip
+
+    def deregister(self) -> None:
+        """Leave the registry; move calls waiting on this worker's own stream to the shared one (sync)."""
+        ctx = self.ctx
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(ctx.record_key)
+            pipe.srem(ctx.keys.workers(ctx.service), ctx.worker_id)
+            pipe.execute()
+            keys = [ctx.own_stream, ctx.stream, ctx.record_key, ctx.keys.affinity(ctx.service)]
+            _RESCUE.run_sync(self.client, keys, [ctx.worker_id])
+            pending: Any = self.client.xpending_range(
+                ctx.stream, GROUP, min="-", max="+", count=1, consumername=ctx.worker_id
+            )
+            if not pending:
+                # Only a consumer with nothing pending may go: DELCONSUMER drops its entries.
+                self.client.xgroup_delconsumer(ctx.stream, GROUP, ctx.worker_id)
+        except redis.RedisError as exc:
+            ctx.log.logger.warning("worker %s: could not deregister (%s); the record expires by itself",
+                                   ctx.worker_id, exc)  # fmt: skip

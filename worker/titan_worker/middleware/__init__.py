@@ -1,0 +1,60 @@
+"""Call middleware: what happens around a method call, one feature per module.
+
+A method's chain is built once, when the worker starts: each module's
+``build(spec, ctx)`` returns its middleware for that method, or None when the
+method does not use the feature. A middleware is ``async def (call,
+call_next) -> Outcome``: it may answer by itself (a cache hit, a refusal),
+wrap the rest (a span, a timer) or act on the outcome (a cache put).
+
+To add a feature: an options class and its decorator in
+``titan_broker/decorators.py``, a module here with ``FEATURE`` and
+``build``, and its place in ``LAYERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from titan_broker.definition import MethodSpec
+from titan_broker.errors import ConfigError
+
+from ..call import Call, Middleware, Next, Outcome
+from ..context import WorkerContext
+from . import arguments as arguments
+from . import cache as cache
+from . import deadline as deadline
+from . import invalidation as invalidation
+from . import metric as metric
+from . import rate_limit as rate_limit
+from . import trace as trace
+
+Factory = Callable[[MethodSpec, WorkerContext], Middleware | None]
+
+LAYERS = (trace, metric, arguments, rate_limit, cache, invalidation, deadline)
+"""Outermost first. A trace wraps everything, so refusals and cache hits get a span; a metric
+counts and times all that it wraps, hits and refusals included; arguments are checked before a
+rate limit spends a token on them; the deadline is nearest the method, so it bounds the run."""
+
+
+def chain(spec: MethodSpec, ctx: WorkerContext, endpoint: Next) -> Next:
+    """The handler of ``spec``'s calls: its middleware around ``endpoint``.
+
+    Raises ConfigError when the method has a feature no middleware serves.
+    """
+    served = {layer.FEATURE for layer in LAYERS if layer.FEATURE is not None}
+    unknown = sorted(set(spec.features) - served)
+    if unknown:
+        raise ConfigError(f"{spec.name}() has features this worker cannot serve: {', '.join(unknown)}")
+    handler = endpoint
+    for layer in reversed(LAYERS):
+        middleware = layer.build(spec, ctx)
+        if middleware is not None:
+            handler = _wrap(middleware, handler)
+    return handler
+
+
+def _wrap(middleware: Middleware, rest: Next) -> Next:
+    async def step(call: Call) -> Outcome:
+        return await middleware(call, rest)
+
+    return step

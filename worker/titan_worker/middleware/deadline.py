@@ -1,0 +1,45 @@
+"""Every call: dropped unrun when its deadline has passed, cancelled when it runs past it.
+
+A plain ``def`` method runs in a thread, which cannot be interrupted: it
+keeps its slot until it returns, and its result is then replaced by
+DeadlineExceeded (the caller has given up). On shutdown past the grace
+period its thread is abandoned, so it never holds the worker.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from titan_broker.definition import MethodSpec
+from titan_broker.errors import WireError
+
+from ..call import Call, Middleware, Next, Outcome
+from ..context import WorkerContext
+
+FEATURE = None  # always on
+
+
+def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware:
+    async def bound(call: Call, call_next: Next) -> Outcome:
+        remaining = call.remaining()
+        if remaining <= 0:
+            return call.fail(
+                WireError.DEADLINE_EXCEEDED,
+                f"{call.method}() was dropped unrun: its deadline passed {-remaining:.3f} s "
+                "before it started",
+            )
+        if not spec.is_async and not spec.streaming:
+            outcome = await call_next(call)
+            if call.remaining() < 0:
+                return call.fail(WireError.DEADLINE_EXCEEDED,
+                                 f"{call.method}() finished {-call.remaining():.3f} s after its deadline; "
+                                 "its result was dropped")  # fmt: skip
+            return outcome
+        with anyio.move_on_after(remaining):
+            return await call_next(call)
+        sent = f" after {call.items_sent} item(s)" if spec.streaming else ""
+        return call.fail(
+            WireError.DEADLINE_EXCEEDED, f"{call.method}() was cancelled{sent}: it ran past its deadline"
+        )
+
+    return bound

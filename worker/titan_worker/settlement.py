@@ -1,0 +1,142 @@
+"""Settling a call: write its answer and acknowledge its entry, or dead-letter it.
+
+Each is one script that first checks that this worker still owns the entry:
+a worker cut off from Redis long enough for its calls to be taken over
+writes nothing for them when it comes back, so a caller never gets a second
+answer. A settle that Redis cannot take yet (unreachable, or out of memory)
+is retried, with backoff, for up to ``SETTLE_PATIENCE`` past the call's
+deadline; the entry stays this worker's meanwhile (its heartbeat renews it),
+so the call is answered once Redis is back and runs once. The condition is
+logged when it starts and ends, not once per call or per try.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis import exceptions as rexc
+
+from titan_broker import protocol
+from titan_broker.backoff import Backoff
+from titan_broker.connection import CONNECTION_ERRORS
+from titan_broker.errors import RedisUnavailable, WireError
+from titan_broker.keys import GROUP
+from titan_broker.scripting import Script
+
+from .call import Entry, Outcome
+from .context import WorkerContext
+
+_FINISH = Script("finish")
+_DEAD_LETTER = Script("dead_letter")
+_RETRYABLE: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable, rexc.ResponseError)
+SETTLE_PATIENCE = 30.0
+"""Seconds past a call's deadline that its worker keeps trying to settle it."""
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    return isinstance(exc, rexc.OutOfMemoryError) or str(exc).startswith("OOM")
+
+
+class Settlement:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    async def settle(self, entry: Entry, outcome: Outcome, deadline_ms: int | None) -> None:
+        """Write the outcome of an entry this worker ran, and acknowledge the entry."""
+        if outcome.settled:
+            return
+        if outcome.dead_reason is not None:
+            await self.dead_letter(entry, outcome.dead_reason, 1, deadline_ms)
+            return
+        try:
+            await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
+        except rexc.ResponseError as exc:
+            # The reply key cannot take a reply (a key of another type, say): keep the call.
+            reason = f"its reply could not be written: {protocol.show(str(exc), 200)}"
+            await self.dead_letter(entry, reason, 1, deadline_ms, answer=False)
+
+    async def dead_letter(
+        self, entry: Entry, reason: str, deliveries: int, deadline_ms: int | None, *, answer: bool = True
+    ) -> None:
+        """Move an entry to the dead letters and, when it has a reply key, tell its caller."""
+        ctx = self.ctx
+        ctx.log.log(logging.ERROR, "dead-letter", "worker %s: dead-lettered %s: %s",
+                    ctx.worker_id, entry.id.decode(), reason)  # fmt: skip
+        try:
+            await self._retrying(entry, deadline_ms, self._dead_letter, entry, reason, deliveries, answer)
+        except rexc.ResponseError:
+            if not answer:
+                raise
+            # The caller's reply key cannot take the reply: keep the dead letter anyway.
+            await self._retrying(entry, deadline_ms, self._dead_letter, entry, reason, deliveries, False)
+
+    async def _retrying(
+        self, entry: Entry, deadline_ms: int | None, step: Callable[..., Awaitable[int]], *args: Any
+    ) -> None:
+        """Run a settle step until Redis takes it; errors other than an outage or a full Redis raise."""
+        ctx = self.ctx
+        give_up = (deadline_ms / 1000 if deadline_ms else time.time()) + SETTLE_PATIENCE
+        backoff = Backoff()
+        while True:
+            try:
+                done = await step(*args)
+            except _RETRYABLE as exc:
+                full = isinstance(exc, rexc.ResponseError)
+                if full and not _out_of_memory(exc):
+                    raise
+                kind = "settle-oom" if full else "settle-unreachable"
+                if time.time() > give_up:
+                    ctx.log.logger.error("worker %s: could not answer %s (%s); leaving it to other workers",
+                                         ctx.worker_id, entry.id.decode(), exc)  # fmt: skip
+                    return
+                what = "is out of memory" if full else "is unreachable"
+                ctx.log.log(logging.WARNING, kind, "worker %s: Redis %s (%s); answers wait and are retried",
+                            ctx.worker_id, what, protocol.show(str(exc), 200))  # fmt: skip
+                await backoff.sleep()
+                continue
+            for kind in ("settle-oom", "settle-unreachable"):
+                if ctx.log.active(kind):
+                    ctx.log.forget(kind)
+                    ctx.log.logger.warning("worker %s: Redis takes answers again", ctx.worker_id)
+            if done == 0:
+                ctx.log.log(logging.WARNING, "lost", "worker %s: call %s was taken over by another worker "
+                            "while this one was cut off; not answering it", ctx.worker_id,
+                            entry.id.decode())  # fmt: skip
+            return
+
+    async def _finish(self, entry: Entry, outcome: Outcome) -> int:
+        ctx = self.ctx
+        keys = [entry.stream]
+        if outcome.reply_to is not None and outcome.payload is not None:
+            keys.append(outcome.reply_to)
+        args = [entry.id, GROUP, ctx.worker_id, outcome.payload or b"", int(ctx.options.reply_ttl * 1000)]
+        return int(await _FINISH(ctx.writer, keys, args))
+
+    async def _dead_letter(self, entry: Entry, reason: str, deliveries: int, answer: bool) -> int:
+        ctx = self.ctx
+        fields = entry.fields
+        call_id = protocol.field_text(fields, protocol.F_ID)
+        reply_to = protocol.field_text(fields, protocol.F_REPLY)
+        keys = [entry.stream, ctx.keys.dead(ctx.service)]
+        payload = b""
+        if (
+            answer
+            and call_id
+            and reply_to
+            and reply_to.startswith(ctx.keys.reply_prefix)
+            and len(reply_to) < 256
+        ):
+            keys.append(reply_to)
+            payload = protocol.encode_error(call_id[:256], WireError.DEAD_LETTERED, reason, ctx.worker_id)
+        dead = protocol.dead_letter_fields(
+            fields, reason=reason, deliveries=deliveries, worker=ctx.worker_id, source_id=entry.id,
+            max_size=ctx.options.max_payload + protocol.ENTRY_OVERHEAD,
+        )  # fmt: skip
+        args: list[Any] = [entry.id, GROUP, ctx.worker_id, ctx.options.dead_letter_maxlen, payload,
+                           int(ctx.options.reply_ttl * 1000)]  # fmt: skip
+        for name, value in dead.items():
+            args += (name, value)
+        return int(await _DEAD_LETTER(ctx.redis, keys, args))

@@ -1,0 +1,286 @@
+"""The worker: composes its parts and runs their lifecycle.
+
+A worker is a task group. ``run`` connects, calls ``init(**dependencies)``,
+registers, reports readiness and serves until ``stop()``; then it drains
+(calls in flight finish within the grace period), runs the @on_shutdown
+methods and deregisters. Each part has a module of its own:
+
+- ``intake``: reading calls into slots (and the drain);
+- ``execution``: an entry to an outcome, through the method's ``middleware`` chain;
+- ``settlement``: the answer and the acknowledgement, or the dead letter;
+- ``housekeeping``: what dead workers left behind;
+- ``liveness``: registration and the heartbeat, on a thread of its own.
+
+The constructor does no I/O, so a worker can also run in-process:
+``async with anyio.create_task_group() as tg: await tg.start(worker.run)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import prometheus_client
+
+from titan_broker import protocol
+from titan_broker.config import WorkerOptions, check_name, redact
+from titan_broker.connection import AutoPipeline, Channel, open_redis
+from titan_broker.decorators import Health
+from titan_broker.definition import ServiceDefinition
+from titan_broker.errors import TitanError
+from titan_broker.keys import Keys
+from titan_broker.stats import LatencyHistogram
+
+from .call import Entry
+from .context import WorkerContext
+from .execution import Executor
+from .housekeeping import Housekeeping
+from .intake import Intake
+from .liveness import Heartbeat
+from .metrics import Metrics
+from .settlement import Settlement
+
+logger = logging.getLogger(__name__)
+
+
+class InitError(TitanError):
+    """The service's ``init()`` raised."""
+
+
+def _unhealthy(error: str) -> dict[str, Any]:
+    return {"status": "unhealthy", "checks": {}, "details": {"error": error}}
+
+
+class Worker:
+    """Serves one service definition; ``await worker.run()`` until ``stop()``."""
+
+    def __init__(
+        self,
+        definition: ServiceDefinition,
+        *,
+        url: str,
+        namespace: str,
+        options: WorkerOptions | None = None,
+        dependencies: Mapping[str, Any] | None = None,
+        service_name: str | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        options = options or WorkerOptions()
+        service = check_name(service_name or definition.name, "service name")
+        self.url = url
+        self.dependencies = dict(dependencies or {})
+        self.ctx = WorkerContext(
+            definition=definition,
+            options=options,
+            keys=Keys(namespace),
+            service=service,
+            worker_id=worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+            metrics=Metrics(service),
+        )
+        self.instance: Any = None
+        self.status = "starting"
+        self.calls = 0
+        self.errors = 0
+        self.latency = LatencyHistogram()
+        self.metrics_port: int | None = None
+        self.unhealthy_streak = 0
+        """Consecutive health checks that failed; a pool replaces a worker past its threshold."""
+        self.housekeeping = Housekeeping(self.ctx)
+        self.settlement = Settlement(self.ctx)
+        self.intake = Intake(self.ctx, self.housekeeping, self._serve)
+        self.heartbeat = Heartbeat(self.ctx, self.intake.active_ids)
+        self._executor: Executor | None = None
+        self._health: dict[str, Any] | None = None
+        self._stopping = False
+
+    @property
+    def definition(self) -> ServiceDefinition:
+        return self.ctx.definition
+
+    @property
+    def options(self) -> WorkerOptions:
+        return self.ctx.options
+
+    @property
+    def service(self) -> str:
+        return self.ctx.service
+
+    @property
+    def worker_id(self) -> str:
+        return self.ctx.worker_id
+
+    @property
+    def in_flight(self) -> int:
+        return self.intake.in_flight
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called."""
+        return self._stopping
+
+    def stop(self) -> None:
+        """Stop reading new calls and begin the drain (safe to call more than once)."""
+        if not self._stopping:
+            logger.info("worker %s: stopping, draining %d call(s)", self.worker_id, self.in_flight)
+        self._stopping = True
+        self.status = "draining"
+        self.intake.stop()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop(); raises RedisUnavailable or InitError when start-up fails."""
+        ctx = self.ctx
+        ctx.redis_ = await open_redis(self.url, max_connections=ctx.options.concurrency + 4)
+        reader: Channel | None = None
+        writer: Channel | None = None
+        http: Any = None
+        try:
+            reader = await Channel.open(self.url)
+            writer = await Channel.open(self.url)
+            ctx.writer_ = AutoPipeline(writer)
+            self.instance = self.definition.cls()
+            if self.definition.has_init:
+                try:
+                    await self.instance.init(**self.dependencies)
+                except Exception as exc:
+                    raise InitError(
+                        f"{self.definition.cls.__qualname__}.init() raised {type(exc).__name__}: {exc}"
+                    ) from exc
+            self._executor = Executor(ctx, self.instance)
+            await self.intake.ensure_groups()
+            if ctx.options.metrics_port is not None:
+                http, _thread = prometheus_client.start_http_server(
+                    ctx.options.metrics_port, registry=ctx.metrics.registry
+                )
+                self.metrics_port = int(http.server_port)
+            self.status = "ready"
+            self._health = await self._check_health()
+            self._publish()
+            await anyio.to_thread.run_sync(self.heartbeat.connect, self.url)
+            await anyio.to_thread.run_sync(self.heartbeat.register)
+            self.heartbeat.start()
+            logger.info(
+                "worker %s serving %r (v%s) on %s, concurrency %d",
+                self.worker_id, self.service, self.definition.version, redact(self.url),
+                ctx.options.concurrency,
+            )  # fmt: skip
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._publish_loop)
+                await self.intake.run(reader, ctx.options.grace_period)
+                tg.cancel_scope.cancel()
+            await self._run_shutdown_hooks()
+            await anyio.to_thread.run_sync(self.heartbeat.stop)
+            await anyio.to_thread.run_sync(self.heartbeat.deregister)
+            logger.info("worker %s stopped after %d call(s)", self.worker_id, self.calls)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self.heartbeat.stop()
+                self.heartbeat.close()
+                if http is not None:
+                    http.shutdown()
+                for channel in (writer, reader):
+                    if channel is not None:
+                        await channel.aclose()
+                ctx.writer_ = None
+                await ctx.redis.aclose()
+                ctx.redis_ = None
+
+    async def _serve(self, entry: Entry, deliveries: int) -> None:
+        """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line."""
+        assert self._executor is not None
+        limit = self._limit(entry.fields)
+        moves = int(entry.fields.get(b"x", b"0")) if entry.fields.get(b"x", b"").isdigit() else 0
+        if deliveries > limit or moves >= limit:
+            count = max(deliveries, moves + 1)
+            method = protocol.field_text(entry.fields, protocol.F_METHOD) or "?"
+            reason = (
+                f"{protocol.show(method)}() was delivered {count} times (max_deliveries {limit}): the "
+                f"workers running it died each time; it was moved to the dead letters of {self.service!r}"
+            )
+            await self.settlement.dead_letter(entry, reason, count, None)
+            return
+        started = time.perf_counter()
+        outcome, deadline_ms = await self._executor.execute(entry)
+        self.latency.observe(time.perf_counter() - started)
+        self.calls += 1
+        if not outcome.ok:
+            self.errors += 1
+        await self.settlement.settle(entry, outcome, deadline_ms)
+
+    def _limit(self, fields: dict[bytes, bytes]) -> int:
+        method = protocol.field_text(fields, protocol.F_METHOD)
+        return self.options.max_deliveries or self.definition.max_deliveries(method)
+
+    def _publish(self) -> None:
+        """Hand the heartbeat fresh numbers for the record (the heartbeat adds its own time)."""
+        self.heartbeat.snapshot = {
+            "status": self.status,
+            "in_flight": str(self.in_flight),
+            "calls": str(self.calls),
+            "errors": str(self.errors),
+            "latency": json.dumps(self.latency.to_dict()),
+            "unhealthy_streak": str(self.unhealthy_streak),
+            "metrics": json.dumps(self.ctx.metrics.summary()),
+            **({"metrics_port": str(self.metrics_port)} if self.metrics_port is not None else {}),
+            **({"health": json.dumps(self._health)} if self._health is not None else {}),
+        }
+        self.heartbeat.tick = time.monotonic()
+
+    async def _publish_loop(self) -> None:
+        """On the loop: run health checks, watch the manager, publish numbers to the heartbeat."""
+        options = self.options
+        next_health = time.monotonic() + options.health_interval
+        while True:
+            await anyio.sleep(options.heartbeat_interval)
+            parent = options.parent_pid
+            if parent is not None and os.getppid() != parent and not self._stopping:
+                logger.warning("worker %s: its manager (pid %d) is gone; stopping", self.worker_id, parent)
+                self.stop()
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + options.health_interval
+                self._health = await self._check_health()
+            self._publish()
+
+    async def _check_health(self) -> dict[str, Any] | None:
+        """Run the @health_check with a timeout; raising or timing out counts as unhealthy."""
+        name = self.definition.health_check
+        if name is None:
+            return None
+        timeout = self.options.health_timeout
+        result: Any = None
+        try:
+            check = getattr(self.instance, name)
+            with anyio.fail_after(timeout):
+                if inspect.iscoroutinefunction(check):
+                    result = await check()
+                else:  # a plain def may block (a database ping): keep it off the event loop
+                    result = await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+            report = (
+                result.to_dict()
+                if isinstance(result, Health)
+                else _unhealthy(f"{name}() returned {protocol.safe_repr(result)}, not Health")
+            )
+        except TimeoutError:
+            report = _unhealthy(f"{name}() took longer than {timeout:g} s")
+        except Exception as exc:
+            report = _unhealthy(f"{name}() raised {type(exc).__name__}: {exc}")
+        self.unhealthy_streak = self.unhealthy_streak + 1 if report["status"] == "unhealthy" else 0
+        report["at"] = round(time.time(), 3)
+        return report
+
+    async def _run_shutdown_hooks(self) -> None:
+        for name in self.definition.on_shutdown:
+            try:
+                with anyio.fail_after(self.options.grace_period or 1.0):
+                    await getattr(self.instance, name)()
+            except Exception:
+                logger.exception("worker %s: @on_shutdown %s() failed", self.worker_id, name)
