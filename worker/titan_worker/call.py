@@ -87,14 +87,16 @@ class Call:
         payload = protocol.encode_error(self.request.call_id, type, message, self.worker_id, details)
         return Outcome(False, self.request.reply_to, payload)
 
-    def raised(self, exc: BaseException, type: str | None = None, **details: Any) -> Outcome:
+    def raised(
+        self, exc: BaseException, type: str | None = None, message: str | None = None, **details: Any
+    ) -> Outcome:
         """The error reply for an exception: its type and message, and an id under which the
         worker logs its traceback (the traceback itself only with ``expose_tracebacks``)."""
         self.error_id = uuid.uuid4().hex[:12]
         details["error_id"] = self.error_id
         if self.expose_tracebacks:
             details["traceback"] = "".join(traceback.format_exception(exc)[-8:])
-        return self.fail(type or exc.__class__.__name__, safe_str(exc), details)
+        return self.fail(type or exc.__class__.__name__, message or safe_str(exc), details)
 
 
 def safe_str(exc: BaseException, limit: int = 2000) -> str:

@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -156,6 +158,9 @@ def run(
     parent_pid: Annotated[
         int | None, typer.Option(help="Drain and exit when this process (the manager) is gone.")
     ] = None,
+    expose_tracebacks: Annotated[
+        bool, typer.Option(help="Send tracebacks of failed calls to callers (for development).")
+    ] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
 ) -> None:
     """Serve FILE's service from Redis until SIGTERM or Ctrl-C, then drain and exit 0."""
@@ -188,6 +193,7 @@ def run(
                 health_timeout=health_timeout,
                 parent_pid=parent_pid,
                 metrics_port=metrics_port,
+                expose_tracebacks=expose_tracebacks,
             )
         )
         definition = load_service_file(file)
@@ -207,3 +213,23 @@ def run(
             raise fail(EXIT_INIT, f"{file}: {error}") from None
         logger.error("worker crashed", exc_info=error)
         raise fail(EXIT_CRASH, f"crashed: {type(error).__name__}: {error}") from None
+    _exit_past_abandoned_threads()
+
+
+def _exit_past_abandoned_threads() -> None:
+    """Exit now even if a plain ``def`` method still runs in a thread the drain abandoned.
+
+    A thread cannot be interrupted, and Python would wait for it at exit:
+    a worker must never outlive its grace period because of one.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    until = time.monotonic() + 1.0  # idle pool threads end at once; give them a moment
+    for thread in others:
+        thread.join(max(0.0, until - time.monotonic()))
+    stuck = [t for t in others if t.is_alive()]
+    if stuck:
+        logger.warning("exiting with %d method thread(s) still running (past the grace period)", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)

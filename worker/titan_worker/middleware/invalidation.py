@@ -9,6 +9,8 @@ the cache may be stale. It is never run again for it.
 
 from __future__ import annotations
 
+import logging
+
 from titan_broker.backoff import Backoff
 from titan_broker.connection import CONNECTION_ERRORS
 from titan_broker.definition import MethodSpec
@@ -50,12 +52,14 @@ def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware | None:
                     break
                 await backoff.sleep(call.remaining())
             except Exception as exc:
-                return call.fail(
-                    WireError.INTERNAL,
+                message = (
                     f"{call.method}() ran, but the cache of {', '.join(cached)}() could not be "
-                    f"invalidated ({safe_str(exc, 200)}); cached results may be stale",
-                    {"ran": True},
+                    f"invalidated ({safe_str(exc, 200)}); cached results may be stale"
                 )
+                outcome = call.raised(exc, WireError.INTERNAL, message, ran=True)
+                ctx.log.log(logging.ERROR, f"invalidate:{spec.name}", "worker %s: %s [error %s]",
+                            ctx.worker_id, message, call.error_id, exc_info=exc)  # fmt: skip
+                return outcome
         return call.fail(
             WireError.INTERNAL,
             f"{call.method}() ran, but Redis was unreachable until its deadline, so the cache of "
