@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -21,38 +12,20 @@ import anyio.abc
 
 from .breaker import CircuitBreaker
 from .client import DEFAULT_TIMEOUT, Client, ServiceProxy
-from .config import ENV_NAMESPACE, ENV_URL, WorkerOptions, check_name
-from .connection import CONNECTION_ERRORS
+from .config import WorkerOptions, check_name
 from .dead_letters import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
 from .decorators import PROCESS_ATTR, ProcessInfo
-from .errors import ConfigError, SpawnError, TitanError
+from .errors import ConfigError, TitanError
 from .events import Event, EventBus
 from .health import ServiceHealth, aggregate
-from .pool import AutoScale, Pool, PoolSettings, RestartPolicy
-from .registry import ServiceInfo, WorkerInfo, list_services, list_workers
-
-logger = logging.getLogger(__name__)
+from .pool import Pool, start_pool
+from .registry import ServiceInfo, WorkerRecord, list_services, list_workers
+from .supervision import AutoScale, PoolSettings, RestartPolicy, worker_options
+from .supervisor import PoolContext
+from .worker_process import DEFAULT_STARTUP_TIMEOUT, WorkerLauncher
+from .worker_process import WorkerProcess as WorkerProcess
 
 T = TypeVar("T")
-
-DEFAULT_STARTUP_TIMEOUT = 30.0
-
-
-@dataclass
-class WorkerProcess:
-    """A worker process this manager started."""
-
-    path: str
-    service: str
-    worker_id: str
-    process: anyio.abc.Process
-    methods: frozenset[str] = field(default_factory=frozenset)
-    started_at: float = field(default_factory=time.time)
-    streaming: frozenset[str] = field(default_factory=frozenset)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
 
 class ProcessManager:
@@ -75,7 +48,8 @@ class ProcessManager:
         self.startup_timeout = startup_timeout
         self.events = EventBus()
         self.pools: list[Pool[Any]] = []
-        self._tg: anyio.abc.TaskGroup | None = None
+        """The open pools of this manager (a pool leaves the list when it closes)."""
+        self._context: PoolContext | None = None
 
     @property
     def namespace(self) -> str:
@@ -88,8 +62,10 @@ class ProcessManager:
 
     async def __aenter__(self) -> ProcessManager:
         await self.client.__aenter__()
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        launcher = WorkerLauncher(self.client.url, self.namespace, self.startup_timeout)
+        self._context = PoolContext(launcher, self.client, self.events, tasks)
         return self
 
     async def __aexit__(
@@ -101,146 +77,20 @@ class ProcessManager:
         try:
             await self.shutdown()
         finally:
-            tg, self._tg = self._tg, None
-            if tg is not None:
-                tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
+            context, self._context = self._context, None
+            if context is not None:
+                context.tasks.cancel_scope.cancel()
+                await context.tasks.__aexit__(None, None, None)
             self.events.close()
             await self.client.aclose()
 
-    def _task_group(self) -> anyio.abc.TaskGroup:
-        if self._tg is None:
+    def _started(self) -> PoolContext:
+        """What this manager's pools share; a TitanError before ``async with``."""
+        if self._context is None:
             raise TitanError("ProcessManager is not started: use 'async with ProcessManager(...) as pm'")
-        return self._tg
-
-    def _spawn_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        """Run a background task of this manager (ended when the manager closes)."""
-        self._task_group().start_soon(fn, *args)
-
-    def _watch(self, worker: WorkerProcess, on_exit: Callable[[WorkerProcess, int], None]) -> None:
-        async def wait() -> None:
-            code = await worker.process.wait()
-            on_exit(worker, code)
-
-        self._spawn_task(wait)
-
-    async def _clear_record(self, worker: WorkerProcess) -> None:
-        """Remove the registry record of a local worker that died."""
-        keys = self.client.keys
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            async with self.client.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.worker(worker.service, worker.worker_id))
-                pipe.srem(keys.workers(worker.service), worker.worker_id)
-                await pipe.execute()
-
-    def _forget_pool(self, pool: Pool[Any]) -> None:
-        if pool in self.pools:
-            self.pools.remove(pool)
+        return self._context
 
     # -- spawning --------------------------------------------------------------------------
-
-    async def _start_worker(
-        self,
-        path: str,
-        *,
-        dependencies: Mapping[str, Any] | None,
-        name: str | None,
-        options: WorkerOptions,
-        startup_timeout: float | None = None,
-    ) -> WorkerProcess:
-        """Start ``titan-worker run path`` and wait until it has registered as ready."""
-        if not await anyio.Path(path).is_file():
-            raise SpawnError(path, "file not found (give the path to a .py file holding one @process class)")
-        worker_id = f"{os.uname().nodename}-{uuid.uuid4().hex[:10]}"
-        try:
-            deps_json = json.dumps(dict(dependencies or {}))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"dependencies for {path} must be JSON values: {exc}") from exc
-        read_fd, write_fd = os.pipe()
-        command = [
-            sys.executable, "-m", "titan_worker", "run", path,
-            "--worker-id", worker_id, "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid()),
-            # Every option, whole: a flag per field would drift from WorkerOptions.
-            "--options-json", json.dumps(asdict(options)),
-        ]  # fmt: skip
-        if name is not None:
-            command += ["--name", name]
-        env = {
-            **os.environ,
-            ENV_URL: self.client.url,
-            ENV_NAMESPACE: self.namespace,
-            "TITAN_DEPENDENCIES": deps_json,
-        }
-        try:
-            process = await anyio.open_process(
-                command, stdin=subprocess.DEVNULL, stdout=None, stderr=None, env=env, pass_fds=(write_fd,)
-            )
-        finally:
-            os.close(write_fd)
-        try:
-            message = await _await_ready(read_fd, process, path, startup_timeout or self.startup_timeout)
-        except BaseException:
-            # Cancelled or failed while starting: never leave the child behind.
-            if process.returncode is None:
-                process.kill()
-                with anyio.CancelScope(shield=True):
-                    await process.wait()
-            raise
-        finally:
-            os.close(read_fd)
-        worker = WorkerProcess(
-            path,
-            str(message["service"]),
-            worker_id,
-            process,
-            frozenset(message.get("methods", ())),
-            streaming=frozenset(message.get("streaming", ())),
-        )
-        self.events.emit(Event("ready", worker.service, worker_id, process.pid, path))
-        return worker
-
-    async def _create_pool(
-        self,
-        path: str | os.PathLike[str],
-        cls: type[Any] | None,
-        settings: PoolSettings,
-        *,
-        startup_timeout: float | None,
-        breaker: CircuitBreaker | None,
-    ) -> Pool[Any]:
-        self._task_group()
-        shown = os.fspath(path)
-        if settings.name is not None:
-            check_name(settings.name, "service name")
-        expected = _expected_name(cls, settings.name)
-        # The first worker tells what the service is called and what it offers.
-        first = await self._start_worker(
-            shown,
-            dependencies=settings.dependencies,
-            name=settings.name,
-            options=settings.options,
-            startup_timeout=startup_timeout,
-        )
-        if expected is not None and expected != first.service:
-            await _terminate(first.process, grace=5.0)
-            raise ConfigError(f"{shown} serves {first.service!r} but the class passed is {expected!r}")
-        proxy = ServiceProxy(
-            self.client, first.service, methods=first.methods, timeout=None, breaker=breaker,
-            streaming=first.streaming,
-        )  # fmt: skip
-        pool: Pool[Any] = Pool(self, shown, proxy, service=first.service, settings=settings)
-        pool.workers.append(first)
-        self._watch(first, pool._on_exit)
-        self.pools.append(pool)
-        if settings.size > 1:
-            try:
-                await pool._start(settings.size - 1)
-            except BaseException:
-                await pool.close()  # a pool starts whole or not at all
-                raise
-        self._spawn_task(pool._monitor)
-        logger.info("started %d worker(s) of %r from %s", settings.size, first.service, shown)
-        return pool
 
     @overload
     async def spawn(
@@ -250,7 +100,7 @@ class ProcessManager:
         *,
         dependencies: Mapping[str, Any] | None = ...,
         name: str | None = ...,
-        concurrency: int = ...,
+        concurrency: int | None = ...,
         restart: RestartPolicy | None = ...,
         options: WorkerOptions | None = ...,
         startup_timeout: float | None = ...,
@@ -264,7 +114,7 @@ class ProcessManager:
         *,
         dependencies: Mapping[str, Any] | None = ...,
         name: str | None = ...,
-        concurrency: int = ...,
+        concurrency: int | None = ...,
         restart: RestartPolicy | None = ...,
         options: WorkerOptions | None = ...,
         startup_timeout: float | None = ...,
@@ -277,7 +127,7 @@ class ProcessManager:
         *,
         dependencies: Mapping[str, Any] | None = None,
         name: str | None = None,
-        concurrency: int = 16,
+        concurrency: int | None = None,
         restart: RestartPolicy | None = RestartPolicy(),  # noqa: B008 - frozen, shared safely
         options: WorkerOptions | None = None,
         startup_timeout: float | None = None,
@@ -288,17 +138,16 @@ class ProcessManager:
         Waits until the worker has registered as ready (``startup_timeout``,
         default 30 s). ``dependencies`` (JSON values) reach the service's
         ``init()`` by name; ``name`` serves it under another service name; a
-        crashed worker is restarted per ``restart`` (None: never). Raises
-        SpawnError, with the child's message and the file name, when the
-        worker exits or is not ready in time.
+        crashed worker is restarted per ``restart`` (None: never).
+        ``concurrency`` is the worker's, else ``options.concurrency``, else
+        16; a different value in both is a ConfigError. Raises SpawnError,
+        with the child's message and the file name, when the worker exits or
+        is not ready in time. It is a pool of one (see ``pool``).
         """
-        settings = PoolSettings(
-            restart=restart,
-            dependencies=dict(dependencies or {}),
-            name=name,
-            options=replace(options or WorkerOptions(), concurrency=concurrency),
-        )
-        pool = await self._create_pool(path, cls, settings, startup_timeout=startup_timeout, breaker=breaker)
+        pool = await self.pool(
+            path, cls, restart=restart, dependencies=dependencies, name=name, concurrency=concurrency,
+            options=options, startup_timeout=startup_timeout, breaker=breaker,
+        )  # fmt: skip
         return pool.proxy
 
     async def pool(
@@ -315,7 +164,7 @@ class ProcessManager:
         unhealthy_threshold: int = 3,
         dependencies: Mapping[str, Any] | None = None,
         name: str | None = None,
-        concurrency: int = 16,
+        concurrency: int | None = None,
         options: WorkerOptions | None = None,
         startup_timeout: float | None = None,
         breaker: CircuitBreaker | None = None,
@@ -326,9 +175,16 @@ class ProcessManager:
         workers; a worker is recycled (replacement first) after
         ``recycle_after_calls`` calls, ``max_lifetime`` seconds or when its RSS
         passes ``memory_limit`` bytes, and replaced after
-        ``unhealthy_threshold`` failed health checks in a row. Call the
-        service through ``pool.proxy`` (typed as ``cls``).
+        ``unhealthy_threshold`` failed health checks in a row. Each worker
+        runs with ``options`` (WorkerOptions); ``concurrency`` overrides its
+        default, and conflicts with a different ``options.concurrency``
+        (ConfigError). Call the service through ``pool.proxy`` (typed as
+        ``cls``).
         """
+        context = self._started()
+        shown = os.fspath(path)
+        if name is not None:
+            check_name(name, "service name")
         settings = PoolSettings(
             size=size if size is not None else (autoscale.min if autoscale else 1),
             autoscale=autoscale,
@@ -339,9 +195,13 @@ class ProcessManager:
             unhealthy_threshold=unhealthy_threshold,
             dependencies=dict(dependencies or {}),
             name=name,
-            options=replace(options or WorkerOptions(), concurrency=concurrency),
+            options=worker_options(options, concurrency),
         )
-        return await self._create_pool(path, cls, settings, startup_timeout=startup_timeout, breaker=breaker)
+        expected = _expected_name(cls, name)
+        return await start_pool(
+            context, self.pools, shown, settings,
+            expected=expected, startup_timeout=startup_timeout, breaker=breaker,
+        )  # fmt: skip
 
     @overload
     async def connect(self, service: str, cls: type[T], *, breaker: CircuitBreaker | None = ...) -> T: ...
@@ -357,7 +217,7 @@ class ProcessManager:
         No worker needs to be alive now: calls wait for one within their timeout.
         ``breaker`` makes calls fail fast after repeated failures.
         """
-        self._task_group()
+        self._started()
         check_name(service, "service name")
         streaming = await self.client.streaming_methods(service)
         return self.client.proxy(service, cls, breaker=breaker, streaming=streaming)
@@ -366,12 +226,12 @@ class ProcessManager:
 
     async def services(self, *, live_only: bool = True) -> list[ServiceInfo]:
         """Every service with live workers (on any host), with versions, methods and workers."""
-        self._task_group()
+        self._started()
         return await list_services(self.client.redis, self.client.keys, live_only=live_only)
 
-    async def workers_of(self, service: str) -> list[WorkerInfo]:
+    async def workers_of(self, service: str) -> list[WorkerRecord]:
         """The live workers of ``service`` on every host."""
-        self._task_group()
+        self._started()
         return await list_workers(self.client.redis, self.client.keys, service)
 
     async def health(self, service: str) -> ServiceHealth:
@@ -392,56 +252,32 @@ class ProcessManager:
 
     async def dead_letters(self, service: str, *, count: int = 100) -> list[DeadLetter]:
         """The oldest ``count`` dead letters of ``service``."""
-        self._task_group()
+        self._started()
         return await list_dead_letters(self.client.redis, self.client.keys, service, count=count)
 
     async def replay_dead_letters(
         self, service: str, ids: list[str] | None = None, *, timeout: float = 60.0
     ) -> int:
         """Put dead letters (all, or ``ids``) back on the service's stream; return how many."""
-        self._task_group()
+        self._started()
         return await replay_dead_letters(self.client.redis, self.client.keys, service, ids, timeout=timeout)
 
     async def purge_dead_letters(self, service: str, ids: list[str] | None = None) -> int:
         """Delete dead letters (all, or ``ids``); return how many."""
-        self._task_group()
+        self._started()
         return await purge_dead_letters(self.client.redis, self.client.keys, service, ids)
 
     # -- stopping --------------------------------------------------------------------------
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop every worker this manager started: SIGTERM, let it drain, SIGKILL after ``timeout``."""
-        pools, self.pools = list(self.pools), []
         async with anyio.create_task_group() as tg:
-            for pool in pools:
+            for pool in list(self.pools):
                 tg.start_soon(pool.close, timeout)
 
     async def stop_worker(self, worker: WorkerProcess, timeout: float = 30.0) -> int:
         """Drain and stop one worker process; return its exit code."""
-        return await _terminate(worker.process, timeout)
-
-
-async def _await_ready(fd: int, process: anyio.abc.Process, path: str, timeout: float) -> dict[str, Any]:
-    """Read the child's readiness line (or its start-up error) from the pipe."""
-    buffer = b""
-    with anyio.move_on_after(timeout):
-        while b"\n" not in buffer:
-            await anyio.wait_readable(fd)
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-        if b"\n" in buffer:
-            message: dict[str, Any] = json.loads(buffer.split(b"\n", 1)[0])
-            if message.get("event") == "ready":
-                return message
-            code = await process.wait()
-            raise SpawnError(path, str(message.get("message", "unknown error")), exit_code=code)
-        code = await process.wait()
-        raise SpawnError(path, f"worker exited with code {code} before it was ready (see its stderr)",
-                         exit_code=code)  # fmt: skip
-    await _terminate(process, grace=1.0)
-    raise SpawnError(path, f"worker was not ready within {timeout:g} s; it was stopped")
+        return await worker.stop(timeout)
 
 
 def _expected_name(cls: type[Any] | None, name: str | None) -> str | None:
@@ -451,15 +287,3 @@ def _expected_name(cls: type[Any] | None, name: str | None) -> str | None:
     if not isinstance(info, ProcessInfo):
         raise ConfigError(f"{cls.__qualname__} is not a service: decorate it with @process(name=...)")
     return info.name
-
-
-async def _terminate(process: anyio.abc.Process, grace: float) -> int:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL; return the exit code."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(grace):
-            return await process.wait()
-        logger.warning("worker pid %d did not stop within %.1f s; killing it", process.pid, grace)
-        process.kill()
-    return await process.wait()

@@ -35,6 +35,7 @@ from titan_broker.errors import ConfigError, RedisUnavailable, TitanError
 from titan_broker.health import ServiceHealth, aggregate
 from titan_broker.registry import (
     QueueInfo,
+    VersionInfo,
     WorkerInfo,
     known_services,
     list_services,
@@ -120,7 +121,7 @@ def services(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """List the services that have at least one live worker."""
+    """List the services that have at least one live worker, each version serving with its workers."""
     found = _run(ctx, lambda c: list_services(c.redis, c.keys))
     if as_json:
         _print_json([s.to_dict() for s in found])
@@ -132,14 +133,17 @@ def services(
     for col in ("service", "version", "workers", "in flight", "calls", "methods"):
         table.add_column(col)
     for s in found:
-        table.add_row(
-            s.name,
-            s.version,
-            str(len(s.workers)),
-            str(sum(w.in_flight for w in s.workers)),
-            str(sum(w.calls for w in s.workers)),
-            "\n".join(_method_line(m) for m in s.methods),
-        )
+        # One row per version serving (several during a rolling upgrade), each with its own methods.
+        versions = s.versions or [VersionInfo(s.version, s.methods, s.workers)]
+        for i, v in enumerate(versions):
+            table.add_row(
+                s.name if i == 0 else "",
+                v.version,
+                str(len(v.workers)),
+                str(sum(w.in_flight for w in v.workers)),
+                str(sum(w.calls for w in v.workers)),
+                "\n".join(_method_line(m) for m in v.methods),
+            )
     out.print(table)
 
 
@@ -413,5 +417,9 @@ def call(
 ) -> None:
     """Call SERVICE.METHOD(ARGS...) and print the result as JSON."""
     values = tuple(_parse_arg(a) for a in args or [])
-    result = _run(ctx, lambda c: c.call(service, method, values, timeout=timeout))
-    _print_json(result)
+
+    async def call_it(c: Client) -> Any:
+        await _services_named(c, service)  # an unknown service is exit 3 at once, not a timeout
+        return await c.call(service, method, values, timeout=timeout)
+
+    _print_json(_run(ctx, call_it))
