@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis
 
 from titan_broker.keys import GROUP
+from titan_broker.registry import WorkerRecord
 from titan_broker.scripting import Script
 
 from .context import WorkerContext
@@ -36,17 +36,16 @@ _RESCUE = Script("rescue")
 class Heartbeat:
     """The worker's registry record and the renewal of its calls, kept from a thread.
 
-    ``snapshot`` (set by the loop) holds the record's changing fields;
-    ``active`` returns the ids of the shared stream's entries in flight.
+    ``record`` (set by the loop) is the worker's latest record; ``active``
+    returns the ids of the shared stream's entries in flight.
     """
 
     def __init__(self, ctx: WorkerContext, active: Callable[[], list[bytes]]) -> None:
         self.ctx = ctx
         self.active = active
-        self.snapshot: dict[str, str] = {}
+        self.record: WorkerRecord | None = None
         self.tick = time.monotonic()
         """Set by the event loop every beat; a stale tick means user code blocks the loop."""
-        self.static: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
@@ -75,30 +74,18 @@ class Heartbeat:
         """Write the whole record, the registry entries and the service's limits (sync)."""
         ctx = self.ctx
         definition = ctx.definition
-        methods = [m.describe() for m in definition.methods.values()]
-        if not self.static:
-            self.static = {
-                "service": ctx.service,
-                "version": definition.version,
-                "worker_id": ctx.worker_id,
-                "host": socket.gethostname(),
-                "pid": str(os.getpid()),
-                "concurrency": str(ctx.options.concurrency),
-                "started_at": f"{time.time():.3f}",
-                "methods": json.dumps(methods),
-            }
         description = {
             "name": ctx.service,
             "version": definition.version,
             "description": definition.info.description.strip(),
-            "methods": methods,
+            "methods": [m.describe() for m in definition.methods.values()],
         }
         limits = {
             "max_backlog": definition.info.max_backlog,
             "max_deliveries": ctx.options.max_deliveries or definition.info.max_deliveries,
         }
         pipe = self.client.pipeline(transaction=True)
-        record: dict[Any, Any] = {**self.static, **self._changing()}
+        record: dict[Any, Any] = self._fields(heartbeat_only=False)
         pipe.hset(ctx.record_key, mapping=record)
         pipe.pexpire(ctx.record_key, int(ctx.options.heartbeat_ttl * 1000))
         pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
@@ -107,8 +94,9 @@ class Heartbeat:
         pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
         pipe.execute()
 
-    def _changing(self) -> dict[str, str]:
-        return {**self.snapshot, "heartbeat_at": f"{time.time():.3f}"}
+    def _fields(self, *, heartbeat_only: bool) -> dict[str, str]:
+        assert self.record is not None, "the worker publishes its record before registering"
+        return replace(self.record, heartbeat_at=time.time()).to_fields(heartbeat_only=heartbeat_only)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.ctx.worker_id}", daemon=True)
@@ -147,7 +135,7 @@ class Heartbeat:
         sent = time.time()
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
-        pipe.hset(ctx.record_key, mapping=self._changing())  # type: ignore[arg-type]
+        pipe.hset(ctx.record_key, mapping=self._fields(heartbeat_only=True))  # type: ignore[arg-type]
         pipe.pexpire(ctx.record_key, ttl_ms)
         pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
         (seconds, micros), _, _, added = pipe.execute()

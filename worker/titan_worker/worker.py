@@ -18,7 +18,6 @@ The constructor does no I/O, so a worker can also run in-process:
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import socket
@@ -38,6 +37,7 @@ from titan_broker.decorators import Health
 from titan_broker.definition import ServiceDefinition
 from titan_broker.errors import TitanError
 from titan_broker.keys import Keys
+from titan_broker.registry import WorkerRecord
 from titan_broker.stats import LatencyHistogram
 
 from .call import Entry
@@ -101,6 +101,9 @@ class Worker:
         self._executor: Executor | None = None
         self._health: dict[str, Any] | None = None
         self._stopping = False
+        self._host = socket.gethostname()
+        self._started_at = time.time()
+        self._methods = [m.describe() for m in definition.methods.values()]
 
     @property
     def definition(self) -> ServiceDefinition:
@@ -221,18 +224,27 @@ class Worker:
         return self.options.max_deliveries or self.definition.max_deliveries(method)
 
     def _publish(self) -> None:
-        """Hand the heartbeat fresh numbers for the record (the heartbeat adds its own time)."""
-        self.heartbeat.snapshot = {
-            "status": self.status,
-            "in_flight": str(self.in_flight),
-            "calls": str(self.calls),
-            "errors": str(self.errors),
-            "latency": json.dumps(self.latency.to_dict()),
-            "unhealthy_streak": str(self.unhealthy_streak),
-            "metrics": json.dumps(self.ctx.metrics.summary()),
-            **({"metrics_port": str(self.metrics_port)} if self.metrics_port is not None else {}),
-            **({"health": json.dumps(self._health)} if self._health is not None else {}),
-        }
+        """Hand the heartbeat a fresh record (it writes it from its thread, with its own time)."""
+        self.heartbeat.record = WorkerRecord(
+            worker_id=self.worker_id,
+            service=self.service,
+            version=self.definition.version,
+            host=self._host,
+            pid=os.getpid(),
+            status=self.status,
+            in_flight=self.in_flight,
+            concurrency=self.options.concurrency,
+            calls=self.calls,
+            errors=self.errors,
+            started_at=self._started_at,
+            heartbeat_at=time.time(),
+            health=self._health,
+            unhealthy_streak=self.unhealthy_streak,
+            latency_counts=self.latency.to_dict(),
+            methods=self._methods,
+            metrics_port=self.metrics_port,
+            metrics=self.ctx.metrics.summary(),
+        )
         self.heartbeat.tick = time.monotonic()
 
     async def _publish_loop(self) -> None:
