@@ -1,24 +1,37 @@
 -- Claim entries idle longer than a heartbeat TTL (their worker stopped
--- renewing them: it is dead) and return each with its delivery count,
--- continuing the walk of the pending list from the cursor.
--- Claimed with JUSTID, then read: Redis 6.2 returns nil in place of entries
--- deleted while pending (a caller gave up on them), without their ids, so
--- those would never be acknowledged. JUSTID does not count a delivery, so
--- the count is set explicitly (RETRYCOUNT), the same on 6.2 and 7.
--- KEYS: calls stream; ARGV: group, consumer, min idle ms, cursor, count
+-- renewing them: it is dead, or cut off) and return each with its delivery
+-- count, walking the pending list from the cursor.
+-- Read with XPENDING IDLE rather than XAUTOCLAIM: Redis 6.2's XAUTOCLAIM
+-- returns nil, without an id, for entries deleted while pending (a caller
+-- gave up on them), so those could never be acknowledged; and the entries
+-- this worker is running itself are skipped (their renewal may have failed,
+-- say on a full Redis, but they are not lost). The delivery count is set
+-- explicitly (RETRYCOUNT), the same on 6.2 and 7.
+-- KEYS: calls stream
+-- ARGV: group, consumer, min idle ms, cursor ('-' or '(' .. id), count, ids this worker runs...
 -- Returns {next cursor, {entry...}, {delivery count...}}.
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+local running = {}
+for i = 6, #ARGV do running[ARGV[i]] = true end
+local count = tonumber(ARGV[5])
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', count)
 local entries, counts = {}, {}
-for _, id in ipairs(r[2]) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  if #found == 0 then
-    redis.call('XACK', KEYS[1], ARGV[1], id)  -- deleted by its caller: nothing to run
-  else
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-    local deliveries = (p[1] and p[1][4] or 0) + 1
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', deliveries, 'JUSTID')
-    entries[#entries + 1] = found[1]
-    counts[#counts + 1] = deliveries
+for _, e in ipairs(p) do
+  local id = e[1]
+  if not (e[2] == ARGV[2] and running[id]) then
+    local found = redis.call('XRANGE', KEYS[1], id, id)
+    if #found == 0 then
+      redis.call('XACK', KEYS[1], ARGV[1], id)  -- deleted by its caller: nothing to run
+    else
+      local deliveries = e[4] + 1
+      local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id,
+        'RETRYCOUNT', deliveries, 'JUSTID')
+      if #claimed > 0 then
+        entries[#entries + 1] = found[1]
+        counts[#counts + 1] = deliveries
+      end
+    end
   end
 end
-return {r[1], entries, counts}
+local cursor = '-'
+if #p == count then cursor = '(' .. p[#p][1] end  -- else the walk reached the end: start over
+return {cursor, entries, counts}

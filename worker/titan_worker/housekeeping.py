@@ -28,7 +28,7 @@ SWEEP_EVERY = 5
 class Housekeeping:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
-        self._cursor = "0-0"
+        self._cursor = "-"
         self._reclaims = 0
 
     @property
@@ -36,12 +36,15 @@ class Housekeeping:
         """Whether the last reclaim was one after which dead streams and consumers are swept."""
         return self._reclaims % SWEEP_EVERY == 0
 
-    async def reclaim(self, via: Channel, count: int) -> list[tuple[Entry, int]]:
-        """Claim up to ``count`` calls left pending by dead workers, each with its delivery count."""
+    async def reclaim(self, via: Channel, count: int, running: list[bytes]) -> list[tuple[Entry, int]]:
+        """Claim up to ``count`` calls left pending by dead workers, each with its delivery count.
+
+        ``running``: the shared stream's entries this worker runs now, never claimed again.
+        """
         ctx = self.ctx
         min_idle = int(ctx.options.heartbeat_ttl * 1000)
         cursor, entries, counts = await _RECLAIM(
-            via, [ctx.stream], [GROUP, ctx.worker_id, min_idle, self._cursor, count]
+            via, [ctx.stream], [GROUP, ctx.worker_id, min_idle, self._cursor, count, *running]
         )
         self._cursor = text(cursor)
         self._reclaims += 1

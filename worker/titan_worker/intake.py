@@ -142,7 +142,7 @@ class Intake:
             try:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + ctx.options.heartbeat_interval
-                    claimed = await self.housekeeping.reclaim(reader, free)
+                    claimed = await self.housekeeping.reclaim(reader, free, self.active_ids())
                     if self.housekeeping.sweep_due:
                         slots.start_soon(self.housekeeping.sweep)
                     for entry, deliveries in claimed:

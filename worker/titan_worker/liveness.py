@@ -138,9 +138,13 @@ class Heartbeat:
         pipe.hset(ctx.record_key, mapping=self._fields(heartbeat_only=True))  # type: ignore[arg-type]
         pipe.pexpire(ctx.record_key, ttl_ms)
         pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
-        (seconds, micros), _, _, added = pipe.execute()
+        # Every command runs even if one fails: on a full Redis the HSET and SADD are refused
+        # (OOM) but the PEXPIRE and the renewal below still keep this worker's calls its own.
+        results = pipe.execute(raise_on_error=False)
+        failures = [r for r in results if isinstance(r, Exception)]
+        (seconds, micros), added = results[0], results[-1]
         ctx.clock.measured(seconds * 1000 + micros / 1000, sent, time.time())
-        if added:
+        if added is True or added == 1:
             # The record was gone (Redis restarted or its keys were deleted): register anew.
             ctx.log.logger.warning(
                 "worker %s: its registry record was gone; registering again", ctx.worker_id
@@ -154,6 +158,8 @@ class Heartbeat:
                 ctx.log.log(logging.WARNING, "renew-lost",
                             "worker %s: %d call(s) in flight were taken over by another worker; "
                             "their results will not be sent from here", ctx.worker_id, lost)  # fmt: skip
+        if failures:
+            raise failures[0]
 
     def deregister(self) -> None:
         """Leave the registry; move calls waiting on this worker's own stream to the shared one (sync)."""
