@@ -71,8 +71,14 @@ class Heartbeat:
             self._client.close()
 
     def register(self) -> None:
-        """Write the whole record, the registry entries and the service's limits (sync)."""
+        """Write the whole record, the registry entries and the service's limits (sync).
+
+        Measures Redis's clock first: the worker reads no call before its deadlines make sense.
+        """
         ctx = self.ctx
+        sent = time.time()
+        seconds, micros = self.client.time()
+        ctx.clock.measured(seconds * 1000 + micros / 1000, sent, time.time())
         definition = ctx.definition
         description = {
             "name": ctx.service,
