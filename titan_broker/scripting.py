@@ -1,7 +1,9 @@
 """Lua scripts as data: each lives in ``titan_broker/lua/<name>.lua`` and runs through ``Script``.
 
-A script is sent as EVALSHA with the SHA1 of its source, computed here, so
-nothing has to be loaded up front; a Redis that does not know it (it
+A line ``-- include: NAME`` is replaced by the file ``lua/NAME.lua``
+(shared local functions: Redis scripts have no modules). A script is sent
+as EVALSHA with the SHA1 of its source, computed here, so nothing has to be
+loaded up front; a Redis that does not know it (it
 restarted, or SCRIPT FLUSH) answers NOSCRIPT, and the script is loaded on
 that connection and run again. Every script states its KEYS and ARGV at its
 top; all the keys one script touches share a hash tag (one cluster slot).
@@ -30,6 +32,15 @@ async def execute(via: Executor, *command: Any) -> Any:
     return await via.execute(*command)
 
 
+def _read(name: str) -> str:
+    source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+    lines = [
+        _read(line.split(":", 1)[1].strip()) if line.startswith("-- include:") else line
+        for line in source.splitlines()
+    ]
+    return "\n".join(lines) + "\n"
+
+
 class Script:
     """One Lua script, run with EVALSHA and reloaded on NOSCRIPT."""
 
@@ -37,7 +48,7 @@ class Script:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+        self.source = _read(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, via: Executor, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
