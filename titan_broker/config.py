@@ -70,7 +70,7 @@ class WorkerOptions:
     """How long one XREADGROUP blocks; also bounds how fast a drain stops reading."""
     max_payload: int = DEFAULT_MAX_PAYLOAD
     reply_ttl: float = 300.0
-    """A reply list nobody reads expires after this long."""
+    """A reply stream nobody reads expires this long after the last reply written to it."""
     max_deliveries: int | None = None
     """Overrides the service's @process(max_deliveries=...) when set."""
     health_interval: float = 5.0

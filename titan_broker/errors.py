@@ -137,6 +137,8 @@ class WireError(StrEnum):
     DEAD_LETTERED = "titan.DeadLettered"
     RATE_LIMITED = "titan.RateLimited"
     INTERNAL = "titan.InternalError"
+    BAD_REPLY = "titan.BadReply"
+    """Made by a caller for a reply that carries neither value nor error (never sent by a worker)."""
 
 
 # Protocol error types as they appear on the wire, mapped to their classes.

@@ -2,9 +2,9 @@
 
 A request is one stream entry with short fields; a reply is one msgpack map
 added to the caller's reply stream. Values are msgpack only: a value msgpack
-cannot encode is an error, never a pickle. Decoding is bounded: the entry's
-size is checked before anything is decoded, and a payload may hold at most
-MAX_CONTAINERS arrays and maps, nested at most MAX_DEPTH deep.
+cannot encode is an error, never a pickle (``codec``). Decoding is bounded:
+the entry's size is checked before anything is decoded, and ``codec.unpack``
+bounds what a payload may hold.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
-from .errors import EncodeError, PayloadTooLarge
+from .codec import EXT_BIGINT as EXT_BIGINT
+from .codec import MAX_CONTAINERS as MAX_CONTAINERS
+from .codec import MAX_DEPTH as MAX_DEPTH
+from .codec import pack as pack
+from .codec import unpack as unpack
+from .errors import EncodeError, PayloadTooLarge, WireError
 
 VERSION = b"2"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 ENTRY_OVERHEAD = 4096
 """Bytes an entry may hold beyond its payload (ids, method, reply key, trace context)."""
-MAX_CONTAINERS = 65_536
-"""Arrays and maps one payload may hold: 1 MiB of empty maps would otherwise be ~70 MB of objects."""
-MAX_DEPTH = 64
 
 # Stream entry fields.
 F_VERSION = b"v"
@@ -37,74 +37,6 @@ F_TIMEOUT = b"ttl"
 F_TRACE = b"t"
 # Reply stream entry field.
 F_REPLY_VALUE = b"reply"
-
-
-EXT_BIGINT = 1
-"""msgpack extension type for integers outside 64 bits: signed big-endian two's complement."""
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, int):
-        size = (value.bit_length() + 8) // 8
-        return msgpack.ExtType(EXT_BIGINT, value.to_bytes(size, "big", signed=True))
-    raise TypeError(f"cannot serialize {type(value).__name__!r} object")
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_BIGINT:
-        return int.from_bytes(data, "big", signed=True)
-    raise ValueError(f"unknown msgpack extension type {code}")
-
-
-class _Counter:
-    """Counts the arrays and maps of one decode; raises past MAX_CONTAINERS."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, value: Any) -> Any:
-        self.count += 1
-        if self.count > MAX_CONTAINERS:
-            raise ValueError(f"more than {MAX_CONTAINERS} arrays and maps")
-        return value
-
-
-def pack(value: Any) -> bytes:
-    """Encode a value with msgpack; raise EncodeError naming the type that cannot be encoded."""
-    try:
-        return msgpack.packb(value, use_bin_type=True, default=_default)  # type: ignore[no-any-return]
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError("titan.EncodeError", f"cannot encode with msgpack: {exc}") from exc
-
-
-def unpack(data: bytes) -> Any:
-    """Decode one msgpack value (maps may have non-string keys; big integers are ext type 1).
-
-    Raises ValueError (or another msgpack error) on garbage, an unknown
-    extension type, more than MAX_CONTAINERS arrays and maps, or nesting
-    deeper than MAX_DEPTH.
-    """
-    counter = _Counter()
-    value = msgpack.unpackb(
-        data, raw=False, strict_map_key=False, ext_hook=_ext_hook, object_hook=counter, list_hook=counter
-    )
-    if counter.count > MAX_DEPTH:  # fewer containers cannot nest deeper
-        _check_depth(value)
-    return value
-
-
-def _check_depth(value: Any) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ValueError(f"values nested more than {MAX_DEPTH} deep")
-        if isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item if isinstance(child, list | dict))
-        elif isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, list | dict))
 
 
 def show(raw: bytes | str | None, limit: int = 80) -> str:
@@ -138,7 +70,7 @@ class BadEntry(Exception):
         *,
         call_id: str | None,
         reply_to: str | None,
-        type: str = "titan.BadRequest",
+        type: str = WireError.BAD_REQUEST,
     ) -> None:
         super().__init__(message)
         self.call_id = call_id
@@ -165,7 +97,7 @@ def encode_request(
     payload = pack([list(args), dict(kwargs)])
     if len(payload) > max_payload:
         raise PayloadTooLarge(
-            "titan.PayloadTooLarge",
+            WireError.PAYLOAD_TOO_LARGE,
             f"arguments of {method}() are {len(payload)} bytes, over the limit of {max_payload}",
         )
     fields = {
@@ -228,10 +160,10 @@ def decode_request(
             f"request entry is {size} bytes, over the limit of {max_payload + ENTRY_OVERHEAD}",
             call_id=call_id,
             reply_to=reply_to,
-            type="titan.PayloadTooLarge",
+            type=WireError.PAYLOAD_TOO_LARGE,
         )
 
-    def bad(message: str, type: str = "titan.BadRequest") -> BadEntry:
+    def bad(message: str, type: str = WireError.BAD_REQUEST) -> BadEntry:
         return BadEntry(message, call_id=call_id, reply_to=reply_to, type=type)
 
     version = fields.get(F_VERSION)
@@ -257,7 +189,7 @@ def decode_request(
     if len(payload) > max_payload:
         raise bad(
             f"arguments of {method}() are {len(payload)} bytes, over the limit of {max_payload}",
-            "titan.PayloadTooLarge",
+            WireError.PAYLOAD_TOO_LARGE,
         )
     try:
         decoded = unpack(payload)
@@ -376,7 +308,7 @@ def decode_reply(data: bytes) -> Reply | None:
     ok = bool(msg.get("ok"))
     error = msg.get("e")
     if not ok and not isinstance(error, dict):
-        error = {"type": "titan.BadReply", "message": "reply carries neither value nor error"}
+        error = {"type": WireError.BAD_REPLY, "message": "reply carries neither value nor error"}
     seq, end = msg.get("s"), msg.get("end")
     return Reply(
         msg["id"],
@@ -405,4 +337,4 @@ def encode_end(call_id: str, count: int, worker_id: str) -> bytes:
 
 def size_error(what: str, size: int, limit: int) -> PayloadTooLarge:
     """The error for a value over the size limit."""
-    return PayloadTooLarge("titan.PayloadTooLarge", f"{what} is {size} bytes, over the limit of {limit}")
+    return PayloadTooLarge(WireError.PAYLOAD_TOO_LARGE, f"{what} is {size} bytes, over the limit of {limit}")
