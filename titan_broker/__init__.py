@@ -2,8 +2,6 @@
 
 from .breaker import CircuitBreaker as CircuitBreaker
 from .client import Client as Client
-from .client import ServiceProxy as ServiceProxy
-from .client import with_options as with_options
 from .config import WorkerOptions as WorkerOptions
 from .dead_letters import DeadLetter as DeadLetter
 from .decorators import Health as Health
@@ -46,6 +44,8 @@ from .pool import AutoScale as AutoScale
 from .pool import Pool as Pool
 from .pool import PoolMetrics as PoolMetrics
 from .pool import RestartPolicy as RestartPolicy
+from .proxy import ServiceProxy as ServiceProxy
+from .proxy import with_options as with_options
 from .registry import ServiceInfo as ServiceInfo
 from .registry import WorkerInfo as WorkerInfo
 

@@ -72,6 +72,14 @@ class BreakerState:
         self.probing = True
 
     def after_call(self, error: BaseException | None) -> None:
+        """Count a call's outcome: None (success), an Exception (a failure unless the caller's own
+        mistake), or another BaseException (cancelled, or a stream left with ``break``: no verdict,
+        but a half-open probe is released, so that the next call probes again).
+
+        Every ``before_call`` that returned must be matched by one ``after_call``, on every exit
+        path (GeneratorExit and CancelledError are not Exceptions): a probe never reported keeps
+        the circuit half-open for ever.
+        """
         failed = error is not None and isinstance(error, Exception) and not isinstance(error, _NOT_FAILURES)
         if self.probing:
             self.probing = False

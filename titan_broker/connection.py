@@ -7,9 +7,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .config import redact
-from .errors import RedisUnavailable
+from .errors import RedisOutOfMemory, RedisUnavailable, TitanError
 
 Redis = aioredis.Redis
 
@@ -18,22 +20,54 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     rexc.TimeoutError,
     OSError,
 )
+REDIS_ERRORS: tuple[type[Exception], ...] = (rexc.RedisError, OSError)
+"""Everything redis-py raises: catch these where an error must become a TitanError (``titan_error``)."""
 
 
 DEFAULT_MAX_CONNECTIONS = 64
 
+SOCKET_TIMEOUT = 10.0
+"""Seconds one command may wait for its reply before the connection counts as lost.
 
-async def open_redis(url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Redis:
+Set explicitly: redis-py 5 to 7 default to no timeout at all (a stopped or
+partitioned Redis hangs a command for ever), redis-py 8 to 5 s. A connection
+that sends blocking commands (XREAD/XREADGROUP ... BLOCK) needs a timeout
+longer than its BLOCK: see ``Channel.open(..., socket_timeout=)``.
+"""
+CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection (TCP, TLS, AUTH, SELECT)."""
+
+
+def _timeouts(socket_timeout: float | None) -> dict[str, Any]:
+    """Connection options pinned here rather than left to the redis-py version's defaults.
+
+    redis-py retries nothing by itself either (redis-py 6+ retries 3 to 10
+    times when a client is built without a pool): every retry loop here has
+    its own bound, so a library retry would only stretch it.
+    """
+    return {
+        "socket_timeout": SOCKET_TIMEOUT if socket_timeout is None else socket_timeout,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+async def open_redis(
+    url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, socket_timeout: float | None = None
+) -> Redis:
     """Connect to the Redis at ``url`` and check it answers.
 
     Passwords, ACL users (``redis://user:pass@host``), TLS (``rediss://``,
     with ``?ssl_ca_certs=...``) and the db number come from the URL.
     Commands beyond ``max_connections`` at once wait for a free connection
-    rather than fail. Raises RedisUnavailable naming the server (password hidden).
+    rather than fail. A command waits at most ``socket_timeout`` (default
+    SOCKET_TIMEOUT) for its reply, whatever the redis-py version. Raises
+    RedisUnavailable naming the server (password hidden).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, decode_responses=False, max_connections=max_connections, timeout=None, health_check_interval=30
-    )
+        url, decode_responses=False, max_connections=max_connections, timeout=None, health_check_interval=30,
+        **_timeouts(socket_timeout),
+    )  # fmt: skip
     client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
     try:
         await client.ping()
@@ -49,6 +83,26 @@ async def open_redis(url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS
             f"cannot reach Redis at {redact(url)}: {exc}; is it running? (set --redis or TITAN_REDIS_URL)"
         ) from exc
     return client
+
+
+def titan_error(exc: Exception, doing: str) -> TitanError:
+    """The TitanError for a redis-py exception raised while ``doing`` (e.g. "send calc.add()").
+
+    Connection failures and timeouts: RedisUnavailable; a write refused at
+    ``maxmemory``: RedisOutOfMemory; an ACL refusal: RedisUnavailable saying
+    which permission; any other error reply: TitanError with Redis's message.
+    """
+    if isinstance(exc, TitanError):
+        return exc
+    if isinstance(exc, rexc.OutOfMemoryError):
+        return RedisOutOfMemory(f"cannot {doing}: Redis is out of memory ({exc})")
+    if isinstance(exc, rexc.NoPermissionError):
+        return RedisUnavailable(f"cannot {doing}: Redis refused it for this user's ACL rules ({exc})")
+    if isinstance(exc, rexc.AuthenticationError):
+        return RedisUnavailable(f"cannot {doing}: Redis refused the credentials ({exc})")
+    if isinstance(exc, CONNECTION_ERRORS):
+        return RedisUnavailable(f"cannot {doing}: Redis is unreachable ({exc or type(exc).__name__})")
+    return TitanError(f"cannot {doing}: Redis answered with an error ({exc})")
 
 
 def text(value: bytes | str) -> str:
@@ -71,10 +125,16 @@ class Channel:
         self._client = client
 
     @classmethod
-    async def open(cls, url: str) -> Channel:
-        """Connect; raise RedisUnavailable like open_redis."""
+    async def open(cls, url: str, *, socket_timeout: float | None = None) -> Channel:
+        """Connect; raise RedisUnavailable like open_redis.
+
+        A reply slower than ``socket_timeout`` (default SOCKET_TIMEOUT) drops
+        the connection with TimeoutError: a channel that BLOCKs must pass more
+        than its longest BLOCK.
+        """
+        options = _timeouts(socket_timeout)
         client = aioredis.Redis.from_url(
-            url, decode_responses=False, single_connection_client=True, protocol=2
+            url, decode_responses=False, single_connection_client=True, protocol=2, **options
         )
         try:
             await client.initialize()
@@ -117,6 +177,12 @@ class Channel:
             raise
         return results
 
+    async def reset(self) -> None:
+        """Drop the connection (if any): the next command opens a new one."""
+        conn = self._client.connection
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -144,6 +210,10 @@ class AutoPipeline:
                 while self._queue:
                     batch, self._queue = self._queue, []
                     await self._send(batch)
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    fut.exception()  # this caller leaves with its own error: its future's is not lost
+                raise
             finally:
                 self._busy = False
                 # Cancelled while leading: whoever still waits must not wait forever.
@@ -152,6 +222,11 @@ class AutoPipeline:
                         waiting.set_exception(RedisUnavailable("send interrupted before it was made"))
                 self._queue.clear()
         return await fut
+
+    async def reset(self) -> None:
+        """Drop the channel's connection unless a send is in flight (a connection known to be stale)."""
+        if not self._busy:
+            await self._channel.reset()
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:

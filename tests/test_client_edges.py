@@ -1,0 +1,445 @@
+"""The calling side at its edges: a stopped, restarted, full or locked-down Redis; callers that give up.
+
+Each test here failed before the fix it pins (issue 9, items 3, 4, 7, 8, 10, 11 and 12).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import redis as sync_redis
+from redis import exceptions as rexc
+
+from titan_broker import (
+    CallLost,
+    CallTimeout,
+    CircuitBreaker,
+    Client,
+    NoLiveWorkers,
+    ProcessManager,
+    RedisOutOfMemory,
+    RedisUnavailable,
+    RemoteError,
+    TitanError,
+    with_options,
+)
+from titan_broker.keys import Keys
+from titan_broker.local_redis import LocalRedis
+from titan_broker.replies import READ_BLOCK_MS
+
+from .conftest import SERVICES, Workers, eventually
+
+pytestmark = pytest.mark.anyio
+
+CLIENT_LOG = SERVICES / "client_log.py"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[LocalRedis]:
+    """A Redis of this test's own, to stop, restart or fill."""
+    with LocalRedis() as server:
+        yield server
+
+
+def pid_of(server: LocalRedis) -> int:
+    assert server.process is not None
+    return server.process.pid
+
+
+def runs(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+# -- item 3: the whole call is bounded by its timeout ---------------------------------------------
+
+
+async def test_a_call_ends_at_its_timeout_when_redis_is_stopped_before_the_send(
+    private_redis: LocalRedis, namespace: str
+) -> None:
+    admin = sync_redis.Redis.from_url(private_redis.url)
+    async with Client(private_redis.url, namespace=namespace) as client:
+        os.kill(pid_of(private_redis), signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises((CallTimeout, RedisUnavailable)) as info:
+                await client.call("client_log", "run", ("late",), timeout=1)
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(pid_of(private_redis), signal.SIGCONT)
+        print(
+            f"\ntimeout 1 s, Redis SIGSTOPped before the send: "
+            f"{type(info.value).__name__} after {elapsed:.2f} s"
+        )
+        assert elapsed < 1.5, elapsed
+        # The request sat in the socket and reached Redis after its caller gave up: refused, so it
+        # can never run. (A PING answered means Redis has read everything sent before it.)
+        assert admin.ping()
+        assert admin.xlen(Keys(namespace).calls("client_log")) == 0
+    admin.close()
+
+
+async def test_a_call_ends_at_its_timeout_when_redis_is_stopped_after_the_send(
+    private_redis: LocalRedis, namespace: str
+) -> None:
+    admin = sync_redis.Redis.from_url(private_redis.url)
+    calls = Keys(namespace).calls("client_log")
+    async with Client(private_redis.url, namespace=namespace) as client:
+        outcome: dict[str, object] = {}
+
+        async def caller() -> None:
+            started = time.monotonic()
+            try:
+                await client.call("client_log", "run", ("stuck",), timeout=1)
+            except TitanError as exc:
+                outcome["error"] = exc
+            outcome["elapsed"] = time.monotonic() - started
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(caller)
+                await eventually(
+                    lambda: anyio.to_thread.run_sync(admin.xlen, calls), what="the request queued"
+                )
+                os.kill(pid_of(private_redis), signal.SIGSTOP)
+        finally:
+            os.kill(pid_of(private_redis), signal.SIGCONT)
+        print(
+            f"\ntimeout 1 s, Redis SIGSTOPped after the send: {type(outcome['error']).__name__} "
+            f"after {outcome['elapsed']:.2f} s"
+        )
+        assert isinstance(outcome["error"], CallTimeout)
+        assert isinstance(outcome["elapsed"], float) and outcome["elapsed"] < 1.5
+        # Once Redis is back, the request given up is deleted (in the background).
+        await eventually(lambda: anyio.to_thread.run_sync(lambda: admin.xlen(calls) == 0), 10, "cleanup")
+    admin.close()
+
+
+async def test_every_connection_has_socket_timeouts_whatever_the_redis_py_version(redis_url: str) -> None:
+    async with Client(redis_url) as client:
+        pooled = client.redis.connection_pool.connection_kwargs
+        assert pooled.get("socket_timeout") and pooled.get("socket_connect_timeout"), pooled
+        timeouts = []
+        for channel in client._channels:
+            conn = channel._client.connection
+            assert conn is not None
+            assert conn.socket_timeout and conn.socket_connect_timeout
+            timeouts.append(conn.socket_timeout)
+        # The dispatcher's connection BLOCKs in XREAD: its timeout must exceed the BLOCK.
+        assert max(timeouts) > READ_BLOCK_MS / 1000
+
+
+# -- item 4: a call given up is never run later ---------------------------------------------------
+
+
+async def test_a_call_its_caller_cancelled_is_never_run(
+    pm: ProcessManager, workers: Workers, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    svc = await pm.connect("client_log")  # no worker yet: the requests wait in the stream
+    with anyio.move_on_after(0.3):
+        await svc.run("moved-on")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(svc.run, "task-cancelled")
+        tg.start_soon(pm.client.call, "client_log", "run", ("client-cancelled",))
+        await anyio.sleep(0.3)
+        tg.cancel_scope.cancel()
+    calls = pm.client.keys.calls("client_log")
+
+    async def stream_empty() -> bool:
+        return await pm.client.redis.xlen(calls) == 0
+
+    await eventually(stream_empty, 5, "the requests given up deleted")
+    workers.start(CLIENT_LOG, "--dep", f"log={log}")
+    workers.wait_registered("client_log", 1)
+    assert await svc.run("after") == "after"
+    assert runs(log) == ["after"]
+
+
+# -- item 7: the reply dispatcher survives a clobbered reply key ----------------------------------
+
+
+async def test_the_dispatcher_survives_a_reply_key_overwritten_with_a_string(
+    pm: ProcessManager, workers: Workers, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    workers.start(CLIENT_LOG, "--dep", f"log={log}")
+    workers.wait_registered("client_log", 1)
+    svc = await pm.connect("client_log")
+    reply_key = pm.client.keys.reply(pm.client.client_id)
+    errors: list[BaseException] = []
+
+    async def waiting(tag: str) -> None:
+        try:
+            await svc.run(tag, 4.0)
+        except TitanError as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiting, "a")
+        tg.start_soon(waiting, "b")
+        await eventually(lambda: anyio.to_thread.run_sync(lambda: len(runs(log)) == 2), what="both running")
+        await pm.client.redis.set(reply_key, "x")
+    elapsed = time.monotonic() - started
+    print(f"\nreply key clobbered: both waiting calls failed after {elapsed:.2f} s")
+    assert len(errors) == 2
+    for exc in errors:
+        assert isinstance(exc, CallLost), repr(exc)
+        assert reply_key in str(exc)
+    assert await svc.run("later") == "later"  # the dispatcher lives on, on a fresh key
+    assert await pm.client.redis.type(reply_key) == b"stream"
+
+
+# -- item 8: proxies and streams -------------------------------------------------------------------
+
+
+async def test_a_proxy_made_before_any_worker_registered_can_await_and_iterate(
+    pm: ProcessManager, workers: Workers
+) -> None:
+    svc = await pm.connect("client_log")  # nothing registered: it cannot know that count() streams
+    workers.start(CLIENT_LOG)
+    workers.wait_registered("client_log", 1)
+    assert [i async for i in svc.count(3)] == [0, 1, 2]
+    assert await svc.run("awaited") == "awaited"
+    call = svc.count(2)
+    assert [i async for i in call] == [0, 1]
+    with pytest.raises(TypeError, match="already used"):
+        [i async for i in call]
+    with pytest.raises(TitanError, match="does not stream: await it"):
+        [i async for i in svc.run("iterated")]
+    with pytest.raises(TitanError, match="iterate it with 'async for'"):
+        await svc.count(2)
+
+
+async def test_a_half_open_probe_left_with_break_does_not_keep_the_circuit_open(
+    pm: ProcessManager, workers: Workers
+) -> None:
+    workers.start(CLIENT_LOG)
+    workers.wait_registered("client_log", 1)
+    svc = await pm.connect("client_log", breaker=CircuitBreaker(failures=1, reset_after=0.2))
+
+    async def half_open() -> bool:
+        return bool(svc.circuit == "half-open")
+
+    with pytest.raises(RemoteError):
+        await svc.boom()
+    assert svc.circuit == "open"
+    await eventually(half_open, what="half-open")
+    async for _ in svc.count(100):  # the probe: items came, so the service answers
+        break
+
+    async def closed() -> bool:
+        return bool(svc.circuit == "closed")
+
+    await eventually(closed, 5, "the circuit closed by the abandoned probe")
+    assert await svc.run("after") == "after"
+    # A probe cancelled before any item says nothing either way: the next call probes again.
+    with pytest.raises(RemoteError):
+        await svc.boom()
+    await eventually(half_open, what="half-open again")
+    with anyio.move_on_after(0.3):
+        async for _ in svc.count(3, 5.0):
+            pass
+    await eventually(half_open, 5, "the probe released")
+    assert await svc.run("probe") == "probe"
+    assert svc.circuit == "closed"
+
+
+async def test_a_caller_that_breaks_out_of_a_stream_and_leaves_leaves_nothing_without_a_ttl(
+    redis_url: str, namespace: str, workers: Workers
+) -> None:
+    workers.start(CLIENT_LOG)
+    workers.wait_registered("client_log", 1)
+    keys = Keys(namespace)
+    async with Client(redis_url, namespace=namespace) as client:
+        async for _ in client.proxy("client_log").count(1000, 0.001):
+            break
+    admin = sync_redis.Redis.from_url(redis_url)
+    try:
+        # The worker stops the producer and settles the call; then nothing it or we wrote lasts for ever.
+        wait_until_settled = lambda: admin.xlen(keys.calls("client_log")) == 0  # noqa: E731
+        await eventually(lambda: anyio.to_thread.run_sync(wait_until_settled), 10, "the stream settled")
+        found = admin.keys(f"{namespace}:reply:*") + admin.keys(f"{namespace}:{{client_log}}:stream:*")
+        assert all(admin.pttl(k) > 0 for k in found), {k: admin.pttl(k) for k in found}
+    finally:
+        admin.close()
+
+
+# -- item 10: no worker at all; a Redis restart that loses the queue -------------------------------
+
+
+async def test_wait_for_worker_false_fails_at_once_without_a_live_worker(
+    pm: ProcessManager, workers: Workers
+) -> None:
+    svc = with_options(await pm.connect("client_log"), wait_for_worker=False)
+    started = time.monotonic()
+    with pytest.raises(NoLiveWorkers, match="no live worker"):
+        await svc.run("nobody")
+    elapsed = time.monotonic() - started
+    print(f"\nwait_for_worker=False, no worker (timeout 15 s): NoLiveWorkers after {elapsed * 1000:.0f} ms")
+    assert elapsed < 1.0
+    assert await pm.client.redis.xlen(pm.client.keys.calls("client_log")) == 0  # nothing was queued
+    workers.start(CLIENT_LOG)
+    workers.wait_registered("client_log", 1)
+    assert await svc.run("somebody") == "somebody"
+
+
+async def test_a_redis_restart_that_lost_the_queue_fails_the_waiting_calls_at_once(
+    private_redis: LocalRedis, namespace: str
+) -> None:
+    admin = sync_redis.Redis.from_url(private_redis.url)
+    calls = Keys(namespace).calls("client_log")
+    outcome: dict[str, object] = {}
+    async with Client(private_redis.url, namespace=namespace) as client:
+
+        async def waiting() -> None:
+            try:
+                await client.call("client_log", "run", ("queued",), timeout=30)
+            except TitanError as exc:
+                outcome["error"] = exc
+                outcome["at"] = time.monotonic()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting)
+            await eventually(lambda: anyio.to_thread.run_sync(admin.xlen, calls), what="the request queued")
+            private_redis.stop(kill=True)  # no AOF: the queue is gone
+            restarted = time.monotonic()
+            private_redis.start()
+
+            async def failed() -> bool:
+                return "error" in outcome
+
+            await eventually(failed, 15, "the waiting call failed")
+        took = float(outcome["at"]) - restarted  # type: ignore[arg-type]
+        print(f"\nRedis restarted without its data: the waiting call got CallLost {took:.2f} s later")
+        assert isinstance(outcome["error"], CallLost), repr(outcome["error"])
+        assert "restarted" in str(outcome["error"])
+        assert took < 10
+        # The client carries on with the new server.
+        workers = Workers(private_redis.url, namespace)
+        try:
+            workers.start(CLIENT_LOG)
+            workers.wait_registered("client_log", 1)
+            assert await client.call("client_log", "run", ("new",), timeout=10) == "new"
+        finally:
+            workers.close()
+    admin.close()
+
+
+# -- item 12: a full Redis -----------------------------------------------------------------------------
+
+
+async def test_a_full_redis_raises_redis_out_of_memory_naming_the_limit(namespace: str) -> None:
+    with LocalRedis(extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        async with Client(server.url, namespace=namespace) as client:
+            admin = sync_redis.Redis.from_url(server.url)
+            for i in range(20):
+                admin.set(f"{namespace}:fill:{i}", b"x" * 100_000)
+            # A limit well below what it holds: every write is refused, however memory moves meanwhile.
+            admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 1024 * 1024)
+            limit = int(admin.config_get("maxmemory")["maxmemory"])
+            with pytest.raises(rexc.OutOfMemoryError):
+                admin.set(f"{namespace}:one-more", b"x")
+            with pytest.raises(RedisOutOfMemory) as info:
+                await client.call("client_log", "run", ("full",), timeout=2)
+            message = str(info.value)
+            print(f"\nfull Redis: {message}")
+            assert "out of memory" in message and str(limit) in message
+            assert isinstance(info.value, TitanError) and not isinstance(info.value, rexc.RedisError)
+            with pytest.raises(RedisOutOfMemory):
+                await client.invalidate_cache("client_log", "run")
+            admin.close()
+
+
+# -- item 11: ACL rules for callers and workers --------------------------------------------------------
+
+
+def caller_acl(ns: str) -> list[str]:
+    """README's caller rule (Redis 7 selectors): each family of keys with only the commands it needs.
+
+    Its own reply streams (read, trim, delete, the restart canary); the calls streams through the
+    submit script (no DEL, no XGROUP: it cannot destroy a service's group); stream control hashes;
+    cache generations (INCRBY only); the registry and the config read-only.
+    """
+    return [
+        "on", "resetkeys", "resetchannels", "-@all",
+        "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
+        f"~{ns}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
+        f"(~{ns}:{{*}}:calls* +evalsha +xadd +xdel +xlen +xrange +xpending)",
+        f"(~{ns}:{{*}}:stream:* +hset +pexpire)",
+        f"(~{ns}:{{*}}:cache-gen:* +incrby)",
+        f"(%R~{ns}:services %R~{ns}:{{*}}:workers %R~{ns}:{{*}}:worker:* %R~{ns}:{{*}}:affinity "
+        f"%R~{ns}:{{*}}:config %R~{ns}:{{*}}:dead +hget +hgetall +hkeys +smembers +exists +xlen +xrange)",
+    ]  # fmt: skip
+
+
+def worker_acl(ns: str) -> list[str]:
+    """README's worker rule: everything in the namespace but dangerous commands and destroying groups."""
+    return ["on", "resetkeys", "resetchannels", f"~{ns}:*", "+@all", "-@dangerous", "+info",
+            "-xgroup|destroy", "-xgroup|setid"]  # fmt: skip
+
+
+async def test_acl_rules_let_a_caller_call_but_not_reconfigure_a_service(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="titan_broker")
+    with LocalRedis(extra_args=["--requirepass", "adminpass"]) as server:
+        admin = sync_redis.Redis(port=server.port, password="adminpass")
+        admin.execute_command("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace))
+        admin.execute_command("ACL", "SETUSER", "worker", ">workerpass", *worker_acl(namespace))
+        base = f"127.0.0.1:{server.port}/0"
+        workers = Workers(f"redis://worker:workerpass@{base}", namespace)
+        keys = Keys(namespace)
+        try:
+            worker = workers.start(CLIENT_LOG)
+            workers.wait_registered("client_log", 1)
+            async with Client(f"redis://caller:callerpass@{base}", namespace=namespace) as client:
+                svc = client.proxy("client_log")
+                assert await svc.run("a") == "a"
+                assert [i async for i in svc.count(40)] == list(range(40))  # credit granted on the way
+                async for _ in svc.count(1000, 0.001):
+                    break  # a stream left early: its control hash says cancel
+                with pytest.raises(CallTimeout):
+                    await svc.with_options(timeout=0.3).run("slow", 3.0)  # its request deleted after
+                assert await svc.with_options(wait_for_worker=False, key="k").run("b") == "b"
+                await client.invalidate_cache("client_log", "run")
+                assert await client.streaming_methods("client_log") == frozenset({"count"})
+                with pytest.raises(rexc.NoPermissionError):
+                    await client.redis.hset(keys.config("client_log"), "max_backlog", 1)
+                with pytest.raises(rexc.NoPermissionError):
+                    await client.redis.execute_command(
+                        "XGROUP", "DESTROY", keys.calls("client_log"), "workers"
+                    )
+                with pytest.raises(rexc.NoPermissionError):
+                    await client.redis.hset(keys.services, "client_log", "{}")
+                with pytest.raises(rexc.NoPermissionError):
+                    await client.redis.get("outside-the-namespace")
+                calls, other_reply = keys.calls("client_log"), keys.reply("someone-else")
+                for command in (
+                    ("DEL", calls),  # would destroy the group with the stream
+                    ("SET", calls, "x"),
+                    ("SET", keys.cache_generation("client_log", "run"), 0),
+                    ("XADD", other_reply, "*", "reply", "forged"),  # no forged replies
+                    ("HSET", keys.worker("client_log", "w1"), "status", "ready"),
+                ):
+                    with pytest.raises(rexc.NoPermissionError):
+                        await client.redis.execute_command(*command)
+            worker_user = sync_redis.Redis(port=server.port, username="worker", password="workerpass")
+            with pytest.raises(rexc.NoPermissionError):
+                worker_user.execute_command("XGROUP", "DESTROY", keys.calls("client_log"), "workers")
+            worker_user.close()
+            assert admin.hget(keys.config("client_log"), "max_backlog") != b"1"
+            assert admin.xinfo_groups(keys.calls("client_log"))  # the group is still there
+            assert b"no permissions" not in workers.output(worker)  # the worker's rule lets it work
+        finally:
+            workers.close()
+            admin.close()
+    # Nothing the client did was refused (INFO, the canary, cleanup...): it logged no warning at all.
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("titan_broker")] == []

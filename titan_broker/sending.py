@@ -1,0 +1,213 @@
+"""Putting requests into Redis, and taking back the ones nobody waits for any more.
+
+``Sender.send`` queues a request through the submit script within the call's
+deadline. The script also checks that deadline in Redis's clock (this module
+keeps an estimate of the offset between Redis's clock and the local one), so
+a request that reaches Redis after its caller gave up is refused rather than
+run later. ``Sender.withdraw`` deletes a request given up (and stops its
+stream) in the background, retrying while Redis is away, without delaying
+the caller's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import anyio
+import anyio.abc
+from redis import exceptions as rexc
+
+from . import protocol
+from .backoff import Backoff
+from .connection import REDIS_ERRORS, AutoPipeline, Redis, titan_error
+from .errors import BacklogFull, RedisOutOfMemory, RedisUnavailable, TitanError
+from .keys import Keys
+from .scripting import Script
+
+logger = logging.getLogger(__name__)
+
+_SUBMIT = Script("submit")
+DEADLINE_SLACK_MS = 10
+"""Added to the deadline the submit script checks (Redis's clock, estimated): rounding of ids."""
+FORGET_GRACE = 5.0
+"""Seconds past a call's deadline that deleting it is retried (then workers drop it as late anyway)."""
+CONTROL_TTL_MS = 600_000
+"""A streaming call's control hash (credit, cancel) expires this long after its last write."""
+
+Sent = tuple[tuple[str, ...], bytes]
+"""Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
+and its entry id."""
+_Job = tuple[tuple[str, ...], bytes, str | None]
+
+
+class Sender:
+    """Sends requests over one auto-pipelined channel; withdraws those given up."""
+
+    def __init__(self, keys: Keys, max_backlog: int, pipe: AutoPipeline, redis: Callable[[], Redis]) -> None:
+        self.keys = keys
+        self.max_backlog = max_backlog
+        self.pipe = pipe
+        self._redis = redis
+        self.offset_ms = 0.0
+        """Redis's clock minus the event loop's, in ms: an upper bound, from the last entry id."""
+        self.tg: anyio.abc.TaskGroup | None = None
+        """Where withdrawals run; None while the client closes (they wait for ``withdraw_pending``)."""
+        self._jobs: dict[int, _Job] = {}
+        self._job_ids = itertools.count()
+
+    async def send(
+        self,
+        service: str,
+        method: str,
+        fields: dict[bytes, bytes],
+        worker: str | None,
+        deadline: float,
+        timeout: float,
+    ) -> Sent:
+        """Queue a request by ``deadline`` (event loop time); return where it went.
+
+        The send is shielded from the caller's own cancellation (it completes,
+        so that the entry id is known and the request can be withdrawn) but
+        not from the deadline. Raises BacklogFull, RedisOutOfMemory,
+        RedisUnavailable (also when Redis does not answer by the deadline).
+        """
+        doing = f"send {service}.{method}()"
+        shared = self.keys.calls(service)
+        streams: tuple[str, ...] = (shared,)
+        record = ""
+        if worker is not None:
+            streams = (self.keys.worker_calls(service, worker), shared)
+            record = self.keys.worker(service, worker)
+        flat: list[Any] = []
+        for name, value in fields.items():
+            flat += (name, value)
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
+            argv = [self.keys.config(service), record, self.max_backlog, not_after, *flat]
+            out_of_memory = False
+            entry_id: bytes | None = None
+            started = loop.time()
+            with anyio.CancelScope(shield=True, deadline=deadline):
+                try:
+                    entry_id = cast(bytes, await _SUBMIT(self.pipe, streams, argv))
+                except rexc.OutOfMemoryError:
+                    out_of_memory = True
+                except rexc.ResponseError as exc:
+                    message = str(exc)
+                    if message.startswith("TITANBACKLOG"):
+                        limit = message.split()[-1]
+                        raise BacklogFull(
+                            f"service {service!r} refused {method}(): its backlog is full "
+                            f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
+                        ) from None
+                    if not message.startswith("TITANLATE"):
+                        raise titan_error(exc, doing) from exc
+                except REDIS_ERRORS as exc:
+                    raise titan_error(exc, doing) from exc
+                except RedisUnavailable as exc:  # the batch this send shared was cut off
+                    raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
+            if out_of_memory:
+                raise await self.out_of_memory(doing, deadline)
+            if entry_id is not None:
+                self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
+                return streams, entry_id
+            if loop.time() >= deadline:
+                raise RedisUnavailable(
+                    f"cannot {doing}: Redis did not answer within the call's timeout of {timeout:g} s "
+                    "(it is stopped, overloaded or unreachable); the request was not queued"
+                )
+            if attempt == 0:  # TITANLATE with time left: Redis's clock jumped; measure it again
+                await self.sync_clock()
+        raise RedisUnavailable(f"cannot {doing}: Redis's clock disagrees with the call's deadline")
+
+    async def sync_clock(self) -> None:
+        """Measure the offset between Redis's clock and the event loop's (an upper bound)."""
+        started = asyncio.get_running_loop().time()
+        seconds, micros = await self.pipe.execute("TIME")
+        self.offset_ms = int(seconds) * 1000 + int(micros) / 1000 + 1 - started * 1000
+
+    async def out_of_memory(self, doing: str, deadline: float) -> RedisOutOfMemory:
+        """The error for a write refused at maxmemory, with the limit when INFO tells it."""
+        detail = ""
+        with anyio.move_on_after(max(0.0, min(0.5, deadline - anyio.current_time()))):
+            try:
+                info = await self._redis().info("memory")
+                detail = (
+                    f": it uses {info.get('used_memory')} bytes and its limit is maxmemory "
+                    f"{info.get('maxmemory')} bytes (maxmemory-policy {info.get('maxmemory_policy')})"
+                )
+            except REDIS_ERRORS:
+                pass
+        return RedisOutOfMemory(
+            f"cannot {doing}: Redis is out of memory{detail}, so it refuses new writes; "
+            "free memory in Redis, raise maxmemory, or let workers drain the queues"
+        )
+
+    async def error(self, exc: Exception, doing: str, deadline: float) -> TitanError:
+        """The TitanError for a redis-py error (out of memory with its limit)."""
+        if isinstance(exc, rexc.OutOfMemoryError):
+            return await self.out_of_memory(doing, deadline)
+        return titan_error(exc, doing)
+
+    def withdraw(self, sent: Sent, deadline: float, control: str | None = None) -> None:
+        """Delete a request nobody waits for, in the background; with ``control``, stop its stream too.
+
+        Deleting it is harmless when a worker has taken it already (its reply
+        is dropped); when none has, no worker ever runs it.
+        """
+        job_id = next(self._job_ids)
+        self._jobs[job_id] = (*sent, control)
+        if self.tg is not None:
+            self.tg.start_soon(self._withdraw, job_id, deadline)
+
+    async def _withdraw(self, job_id: int, deadline: float) -> None:
+        """Retry until done, or until the request is so late that workers drop it unrun.
+
+        Cancelled (the client closes), the job stays for ``withdraw_pending``.
+        """
+        backoff = Backoff(0.05, 1.0)
+        while True:
+            with anyio.move_on_after(2.0):
+                try:
+                    job = self._jobs.get(job_id)
+                    if job is not None:
+                        await self._delete(*job)
+                    self._jobs.pop(job_id, None)
+                    return
+                except REDIS_ERRORS as exc:
+                    logger.debug("cannot delete a request given up yet (%s)", exc)
+            if anyio.current_time() > deadline + FORGET_GRACE:
+                self._jobs.pop(job_id, None)
+                return
+            await backoff.sleep()
+
+    async def withdraw_pending(self) -> None:
+        """Withdraw every request still waiting to be (the client closes); raises redis-py errors."""
+        jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            await self._delete(*job)
+
+    async def _delete(self, streams: tuple[str, ...], entry_id: bytes, control: str | None) -> None:
+        async with self._redis().pipeline(transaction=True) as pipe:  # never a control hash without TTL
+            for stream in streams:
+                pipe.xdel(stream, entry_id)
+            if control is not None:
+                pipe.hset(control, "cancel", 1)
+                pipe.pexpire(control, CONTROL_TTL_MS)
+            await pipe.execute()
+
+    async def grant(self, control: str, credit: int, deadline: float) -> None:
+        """Let a streaming call's worker send items up to ``credit`` (by ``deadline``)."""
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            try:
+                async with self._redis().pipeline(transaction=True) as pipe:
+                    pipe.hset(control, "credit", credit)
+                    pipe.pexpire(control, CONTROL_TTL_MS)
+                    await pipe.execute()
+            except REDIS_ERRORS as exc:
+                raise await self.error(exc, "grant a stream more items", deadline) from exc
