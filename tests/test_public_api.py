@@ -8,11 +8,12 @@ from titan_broker import errors
 
 def test_exported_names_are_pinned() -> None:
     assert titan_broker.__all__ == (
-        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "CallError", "CallLost", "CallTimeout",
-        "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter", "DeadLettered",
+        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "CallError", "CallLost",
+        "CallTimeout", "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter", "DeadLettered",
         "DeadlineExceeded", "EncodeError", "Event", "Health", "HealthStatus", "InternalError",
         "MethodNotFound", "NoLiveWorkers", "PayloadTooLarge", "Pool", "PoolMetrics", "ProcessManager",
-        "RateLimited", "RedisOutOfMemory", "RedisUnavailable", "RemoteError", "RestartPolicy", "ServiceFileError", "ServiceHealth",
+        "RateLimited", "RedisOutOfMemory", "RedisUnavailable", "RemoteError", "RestartPolicy",
+        "ServiceFileError", "ServiceHealth",
         "ServiceInfo", "ServiceProxy", "SpawnError", "TitanError", "WorkerInfo", "WorkerOptions",
         "WorkerProcess", "cache", "health_check", "metric", "on_shutdown", "process", "public",
         "rate_limit", "trace", "with_options",

@@ -54,7 +54,8 @@ class CallTimeout(CallError):
 
 
 class NoLiveWorkers(CallTimeout):
-    """A call timed out and the service has no live worker to answer it."""
+    """A call timed out and the service has no live worker to answer it (or, with
+    ``wait_for_worker=False``, none was alive when it was about to be sent: it was not sent)."""
 
 
 class BacklogFull(CallError):

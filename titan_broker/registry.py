@@ -9,11 +9,14 @@ upgrade is seen, each with its own methods.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from redis import exceptions as rexc
 
 from .connection import Redis, text
 from .keys import Keys
@@ -237,7 +240,9 @@ async def list_workers(redis: Redis, keys: Keys, service: str) -> list[WorkerRec
     live = await read_workers(redis, keys, service, ids)
     dead = set(ids) - {w.worker_id for w in live}
     if dead:
-        await redis.srem(keys.workers(service), *dead)
+        # Pruning is housekeeping: a caller whose ACL makes the set read-only just skips it.
+        with contextlib.suppress(rexc.NoPermissionError):
+            await redis.srem(keys.workers(service), *dead)
     return live
 
 

@@ -32,7 +32,7 @@ import prometheus_client
 
 from titan_broker import protocol
 from titan_broker.config import WorkerOptions, check_name, redact
-from titan_broker.connection import AutoPipeline, Channel, open_redis
+from titan_broker.connection import SOCKET_TIMEOUT, AutoPipeline, Channel, open_redis
 from titan_broker.decorators import Health
 from titan_broker.definition import ServiceDefinition
 from titan_broker.errors import TitanError
@@ -146,7 +146,8 @@ class Worker:
         writer: Channel | None = None
         http: Any = None
         try:
-            reader = await Channel.open(self.url)
+            # A blocked read waits up to read_block for calls: its socket may wait that much longer.
+            reader = await Channel.open(self.url, socket_timeout=SOCKET_TIMEOUT + ctx.options.read_block)
             writer = await Channel.open(self.url)
             ctx.writer_ = AutoPipeline(writer)
             self.instance = self.definition.cls()
