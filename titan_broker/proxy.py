@@ -10,16 +10,44 @@ or not it knew, when it was made, which methods stream.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Mapping
+from typing import Any, Protocol, TypeVar, cast
 
 from .breaker import BreakerState, CircuitBreaker
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .client import Client
-
 T = TypeVar("T")
+
+
+class Caller(Protocol):
+    """What a proxy needs of a client (``titan_broker.Client`` is one)."""
+
+    @property
+    def namespace(self) -> str: ...
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        wait_for_worker: bool = True,
+    ) -> Any: ...
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        wait_for_worker: bool = True,
+    ) -> AsyncGenerator[Any, None]: ...
 
 
 class ServiceProxy:
@@ -32,7 +60,7 @@ class ServiceProxy:
 
     def __init__(
         self,
-        client: Client,
+        client: Caller,
         service: str,
         *,
         methods: frozenset[str] | None,

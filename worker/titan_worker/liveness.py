@@ -141,6 +141,7 @@ class Heartbeat:
         sent = time.time()
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
+        pipe.exists(ctx.record_key)
         pipe.hset(ctx.record_key, mapping=self._fields(heartbeat_only=True))  # type: ignore[arg-type]
         pipe.pexpire(ctx.record_key, ttl_ms)
         pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
@@ -148,13 +149,12 @@ class Heartbeat:
         # (OOM) but the PEXPIRE and the renewal below still keep this worker's calls its own.
         results = pipe.execute(raise_on_error=False)
         failures = [r for r in results if isinstance(r, Exception)]
-        (seconds, micros), added = results[0], results[-1]
+        (seconds, micros), existed = results[0], results[1]
         ctx.clock.measured(seconds * 1000 + micros / 1000, sent, time.time())
-        if added is True or added == 1:
-            # The record was gone (Redis restarted or its keys were deleted): register anew.
-            ctx.log.logger.warning(
-                "worker %s: its registry record was gone; registering again", ctx.worker_id
-            )
+        if existed == 0:
+            # The record had expired (the worker was cut off, or stopped, longer than its TTL) or
+            # was deleted (a restart without persistence, a FLUSHALL): register anew, whole.
+            ctx.log.logger.warning("worker %s: its registry record was gone; registering anew", ctx.worker_id)
             self.register()
         ids = self.active()
         if ids:
