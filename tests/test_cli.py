@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,9 +77,23 @@ def test_call_error_exits_1_with_the_remote_message(redis_url: str, namespace: s
     assert result.stdout == ""
 
 
-def test_call_to_unknown_service_says_no_live_worker(redis_url: str, namespace: str) -> None:
-    result = titan(redis_url, namespace, "call", "ghost", "ping", "--timeout", "0.5")
-    assert result.returncode == 1
+def test_call_to_an_unknown_service_exits_3_at_once(redis_url: str, namespace: str, calculator: str) -> None:
+    started = time.monotonic()
+    result = titan(redis_url, namespace, "call", "ghost", "ping", "--timeout", "20")
+    assert result.returncode == 3, result.stderr
+    assert "unknown service 'ghost'" in result.stderr and "known: calculator" in result.stderr
+    assert time.monotonic() - started < 20  # refused at once, not after the call's timeout
+
+
+def test_call_to_a_service_with_no_live_worker_exits_1(
+    redis_url: str, namespace: str, workers: Workers
+) -> None:
+    proc = workers.start(CALCULATOR)
+    workers.wait_registered("calculator", 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    result = titan(redis_url, namespace, "call", "calculator", "add", "1", "2", "--timeout", "0.5")
+    assert result.returncode == 1, result.stderr
     assert "no live worker" in result.stderr
 
 
@@ -158,3 +173,15 @@ def test_error_messages_keep_their_brackets(redis_url: str, namespace: str, calc
     result = titan(redis_url, namespace, "call", "calculator", "factorial", "[1, 2]")
     assert result.returncode == 1
     assert "got list ([1, 2])" in result.stderr  # not eaten as rich markup
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("services", "--bogus"), ("nosuchcommand",), ("call", "calculator"), ("stats", "--interval", "soon")],
+    ids=["unknown option", "unknown command", "missing argument", "bad value"],
+)
+def test_bad_command_line_exits_2_before_reaching_redis(namespace: str, args: tuple[str, ...]) -> None:
+    result = titan("redis://127.0.0.1:1/0", namespace, *args)  # unreachable: it must not matter
+    assert result.returncode == 2, result.stderr
+    assert "Usage: titan" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""

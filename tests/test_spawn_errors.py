@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from titan_broker import ConfigError, ProcessManager, SpawnError
+from titan_broker import ConfigError, ProcessManager, SpawnError, TitanError
 
 from .conftest import CALCULATOR, SERVICES
 
@@ -43,5 +43,6 @@ async def test_spawn_refuses_a_class_that_is_not_the_file_s_service(pm: ProcessM
 
 async def test_spawn_without_entering_the_manager_is_an_error() -> None:
     manager = ProcessManager("redis://127.0.0.1:1/0")
-    with pytest.raises(Exception, match="async with"):
+    with pytest.raises(TitanError, match="async with") as info:
         await manager.spawn(CALCULATOR)
+    assert info.type is TitanError  # the base class itself: a usage error, nothing more specific

@@ -16,13 +16,24 @@ class Chaos:
         self.log = log
 
     @public
-    async def work(self, i: int, ms: float = 0.0) -> list[int]:
-        """Return [i * 2, pid] after ``ms`` milliseconds; log each run when asked to."""
+    async def work(self, i: int, ms: float = 0.0, attempt: int = 0) -> list[int]:
+        """Return [i * 2, pid] after ``ms`` milliseconds; log each run ("i pid attempt") when asked to.
+
+        ``attempt`` tells a caller's retries of call ``i`` (new requests) from a rerun of one request.
+        """
         if self.log:
             with open(self.log, "a") as f:  # noqa: ASYNC230 - a tiny append in a test service
-                f.write(f"{i} {os.getpid()}\n")
+                f.write(f"{i} {os.getpid()} {attempt}\n")
         await anyio.sleep(ms / 1000)
         return [i * 2, os.getpid()]
+
+    @public(max_deliveries=1)
+    async def once(self, path: str, ms: float) -> int:
+        """A call that must never run twice: note the run (the pid) in ``path``, then take ``ms``."""
+        with open(path, "a") as f:  # noqa: ASYNC230
+            f.write(f"{os.getpid()}\n")
+        await anyio.sleep(ms / 1000)
+        return os.getpid()
 
     @public(max_deliveries=2)
     async def crash(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,9 +45,11 @@ def _span_file_exporter(path: str) -> None:
 
 @process(name="decorated", version="0.1.0")
 class Decorated:
-    async def init(self, store: str | None = None, spans: str | None = None) -> None:
+    async def init(self, store: str | None = None, spans: str | None = None, runs: str | None = None) -> None:
         self.runs: Counter[str] = Counter()
         self.store = Path(store) if store else None
+        self.run_log = Path(runs) if runs else None
+        """Where get_user notes each run ("get_user <pid>"), for tests with several workers."""
         if spans:
             _span_file_exporter(spans)
 
@@ -66,6 +69,9 @@ class Decorated:
     @public
     async def get_user(self, uid: int) -> dict[str, Any] | None:
         self.runs["get_user"] += 1
+        if self.run_log is not None:
+            with self.run_log.open("a") as f:
+                f.write(f"get_user {os.getpid()}\n")
         return self._users().get(str(uid))
 
     @public
@@ -123,6 +129,15 @@ class Decorated:
     @trace()
     async def traced(self) -> str:
         return "traced"
+
+    @public
+    @trace()
+    async def trace_probe(self) -> dict[str, bool]:
+        """What tracing costs here: is the span of this call recorded, is the SDK even loaded?"""
+        from opentelemetry import trace as otel
+
+        span = otel.get_current_span()
+        return {"recording": span.is_recording(), "sdk_loaded": "opentelemetry.sdk" in sys.modules}
 
     @public
     async def slow_async(self, seconds: float) -> float:

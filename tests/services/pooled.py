@@ -47,9 +47,11 @@ class Pooled:
 
     @health_check
     async def health(self) -> Health:
-        """Unhealthy when <sick_dir>/<pid> exists; hangs when <sick_dir>/<pid>.hang exists."""
+        """Unhealthy when <sick_dir>/<pid> exists; hangs or raises when <pid>.hang or <pid>.raise does."""
         flag = Path(self.sick_dir or "/nonexistent") / str(os.getpid())
         if flag.with_suffix(".hang").exists():
             await anyio.sleep(3600)
+        if flag.with_suffix(".raise").exists():
+            raise ConnectionError("the database is gone")
         sick = flag.exists()
         return Health("unhealthy" if sick else "healthy", checks={"sick_flag": sick})
