@@ -517,3 +517,23 @@ def test_bucket_rate_over_a_long_run_is_the_configured_rate(clock: FakeClock) ->
         admitted += bucket.take() == 0.0
         clock.advance(0.001)
     assert 50 <= admitted <= 51  # 5/s for 10 s, plus the first token
+
+
+# --- the codec's bounds ----------------------------------------------------------------------------
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more() -> None:
+    from titan_broker.codec import MAX_DEPTH, pack, unpack
+
+    assert unpack(pack(nested(MAX_DEPTH))) == nested(MAX_DEPTH)
+    with pytest.raises(ValueError, match=f"nested more than {MAX_DEPTH} deep"):
+        unpack(pack(nested(MAX_DEPTH + 1)))
+    with pytest.raises(ValueError, match="nested more than"):  # maps count as much as arrays
+        unpack(pack({"a": nested(MAX_DEPTH)}))

@@ -309,6 +309,7 @@ async def test_redis_error_in_bookkeeping_after_success_is_an_internal_error_not
     assert pending_count(sync_client, keys.calls("edge")) == 0  # answered and acknowledged: no rerun
     error_id = info.value.details.get("error_id")
     assert error_id, info.value.details
+    assert info.value.details["ran"] is True  # the caller knows its write happened
     await in_thread(wait_until, lambda: str(error_id).encode() in workers.output(proc), 10, "error id logged")
     assert await pm.client.call("edge", "get", ("a",), timeout=10) == "value of a"
     assert len(runs(log, "get a")) == 1
@@ -657,3 +658,39 @@ def test_flushall_under_a_serving_worker_it_registers_again_and_serves(namespace
             assert b"Traceback" not in w.output(proc), w.output(proc).decode(errors="replace")[-3000:]
         finally:
             client.close()
+
+
+# --- failures that escape a middleware, and replies that cannot be written ------------------------
+
+
+async def test_a_redis_error_in_a_middleware_is_an_internal_error_at_once(
+    pm: ProcessManager, sync_client: sync_redis.Redis, keys: Keys
+) -> None:
+    """The rate limit's bucket is clobbered (a string): the call is answered InternalError at once,
+    by the execution's catch-all, and nothing stays pending to run again."""
+    svc = await pm.spawn(SERVICES / "decorated.py")
+    sync_client.set(keys.rate("decorated", "limited"), "not a bucket")
+    started = time.monotonic()
+    with pytest.raises(InternalError) as info:
+        await svc.limited()
+    assert time.monotonic() - started < 5.0
+    assert info.value.details["error_id"]
+    assert pending_count(sync_client, keys.calls("decorated")) == 0
+    assert sync_client.xlen(keys.calls("decorated")) == 0
+
+
+def test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """The reply key is not a stream: the answer cannot be written, so the entry is not acknowledged
+    and lost but dead-lettered, saying why (the reply is written before the acknowledgement)."""
+    log = tmp_path / "runs.log"
+    workers.start(EDGE, *log_dep(log))
+    workers.wait_registered("edge", 1)
+    reply_key = keys.reply(f"clobbered-{uuid.uuid4().hex[:8]}")
+    sync_client.set(reply_key, "not a stream")
+    send(sync_client, keys, "edge", "ping", reply_key=reply_key)
+    [(_, dead)] = wait_until(lambda: sync_client.xrange(keys.dead("edge")), 15, "a dead letter")
+    assert b"its reply could not be written" in dead[b"reason"]
+    assert sync_client.xlen(keys.calls("edge")) == 0
+    assert pending_count(sync_client, keys.calls("edge")) == 0

@@ -1,0 +1,629 @@
+"""Mutation check of the README's guarantees (issue 12, item 4): every promise has a test that can fail.
+
+Run by hand, never by pytest (the name does not match ``test_*.py``) nor by CI:
+
+    .venv/bin/python tests/mutation_check.py            # every mutation (about 4 minutes on 2 cores)
+    .venv/bin/python tests/mutation_check.py --list     # the table, and whether each still applies
+    .venv/bin/python tests/mutation_check.py --only reply-twice --only skip-redaction
+
+Each mutation breaks one promise with exact text replacements (file, old text, new text) applied to a
+scratch copy of the repository, never to the checkout. The old text must occur exactly once, else the
+script stops before running anything: when the code moves on, the table is updated by hand, so it
+never silently checks nothing. Python files are compiled and Lua files loaded into a throwaway Redis
+(SCRIPT LOAD) after the edit, so a typo cannot pass for a caught mutation.
+
+The copy's code is what runs, also in the worker processes the tests start: PYTHONPATH puts the copy's
+titan_broker, titan_worker and titan_cli ahead of the editable install (a canary subprocess checks it
+before each run), and pytest runs from inside the copy with ``--rootdir`` set to it.
+
+First a baseline: the named tests run once on the unmutated copy; a test that fails there proves
+nothing and is dropped (and reported). Then, one mutation at a time, a fresh copy is mutated and only
+its named tests run, cheapest first, with ``-x``. "caught" means a named test failed; "survived" means
+they all passed: the promise has no test that can fail. Exit status 0 when every mutation was caught,
+1 when one survived or could not be checked, 2 when a mutation no longer applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "--timeout", "180")
+RUN_LIMIT = 1800.0
+"""Seconds one pytest run may take in all before it is stopped (a test's own limit is 180 s)."""
+IGNORED = shutil.ignore_patterns(
+    ".venv", ".git", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "*.egg-info"
+)
+
+# Test node ids, named once.
+WE = "tests/test_worker_edges.py::"
+BLOCKED_LOOP = WE + "test_blocked_event_loop_does_not_get_a_live_worker_robbed"
+BLOCKED_LOOP_KEYED = WE + "test_blocked_event_loop_with_an_affinity_key_runs_once"
+FULL_REDIS_REPLY = WE + "test_reply_held_by_a_full_redis_is_written_once_memory_is_back"
+BOOKKEEPING = WE + "test_redis_error_in_bookkeeping_after_success_is_an_internal_error_not_a_rerun"
+UNPRINTABLE = WE + "test_unprintable_argument_is_an_error_reply_at_once_not_a_rerun"
+MILLION_MAPS = WE + "test_a_million_empty_maps_are_refused_without_a_memory_blowup"
+UNKNOWN_EXT = WE + "test_unknown_msgpack_ext_type_is_a_bad_request_naming_it"
+TRACEBACK_IN_LOG = WE + "test_error_reply_has_an_error_id_and_the_traceback_stays_in_the_worker_log"
+PARTITION = "tests/test_partition.py::test_worker_cut_off_from_redis_never_replies_for_calls_taken_over"
+NEVER_ROBBED = "tests/test_faults.py::test_live_worker_on_long_call_is_never_robbed"
+POISON = "tests/test_faults.py::test_poison_call_is_dead_lettered_and_its_caller_told"
+BACKLOG = "tests/test_faults.py::test_full_backlog_refuses_calls_at_once"
+MAX_DELIVERIES_1 = (
+    "tests/test_promises.py::test_a_max_deliveries_1_call_is_dead_lettered_not_rerun_when_its_worker_dies"
+)
+EXPIRED_CALL = "tests/test_worker.py::test_expired_call_is_dropped_without_running"
+MALFORMED = "tests/test_worker.py::test_malformed_entry_gets_an_error_reply_and_worker_keeps_serving"
+WRONG_PASSWORD = "tests/test_connections.py::test_wrong_password_is_a_clear_error_without_the_password"
+REMOTE_EXCEPTION = "tests/test_calls.py::test_remote_exception_carries_type_and_message"
+CE = "tests/test_client_edges.py::"
+CANCELLED_CALL = CE + "test_a_call_its_caller_cancelled_is_never_run"
+STOPPED_AFTER_SEND = CE + "test_a_call_ends_at_its_timeout_when_redis_is_stopped_after_the_send"
+CLOBBERED_REPLY_KEY = CE + "test_the_dispatcher_survives_a_reply_key_overwritten_with_a_string"
+WE = "tests/test_worker_edges.py::"
+UNWRITABLE_REPLY = WE + "test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters"
+MIDDLEWARE_ERROR = WE + "test_a_redis_error_in_a_middleware_is_an_internal_error_at_once"
+DEPTH_LIMIT = "tests/test_units.py::test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more"
+RECLAIM_OWN = "tests/test_scripts.py::test_reclaim_never_takes_an_entry_its_own_worker_is_running"
+
+FINISH = "titan_broker/lua/finish.lua"
+FINISH_REPLY = """if KEYS[2] then
+  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+"""
+FINISH_ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+"""
+REPLY_XADD = "  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[4])\n"
+WORKER = "worker/titan_worker/worker.py"
+
+
+@dataclass(frozen=True)
+class Edit:
+    path: str
+    """Relative to the repository."""
+    old: str
+    """Must occur exactly once in the file."""
+    new: str
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    promise: str
+    """The README promise it breaks (quoted or paraphrased)."""
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+    """Node ids expected to catch it, cheapest first (the run stops at the first failure)."""
+    gap: str = ""
+    """For a mutation known to survive: the test that would catch it (printed when it survives)."""
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "ack-before-reply",
+        "an entry is acknowledged and deleted after its reply is written, in one script",
+        (Edit(FINISH, FINISH_REPLY + FINISH_ACK, FINISH_ACK + FINISH_REPLY),),
+        (UNWRITABLE_REPLY,),
+    ),
+    Mutation(
+        "ack-without-reply",
+        "a reply that cannot be written (full Redis) waits: the entry stays pending, answered once",
+        (Edit(FINISH, REPLY_XADD, "  pcall(redis.call, 'XADD', KEYS[2], '*', 'reply', ARGV[4])\n"),),
+        (FULL_REDIS_REPLY,),
+    ),
+    Mutation(
+        "no-ownership-check",
+        "a worker cut off from Redis does not answer the calls it lost: one answer per call",
+        (Edit(FINISH, "if not ok or #p == 0 then return 0 end\n", "-- mutated: no ownership check\n"),),
+        (PARTITION, BLOCKED_LOOP),
+    ),
+    Mutation(
+        "no-deadline-drop",
+        "a worker drops a call whose deadline has passed",
+        (
+            Edit(
+                "worker/titan_worker/middleware/deadline.py",
+                "        if remaining <= 0:\n",
+                "        if remaining <= 0 and False:  # mutated\n",
+            ),
+        ),
+        (EXPIRED_CALL,),
+    ),
+    Mutation(
+        "renew-nothing",
+        "every beat renews the entries a live worker runs: a live worker on a long call is never robbed",
+        (
+            Edit(
+                "titan_broker/lua/renew.lua",
+                "  if ok and #p > 0 then mine[#mine + 1] = ARGV[i] end\n",
+                "  -- mutated: renew nothing\n",
+            ),
+        ),
+        (NEVER_ROBBED, BLOCKED_LOOP, BLOCKED_LOOP_KEYED),
+    ),
+    Mutation(
+        "reply-twice",
+        "one answer per outcome (the settle script writes one reply)",
+        (Edit(FINISH, REPLY_XADD, REPLY_XADD + REPLY_XADD),),
+        (BLOCKED_LOOP, PARTITION),
+    ),
+    Mutation(
+        "skip-redaction",
+        "passwords never appear in messages or logs",
+        (
+            Edit(
+                "titan_broker/config.py",
+                "    if parts.password is None:\n        return url\n",
+                "    if parts.password is None or True:  # mutated\n        return url\n",
+            ),
+        ),
+        (WRONG_PASSWORD,),
+    ),
+    Mutation(
+        "decode-no-container-limit",
+        "decoding is bounded: at most 65,536 arrays and maps",
+        (
+            Edit(
+                "titan_broker/codec.py",
+                "        if self.count > MAX_CONTAINERS:\n",
+                "        if self.count > MAX_CONTAINERS and False:  # mutated\n",
+            ),
+        ),
+        (MILLION_MAPS,),
+    ),
+    Mutation(
+        "decode-no-depth-limit",
+        "decoding is bounded: nested at most 64 deep",
+        (
+            Edit(
+                "titan_broker/codec.py",
+                "    if counter.count > MAX_DEPTH:  # fewer containers cannot nest deeper\n",
+                "    if counter.count > MAX_DEPTH and False:  # mutated: no depth check\n",
+            ),
+        ),
+        (DEPTH_LIMIT,),
+    ),
+    Mutation(
+        "no-backlog-check",
+        "a full backlog (max_backlog) refuses new calls at once with BacklogFull",
+        (
+            Edit(
+                "titan_broker/lua/submit.lua",
+                "if max > 0 and redis.call('XLEN', stream) >= max then\n",
+                "if false and max > 0 and redis.call('XLEN', stream) >= max then  -- mutated\n",
+            ),
+        ),
+        (BACKLOG,),
+    ),
+    Mutation(
+        "keep-untaken-request",
+        "the caller removes its request if no worker took it (timeout, cancellation)",
+        (
+            Edit(
+                "titan_broker/sending.py",
+                "                pipe.xdel(stream, entry_id)\n",
+                "                pass  # mutated: the request given up stays\n",
+            ),
+        ),
+        (CANCELLED_CALL, STOPPED_AFTER_SEND),
+    ),
+    Mutation(
+        "no-dead-letter",
+        "a call delivered more than max_deliveries times goes to the dead letters; its caller is told",
+        (
+            Edit(
+                WORKER,
+                "        if deliveries > limit or moves >= limit:\n",
+                "        if moves >= limit:  # mutated: deliveries never counted\n",
+            ),
+        ),
+        (MAX_DELIVERIES_1, POISON),
+    ),
+    Mutation(
+        "heartbeat-on-loop",
+        "the heartbeat runs on a thread with a connection of its own: a blocked event loop is not robbed",
+        (
+            Edit(
+                WORKER,
+                "            self.heartbeat.start()\n",
+                "            pass  # mutated: no heartbeat thread\n",
+            ),
+            Edit(
+                WORKER,
+                "                self._health = await self._check_health()\n            self._publish()\n",
+                "                self._health = await self._check_health()\n            self._publish()\n"
+                "            self.heartbeat.beat()  # mutated: the beat runs on the event loop\n",
+            ),
+        ),
+        (BLOCKED_LOOP, BLOCKED_LOOP_KEYED),
+    ),
+    Mutation(
+        "internal-error-escapes",
+        "a failure around the method is answered at once with InternalError, never a silent rerun",
+        (
+            Edit(
+                "worker/titan_worker/execution.py",
+                "            outcome = call.raised(exc, WireError.INTERNAL)\n",
+                "            raise  # mutated: the failure escapes, the entry stays pending\n",
+            ),
+        ),
+        (MIDDLEWARE_ERROR,),
+    ),
+    Mutation(
+        "internal-error-without-ran",
+        "a Redis error in its cache invalidation: InternalError with details['ran']",
+        (
+            Edit(
+                "worker/titan_worker/middleware/invalidation.py",
+                "outcome = call.raised(exc, WireError.INTERNAL, message, ran=True)\n",
+                "outcome = call.raised(exc, WireError.INTERNAL, message)  # mutated: no 'ran'\n",
+            ),
+        ),
+        (BOOKKEEPING,),
+    ),
+    Mutation(
+        "tracebacks-by-default",
+        "a traceback goes to the caller only with --expose-tracebacks (WorkerOptions default, pm.spawn)",
+        (
+            Edit(
+                "titan_broker/config.py",
+                "    expose_tracebacks: bool = False\n",
+                "    expose_tracebacks: bool = True  # mutated\n",
+            ),
+        ),
+        (REMOTE_EXCEPTION,),
+    ),
+    Mutation(
+        "tracebacks-by-default-cli",
+        "a traceback goes to the caller only with --expose-tracebacks (titan-worker's flag default)",
+        (
+            Edit(
+                "worker/titan_worker/main.py",
+                '(for development).")\n    ] = False,\n',
+                '(for development).")\n    ] = True,  # mutated\n',
+            ),
+        ),
+        (TRACEBACK_IN_LOG,),
+    ),
+    Mutation(
+        "reclaim-own-running",
+        "a live worker never claims (and reruns) the entries it is running itself",
+        (
+            Edit(
+                "titan_broker/lua/reclaim.lua",
+                "  if not (e[2] == ARGV[2] and running[id]) then\n",
+                "  if true then  -- mutated: its own running entries too\n",
+            ),
+        ),
+        (RECLAIM_OWN,),
+    ),
+)
+
+
+@dataclass
+class Outcome:
+    status: str
+    """caught, survived, unproven (every test skipped or dropped) or error."""
+    caught_by: str = ""
+    why: str = ""
+    seconds: float = 0.0
+    dropped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    nodeid: str
+    state: str
+    """passed, failed, error or skipped."""
+    message: str = ""
+
+
+# --- copies and edits ---------------------------------------------------------------------------
+
+
+def copy_tree(source: Path, dest: Path) -> None:
+    shutil.copytree(source, dest, ignore=IGNORED, symlinks=True)
+
+
+def apply(copy: Path, edits: Iterable[Edit]) -> None:
+    """Apply the edits to the copy; raise if an old text is missing or not unique."""
+    for edit in edits:
+        path = copy / edit.path
+        source = path.read_text()
+        found = source.count(edit.old)
+        if found != 1:
+            raise BadMutation(f"{edit.path}: the text to replace occurs {found} times, not once:\n{edit.old}")
+        mutated = source.replace(edit.old, edit.new)
+        path.write_text(mutated)
+        if path.read_text() != mutated or mutated == source:
+            raise BadMutation(f"{edit.path}: the edit did not take")
+
+
+class BadMutation(Exception):
+    """A mutation's source text is no longer in the code, or the mutated code does not load."""
+
+
+def check_syntax(copy: Path, edits: Iterable[Edit], redis_url: str | None) -> None:
+    """Compile each edited Python file, SCRIPT LOAD each edited Lua file; raise BadMutation if broken."""
+    for rel in sorted({e.path for e in edits}):
+        path = copy / rel
+        if rel.endswith(".py"):
+            try:
+                compile(path.read_text(), str(path), "exec")
+            except SyntaxError as exc:
+                raise BadMutation(f"{rel}: the mutated file does not compile: {exc}") from exc
+        elif rel.endswith(".lua"):
+            if redis_url is None:
+                raise BadMutation(f"{rel}: no Redis to check the mutated script with")
+            import redis as sync_redis
+
+            client = sync_redis.Redis.from_url(redis_url)
+            try:
+                client.script_load(path.read_text())
+            except sync_redis.ResponseError as exc:
+                raise BadMutation(f"{rel}: the mutated script does not load: {exc}") from exc
+            finally:
+                client.close()
+
+
+# --- running tests ------------------------------------------------------------------------------
+
+
+def environment(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (copy, copy / "worker", copy / "cli"))
+    return env
+
+
+def canary(copy: Path) -> None:
+    """A subprocess with the tests' environment imports the copy's packages, not the checkout's."""
+    code = (
+        "import titan_broker, titan_worker, titan_cli\n"
+        "for m in (titan_broker, titan_worker, titan_cli): print(m.__file__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=copy, env=environment(copy),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    files = done.stdout.split()
+    if done.returncode != 0 or len(files) != 3 or not all(Path(f).is_relative_to(copy) for f in files):
+        raise SystemExit(f"canary: the copy's code would not run in workers: {done.stdout}{done.stderr}")
+
+
+def run_pytest(copy: Path, tests: Sequence[str], report: Path, *, stop_first: bool) -> tuple[int, str]:
+    """Run the tests in the copy; return pytest's exit status and the end of its output."""
+    args = [a for a in PYTEST_ARGS if stop_first or a != "-x"]
+    cmd = [str(VENV_BIN / "pytest"), "--rootdir", str(copy), *args, "--junitxml", str(report), *tests]
+    proc = subprocess.Popen(cmd, cwd=copy, env=environment(copy), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=RUN_LIMIT)
+    except BaseException:  # a timeout or Ctrl-C: end this pytest and what it started, by its group id
+        stop_group(proc)
+        raise
+    return proc.returncode, out.decode(errors="replace")[-4000:]
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def read_report(report: Path, copy: Path) -> list[Case]:
+    if not report.exists():
+        return []
+    cases = []
+    for case in ET.parse(report).getroot().iter("testcase"):
+        nodeid = node_id(case.get("classname", ""), case.get("name", ""), copy)
+        state, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            found = case.find(kind)
+            if found is not None:
+                state = {"failure": "failed"}.get(kind, kind)
+                message = found.get("message") or (found.text or "")
+                break
+        cases.append(Case(nodeid, state, " ".join(message.split())[:200]))
+    return cases
+
+
+def node_id(classname: str, name: str, copy: Path) -> str:
+    """tests.test_x[.Class] + name -> tests/test_x.py[::Class]::name."""
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i]) + ".py"
+        if (copy / path).exists():
+            return "::".join([path, *parts[i:], name])
+    return f"{classname}::{name}"
+
+
+def belongs(case: str, nodeid: str) -> bool:
+    return case == nodeid or case.startswith(nodeid + "[")
+
+
+# --- the check ----------------------------------------------------------------------------------
+
+
+def baseline(base: Path, work: Path, mutations: Sequence[Mutation]) -> set[str]:
+    """Run every named test once, unmutated; return the node ids that did not pass there."""
+    tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
+    print(f"baseline: {len(tests)} test(s) on the unmutated copy ...", flush=True)
+    started = time.monotonic()
+    report = work / "baseline.xml"
+    status, output = run_pytest(base, tests, report, stop_first=False)
+    cases = read_report(report, base)
+    if status not in (0, 1) or not cases:
+        raise SystemExit(f"baseline: pytest exited with {status}; its output ends with:\n{output}")
+    bad = set()
+    for nodeid in tests:
+        mine = [c for c in cases if belongs(c.nodeid, nodeid)]
+        if not mine:
+            raise SystemExit(f"baseline: {nodeid} did not run:\n{output}")
+        for c in mine:
+            if c.state != "passed":
+                print(f"  baseline: {c.nodeid} {c.state}: {c.message}", flush=True)
+                bad.add(nodeid)
+    print(f"baseline: done in {time.monotonic() - started:.0f} s; {len(bad)} test(s) dropped", flush=True)
+    return bad
+
+
+def check(mutation: Mutation, base: Path, work: Path, dropped: set[str]) -> Outcome:
+    tests = [t for t in mutation.tests if t not in dropped]
+    gone = [t for t in mutation.tests if t in dropped]
+    if not tests:
+        return Outcome("unproven", why="every named test fails unmutated", dropped=gone)
+    copy = work / mutation.name
+    copy_tree(base, copy)
+    started = time.monotonic()
+    try:
+        apply(copy, mutation.edits)
+        canary(copy)
+        report = work / f"{mutation.name}.xml"
+        status, output = run_pytest(copy, tests, report, stop_first=True)
+        cases = read_report(report, copy)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    seconds = time.monotonic() - started
+    failed = [c for c in cases if c.state in ("failed", "error")]
+    if status == 1 and failed:
+        first = failed[0]
+        note = " (error)" if first.state == "error" else ""
+        return Outcome("caught", first.nodeid + note, first.message, seconds, gone)
+    if status == 0:
+        ran = [c for c in cases if c.state == "passed"]
+        skipped = [c for c in cases if c.state == "skipped"]
+        if not ran:
+            why = skipped[0].message if skipped else "nothing ran"
+            return Outcome("unproven", why=f"every test skipped: {why}", seconds=seconds, dropped=gone)
+        why = f"{len(ran)} test(s) passed" + (f", {len(skipped)} skipped" if skipped else "")
+        return Outcome("survived", why=why, seconds=seconds, dropped=gone)
+    return Outcome(
+        "error", why=f"pytest exited with {status}: {output[-600:]}", seconds=seconds, dropped=gone
+    )
+
+
+def short(nodeid: str) -> str:
+    return nodeid.removeprefix("tests/")
+
+
+def print_table(rows: Sequence[tuple[Mutation, Outcome]]) -> None:
+    print("\n| mutation | promise it breaks | test that caught it | result |")
+    print("|---|---|---|---|")
+    for m, o in rows:
+        caught_by = (
+            f"`{short(o.caught_by)}`"
+            if o.caught_by
+            else "none of: " + ", ".join(f"`{short(t)}`" for t in m.tests)
+        )
+        print(f"| `{m.name}` | {m.promise} | {caught_by} | {o.status} ({o.seconds:.0f} s) |")
+    print()
+    for m, o in rows:
+        print(f"- {m.name}: {o.status}: {o.why}")
+        if o.status == "survived" and m.gap:
+            print(f"    would be caught by: {m.gap}")
+        for t in o.dropped:
+            print(f"    dropped (fails unmutated): {t}")
+
+
+def try_mutation(m: Mutation, base: Path, work: Path, redis_url: str) -> str | None:
+    """Why the mutation cannot be applied to a copy of ``base`` and loaded, or None when it can."""
+    copy = work / f"try-{m.name}"
+    copy_tree(base, copy)
+    try:
+        apply(copy, m.edits)
+        check_syntax(copy, m.edits, redis_url)
+    except BadMutation as exc:
+        return str(exc)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    return None
+
+
+def validate(mutations: Sequence[Mutation], base: Path, work: Path) -> dict[str, str | None]:
+    """For each mutation: why it does not apply to today's code, or None when it does."""
+    from titan_broker.local_redis import LocalRedis  # a throwaway Redis to load mutated scripts
+
+    with LocalRedis() as server:
+        return {m.name: try_mutation(m, base, work, server.url) for m in mutations}
+
+
+def list_mutations(mutations: Sequence[Mutation], base: Path, work: Path) -> int:
+    problems = validate(mutations, base, work)
+    print("| mutation | promise it breaks | files | tests | applies now |")
+    print("|---|---|---|---|---|")
+    for m in mutations:
+        problem = problems[m.name]
+        applies = "yes" if problem is None else f"NO: {problem.splitlines()[0]}"
+        files = ", ".join(sorted({e.path for e in m.edits}))
+        tests = ", ".join(f"`{short(t)}`" for t in m.tests)
+        print(f"| `{m.name}` | {m.promise} | {files} | {tests} | {applies} |")
+    return 2 if any(problems.values()) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--list", action="store_true", help="show the mutations and whether each applies")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run this mutation (repeatable)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
+    opts = parser.parse_args(argv)
+    mutations = list(MUTATIONS)
+    if opts.only:
+        names = {m.name for m in MUTATIONS}
+        unknown = sorted(set(opts.only) - names)
+        if unknown:
+            parser.error(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        mutations = [m for m in MUTATIONS if m.name in opts.only]
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped: end the pytest run and remove the copies
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    work = Path(tempfile.mkdtemp(prefix="mut-titan-"))
+    try:
+        started = time.monotonic()
+        base = work / "base"
+        copy_tree(ROOT, base)  # one snapshot: others may be editing the checkout meanwhile
+        if opts.list:
+            return list_mutations(mutations, base, work)
+        problems = {name: why for name, why in validate(mutations, base, work).items() if why}
+        if problems:
+            for name, why in problems.items():
+                print(f"mutation {name!r} no longer applies: update the table.\n{why}", file=sys.stderr)
+            return 2
+        canary(base)
+        dropped = set() if opts.no_baseline else baseline(base, work, mutations)
+        rows = []
+        for i, m in enumerate(mutations, 1):
+            print(f"[{i}/{len(mutations)}] {m.name}: {', '.join(short(t) for t in m.tests)} ...", flush=True)
+            outcome = check(m, base, work, dropped)
+            print(f"    {outcome.status} in {outcome.seconds:.0f} s {outcome.caught_by} {outcome.why[:160]}",
+                  flush=True)  # fmt: skip
+            rows.append((m, outcome))
+        print_table(rows)
+        print(f"\ntotal run time: {time.monotonic() - started:.0f} s")
+        bad = [m.name for m, o in rows if o.status != "caught"]
+        if bad:
+            print(f"not caught: {', '.join(bad)}")
+        return 1 if bad else 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
