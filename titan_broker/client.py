@@ -30,14 +30,15 @@ from . import protocol
 from .breaker import CircuitBreaker
 from .config import redact, resolve_namespace, resolve_url
 from .connection import REDIS_ERRORS, SOCKET_TIMEOUT, AutoPipeline, Channel, Redis, open_redis, titan_error
-from .errors import ConfigError, RemoteError, TitanError, remote_error
+from .errors import ConfigError, TitanError
 from .keys import Keys
 from .proxy import ServiceProxy as ServiceProxy
 from .proxy import with_options as with_options
-from .replies import READ_BLOCK_MS, ReplyDispatcher, StreamItem
+from .replies import READ_BLOCK_MS, ReplyDispatcher, error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
 from .routing import Routes, probe_margin
 from .sending import Sender, Sent
+from .streaming import StreamRequest, stream_items
 
 logger = logging.getLogger(__name__)
 
@@ -233,14 +234,14 @@ class Client:
                 )
             if reply.ok:
                 return reply.value
-            raise _error_of(reply)
+            raise error_of(reply)
         finally:
             dispatcher.calls.pop(call_id, None)
             dispatcher.entries.pop(call_id, None)
             if sent is not None and not answered:
                 sender.withdraw(sent, deadline)
 
-    async def stream(
+    def stream(
         self,
         service: str,
         method: str,
@@ -261,64 +262,8 @@ class Client:
         """
         timeout, call_id, fields = self._request(method, args, kwargs, timeout)
         dispatcher, sender = self._connected()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        window = protocol.STREAM_WINDOW
-        send, receive = anyio.create_memory_object_stream[StreamItem](window * 2 + 8)
-        dispatcher.streams[call_id] = send
-        sent: Sent | None = None
-        finished = False
-        probe: asyncio.TimerHandle | None = None
-        try:
-            if not wait_for_worker:
-                await self._routes.require_worker(service, method, deadline)
-            worker = (
-                await self._routes.worker_for(service, method, key, deadline) if key is not None else None
-            )
-            sent = await sender.send(service, method, fields, worker, deadline, timeout)
-            dispatcher.entries[call_id] = sent
-            probe = loop.call_at(deadline - probe_margin(timeout), self._routes.probe, None, service)
-            received = 0
-            while True:
-                item: StreamItem | None = None
-                with anyio.move_on_after(deadline - loop.time()):
-                    try:
-                        item = await receive.receive()
-                    except anyio.EndOfStream:
-                        item = dispatcher.failed.pop(call_id, None) or TitanError(
-                            f"{service}.{method}() lost"
-                        )
-                if item is None:
-                    raise self._routes.timeout_error(service, method, timeout, loop.time() - timeout)
-                if isinstance(item, TitanError):
-                    raise item
-                if not item.ok:
-                    finished = True
-                    raise _error_of(item)
-                if item.end is not None:
-                    finished = True
-                    return
-                if item.seq is None:
-                    finished = True
-                    raise TitanError(f"{service}.{method}() does not stream: await it instead of iterating")
-                if item.seq < received:
-                    continue  # replayed from the start by a worker that took the call over
-                received += 1
-                yield item.value
-                if received % (window // 2) == 0:
-                    await sender.grant(
-                        self.keys.stream_control(service, call_id), received + window, deadline
-                    )
-        finally:
-            if probe is not None:
-                probe.cancel()
-            dispatcher.streams.pop(call_id, None)
-            dispatcher.entries.pop(call_id, None)
-            dispatcher.failed.pop(call_id, None)
-            send.close()
-            receive.close()
-            if sent is not None and not finished:
-                sender.withdraw(sent, deadline, self.keys.stream_control(service, call_id))
+        request = StreamRequest(service, method, call_id, fields, timeout, key, wait_for_worker)
+        return stream_items(request, dispatcher, sender, self._routes, self.keys)
 
     def _request(
         self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None, timeout: float | None
@@ -386,17 +331,6 @@ class Client:
 def _service_of(sent: Sent) -> str:
     """The service whose calls stream (``<ns>:{<svc>}:calls``) a request went to."""
     return sent[0][0].split("{", 1)[1].split("}", 1)[0]
-
-
-def _error_of(reply: protocol.Reply) -> RemoteError:
-    """The exception an error reply stands for."""
-    error = reply.error or {}
-    details = error.get("details")
-    return remote_error(
-        str(error.get("type", "titan.Unknown")),
-        str(error.get("message", "")),
-        details if isinstance(details, dict) else None,
-    )
 
 
 def _traceparent() -> str | None:

@@ -138,6 +138,8 @@ class WireError(StrEnum):
     DEAD_LETTERED = "titan.DeadLettered"
     RATE_LIMITED = "titan.RateLimited"
     INTERNAL = "titan.InternalError"
+    UNKNOWN = "titan.Unknown"
+    """Made by a caller for an error reply without a type."""
     BAD_REPLY = "titan.BadReply"
     """Made by a caller for a reply that carries neither value nor error (never sent by a worker)."""
 

@@ -33,7 +33,7 @@ from redis import exceptions as rexc
 from . import protocol
 from .backoff import Backoff
 from .connection import CONNECTION_ERRORS, Channel, stream_entries, text
-from .errors import CallLost, TitanError
+from .errors import CallLost, RemoteError, TitanError, WireError, remote_error
 
 logger = logging.getLogger(__name__)
 
@@ -279,3 +279,14 @@ class ReplyDispatcher:
             "Redis restarted without its data (run_id %s -> %s): %d waiting call(s) lost",
             previous, run_id, lost,
         )  # fmt: skip
+
+
+def error_of(reply: protocol.Reply) -> RemoteError:
+    """The exception an error reply stands for."""
+    error = reply.error or {}
+    details = error.get("details")
+    return remote_error(
+        str(error.get("type", WireError.UNKNOWN)),
+        str(error.get("message", "")),
+        details if isinstance(details, dict) else None,
+    )
