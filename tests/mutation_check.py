@@ -79,15 +79,12 @@ DEPTH_LIMIT = "tests/test_units.py::test_decoding_accepts_the_deepest_nesting_al
 RECLAIM_OWN = "tests/test_scripts.py::test_reclaim_never_takes_an_entry_its_own_worker_is_running"
 
 FINISH = "titan_broker/lua/finish.lua"
-FINISH_REPLY = """if KEYS[2] then
-  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
+FINISH_REPLY = """if KEYS[2] then add_reply(KEYS[2], ARGV[4], ARGV[5]) end
 """
 FINISH_ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 """
-REPLY_XADD = "  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[4])\n"
+REPLY_XADD = "if KEYS[2] then add_reply(KEYS[2], ARGV[4], ARGV[5]) end\n"
 WORKER = "worker/titan_worker/worker.py"
 
 
@@ -122,13 +119,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ack-without-reply",
         "a reply that cannot be written (full Redis) waits: the entry stays pending, answered once",
-        (Edit(FINISH, REPLY_XADD, "  pcall(redis.call, 'XADD', KEYS[2], '*', 'reply', ARGV[4])\n"),),
+        (Edit(FINISH, REPLY_XADD, "if KEYS[2] then pcall(add_reply, KEYS[2], ARGV[4], ARGV[5]) end\n"),),
         (FULL_REDIS_REPLY,),
     ),
     Mutation(
         "no-ownership-check",
         "a worker cut off from Redis does not answer the calls it lost: one answer per call",
-        (Edit(FINISH, "if not ok or #p == 0 then return 0 end\n", "-- mutated: no ownership check\n"),),
+        (
+            Edit(
+                FINISH,
+                "if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end\n",
+                "-- mutated: no ownership check\n",
+            ),
+        ),
         (PARTITION, BLOCKED_LOOP),
     ),
     Mutation(
@@ -149,7 +152,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "titan_broker/lua/renew.lua",
-                "  if ok and #p > 0 then mine[#mine + 1] = ARGV[i] end\n",
+                "  if owns(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then mine[#mine + 1] = ARGV[i] end\n",
                 "  -- mutated: renew nothing\n",
             ),
         ),

@@ -10,7 +10,7 @@ bounds what a payload may hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,10 +244,19 @@ def encode_error(
 
 def safe_repr(value: Any, limit: int = 200) -> str:
     """``repr(value)`` cut to ``limit`` characters; never raises (huge ints and broken __repr__ do)."""
+    return _safe(repr, value, limit)
+
+
+def safe_str(value: Any, limit: int = 2000) -> str:
+    """``str(value)`` cut to ``limit`` characters; never raises (an exception's message can)."""
+    return _safe(str, value, limit)
+
+
+def _safe(render: Callable[[Any], str], value: Any, limit: int) -> str:
     try:
-        text = repr(value)
+        text = render(value)
     except Exception as exc:
-        return f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
+        return f"<{type(value).__name__} object: {render.__name__}() raised {type(exc).__name__}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -34,6 +34,7 @@ def _span_file_exporter(path: str) -> None:
                         "span_id": ctx.span_id,
                         "parent_id": span.parent.span_id if span.parent else None,
                         "kind": span.kind.name,
+                        "status": span.status.status_code.name,
                     }
                     f.write(json.dumps(row) + "\n")
             return SpanExportResult.SUCCESS

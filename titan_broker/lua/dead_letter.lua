@@ -4,12 +4,9 @@
 -- KEYS: calls stream, dead stream, [reply stream]
 -- ARGV: entry id, group, consumer, dead maxlen, reply, reply ttl ms, field, value, ...
 -- Returns 1 when done, 0 when the entry is no longer this worker's.
-local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[2], ARGV[1], ARGV[1], 1, ARGV[3])
-if not ok or #p == 0 then return 0 end
-if KEYS[3] then
-  redis.call('XADD', KEYS[3], '*', 'reply', ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
-end
+-- include: settling
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end
+if KEYS[3] then add_reply(KEYS[3], ARGV[5], ARGV[6]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 7))
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])

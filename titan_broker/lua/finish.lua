@@ -7,12 +7,9 @@
 -- KEYS: calls stream, [reply stream]
 -- ARGV: entry id, group, consumer, reply, reply ttl ms
 -- Returns 1 when answered, 0 when the entry is no longer this worker's.
-local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[2], ARGV[1], ARGV[1], 1, ARGV[3])
-if not ok or #p == 0 then return 0 end
-if KEYS[2] then
-  redis.call('XADD', KEYS[2], '*', 'reply', ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
+-- include: settling
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end
+if KEYS[2] then add_reply(KEYS[2], ARGV[4], ARGV[5]) end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1

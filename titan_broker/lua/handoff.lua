@@ -6,8 +6,8 @@
 -- ARGV: entry id, group, consumer
 -- Returns 1 when handed over, 0 when the entry is not ours, -1 when the target is gone.
 -- include: moved_fields
-local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[2], ARGV[1], ARGV[1], 1, ARGV[3])
-if not ok or #p == 0 then return 0 end
+-- include: settling
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 0 then return 0 end

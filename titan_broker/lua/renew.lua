@@ -4,10 +4,10 @@
 -- take one back).
 -- KEYS: calls stream; ARGV: group, consumer, ids...
 -- Returns the ids renewed; the others were taken over.
+-- include: settling
 local mine = {}
 for i = 3, #ARGV do
-  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if ok and #p > 0 then mine[#mine + 1] = ARGV[i] end
+  if owns(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then mine[#mine + 1] = ARGV[i] end
 end
 local n = #mine
 if n > 0 then

@@ -1,6 +1,6 @@
 -- Add one item of a streamed result to the caller's reply stream, keeping
 -- the stream's TTL: a caller that left must not leave a stream that never expires.
 -- KEYS: reply stream; ARGV: item, reply ttl ms
-redis.call('XADD', KEYS[1], '*', 'reply', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- include: settling
+add_reply(KEYS[1], ARGV[1], ARGV[2])
 return 1

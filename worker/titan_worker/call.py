@@ -17,6 +17,7 @@ from typing import Any
 from titan_broker import protocol
 from titan_broker.definition import MethodSpec
 from titan_broker.errors import EncodeError, WireError
+from titan_broker.protocol import safe_str as safe_str
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,15 +98,6 @@ class Call:
         if self.expose_tracebacks:
             details["traceback"] = "".join(traceback.format_exception(exc)[-8:])
         return self.fail(type or exc.__class__.__name__, message or safe_str(exc), details)
-
-
-def safe_str(exc: BaseException, limit: int = 2000) -> str:
-    """``str(exc)``, cut to ``limit`` characters; never raises (a huge int in the message would)."""
-    try:
-        text = str(exc)
-    except Exception as inner:
-        return f"<message unavailable: str() raised {type(inner).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 Next = Callable[[Call], Awaitable[Outcome]]

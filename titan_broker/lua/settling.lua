@@ -1,0 +1,15 @@
+-- What the scripts that settle an entry share. Included (see scripting.py).
+
+-- Whether `consumer` still holds entry `id` of `stream` (pending for it in
+-- `group`). A worker cut off from Redis may have lost its entries to another
+-- worker's claim; a stream deleted under it holds nothing (pcall: NOGROUP).
+local function owns(stream, group, id, consumer)
+  local ok, p = pcall(redis.call, 'XPENDING', stream, group, id, id, 1, consumer)
+  return ok and #p > 0
+end
+
+-- Add a reply to a caller's reply stream and keep the stream's TTL.
+local function add_reply(key, reply, ttl_ms)
+  redis.call('XADD', key, '*', 'reply', reply)
+  redis.call('PEXPIRE', key, ttl_ms)
+end
