@@ -152,8 +152,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "titan_broker/lua/renew.lua",
-                "  if owns(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then mine[#mine + 1] = ARGV[i] end\n",
-                "  -- mutated: renew nothing\n",
+                "    mine[#mine + 1] = ARGV[i]\n",
+                "    -- mutated: renew nothing\n",
             ),
         ),
         (NEVER_ROBBED, BLOCKED_LOOP, BLOCKED_LOOP_KEYED),

@@ -3,16 +3,21 @@
 -- delivery. Only entries still owned by this consumer are touched (never
 -- take one back).
 -- KEYS: calls stream; ARGV: group, consumer, ids...
--- Returns the ids renewed; the others were taken over.
+-- Returns how many were renewed and how many another consumer holds now
+-- (taken over); the rest were settled meanwhile.
 -- include: settling
-local mine = {}
+local mine, taken = {}, 0
 for i = 3, #ARGV do
-  if owns(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then mine[#mine + 1] = ARGV[i] end
+  if owns(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then
+    mine[#mine + 1] = ARGV[i]
+  else
+    local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+    if ok and #p > 0 then taken = taken + 1 end
+  end
 end
 local n = #mine
 if n > 0 then
   mine[n + 1] = 'JUSTID'  -- after the ids: unpack() expands only as the last argument
   redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
-  mine[n + 1] = nil
 end
-return mine
+return {n, taken}

@@ -158,8 +158,7 @@ class Heartbeat:
             self.register()
         ids = self.active()
         if ids:
-            renewed = _RENEW.run_sync(self.client, [ctx.stream], [GROUP, ctx.worker_id, *ids])
-            lost = len(ids) - len(renewed)
+            _renewed, lost = _RENEW.run_sync(self.client, [ctx.stream], [GROUP, ctx.worker_id, *ids])
             if lost:
                 ctx.log.log(logging.WARNING, "renew-lost",
                             "worker %s: %d call(s) in flight were taken over by another worker; "
