@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -206,3 +208,41 @@ async def test_unix_socket_url(namespace: str) -> None:
             assert len(by_socket) == len(clients) - 1 and len(by_socket) >= 4, clients
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "url_of",
+    [
+        lambda port, pw: f"redis://:{pw}@127.0.0.1:{port}/0",
+        lambda port, pw: f"redis://127.0.0.1:{port}/0?password={pw}",  # a form redis-py accepts too
+    ],
+    ids=["userinfo", "query"],
+)
+def test_passwords_appear_in_no_message_or_log_of_a_worker_or_the_cli(
+    secured_redis: LocalRedis, namespace: str, url_of: Any
+) -> None:
+    refused = url_of(secured_redis.port, "not-the-password")
+    accepted = url_of(secured_redis.port, "adminpass")
+    workers = Workers(refused, namespace)
+    try:
+        proc = workers.start(CALCULATOR, "-vv")
+        assert proc.wait(timeout=20) == 4
+        assert b"not-the-password" not in workers.output(proc)
+        cli = subprocess.run(
+            [sys.executable, "-m", "titan_cli", "--redis", refused, "services"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert cli.returncode == 4, cli.stderr
+        assert b"not-the-password" not in cli.stdout + cli.stderr
+    finally:
+        workers.close()
+    served = Workers(accepted, namespace)
+    try:
+        proc = served.start(CALCULATOR, "-vv")  # logs its URL, among much else, on start-up
+        served.wait_registered("calculator", 1)
+        out = wait_until(lambda: (o := served.output(proc)) and b"serving" in o and o, 10, "start-up log")
+        assert b"adminpass" not in out and b"***" in out
+    finally:
+        served.close()

@@ -42,8 +42,17 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced by '***', for messages and logs."""
+    """The URL with its password replaced by '***', for messages and logs.
+
+    Both places redis-py takes a password from are covered: the userinfo
+    (``redis://user:pass@host``) and the query (``redis://host/0?password=pass``).
+    """
+    base, mark, query = url.partition("?")
+    url = base + mark + _QUERY_PASSWORD.sub(r"\1\2***", query)
     parts = urlsplit(url)
     if parts.password is None:
         return url
