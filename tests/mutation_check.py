@@ -303,6 +303,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         (TRACEBACK_IN_LOG,),
     ),
     Mutation(
+        "replay-keeps-old-deadline",
+        "a replayed dead letter gets a new deadline",
+        (
+            Edit(
+                "titan_broker/dead_letters.py",
+                "    ttl = str(int(timeout * 1000)).encode()\n",
+                '    ttl = b"0"  # mutated: the original deadline, long gone\n',
+            ),
+        ),
+        (WE + "test_a_replayed_dead_letter_gets_a_new_deadline",),
+    ),
+    Mutation(
         "reclaim-own-running",
         "a live worker never claims (and reruns) the entries it is running itself",
         (

@@ -38,7 +38,7 @@ from titan_broker import (
 from titan_broker.errors import TitanError
 from titan_broker.keys import GROUP, Keys
 from titan_broker.local_redis import LocalRedis
-from titan_broker.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
+from titan_broker.protocol import F_REPLY_VALUE, Reply, dead_letter_fields, decode_reply, encode_request
 
 from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
 
@@ -694,3 +694,20 @@ def test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters(
     assert b"its reply could not be written" in dead[b"reason"]
     assert sync_client.xlen(keys.calls("edge")) == 0
     assert pending_count(sync_client, keys.calls("edge")) == 0
+
+
+async def test_a_replayed_dead_letter_gets_a_new_deadline(
+    workers: Workers, pm: ProcessManager, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """A dead letter's call had a deadline long gone (ttl 0); replayed, it runs within the new one."""
+    log = tmp_path / "runs.log"
+    workers.start(EDGE, *log_dep(log))
+    await in_thread(workers.wait_registered, "edge", 1)
+    reply_key = keys.reply(f"replay-{uuid.uuid4().hex[:8]}")
+    fields = encode_request("replayed-1", "nap", (7, 0.0), {}, reply_key, 0)
+    dead = dead_letter_fields(fields, reason="test", deliveries=3, worker="gone", source_id=b"1-0")
+    sync_client.xadd(keys.dead("edge"), dead)  # type: ignore[arg-type]
+    assert await pm.replay_dead_letters("edge", timeout=30) == 1
+    reply = await in_thread(first_reply, sync_client, reply_key)
+    assert reply.ok and reply.value["n"] == 7, reply
+    assert len(runs(log, "nap 7")) == 1
