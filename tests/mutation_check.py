@@ -315,6 +315,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         (WE + "test_a_replayed_dead_letter_gets_a_new_deadline",),
     ),
     Mutation(
+        "no-stall-watchdog",
+        "a hot-path connection whose Redis stops answering is dropped within its bound: never a hang",
+        (
+            Edit(
+                "titan_broker/connection.py",
+                "        if conn is not None:  # closing the socket ends the read in flight\n",
+                "        if conn is None:  # mutated: the watchdog never drops the connection\n",
+            ),
+        ),
+        (CE + "test_a_channel_drops_a_reply_that_stalls_past_its_bound",),
+    ),
+    Mutation(
         "reclaim-own-running",
         "a live worker never claims (and reruns) the entries it is running itself",
         (

@@ -30,6 +30,7 @@ from titan_broker import (
     TitanError,
     with_options,
 )
+from titan_broker.connection import Channel
 from titan_broker.keys import Keys
 from titan_broker.local_redis import LocalRedis
 from titan_broker.replies import READ_BLOCK_MS
@@ -125,14 +126,34 @@ async def test_every_connection_has_socket_timeouts_whatever_the_redis_py_versio
     async with Client(redis_url) as client:
         pooled = client.redis.connection_pool.connection_kwargs
         assert pooled.get("socket_timeout") and pooled.get("socket_connect_timeout"), pooled
-        timeouts = []
+        bounds = []
         for channel in client._channels:
             conn = channel._client.connection
             assert conn is not None
-            assert conn.socket_timeout and conn.socket_connect_timeout
-            timeouts.append(conn.socket_timeout)
-        # The dispatcher's connection BLOCKs in XREAD: its timeout must exceed the BLOCK.
-        assert max(timeouts) > READ_BLOCK_MS / 1000
+            assert conn.socket_connect_timeout
+            bounds.append(channel.stall_after)  # a watchdog bounds the hot path's replies
+        # The dispatcher's connection BLOCKs in XREAD: its bound must exceed the BLOCK.
+        assert min(bounds) > 0 and max(bounds) > READ_BLOCK_MS / 1000
+
+
+async def test_a_channel_drops_a_reply_that_stalls_past_its_bound(namespace: str) -> None:
+    """The watchdog (not redis-py's per-read socket timeout) ends a command Redis never answers."""
+    with LocalRedis() as server:
+        channel = await Channel.open(server.url, socket_timeout=0.5)
+        try:
+            assert await channel.execute("PING") == b"PONG"
+            assert server.process is not None
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(rexc.TimeoutError, match=r"did not answer within 0\.5 s"):
+                    await channel.execute("PING")
+                assert time.monotonic() - started < 2.0
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert await channel.execute("PING") == b"PONG"  # reconnects
+        finally:
+            await channel.aclose()
 
 
 # -- item 4: a call given up is never run later ---------------------------------------------------
