@@ -17,7 +17,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -216,16 +216,14 @@ class Client:
             )
             sent = await sender.send(service, method, fields, worker, deadline, timeout)
             dispatcher.entries[call_id] = sent
-            # Timers on the future are much cheaper than a cancel scope on this hot path.
-            probe = loop.call_at(deadline - probe_margin(timeout), self._routes.probe, fut, service)
-            timer = loop.call_at(deadline, _expire, fut)
+            # A timer on the future is much cheaper than a cancel scope on this hot path.
+            timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._routes.probe, service)
             try:
                 reply = await fut
             except _Expired:
                 raise self._routes.timeout_error(service, method, timeout, loop.time() - timeout) from None
             finally:
                 timer.cancel()
-                probe.cancel()
             answered = True
             if reply.seq is not None or reply.end is not None:
                 sender.withdraw(sent, deadline, self.keys.stream_control(service, call_id))
@@ -349,3 +347,35 @@ class _Expired(Exception):
 def _expire(fut: asyncio.Future[protocol.Reply]) -> None:
     if not fut.done():
         fut.set_exception(_Expired())
+
+
+class _CallTimer:
+    """One timer a call: shortly before the deadline it starts the check for live workers (so a
+    timeout can say none is alive), at the deadline it expires the call."""
+
+    __slots__ = ("handle",)
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[protocol.Reply],
+        deadline: float,
+        margin: float,
+        probe: Callable[[asyncio.Future[protocol.Reply] | None, str], None],
+        service: str,
+    ) -> None:
+        self.handle = loop.call_at(deadline - margin, self._probe, loop, fut, deadline, probe, service)
+
+    def _probe(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[protocol.Reply],
+        deadline: float,
+        probe: Callable[[asyncio.Future[protocol.Reply] | None, str], None],
+        service: str,
+    ) -> None:
+        probe(fut, service)
+        self.handle = loop.call_at(deadline, _expire, fut)
+
+    def cancel(self) -> None:
+        self.handle.cancel()

@@ -27,9 +27,9 @@ Executor = Redis | Channel | AutoPipeline
 
 async def execute(via: Executor, *command: Any) -> Any:
     """Send one command through a pooled client, a channel or an auto-pipeline."""
-    if isinstance(via, Redis):
-        return await via.execute_command(*command)  # type: ignore[no-untyped-call]
-    return await via.execute(*command)
+    if isinstance(via, Channel | AutoPipeline):  # the hot paths: concrete classes, checked first
+        return await via.execute(*command)
+    return await via.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
 def _read(name: str) -> str:
