@@ -158,6 +158,8 @@ class Client:
                 except REDIS_ERRORS as exc:
                     logger.warning("client %s: could not clean up on close (%s)", self.client_id, exc)
         self._sender = None
+        if sender is not None:
+            await sender.pipe.aclose()
         for channel in self._channels:
             await channel.aclose()
         self._channels = []

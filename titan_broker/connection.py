@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -238,40 +239,65 @@ class Channel:
 
 
 class AutoPipeline:
-    """Sends commands over one channel, batching the ones issued at the same time.
+    """Sends commands over one channel from a task of its own, batching those issued together.
 
-    When no send is in flight a command goes out alone; commands issued while
-    one is in flight are sent together, in one write, when it returns. Each
-    command keeps its own result or error (no transaction across the batch).
+    A caller queues a command (``submit`` returns its future; ``execute``
+    awaits it). A flusher task sends what is queued in one write when the
+    previous write has returned, and hands each command its own result or
+    error (no transaction across the batch). A caller that stops waiting
+    (cancelled, or past a deadline) never interrupts a write that others
+    share: a command not yet sent is dropped, one already sent runs and its
+    future still gets the reply, for whoever holds it.
     """
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._busy = False
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; its future gets the reply or the error."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._flush())
+        elif self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        return fut
 
     async def execute(self, *args: Any) -> Any:
         """Run one command and return its reply, raising its error."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, fut))
-        if not self._busy:
-            self._busy = True
-            try:
-                while self._queue:
-                    batch, self._queue = self._queue, []
+        return await self.submit(*args)
+
+    async def _flush(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+                self._wake = None
+            batch = [(args, fut) for args, fut in self._queue if not fut.done()]
+            self._queue = []
+            if batch:
+                self._busy = True
+                try:
                     await self._send(batch)
-            except BaseException:
-                if fut.done() and not fut.cancelled():
-                    fut.exception()  # this caller leaves with its own error: its future's is not lost
-                raise
-            finally:
-                self._busy = False
-                # Cancelled while leading: whoever still waits must not wait forever.
-                for _, waiting in self._queue:
-                    if not waiting.done():
-                        waiting.set_exception(RedisUnavailable("send interrupted before it was made"))
-                self._queue.clear()
-        return await fut
+                finally:
+                    self._busy = False
+
+    async def aclose(self) -> None:
+        """Stop the flusher; commands still queued fail."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(RedisUnavailable("the connection was closed before the command was sent"))
+        self._queue.clear()
 
     async def reset(self) -> None:
         """Drop the channel's connection unless a send is in flight (a connection known to be stale)."""

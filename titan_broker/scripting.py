@@ -51,13 +51,21 @@ class Script:
         self.source = _read(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
+    def command(self, keys: Sequence[Any], args: Sequence[Any] = ()) -> tuple[Any, ...]:
+        """The EVALSHA command that runs the script (for a caller that sends it itself)."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def load(self, via: Executor) -> None:
+        """Load the script into the Redis behind ``via`` (after a NOSCRIPT)."""
+        await execute(via, "SCRIPT", "LOAD", self.source)
+
     async def __call__(self, via: Executor, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
         """Run the script; its errors (ResponseError) and connection errors are raised."""
-        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        command = self.command(keys, args)
         try:
             return await execute(via, *command)
         except rexc.NoScriptError:
-            await execute(via, "SCRIPT", "LOAD", self.source)
+            await self.load(via)
             return await execute(via, *command)
 
     def run_sync(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:

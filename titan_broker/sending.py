@@ -12,6 +12,7 @@ the caller's error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -44,6 +45,36 @@ and its entry id."""
 _Job = tuple[tuple[str, ...], bytes, str | None]
 
 
+class _Late(Exception):
+    """The call's deadline passed while its submit was in flight."""
+
+
+async def _within(fut: asyncio.Future[Any], deadline: float) -> Any:
+    """The future's result, waited for until ``deadline`` (event-loop time) at most; raises _Late.
+
+    A caller cancelled while it waits does not cancel the future.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def late() -> None:
+        if not waiter.done():
+            waiter.set_exception(_Late())
+
+    fut.add_done_callback(wake)
+    timer = loop.call_at(deadline, late)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        fut.remove_done_callback(wake)
+    return fut.result()
+
+
 class Sender:
     """Sends requests over one auto-pipelined channel; withdraws those given up."""
 
@@ -70,9 +101,9 @@ class Sender:
     ) -> Sent:
         """Queue a request by ``deadline`` (event loop time); return where it went.
 
-        The send is shielded from the caller's own cancellation (it completes,
-        so that the entry id is known and the request can be withdrawn) but
-        not from the deadline. Raises BacklogFull, RedisOutOfMemory,
+        The request is sent whatever happens to its caller: cancelled, or past
+        the deadline, the caller stops waiting, and a request that still
+        reaches Redis is withdrawn once its id is known. Raises BacklogFull, RedisOutOfMemory,
         RedisUnavailable (also when Redis does not answer by the deadline).
         """
         doing = f"send {service}.{method}()"
@@ -86,31 +117,42 @@ class Sender:
         for name, value in fields.items():
             flat += (name, value)
         loop = asyncio.get_running_loop()
-        for attempt in range(2):
+        for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
             argv = [self.keys.config(service), record, self.max_backlog, not_after, *flat]
             out_of_memory = False
             entry_id: bytes | None = None
             started = loop.time()
-            with anyio.CancelScope(shield=True, deadline=deadline):
-                try:
-                    entry_id = cast(bytes, await _SUBMIT(self.pipe, streams, argv))
-                except rexc.OutOfMemoryError:
-                    out_of_memory = True
-                except rexc.ResponseError as exc:
-                    message = str(exc)
-                    if message.startswith("TITANBACKLOG"):
-                        limit = message.split()[-1]
-                        raise BacklogFull(
-                            f"service {service!r} refused {method}(): its backlog is full "
-                            f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
-                        ) from None
-                    if not message.startswith("TITANLATE"):
-                        raise titan_error(exc, doing) from exc
-                except REDIS_ERRORS as exc:
+            # The auto-pipeline's own task sends the request: the caller's cancellation or its
+            # deadline ends only the wait (far cheaper than a shielded cancel scope), and a
+            # request that still reaches Redis is deleted once its id is known.
+            fut = self.pipe.submit(*_SUBMIT.command(streams, argv))
+            try:
+                entry_id = cast(bytes, await _within(fut, deadline))
+            except _Late:
+                fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
+            except asyncio.CancelledError:
+                fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
+                raise
+            except rexc.NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it and send again
+                await _SUBMIT.load(self.pipe)
+                continue
+            except rexc.OutOfMemoryError:
+                out_of_memory = True
+            except rexc.ResponseError as exc:
+                message = str(exc)
+                if message.startswith("TITANBACKLOG"):
+                    limit = message.split()[-1]
+                    raise BacklogFull(
+                        f"service {service!r} refused {method}(): its backlog is full "
+                        f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
+                    ) from None
+                if not message.startswith("TITANLATE"):
                     raise titan_error(exc, doing) from exc
-                except RedisUnavailable as exc:  # the batch this send shared was cut off
-                    raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
+            except REDIS_ERRORS as exc:
+                raise titan_error(exc, doing) from exc
+            except RedisUnavailable as exc:  # the batch this send shared was cut off
+                raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
             if out_of_memory:
                 raise await self.out_of_memory(doing, deadline)
             if entry_id is not None:
@@ -121,8 +163,8 @@ class Sender:
                     f"cannot {doing}: Redis did not answer within the call's timeout of {timeout:g} s "
                     "(it is stopped, overloaded or unreachable); the request was not queued"
                 )
-            if attempt == 0:  # TITANLATE with time left: Redis's clock jumped; measure it again
-                await self.sync_clock()
+            # TITANLATE with time left: Redis's clock jumped; measure it again.
+            await self.sync_clock()
         raise RedisUnavailable(f"cannot {doing}: Redis's clock disagrees with the call's deadline")
 
     async def sync_clock(self) -> None:
@@ -153,6 +195,12 @@ class Sender:
         if isinstance(exc, rexc.OutOfMemoryError):
             return await self.out_of_memory(doing, deadline)
         return titan_error(exc, doing)
+
+    def _withdraw_late(self, streams: tuple[str, ...], deadline: float, fut: asyncio.Future[Any]) -> None:
+        """A submit nobody waits for ended: if it queued the request after all, delete it."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self.withdraw((streams, cast(bytes, fut.result())), deadline)
 
     def withdraw(self, sent: Sent, deadline: float, control: str | None = None) -> None:
         """Delete a request nobody waits for, in the background; with ``control``, stop its stream too.

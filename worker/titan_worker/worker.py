@@ -191,6 +191,8 @@ class Worker:
                 self.heartbeat.close()
                 if http is not None:
                     http.shutdown()
+                if ctx.writer_ is not None:
+                    await ctx.writer_.aclose()
                 for channel in (writer, reader):
                     if channel is not None:
                         await channel.aclose()
