@@ -711,3 +711,20 @@ async def test_a_replayed_dead_letter_gets_a_new_deadline(
     reply = await in_thread(first_reply, sync_client, reply_key)
     assert reply.ok and reply.value["n"] == 7, reply
     assert len(runs(log, "nap 7")) == 1
+
+
+def test_a_junk_move_count_is_read_as_none_and_the_call_is_served(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """Field x (moves off dead workers' streams) holding 5,000 digits: int() refuses it, so a worker
+    that parsed it unbounded failed before answering and the entry bounced; it runs once."""
+    log = tmp_path / "runs.log"
+    workers.start(EDGE, *log_dep(log))
+    workers.wait_registered("edge", 1)
+    reply_key, _ = send(
+        sync_client, keys, "edge", "nap", (8, 0.0), mutate=lambda f: f.update({b"x": b"9" * 5000})
+    )
+    reply = first_reply(sync_client, reply_key, timeout=10)
+    assert reply.ok, reply
+    assert len(runs(log, "nap 8")) == 1
+    assert pending_count(sync_client, keys.calls("edge")) == 0

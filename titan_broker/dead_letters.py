@@ -104,7 +104,7 @@ async def replay_dead_letters(
     ttl = str(int(timeout * 1000)).encode()
     for done, letter in enumerate(chosen, 1):
         fields: dict[Any, Any] = {**letter.entry, protocol.F_TIMEOUT: ttl}
-        fields.pop(b"x", None)  # moves off dead workers' streams start again from 0
+        fields.pop(protocol.F_MOVES, None)  # moves off dead workers' streams start again from 0
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.calls(service), fields)
             pipe.xdel(keys.dead(service), letter.id)

@@ -35,6 +35,9 @@ F_REPLY = b"r"
 F_TIMEOUT = b"ttl"
 """Milliseconds the call may take, counted from its entry id (Redis's clock at XADD)."""
 F_TRACE = b"t"
+F_MOVES = b"x"
+"""How often the entry was moved to another stream (off a dead worker's own stream, or handed to
+another version); absent means 0."""
 # Reply stream entry field.
 F_REPLY_VALUE = b"reply"
 
@@ -111,6 +114,12 @@ def encode_request(
     if trace is not None:
         fields[F_TRACE] = trace.encode()
     return fields
+
+
+def moves(fields: Mapping[bytes, bytes]) -> int:
+    """How often an entry was moved (field ``x``); junk, or an absurdly long number, counts as 0."""
+    raw = fields.get(F_MOVES, b"0")
+    return int(raw) if raw.isdigit() and len(raw) < 6 else 0
 
 
 def field_text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
@@ -214,8 +223,8 @@ def decode_request(
     )
 
 
-_FIELDS = frozenset({F_VERSION, F_ID, F_METHOD, F_ARGS, F_REPLY, F_TIMEOUT, F_TRACE, b"x"})
-"""The fields a request of this version has (``x`` counts moves off dead workers' own streams);
+_FIELDS = frozenset({F_VERSION, F_ID, F_METHOD, F_ARGS, F_REPLY, F_TIMEOUT, F_TRACE, F_MOVES})
+"""The fields a request of this version has;
 others are ignored, so that later versions can add optional ones."""
 
 

@@ -41,7 +41,7 @@ class Handoff:
     async def unknown_method(self, entry: Entry, req: protocol.Request) -> Outcome:
         """Hand the call to a live worker that has the method, else answer MethodNotFound."""
         ctx = self.ctx
-        moves = int(entry.fields.get(b"x", b"0") or 0) if entry.fields.get(b"x", b"").isdigit() else 0
+        moves = protocol.moves(entry.fields)
         if moves < MAX_MOVES:
             try:
                 for target in await self._workers_with(req.method):

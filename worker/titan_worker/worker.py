@@ -204,7 +204,7 @@ class Worker:
         """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line."""
         assert self._executor is not None
         limit = self._limit(entry.fields)
-        moves = int(entry.fields.get(b"x", b"0")) if entry.fields.get(b"x", b"").isdigit() else 0
+        moves = protocol.moves(entry.fields)
         if deliveries > limit or moves >= limit:
             count = max(deliveries, moves + 1)
             method = protocol.field_text(entry.fields, protocol.F_METHOD) or "?"
