@@ -30,9 +30,11 @@ class Clock:
     def __init__(self) -> None:
         self.offset_ms = 0.0
 
-    def measured(self, redis_ms: float, sent: float, received: float) -> None:
-        """Record a TIME reply (``redis_ms``) asked at local ``sent`` and answered at ``received``."""
-        self.offset_ms = redis_ms - (sent + received) / 2 * 1000
+    def measured(self, time_reply: tuple[int, int], sent: float, received: float) -> None:
+        """Record Redis's TIME reply (seconds, microseconds), asked at local ``sent`` and answered
+        at ``received``."""
+        seconds, micros = time_reply
+        self.offset_ms = seconds * 1000 + micros / 1000 - (sent + received) / 2 * 1000
 
     def now_ms(self) -> float:
         """Redis's time now, in milliseconds since the epoch."""

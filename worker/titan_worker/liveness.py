@@ -77,14 +77,14 @@ class Heartbeat:
         """
         ctx = self.ctx
         sent = time.time()
-        seconds, micros = self.client.time()
-        ctx.clock.measured(seconds * 1000 + micros / 1000, sent, time.time())
+        ctx.clock.measured(self.client.time(), sent, time.time())
         definition = ctx.definition
+        assert self.record is not None, "the worker publishes its record before registering"
         description = {
             "name": ctx.service,
             "version": definition.version,
             "description": definition.info.description.strip(),
-            "methods": [m.describe() for m in definition.methods.values()],
+            "methods": self.record.methods,
         }
         limits = {
             "max_backlog": definition.info.max_backlog,
@@ -120,9 +120,7 @@ class Heartbeat:
         while not self._stop.wait(interval):
             try:
                 self.beat()
-                if ctx.log.active("beat"):
-                    ctx.log.forget("beat")
-                    ctx.log.logger.warning("worker %s: heartbeat reaches Redis again", ctx.worker_id)
+                ctx.log.over(("beat",), "worker %s: heartbeat reaches Redis again", ctx.worker_id)
             except Exception as exc:  # the heartbeat must outlive any Redis trouble
                 ctx.log.log(logging.WARNING, "beat", "worker %s: heartbeat failed (%s); still trying",
                             ctx.worker_id, exc)  # fmt: skip
@@ -149,8 +147,8 @@ class Heartbeat:
         # (OOM) but the PEXPIRE and the renewal below still keep this worker's calls its own.
         results = pipe.execute(raise_on_error=False)
         failures = [r for r in results if isinstance(r, Exception)]
-        (seconds, micros), existed = results[0], results[1]
-        ctx.clock.measured(seconds * 1000 + micros / 1000, sent, time.time())
+        ctx.clock.measured(results[0], sent, time.time())
+        existed = results[1]
         if existed == 0:
             # The record had expired (the worker was cut off, or stopped, longer than its TTL) or
             # was deleted (a restart without persistence, a FLUSHALL): register anew, whole.

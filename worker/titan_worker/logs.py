@@ -44,10 +44,8 @@ class Throttled:
         self.logger.log(level, message, *args, exc_info=exc_info)
         return True
 
-    def forget(self, kind: str) -> None:
-        """The condition is over: its next occurrence is logged at once."""
-        self._kinds.pop(kind, None)
-
-    def active(self, kind: str) -> bool:
-        """Whether a message of this kind was logged and not forgotten."""
-        return kind in self._kinds
+    def over(self, kinds: tuple[str, ...], message: str, *args: Any) -> None:
+        """The condition these kinds report is over: say so once (if any was logged), and log the
+        next occurrence of each at once."""
+        if any(self._kinds.pop(kind, None) is not None for kind in kinds):
+            self.logger.warning(message, *args)

@@ -97,10 +97,8 @@ class Settlement:
                             ctx.worker_id, what, protocol.show(str(exc), 200))  # fmt: skip
                 await backoff.sleep()
                 continue
-            for kind in ("settle-oom", "settle-unreachable"):
-                if ctx.log.active(kind):
-                    ctx.log.forget(kind)
-                    ctx.log.logger.warning("worker %s: Redis takes answers again", ctx.worker_id)
+            ctx.log.over(("settle-oom", "settle-unreachable"), "worker %s: Redis takes answers again",
+                         ctx.worker_id)  # fmt: skip
             if done == 0:
                 ctx.log.log(logging.WARNING, "lost", "worker %s: call %s was taken over by another worker "
                             "while this one was cut off; not answering it", ctx.worker_id,
