@@ -145,6 +145,7 @@ async def test_dead_letters_list_replay_and_purge(
     assert letter.deliveries == 3
     assert letter.arguments == [[str(marker)], {}]
     assert "dead letters of 'chaos'" in letter.reason
+    assert letter.reason.startswith("crash_unless() was delivered 3 times (max_deliveries 2)")
     marker.write_text("")
     assert await pm.replay_dead_letters("chaos") == 1
     await in_thread(wait_until, lambda: marker.read_text() == "ran\n", 15, "the replayed call to run")

@@ -207,9 +207,9 @@ class Worker:
         moves = protocol.moves(entry.fields)
         if deliveries > limit or moves >= limit:
             count = max(deliveries, moves + 1)
-            method = protocol.field_text(entry.fields, protocol.F_METHOD) or "?"
+            method = (protocol.field_text(entry.fields, protocol.F_METHOD) or "?")[:128]
             reason = (
-                f"{protocol.show(method)}() was delivered {count} times (max_deliveries {limit}): the "
+                f"{method}() was delivered {count} times (max_deliveries {limit}): the "
                 f"workers running it died each time; it was moved to the dead letters of {self.service!r}"
             )
             await self.settlement.dead_letter(entry, reason, count, None)
