@@ -10,7 +10,6 @@ removed is answered by old workers while they live, and MethodNotFound after.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -19,6 +18,7 @@ from titan_broker import protocol
 from titan_broker.connection import text
 from titan_broker.errors import WireError
 from titan_broker.keys import GROUP
+from titan_broker.registry import read_workers
 from titan_broker.scripting import Script
 
 from .call import Entry, Outcome
@@ -77,18 +77,7 @@ class Handoff:
     async def _refresh(self) -> None:
         ctx = self.ctx
         ids = [text(w) for w in await ctx.redis.smembers(ctx.keys.workers(ctx.service))]
-        ids = [w for w in ids if w != ctx.worker_id]
-        methods: dict[str, set[str]] = {}
-        if ids:
-            async with ctx.redis.pipeline(transaction=False) as pipe:
-                for wid in ids:
-                    pipe.hget(ctx.keys.worker(ctx.service, wid), "methods")
-                raw = await pipe.execute()
-            for wid, value in zip(ids, raw, strict=True):
-                if value:
-                    try:
-                        methods[wid] = {m["name"] for m in json.loads(value)}
-                    except (ValueError, KeyError, TypeError):
-                        continue
-        self._methods = methods
+        others = [w for w in ids if w != ctx.worker_id]
+        records = await read_workers(ctx.redis, ctx.keys, ctx.service, others)
+        self._methods = {r.worker_id: set(r.method_names) for r in records}
         self._seen_at = time.monotonic()
