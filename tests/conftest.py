@@ -202,7 +202,7 @@ async def raw_call(
 ) -> Reply:
     """Write a request entry by hand (optionally altered) and read the reply the worker sends."""
     keys = pm.client.keys
-    reply_key = keys.reply(f"manual-{uuid.uuid4().hex[:8]}")
+    reply_key = keys.reply(service, f"manual-{uuid.uuid4().hex[:8]}")
     fields = encode_request("raw-1", method, args, {}, reply_key, int(deadline_in * 1000))
     if mutate is not None:
         mutate(fields)

@@ -186,7 +186,7 @@ async def test_workers_killed_mid_call_rerun_only_the_calls_they_held(tmp_path: 
         # Memory: acknowledged entries deleted, reply lists drained, dead records expired.
         assert admin.xlen(stream) == 0
         assert admin.xpending(stream, GROUP)["pending"] == 0
-        assert admin.keys(f"{namespace}:reply:*") == []
+        assert admin.keys(f"{namespace}:{{*}}:reply:*") == []
         end = used_memory(admin)
         print(
             f"chaos: Redis used_memory {empty / 1024:.0f} KiB empty, {warm / 1024:.0f} KiB after a warm-up, "

@@ -127,7 +127,8 @@ async def test_every_connection_has_socket_timeouts_whatever_the_redis_py_versio
         pooled = client.redis.connection_pool.connection_kwargs
         assert pooled.get("socket_timeout") and pooled.get("socket_connect_timeout"), pooled
         bounds = []
-        for channel in client._channels:
+        link = await client._link("any", anyio.current_time() + 5)  # a service's channels open on first use
+        for channel in link.channels:
             conn = channel._client.connection
             assert conn is not None
             assert conn.socket_connect_timeout
@@ -193,7 +194,7 @@ async def test_the_dispatcher_survives_a_reply_key_overwritten_with_a_string(
     workers.start(CLIENT_LOG, "--dep", f"log={log}")
     workers.wait_registered("client_log", 1)
     svc = await pm.connect("client_log")
-    reply_key = pm.client.keys.reply(pm.client.client_id)
+    reply_key = pm.client.keys.reply("client_log", pm.client.client_id)
     errors: list[BaseException] = []
 
     async def waiting(tag: str) -> None:
@@ -287,7 +288,7 @@ async def test_a_caller_that_breaks_out_of_a_stream_and_leaves_leaves_nothing_wi
         # The worker stops the producer and settles the call; then nothing it or we wrote lasts for ever.
         wait_until_settled = lambda: admin.xlen(keys.calls("client_log")) == 0  # noqa: E731
         await eventually(lambda: anyio.to_thread.run_sync(wait_until_settled), 10, "the stream settled")
-        found = admin.keys(f"{namespace}:reply:*") + admin.keys(f"{namespace}:{{client_log}}:stream:*")
+        found = admin.keys(f"{namespace}:{{*}}:reply:*") + admin.keys(f"{namespace}:{{client_log}}:stream:*")
         assert all(admin.pttl(k) > 0 for k in found), {k: admin.pttl(k) for k in found}
     finally:
         admin.close()
@@ -392,7 +393,7 @@ def caller_acl(ns: str) -> list[str]:
     return [
         "on", "resetkeys", "resetchannels", "-@all",
         "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
-        f"~{ns}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
+        f"~{ns}:{{*}}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
         f"(~{ns}:{{*}}:calls* +evalsha +xadd +xdel +xlen +xrange +xpending)",
         f"(~{ns}:{{*}}:stream:* +hset +pexpire)",
         f"(~{ns}:{{*}}:cache-gen:* +incrby)",
@@ -442,7 +443,7 @@ async def test_acl_rules_let_a_caller_call_but_not_reconfigure_a_service(
                     await client.redis.hset(keys.services, "client_log", "{}")
                 with pytest.raises(rexc.NoPermissionError):
                     await client.redis.get("outside-the-namespace")
-                calls, other_reply = keys.calls("client_log"), keys.reply("someone-else")
+                calls, other_reply = keys.calls("client_log"), keys.reply("client_log", "someone-else")
                 for command in (
                     ("DEL", calls),  # would destroy the group with the stream
                     ("SET", calls, "x"),

@@ -261,7 +261,7 @@ async def test_duplicate_and_garbage_replies_are_ignored(pm: ProcessManager) -> 
     calc = await pm.spawn(CALCULATOR)
     assert await calc.add(1, 1) == 2
     client = pm.client
-    reply_key = client.keys.reply(client.client_id)
+    reply_key = client.keys.reply("calculator", client.client_id)
     from titan_broker.protocol import encode_ok
 
     await client.redis.xadd(reply_key, {b"reply": encode_ok(f"{client.client_id}-1", 999, "forged")})
@@ -404,7 +404,9 @@ def test_second_sigterm_stops_without_waiting_for_the_grace_period(
     proc = workers.start(SERVICES / "slow.py", "--grace", "60")
     workers.wait_registered("slow", 1)
 
-    sync_client.xadd(keys.calls("slow"), encode_request("c", "sleep", (30,), {}, keys.reply("x"), 60_000))  # type: ignore[arg-type]
+    sync_client.xadd(
+        keys.calls("slow"), encode_request("c", "sleep", (30,), {}, keys.reply("slow", "x"), 60_000)
+    )  # type: ignore[arg-type]
     wait_until(lambda: pending(sync_client, keys, "slow"), 10, "the worker to take the call")
     started = time.monotonic()
     [wid] = workers.wait_registered("slow", 1)

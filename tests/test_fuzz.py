@@ -36,7 +36,7 @@ def entries(keys: Keys) -> st.SearchStrategy[dict[bytes, bytes]]:
         st.binary(max_size=64),
     )
     fields = {
-        b"v": st.sampled_from([b"1", b"1", b"2", b"", b"\xff"]) | st.binary(max_size=4),
+        b"v": st.sampled_from([b"3", b"3", b"2", b"", b"\xff"]) | st.binary(max_size=4),
         b"id": st.text(max_size=12).map(str.encode) | st.binary(max_size=12),
         b"m": st.sampled_from(
             ["add", "divide", "factorial", "get_stats", "_record", "init", "__class__", "nope"]
@@ -44,7 +44,8 @@ def entries(keys: Keys) -> st.SearchStrategy[dict[bytes, bytes]]:
         | st.binary(max_size=12),
         b"a": args,
         b"r": st.sampled_from(
-            [keys.reply("fuzz").encode()] * 4 + [b"elsewhere:reply:x", keys.services.encode(), b"", b"\x00"]
+            [keys.reply("calculator", "fuzz").encode()] * 4
+            + [b"elsewhere:reply:x", keys.services.encode(), b"", b"\x00"]
         ),
         b"d": st.sampled_from([str(now + 60_000).encode(), str(now - 1000).encode(), b"-5", b"x"]),
         b"t": st.binary(max_size=16),
@@ -79,7 +80,10 @@ def test_random_entries_never_stop_the_worker(
     write()
     assert written >= 2000
     wait_until(lambda: sync_client.xlen(stream) == 0, 60, "the worker to settle every entry")
-    replies, dead = sync_client.xlen(keys.reply("fuzz")), sync_client.xlen(keys.dead("calculator"))
+    replies, dead = (
+        sync_client.xlen(keys.reply("calculator", "fuzz")),
+        sync_client.xlen(keys.dead("calculator")),
+    )
     print(f"\nfuzz: {written} random entries: {replies} answered with a reply, {dead} dead-lettered")
     assert sync_client.xpending(stream, GROUP)["pending"] == 0
     assert proc.poll() is None

@@ -165,7 +165,7 @@ def test_worker_cut_off_from_redis_never_replies_for_calls_taken_over(
     run_log = tmp_path / "runs.log"
     run_log.touch()
     deps = ("--dep", f"gates={json.dumps(str(gates))}", "--dep", f"log={json.dumps(str(run_log))}", "-v")
-    reply_key = keys.reply(f"partition-{tag}")
+    reply_key = keys.reply(SERVICE, f"partition-{tag}")
     entry_of: dict[int, bytes] = {}
 
     def send(calls: range) -> None:

@@ -131,7 +131,7 @@ def test_worker_exits_1_when_it_crashes_on_an_unexpected_error(workers: Workers)
 
 async def test_reply_stream_is_trimmed_by_its_reader_and_expires(pm: ProcessManager) -> None:
     slow = await pm.spawn(SLOW, options=WorkerOptions(reply_ttl=1.0))
-    redis, reply_key = pm.client.redis, pm.client.keys.reply(pm.client.client_id)
+    redis, reply_key = pm.client.redis, pm.client.keys.reply("slow", pm.client.client_id)
     for i in range(20):
         assert await slow.echo(i) == i
     assert 0 < await redis.pttl(reply_key) <= 1000

@@ -78,7 +78,7 @@ def send(
     reply_key: str | None = None,
 ) -> tuple[str, bytes]:
     """Write a request entry by hand (optionally altered); return its reply key and entry id."""
-    reply_key = reply_key or keys.reply(f"edge-{uuid.uuid4().hex[:8]}")
+    reply_key = reply_key or keys.reply(service, f"edge-{uuid.uuid4().hex[:8]}")
     timeout_ms = int(deadline_in * 1000)  # counted from the entry id (Redis's clock)
     fields = encode_request(f"edge-{uuid.uuid4().hex[:8]}", method, args, {}, reply_key, timeout_ms)
     if mutate is not None:
@@ -387,7 +387,7 @@ def test_a_flood_of_malformed_entries_is_logged_as_a_summary(
     workers.wait_registered("edge", 1)
     ping(sync_client, keys)
     before = workers.output(proc)
-    bad_version_key = keys.reply(f"edge-bad-{uuid.uuid4().hex[:8]}")
+    bad_version_key = keys.reply("edge", f"edge-bad-{uuid.uuid4().hex[:8]}")
     for _ in range(100):
         send(sync_client, keys, "edge", "ping", mutate=lambda f: f.pop(b"r"))
         send(sync_client, keys, "edge", "ping", mutate=lambda f: f.update({b"v": b"9"}),
@@ -687,7 +687,7 @@ def test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters(
     log = tmp_path / "runs.log"
     workers.start(EDGE, *log_dep(log))
     workers.wait_registered("edge", 1)
-    reply_key = keys.reply(f"clobbered-{uuid.uuid4().hex[:8]}")
+    reply_key = keys.reply("edge", f"clobbered-{uuid.uuid4().hex[:8]}")
     sync_client.set(reply_key, "not a stream")
     send(sync_client, keys, "edge", "ping", reply_key=reply_key)
     [(_, dead)] = wait_until(lambda: sync_client.xrange(keys.dead("edge")), 15, "a dead letter")
@@ -703,7 +703,7 @@ async def test_a_replayed_dead_letter_gets_a_new_deadline(
     log = tmp_path / "runs.log"
     workers.start(EDGE, *log_dep(log))
     await in_thread(workers.wait_registered, "edge", 1)
-    reply_key = keys.reply(f"replay-{uuid.uuid4().hex[:8]}")
+    reply_key = keys.reply("edge", f"replay-{uuid.uuid4().hex[:8]}")
     fields = encode_request("replayed-1", "nap", (7, 0.0), {}, reply_key, 0)
     dead = dead_letter_fields(fields, reason="test", deliveries=3, worker="gone", source_id=b"1-0")
     sync_client.xadd(keys.dead("edge"), dead)  # type: ignore[arg-type]

@@ -29,16 +29,18 @@ from opentelemetry import trace as otel
 from . import protocol
 from .breaker import CircuitBreaker
 from .config import redact, resolve_namespace, resolve_url
-from .connection import REDIS_ERRORS, SOCKET_TIMEOUT, AutoPipeline, Channel, Redis, open_redis, titan_error
+from .connection import REDIS_ERRORS, Redis, open_redis, titan_error
 from .errors import ConfigError, TitanError
 from .keys import Keys
+from .links import Link, Links
 from .proxy import ServiceProxy as ServiceProxy
 from .proxy import with_options as with_options
-from .replies import READ_BLOCK_MS, ReplyDispatcher, error_of
+from .replies import error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
 from .routing import Routes, probe_margin
-from .sending import Sender, Sent
+from .sending import Sent, redis_error
 from .streaming import StreamRequest, stream_items
+from .topology import discover
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +75,11 @@ class Client:
         self.max_backlog = max_backlog
         self.max_payload = max_payload
         self.client_id = uuid.uuid4().hex[:16]
-        self._reply_key = self.keys.reply(self.client_id)
         self._ids = itertools.count(1)
         self._redis: Redis | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._channels: list[Channel] = []
-        self._sender: Sender | None = None
-        self._dispatcher: ReplyDispatcher | None = None
+        self._links: Links | None = None
+        self._reply_keys: dict[str, str] = {}
         self._routes = Routes(self.keys, lambda: self.redis)
 
     @property
@@ -89,33 +89,29 @@ class Client:
             raise TitanError("client is not connected: use 'async with' first")
         return self._redis
 
-    def _connected(self) -> tuple[ReplyDispatcher, Sender]:
-        if self._dispatcher is None or self._sender is None or self._tg is None:
+    def _connected(self) -> Links:
+        if self._links is None or self._tg is None:
             raise TitanError("client is not connected: use 'async with' first")
-        return self._dispatcher, self._sender
+        return self._links
+
+    async def _link(self, service: str, deadline: float) -> Link:
+        """The link to ``service`` (its sender and reply dispatcher), opened by ``deadline`` if need be."""
+        links = self._connected()
+        return links.get(service) or await links.open(service, deadline)
 
     async def __aenter__(self) -> Client:
         try:
-            self._redis = await open_redis(self.url)
-            # Calls and replies each get a connection of their own, off the pool.
-            sender = await Channel.open(self.url)
-            self._channels.append(sender)
-            receiver = await Channel.open(self.url, socket_timeout=SOCKET_TIMEOUT + READ_BLOCK_MS / 1000)
-            self._channels.append(receiver)
-            self._sender = Sender(self.keys, self.max_backlog, AutoPipeline(sender), lambda: self.redis)
-            await self._sender.sync_clock()
-            dispatcher = ReplyDispatcher(receiver, self._reply_key, self._reconnected)
-            await dispatcher.start()
+            topology = await discover(self.url)
+            self._redis = await open_redis(topology)
         except BaseException as exc:
             await self.aclose()
             if isinstance(exc, REDIS_ERRORS):
                 raise titan_error(exc, f"connect to Redis at {redact(self.url)}") from exc
             raise
-        self._dispatcher = dispatcher
+        self._links = Links(topology, self.keys, self.client_id, self.max_backlog, lambda: self.redis)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._sender.tg = self._routes.tg = self._tg
-        self._tg.start_soon(dispatcher.run)
+        self._links.tg = self._routes.tg = self._tg
         return self
 
     async def __aexit__(
@@ -127,52 +123,44 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the dispatcher and close the connections; calls still waiting fail.
+        """Stop the dispatchers and close the connections; calls still waiting fail.
 
         Requests given up and not yet deleted, and streams still open, get one
-        last try (CLOSE_BUDGET), then the reply stream is deleted.
+        last try (CLOSE_BUDGET), then the reply streams are deleted.
         """
         tg, self._tg = self._tg, None
-        sender = self._sender
-        if sender is not None:
-            sender.tg = self._routes.tg = None
+        links: list[Link] = []
+        if self._links is not None:
+            self._links.tg = self._routes.tg = None
+            links = self._links.detach()
+            for link in links:
+                link.sender.tg = None
         if tg is not None:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
-        dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is not None:
+        for link in links:
+            dispatcher, sender = link.dispatcher, link.sender
             for call_id, sent in dispatcher.entries.items():  # their callers wake after this
-                if sender is not None:
-                    stream = call_id in dispatcher.streams
-                    sender.withdraw(
-                        sent, 0.0, self.keys.stream_control(_service_of(sent), call_id) if stream else None
-                    )
+                stream = call_id in dispatcher.streams
+                sender.withdraw(
+                    sent, 0.0, self.keys.stream_control(link.service, call_id) if stream else None
+                )
             dispatcher.fail_all(lambda: TitanError("client closed while the call was waiting"))
-        if self._redis is not None:
+        if self._redis is not None and links:
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = anyio.current_time() + CLOSE_BUDGET
-                try:
-                    if sender is not None:
-                        await sender.withdraw_pending()
-                    await self._redis.delete(self._reply_key, f"{self._reply_key}:alive")
-                except REDIS_ERRORS as exc:
-                    logger.warning("client %s: could not clean up on close (%s)", self.client_id, exc)
-        self._sender = None
-        if sender is not None:
-            await sender.pipe.aclose()
-        for channel in self._channels:
-            await channel.aclose()
-        self._channels = []
+                for link in links:
+                    try:
+                        await link.sender.withdraw_pending()
+                        await self._redis.delete(link.reply_key, link.dispatcher.canary)
+                    except REDIS_ERRORS as exc:
+                        logger.warning("client %s: could not clean up on close (%s)", self.client_id, exc)
+        for link in links:
+            await link.aclose()
+        self._links = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-
-    async def _reconnected(self) -> None:
-        """Redis was lost and is back: drop idle connections, so that no call goes out on a dead one."""
-        if self._redis is not None:
-            await self._redis.connection_pool.disconnect(inuse_connections=False)
-        if self._sender is not None:
-            await self._sender.pipe.reset()
 
     async def call(
         self,
@@ -202,10 +190,13 @@ class Client:
         Redis cannot be reached or does not answer in time (RedisOutOfMemory
         when it is full).
         """
-        timeout, call_id, fields = self._request(method, args, kwargs, timeout)
-        dispatcher, sender = self._connected()
+        timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        link = self._links.get(service) if self._links is not None else None
+        if link is None:
+            link = await self._link(service, deadline)
+        dispatcher, sender = link.dispatcher, link.sender
         fut: asyncio.Future[protocol.Reply] = loop.create_future()
         dispatcher.calls[call_id] = fut
         sent: Sent | None = None
@@ -260,21 +251,29 @@ class Client:
         after the items it sent. ``timeout`` bounds the whole stream. Raises
         like ``call``.
         """
-        timeout, call_id, fields = self._request(method, args, kwargs, timeout)
-        dispatcher, sender = self._connected()
+        timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
+        self._connected()
         request = StreamRequest(service, method, call_id, fields, timeout, key, wait_for_worker)
-        return stream_items(request, dispatcher, sender, self._routes, self.keys)
+        return stream_items(request, self._link, self._routes, self.keys)
 
     def _request(
-        self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None, timeout: float | None
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
     ) -> tuple[float, str, dict[bytes, bytes]]:
         """The timeout to use, a new call id, and the request entry's fields (timeout included)."""
         timeout = self.default_timeout if timeout is None else timeout
         if timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
         call_id = f"{self.client_id}-{next(self._ids)}"
+        reply_key = self._reply_keys.get(service)
+        if reply_key is None:
+            reply_key = self._reply_keys[service] = self.keys.reply(service, self.client_id)
         fields = protocol.encode_request(
-            call_id, method, args, kwargs or {}, self._reply_key, int(timeout * 1000),
+            call_id, method, args, kwargs or {}, reply_key, int(timeout * 1000),
             trace=_traceparent(), max_payload=self.max_payload,
         )  # fmt: skip
         return timeout, call_id, fields
@@ -323,9 +322,8 @@ class Client:
         try:
             await self.redis.incr(self.keys.cache_generation(service, method))
         except REDIS_ERRORS as exc:
-            deadline = anyio.current_time() + 1.0
             doing = f"invalidate the cache of {service}.{method}()"
-            raise await self._connected()[1].error(exc, doing, deadline) from exc
+            raise await redis_error(self.redis, exc, doing, anyio.current_time() + 1.0) from exc
 
 
 def _service_of(sent: Sent) -> str:

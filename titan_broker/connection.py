@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .config import redact
 from .errors import RedisOutOfMemory, RedisUnavailable, TitanError
+from .topology import Address, Topology, discover, unreachable
 
-Redis = aioredis.Redis
+logger = logging.getLogger(__name__)
+
+Redis = aioredis.Redis | RedisCluster
+"""A pooled client: redis-py's for one Redis (or a Sentinel-managed primary) or for a cluster."""
 
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     rexc.ConnectionError,
@@ -54,35 +60,32 @@ def _timeouts(socket_timeout: float | None) -> dict[str, Any]:
 
 
 async def open_redis(
-    url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, socket_timeout: float | None = None
+    where: str | Topology,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    socket_timeout: float | None = None,
 ) -> Redis:
-    """Connect to the Redis at ``url`` and check it answers.
+    """Connect to the Redis behind ``where`` (a URL, or a Topology found already) and check it answers.
 
-    Passwords, ACL users (``redis://user:pass@host``), TLS (``rediss://``,
-    with ``?ssl_ca_certs=...``) and the db number come from the URL.
-    Commands beyond ``max_connections`` at once wait for a free connection
-    rather than fail. A command waits at most ``socket_timeout`` (default
-    SOCKET_TIMEOUT) for its reply, whatever the redis-py version. Raises
-    RedisUnavailable naming the server (password hidden).
+    One Redis, a cluster (any node's URL) or a Sentinel-managed primary (see
+    topology.py). Passwords, ACL users (``redis://user:pass@host``), TLS
+    (``rediss://``, with ``?ssl_ca_certs=...``) and the db number come from
+    the URL. On one Redis, commands beyond ``max_connections`` at once wait
+    for a free connection rather than fail. A command waits at most
+    ``socket_timeout`` (default SOCKET_TIMEOUT) for its reply, whatever the
+    redis-py version. Raises RedisUnavailable naming the server (password hidden).
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, decode_responses=False, max_connections=max_connections, timeout=None, health_check_interval=30,
+    topology = where if isinstance(where, Topology) else await discover(where)
+    url = topology.url
+    client = topology.client(
+        decode_responses=False, max_connections=max_connections, timeout=None, health_check_interval=30,
         **_timeouts(socket_timeout),
     )  # fmt: skip
-    client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
     try:
         await client.ping()
-    except rexc.AuthenticationError as exc:
+    except (rexc.RedisError, OSError) as exc:
         await client.aclose()
-        raise RedisUnavailable(f"Redis at {redact(url)} refused the credentials: {exc}") from exc
-    except rexc.ResponseError as exc:
-        await client.aclose()
-        raise RedisUnavailable(f"Redis at {redact(url)} refused the connection: {exc}") from exc
-    except CONNECTION_ERRORS as exc:
-        await client.aclose()
-        raise RedisUnavailable(
-            f"cannot reach Redis at {redact(url)}: {exc}; is it running? (set --redis or TITAN_REDIS_URL)"
-        ) from exc
+        raise unreachable(url, exc) from exc
     return client
 
 
@@ -111,6 +114,17 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class Relocating(rexc.ConnectionError):
+    """The node a channel spoke to no longer serves its key (a failover, a replica now, a cluster
+    that lost a primary): the channel reads the topology again before its next command. Callers
+    treat it as a lost connection."""
+
+
+_MOVED_OR_DOWN = (rexc.ReadOnlyError, rexc.ClusterDownError, rexc.TryAgainError, rexc.AskError)
+"""Error replies that mean "not here, or not now": the key is moving or its node is failing over.
+(MovedError is an AskError; a MOVED is followed at once, the others relocate before the next command.)"""
+
+
 class Channel:
     """One connection of its own for a hot path: commands go straight to the socket.
 
@@ -121,6 +135,13 @@ class Channel:
     (including cancellation mid-command) drops the connection, and the next
     command reconnects. The owner handles retries.
 
+    A channel serves the keys of one hash slot (``key``'s): on a cluster or
+    behind Sentinel it follows that slot's primary. A MOVED reply retargets
+    it and the command is sent again at once (it did not run); after a lost
+    connection, a READONLY (the primary became a replica), CLUSTERDOWN,
+    TRYAGAIN or ASK it raises Relocating (a ConnectionError) and reads the
+    topology again before its next command.
+
     A reply slower than ``stall_after`` seconds drops the connection and the
     command raises TimeoutError, whatever the redis-py version. A watchdog
     timer does it, armed at most once per ``stall_after`` while commands are
@@ -128,9 +149,13 @@ class Channel:
     read (a fifth of the hot path's CPU).
     """
 
-    def __init__(self, client: Redis, stall_after: float) -> None:
+    def __init__(self, client: aioredis.Redis, stall_after: float, topology: Topology, key: str) -> None:
         self._client = client
         self.stall_after = stall_after
+        self.topology = topology
+        self.key = key
+        self._stale = False
+        """Set after a failure that may mean the key moved: the next command relocates first."""
         self._since = 0.0
         """Event-loop time the command in flight was sent; 0 when none is."""
         self._watch: asyncio.TimerHandle | None = None
@@ -138,13 +163,17 @@ class Channel:
         self._dropping: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, url: str, *, socket_timeout: float | None = None) -> Channel:
-        """Connect; raise RedisUnavailable like open_redis.
+    async def open(
+        cls, where: str | Topology, key: str = "", *, socket_timeout: float | None = None
+    ) -> Channel:
+        """Connect to the node serving ``key`` (any on one Redis); raise RedisUnavailable like open_redis.
 
         A reply slower than ``socket_timeout`` (default SOCKET_TIMEOUT) drops
         the connection with TimeoutError: a channel that BLOCKs must pass more
         than its longest BLOCK.
         """
+        topology = where if isinstance(where, Topology) else await discover(where)
+        url = topology.node_url(topology.locate(key))
         options = {**_timeouts(None), "socket_timeout": None}  # the watchdog bounds replies
         client = aioredis.Redis.from_url(
             url, decode_responses=False, single_connection_client=True, protocol=2, **options
@@ -158,7 +187,37 @@ class Channel:
             if isinstance(exc, CONNECTION_ERRORS):
                 raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
             raise
-        return cls(client, SOCKET_TIMEOUT if socket_timeout is None else socket_timeout)
+        return cls(client, SOCKET_TIMEOUT if socket_timeout is None else socket_timeout, topology, key)
+
+    @property
+    def address(self) -> Address:
+        """The node this channel speaks to."""
+        conn = self._client.connection
+        assert conn is not None, "channel is closed"
+        return conn.host, conn.port
+
+    async def _retarget(self, address: Address) -> None:
+        conn = self._client.connection
+        assert conn is not None, "channel is closed"
+        if (conn.host, conn.port) != address:
+            await conn.disconnect(nowait=True)
+            conn.host, conn.port = address
+            logger.info("channel for %s now speaks to %s:%d", self.key or "Redis", *address)
+
+    async def _relocate(self) -> None:
+        """Read the topology again and follow the key (it stays stale if that fails)."""
+        try:
+            await self.topology.refresh()
+        except TitanError as exc:
+            raise Relocating(str(exc)) from exc
+        await self._retarget(self.topology.locate(self.key))
+        self._stale = False
+
+    def _moved(self, exc: rexc.ResponseError) -> Relocating:
+        """After a "not here, or not now" reply: relocate before the next command."""
+        self._stale = True
+        return Relocating(f"{self.key or 'the key'} is not served at {self.address[0]}:{self.address[1]} now "
+                          f"({exc}); the topology is read again")  # fmt: skip
 
     def _sent(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,28 +244,60 @@ class Channel:
     async def _failed(self, conn: Any, exc: BaseException) -> None:
         """Drop the connection after a failure; a stalled reply becomes a TimeoutError."""
         await conn.disconnect(nowait=True)
+        if self.topology.kind != "single":
+            self._stale = True  # a failover looks like this first
         stalled, self._stalled = self._stalled, False
         if stalled and isinstance(exc, Exception):
             raise rexc.TimeoutError(f"Redis did not answer within {self.stall_after:g} s") from exc
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply."""
+        if self._stale:
+            await self._relocate()
         conn = self._client.connection
         assert conn is not None, "channel is closed"
-        self._sent()
-        try:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-            return await conn.read_response()
-        except rexc.ResponseError:
-            raise
-        except BaseException as exc:
-            await self._failed(conn, exc)
-            raise
-        finally:
-            self._since = 0.0
+        moved: rexc.MovedError | None = None
+        for _ in range(2):  # a MOVED reply: the command did not run; send it where it belongs
+            self._sent()
+            try:
+                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                return await conn.read_response()
+            except rexc.MovedError as exc:
+                moved = exc
+                await self._retarget((exc.host, exc.port))
+            except _MOVED_OR_DOWN as exc:
+                raise self._moved(exc) from exc
+            except rexc.ResponseError:
+                raise
+            except BaseException as exc:
+                await self._failed(conn, exc)
+                raise
+            finally:
+                self._since = 0.0
+        assert moved is not None
+        raise self._moved(moved)
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send commands in one write; return their replies in order, errors as values."""
+        """Send commands in one write; return their replies in order, errors as values.
+
+        Commands answered MOVED are sent again where they belong (they did not run).
+        """
+        if self._stale:
+            await self._relocate()
+        results = await self._execute_many(commands)
+        moved = [i for i, r in enumerate(results) if isinstance(r, rexc.MovedError)]
+        if moved:
+            first = results[moved[0]]
+            await self._retarget((first.host, first.port))
+            again = await self._execute_many([commands[i] for i in moved])
+            for i, result in zip(moved, again, strict=True):
+                results[i] = result
+        for i, result in enumerate(results):
+            if isinstance(result, _MOVED_OR_DOWN):
+                results[i] = self._moved(result)
+        return results
+
+    async def _execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         conn = self._client.connection
         assert conn is not None, "channel is closed"
         results: list[Any] = []

@@ -1,7 +1,8 @@
 """Every Redis key titan-broker uses, in one place (documented in PROTOCOL.md).
 
 Keys of one service share the Redis Cluster hash tag ``{<service>}`` so that
-scripts touching a stream and its worker records run on one node.
+every script touches one slot: its streams, its worker records and the
+replies to its callers. Only ``<ns>:services`` (the directory) stands alone.
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ class Keys:
         """Hash with a TTL: one worker's registry record; it expires when heartbeats stop."""
         return f"{self.namespace}:{{{service}}}:worker:{worker_id}"
 
-    @property
-    def reply_prefix(self) -> str:
-        """Every reply key starts with this; workers write nowhere else."""
-        return f"{self.namespace}:reply:"
+    def reply_prefix(self, service: str) -> str:
+        """Every reply key of a service's calls starts with this; its workers write nowhere else."""
+        return f"{self.namespace}:{{{service}}}:reply:"
 
-    def reply(self, client_id: str) -> str:
-        """Stream with a TTL: replies to one client (field ``reply``)."""
-        return f"{self.namespace}:reply:{client_id}"
+    def reply(self, service: str, client_id: str) -> str:
+        """Stream with a TTL: one client's replies from one service (field ``reply``).
+
+        In the service's hash slot, so that a worker answers and acknowledges
+        a call in one script on one node (a Redis Cluster refuses a script
+        whose keys are in two slots).
+        """
+        return f"{self.namespace}:{{{service}}}:reply:{client_id}"

@@ -1,4 +1,4 @@
-"""The wire protocol, version 2 (PROTOCOL.md is its specification).
+"""The wire protocol, version 3 (PROTOCOL.md is its specification).
 
 A request is one stream entry with short fields; a reply is one msgpack map
 added to the caller's reply stream. Values are msgpack only: a value msgpack
@@ -21,7 +21,7 @@ from .codec import pack as pack
 from .codec import unpack as unpack
 from .errors import EncodeError, PayloadTooLarge, WireError
 
-VERSION = b"2"
+VERSION = b"3"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 ENTRY_OVERHEAD = 4096
 """Bytes an entry may hold beyond its payload (ids, method, reply key, trace context)."""

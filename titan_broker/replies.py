@@ -7,11 +7,13 @@ up) is dropped. The dispatcher survives anything on the reply side:
 
 - Redis unreachable: it retries with backoff; a read lost in the middle is
   read again from the last id.
-- Redis restarted: after each reconnect it compares Redis's ``run_id`` with
-  the one it knew. When it changed and Redis lost its data (the client's
-  canary key is gone), every waiting call whose request entry is gone too,
+- Redis restarted, or failed over to a replica (cluster, Sentinel): after
+  each reconnect it compares the node's ``run_id`` with the one it knew.
+  When it changed, every waiting call whose request entry is gone (a
+  restart without persistence, or writes the replica had not received),
   and whose reply did not come, fails at once with CallLost instead of
-  waiting for its timeout.
+  waiting for its timeout. The client's canary key tells whether Redis
+  kept its data at all (for the log).
 - The reply key overwritten with another type (WRONGTYPE): it deletes the
   key, fails the calls waiting at that moment with CallLost naming the key
   (their replies may be lost) and carries on; later calls work.
@@ -235,7 +237,12 @@ class ReplyDispatcher:
             return
         previous = self.run_id
         if await self.channel.execute("EXISTS", self.canary):
-            logger.warning("Redis restarted (run_id %s -> %s) and kept its data", previous, run_id)
+            # Restarted with its data, or a failover to a replica (cluster, Sentinel), which
+            # replicates asynchronously: the latest requests may be gone even so.
+            logger.warning("Redis changed (run_id %s -> %s: a restart or a failover) and kept its data",
+                           previous, run_id)  # fmt: skip
+            if self.entries:
+                await self._fail_lost(previous, run_id)
         else:
             await self._fail_lost(previous, run_id)
             await self._write_canary()
@@ -271,14 +278,15 @@ class ReplyDispatcher:
                 self.fail(
                     call_id,
                     CallLost(
-                        f"Redis restarted without its data (run_id {previous} -> {run_id}) and lost this "
+                        f"Redis restarted or failed over (run_id {previous} -> {run_id}) and lost this "
                         "call's request before it was answered; the call may or may not have run"
                     ),
                 )
-        logger.error(
-            "Redis restarted without its data (run_id %s -> %s): %d waiting call(s) lost",
-            previous, run_id, lost,
-        )  # fmt: skip
+        if lost:
+            logger.error(
+                "Redis restarted or failed over (run_id %s -> %s) and lost data: %d waiting call(s) lost",
+                previous, run_id, lost,
+            )  # fmt: skip
 
 
 def error_of(reply: protocol.Reply) -> RemoteError:

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+import redis.cluster
 from redis import exceptions as rexc
 
 from .connection import AutoPipeline, Channel, Redis
@@ -29,7 +30,7 @@ async def execute(via: Executor, *command: Any) -> Any:
     """Send one command through a pooled client, a channel or an auto-pipeline."""
     if isinstance(via, Channel | AutoPipeline):  # the hot paths: concrete classes, checked first
         return await via.execute(*command)
-    return await via.execute_command(*command)  # type: ignore[no-untyped-call]
+    return await via.execute_command(*command)  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def _read(name: str) -> str:
@@ -68,7 +69,9 @@ class Script:
             await self.load(via)
             return await execute(via, *command)
 
-    def run_sync(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+    def run_sync(
+        self, client: redis.Redis | redis.cluster.RedisCluster, keys: Sequence[Any], args: Sequence[Any] = ()
+    ) -> Any:
         """The same, from a thread with a synchronous client (the worker's heartbeat)."""
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)
         try:

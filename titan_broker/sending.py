@@ -75,6 +75,31 @@ async def _within(fut: asyncio.Future[Any], deadline: float) -> Any:
     return fut.result()
 
 
+async def out_of_memory(redis: Redis, doing: str, deadline: float) -> RedisOutOfMemory:
+    """The error for a write refused at maxmemory, with the limit when INFO tells it (by ``deadline``)."""
+    detail = ""
+    with anyio.move_on_after(max(0.0, min(0.5, deadline - anyio.current_time()))):
+        try:
+            info = await redis.info("memory")
+            detail = (
+                f": it uses {info.get('used_memory')} bytes and its limit is maxmemory "
+                f"{info.get('maxmemory')} bytes (maxmemory-policy {info.get('maxmemory_policy')})"
+            )
+        except REDIS_ERRORS:
+            pass
+    return RedisOutOfMemory(
+        f"cannot {doing}: Redis is out of memory{detail}, so it refuses new writes; "
+        "free memory in Redis, raise maxmemory, or let workers drain the queues"
+    )
+
+
+async def redis_error(redis: Redis, exc: Exception, doing: str, deadline: float) -> TitanError:
+    """The TitanError for a redis-py error (out of memory with its limit)."""
+    if isinstance(exc, rexc.OutOfMemoryError):
+        return await out_of_memory(redis, doing, deadline)
+    return titan_error(exc, doing)
+
+
 class Sender:
     """Sends requests over one auto-pipelined channel; withdraws those given up."""
 
@@ -174,27 +199,10 @@ class Sender:
         self.offset_ms = int(seconds) * 1000 + int(micros) / 1000 + 1 - started * 1000
 
     async def out_of_memory(self, doing: str, deadline: float) -> RedisOutOfMemory:
-        """The error for a write refused at maxmemory, with the limit when INFO tells it."""
-        detail = ""
-        with anyio.move_on_after(max(0.0, min(0.5, deadline - anyio.current_time()))):
-            try:
-                info = await self._redis().info("memory")
-                detail = (
-                    f": it uses {info.get('used_memory')} bytes and its limit is maxmemory "
-                    f"{info.get('maxmemory')} bytes (maxmemory-policy {info.get('maxmemory_policy')})"
-                )
-            except REDIS_ERRORS:
-                pass
-        return RedisOutOfMemory(
-            f"cannot {doing}: Redis is out of memory{detail}, so it refuses new writes; "
-            "free memory in Redis, raise maxmemory, or let workers drain the queues"
-        )
+        return await out_of_memory(self._redis(), doing, deadline)
 
     async def error(self, exc: Exception, doing: str, deadline: float) -> TitanError:
-        """The TitanError for a redis-py error (out of memory with its limit)."""
-        if isinstance(exc, rexc.OutOfMemoryError):
-            return await self.out_of_memory(doing, deadline)
-        return titan_error(exc, doing)
+        return await redis_error(self._redis(), exc, doing, deadline)
 
     def _withdraw_late(self, streams: tuple[str, ...], deadline: float, fut: asyncio.Future[Any]) -> None:
         """A submit nobody waits for ended: if it queued the request after all, delete it."""

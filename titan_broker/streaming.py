@@ -10,17 +10,20 @@ it from the start; items already seen are skipped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import Any, NamedTuple
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 
 from . import protocol
 from .errors import TitanError
 from .keys import Keys
-from .replies import ReplyDispatcher, StreamItem, error_of
+from .replies import StreamItem, error_of
 from .routing import Routes, probe_margin
-from .sending import Sender, Sent
+from .sending import Sent
+
+if TYPE_CHECKING:
+    from .links import Link
 
 
 class StreamRequest(NamedTuple):
@@ -34,12 +37,14 @@ class StreamRequest(NamedTuple):
 
 
 async def stream_items(
-    request: StreamRequest, dispatcher: ReplyDispatcher, sender: Sender, routes: Routes, keys: Keys
+    request: StreamRequest, link_for: Callable[[str, float], Awaitable[Link]], routes: Routes, keys: Keys
 ) -> AsyncGenerator[Any, None]:
     """The items of a streaming call, as they come (see ``Client.stream``)."""
     service, method, call_id, fields, timeout, key, wait_for_worker = request
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    link = await link_for(service, deadline)
+    dispatcher, sender = link.dispatcher, link.sender
     window = protocol.STREAM_WINDOW
     send, receive = anyio.create_memory_object_stream[StreamItem](window * 2 + 8)
     dispatcher.streams[call_id] = send

@@ -49,7 +49,7 @@ class Executor:
             req = protocol.decode_request(
                 entry.fields,
                 entry.id,
-                reply_prefix=ctx.keys.reply_prefix,
+                reply_prefix=ctx.keys.reply_prefix(ctx.service),
                 max_payload=ctx.options.max_payload,
             )
         except protocol.BadEntry as bad:

@@ -188,6 +188,8 @@ class Intake:
         # Repeat: the reader may be between two reads when the first unblock lands.
         while self._reading:
             if self._reader_id is not None:
+                # Through the writer: it speaks to the reader's node (both follow the service's
+                # slot), where the pooled client of a cluster would pick a node of its own.
                 with contextlib.suppress(*CONNECTION_ERRORS, rexc.ResponseError):
-                    await self.ctx.redis.client_unblock(self._reader_id)
+                    await self.ctx.writer.execute("CLIENT", "UNBLOCK", self._reader_id)
             await anyio.sleep(0.05)

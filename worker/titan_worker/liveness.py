@@ -22,10 +22,12 @@ from dataclasses import replace
 from typing import Any
 
 import redis
+import redis.cluster
 
 from titan_broker.keys import GROUP
 from titan_broker.registry import WorkerRecord
 from titan_broker.scripting import Script
+from titan_broker.topology import Topology
 
 from .context import WorkerContext
 
@@ -48,13 +50,12 @@ class Heartbeat:
         """Set by the event loop every beat; a stale tick means user code blocks the loop."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | redis.cluster.RedisCluster | None = None
         self._timeout = max(0.5, ctx.options.heartbeat_ttl / 2)
 
-    def connect(self, url: str) -> None:
+    def connect(self, topology: Topology) -> None:
         """Open the heartbeat's own connection (sync; run it off the loop)."""
-        self._client = redis.Redis.from_url(
-            url,
+        self._client = topology.sync_client(
             decode_responses=False,
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
@@ -62,9 +63,17 @@ class Heartbeat:
         )
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | redis.cluster.RedisCluster:
         assert self._client is not None, "heartbeat is not connected"
         return self._client
+
+    def _time(self) -> tuple[int, int]:
+        """Redis's TIME, from the node that serves the service's stream (whose clock its entry ids use)."""
+        client = self.client
+        if isinstance(client, redis.cluster.RedisCluster):
+            node = client.get_node_from_key(self.ctx.stream)  # type: ignore[no-untyped-call]
+            return client.time(target_nodes=node)
+        return client.time()
 
     def close(self) -> None:
         if self._client is not None:
@@ -77,7 +86,7 @@ class Heartbeat:
         """
         ctx = self.ctx
         sent = time.time()
-        ctx.clock.measured(self.client.time(), sent, time.time())
+        ctx.clock.measured(self._time(), sent, time.time())
         definition = ctx.definition
         assert self.record is not None, "the worker publishes its record before registering"
         description = {
@@ -90,13 +99,16 @@ class Heartbeat:
             "max_backlog": definition.info.max_backlog,
             "max_deliveries": ctx.options.max_deliveries or definition.info.max_deliveries,
         }
-        pipe = self.client.pipeline(transaction=True)
+        # The directory first (its own key, maybe on another cluster node): a record is only
+        # written for a service the directory lists, and a failure here leaves no record, so
+        # the next beat registers again.
+        self.client.hset(ctx.keys.services, ctx.service, json.dumps(description))
+        pipe = self.client.pipeline(transaction=True)  # the service's keys: one slot
         record: dict[Any, Any] = self._fields(heartbeat_only=False)
         pipe.hset(ctx.record_key, mapping=record)
         pipe.pexpire(ctx.record_key, int(ctx.options.heartbeat_ttl * 1000))
         pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
         pipe.sadd(ctx.keys.affinity(ctx.service), ctx.worker_id)
-        pipe.hset(ctx.keys.services, ctx.service, json.dumps(description))
         pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
         pipe.execute()
 
@@ -137,8 +149,8 @@ class Heartbeat:
         ctx = self.ctx
         ttl_ms = int(ctx.options.heartbeat_ttl * 1000)
         sent = time.time()
+        ctx.clock.measured(self._time(), sent, time.time())
         pipe = self.client.pipeline(transaction=False)
-        pipe.time()
         pipe.exists(ctx.record_key)
         pipe.hset(ctx.record_key, mapping=self._fields(heartbeat_only=True))  # type: ignore[arg-type]
         pipe.pexpire(ctx.record_key, ttl_ms)
@@ -147,8 +159,7 @@ class Heartbeat:
         # (OOM) but the PEXPIRE and the renewal below still keep this worker's calls its own.
         results = pipe.execute(raise_on_error=False)
         failures = [r for r in results if isinstance(r, Exception)]
-        ctx.clock.measured(results[0], sent, time.time())
-        existed = results[1]
+        existed = results[0]
         if existed == 0:
             # The record had expired (the worker was cut off, or stopped, longer than its TTL) or
             # was deleted (a restart without persistence, a FLUSHALL): register anew, whole.

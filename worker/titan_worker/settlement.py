@@ -124,7 +124,7 @@ class Settlement:
             answer
             and call_id
             and reply_to
-            and reply_to.startswith(ctx.keys.reply_prefix)
+            and reply_to.startswith(ctx.keys.reply_prefix(ctx.service))
             and len(reply_to) < 256
         ):
             keys.append(reply_to)

@@ -39,6 +39,7 @@ from titan_broker.errors import TitanError
 from titan_broker.keys import Keys
 from titan_broker.registry import WorkerRecord
 from titan_broker.stats import LatencyHistogram
+from titan_broker.topology import discover
 
 from .call import Entry
 from .context import WorkerContext
@@ -141,14 +142,18 @@ class Worker:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); raises RedisUnavailable or InitError when start-up fails."""
         ctx = self.ctx
-        ctx.redis_ = await open_redis(self.url, max_connections=ctx.options.concurrency + 4)
+        topology = await discover(self.url)
+        ctx.redis_ = await open_redis(topology, max_connections=ctx.options.concurrency + 4)
         reader: Channel | None = None
         writer: Channel | None = None
         http: Any = None
         try:
+            # Both channels speak to the node of the service's slot, where all its keys live.
             # A blocked read waits up to read_block for calls: its socket may wait that much longer.
-            reader = await Channel.open(self.url, socket_timeout=SOCKET_TIMEOUT + ctx.options.read_block)
-            writer = await Channel.open(self.url)
+            reader = await Channel.open(
+                topology, ctx.stream, socket_timeout=SOCKET_TIMEOUT + ctx.options.read_block
+            )
+            writer = await Channel.open(topology, ctx.stream)
             ctx.writer_ = AutoPipeline(writer)
             self.instance = self.definition.cls()
             if self.definition.has_init:
@@ -168,7 +173,7 @@ class Worker:
             self.status = "ready"
             self._health = await self._check_health()
             self._publish()
-            await anyio.to_thread.run_sync(self.heartbeat.connect, self.url)
+            await anyio.to_thread.run_sync(self.heartbeat.connect, topology)
             await anyio.to_thread.run_sync(self.heartbeat.register)
             self.heartbeat.start()
             logger.info(

@@ -1,0 +1,45 @@
+"""Reading a deployment's URL: a node's own URL keeps the user's credentials and TLS; sentinel URLs.
+
+(The behaviour on a real cluster and behind real sentinels is in test_cluster.py and test_sentinel.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from titan_broker.errors import ConfigError, RedisUnavailable
+from titan_broker.topology import Topology, _sentinel_topology, discover
+
+pytestmark = pytest.mark.anyio
+
+
+def test_a_cluster_node_url_keeps_credentials_tls_and_options() -> None:
+    url = "rediss://app:s%40cret@seed:7000?ssl_ca_certs=/ca.pem"
+    topology = Topology(url, "cluster", node_scheme="rediss")
+    assert (
+        topology.node_url(("10.0.0.7", 7003)) == "rediss://app:s%40cret@10.0.0.7:7003?ssl_ca_certs=%2Fca.pem"
+    )
+    assert topology.node_url(("::1", 7001)).startswith("rediss://app:s%40cret@[::1]:7001")
+
+
+def test_a_sentinel_url_names_its_sentinels_primary_db_and_sentinel_password() -> None:
+    topology = _sentinel_topology(
+        "redis+sentinels://:pw@s1:26379,s2,[::1]:26380/mymaster?db=3&sentinel_password=spw"
+    )
+    assert topology.kind == "sentinel"
+    assert topology.sentinels == [("s1", 26379), ("s2", 26379), ("::1", 26380)]
+    assert topology.master == "mymaster"
+    assert topology.sentinel_auth == {"password": "spw"}
+    # The primary's own URL: TLS, its credentials and db, never the sentinels' password.
+    assert topology.node_url(("10.0.0.9", 6380)) == "rediss://:pw@10.0.0.9:6380/3"
+
+
+def test_a_sentinel_url_without_a_primary_name_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="names the sentinels and the primary"):
+        _sentinel_topology("redis+sentinel://:secret@s1:26379")
+
+
+async def test_unreachable_sentinels_are_a_clear_error_without_the_password() -> None:
+    with pytest.raises(RedisUnavailable) as info:
+        await discover("redis+sentinel://:secret@127.0.0.1:1/mymaster")
+    assert "mymaster" in str(info.value) and "secret" not in str(info.value)

@@ -1,0 +1,142 @@
+"""A client's link to each service it calls: where its requests go out and its replies come back.
+
+Every key of a service lives in one hash slot (keys.py), its callers' reply
+streams included, so a client speaks to each service on the node that
+serves that slot: per service, a Sender (requests, auto-pipelined on a
+channel of its own) and a ReplyDispatcher (the reply stream, read on
+another channel). Both channels follow the slot's primary through a
+failover by themselves (connection.Channel). On one Redis the same holds
+with every link on the one server.
+
+A link opens on the first call to its service; concurrent first calls share
+one opening, and a caller that gives up does not cancel it for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import redis.asyncio as aioredis
+
+from .connection import REDIS_ERRORS, SOCKET_TIMEOUT, AutoPipeline, Channel, Redis, titan_error
+from .errors import RedisUnavailable, TitanError
+from .keys import Keys
+from .replies import READ_BLOCK_MS, ReplyDispatcher
+from .sending import Sender
+from .topology import Topology
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Link:
+    """One service's sender and reply dispatcher, on channels of their own."""
+
+    service: str
+    reply_key: str
+    sender: Sender
+    dispatcher: ReplyDispatcher
+    channels: tuple[Channel, ...]
+
+    async def aclose(self) -> None:
+        await self.sender.pipe.aclose()
+        for channel in self.channels:
+            await channel.aclose()
+
+
+class Links:
+    """The links of one client, by service (see the module's doc)."""
+
+    def __init__(
+        self, topology: Topology, keys: Keys, client_id: str, max_backlog: int, redis: Callable[[], Redis]
+    ) -> None:
+        self.topology = topology
+        self.keys = keys
+        self.client_id = client_id
+        self.max_backlog = max_backlog
+        self._redis = redis
+        self._links: dict[str, Link] = {}
+        self._opening: dict[str, asyncio.Task[Link]] = {}
+        self.tg: anyio.abc.TaskGroup | None = None
+        """Where dispatchers and withdrawals run; None while the client is closed."""
+
+    def get(self, service: str) -> Link | None:
+        return self._links.get(service)
+
+    def __iter__(self) -> Iterator[Link]:
+        return iter(list(self._links.values()))
+
+    async def open(self, service: str, deadline: float) -> Link:
+        """The link to ``service``, opened now if need be, by ``deadline`` (event loop time).
+
+        Raises RedisUnavailable when the service's node cannot be reached in time.
+        """
+        link = self._links.get(service)
+        if link is not None:
+            return link
+        task = self._opening.get(service)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open(service))
+            self._opening[service] = task
+            task.add_done_callback(lambda _: self._opening.pop(service, None))
+        try:
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            host, port = self.topology.locate(self.keys.calls(service))
+            raise RedisUnavailable(
+                f"cannot reach the Redis node that serves {service!r} ({host}:{port}) "
+                "within the call's timeout"
+            ) from None
+
+    async def _open(self, service: str) -> Link:
+        if self.tg is None:
+            raise TitanError("client is not connected: use 'async with' first")
+        slot_key = self.keys.calls(service)
+        reply_key = self.keys.reply(service, self.client_id)
+        channels: list[Channel] = []
+        try:
+            sender_channel = await Channel.open(self.topology, slot_key)
+            channels.append(sender_channel)
+            receiver = await Channel.open(
+                self.topology, slot_key, socket_timeout=SOCKET_TIMEOUT + READ_BLOCK_MS / 1000
+            )
+            channels.append(receiver)
+            sender = Sender(self.keys, self.max_backlog, AutoPipeline(sender_channel), self._redis)
+            await sender.sync_clock()
+            dispatcher = ReplyDispatcher(receiver, reply_key)
+            await dispatcher.start()
+        except BaseException as exc:
+            for channel in channels:
+                await channel.aclose()
+            if isinstance(exc, REDIS_ERRORS):
+                raise titan_error(exc, f"connect to the Redis node that serves {service!r}") from exc
+            raise
+        link = Link(service, reply_key, sender, dispatcher, tuple(channels))
+        dispatcher.on_reconnect = lambda: self._reconnected(link)
+        if self.tg is None:  # the client closed while this link opened
+            await link.aclose()
+            raise TitanError("client closed while connecting")
+        sender.tg = self.tg
+        self.tg.start_soon(dispatcher.run)
+        self._links[service] = link
+        return link
+
+    async def _reconnected(self, link: Link) -> None:
+        """The link's node was lost and is back: drop idle connections, so no call goes out on a dead one."""
+        redis = self._redis()
+        if isinstance(redis, aioredis.Redis):  # a cluster client refreshes its own connections
+            await redis.connection_pool.disconnect(inuse_connections=False)
+        await link.sender.pipe.reset()
+
+    def detach(self) -> list[Link]:
+        """Forget every link (the client closes); the caller closes them."""
+        for task in self._opening.values():
+            task.cancel()
+        links, self._links = list(self._links.values()), {}
+        return links
