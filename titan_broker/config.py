@@ -22,8 +22,11 @@ def resolve_url(url: str | None) -> str:
     """The Redis URL to use: the one given, else $TITAN_REDIS_URL, else redis://localhost:6379/0."""
     url = url or os.environ.get(ENV_URL) or DEFAULT_URL
     scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"Redis URL {redact(url)!r} must start with redis://, rediss:// or unix://")
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+sentinels"):
+        raise ConfigError(
+            f"Redis URL {redact(url)!r} must start with redis://, rediss://, unix:// "
+            "or redis+sentinel:// (see the README: Redis Cluster and Sentinel)"
+        )
     return url
 
 

@@ -57,8 +57,15 @@ class Script:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, via: Executor) -> None:
-        """Load the script into the Redis behind ``via`` (after a NOSCRIPT)."""
-        await execute(via, "SCRIPT", "LOAD", self.source)
+        """Load the script into the Redis behind ``via`` (after a NOSCRIPT).
+
+        Through a pooled client, with ``script_load``: a cluster client sends
+        it to every primary (a bare SCRIPT LOAD names no key to route by).
+        """
+        if isinstance(via, Channel | AutoPipeline):
+            await via.execute("SCRIPT", "LOAD", self.source)
+        else:
+            await via.script_load(self.source)
 
     async def __call__(self, via: Executor, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
         """Run the script; its errors (ResponseError) and connection errors are raised."""
@@ -77,7 +84,7 @@ class Script:
         try:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
         except rexc.NoScriptError:
-            client.execute_command("SCRIPT", "LOAD", self.source)  # type: ignore[no-untyped-call]
+            client.script_load(self.source)
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
