@@ -27,6 +27,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.bench_core
 	$(BIN)/python -m bench.bench_pool
+	$(BIN)/python -m bench.bench_cluster
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

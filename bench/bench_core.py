@@ -74,12 +74,13 @@ Harness = tuple[Call, list[Call], Callable[[], Awaitable[None]], list[int]]
 
 
 @asynccontextmanager
-async def titan(url: str) -> AsyncIterator[Harness]:
+async def titan(url: str, name: str | None = None) -> AsyncIterator[Harness]:
+    """The calculator service (served as ``name`` when given: bench_cluster picks its hash slot)."""
     async with ProcessManager(url, namespace=f"bench-{uuid.uuid4().hex[:6]}") as pm:
-        calc = await pm.spawn("processes/calculator.py", Calculator)
+        calc = await pm.spawn("processes/calculator.py", Calculator, name=name)
 
         async def second_worker() -> None:
-            await pm.spawn("processes/calculator.py", Calculator)
+            await pm.spawn("processes/calculator.py", Calculator, name=name)
 
         def one(i: int) -> Awaitable[object]:
             return calc.add(i, 1)

@@ -233,3 +233,45 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             return value
         time.sleep(0.02)
     raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+# -- Redis Cluster and Sentinel (issue 11) ------------------------------------------------------------
+
+
+def skip_without_cluster_binaries() -> None:
+    """Skip (saying why) when no redis-server or redis-cli can be found: never for any other reason."""
+    from titan_broker.local_redis import find_redis_cli
+
+    try:
+        find_redis_server()
+        find_redis_cli()
+    except TitanError as exc:
+        pytest.skip(f"cannot start a Redis Cluster or Sentinel here: {exc}")
+
+
+class RoutedWorkers(Workers):
+    """Workers whose registration is checked through ``connect()``: a client that routes each key
+    to the node serving it (a cluster client, or the primary a sentinel names), where a plain
+    client of the URL's node would get MOVED or reach a dead primary."""
+
+    def __init__(self, url: str, namespace: str, connect: Callable[[], Any]) -> None:
+        super().__init__(url, namespace)
+        self.connect = connect
+
+    def wait_registered(self, service: str, count: int, timeout: float = 20.0) -> list[str]:
+        keys = Keys(self.namespace)
+        client = self.connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                ids = [i.decode() for i in client.smembers(keys.workers(service))]
+                live = [i for i in ids if client.exists(keys.worker(service, i))]
+                if len(live) >= count:
+                    return live
+                for proc in self.procs:
+                    if proc.pid not in self.killed and proc.poll() is not None:
+                        raise AssertionError(f"worker exited with {proc.returncode}: {self.output(proc)!r}")
+                time.sleep(0.05)
+            raise AssertionError(f"{count} worker(s) of {service!r} not registered within {timeout} s")
+        finally:
+            client.close()
