@@ -393,6 +393,7 @@ def caller_acl(ns: str) -> list[str]:
     return [
         "on", "resetkeys", "resetchannels", "-@all",
         "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
+        "+cluster|slots", "+cluster|myid", "+command",
         f"~{ns}:{{*}}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
         f"(~{ns}:{{*}}:calls* +evalsha +xadd +xdel +xlen +xrange +xpending)",
         f"(~{ns}:{{*}}:stream:* +hset +pexpire)",

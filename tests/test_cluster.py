@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from redis import exceptions as rexc
 
 from processes.calculator import Calculator
 from titan_broker import (
@@ -42,8 +43,11 @@ from titan_broker import (
     TitanError,
     with_options,
 )
+from titan_broker.connection import Channel
+from titan_broker.errors import ConfigError
 from titan_broker.keys import GROUP, Keys
 from titan_broker.local_redis import ClusterNode, LocalCluster
+from titan_broker.topology import discover
 
 from .conftest import (
     CALCULATOR,
@@ -601,3 +605,77 @@ async def test_a_password_protected_cluster(secured_cluster: LocalCluster, names
         assert done.returncode == 0 and json.loads(done.stdout) == 42, done.stderr
     finally:
         workers.close()
+
+
+async def test_the_readmes_acl_rules_work_on_a_cluster(secured_cluster: LocalCluster, namespace: str) -> None:
+    """The caller and worker rules of the README, set on every node: a worker serves, a caller calls
+    (reading the slot map needs its cluster permissions) and still cannot write the registry."""
+    from .test_client_edges import caller_acl, worker_acl
+
+    for node in secured_cluster.nodes:
+        node.ask("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace))
+        node.ask("ACL", "SETUSER", "worker", ">workerpass", *worker_acl(namespace))
+    port = secured_cluster.nodes[2].port
+    workers = RoutedWorkers(f"redis://worker:workerpass@127.0.0.1:{port}", namespace, secured_cluster.client)
+    try:
+        workers.start(CALCULATOR)
+        workers.wait_registered("calculator", 1)
+        async with ProcessManager(f"redis://caller:callerpass@127.0.0.1:{port}", namespace=namespace) as pm:
+            calc = await pm.connect("calculator", Calculator)
+            assert [await calc.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]
+            with pytest.raises(Exception, match=r"NOPERM|permission"):
+                await pm.client.redis.hset(Keys(namespace).services, "calculator", "{}")
+    finally:
+        workers.close()
+
+
+# --- what a hostile review found (each failed before its fix) ----------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_service_first_called_after_its_primary_failed_over(
+    cluster: LocalCluster, namespace: str, keys: Keys
+) -> None:
+    """The client read the slot map before the failover and had no link to that node yet: its first
+    call must follow the promotion, not fail for ever against the dead node's address."""
+    seed = cluster.nodes_without(keys.calls("slow"))[0]
+    victim = cluster.primary_for(keys.calls("slow"))
+    try:
+        async with ProcessManager(seed.url, namespace=namespace, default_timeout=5.0) as pm:
+            await pm.client.live_workers("calculator")  # connected: the map is read
+            cluster.kill(victim)
+            await in_thread(cluster.wait_promoted, victim)
+            await pm.spawn(SLOW)
+            slow = await pm.connect("slow")
+            assert await slow.echo("first") == "first"
+    finally:
+        await in_thread(cluster.heal)
+
+
+@pytest.mark.timeout(120)
+async def test_a_channel_follows_a_map_its_sibling_read(cluster: LocalCluster, keys: Keys) -> None:
+    """Two channels of one slot; after a failover one of them reads the new map: the other goes to
+    the new primary before its next command, instead of failing first against the old one."""
+    key = keys.calls("calculator")
+    topology = await discover(cluster.url)
+    first, second = await Channel.open(topology, key), await Channel.open(topology, key)
+    victim = cluster.primary_for(key)
+    try:
+        assert await second.execute("PING") == b"PONG"
+        cluster.kill(victim)
+        promoted = await in_thread(cluster.wait_promoted, victim)
+        with pytest.raises(rexc.ConnectionError):
+            await first.execute("PING")  # the dead node: this one notices
+        await topology.refresh()
+        assert await second.execute("PING") == b"PONG"  # first try, on the new primary
+        assert second.address == ("127.0.0.1", promoted.port)
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await in_thread(cluster.heal)
+
+
+async def test_a_cluster_url_with_a_database_number_is_a_clear_error(cluster: LocalCluster) -> None:
+    for url in (f"{cluster.url}/1", f"{cluster.url}?db=2"):
+        with pytest.raises(ConfigError, match="only database 0"):
+            await discover(url)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from titan_broker.config import redact
 from titan_broker.errors import ConfigError, RedisUnavailable
 from titan_broker.topology import Topology, _sentinel_topology, discover
 
@@ -35,7 +36,7 @@ def test_a_sentinel_url_names_its_sentinels_primary_db_and_sentinel_password() -
 
 
 def test_a_sentinel_url_without_a_primary_name_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="names the sentinels and the primary"):
+    with pytest.raises(ConfigError, match="names the sentinels and one primary"):
         _sentinel_topology("redis+sentinel://:secret@s1:26379")
 
 
@@ -43,3 +44,26 @@ async def test_unreachable_sentinels_are_a_clear_error_without_the_password() ->
     with pytest.raises(RedisUnavailable) as info:
         await discover("redis+sentinel://:secret@127.0.0.1:1/mymaster")
     assert "mymaster" in str(info.value) and "secret" not in str(info.value)
+
+
+def test_a_sentinel_url_with_several_hosts_and_passwords_is_redacted_whole() -> None:
+    url = "redis+sentinel://app:S3CRET@s1:26379,s2:26380,s3:26381/mymaster?sentinel_password=SENTPW"
+    shown = redact(url)
+    assert "S3CRET" not in shown and "SENTPW" not in shown
+    assert shown == "redis+sentinel://app:***@s1:26379,s2:26380,s3:26381/mymaster?sentinel_password=***"
+
+
+@pytest.mark.parametrize(
+    ("url", "at_fault"),
+    [
+        ("redis+sentinel://s1:99999/mymaster", "s1:99999"),
+        ("redis+sentinel://s1:26379,/mymaster", "''"),
+        ("redis+sentinel://s1:x/mymaster", "s1:x"),
+        ("redis+sentinel://s1/mymaster/3", "one primary"),
+        ("redis+sentinel://s1/mymaster?db=abc", "'abc'"),
+    ],
+)
+def test_a_bad_part_of_a_sentinel_url_is_named(url: str, at_fault: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _sentinel_topology(url)
+    assert at_fault in str(info.value)

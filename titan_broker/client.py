@@ -193,6 +193,9 @@ class Client:
         timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
+            self._connected()
+            await self._routes.require_worker(service, method, deadline)
         link = self._links.get(service) if self._links is not None else None
         if link is None:
             link = await self._link(service, deadline)
@@ -202,8 +205,6 @@ class Client:
         sent: Sent | None = None
         answered = False
         try:
-            if not wait_for_worker:
-                await self._routes.require_worker(service, method, deadline)
             worker = (
                 await self._routes.worker_for(service, method, key, deadline) if key is not None else None
             )
@@ -271,6 +272,8 @@ class Client:
         call_id = f"{self.client_id}-{next(self._ids)}"
         reply_key = self._reply_keys.get(service)
         if reply_key is None:
+            if len(self._reply_keys) > 4096:  # bounded whatever names callers use
+                self._reply_keys.clear()
             reply_key = self._reply_keys[service] = self.keys.reply(service, self.client_id)
         fields = protocol.encode_request(
             call_id, method, args, kwargs or {}, reply_key, int(timeout * 1000),

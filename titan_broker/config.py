@@ -45,25 +45,25 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
-_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)([^=&]*password=)[^&]*")
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by '***', for messages and logs.
+    """The URL with its passwords replaced by '***', for messages and logs.
 
-    Both places redis-py takes a password from are covered: the userinfo
-    (``redis://user:pass@host``) and the query (``redis://host/0?password=pass``).
+    Every place a password can be is covered: the userinfo
+    (``redis://user:pass@host``) and any query parameter whose name ends in
+    ``password`` (``?password=``, ``?sentinel_password=``). The hosts are kept
+    as written, a sentinel URL's list of them included.
     """
     base, mark, query = url.partition("?")
     url = base + mark + _QUERY_PASSWORD.sub(r"\1\2***", query)
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 @dataclass(frozen=True)

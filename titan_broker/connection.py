@@ -114,6 +114,31 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def _connect(topology: Topology, key: str) -> aioredis.Redis:
+    """A single-connection client to the node serving ``key``, connected (at most CONNECT_TIMEOUT)."""
+    url = topology.node_url(topology.locate(key))
+    options = {**_timeouts(None), "socket_timeout": None}  # the channel's watchdog bounds replies
+    client = aioredis.Redis.from_url(
+        url, decode_responses=False, single_connection_client=True, protocol=2, **options
+    )
+    try:
+        # The handshake (AUTH, HELLO/SETINFO) has no socket timeout here: bound it all.
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await client.initialize()
+            assert client.connection is not None
+            await client.connection.connect()  # type: ignore[no-untyped-call]
+    except BaseException as exc:
+        await client.aclose()
+        if isinstance(exc, TimeoutError):
+            raise RedisUnavailable(
+                f"Redis at {redact(url)} did not answer within {CONNECT_TIMEOUT:g} s"
+            ) from exc
+        if isinstance(exc, CONNECTION_ERRORS):
+            raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+        raise
+    return client
+
+
 class Relocating(rexc.ConnectionError):
     """The node a channel spoke to no longer serves its key (a failover, a replica now, a cluster
     that lost a primary): the channel reads the topology again before its next command. Callers
@@ -156,6 +181,8 @@ class Channel:
         self.key = key
         self._stale = False
         """Set after a failure that may mean the key moved: the next command relocates first."""
+        self._generation = topology.generation
+        """The topology's map this channel last checked its node against."""
         self._since = 0.0
         """Event-loop time the command in flight was sent; 0 when none is."""
         self._watch: asyncio.TimerHandle | None = None
@@ -168,37 +195,37 @@ class Channel:
     ) -> Channel:
         """Connect to the node serving ``key`` (any on one Redis); raise RedisUnavailable like open_redis.
 
-        A reply slower than ``socket_timeout`` (default SOCKET_TIMEOUT) drops
-        the connection with TimeoutError: a channel that BLOCKs must pass more
-        than its longest BLOCK.
+        Connecting, handshake included, takes at most CONNECT_TIMEOUT; a node
+        that cannot be reached on a cluster or behind Sentinel has the
+        topology read again and the node now serving ``key`` tried once more
+        (a failover since the map was last read). A reply slower than
+        ``socket_timeout`` (default SOCKET_TIMEOUT) drops the connection with
+        TimeoutError: a channel that BLOCKs must pass more than its longest BLOCK.
         """
         topology = where if isinstance(where, Topology) else await discover(where)
-        url = topology.node_url(topology.locate(key))
-        options = {**_timeouts(None), "socket_timeout": None}  # the watchdog bounds replies
-        client = aioredis.Redis.from_url(
-            url, decode_responses=False, single_connection_client=True, protocol=2, **options
-        )
+        stall_after = SOCKET_TIMEOUT if socket_timeout is None else socket_timeout
         try:
-            await client.initialize()
-            assert client.connection is not None
-            await client.connection.connect()  # type: ignore[no-untyped-call]
-        except BaseException as exc:
-            await client.aclose()
-            if isinstance(exc, CONNECTION_ERRORS):
-                raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
-            raise
-        return cls(client, SOCKET_TIMEOUT if socket_timeout is None else socket_timeout, topology, key)
+            return cls(await _connect(topology, key), stall_after, topology, key)
+        except RedisUnavailable:
+            if topology.kind == "single":
+                raise
+        await topology.refresh()
+        return cls(await _connect(topology, key), stall_after, topology, key)
 
     @property
     def address(self) -> Address:
         """The node this channel speaks to."""
         conn = self._client.connection
         assert conn is not None, "channel is closed"
+        if isinstance(conn, aioredis.UnixDomainSocketConnection):
+            return conn.path, 0
         return conn.host, conn.port
 
     async def _retarget(self, address: Address) -> None:
         conn = self._client.connection
         assert conn is not None, "channel is closed"
+        if isinstance(conn, aioredis.UnixDomainSocketConnection):
+            return  # one Redis, one socket: nowhere else to go
         if (conn.host, conn.port) != address:
             await conn.disconnect(nowait=True)
             conn.host, conn.port = address
@@ -210,6 +237,7 @@ class Channel:
             await self.topology.refresh()
         except TitanError as exc:
             raise Relocating(str(exc)) from exc
+        self._generation = self.topology.generation
         await self._retarget(self.topology.locate(self.key))
         self._stale = False
 
@@ -250,10 +278,17 @@ class Channel:
         if stalled and isinstance(exc, Exception):
             raise rexc.TimeoutError(f"Redis did not answer within {self.stall_after:g} s") from exc
 
+    async def _follow(self) -> None:
+        """Another channel read a new map: check where the key lives now (no I/O unless it moved)."""
+        self._generation = self.topology.generation
+        await self._retarget(self.topology.locate(self.key))
+
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply."""
         if self._stale:
             await self._relocate()
+        elif self._generation != self.topology.generation:
+            await self._follow()
         conn = self._client.connection
         assert conn is not None, "channel is closed"
         moved: rexc.MovedError | None = None
@@ -284,6 +319,8 @@ class Channel:
         """
         if self._stale:
             await self._relocate()
+        elif self._generation != self.topology.generation:
+            await self._follow()
         results = await self._execute_many(commands)
         moved = [i for i, r in enumerate(results) if isinstance(r, rexc.MovedError)]
         if moved:
@@ -362,6 +399,11 @@ class AutoPipeline:
     async def execute(self, *args: Any) -> Any:
         """Run one command and return its reply, raising its error."""
         return await self.submit(*args)
+
+    @property
+    def address(self) -> Address:
+        """The node the channel speaks to."""
+        return self._channel.address
 
     async def _flush(self) -> None:
         while True:

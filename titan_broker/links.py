@@ -33,7 +33,16 @@ from .topology import Topology
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+MAX_LINKS = 64
+"""Links a client keeps open (two connections each): past it, the least recently used idle one closes."""
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+@dataclass(eq=False)
 class Link:
     """One service's sender and reply dispatcher, on channels of their own."""
 
@@ -42,8 +51,20 @@ class Link:
     sender: Sender
     dispatcher: ReplyDispatcher
     channels: tuple[Channel, ...]
+    used: float = 0.0
+    """Event-loop time of the last call that took this link."""
+    scope: anyio.CancelScope | None = None
+    """Where the dispatcher runs: cancelled when the link closes."""
+
+    @property
+    def idle(self) -> bool:
+        """No call waits on this link (it may be closed)."""
+        d = self.dispatcher
+        return not d.calls and not d.streams and not d.entries
 
     async def aclose(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
         await self.sender.pipe.aclose()
         for channel in self.channels:
             await channel.aclose()
@@ -66,7 +87,10 @@ class Links:
         """Where dispatchers and withdrawals run; None while the client is closed."""
 
     def get(self, service: str) -> Link | None:
-        return self._links.get(service)
+        link = self._links.get(service)
+        if link is not None:
+            link.used = anyio.current_time()
+        return link
 
     def __iter__(self) -> Iterator[Link]:
         return iter(list(self._links.values()))
@@ -76,7 +100,7 @@ class Links:
 
         Raises RedisUnavailable when the service's node cannot be reached in time.
         """
-        link = self._links.get(service)
+        link = self.get(service)
         if link is not None:
             return link
         task = self._opening.get(service)
@@ -87,6 +111,10 @@ class Links:
         try:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                 return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and not _cancelling():
+                raise TitanError("client closed while connecting") from None
+            raise
         except TimeoutError:
             host, port = self.topology.locate(self.keys.calls(service))
             raise RedisUnavailable(
@@ -100,6 +128,7 @@ class Links:
         slot_key = self.keys.calls(service)
         reply_key = self.keys.reply(service, self.client_id)
         channels: list[Channel] = []
+        sender: Sender | None = None
         try:
             sender_channel = await Channel.open(self.topology, slot_key)
             channels.append(sender_channel)
@@ -112,20 +141,40 @@ class Links:
             dispatcher = ReplyDispatcher(receiver, reply_key)
             await dispatcher.start()
         except BaseException as exc:
+            if sender is not None:
+                await sender.pipe.aclose()
             for channel in channels:
                 await channel.aclose()
             if isinstance(exc, REDIS_ERRORS):
                 raise titan_error(exc, f"connect to the Redis node that serves {service!r}") from exc
             raise
-        link = Link(service, reply_key, sender, dispatcher, tuple(channels))
+        link = Link(service, reply_key, sender, dispatcher, tuple(channels), anyio.current_time())
         dispatcher.on_reconnect = lambda: self._reconnected(link)
         if self.tg is None:  # the client closed while this link opened
             await link.aclose()
             raise TitanError("client closed while connecting")
         sender.tg = self.tg
-        self.tg.start_soon(dispatcher.run)
+        self.tg.start_soon(self._serve, link)
         self._links[service] = link
+        await self._evict()
         return link
+
+    @staticmethod
+    async def _serve(link: Link) -> None:
+        with anyio.CancelScope() as link.scope:
+            await link.dispatcher.run()
+
+    async def _evict(self) -> None:
+        """Past MAX_LINKS, close the links used longest ago that no call waits on."""
+        idle = [link for link in self._links.values() if link.idle]
+        for link in sorted(idle, key=lambda k: k.used)[: max(0, len(self._links) - MAX_LINKS)]:
+            del self._links[link.service]
+            try:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self._redis().delete(link.reply_key, link.dispatcher.canary)
+            except REDIS_ERRORS as exc:
+                logger.debug("could not delete %s (%s); it expires", link.reply_key, exc)
+            await link.aclose()
 
     async def _reconnected(self, link: Link) -> None:
         """The link's node was lost and is back: drop idle connections, so no call goes out on a dead one."""

@@ -9,11 +9,11 @@ up) is dropped. The dispatcher survives anything on the reply side:
   read again from the last id.
 - Redis restarted, or failed over to a replica (cluster, Sentinel): after
   each reconnect it compares the node's ``run_id`` with the one it knew.
-  When it changed, every waiting call whose request entry is gone (a
-  restart without persistence, or writes the replica had not received),
-  and whose reply did not come, fails at once with CallLost instead of
-  waiting for its timeout. The client's canary key tells whether Redis
-  kept its data at all (for the log).
+  When it changed and Redis lost its data (the client's canary key is gone:
+  a restart without persistence, or a failover to a replica that had not
+  received it), every waiting call whose request entry is gone too, and
+  whose reply did not come, fails at once with CallLost instead of waiting
+  for its timeout.
 - The reply key overwritten with another type (WRONGTYPE): it deletes the
   key, fails the calls waiting at that moment with CallLost naming the key
   (their replies may be lost) and carries on; later calls work.
@@ -237,12 +237,11 @@ class ReplyDispatcher:
             return
         previous = self.run_id
         if await self.channel.execute("EXISTS", self.canary):
-            # Restarted with its data, or a failover to a replica (cluster, Sentinel), which
-            # replicates asynchronously: the latest requests may be gone even so.
+            # Restarted with its data, or a failover to a replica (cluster, Sentinel). Nothing is
+            # failed here: a request moved under a new id (rescue, hand-off) cannot be told from a
+            # lost one by its old id, and a request the replica had not received times out.
             logger.warning("Redis changed (run_id %s -> %s: a restart or a failover) and kept its data",
                            previous, run_id)  # fmt: skip
-            if self.entries:
-                await self._fail_lost(previous, run_id)
         else:
             await self._fail_lost(previous, run_id)
             await self._write_canary()

@@ -43,6 +43,8 @@ async def stream_items(
     service, method, call_id, fields, timeout, key, wait_for_worker = request
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
+        await routes.require_worker(service, method, deadline)
     link = await link_for(service, deadline)
     dispatcher, sender = link.dispatcher, link.sender
     window = protocol.STREAM_WINDOW
@@ -52,8 +54,6 @@ async def stream_items(
     finished = False
     probe: asyncio.TimerHandle | None = None
     try:
-        if not wait_for_worker:
-            await routes.require_worker(service, method, deadline)
         worker = await routes.worker_for(service, method, key, deadline) if key is not None else None
         sent = await sender.send(service, method, fields, worker, deadline, timeout)
         dispatcher.entries[call_id] = sent

@@ -69,6 +69,9 @@ class Topology:
     _refreshing: asyncio.Task[None] | None = None
     seeds: list[Address] = field(default_factory=list)
     """Nodes to ask for the map: the URL's, then every primary and replica seen since."""
+    generation: int = 0
+    """Counts the changes of the map: a channel that saw an older one checks where its key lives
+    before its next command (one channel noticing a failover moves its siblings too)."""
 
     # --- where a key lives -------------------------------------------------------------------
 
@@ -119,7 +122,7 @@ class Topology:
         errors: list[str] = []
         for address in list(self.seeds):
             try:
-                reply = await _ask(self.node_url(address), "CLUSTER", "SLOTS")
+                reply = await _ask(_probe(self.node_url(address)), "CLUSTER", "SLOTS")
             except (rexc.RedisError, OSError) as exc:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
@@ -127,7 +130,9 @@ class Topology:
             if slots is None:
                 errors.append(f"{address[0]}:{address[1]}: not every slot is served")
                 continue
-            self._slots = slots
+            if slots != self._slots:
+                self._slots = slots
+                self.generation += 1
             self._learn(reply, default_host=address[0])
             return
         raise RedisUnavailable(
@@ -147,15 +152,16 @@ class Topology:
         errors: list[str] = []
         for host, port in self.sentinels:
             try:
-                reply = await _ask(
-                    _sentinel_url(host, port, self.sentinel_auth),
-                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master,
-                )  # fmt: skip
+                client = aioredis.Redis(host=host, port=port, **self.sentinel_auth, **_PROBE)
+                reply = await _ask(client, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
             except (rexc.RedisError, OSError) as exc:
                 errors.append(f"{host}:{port}: {exc}")
                 continue
             if reply:
-                self._primary = (_text(reply[0]), int(reply[1]))
+                primary = (_text(reply[0]), int(reply[1]))
+                if primary != self._primary:
+                    self._primary = primary
+                    self.generation += 1
                 return
             errors.append(f"{host}:{port}: does not know a primary named {self.master!r}")
         raise RedisUnavailable(
@@ -230,21 +236,29 @@ async def discover(url: str) -> Topology:
         await topology.refresh()
         return topology
     try:
-        info = await _ask(url, "INFO", "cluster")  # redis-py parses it into a dict
+        info = await _ask(_probe(url), "INFO", "cluster")  # redis-py parses it into a dict
         enabled = str(info.get("cluster_enabled", 0)) == "1"
     except rexc.NoPermissionError:  # an ACL user without INFO: ask the cluster itself
         try:
-            await _ask(url, "CLUSTER", "MYID")
+            await _ask(_probe(url), "CLUSTER", "MYID")
             enabled = True
-        except rexc.ResponseError:
+        except rexc.NoPermissionError as exc:
+            raise ConfigError(
+                f"the Redis user of {redact(url)} may run neither INFO nor CLUSTER MYID, so it cannot "
+                "be told whether this is a Redis Cluster: allow +info (or +cluster|myid and "
+                "+cluster|slots on a cluster)"
+            ) from exc
+        except rexc.ResponseError:  # "cluster support disabled"
             enabled = False
+        except (rexc.RedisError, OSError) as exc:
+            raise unreachable(url, exc) from exc
     except (rexc.RedisError, OSError) as exc:
         raise unreachable(url, exc) from exc
     if not enabled:
         return Topology(url, "single")
-    if parts.path not in ("", "/", "/0"):
+    if parts.path not in ("", "/", "/0") or any(q.startswith("db=") for q in parts.query.split("&")):
         raise ConfigError(
-            f"{redact(url)} is a Redis Cluster, which has only database 0: remove {parts.path!r}"
+            f"{redact(url)} is a Redis Cluster, which has only database 0: remove the database number"
         )
     seed = (parts.hostname or "localhost", parts.port or 6379)
     topology = Topology(url, "cluster", node_scheme=parts.scheme, seeds=[seed])
@@ -267,23 +281,23 @@ def _sentinel_topology(url: str) -> Topology:
     parts = urlsplit(url)
     hosts = parts.netloc.rsplit("@", 1)[-1]
     sentinels: list[Address] = []
+    usage = "redis+sentinel://[user:password@]host:26379[,host:26379...]/<primary name>[?db=N]"
     for item in hosts.split(","):
         if item.startswith("["):  # [IPv6]:port
             host, _, port = item[1:].partition("]")
             port = port.removeprefix(":")
         else:
             host, _, port = item.partition(":")
-        try:
-            sentinels.append((host or "localhost", int(port or 26379)))
-        except ValueError:
-            raise ConfigError(f"{redact(url)}: bad sentinel address {item!r} (host:port)") from None
-    master = parts.path.strip("/").split("/", 1)[0]
-    if not master or not sentinels:
-        raise ConfigError(
-            f"{redact(url)}: a sentinel URL names the sentinels and the primary: "
-            "redis+sentinel://host:26379[,host:26379...]/<primary name>"
-        )
+        if not host or not (port or "26379").isdigit() or not 0 < int(port or 26379) < 65536:
+            raise ConfigError(f"{redact(url)}: bad sentinel address {item!r}: use {usage}")
+        sentinels.append((host, int(port or 26379)))
+    names = [n for n in parts.path.split("/") if n]
+    if len(names) != 1:
+        raise ConfigError(f"{redact(url)}: a sentinel URL names the sentinels and one primary: {usage}")
+    master = names[0]
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if not query.get("db", "0").isdigit():
+        raise ConfigError(f"{redact(url)}: db must be a number, got {query['db']!r}")
     auth = {
         k.removeprefix("sentinel_"): query[k]
         for k in ("sentinel_username", "sentinel_password")
@@ -295,19 +309,25 @@ def _sentinel_topology(url: str) -> Topology:
     )  # fmt: skip
 
 
-def _sentinel_url(host: str, port: int, auth: dict[str, Any]) -> str:
-    userinfo = ""
-    if auth.get("password"):
-        userinfo = f"{auth.get('username', '')}:{auth['password']}@"
-    return f"redis://{userinfo}{host}:{port}"
+_PROBE: dict[str, Any] = {
+    "decode_responses": False, "protocol": 2, "socket_timeout": PROBE_TIMEOUT,
+    "socket_connect_timeout": PROBE_TIMEOUT, "single_connection_client": True,
+}  # fmt: skip
+"""A probe's connection: its own, bounded by PROBE_TIMEOUT, replies as RESP2 values."""
 
 
-async def _ask(url: str, *command: Any) -> Any:
-    """Send one command on a connection of its own (bounded by PROBE_TIMEOUT), and close it."""
-    client = aioredis.Redis.from_url(
-        url, decode_responses=False, protocol=2, socket_timeout=PROBE_TIMEOUT,
-        socket_connect_timeout=PROBE_TIMEOUT, single_connection_client=True,
-    )  # fmt: skip
+def _probe(url: str) -> aioredis.Redis:
+    """A probe connection to the node at ``url``, without the database number: a cluster
+    node refuses SELECT, and what it is must be known before that can be said clearly."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):  # unix:// keeps its path: the socket's
+        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
+        url = urlunsplit(parts._replace(path="", query=query))
+    return aioredis.Redis.from_url(url, **_PROBE)
+
+
+async def _ask(client: aioredis.Redis, *command: Any) -> Any:
+    """Send one command on a probe connection, then close it."""
     try:
         return await client.execute_command(*command)  # type: ignore[no-untyped-call]
     finally:

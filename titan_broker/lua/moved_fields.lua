@@ -2,6 +2,7 @@
 -- counted in field x, and the timeout (field ttl, counted from the id) is
 -- cut by the time the entry already waited, so its deadline does not move.
 -- Included by rescue.lua and handoff.lua (see scripting.py).
+-- include: clock
 local function moved_fields(f, id, now)
   local out, moves = {}, 0
   local born = tonumber(string.match(id, '^(%d+)')) or now
@@ -19,9 +20,4 @@ local function moved_fields(f, id, now)
   out[#out + 1] = 'x'
   out[#out + 1] = tostring(moves + 1)
   return out
-end
-
-local function redis_now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end

@@ -18,25 +18,17 @@
 --       clock) or 0, field, value, ...
 -- Returns the new entry's id; error TITANBACKLOG <limit> when full,
 -- TITANLATE <ms late> after the deadline.
+-- include: admission
 local stream = KEYS[1]
 if ARGV[2] ~= '' and redis.call('EXISTS', ARGV[2]) == 0 then stream = KEYS[2] end
-local max = tonumber(redis.call('HGET', ARGV[1], 'max_backlog') or ARGV[3])
-if max > 0 and redis.call('XLEN', stream) >= max then
-  return redis.error_reply('TITANBACKLOG ' .. max)
-end
+local full = backlog_full(ARGV[1], ARGV[3], stream)
+if full then return full end
 local deadline = tonumber(ARGV[4]) or 0
 if deadline > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = redis_now_ms()
   if now >= deadline then
     return redis.error_reply('TITANLATE ' .. (now - deadline))
   end
-  for i = 5, #ARGV - 1, 2 do
-    if ARGV[i] == 'ttl' then
-      local left = deadline - now
-      if (tonumber(ARGV[i + 1]) or 0) > left then ARGV[i + 1] = tostring(left) end
-      break
-    end
-  end
+  cut_ttl(ARGV, 5, deadline - now)
 end
 return redis.call('XADD', stream, '*', unpack(ARGV, 5))

@@ -51,6 +51,7 @@ class Intake:
         self._reading = False
         self._reader: Channel | None = None
         self._reader_id: int | None = None
+        self._reader_at: tuple[str, int] | None = None
 
     def active_ids(self) -> list[bytes]:
         """The shared stream's entries in flight (thread-safe: for the heartbeat)."""
@@ -77,7 +78,7 @@ class Intake:
         """Read and serve until stop(), then let calls in flight finish within ``grace`` seconds."""
         ctx = self.ctx
         self._reader = reader
-        self._reader_id = await reader.execute("CLIENT", "ID")
+        await self._note_reader_id(reader)
         send, receive = anyio.create_memory_object_stream[tuple[Entry, int]](ctx.options.concurrency)
         async with anyio.create_task_group() as slots, send, receive:
             for _ in range(ctx.options.concurrency):
@@ -174,7 +175,7 @@ class Intake:
                 self._reader_id = None
                 await backoff.sleep()
                 with contextlib.suppress(*CONNECTION_ERRORS):
-                    self._reader_id = await reader.execute("CLIENT", "ID")
+                    await self._note_reader_id(reader)
                 continue
             for stream, entry_id, fields in stream_entries(response):
                 entry = Entry(stream.decode(), entry_id, fields)
@@ -183,13 +184,25 @@ class Intake:
             # Let the new calls run (and a quick one reply) before the next read is sent.
             await anyio.lowlevel.checkpoint()
 
+    async def _note_reader_id(self, reader: Channel) -> None:
+        """Note the reader's connection id, and on which node it holds (for CLIENT UNBLOCK)."""
+        self._reader_id = await reader.execute("CLIENT", "ID")
+        self._reader_at = reader.address
+
     async def _unblock_on_stop(self) -> None:
         await self._stop_requested.wait()
         # Repeat: the reader may be between two reads when the first unblock lands.
         while self._reading:
-            if self._reader_id is not None:
-                # Through the writer: it speaks to the reader's node (both follow the service's
-                # slot), where the pooled client of a cluster would pick a node of its own.
+            reader, writer = self._reader, self.ctx.writer
+            # Through the writer, which follows the same slot as the reader (a cluster's pooled
+            # client would pick a node of its own), and only while both speak to the node the id
+            # was read on: a connection id means another client on another node. Otherwise the
+            # read ends by itself within its block.
+            if (
+                self._reader_id is not None
+                and reader is not None
+                and self._reader_at == reader.address == writer.address
+            ):
                 with contextlib.suppress(*CONNECTION_ERRORS, rexc.ResponseError):
-                    await self.ctx.writer.execute("CLIENT", "UNBLOCK", self._reader_id)
+                    await writer.execute("CLIENT", "UNBLOCK", self._reader_id)
             await anyio.sleep(0.05)

@@ -1,0 +1,26 @@
+-- Whether a service takes a new call: what submit.lua and enqueue.lua share. Included.
+
+-- include: clock
+
+-- An error reply when `stream` holds the service's limit of calls already: the
+-- limit its workers publish in `config` (read only: named in ARGV, not KEYS,
+-- because every KEY of an EVALSHA counts as written for ACLs), else `default`.
+local function backlog_full(config, default, stream)
+  local max = tonumber(redis.call('HGET', config, 'max_backlog') or default)
+  if max > 0 and redis.call('XLEN', stream) >= max then
+    return redis.error_reply('TITANBACKLOG ' .. max)
+  end
+  return nil
+end
+
+-- The request fields in `argv` from index `first` on, with the timeout (ttl)
+-- cut to `left` ms when it is longer: a call is never queued to run after its
+-- caller stopped waiting.
+local function cut_ttl(argv, first, left)
+  for i = first, #argv - 1, 2 do
+    if argv[i] == 'ttl' then
+      if (tonumber(argv[i + 1]) or 0) > left then argv[i + 1] = tostring(left) end
+      break
+    end
+  end
+end
