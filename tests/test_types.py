@@ -10,12 +10,14 @@ all fails at the caller before anything is sent.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import socket
 import subprocess
 import sys
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -24,6 +26,7 @@ import pytest
 from titan_broker import (
     BadArguments,
     BadResult,
+    ConfigError,
     EncodeError,
     ProcessManager,
     RemoteError,
@@ -279,3 +282,84 @@ def test_titan_call_on_the_command_line_sends_and_prints_plain_data(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == "2024-05-01T10:00:15+00:00"
+
+
+async def test_pydantic_models_round_trip_and_are_validated_by_pydantic(pm: ProcessManager) -> None:
+    pytest.importorskip("pydantic")
+    from .services.typed_pydantic import Account, Accounts, Entry
+
+    accounts = await pm.spawn(SERVICES / "typed_pydantic.py", Accounts)
+    entry = Entry(at=AWARE, amount=Decimal("9.99"))
+    account = Account(id=UUID(int=5), owner="ada")
+    opened = await accounts.open(account, entry)
+    assert type(opened) is Account and opened == Account(id=UUID(int=5), owner="ada", entries=[entry])
+    assert type(opened.entries[0].at) is datetime and opened.entries[0].amount == Decimal("9.99")
+    assert [e async for e in accounts.entries(opened)] == [entry]
+    assert await accounts.kinds([opened]) == ["Account:UUID:datetime"]
+    with pytest.raises(BadArguments, match=r"argument 'account' must be Account, got dict .*owner"):
+        await pm.client.call("accounts", "open", ({"id": str(UUID(int=1)), "owner": ""},))
+    with pytest.raises(BadResult, match=r"result of broken\(\) must be Account.*id: "):
+        await accounts.broken()
+
+
+class Plain:
+    """Neither a dataclass nor any other type that crosses the wire."""
+
+
+@dataclasses.dataclass
+class Ambiguous:
+    when: str | datetime  # a naive datetime arrives as a string: which one was it?
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({"conn": socket.socket}, r"Service\.f: parameter 'conn': socket cannot cross the wire: socket\."),
+        ({"return": list[Plain]}, r"Service\.f: return annotation: list\[Plain\] cannot cross the wire"),
+        ({"event": Ambiguous}, r"parameter 'event': Ambiguous cannot be decoded unambiguously: .*str-like"),
+        ({"events": dict[str, Ambiguous]}, r"parameter 'events': Ambiguous cannot be decoded unambiguously"),
+    ],
+    ids=["socket", "plain-class", "ambiguous-field", "ambiguous-field-nested"],
+)
+def test_an_annotation_that_cannot_cross_the_wire_is_refused_when_the_class_is_read(
+    annotations: dict[str, Any], message: str
+) -> None:
+    from titan_broker.definition import describe
+
+    async def f(self: Any, **kwargs: Any) -> Any: ...
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)] + [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann)
+        for name, ann in annotations.items()
+        if name != "return"
+    ]
+    signature = inspect.Signature(params, return_annotation=annotations.get("return", Any))
+    f.__signature__ = signature  # type: ignore[attr-defined]
+    service = process(name="service")(type("Service", (), {"f": public(f)}))
+    with pytest.raises(ConfigError, match=message):
+        describe(service)
+
+
+def test_a_name_only_known_to_type_checkers_leaves_that_parameter_unchecked_and_the_others_checked(
+    tmp_path: Path,
+) -> None:
+    from titan_broker.definition import load_service_file
+
+    path = tmp_path / "lazy.py"
+    path.write_text(
+        "from __future__ import annotations\n"
+        "from datetime import date\n"
+        "from typing import TYPE_CHECKING\n"
+        "from titan_broker import process, public\n"
+        "if TYPE_CHECKING:\n"
+        "    from sqlite3 import Connection\n"
+        "@process(name='lazy')\n"
+        "class Lazy:\n"
+        "    @public\n"
+        "    async def f(self, conn: Connection, day: date) -> date: ...\n"
+    )
+    spec = load_service_file(path).methods["f"]
+    args: list[Any] = ["anything at all", "2024-05-01"]
+    assert spec.parameters.decode("f", args, {}) is None
+    assert args == ["anything at all", date(2024, 5, 1)]
+    assert spec.returns is not None and spec.returns.decode("2024-05-02") == date(2024, 5, 2)
