@@ -215,7 +215,7 @@ async def test_a_result_that_breaks_its_annotation_is_a_bad_result_from_the_work
 ) -> None:
     typed = await pm.spawn(TYPED, Typed)
     untyped = await pm.connect("typed")
-    for proxy in (typed, untyped):
+    for proxy in (untyped, typed):  # the worker refuses it: a caller without the class is told too
         with pytest.raises(BadResult, match=r"result of bad_result\(\) must be Point.*\.x.*Expected `int`"):
             await proxy.bad_result()
     with pytest.raises(BadResult, match=r"result of bad_nested_result\(\) must be Everything, got dict"):
