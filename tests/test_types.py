@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from titan_broker import (
 )
 
 from .conftest import SERVICES, Workers
-from .services.typed import Color, Everything, Level, Mode, Pair, Point, Typed
+from .services.typed import Color, Everything, Level, Mode, Pair, Point, Size, Typed
 
 pytestmark = pytest.mark.anyio
 
@@ -183,7 +184,7 @@ async def test_unions_of_two_string_like_or_two_object_like_types(pm: ProcessMan
     assert type(got) is datetime and got == AWARE
     assert await typed.blob_or_text(b"aGVsbG8=") == ["bytes"]
     assert await typed.blob_or_text("aGVsbG8=") == ["str"]  # not taken for base64 bytes
-    assert await typed.shapes([Point(1, 2), Pair(3, "c")]) == ["Point", "Pair"]
+    assert await typed.shapes([Point(1, 2), Size(3, 4), Pair(3, "c")]) == ["Point", "Size", "Pair"]
     with pytest.raises(BadArguments, match=r"argument 'value' must be str \| datetime, got int \(5\)"):
         await typed.either(5)  # type: ignore[arg-type]  # the error under test
 
@@ -363,3 +364,59 @@ def test_a_name_only_known_to_type_checkers_leaves_that_parameter_unchecked_and_
     assert spec.parameters.decode("f", args, {}) is None
     assert args == ["anything at all", date(2024, 5, 1)]
     assert spec.returns is not None and spec.returns.decode("2024-05-02") == date(2024, 5, 2)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "plain", "decoded"),
+    [
+        (tuple[str | datetime, int], ["2024", 1], ("2024", 1)),
+        (tuple[str | datetime, int], [AWARE, 1], (AWARE, 1)),
+        (tuple[Point | Size, ...], [{"x": 1, "y": 2}, {"w": 3, "h": 4}], (Point(1, 2), Size(3, 4))),
+        (set[bytes | str], [b"a", "a"], {b"a", "a"}),
+        (
+            dict[str, Point | Size],
+            {"p": {"x": 1, "y": 2}, "q": {"w": 3, "h": 4}},
+            {"p": Point(1, 2), "q": Size(3, 4)},
+        ),
+        (dict[str, list[Point | Size | None]], {"p": [None, {"w": 1, "h": 2}]}, {"p": [None, Size(1, 2)]}),
+    ],
+)
+def test_containers_of_unions_msgspec_refuses_are_decoded_item_by_item(
+    annotation: Any, plain: Any, decoded: Any
+) -> None:
+    from titan_broker.wire_types import wire_type
+
+    kind = wire_type(annotation)
+    assert kind is not None
+    got = kind.decode(plain)
+    assert got == decoded and type(got) is type(decoded)
+    kind.check(decoded)  # what a method returns checks as its plain form decodes
+
+
+@pytest.mark.parametrize(
+    ("annotation", "plain", "where"),
+    [
+        (tuple[str | datetime, int], ["2024", "1"], r"\[1\]: Expected `int`, got `str`"),
+        (tuple[str | datetime, int], ["2024"], r"Expected `array` of length 2, got `list`"),
+        (list[Point | Size], [{"x": 1, "y": 2}, {"x": 1}], r"\[1\]: Expected `Point \| Size`, got `dict`"),
+        (dict[str, Point | Size], {"p": 5}, r"\['p'\]: Expected `Point \| Size`, got `int`"),
+        (list[Point | Pair], [{"x": 1}], r"\[0\]: Object missing required field `y`"),  # msgspec's own
+    ],
+)
+def test_containers_of_unions_say_where_a_value_does_not_fit(annotation: Any, plain: Any, where: str) -> None:
+    from titan_broker.wire_types import Mismatch, wire_type
+
+    kind = wire_type(annotation)
+    assert kind is not None
+    with pytest.raises(Mismatch) as info:
+        kind.decode(plain)
+    assert re.search(where, info.value.explain("value", "value", kind.shown, plain)), info.value
+
+
+@pytest.mark.parametrize("method", ["cached_in_redis", "cached_here"])
+async def test_a_cached_result_arrives_as_its_type_too(pm: ProcessManager, method: str) -> None:
+    typed = await pm.spawn(TYPED, Typed)
+    first = await getattr(typed, method)(date(2024, 5, 6))
+    again = await getattr(typed, method)("2024-05-06")  # the same argument, once decoded: a cache hit
+    assert first == again == [Point(5, 6)] and type(again[0]) is Point
+    assert await typed.runs_so_far() == 1

@@ -23,6 +23,7 @@ import datetime
 import decimal
 import enum
 import inspect
+import re
 import sys
 import types
 import typing
@@ -51,6 +52,10 @@ _SEQUENCES: dict[Any, type] = {
 _MAPPINGS = {dict, collections.abc.Mapping, collections.abc.MutableMapping}
 
 
+_SAYS_NOTHING_MORE = re.compile(r"Expected `[^`]*`, got `[^`]*`")
+"""msgspec's problem for a value of the wrong type, which "must be X, got Y" says already."""
+
+
 class Mismatch(Exception):
     """A value does not fit its annotation: ``problem`` at ``path`` (``.field``, ``[2]``; "" for the
     value itself)."""
@@ -65,7 +70,7 @@ class Mismatch(Exception):
         message = f"{what} must be {expected}, got {type(value).__name__} {preview(value)}"
         if self.path:
             return f"{message}: {root}{self.path}: {self.problem}"
-        if not self.problem.startswith("Expected"):  # says more than "must be X, got Y"
+        if not _SAYS_NOTHING_MORE.fullmatch(self.problem):
             return f"{message}: {self.problem}"
         return message
 
@@ -343,22 +348,23 @@ class Parameters:
     def __init__(self, signature: inspect.Signature) -> None:
         self.signature = signature
         kinds = inspect.Parameter
-        positional = [p for p in signature.parameters.values()
-                      if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]  # fmt: skip
-        self._names = [p.name for p in positional]
-        self._positional = [self._type(p) for p in positional]
-        self._by_name = {p.name: self._type(p) for p in signature.parameters.values()
+        params = signature.parameters.values()
+        typed = {p.name: self._type(p) for p in params}
+        positional = [
+            p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+        ]
+        self._names = positional
+        self._positional = [typed[name] for name in positional]
+        self._by_name = {p.name: typed[p.name] for p in params
                          if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}  # fmt: skip
         self._rest: tuple[str, WireType | None] | None = None
         self._more: tuple[str, WireType | None] | None = None
-        for p in signature.parameters.values():
+        for p in params:
             if p.kind is kinds.VAR_POSITIONAL:
-                self._rest = (p.name, self._type(p))
+                self._rest = (p.name, typed[p.name])
             elif p.kind is kinds.VAR_KEYWORD:
-                self._more = (p.name, self._type(p))
-        self._any = any(t is not None for t in (*self._positional, *self._by_name.values())) or any(
-            v is not None and v[1] is not None for v in (self._rest, self._more)
-        )
+                self._more = (p.name, typed[p.name])
+        self._any = any(t is not None for t in typed.values())
 
     @staticmethod
     def _type(param: inspect.Parameter) -> WireType | None:

@@ -11,7 +11,7 @@ from enum import Enum, IntEnum, StrEnum
 from typing import Any, Literal, NamedTuple, TypedDict
 from uuid import UUID
 
-from titan_broker import process, public
+from titan_broker import cache, process, public
 
 
 class Color(Enum):
@@ -43,6 +43,14 @@ class Row(TypedDict):
 class Point:
     x: int
     y: int
+
+
+@dataclass(frozen=True)
+class Size:
+    """A map as Point is: a union of the two is told apart by the fields alone."""
+
+    w: int
+    h: int
 
 
 @dataclass
@@ -149,7 +157,7 @@ class Typed:
         return [type(value).__name__]
 
     @public
-    async def shapes(self, value: list[Point | Pair]) -> list[str]:
+    async def shapes(self, value: list[Point | Size | Pair]) -> list[str]:
         self._ran()
         return [type(v).__name__ for v in value]
 
@@ -168,6 +176,18 @@ class Typed:
         self._ran()
         yield Point(1, 2)
         yield {"x": 3}  # type: ignore[misc]  # the error under test
+
+    @public
+    @cache(ttl=60, scope="service")
+    async def cached_in_redis(self, day: date) -> list[Point]:
+        self._ran()
+        return [Point(day.month, day.day)]
+
+    @public
+    @cache(ttl=60)
+    async def cached_here(self, day: date) -> list[Point]:
+        self._ran()
+        return [Point(day.month, day.day)]
 
     @public
     async def runs_so_far(self) -> int:
