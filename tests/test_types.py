@@ -420,3 +420,20 @@ async def test_a_cached_result_arrives_as_its_type_too(pm: ProcessManager, metho
     again = await getattr(typed, method)("2024-05-06")  # the same argument, once decoded: a cache hit
     assert first == again == [Point(5, 6)] and type(again[0]) is Point
     assert await typed.runs_so_far() == 1
+
+
+def test_without_pydantic_everything_else_works_and_titan_broker_never_imports_it() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['pydantic'] = None  # any import of it fails\n"
+        "from titan_broker.definition import load_service_file\n"
+        "from titan_broker.codec import pack, unpack\n"
+        f"spec = load_service_file({str(TYPED)!r}).methods['shift']\n"
+        "args = ['2024-05-01T10:30:15Z', 'PT1H']\n"
+        "assert spec.parameters.decode('shift', args, {}) is None, args\n"
+        "result = args[0] + args[1]\n"
+        "spec.returns.check(result)\n"
+        "assert spec.returns.decode(unpack(pack(result))) == result\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
