@@ -42,7 +42,7 @@ async def main(wait: float) -> None:
         except RemoteError as exc:
             console.print(f"database: {exc.message}")
             [user] = await db.search_users("remote@example.org")
-        console.print(f"database: user {user['id']} is {(await db.get_user(user['id']) or {}).get('name')}")
+        console.print(f"database: user {user.id} is {(await db.get_user(user.id)).name}")
         images = with_options(await pm.connect("image-processor", ImageProcessor), timeout=30)
         picture = io.BytesIO()
         Image.new("RGB", (640, 480), "teal").save(picture, format="PNG")

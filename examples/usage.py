@@ -69,12 +69,18 @@ async def demo(url: str, folder: Path) -> None:
         )
         ada = await db.create_user("Ada Lovelace", "ada@example.org")
         await db.create_user("Grace Hopper", "grace@navy.mil")
-        console.print(f"get_user({ada['id']}) = {await db.get_user(ada['id'])}")
-        await db.update_user(ada["id"], name="Ada King")
-        updated = await db.get_user(ada["id"])
-        assert updated is not None
-        console.print(f"after update_user: {updated['name']}   (cache invalidated)")
-        console.print(f"search_users('HOPPER') = {[u['name'] for u in await db.search_users('HOPPER')]}")
+        user = await db.get_user(ada.id)  # a User, to mypy and at run time
+        console.print(f"get_user({ada.id}) = {user!r}", soft_wrap=True)
+        console.print(
+            f"  a {type(user).__name__}; created_at is a {type(user.created_at).__name__}: "
+            f"{user.created_at:%Y-%m-%d %H:%M:%S.%f %Z}"
+        )
+        await db.update_user(ada.id, name="Ada King")
+        updated = await db.get_user(ada.id)
+        console.print(f"after update_user: {updated.name}   (cache invalidated)")
+        console.print(f"search_users('HOPPER') = {[u.name for u in await db.search_users('HOPPER')]}")
+        since = [u.name async for u in db.users_since(ada.created_at)]  # a datetime argument, streamed Users
+        console.print(f"users_since(ada.created_at) = {since}")
         try:
             await db.create_user("Ada again", "ada@example.org")
         except RemoteError as exc:

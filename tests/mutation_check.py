@@ -76,6 +76,8 @@ WE = "tests/test_worker_edges.py::"
 UNWRITABLE_REPLY = WE + "test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters"
 MIDDLEWARE_ERROR = WE + "test_a_redis_error_in_a_middleware_is_an_internal_error_at_once"
 DEPTH_LIMIT = "tests/test_units.py::test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more"
+DEPTH_LIMIT_COUNTING = "tests/test_units.py::test_depth_is_checked_on_the_counting_path_too"
+TYPES = "tests/test_types.py::"
 RECLAIM_OWN = "tests/test_scripts.py::test_reclaim_never_takes_an_entry_its_own_worker_is_running"
 
 FINISH = "titan_broker/lua/finish.lua"
@@ -189,16 +191,40 @@ MUTATIONS: tuple[Mutation, ...] = (
         (MILLION_MAPS,),
     ),
     Mutation(
+        "decode-all-with-msgspec",
+        "decoding is bounded: at most 65,536 arrays and maps (a payload that may hold more is counted)",
+        (
+            Edit(
+                "titan_broker/codec.py",
+                "    if bound > MAX_CONTAINERS:\n",
+                "    if bound > MAX_CONTAINERS and False:  # mutated: msgspec decodes whatever comes\n",
+            ),
+        ),
+        (MILLION_MAPS,),
+    ),
+    Mutation(
         "decode-no-depth-limit",
         "decoding is bounded: nested at most 64 deep",
         (
             Edit(
                 "titan_broker/codec.py",
-                "    if counter.count > MAX_DEPTH:  # fewer containers cannot nest deeper\n",
-                "    if counter.count > MAX_DEPTH and False:  # mutated: no depth check\n",
+                "    if bound > MAX_DEPTH:  # fewer containers cannot nest deeper\n",
+                "    if bound > MAX_DEPTH and False:  # mutated: no depth check\n",
             ),
         ),
         (DEPTH_LIMIT,),
+    ),
+    Mutation(
+        "decode-no-depth-limit-when-counting",
+        "decoding is bounded: nested at most 64 deep (on msgpack-python's path too)",
+        (
+            Edit(
+                "titan_broker/codec.py",
+                "    if counter.count > MAX_DEPTH:\n",
+                "    if counter.count > MAX_DEPTH and False:  # mutated: no depth check\n",
+            ),
+        ),
+        (DEPTH_LIMIT_COUNTING,),
     ),
     Mutation(
         "no-backlog-check",
@@ -337,6 +363,43 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (RECLAIM_OWN,),
+    ),
+    Mutation(
+        "arguments-not-decoded",
+        "the worker decodes arguments into the parameter annotations; a value that does not fit is "
+        "BadArguments and the method never runs",
+        (
+            Edit(
+                "worker/titan_worker/middleware/arguments.py",
+                "        problem = parameters.decode(call.method, call.request.args, call.request.kwargs)\n",
+                "        problem = None  # mutated: arguments arrive as plain data, unchecked\n",
+            ),
+        ),
+        (TYPES + "test_a_wrong_argument_is_refused_naming_the_parameter_the_type_and_what_came",),
+    ),
+    Mutation(
+        "result-not-checked",
+        "a result that does not match its return annotation is an error, not a silent wrong type",
+        (
+            Edit(
+                "worker/titan_worker/execution.py",
+                "        returns = call.spec.returns\n        if returns is None:\n",
+                "        returns = call.spec.returns\n        if True:  # mutated: results unchecked\n",
+            ),
+        ),
+        (TYPES + "test_a_result_that_breaks_its_annotation_is_a_bad_result_from_the_worker",),
+    ),
+    Mutation(
+        "results-not-decoded-by-the-caller",
+        "the caller decodes results into the return annotation of the class it was given",
+        (
+            Edit(
+                "titan_broker/proxy.py",
+                "        returns = self._proxy._results.get(self._method)\n",
+                "        returns = None  # mutated: plain data for every caller\n",
+            ),
+        ),
+        (TYPES + "test_a_proxy_from_connect_decodes_into_the_class_it_was_given",),
     ),
 )
 

@@ -22,11 +22,14 @@ def test_demo_runs_with_a_private_redis() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "started a private redis-server" in out
-    assert "add(5, 3)        = 8" in out
+    assert "add(5, 3)        = 8.0" in out  # a float, as Calculator.add is annotated
     assert "RemoteError(type='ValueError', message='Division by zero')" in out
     assert "NoLiveWorkers" in out
+    assert "get_user(1) = User(id=1, name='Ada Lovelace', email='ada@example.org', created_at=" in out
+    assert "a User; created_at is a datetime: " in out and " UTC" in out
     assert "after update_user: Ada King" in out
     assert "search_users('HOPPER') = ['Grace Hopper']" in out
+    assert "users_since(ada.created_at) = ['Ada King', 'Grace Hopper']" in out
     assert "already exists" in out
     assert "processing 32 images" in out and "pool size now" in out
     assert "process_batch streamed results" in out

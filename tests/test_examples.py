@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import anyio
 import pytest
 from PIL import Image
 
-from processes.database import Database
+from processes.database import Database, User
 from processes.image_processor import ImageProcessor
 from titan_broker import HealthStatus, ProcessManager, RateLimited, RemoteError
 
@@ -34,21 +35,37 @@ def size_of(data: bytes) -> tuple[int, int]:
 
 async def test_database_crud_search_and_stats(pm: ProcessManager, tmp_path: Path) -> None:
     db = await pm.spawn(DATABASE, Database, dependencies={"config": {"path": str(tmp_path / "users.db")}})
+    before = datetime.now(UTC)
     ada = await db.create_user("Ada Lovelace", "ada@example.org")
     grace = await db.create_user("Grace Hopper", "Grace@Navy.mil")
-    assert ada["id"] == 1 and grace["name"] == "Grace Hopper"
+    assert type(ada) is User and ada.id == 1 and grace.name == "Grace Hopper"
+    assert before - timedelta(seconds=1) <= ada.created_at <= datetime.now(UTC)
+    assert ada.created_at.tzinfo is not None
     assert await db.get_user(1) == ada
-    assert await db.get_user(99) is None
-    assert [u["id"] for u in await db.get_all_users()] == [1, 2]
-    assert [u["name"] for u in await db.search_users("HOPPER")] == ["Grace Hopper"]
-    assert [u["name"] for u in await db.search_users("navy.MIL")] == ["Grace Hopper"]
+    with pytest.raises(RemoteError, match="no user with id 99"):
+        await db.get_user(99)
+    assert [u.id for u in await db.get_all_users()] == [1, 2]
+    assert [u.name for u in await db.search_users("HOPPER")] == ["Grace Hopper"]
+    assert [u.name for u in await db.search_users("navy.MIL")] == ["Grace Hopper"]
     updated = await db.update_user(1, name="Ada King")
-    assert updated["name"] == "Ada King"
-    assert (await db.get_user(1))["name"] == "Ada King"  # the cached read was invalidated
+    assert updated.name == "Ada King" and updated.created_at == ada.created_at
+    assert (await db.get_user(1)).name == "Ada King"  # the cached read was invalidated
     assert await db.delete_user(2) is True
-    assert await db.get_user(2) is None
+    with pytest.raises(RemoteError, match="no user with id 2"):
+        await db.get_user(2)
     stats = await db.get_database_stats()
     assert stats["users"] == 1 and stats["connected"] and stats["queries"] > 5
+
+
+async def test_database_streams_users_created_since_a_datetime(pm: ProcessManager) -> None:
+    db = await pm.spawn(DATABASE, Database)
+    ada = await db.create_user("Ada", "ada@example.org")
+    grace = await db.create_user("Grace", "grace@navy.mil")
+    assert [u async for u in db.users_since(ada.created_at)] == [ada, grace]
+    assert [u async for u in db.users_since(grace.created_at)] in ([grace], [ada, grace])  # same instant
+    assert [u async for u in db.users_since(datetime.now(UTC) + timedelta(hours=1))] == []
+    naive_utc = grace.created_at.replace(tzinfo=None) + timedelta(hours=1)
+    assert [u async for u in db.users_since(naive_utc)] == []  # naive is taken as UTC
 
 
 @pytest.mark.parametrize(

@@ -94,4 +94,4 @@ def test_random_entries_never_stop_the_worker(
     from .test_cli import titan
 
     result = titan(redis_url, namespace, "call", "calculator", "add", "2", "3")
-    assert (result.returncode, result.stdout.strip()) == (0, "5")
+    assert (result.returncode, result.stdout.strip()) == (0, "5.0")  # add(a: float, b: float) -> float

@@ -8,7 +8,7 @@ from titan_broker import errors
 
 def test_exported_names_are_pinned() -> None:
     assert titan_broker.__all__ == (
-        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "CallError", "CallLost",
+        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "BadResult", "CallError", "CallLost",
         "CallTimeout", "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter", "DeadLettered",
         "DeadlineExceeded", "EncodeError", "Event", "Health", "HealthStatus", "InternalError",
         "MethodNotFound", "NoLiveWorkers", "PayloadTooLarge", "Pool", "PoolMetrics", "ProcessManager",

@@ -24,6 +24,14 @@ def run_mypy(file: str) -> tuple[str, int]:
 def test_correct_use_of_a_typed_proxy_passes_mypy() -> None:
     output, status = run_mypy("good_calls.py")
     assert status == 0, output
+    found = re.findall(r'good_calls\.py:\d+: note: Revealed type is "(.*)"', output)
+    revealed = [r.replace("builtins.", "") for r in found]
+    assert revealed == [
+        "processes.database.User",  # await db.get_user(7)
+        "datetime.datetime",  # its created_at
+        "processes.database.User",  # an item of a streaming method
+        "list[processes.database.User]",
+    ], output
 
 
 @pytest.mark.timeout(180)
@@ -36,4 +44,6 @@ def test_mypy_reports_wrong_arguments_and_wrong_use_of_results() -> None:
     assert '"Calculator" has no attribute "no_such_method"' in errors[9]
     assert '"upper"' in errors[11]
     assert 'Argument 1 to "get" of "Typed" has incompatible type "str"; expected "int"' in errors[25]
-    assert set(errors) == {7, 8, 9, 11, 25}
+    assert 'expression has type "datetime", variable has type "str"' in errors[35]
+    assert '"Coroutine[Any, Any, User]" has no attribute "name"' in errors[36]
+    assert set(errors) == {7, 8, 9, 11, 25, 35, 36}

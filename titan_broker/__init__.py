@@ -17,6 +17,7 @@ from .decorators import trace as trace
 from .errors import BacklogFull as BacklogFull
 from .errors import BadArguments as BadArguments
 from .errors import BadRequest as BadRequest
+from .errors import BadResult as BadResult
 from .errors import CallError as CallError
 from .errors import CallLost as CallLost
 from .errors import CallTimeout as CallTimeout
@@ -56,6 +57,7 @@ __all__ = (
     "BacklogFull",
     "BadArguments",
     "BadRequest",
+    "BadResult",
     "CallError",
     "CallLost",
     "CallTimeout",

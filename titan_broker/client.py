@@ -302,9 +302,11 @@ class Client:
         Calling a method gives an object to await (its result) or to iterate
         with ``async for`` (a streaming method's items), whatever the proxy
         knew of the service when it was made; ``streaming`` is informative.
+        Results are decoded into ``cls``'s return annotations (plain data
+        without ``cls``).
         """
         proxy = ServiceProxy(
-            self, service, methods=methods, timeout=None, breaker=breaker, streaming=streaming
+            self, service, methods=methods, timeout=None, breaker=breaker, streaming=streaming, cls=cls
         )
         return cast(T, proxy)
 

@@ -1,13 +1,17 @@
-"""What a service is, read off its class: name, version, public methods and their signatures.
+"""What a service is, read off its class: name, version, public methods, their signatures and the
+types their arguments and results cross the wire as.
 
 Also loads a service file, enforcing the rule of exactly one @process class per file.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,7 @@ from .decorators import (
     TraceOptions,
 )
 from .errors import ConfigError, ServiceFileError
+from .wire_types import Parameters, WireType, result_type
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,15 @@ class MethodSpec:
     """The options of each feature decorator on the method (@cache, @rate_limit, ...), by name."""
     streaming: bool = False
     """An async generator: its items are streamed to the caller."""
+    parameters: Parameters = field(init=False, repr=False, compare=False)
+    """Binds a call's arguments and decodes each into its parameter's annotation."""
+    returns: WireType | None = field(init=False, repr=False, compare=False)
+    """The type of the result (of each item, when it streams); None when the annotation checks nothing."""
+
+    def __post_init__(self) -> None:
+        # Made once here, used for every call; raises ConfigError for a type that cannot cross the wire.
+        object.__setattr__(self, "parameters", Parameters(self.signature))
+        object.__setattr__(self, "returns", result_type(self.signature.return_annotation, self.streaming))
 
     @property
     def cache(self) -> CacheOptions | None:
@@ -141,10 +155,29 @@ class ServiceDefinition:
 def _signature(fn: Any) -> inspect.Signature:
     try:
         sig = inspect.signature(fn, eval_str=True)
-    except Exception:  # annotations naming things only imported under TYPE_CHECKING
-        sig = inspect.signature(fn)
+    except Exception:  # an annotation naming something only imported under TYPE_CHECKING
+        sig = _resolved_one_by_one(fn)
     params = list(sig.parameters.values())[1:]  # drop self
     return sig.replace(parameters=params)
+
+
+def _resolved_one_by_one(fn: Any) -> inspect.Signature:
+    """The signature with each string annotation evaluated on its own: one that names something
+    unknown at run time stays a string (and checks nothing), the others still check."""
+    sig = inspect.signature(fn)
+    scope = getattr(inspect.unwrap(fn), "__globals__", {})
+
+    def resolve(annotation: Any) -> Any:
+        if not isinstance(annotation, str):
+            return annotation
+        holder = types.SimpleNamespace(__annotations__={"it": annotation})
+        try:
+            return typing.get_type_hints(holder, globalns=scope, include_extras=True)["it"]
+        except Exception:
+            return annotation
+
+    params = [p.replace(annotation=resolve(p.annotation)) for p in sig.parameters.values()]
+    return sig.replace(parameters=params, return_annotation=resolve(sig.return_annotation))
 
 
 def describe(cls: type) -> ServiceDefinition:
@@ -164,14 +197,17 @@ def describe(cls: type) -> ServiceDefinition:
                 raise ConfigError(f"{where} is a generator: make it 'async def' to stream its items")
             opts = getattr(fn, PUBLIC_ATTR)
             limit = opts.max_deliveries if isinstance(opts, PublicOptions) else None
-            methods[attr] = MethodSpec(
-                attr,
-                _signature(fn),
-                inspect.iscoroutinefunction(fn),
-                limit,
-                features=dict(getattr(fn, FEATURES_ATTR, {})),
-                streaming=inspect.isasyncgenfunction(fn),
-            )
+            try:
+                methods[attr] = MethodSpec(
+                    attr,
+                    _signature(fn),
+                    inspect.iscoroutinefunction(fn),
+                    limit,
+                    features=dict(getattr(fn, FEATURES_ATTR, {})),
+                    streaming=inspect.isasyncgenfunction(fn),
+                )
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         if getattr(fn, HEALTH_ATTR, False):
             health.append(attr)
         if getattr(fn, SHUTDOWN_ATTR, False):
@@ -202,6 +238,18 @@ def describe(cls: type) -> ServiceDefinition:
         on_shutdown=tuple(shutdown),
         has_init=init is not None,
     )
+
+
+@functools.cache
+def result_types(cls: type) -> Mapping[str, WireType]:
+    """What a caller decodes each method's result into, read once per class: method name -> type.
+
+    Empty for a class that is not a @process class (a caller may type a proxy
+    with any class; it then gets plain data). Raises ConfigError like ``describe``.
+    """
+    if not isinstance(getattr(cls, PROCESS_ATTR, None), ProcessInfo):
+        return {}
+    return {name: spec.returns for name, spec in describe(cls).methods.items() if spec.returns is not None}
 
 
 def load_service_file(path: str | Path) -> ServiceDefinition:

@@ -96,6 +96,11 @@ class EncodeError(RemoteError):
     """A value could not be encoded with msgpack."""
 
 
+class BadResult(RemoteError):
+    """The method's result (or a streamed item) does not match its return annotation: refused by the
+    worker, or by the caller when its own class annotates the method otherwise."""
+
+
 class RateLimited(RemoteError):
     """A @rate_limit refused the call at once; ``retry_after`` says how many seconds to wait."""
 
@@ -135,6 +140,7 @@ class WireError(StrEnum):
     PAYLOAD_TOO_LARGE = "titan.PayloadTooLarge"
     DEADLINE_EXCEEDED = "titan.DeadlineExceeded"
     ENCODE_ERROR = "titan.EncodeError"
+    BAD_RESULT = "titan.BadResult"
     DEAD_LETTERED = "titan.DeadLettered"
     RATE_LIMITED = "titan.RateLimited"
     INTERNAL = "titan.InternalError"
@@ -152,6 +158,7 @@ WIRE_ERRORS: dict[str, type[RemoteError]] = {
     WireError.PAYLOAD_TOO_LARGE: PayloadTooLarge,
     WireError.DEADLINE_EXCEEDED: DeadlineExceeded,
     WireError.ENCODE_ERROR: EncodeError,
+    WireError.BAD_RESULT: BadResult,
     WireError.DEAD_LETTERED: DeadLettered,
     WireError.RATE_LIMITED: RateLimited,
     WireError.INTERNAL: InternalError,

@@ -200,7 +200,7 @@ class ProcessManager:
         expected = _expected_name(cls, name)
         return await start_pool(
             context, self.pools, shown, settings,
-            expected=expected, startup_timeout=startup_timeout, breaker=breaker,
+            expected=expected, startup_timeout=startup_timeout, breaker=breaker, cls=cls,
         )  # fmt: skip
 
     @overload

@@ -64,13 +64,15 @@ async def start_pool(
     expected: str | None = None,
     startup_timeout: float | None = None,
     breaker: CircuitBreaker | None = None,
+    cls: type | None = None,
 ) -> Pool[Any]:
     """Start a pool of ``settings.size`` workers of the service in ``path``, whole or not at all.
 
     The first worker tells what the service is called and what it offers;
     when ``expected`` is given and it serves another service, it is stopped
     and this is a ConfigError. ``pools`` is the owner's list of open pools:
-    the pool is in it from its first worker until it closes.
+    the pool is in it from its first worker until it closes. The proxy decodes
+    results into ``cls``'s annotations.
     """
     first = await context.launcher.start(
         path,
@@ -85,7 +87,7 @@ async def start_pool(
     supervisor = Supervisor(context, path, first.service, settings, startup_timeout)
     proxy = ServiceProxy(
         context.client, first.service, methods=first.methods, timeout=None, breaker=breaker,
-        streaming=first.streaming,
+        streaming=first.streaming, cls=cls,
     )  # fmt: skip
     pool: Pool[Any] = Pool(supervisor, proxy, pools)
     pools.append(pool)

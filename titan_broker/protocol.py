@@ -97,7 +97,10 @@ def encode_request(
     ``timeout_ms`` counts from the moment Redis adds the entry (its id), so the
     deadline is in Redis's clock and no host's clock matters.
     """
-    payload = pack([list(args), dict(kwargs)])
+    try:
+        payload = pack([list(args), dict(kwargs)])
+    except EncodeError as exc:
+        raise EncodeError(exc.type, f"arguments of {method}() {exc.message}") from exc
     if len(payload) > max_payload:
         raise PayloadTooLarge(
             WireError.PAYLOAD_TOO_LARGE,

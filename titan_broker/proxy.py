@@ -4,7 +4,9 @@ Calling a remote method returns a RemoteCall, which is both a coroutine (await
 it for the result; anyio's ``start_soon`` and asyncio's ``create_task`` take it
 too) and an async iterable (``async for`` over a streaming method's items).
 Which one it is is decided when it is used, so a proxy works the same whether
-or not it knew, when it was made, which methods stream.
+or not it knew, when it was made, which methods stream. A proxy made with the
+service class decodes each result (each streamed item) into the method's
+return annotation; without it, results are plain data.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator,
 from typing import Any, Protocol, TypeVar, cast
 
 from .breaker import BreakerState, CircuitBreaker
-from .errors import ConfigError
+from .definition import result_types
+from .errors import BadResult, ConfigError, WireError
+from .wire_types import Mismatch
 
 T = TypeVar("T")
 
@@ -56,7 +60,10 @@ class ServiceProxy:
     A proxy addresses the service, not one process: any live worker may answer.
     """
 
-    __slots__ = ("_breaker", "_client", "_key", "_methods", "_service", "_streaming", "_timeout", "_wait")
+    __slots__ = (
+        "_breaker", "_class", "_client", "_key", "_methods", "_results", "_service", "_streaming", "_timeout",
+        "_wait",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -69,8 +76,11 @@ class ServiceProxy:
         breaker: CircuitBreaker | BreakerState | None = None,
         streaming: frozenset[str] = frozenset(),
         wait_for_worker: bool = True,
+        cls: type | None = None,
     ) -> None:
         self._client = client
+        self._class = cls
+        self._results = result_types(cls) if cls is not None else {}
         self._service = service
         self._methods = methods
         self._streaming = streaming
@@ -115,6 +125,7 @@ class ServiceProxy:
             breaker=self._breaker,
             streaming=self._streaming,
             wait_for_worker=wait_for_worker if wait_for_worker is not None else self._wait,
+            cls=self._class,
         )
 
     def _options(self) -> dict[str, Any]:
@@ -141,7 +152,8 @@ class RemoteMethod:
         p = self._proxy
         breaker = p._breaker
         if breaker is None:
-            return await p._client.call(p._service, self._method, args, kwargs, **p._options())
+            result = await p._client.call(p._service, self._method, args, kwargs, **p._options())
+            return self._decode(result, "result")
         breaker.before_call()
         try:
             result = await p._client.call(p._service, self._method, args, kwargs, **p._options())
@@ -149,7 +161,23 @@ class RemoteMethod:
             breaker.after_call(exc)
             raise
         breaker.after_call(None)
-        return result
+        return self._decode(result, "result")
+
+    def _decode(self, value: Any, what: str) -> Any:
+        """A result or item as the proxy's class annotates it (plain data without a class).
+
+        The worker checked it against its own class; a mismatch here means the
+        caller's class says otherwise (another version of the service).
+        """
+        returns = self._proxy._results.get(self._method)
+        if returns is None:
+            return value
+        try:
+            return returns.decode(value)
+        except Mismatch as exc:
+            shown = f"{what} of {self._proxy._service}.{self._method}()"
+            message = exc.explain(shown, what, returns.shown, value)
+            raise BadResult(WireError.BAD_RESULT, f"{message} (as the caller's class annotates it)") from None
 
     async def items(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         """Iterate over the items of a streaming method (what iterating a RemoteCall does).
@@ -169,7 +197,7 @@ class RemoteMethod:
             async with contextlib.aclosing(stream):
                 async for item in stream:
                     got_items = True
-                    yield item
+                    yield self._decode(item, "item")
         except BaseException as exc:  # GeneratorExit (break) and cancellation too
             if breaker is not None:
                 breaker.after_call(None if got_items and not isinstance(exc, Exception) else exc)

@@ -25,3 +25,12 @@ async def decorated(pm: ProcessManager) -> None:
     await typed.get("one")  # line 25: decorators keep the signature
     ok: str = await typed.get(1)
     assert ok
+
+
+from processes.database import Database
+
+
+async def users(pm: ProcessManager) -> None:
+    db = await pm.connect("database", Database)
+    when: str = (await db.get_user(7)).created_at  # line 35: a datetime, not a str
+    db.get_user(7).name  # line 36: the name of a User, once awaited

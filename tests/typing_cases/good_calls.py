@@ -1,5 +1,8 @@
-from titan_broker import ProcessManager, with_options
+from datetime import datetime
+
 from processes.calculator import Calculator
+from processes.database import Database, User
+from titan_broker import ProcessManager, with_options
 
 
 async def main(pm: ProcessManager) -> float:
@@ -7,3 +10,15 @@ async def main(pm: ProcessManager) -> float:
     total: float = await calc.add(5, 3)
     fast = with_options(calc, timeout=1.0)
     return total + await fast.divide(1, 2)
+
+
+async def users(pm: ProcessManager) -> datetime:
+    db = await pm.connect("database", Database)
+    user = await db.get_user(7)
+    reveal_type(user)
+    reveal_type(user.created_at)
+    same: User = await db.create_user("Ada", "ada@example.org")
+    async for streamed in db.users_since(same.created_at):
+        reveal_type(streamed)
+    reveal_type(await db.search_users("ada"))
+    return user.created_at

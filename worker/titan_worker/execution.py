@@ -21,6 +21,7 @@ from titan_broker import protocol
 from titan_broker.definition import MethodSpec
 from titan_broker.errors import EncodeError, WireError
 from titan_broker.scripting import Script
+from titan_broker.wire_types import Mismatch
 
 from . import middleware
 from .call import Call, Entry, Next, Outcome
@@ -87,7 +88,7 @@ class Executor:
             result = await method(*call.request.args, **call.request.kwargs)
         except Exception as exc:
             return self._raised(call, exc)
-        return call.ok(result)
+        return self._answer(call, result)
 
     async def _run_thread(self, method: Any, call: Call) -> Outcome:
         # A thread cannot be interrupted: abandoned only when the worker stops (see middleware.deadline).
@@ -96,7 +97,28 @@ class Executor:
             result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
         except Exception as exc:
             return self._raised(call, exc)
-        return call.ok(result)
+        return self._answer(call, result)
+
+    def _answer(self, call: Call, result: Any) -> Outcome:
+        """The reply to a result; titan.BadResult when it does not fit the return annotation."""
+        problem = self._misfit(call, result, f"result of {call.method}()", "result")
+        return call.ok(result) if problem is None else call.fail(WireError.BAD_RESULT, problem)
+
+    def _misfit(self, call: Call, value: Any, what: str, root: str) -> str | None:
+        """Why a result or item does not fit the method's annotation (logged), or None when it does."""
+        returns = call.spec.returns
+        if returns is None:
+            return None
+        try:
+            returns.check(value)
+            return None
+        except EncodeError:
+            return None  # it cannot be encoded at all: the encoding says so
+        except Mismatch as exc:
+            problem = exc.explain(what, root, returns.shown, value)
+        ctx = self.ctx
+        ctx.log.log(logging.WARNING, f"bad-result:{call.method}", "worker %s: %s", ctx.worker_id, problem)
+        return problem
 
     def _raised(self, call: Call, exc: Exception, **details: Any) -> Outcome:
         """The service's code raised: the caller gets the type and message, the log the traceback."""
@@ -146,6 +168,10 @@ class Executor:
                         await anyio.sleep(0.02)  # the window is full: wait for the caller
                         await refresh()
                     what = f"item {call.items_sent} of {req.method}()"
+                    problem = self._misfit(call, item, what, "item")
+                    if problem is not None:
+                        outcome = call.fail(WireError.BAD_RESULT, problem, {"items": call.items_sent})
+                        break
                     try:
                         payload = protocol.encode_item(req.call_id, call.items_sent, item, ctx.worker_id)
                     except EncodeError as exc:

@@ -1,8 +1,9 @@
-"""Every call: its arguments are checked against the method's signature before anything runs."""
+"""Every call: its arguments are bound to the method's signature and decoded into the parameters'
+annotations (``titan_broker.wire_types``) before anything runs; a call whose arguments do not fit is
+answered with titan.BadArguments and never runs."""
 
 from __future__ import annotations
 
-from titan_broker.arguments import check_arguments
 from titan_broker.definition import MethodSpec
 from titan_broker.errors import WireError
 
@@ -13,10 +14,14 @@ FEATURE = None  # always on
 
 
 def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware:
-    async def check(call: Call, call_next: Next) -> Outcome:
-        problem = check_arguments(call.method, spec.signature, call.request.args, call.request.kwargs)
+    parameters = spec.parameters
+
+    async def decode(call: Call, call_next: Next) -> Outcome:
+        # In place: the layers after this one (rate-limit and cache keys) and the method see the
+        # decoded values, and the request is this call's own.
+        problem = parameters.decode(call.method, call.request.args, call.request.kwargs)
         if problem is not None:
             return call.fail(WireError.BAD_ARGUMENTS, problem)
         return await call_next(call)
 
-    return check
+    return decode
