@@ -31,6 +31,8 @@ def test_correct_use_of_a_typed_proxy_passes_mypy() -> None:
         "datetime.datetime",  # its created_at
         "processes.database.User",  # an item of a streaming method
         "list[processes.database.User]",
+        "titan_broker.jobs.Job[float]",  # pm.submit(calc.add, 5, 3)
+        "float",  # pm.job(id, float).result()
     ], output
 
 
@@ -46,4 +48,9 @@ def test_mypy_reports_wrong_arguments_and_wrong_use_of_results() -> None:
     assert 'Argument 1 to "get" of "Typed" has incompatible type "str"; expected "int"' in errors[25]
     assert 'expression has type "datetime", variable has type "str"' in errors[35]
     assert '"Coroutine[Any, Any, User]" has no attribute "name"' in errors[36]
-    assert set(errors) == {7, 8, 9, 11, 25, 35, 36}
+    assert (
+        'Argument 2 to "submit" of "ProcessManager" has incompatible type "str"; expected "float"'
+        in errors[41]
+    )
+    assert 'expression has type "float", variable has type "str"' in errors[42]
+    assert set(errors) == {7, 8, 9, 11, 25, 35, 36, 41, 42}

@@ -10,9 +10,11 @@ from .decorators import cache as cache
 from .decorators import health_check as health_check
 from .decorators import metric as metric
 from .decorators import on_shutdown as on_shutdown
+from .decorators import periodic as periodic
 from .decorators import process as process
 from .decorators import public as public
 from .decorators import rate_limit as rate_limit
+from .decorators import retry as retry
 from .decorators import trace as trace
 from .errors import BacklogFull as BacklogFull
 from .errors import BadArguments as BadArguments
@@ -27,6 +29,8 @@ from .errors import DeadLettered as DeadLettered
 from .errors import DeadlineExceeded as DeadlineExceeded
 from .errors import EncodeError as EncodeError
 from .errors import InternalError as InternalError
+from .errors import JobCancelled as JobCancelled
+from .errors import JobNotFound as JobNotFound
 from .errors import MethodNotFound as MethodNotFound
 from .errors import NoLiveWorkers as NoLiveWorkers
 from .errors import PayloadTooLarge as PayloadTooLarge

@@ -31,6 +31,7 @@ from .breaker import CircuitBreaker
 from .config import redact, resolve_namespace, resolve_url
 from .connection import REDIS_ERRORS, Redis, open_redis, titan_error
 from .errors import ConfigError, TitanError
+from .jobs import Job
 from .keys import Keys
 from .links import Link, Links
 from .proxy import ServiceProxy as ServiceProxy
@@ -38,7 +39,7 @@ from .proxy import with_options as with_options
 from .replies import error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
 from .routing import Routes, probe_margin
-from .sending import Sent, redis_error
+from .sending import Later, Sent, redis_error
 from .streaming import StreamRequest, stream_items
 from .topology import discover
 
@@ -50,6 +51,8 @@ CLOSE_BUDGET = 1.0
 """Seconds ``aclose`` spends on its last writes to Redis."""
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BACKLOG = 10_000
+DEFAULT_RESULT_TTL = 86_400.0
+"""Seconds a job's outcome is kept after it ended."""
 
 
 class Client:
@@ -172,6 +175,7 @@ class Client:
         timeout: float | None = None,
         key: str | None = None,
         wait_for_worker: bool = True,
+        delay: float | None = None,
     ) -> Any:
         """Call ``service.method(*args, **kwargs)`` and return its result.
 
@@ -179,7 +183,9 @@ class Client:
         workers do not change (rendezvous hashing over the live workers), and
         to any worker when that one is gone. With ``wait_for_worker=False`` a
         call to a service with no live worker raises NoLiveWorkers at once
-        instead of waiting in the queue for one to start.
+        instead of waiting in the queue for one to start. With ``delay`` the
+        call starts no earlier than ``delay`` seconds from now (and the timeout
+        counts from then); it goes to any worker.
 
         Returns or raises by the call's deadline (``timeout`` seconds from now),
         whatever Redis does. Raises RemoteError (or a subclass) when the worker
@@ -192,7 +198,8 @@ class Client:
         """
         timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        later = _later(delay, key)
+        deadline = loop.time() + timeout + (later.delay_ms / 1000 if later else 0.0)
         if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
             self._connected()
             await self._routes.require_worker(service, method, deadline)
@@ -208,7 +215,7 @@ class Client:
             worker = (
                 await self._routes.worker_for(service, method, key, deadline) if key is not None else None
             )
-            sent = await sender.send(service, method, fields, worker, deadline, timeout)
+            sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
             dispatcher.entries[call_id] = sent
             # A timer on the future is much cheaper than a cancel scope on this hot path.
             timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._routes.probe, service)
@@ -281,6 +288,53 @@ class Client:
         )  # fmt: skip
         return timeout, call_id, fields
 
+    async def submit(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        deadline: float | None = None,
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        timeout: float | None = None,
+    ) -> str:
+        """Queue ``service.method(*args, **kwargs)`` as a job and return its id, without waiting for it.
+
+        The job runs once a worker is free (after ``delay`` seconds, if given),
+        whether or not this client is still there, and its outcome is kept
+        ``result_ttl`` seconds after it ends: read it with ``job(id)`` from
+        any process. ``deadline``: seconds the job may take from its start
+        (default: none). ``timeout`` bounds the submit itself. Raises like
+        ``call`` for the submit (BacklogFull, RedisUnavailable, ...).
+        """
+        if deadline is not None and deadline <= 0:
+            raise ConfigError(f"deadline must be positive, got {deadline}")
+        if result_ttl <= 0:
+            raise ConfigError(f"result_ttl must be positive, got {result_ttl}")
+        timeout = self.default_timeout if timeout is None else timeout
+        later = _later(delay, None) or Later()
+        token = uuid.uuid4().hex
+        job_id = f"{service}:{token}"
+        ttl_ms = int(deadline * 1000) if deadline is not None else protocol.NO_DEADLINE_MS
+        fields = protocol.encode_request(
+            f"{self.client_id}-{next(self._ids)}", method, args, kwargs or {}, None, ttl_ms,
+            trace=_traceparent(), max_payload=self.max_payload, job=token,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        link = self._links.get(service) if self._links is not None else None
+        if link is None:
+            link = await self._link(service, until)
+        later = later._replace(job_id=job_id, result_ttl_ms=int(result_ttl * 1000))
+        await link.sender.send(service, method, fields, None, until, timeout, later)
+        return job_id
+
+    def job(self, job_id: str, decode: Callable[[Any], T] | None = None) -> Job[T]:
+        """The job with this id (from ``submit``, in this process or another)."""
+        return Job(lambda: self.redis, self.keys, job_id, decode)
+
     async def live_workers(self, service: str) -> int:
         """How many workers of ``service`` have a live registry record."""
         try:
@@ -329,6 +383,17 @@ class Client:
         except REDIS_ERRORS as exc:
             doing = f"invalidate the cache of {service}.{method}()"
             raise await redis_error(self.redis, exc, doing, anyio.current_time() + 1.0) from exc
+
+
+def _later(delay: float | None, key: str | None) -> Later | None:
+    """How a call with ``delay`` goes out (None: at once); raise ConfigError for a bad one."""
+    if not delay:
+        return None
+    if delay < 0:
+        raise ConfigError(f"delay must be positive, got {delay}")
+    if key is not None:
+        raise ConfigError("a delayed call goes to any worker: it cannot have an affinity key")
+    return Later(delay_ms=int(delay * 1000))
 
 
 def _service_of(sent: Sent) -> str:

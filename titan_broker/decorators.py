@@ -1,7 +1,7 @@
 """The decorators that turn a class into a service, and those that add a feature to a method.
 
 @process marks the class; @public, @health_check and @on_shutdown mark its
-methods. @cache, @rate_limit, @metric and @trace each record an options
+methods. @cache, @rate_limit, @metric, @trace, @retry and @periodic each record an options
 object in the method's feature map (``FEATURES_ATTR``, keyed by the options'
 ``feature`` name); the worker turns each into a call middleware
 (``titan_worker.middleware``). A new feature is an options class, its
@@ -14,7 +14,10 @@ import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar, overload
+
+from croniter import croniter
 
 from .config import check_name
 from .errors import ConfigError
@@ -267,3 +270,118 @@ def trace(fn: Any = None, /, *, name: str | None = None) -> Any:
     Does nothing when OpenTelemetry is not configured (only the API installed).
     """
     return _feature(TraceOptions(name), fn)
+
+
+@dataclass(frozen=True)
+class RetryOptions:
+    """What @retry recorded on a method."""
+
+    feature: ClassVar[str] = "retry"
+
+    attempts: int
+    on: tuple[type[BaseException], ...]
+    backoff: float
+    max_backoff: float
+    jitter: bool
+
+    def delay(self, attempt: int, draw: float) -> float:
+        """Seconds before the run after ``attempt`` (1-based): ``backoff`` doubled each time, at most
+        ``max_backoff``; with jitter, a random part of it (``draw`` in [0, 1)), never below half."""
+        delay = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
+        return delay * (0.5 + draw / 2) if self.jitter else delay
+
+
+def retry(
+    *,
+    attempts: int = 3,
+    on: type[BaseException] | Sequence[type[BaseException]] = (Exception,),
+    backoff: float = 0.5,
+    max_backoff: float = 30.0,
+    jitter: bool = True,
+) -> Callable[[F], F]:
+    """Run the method again later when it raises one of ``on``, up to ``attempts`` runs in all.
+
+    A retry is not a loop in the worker: the call goes back to the service's
+    queue, due after a backoff (``backoff`` seconds doubled each time, at most
+    ``max_backoff``, a random part of it with ``jitter``), so any worker may
+    run it, and it keeps its deadline. The caller (or the job) sees the last
+    error when the attempts are spent. Separate from redelivery after a
+    worker's crash (``max_deliveries``).
+    """
+    types = (on,) if isinstance(on, type) else tuple(on)
+    if not types or not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise ConfigError(f"@retry(on=...) takes exception classes, got {on!r}")
+    if not isinstance(attempts, int) or attempts < 2:
+        raise ConfigError(
+            f"@retry needs attempts >= 2 (the first run and at least one more), got {attempts!r}"
+        )
+    if backoff < 0 or max_backoff < backoff:
+        raise ConfigError(f"@retry needs 0 <= backoff <= max_backoff, got {backoff} and {max_backoff}")
+    mark: Callable[[F], F] = _feature(RetryOptions(attempts, types, backoff, max_backoff, jitter))
+    return mark
+
+
+@dataclass(frozen=True)
+class PeriodicOptions:
+    """What @periodic recorded on a method: when its ticks fall (in Redis's clock, UTC)."""
+
+    feature: ClassVar[str] = "periodic"
+
+    every: float | None = None
+    cron: str | None = None
+    result_ttl: float = 86_400.0
+
+    def tick_at_or_before(self, now_ms: int) -> int:
+        """The latest tick at or before ``now_ms`` (ms since the epoch)."""
+        if self.every is not None:
+            step = int(self.every * 1000)
+            return now_ms - now_ms % step
+        return int(_cron(self.cron, now_ms + 1).get_prev(float) * 1000)
+
+    def tick_after(self, tick_ms: int) -> int:
+        """The next tick after ``tick_ms``."""
+        if self.every is not None:
+            return tick_ms + int(self.every * 1000)
+        return int(_cron(self.cron, tick_ms).get_next(float) * 1000)
+
+    def describe(self) -> str:
+        return f"every {self.every:g} s" if self.every is not None else f"cron {self.cron}"
+
+
+def _cron(expression: str | None, at_ms: int) -> croniter:
+    assert expression is not None, "a cron schedule has its expression"
+    return croniter(expression, datetime.fromtimestamp(at_ms / 1000, tz=UTC))
+
+
+def periodic(
+    *, every: float | None = None, cron: str | None = None, result_ttl: float = 86_400.0
+) -> Callable[[F], F]:
+    """Run the method on a schedule: ``every`` seconds, or at the ticks of a ``cron`` expression (UTC).
+
+    With any number of workers on any number of hosts each tick runs once:
+    the worker that reaches it first queues the run as a job (``titan jobs``
+    shows it, kept ``result_ttl`` seconds), and a worker that dies running it
+    leaves it to another. Ticks missed while no worker was alive are not
+    made up: the next tick runs. A run queued while the previous one still
+    runs waits for a free slot; a run that could not start before the next
+    tick is dropped as late. The method takes no required arguments and is
+    also @public (callers may run it now).
+    """
+    if (every is None) == (cron is None):
+        raise ConfigError("@periodic takes one of every=<seconds> or cron='<expression>'")
+    if every is not None and (not isinstance(every, int | float) or every < 0.1):
+        raise ConfigError(f"@periodic(every=...) needs at least 0.1 seconds, got {every!r}")
+    if cron is not None:
+        try:
+            _cron(cron, 0)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"@periodic(cron={cron!r}) is not a cron expression: {exc}") from exc
+    options = PeriodicOptions(float(every) if every is not None else None, cron, result_ttl)
+
+    def mark(fn: F) -> F:
+        if not getattr(fn, PUBLIC_ATTR, False):
+            setattr(fn, PUBLIC_ATTR, PublicOptions())
+        marked: F = _feature(options)(fn)
+        return marked
+
+    return mark

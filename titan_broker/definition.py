@@ -25,13 +25,20 @@ from .decorators import (
     SHUTDOWN_ATTR,
     CacheOptions,
     MetricOptions,
+    PeriodicOptions,
     ProcessInfo,
     PublicOptions,
     RateLimitOptions,
+    RetryOptions,
     TraceOptions,
 )
 from .errors import ConfigError, ServiceFileError
 from .wire_types import Parameters, WireType, result_type
+
+
+def _shown(value: Any) -> Any:
+    """An option's value as the registry (JSON) shows it: a function or class by its name."""
+    return getattr(value, "__qualname__", repr(value)) if callable(value) else value
 
 
 @dataclass(frozen=True)
@@ -74,19 +81,21 @@ class MethodSpec:
     def trace(self) -> TraceOptions | None:
         return self.features.get(TraceOptions.feature)
 
+    @property
+    def retry(self) -> RetryOptions | None:
+        return self.features.get(RetryOptions.feature)
+
+    @property
+    def periodic(self) -> PeriodicOptions | None:
+        return self.features.get(PeriodicOptions.feature)
+
     def decorators(self) -> dict[str, dict[str, Any]]:
         """The decorators on this method with their options, for the registry."""
         found: dict[str, dict[str, Any]] = {}
         for label, options in self.features.items():
             if options is not None:
                 found[label] = {
-                    k: (
-                        getattr(v, "__qualname__", repr(v))
-                        if callable(v)
-                        else list(v)
-                        if isinstance(v, tuple)
-                        else v
-                    )
+                    k: [_shown(i) for i in v] if isinstance(v, tuple) else _shown(v)
                     for k, v in vars(options).items()
                     if v is not None and v != ()
                 }
@@ -215,6 +224,18 @@ def describe(cls: type) -> ServiceDefinition:
                 raise ConfigError(f"{where} is @on_shutdown and must be 'async def'")
             shutdown.append(attr)
     for spec in methods.values():
+        if spec.periodic is not None:
+            required = [
+                p.name for p in spec.signature.parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]  # fmt: skip
+            if required or spec.streaming:
+                why = (
+                    f"takes required arguments ({', '.join(required)})" if required else "streams its results"
+                )
+                raise ConfigError(
+                    f"{cls.__qualname__}.{spec.name} is @periodic but {why}: nobody passes or reads them"
+                )
         if spec.streaming and spec.cache is not None:
             raise ConfigError(f"{cls.__qualname__}.{spec.name} streams its results: it cannot be @cache'd")
         unknown = [m for m in (spec.cache.invalidated_by if spec.cache else ()) if m not in methods]

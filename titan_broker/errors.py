@@ -131,6 +131,14 @@ class CallLost(CallError):
     deleted); the call may or may not have run."""
 
 
+class JobNotFound(TitanError):
+    """No such job: it was never submitted, or it ended longer ago than its result_ttl."""
+
+
+class JobCancelled(CallError):
+    """The job was cancelled before it started: it has no result."""
+
+
 class WireError(StrEnum):
     """The ``type`` of an error reply raised by titan-broker itself (not by the service's code)."""
 

@@ -67,6 +67,32 @@ class Keys:
         """Hash with a TTL: one worker's registry record; it expires when heartbeats stop."""
         return f"{self.namespace}:{{{service}}}:worker:{worker_id}"
 
+    def job(self, service: str, token: str) -> str:
+        """Hash: one job's state and, once it ended, its outcome; it expires ``result_ttl`` after."""
+        return f"{self.namespace}:{{{service}}}:job:{token}"
+
+    def job_prefix(self, service: str) -> str:
+        """Every job hash of a service starts with this (a script builds a job's key from its token)."""
+        return f"{self.namespace}:{{{service}}}:job:"
+
+    def jobs(self, service: str) -> str:
+        """Sorted set: the service's job ids by submission time (the newest 100,000; pruned as they go)."""
+        return f"{self.namespace}:{{{service}}}:jobs"
+
+    def delayed(self, service: str) -> str:
+        """Sorted set: calls to run later (delayed, or retried), scored by their due time in Redis's clock."""
+        return f"{self.namespace}:{{{service}}}:delayed"
+
+    def schedule(self, service: str) -> str:
+        """Hash: per periodic method, the last tick run (``<method>:last``), the next, and its job."""
+        return f"{self.namespace}:{{{service}}}:schedule"
+
+    def kind(self, key: str) -> str:
+        """What one of this namespace's service keys is: the word after ``{<service>}:``
+        (``calls``, ``delayed``, ``job``, ``reply``...)."""
+        _, _, rest = key.partition("}:")
+        return rest.split(":", 1)[0]
+
     def reply_prefix(self, service: str) -> str:
         """Every reply key of a service's calls starts with this; its workers write nowhere else."""
         return f"{self.namespace}:{{{service}}}:reply:"

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 import anyio.abc
 
 from .breaker import CircuitBreaker
-from .client import DEFAULT_TIMEOUT, Client, ServiceProxy
+from .client import DEFAULT_RESULT_TTL, DEFAULT_TIMEOUT, Client, ServiceProxy
 from .config import WorkerOptions, check_name
 from .dead_letters import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
 from .decorators import PROCESS_ATTR, ProcessInfo
 from .errors import ConfigError, TitanError
 from .events import Event, EventBus
 from .health import ServiceHealth, aggregate
+from .jobs import Job, JobState, JobStatus, list_jobs
 from .pool import Pool, start_pool
+from .proxy import RemoteMethod
 from .registry import ServiceInfo, WorkerRecord, list_services, list_workers
 from .supervision import AutoScale, PoolSettings, RestartPolicy, worker_options
 from .supervisor import PoolContext
+from .wire_types import wire_type
 from .worker_process import DEFAULT_STARTUP_TIMEOUT, WorkerLauncher
 from .worker_process import WorkerProcess as WorkerProcess
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 
 class ProcessManager:
@@ -221,6 +227,44 @@ class ProcessManager:
         check_name(service, "service name")
         streaming = await self.client.streaming_methods(service)
         return self.client.proxy(service, cls, breaker=breaker, streaming=streaming)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def submit(self, method: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        """Queue ``method(*args, **kwargs)`` as a job, and return it at once: ``pm.submit(calc.add, 5, 3)``.
+
+        ``method`` is a proxy's method (typed: the arguments are checked, the
+        job's result has the method's return type). The proxy's options apply:
+        ``with_options(proxy, delay=..., at=..., deadline=..., result_ttl=...)``.
+        The job runs whether or not this process is still there; read it later
+        with ``pm.job(job.id)``. Raises TypeError for anything but a proxy's method.
+        """
+        if not isinstance(method, RemoteMethod):
+            raise TypeError(f"submit() takes a proxy's method (pm.submit(calc.add, 1, 2)), not {method!r}")
+        self._started()
+        proxy, name = method._proxy, method._method
+        later = proxy._later
+        job_id = await self.client.submit(
+            proxy._service, name, args, kwargs, delay=later.delay_now(), deadline=later.deadline,
+            result_ttl=later.result_ttl or DEFAULT_RESULT_TTL, timeout=proxy._timeout,
+        )  # fmt: skip
+        return self.client.job(job_id, functools.partial(method._decode, what="result"))
+
+    @overload
+    def job(self, job_id: str) -> Job[Any]: ...
+    @overload
+    def job(self, job_id: str, result: type[R]) -> Job[R]: ...
+    def job(self, job_id: str, result: Any = None) -> Job[Any]:
+        """The job with this id (from ``submit``, in any process); ``result``: the type its result
+        is decoded into (plain data without)."""
+        self._started()
+        decoder = wire_type(result) if result is not None else None
+        return self.client.job(job_id, decoder.decode if decoder is not None else None)
+
+    async def jobs(self, service: str, *, state: JobState | None = None, count: int = 100) -> list[JobStatus]:
+        """The latest jobs of ``service``, newest first (of one ``state`` if given)."""
+        self._started()
+        return await list_jobs(self.client.redis, self.client.keys, service, state=state, count=count)
 
     # -- discovery, health, events ---------------------------------------------------------
 

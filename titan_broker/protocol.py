@@ -9,10 +9,13 @@ bounds what a payload may hold.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 from .codec import EXT_BIGINT as EXT_BIGINT
 from .codec import MAX_CONTAINERS as MAX_CONTAINERS
@@ -38,6 +41,14 @@ F_TRACE = b"t"
 F_MOVES = b"x"
 """How often the entry was moved to another stream (off a dead worker's own stream, or handed to
 another version); absent means 0."""
+F_JOB = b"j"
+"""A job's token: its outcome is kept in the job's hash (``Keys.job``), not sent to a reply stream."""
+F_ATTEMPT = b"n"
+"""Which run of the call this is under @retry (1 when absent)."""
+
+NO_DEADLINE_MS = 315_360_000_000
+"""The timeout of a job without a deadline: ten years (``ttl`` is always a number)."""
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 # Reply stream entry field.
 F_REPLY_VALUE = b"reply"
 
@@ -58,10 +69,14 @@ class Request:
     method: str
     args: list[Any]
     kwargs: dict[str, Any]
-    reply_to: str
+    reply_to: str | None
+    """The caller's reply stream; None for a job."""
     deadline_ms: int
     """In Redis's clock: the entry id's milliseconds plus the call's timeout."""
     trace: str | None = None
+    job: str | None = None
+    """A job's token (its outcome goes to its hash)."""
+    attempt: int = 1
 
 
 class BadEntry(Exception):
@@ -86,16 +101,18 @@ def encode_request(
     method: str,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-    reply_to: str,
+    reply_to: str | None,
     timeout_ms: int,
     *,
     trace: str | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    job: str | None = None,
 ) -> dict[bytes, bytes]:
     """Build the fields of a request entry; raise PayloadTooLarge or EncodeError.
 
     ``timeout_ms`` counts from the moment Redis adds the entry (its id), so the
-    deadline is in Redis's clock and no host's clock matters.
+    deadline is in Redis's clock and no host's clock matters. A job has a
+    token (``job``) instead of a reply stream.
     """
     try:
         payload = pack([list(args), dict(kwargs)])
@@ -111,12 +128,31 @@ def encode_request(
         F_ID: call_id.encode(),
         F_METHOD: method.encode(),
         F_ARGS: payload,
-        F_REPLY: reply_to.encode(),
         F_TIMEOUT: str(max(0, timeout_ms)).encode(),
     }
+    if reply_to is not None:
+        fields[F_REPLY] = reply_to.encode()
+    if job is not None:
+        fields[F_JOB] = job.encode()
     if trace is not None:
         fields[F_TRACE] = trace.encode()
     return fields
+
+
+def job_token(fields: Mapping[bytes, bytes]) -> str | None:
+    """A request's job token (field ``j``) when it has a valid one."""
+    token = field_text(fields, F_JOB)
+    return token if token is not None and _TOKEN.match(token) else None
+
+
+def pack_fields(fields: Mapping[bytes, bytes]) -> bytes:
+    """A request's fields as one msgpack map of byte strings: a call in the delayed set.
+
+    msgpack-python, not msgspec, and byte strings as msgpack's raw (str) type,
+    not bin: Redis's Lua (cmsgpack) reads no bin type, and unpacks raw into
+    the byte strings promote.lua adds back as the entry's fields.
+    """
+    return msgpack.packb(dict(fields), use_bin_type=False)  # type: ignore[no-any-return]
 
 
 def moves(fields: Mapping[bytes, bytes]) -> int:
@@ -183,8 +219,14 @@ def decode_request(
         raise bad(f"unsupported protocol version {show(version)}; this worker speaks {VERSION.decode()}")
     if not call_id:
         raise bad("request has no call id (field 'id', at most 256 bytes of UTF-8)")
-    if not reply_to:
-        raise bad("request has no reply key (field 'r')")
+    job = _small_text(fields, F_JOB)
+    if job is not None and not _TOKEN.match(job):
+        raise bad(f"job token {show(job)} is not 1 to 128 letters, digits, '_', '.', ':' or '-'")
+    if not reply_to and job is None:
+        raise bad("request has no reply key (field 'r') and is no job (field 'j')")
+    raw_attempt = fields.get(F_ATTEMPT, b"1")
+    if not raw_attempt.isdigit() or len(raw_attempt) > 6 or int(raw_attempt) < 1:
+        raise bad(f"request has no valid attempt number (field 'n' = {show(raw_attempt)})")
     method = _small_text(fields, F_METHOD)
     if not method:
         raise bad("request has no method name (field 'm', at most 256 bytes of UTF-8)")
@@ -223,10 +265,14 @@ def decode_request(
         reply_to=reply_to,
         deadline_ms=deadline_ms,
         trace=_small_text(fields, F_TRACE),
+        job=job,
+        attempt=int(raw_attempt),
     )
 
 
-_FIELDS = frozenset({F_VERSION, F_ID, F_METHOD, F_ARGS, F_REPLY, F_TIMEOUT, F_TRACE, F_MOVES})
+_FIELDS = frozenset(
+    {F_VERSION, F_ID, F_METHOD, F_ARGS, F_REPLY, F_TIMEOUT, F_TRACE, F_MOVES, F_JOB, F_ATTEMPT}
+)
 """The fields a request of this version has;
 others are ignored, so that later versions can add optional ones."""
 

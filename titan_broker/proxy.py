@@ -12,7 +12,10 @@ return annotation; without it, results are plain data.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
 from .breaker import BreakerState, CircuitBreaker
@@ -39,6 +42,7 @@ class Caller(Protocol):
         timeout: float | None = None,
         key: str | None = None,
         wait_for_worker: bool = True,
+        delay: float | None = None,
     ) -> Any: ...
 
     def stream(
@@ -61,8 +65,8 @@ class ServiceProxy:
     """
 
     __slots__ = (
-        "_breaker", "_class", "_client", "_key", "_methods", "_results", "_service", "_streaming", "_timeout",
-        "_wait",
+        "_breaker", "_class", "_client", "_key", "_later", "_methods", "_results", "_service", "_streaming",
+        "_timeout", "_wait",
     )  # fmt: skip
 
     def __init__(
@@ -77,8 +81,10 @@ class ServiceProxy:
         streaming: frozenset[str] = frozenset(),
         wait_for_worker: bool = True,
         cls: type | None = None,
+        later: Later | None = None,
     ) -> None:
         self._client = client
+        self._later = later or Later()
         self._class = cls
         self._results = result_types(cls) if cls is not None else {}
         self._service = service
@@ -103,7 +109,15 @@ class ServiceProxy:
         return RemoteMethod(self, name)
 
     def with_options(
-        self, *, timeout: float | None = None, key: str | None = None, wait_for_worker: bool | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        wait_for_worker: bool | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
+        deadline: float | None = None,
+        result_ttl: float | None = None,
     ) -> ServiceProxy:
         """A copy of this proxy whose calls use these options (None keeps this proxy's).
 
@@ -112,10 +126,14 @@ class ServiceProxy:
         does not change (for stateful services), and to any worker when that
         one is gone. ``wait_for_worker=False``: a call to a service with no
         live worker raises NoLiveWorkers at once, instead of waiting in the
-        queue (up to its timeout) for a worker to start.
+        queue (up to its timeout) for a worker to start. ``delay`` (seconds)
+        or ``at`` (a datetime): calls and jobs start no earlier. For jobs
+        (``submit``): ``deadline``, seconds a job may take from its start
+        (default none), and ``result_ttl``, seconds its outcome is kept.
         """
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
+        later = self._later.with_options(delay=delay, at=at, deadline=deadline, result_ttl=result_ttl)
         return ServiceProxy(
             self._client,
             self._service,
@@ -126,6 +144,7 @@ class ServiceProxy:
             streaming=self._streaming,
             wait_for_worker=wait_for_worker if wait_for_worker is not None else self._wait,
             cls=self._class,
+            later=later,
         )
 
     def _options(self) -> dict[str, Any]:
@@ -150,13 +169,17 @@ class RemoteMethod:
     async def result(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call the method and return its result (what awaiting a RemoteCall does)."""
         p = self._proxy
+        options = p._options()
+        delay = p._later.delay_now()
+        if delay is not None:
+            options["delay"] = delay
         breaker = p._breaker
         if breaker is None:
-            result = await p._client.call(p._service, self._method, args, kwargs, **p._options())
+            result = await p._client.call(p._service, self._method, args, kwargs, **options)
             return self._decode(result, "result")
         breaker.before_call()
         try:
-            result = await p._client.call(p._service, self._method, args, kwargs, **p._options())
+            result = await p._client.call(p._service, self._method, args, kwargs, **options)
         except BaseException as exc:
             breaker.after_call(exc)
             raise
@@ -257,7 +280,15 @@ class RemoteCall(Coroutine[Any, Any, Any]):
 
 
 def with_options(
-    proxy: T, *, timeout: float | None = None, key: str | None = None, wait_for_worker: bool | None = None
+    proxy: T,
+    *,
+    timeout: float | None = None,
+    key: str | None = None,
+    wait_for_worker: bool | None = None,
+    delay: float | None = None,
+    at: datetime | None = None,
+    deadline: float | None = None,
+    result_ttl: float | None = None,
 ) -> T:
     """``proxy.with_options(...)`` for typed code: the proxy's static type is the service class.
 
@@ -265,4 +296,38 @@ def with_options(
     """
     if not isinstance(proxy, ServiceProxy):
         raise TypeError(f"with_options() takes a proxy from spawn/connect, not {type(proxy).__name__}")
-    return cast(T, proxy.with_options(timeout=timeout, key=key, wait_for_worker=wait_for_worker))
+    options = proxy.with_options(
+        timeout=timeout, key=key, wait_for_worker=wait_for_worker, delay=delay, at=at, deadline=deadline,
+        result_ttl=result_ttl,
+    )  # fmt: skip
+    return cast(T, options)
+
+
+@dataclass(frozen=True)
+class Later:
+    """What a proxy's calls and jobs wait for: a delay (or a time) to start, and a job's own options."""
+
+    delay: float | None = None
+    at: datetime | None = None
+    deadline: float | None = None
+    result_ttl: float | None = None
+
+    def with_options(
+        self, *, delay: float | None, at: datetime | None, deadline: float | None, result_ttl: float | None
+    ) -> Later:
+        """These options over this one's (None keeps this one's); raise ConfigError for a bad one."""
+        for name, value in (("delay", delay), ("deadline", deadline), ("result_ttl", result_ttl)):
+            if (value is not None and value < 0) or (name != "delay" and value == 0):
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if delay is not None and at is not None:
+            raise ConfigError("give delay (seconds) or at (a datetime), not both")
+        if delay is not None or at is not None:
+            return replace(self, delay=delay, at=at, deadline=deadline or self.deadline,
+                           result_ttl=result_ttl or self.result_ttl)  # fmt: skip
+        return replace(self, deadline=deadline or self.deadline, result_ttl=result_ttl or self.result_ttl)
+
+    def delay_now(self) -> float | None:
+        """Seconds from now to the start (``at`` is read now; a naive datetime is local time)."""
+        if self.at is not None:
+            return max(0.0, self.at.timestamp() - time.time())
+        return self.delay

@@ -255,7 +255,10 @@ class ReplyDispatcher:
         # written until now: a request answered before the check has its reply there.
         waiting = list(self.entries.items())
         commands: list[tuple[object, ...]] = [
-            ("XRANGE", stream, entry_id, entry_id) for _, (streams, entry_id) in waiting for stream in streams
+            # A delayed call is its member of the delayed set (its score when it is still there).
+            ("ZSCORE", key, entry_id) if key.endswith(":delayed") else ("XRANGE", key, entry_id, entry_id)
+            for _, (streams, entry_id) in waiting
+            for key in streams
         ]
         found = await self.channel.execute_many(commands) if commands else []
         gone: list[str] = []
@@ -263,7 +266,7 @@ class ReplyDispatcher:
         for call_id, (streams, _) in waiting:
             answers = found[i : i + len(streams)]
             i += len(streams)
-            if not any(isinstance(a, list) and a for a in answers):
+            if not any(a and not isinstance(a, Exception) for a in answers):
                 gone.append(call_id)
         while self._route(
             await self.channel.execute("XREAD", "COUNT", 256, "STREAMS", self.reply_key, self._last)

@@ -1,7 +1,7 @@
 """Lua scripts as data: each lives in ``titan_broker/lua/<name>.lua`` and runs through ``Script``.
 
 A line ``-- include: NAME`` is replaced by the file ``lua/NAME.lua``
-(shared local functions: Redis scripts have no modules). A script is sent
+(shared local functions: Redis scripts have no modules), once per script. A script is sent
 as EVALSHA with the SHA1 of its source, computed here, so nothing has to be
 loaded up front; a Redis that does not know it (it
 restarted, or SCRIPT FLUSH) answers NOSCRIPT, and the script is loaded on
@@ -33,12 +33,19 @@ async def execute(via: Executor, *command: Any) -> Any:
     return await via.execute_command(*command)  # type: ignore[no-untyped-call,unused-ignore]
 
 
-def _read(name: str) -> str:
+def _read(name: str, included: set[str] | None = None) -> str:
+    """The source of ``lua/<name>.lua`` with its includes in place, each at most once."""
+    included = set() if included is None else included
+    included.add(name)
     source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
-    lines = [
-        _read(line.split(":", 1)[1].strip()) if line.startswith("-- include:") else line
-        for line in source.splitlines()
-    ]
+    lines: list[str] = []
+    for line in source.splitlines():
+        if line.startswith("-- include:"):
+            part = line.split(":", 1)[1].strip()
+            if part not in included:
+                lines.append(_read(part, included))
+        else:
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import anyio
 import anyio.abc
@@ -32,6 +32,7 @@ from .scripting import Script
 logger = logging.getLogger(__name__)
 
 _SUBMIT = Script("submit")
+_ENQUEUE = Script("enqueue")
 DEADLINE_SLACK_MS = 10
 """Added to the deadline the submit script checks (Redis's clock, estimated): rounding of ids."""
 FORGET_GRACE = 5.0
@@ -41,7 +42,7 @@ CONTROL_TTL_MS = 600_000
 
 Sent = tuple[tuple[str, ...], bytes]
 """Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
-and its entry id."""
+and its entry id; or the delayed set and its member. A job's hash comes along (deleted with it)."""
 _Job = tuple[tuple[str, ...], bytes, str | None]
 
 
@@ -100,6 +101,15 @@ async def redis_error(redis: Redis, exc: Exception, doing: str, deadline: float)
     return titan_error(exc, doing)
 
 
+class Later(NamedTuple):
+    """How a request that is not an ordinary call goes out: after a delay, or as a job, or both."""
+
+    delay_ms: int = 0
+    job_id: str | None = None
+    """The job's id (``<service>:<token>``); its token is the request's field ``j``."""
+    result_ttl_ms: int = 86_400_000
+
+
 class Sender:
     """Sends requests over one auto-pipelined channel; withdraws those given up."""
 
@@ -123,13 +133,16 @@ class Sender:
         worker: str | None,
         deadline: float,
         timeout: float,
+        later: Later | None = None,
     ) -> Sent:
         """Queue a request by ``deadline`` (event loop time); return where it went.
 
         The request is sent whatever happens to its caller: cancelled, or past
         the deadline, the caller stops waiting, and a request that still
-        reaches Redis is withdrawn once its id is known. Raises BacklogFull, RedisOutOfMemory,
-        RedisUnavailable (also when Redis does not answer by the deadline).
+        reaches Redis is withdrawn once its id is known. ``later``: into the
+        delayed set and/or as a job (enqueue.lua). Raises BacklogFull,
+        RedisOutOfMemory, RedisUnavailable (also when Redis does not answer by
+        the deadline).
         """
         doing = f"send {service}.{method}()"
         shared = self.keys.calls(service)
@@ -141,17 +154,31 @@ class Sender:
         flat: list[Any] = []
         for name, value in fields.items():
             flat += (name, value)
+        script, keys, argv = _SUBMIT, list(streams), [self.keys.config(service), record, self.max_backlog]
+        member = b""
+        if later is not None:
+            script, keys = _ENQUEUE, [shared, self.keys.delayed(service)]
+            argv = [self.keys.config(service), self.max_backlog]
+            member = protocol.pack_fields(fields) if later.delay_ms > 0 else b""
+            job = protocol.job_token(fields)
+            if later.job_id is not None and job is not None:
+                keys += [self.keys.job(service, job), self.keys.jobs(service)]
+            streams = tuple(keys[1:3]) if later.delay_ms > 0 else (shared, *keys[2:3])
         loop = asyncio.get_running_loop()
         for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
-            argv = [self.keys.config(service), record, self.max_backlog, not_after, *flat]
+            if later is None:
+                command = script.command(keys, [*argv, not_after, *flat])
+            else:
+                extra = [later.delay_ms, member, later.job_id or "", later.result_ttl_ms, method]
+                command = script.command(keys, [*argv, not_after, *extra, *flat])
             out_of_memory = False
             entry_id: bytes | None = None
             started = loop.time()
             # The auto-pipeline's own task sends the request: the caller's cancellation or its
             # deadline ends only the wait (far cheaper than a shielded cancel scope), and a
             # request that still reaches Redis is deleted once its id is known.
-            fut = self.pipe.submit(*_SUBMIT.command(streams, argv))
+            fut = self.pipe.submit(*command)
             try:
                 entry_id = cast(bytes, await _within(fut, deadline))
             except _Late:
@@ -160,7 +187,7 @@ class Sender:
                 fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
                 raise
             except rexc.NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it and send again
-                await _SUBMIT.load(self.pipe)
+                await script.load(self.pipe)
                 continue
             except rexc.OutOfMemoryError:
                 out_of_memory = True
@@ -180,6 +207,8 @@ class Sender:
                 raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
             if out_of_memory:
                 raise await self.out_of_memory(doing, deadline)
+            if entry_id == b"delayed":
+                return streams, member
             if entry_id is not None:
                 self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
                 return streams, entry_id
@@ -250,8 +279,14 @@ class Sender:
 
     async def _delete(self, streams: tuple[str, ...], entry_id: bytes, control: str | None) -> None:
         async with self._redis().pipeline(transaction=True) as pipe:  # never a control hash without TTL
-            for stream in streams:
-                pipe.xdel(stream, entry_id)
+            for key in streams:
+                kind = self.keys.kind(key)
+                if kind == "delayed":
+                    pipe.zrem(key, entry_id)  # the request is the member
+                elif kind == "job":
+                    pipe.delete(key)  # a job whose submit was given up never was
+                else:
+                    pipe.xdel(key, entry_id)
             if control is not None:
                 pipe.hset(control, "cancel", 1)
                 pipe.pexpire(control, CONTROL_TTL_MS)

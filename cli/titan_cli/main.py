@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import anyio
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 from titan_broker.client import Client
-from titan_broker.config import ENV_NAMESPACE, ENV_URL
 from titan_broker.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
 from titan_broker.decorators import HealthStatus
-from titan_broker.errors import ConfigError, RedisUnavailable, TitanError
 from titan_broker.health import ServiceHealth, aggregate
 from titan_broker.registry import (
     QueueInfo,
@@ -45,78 +37,18 @@ from titan_broker.registry import (
 )
 from titan_broker.stats import LatencyHistogram
 
-EXIT_CALL_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNKNOWN = 3
-EXIT_REDIS = 4
-
-
-class UnknownService(TitanError):
-    """The service never registered in this namespace."""
-
-
-R = TypeVar("R")
-
-app = typer.Typer(help="Inspect and call titan-broker services.", add_completion=False, no_args_is_help=True)
-# Piped output is not cut at 80 columns: scripts and logs get whole rows.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)  # one line per error, never wrapped
-
-
-@dataclass(frozen=True)
-class _Settings:
-    url: str | None
-    namespace: str | None
-
-
-@app.callback()
-def _main(
-    ctx: typer.Context,
-    redis: Annotated[str | None, typer.Option("--redis", envvar=ENV_URL, help="Redis URL.")] = None,
-    namespace: Annotated[
-        str | None, typer.Option("--namespace", "-n", envvar=ENV_NAMESPACE, help="Key namespace.")
-    ] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
-) -> None:
-    """Inspect and call titan-broker services."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    ctx.obj = _Settings(redis, namespace)
-
-
-def _run(ctx: typer.Context, work: Callable[[Client], Awaitable[R]]) -> R:
-    """Connect, run ``work``, and turn titan errors into one line and an exit code."""
-    settings: _Settings = ctx.obj
-
-    async def main() -> R:
-        async with Client(settings.url, namespace=settings.namespace) as client:
-            return await work(client)
-
-    try:
-        return anyio.run(main)
-    except TitanError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        code = EXIT_CALL_FAILED
-        codes = ((RedisUnavailable, EXIT_REDIS), (ConfigError, EXIT_USAGE), (UnknownService, EXIT_UNKNOWN))
-        for kind, exit_code in codes:
-            if isinstance(exc, kind):
-                code = exit_code
-        raise typer.Exit(code) from None
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, datetime):  # a msgpack timestamp (PROTOCOL.md, Values)
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+from .common import (
+    EXIT_CALL_FAILED,
+    EXIT_USAGE,
+    UnknownService,
+    err,
+    out,
+    print_json,
+    run,
+)
+from .common import (
+    app as app,
+)
 
 
 @app.command()
@@ -125,9 +57,9 @@ def services(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List the services that have at least one live worker, each version serving with its workers."""
-    found = _run(ctx, lambda c: list_services(c.redis, c.keys))
+    found = run(ctx, lambda c: list_services(c.redis, c.keys))
     if as_json:
-        _print_json([s.to_dict() for s in found])
+        print_json([s.to_dict() for s in found])
         return
     if not found:
         out.print("no live services (start one with: titan-worker run FILE)")
@@ -176,17 +108,17 @@ def dead_letters(
                     )  # fmt: skip
             return await purge_dead_letters(c.redis, c.keys, service, ids)
 
-        count = _run(ctx, act)
+        count = run(ctx, act)
         if as_json:
-            _print_json({"replayed" if replay else "purged": count})
+            print_json({"replayed" if replay else "purged": count})
         else:
             out.print(
                 f"{'replayed' if replay else 'purged'} {count} dead letter(s) of {escape(repr(service))}"
             )
         return
-    letters = _run(ctx, lambda c: list_dead_letters(c.redis, c.keys, service, count=1000))
+    letters = run(ctx, lambda c: list_dead_letters(c.redis, c.keys, service, count=1000))
     if as_json:
-        _print_json([d.to_dict() for d in letters])
+        print_json([d.to_dict() for d in letters])
         return
     if not letters:
         out.print(f"no dead letters for {escape(repr(service))}")
@@ -231,9 +163,9 @@ def workers(
             found += await list_workers(c.redis, c.keys, name)
         return found
 
-    found = _run(ctx, gather)
+    found = run(ctx, gather)
     if as_json:
-        _print_json([w.to_dict() for w in found])
+        print_json([w.to_dict() for w in found])
         return
     table = Table(title="workers")
     for col in ("service", "worker", "host", "pid", "status", "in flight", "calls", "errors", "health"):
@@ -257,9 +189,9 @@ def health(
         names = await _services_named(c, service)
         return [aggregate(name, await list_workers(c.redis, c.keys, name)) for name in names]
 
-    found = _run(ctx, gather)
+    found = run(ctx, gather)
     if as_json:
-        _print_json([h.to_dict() for h in found])
+        print_json([h.to_dict() for h in found])
     else:
         colors = {"healthy": "green", "degraded": "yellow", "unhealthy": "red"}
         table = Table(title="health")
@@ -288,9 +220,9 @@ def queues(
     async def gather(c: Client) -> list[QueueInfo]:
         return [await queue_info(c.redis, c.keys, name) for name in await known_services(c.redis, c.keys)]
 
-    found = _run(ctx, gather)
+    found = run(ctx, gather)
     if as_json:
-        _print_json([q.to_dict() for q in found])
+        print_json([q.to_dict() for q in found])
         return
     table = Table(title="queues")
     for col in ("service", "waiting", "running", "dead letters"):
@@ -341,9 +273,9 @@ def stats(
     async def gather(c: Client) -> list[dict[str, Any]]:
         return await _stats(c, await _services_named(c, service), interval)
 
-    rows = _run(ctx, gather)
+    rows = run(ctx, gather)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
     else:
         out.print(_stats_table(rows) if rows else "no services")
 
@@ -382,7 +314,7 @@ def top(
                 shown += 1
 
     with contextlib.suppress(KeyboardInterrupt):
-        _run(ctx, view)
+        run(ctx, view)
 
 
 def _method_line(method: dict[str, Any]) -> str:
@@ -425,4 +357,7 @@ def call(
         await _services_named(c, service)  # an unknown service is exit 3 at once, not a timeout
         return await c.call(service, method, values, timeout=timeout)
 
-    _print_json(_run(ctx, call_it))
+    print_json(run(ctx, call_it))
+
+
+from . import jobs as jobs  # noqa: E402  (registers titan jobs, job and schedules on the app)

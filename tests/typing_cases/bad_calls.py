@@ -34,3 +34,9 @@ async def users(pm: ProcessManager) -> None:
     db = await pm.connect("database", Database)
     when: str = (await db.get_user(7)).created_at  # line 35: a datetime, not a str
     db.get_user(7).name  # line 36: the name of a User, once awaited
+
+
+async def jobs(pm: ProcessManager) -> None:
+    calc = await pm.spawn("processes/calculator.py", Calculator)
+    await pm.submit(calc.add, "x", 3)  # line 41: a job's arguments are checked too
+    text: str = await (await pm.submit(calc.add, 1, 2)).result()  # line 42: its result is a float

@@ -22,3 +22,13 @@ async def users(pm: ProcessManager) -> datetime:
         reveal_type(streamed)
     reveal_type(await db.search_users("ada"))
     return user.created_at
+
+
+async def jobs(pm: ProcessManager) -> float:
+    calc = await pm.spawn("processes/calculator.py", Calculator)
+    job = await pm.submit(calc.add, 5, 3)
+    reveal_type(job)
+    later = await pm.submit(with_options(calc, delay=10).multiply, 2, 4)
+    found = pm.job(job.id, float)
+    reveal_type(await found.result(timeout=10))
+    return await job.result() + await later.result()

@@ -13,3 +13,15 @@ local function add_reply(key, reply, ttl_ms)
   redis.call('XADD', key, '*', 'reply', reply)
   redis.call('PEXPIRE', key, ttl_ms)
 end
+
+-- include: jobs
+
+-- Answer a call: a reply on its caller's stream, or, for a job (`job_status`
+-- is then 'done', 'failed' or 'dead'), its outcome kept in the job's hash.
+local function answer(key, reply, ttl_ms, job_status)
+  if job_status and job_status ~= '' then
+    end_job(key, job_status, reply)
+  else
+    add_reply(key, reply, ttl_ms)
+  end
+end

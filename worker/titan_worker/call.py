@@ -45,6 +45,10 @@ class Outcome:
     """The result, when ok (for @cache)."""
     dead_reason: str | None = None
     settled: bool = False
+    job: bool = False
+    """``reply_to`` is a job's hash: the outcome is kept there (settling.lua's ``answer``)."""
+    retry_in: float | None = None
+    """Set by @retry: run the call again this many seconds from now instead of answering."""
 
 
 @dataclass(slots=True, eq=False)
@@ -63,6 +67,8 @@ class Call:
     """Items a streaming call has sent so far."""
     error_id: str | None = field(default=None)
     """Set when the call failed with an exception: the id under which the worker logged it."""
+    exception: BaseException | None = field(default=None)
+    """The exception the method raised, when it raised (for @retry)."""
 
     @property
     def method(self) -> str:
@@ -81,12 +87,12 @@ class Call:
         if len(payload) > self.max_payload:
             err = protocol.size_error(f"result of {self.method}()", len(payload), self.max_payload)
             return self.fail(err.type, err.message)
-        return Outcome(True, self.request.reply_to, payload, value)
+        return Outcome(True, self.request.reply_to, payload, value, job=self.request.job is not None)
 
     def fail(self, type: str, message: str, details: dict[str, Any] | None = None) -> Outcome:
         """An error reply ``{type, message, details}``."""
         payload = protocol.encode_error(self.request.call_id, type, message, self.worker_id, details)
-        return Outcome(False, self.request.reply_to, payload)
+        return Outcome(False, self.request.reply_to, payload, job=self.request.job is not None)
 
     def raised(
         self, exc: BaseException, type: str | None = None, message: str | None = None, **details: Any
@@ -94,6 +100,7 @@ class Call:
         """The error reply for an exception: its type and message, and an id under which the
         worker logs its traceback (the traceback itself only with ``expose_tracebacks``)."""
         self.error_id = uuid.uuid4().hex[:12]
+        self.exception = exc
         details["error_id"] = self.error_id
         if self.expose_tracebacks:
             details["traceback"] = "".join(traceback.format_exception(exc)[-8:])

@@ -10,6 +10,8 @@ titan.InternalError. None of them turns into a silent rerun.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -29,6 +31,12 @@ from .context import WorkerContext
 from .handoff import Handoff
 
 _STREAM_ITEM = Script("stream_item")
+
+
+def _ignore_failure(fut: asyncio.Future[Any]) -> None:
+    """A status mark that did not reach Redis: the job's outcome still will (settlement retries it)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Executor:
@@ -60,11 +68,17 @@ class Executor:
                 payload = protocol.encode_error(bad.call_id, bad.type, str(bad), ctx.worker_id)
                 return Outcome(False, bad.reply_to, payload), None
             return Outcome(False, dead_reason=f"unanswerable request: {bad}"), None
+        if req.job is not None:  # its outcome goes to the job's hash
+            req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.job))
+            self._started(req)
         spec = ctx.definition.methods.get(req.method)
         if spec is None:
             return await self.handoff.unknown_method(entry, req), req.deadline_ms
         call = Call(entry, req, spec, ctx.worker_id, ctx.clock.monotonic_deadline(req.deadline_ms),
                     ctx.options.max_payload, ctx.options.expose_tracebacks)  # fmt: skip
+        if spec.streaming and req.job is not None:
+            message = f"{req.method}() streams its results: it cannot run as a job (nobody would read them)"
+            return call.fail(WireError.BAD_REQUEST, message), req.deadline_ms
         try:
             return await self._chains[spec.name](call), req.deadline_ms
         except Exception as exc:
@@ -73,6 +87,17 @@ class Executor:
                         "worker %s: %s() failed outside the method [error %s]: %s",
                         ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc)  # fmt: skip
             return outcome, req.deadline_ms
+
+    def _started(self, req: protocol.Request) -> None:
+        """Mark a job running (its status, attempt, worker), without waiting: the pipeline keeps
+        it ahead of the job's outcome."""
+        ctx = self.ctx
+        assert req.reply_to is not None
+        mark = ctx.writer.submit(
+            "HSET", req.reply_to, "status", "running", "attempts", req.attempt, "worker", ctx.worker_id,
+            "started", int(ctx.clock.now_ms()),
+        )  # fmt: skip
+        mark.add_done_callback(_ignore_failure)
 
     def _runner(self, spec: MethodSpec) -> Next:
         """The innermost step of a chain: run the method itself."""

@@ -14,6 +14,7 @@ from titan_broker.stats import LatencyHistogram
 class MethodStats:
     calls: int = 0
     errors: int = 0
+    retries: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
@@ -33,6 +34,10 @@ class Metrics:
             ["service", "method"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "titan_call_retries", "Runs that failed and were queued again (@retry)", ["service", "method"],
+            registry=self.registry,
+        )  # fmt: skip
         self.stats: dict[str, MethodStats] = {}
 
     def observe(self, name: str, seconds: float, ok: bool) -> None:
@@ -45,8 +50,13 @@ class Metrics:
             self.errors.labels(self.service, name).inc()
             stats.errors += 1
 
+    def retried(self, name: str) -> None:
+        """A run of ``name`` failed and goes back to the queue (@retry); counted with or without @metric."""
+        self.retries.labels(self.service, name).inc()
+        self.stats.setdefault(name, MethodStats()).retries += 1
+
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
-            name: {"calls": s.calls, "errors": s.errors, **s.latency.summary()}
+            name: {"calls": s.calls, "errors": s.errors, "retries": s.retries, **s.latency.summary()}
             for name, s in self.stats.items()
         }

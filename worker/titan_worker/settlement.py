@@ -31,6 +31,7 @@ from .context import WorkerContext
 
 _FINISH = Script("finish")
 _DEAD_LETTER = Script("dead_letter")
+_RETRY = Script("retry")
 _RETRYABLE: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable, rexc.ResponseError)
 SETTLE_PATIENCE = 30.0
 """Seconds past a call's deadline that its worker keeps trying to settle it."""
@@ -50,6 +51,9 @@ class Settlement:
             return
         if outcome.dead_reason is not None:
             await self.dead_letter(entry, outcome.dead_reason, 1, deadline_ms)
+            return
+        if outcome.retry_in is not None:
+            await self._retrying(entry, deadline_ms, self._retry, entry, outcome)
             return
         try:
             await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
@@ -108,23 +112,54 @@ class Settlement:
     async def _finish(self, entry: Entry, outcome: Outcome) -> int:
         ctx = self.ctx
         keys = [entry.stream]
+        args: list[Any] = [
+            entry.id,
+            GROUP,
+            ctx.worker_id,
+            outcome.payload or b"",
+            int(ctx.options.reply_ttl * 1000),
+        ]
         if outcome.reply_to is not None and outcome.payload is not None:
             keys.append(outcome.reply_to)
-        args = [entry.id, GROUP, ctx.worker_id, outcome.payload or b"", int(ctx.options.reply_ttl * 1000)]
+            if outcome.job:
+                args.append("done" if outcome.ok else "failed")
         return int(await _FINISH(ctx.writer, keys, args))
+
+    async def _retry(self, entry: Entry, outcome: Outcome) -> int:
+        """Put the call in the delayed set for its next attempt (@retry) and acknowledge it."""
+        ctx = self.ctx
+        assert outcome.retry_in is not None
+        delay_ms = int(outcome.retry_in * 1000)
+        fields = dict(entry.fields)
+        attempt = int(fields.get(protocol.F_ATTEMPT, b"1")) + 1
+        fields[protocol.F_ATTEMPT] = str(attempt).encode()
+        fields.pop(protocol.F_MOVES, None)
+        # The new run keeps the call's deadline: its ttl counts from its due time.
+        deadline_ms = protocol.entry_time_ms(entry.id) + int(fields.get(protocol.F_TIMEOUT, b"0"))
+        left = deadline_ms - int(ctx.clock.now_ms()) - delay_ms
+        fields[protocol.F_TIMEOUT] = str(max(0, left)).encode()
+        keys = [entry.stream, ctx.keys.delayed(ctx.service)]
+        args: list[Any] = [entry.id, GROUP, ctx.worker_id, delay_ms, protocol.pack_fields(fields)]
+        if outcome.job and outcome.reply_to is not None:
+            keys.append(outcome.reply_to)
+            args.append(outcome.payload or b"")
+        return int(await _RETRY(ctx.writer, keys, args))
 
     async def _dead_letter(self, entry: Entry, reason: str, deliveries: int, answer: bool) -> int:
         ctx = self.ctx
         fields = entry.fields
         call_id = protocol.field_text(fields, protocol.F_ID)
         reply_to = protocol.field_text(fields, protocol.F_REPLY)
+        job = protocol.job_token(fields)
+        if job is not None:  # a job's outcome goes to its hash, whatever its fields say of a reply
+            reply_to = ctx.keys.job(ctx.service, job)
         keys = [entry.stream, ctx.keys.dead(ctx.service)]
         payload = b""
         if (
             answer
             and call_id
             and reply_to
-            and reply_to.startswith(ctx.keys.reply_prefix(ctx.service))
+            and (job is not None or reply_to.startswith(ctx.keys.reply_prefix(ctx.service)))
             and len(reply_to) < 256
         ):
             keys.append(reply_to)
@@ -133,8 +168,9 @@ class Settlement:
             fields, reason=reason, deliveries=deliveries, worker=ctx.worker_id, source_id=entry.id,
             max_size=ctx.options.max_payload + protocol.ENTRY_OVERHEAD,
         )  # fmt: skip
+        job_status = "dead" if len(keys) > 2 and job else ""
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, ctx.options.dead_letter_maxlen, payload,
-                           int(ctx.options.reply_ttl * 1000)]  # fmt: skip
+                           int(ctx.options.reply_ttl * 1000), job_status]  # fmt: skip
         for name, value in dead.items():
             args += (name, value)
         return int(await _DEAD_LETTER(ctx.redis, keys, args))

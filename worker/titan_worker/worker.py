@@ -48,6 +48,7 @@ from .housekeeping import Housekeeping
 from .intake import Intake
 from .liveness import Heartbeat
 from .metrics import Metrics
+from .scheduling import Scheduler
 from .settlement import Settlement
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class Worker:
             task_status.started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._publish_loop)
+                tg.start_soon(Scheduler(ctx).run)
                 await self.intake.run(reader, ctx.options.grace_period)
                 tg.cancel_scope.cancel()
             await self._run_shutdown_hooks()

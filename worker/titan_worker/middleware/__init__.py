@@ -26,14 +26,19 @@ from . import deadline as deadline
 from . import invalidation as invalidation
 from . import metric as metric
 from . import rate_limit as rate_limit
+from . import retry as retry
 from . import trace as trace
 
 Factory = Callable[[MethodSpec, WorkerContext], Middleware | None]
 
-LAYERS = (trace, metric, arguments, rate_limit, cache, invalidation, deadline)
+LAYERS = (trace, metric, retry, arguments, rate_limit, cache, invalidation, deadline)
 """Outermost first. A trace wraps everything, so refusals and cache hits get a span; a metric
-counts and times all that it wraps, hits and refusals included; arguments are checked before a
+counts and times all that it wraps, hits and refusals included, each attempt of a retried call
+too; a retry sees only what the method raised (never a refusal); arguments are checked before a
 rate limit spends a token on them; the deadline is nearest the method, so it bounds the run."""
+
+SERVED_ELSEWHERE = frozenset({"periodic"})
+"""Features that do not act around a call: @periodic's ticks are the worker's scheduler's."""
 
 
 def chain(spec: MethodSpec, ctx: WorkerContext, endpoint: Next) -> Next:
@@ -41,7 +46,7 @@ def chain(spec: MethodSpec, ctx: WorkerContext, endpoint: Next) -> Next:
 
     Raises ConfigError when the method has a feature no middleware serves.
     """
-    served = {layer.FEATURE for layer in LAYERS if layer.FEATURE is not None}
+    served = {layer.FEATURE for layer in LAYERS if layer.FEATURE is not None} | SERVED_ELSEWHERE
     unknown = sorted(set(spec.features) - served)
     if unknown:
         raise ConfigError(f"{spec.name}() has features this worker cannot serve: {', '.join(unknown)}")

@@ -1,0 +1,312 @@
+"""Background jobs (issue 13): submit and come back later, delays, retries with backoff, periodic ticks.
+
+Real Redis, real worker processes. Each run of a test service appends a line to a log file, so a
+test can count runs (at least once, never twice without a crash) and read when they happened.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from titan_broker import (
+    ConfigError,
+    DeadLettered,
+    DeadlineExceeded,
+    JobCancelled,
+    JobNotFound,
+    ProcessManager,
+    RemoteError,
+    periodic,
+    process,
+    retry,
+    with_options,
+)
+from titan_broker.definition import describe
+from titan_broker.jobs import JobState
+from titan_broker.registry import list_workers
+
+from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, wait_until
+from .test_cli import titan
+
+pytestmark = pytest.mark.anyio
+
+TASKS = SERVICES / "tasks.py"
+TICKER = SERVICES / "ticker.py"
+
+
+def runs(log: Path, what: str, tag: str | None = None) -> list[list[str]]:
+    """The log's lines for ``what`` (and ``tag``), split: [what, tag, pid, time]."""
+    if not log.exists():
+        return []
+    lines = [line.split() for line in log.read_text().splitlines()]
+    return [line for line in lines if line[0] == what and (tag is None or line[1] == tag)]
+
+
+async def test_a_job_outlives_its_caller_and_is_read_by_another_process(
+    pm: ProcessManager, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    await pm.spawn(TASKS, dependencies={"log": str(log)})
+    # Another process submits and exits at once, without waiting for the job.
+    script = (
+        "import anyio, sys\n"
+        "from titan_broker import Client\n"
+        "async def main():\n"
+        f"    async with Client({redis_url!r}, namespace={namespace!r}) as client:\n"
+        "        print(await client.submit('tasks', 'slow', (1.0, 'outlived')))\n"
+        "anyio.run(main)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert job_id.startswith("tasks:")
+    job = pm.job(job_id)
+    assert await job.result(timeout=15) == "outlived"
+    status = await job.status()
+    assert status.state is JobState.DONE and status.attempts == 1
+    assert status.submitted and status.started and status.finished
+    assert status.submitted <= status.started <= status.finished
+    assert len(runs(log, "end", "outlived")) == 1
+
+
+async def test_a_typed_job_result_and_its_remote_error(pm: ProcessManager, tmp_path: Path) -> None:
+    from tests.services.tasks import Tasks
+
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    job = await pm.submit(tasks.add, 5, 3)
+    assert await job.result(timeout=10) == 8.0
+    failing = await pm.submit(tasks.wrong_error, "typed")
+    with pytest.raises(RemoteError) as info:
+        await failing.result(timeout=10)
+    assert info.value.type == "ValueError"
+    assert (await failing.status()).state is JobState.FAILED
+
+
+async def test_results_expire_after_their_result_ttl(pm: ProcessManager, tmp_path: Path) -> None:
+    from tests.services.tasks import Tasks
+
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    job = await pm.submit(with_options(tasks, result_ttl=1).add, 1, 2)
+    assert await job.result(timeout=10) == 3.0
+
+    async def gone() -> bool:
+        try:
+            await job.status()
+            return False
+        except JobNotFound:
+            return True
+
+    await eventually(gone, 5, "the job's outcome to expire")
+    with pytest.raises(JobNotFound, match="result_ttl"):
+        await job.result(timeout=1)
+    assert all(j.id != job.id for j in await pm.jobs("tasks"))
+
+
+async def test_a_job_cancelled_before_it_started_never_runs(
+    pm: ProcessManager, workers: Workers, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    job_id = await pm.client.submit("tasks", "add", (1, 1), {"tag": "cancelled"})  # no worker yet
+    job = pm.job(job_id)
+    assert (await job.status()).state is JobState.QUEUED
+    assert await job.cancel() is True
+    assert (await job.status()).state is JobState.CANCELLED
+    workers.start(TASKS, "--dep", f"log={json.dumps(str(log))}")
+    after = pm.job(await pm.client.submit("tasks", "add", (2, 2), {"tag": "after"}))
+    assert await after.result(timeout=20) == 4.0  # the queue was read past where the cancelled job was
+    assert runs(log, "add", "cancelled") == []
+    with pytest.raises(JobCancelled):
+        await job.result(timeout=1)
+    assert await after.cancel() is False  # it ran: too late to cancel
+
+
+async def test_a_delayed_job_runs_no_earlier_than_its_delay_and_at_most_a_second_late(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    await pm.spawn(TASKS, dependencies={"log": str(log)})
+    job = pm.job(await pm.client.submit("tasks", "add", (1, 2), {"tag": "delayed"}, delay=2.0))
+    status = await job.status()
+    assert status.state is JobState.QUEUED and status.due is not None and status.submitted is not None
+    assert 1.99 <= (status.due - status.submitted).total_seconds() <= 2.01
+    assert await job.result(timeout=10) == 3.0
+    status = await job.status()
+    assert status.started is not None
+    late = (status.started - status.due).total_seconds()
+    assert -0.05 <= late <= 1.0, late  # the worker's clock estimate of Redis's: a few ms either way
+
+
+async def test_a_delayed_call_waits_for_its_delay(pm: ProcessManager, tmp_path: Path) -> None:
+    from tests.services.tasks import Tasks
+
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    started = time.monotonic()
+    assert await with_options(tasks, delay=1.0, timeout=5).add(2, 2) == 4.0
+    assert 1.0 <= time.monotonic() - started < 3.0
+
+
+async def test_retries_back_off_then_the_last_error_is_the_jobs(pm: ProcessManager, tmp_path: Path) -> None:
+    from tests.services.tasks import Tasks
+
+    log = tmp_path / "runs"
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(log)})
+    recovers = await pm.submit(tasks.flaky, 1, "recovers")
+    gives_up = await pm.submit(tasks.flaky, 5, "gives-up")
+    assert await recovers.result(timeout=15) == "ok after 2"
+    with pytest.raises(RemoteError) as info:
+        await gives_up.result(timeout=15)
+    assert info.value.type == "ConnectionError" and "run 3 of gives-up" in info.value.message  # the last
+    status = await gives_up.status()
+    assert status.state is JobState.FAILED and status.attempts == 3
+    times = [float(line[3]) for line in runs(log, "flaky", "gives-up")]
+    assert len(times) == 3
+    # backoff 0.3 s, doubled: the runs are queued again, not looped in place.
+    assert times[1] - times[0] >= 0.3 and times[2] - times[1] >= 0.6, times
+    # A plain call retries the same way; an exception @retry does not list is not retried.
+    assert await tasks.flaky(1, "call") == "ok after 2"
+    with pytest.raises(RemoteError, match="not retried"):
+        await tasks.wrong_error("once")
+    assert len(runs(log, "wrong", "once")) == 1
+
+    async def retries_counted() -> bool:  # the registry's numbers are refreshed every heartbeat
+        records = await list_workers(pm.client.redis, pm.client.keys, "tasks")
+        return sum(r.metrics.get("flaky", {}).get("retries", 0) for r in records) == 1 + 2 + 1
+
+    await eventually(retries_counted, 5, "the retries in the worker's metrics")
+
+
+async def test_a_job_survives_its_worker_killed_mid_run(
+    pm: ProcessManager, workers: Workers, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    first = workers.start(TASKS, "--dep", f"log={json.dumps(str(log))}", "--heartbeat-ttl", "2")
+    workers.wait_registered("tasks", 1)
+    job = pm.job(await pm.client.submit("tasks", "slow", (2.0, "killed")))
+    wait_until(lambda: runs(log, "start", "killed"), 10, "the job to start")
+    workers.start(TASKS, "--dep", f"log={json.dumps(str(log))}", "--heartbeat-ttl", "2")
+    workers.wait_registered("tasks", 2)
+    workers.kill(first)
+    assert await job.result(timeout=20) == "killed"
+    ends = runs(log, "end", "killed")
+    assert len(ends) == 1 and int(ends[0][2]) != first.pid  # completed once, elsewhere
+    status = await job.status()
+    assert status.state is JobState.DONE and status.attempts == 1  # a redelivery is not a retry
+
+
+@pytest.mark.timeout(90)
+async def test_periodic_runs_once_per_tick_across_three_workers_and_a_killed_one(
+    workers: Workers, tmp_path: Path
+) -> None:
+    log = tmp_path / "ticks"
+    procs = [workers.start(TICKER, "--dep", f"log={json.dumps(str(log))}") for _ in range(3)]
+    workers.wait_registered("ticker", 3)
+    wait_until(lambda: len(runs(log, "tick")) >= 10, 20, "ten ticks")  # ten seconds of ticks
+    ticks = [_tick(line) for line in runs(log, "tick")]
+    per_second = Counter(int(at) for _, at in ticks)
+    assert max(per_second.values()) == 1, per_second  # never two runs of one tick
+    # The worker that ran the last tick dies; the next ticks still run, on the others.
+    victim = next(p for p in procs if p.pid == ticks[-1][0])
+    workers.kill(victim)
+    killed_at = time.time()
+    wait_until(lambda: sum(1 for _, at in map(_tick, runs(log, "tick")) if at > killed_at) >= 3, 15,
+               "three more ticks after the kill")  # fmt: skip
+    after = [pid for pid, at in map(_tick, runs(log, "tick")) if at > killed_at]
+    assert victim.pid not in after
+    all_ticks = Counter(int(at) for _, at in map(_tick, runs(log, "tick")))
+    assert max(all_ticks.values()) == 1, all_ticks
+
+
+def _tick(line: list[str]) -> tuple[int, float]:
+    return int(line[2]), float(line[3])
+
+
+async def test_the_cli_lists_jobs_shows_one_and_lists_schedules(
+    pm: ProcessManager, workers: Workers, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    from tests.services.tasks import Tasks
+
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    ok = await pm.submit(tasks.add, 1, 2)
+    failed = await pm.submit(tasks.wrong_error, "cli")
+    await ok.result(timeout=10)
+    with pytest.raises(RemoteError):
+        await failed.result(timeout=10)
+    listed = titan(redis_url, namespace, "jobs", "tasks", "--status", "failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["id"] for j in json.loads(listed.stdout)] == [failed.id]
+    shown = titan(redis_url, namespace, "job", ok.id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["result"] == 3.0 and json.loads(shown.stdout)["state"] == "done"
+    assert titan(redis_url, namespace, "job", failed.id).returncode == 1
+    assert titan(redis_url, namespace, "job", "not-a-job-id").returncode == 2
+    workers.start(TICKER, "--dep", f"log={json.dumps(str(tmp_path / 'ticks'))}")
+    workers.wait_registered("ticker", 1)
+    schedules = titan(redis_url, namespace, "schedules", "--json")
+    assert schedules.returncode == 0, schedules.stderr
+    [row] = json.loads(schedules.stdout)
+    assert (row["service"], row["method"], row["schedule"]) == ("ticker", "tick", "every 1 s")
+
+
+def test_periodic_and_retry_refuse_what_cannot_work() -> None:
+    with pytest.raises(ConfigError, match="every=<seconds> or cron"):
+        periodic()
+    with pytest.raises(ConfigError, match="not a cron expression"):
+        periodic(cron="every tuesday")
+    with pytest.raises(ConfigError, match="attempts >= 2"):
+        retry(attempts=1)
+    with pytest.raises(ConfigError, match="exception classes"):
+        retry(on=(42,))  # type: ignore[arg-type]
+
+    @process(name="needs-args")
+    class NeedsArgs:
+        @periodic(every=5)
+        async def report(self, day: str) -> None: ...
+
+    with pytest.raises(ConfigError, match="required arguments \\(day\\)"):
+        describe(NeedsArgs)
+
+
+def test_cron_ticks_fall_where_the_expression_says() -> None:
+    from titan_broker.decorators import PeriodicOptions
+
+    every_five = PeriodicOptions(cron="*/5 * * * *")
+    at = 1_800_000_123_456  # some ms after a tick
+    tick = every_five.tick_at_or_before(at)
+    assert tick % 300_000 == 0 and at - 300_000 < tick <= at
+    assert every_five.tick_after(tick) == tick + 300_000
+    assert PeriodicOptions(every=60).tick_at_or_before(at) == at - at % 60_000
+
+
+async def test_a_job_that_kills_its_workers_is_dead_lettered_and_says_so(
+    pm: ProcessManager, workers: Workers
+) -> None:
+    """The same rules as a call: delivered more than max_deliveries times (its workers died on it)."""
+    procs = [workers.start(CHAOS, *FAST_FAILOVER, "--max-deliveries", "1") for _ in range(2)]
+    workers.wait_registered("chaos", 2)
+    job = pm.job(await pm.client.submit("chaos", "crash"))
+    with pytest.raises(DeadLettered, match=r"max_deliveries 1"):
+        await job.result(timeout=30)
+    assert (await job.status()).state is JobState.DEAD
+    assert len(await pm.dead_letters("chaos")) == 1
+    workers.killed.update(p.pid for p in procs if p.poll() is not None)
+
+
+async def test_a_job_past_its_own_deadline_fails_with_deadline_exceeded(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    from tests.services.tasks import Tasks
+
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    job = await pm.submit(with_options(tasks, deadline=0.5).slow, 5.0, "too-slow")
+    with pytest.raises(DeadlineExceeded):
+        await job.result(timeout=10)
+    assert (await job.status()).state is JobState.FAILED

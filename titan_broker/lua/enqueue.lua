@@ -1,0 +1,30 @@
+-- Queue a job (its outcome kept in its hash, for whoever asks later) or a
+-- call to run later (in the service's delayed set, due at now + delay), with
+-- the checks of submit.lua: a full backlog, a caller's deadline already gone.
+-- A delayed call's request is its member of the delayed set: its fields as
+-- a msgpack map, whose ttl counts from its due time (promote.lua).
+-- KEYS: calls stream, delayed set, [job hash, jobs index]
+-- ARGV: config hash (read only), default limit, deadline ms (Redis clock)
+--       or 0, delay ms, member (delayed) or '', job id or '', result ttl ms,
+--       method, field, value, ...
+-- Returns the entry id, or 'delayed'; TITANBACKLOG and TITANLATE as submit.lua.
+-- include: admission
+-- include: jobs
+local full = backlog_full(ARGV[1], ARGV[2], KEYS[1])
+if full then return full end
+local now = redis_now_ms()
+local deadline, delay = tonumber(ARGV[3]) or 0, tonumber(ARGV[4]) or 0
+local due = now + delay
+if deadline > 0 and due >= deadline then
+  return redis.error_reply('TITANLATE ' .. (due - deadline))
+end
+local where, at = 'delayed', ARGV[5]
+if delay > 0 then
+  redis.call('ZADD', KEYS[2], due, ARGV[5])
+else
+  if deadline > 0 then cut_ttl(ARGV, 9, deadline - now) end
+  where, at = 'entry', redis.call('XADD', KEYS[1], '*', unpack(ARGV, 9))
+end
+if KEYS[3] then new_job(KEYS[3], KEYS[4], ARGV[6], ARGV[8], now, due, ARGV[7], where, at) end
+if where == 'entry' then return at end
+return 'delayed'

@@ -1,0 +1,114 @@
+"""Calls that run later: moving due delayed calls onto the stream, and queuing @periodic ticks.
+
+There is no scheduler process and no leader: every worker of a service runs
+this loop, and each step is one script that only one worker can win.
+
+- Delayed calls (``with_options(proxy, delay=...)``, jobs submitted with a
+  delay, and @retry's next runs) wait in the service's delayed set, scored
+  by their due time in Redis's clock; ``promote.lua`` moves those that are
+  due onto the stream, ZREM and XADD together. The loop wakes at least every
+  PROMOTE_EVERY seconds, sooner when the next call is due sooner.
+- A @periodic method's tick is queued by ``tick.lua``, which compares it
+  with the last tick queued and writes it in one step: one run per tick
+  whatever the number of workers. A worker only asks when its own clock (the
+  Redis clock it measures) says a new tick has come, so the script runs once
+  per tick and worker, not every loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import anyio
+
+from titan_broker import protocol
+from titan_broker.decorators import PeriodicOptions
+from titan_broker.scripting import Script
+
+from .context import WorkerContext
+
+_PROMOTE = Script("promote")
+_TICK = Script("tick")
+
+PROMOTE_EVERY = 0.25
+"""Seconds between two looks at the delayed set at most: a delayed call starts at most about this late."""
+PROMOTE_BATCH = 200
+"""Calls one look moves at most; a full batch is followed by another look at once."""
+
+
+@dataclass
+class _Periodic:
+    method: str
+    options: PeriodicOptions
+    last: int = 0
+    """The latest tick this worker saw queued (by itself or another)."""
+
+
+class Scheduler:
+    """A worker's part in running delayed calls and periodic ticks (see the module's doc)."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.periodic = [
+            _Periodic(spec.name, spec.periodic)
+            for spec in ctx.definition.methods.values()
+            if spec.periodic is not None
+        ]
+
+    async def run(self) -> None:
+        """Until cancelled; Redis's absences are logged (once) and waited out."""
+        ctx = self.ctx
+        while True:
+            wait = PROMOTE_EVERY
+            try:
+                moved, next_in = await _PROMOTE(
+                    ctx.writer, [ctx.keys.delayed(ctx.service), ctx.stream, ctx.keys.dead(ctx.service)],
+                    [PROMOTE_BATCH, ctx.keys.job_prefix(ctx.service), ctx.options.dead_letter_maxlen],
+                )  # fmt: skip
+                if moved >= PROMOTE_BATCH:
+                    wait = 0.0
+                elif next_in >= 0:
+                    wait = min(wait, next_in / 1000)
+                for periodic in self.periodic:
+                    await self._tick(periodic)
+                ctx.log.over(("schedule",), "worker %s: schedules reach Redis again", ctx.worker_id)
+            except Exception as exc:  # the loop outlives any trouble with Redis
+                ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls or "
+                            "periodic ticks now (%s); still trying", ctx.worker_id, exc)  # fmt: skip
+                wait = 1.0
+            await anyio.sleep(wait)
+
+    async def _tick(self, periodic: _Periodic) -> None:
+        """Queue the run of the tick that has come, unless this or another worker did already."""
+        ctx = self.ctx
+        options = periodic.options
+        tick = options.tick_at_or_before(int(ctx.clock.now_ms()))
+        if tick <= periodic.last:
+            return
+        token = f"periodic-{periodic.method}-{tick}"
+        # A run that cannot start before the next tick is dropped as late: ticks never pile up.
+        following = options.tick_after(tick)
+        fields = protocol.encode_request(
+            f"{token}-{uuid.uuid4().hex[:6]}", periodic.method, (), {}, None, max(1, following - tick),
+            job=token,
+        )  # fmt: skip
+        flat: list[bytes] = []
+        for name, value in fields.items():
+            flat += (name, value)
+        keys = [ctx.keys.schedule(ctx.service), ctx.stream]
+        keys += [ctx.keys.job(ctx.service, token), ctx.keys.jobs(ctx.service)]
+        args = [
+            periodic.method,
+            tick,
+            following,
+            f"{ctx.service}:{token}",
+            int(options.result_ttl * 1000),
+            *flat,
+        ]
+        if await _TICK(ctx.writer, keys, args):
+            ctx.log.logger.info(
+                "worker %s: queued %s() for its tick at %d", ctx.worker_id, periodic.method, tick
+            )
+        periodic.last = tick
