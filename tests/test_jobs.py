@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
 from titan_broker import (
@@ -63,8 +65,9 @@ async def test_a_job_outlives_its_caller_and_is_read_by_another_process(
         "        print(await client.submit('tasks', 'slow', (1.0, 'outlived')))\n"
         "anyio.run(main)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    command = [sys.executable, "-c", script]
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     )
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip()
