@@ -62,6 +62,8 @@ class JobStatus:
     submitted: datetime | None
     due: datetime | None
     """When it may start (its delay, or its next attempt's backoff)."""
+    queued: datetime | None
+    """When its request reached the service's stream (a delayed job: when it came due and moved)."""
     started: datetime | None
     """When its last run started."""
     finished: datetime | None
@@ -81,6 +83,7 @@ class JobStatus:
                 for name, when in (
                     ("submitted", self.submitted),
                     ("due", self.due),
+                    ("queued", self.queued),
                     ("started", self.started),
                     ("finished", self.finished),
                 )
@@ -122,6 +125,7 @@ def status_of(job_id: str, fields: dict[bytes, bytes]) -> JobStatus:
         id=job_id, method=text(fields.get(b"method", b"")), state=state,
         attempts=int(attempts) if attempts.isdigit() else 0,
         submitted=_when(fields.get(b"submitted")), due=_when(fields.get(b"due")),
+        queued=_when(fields.get(b"queued")),
         started=_when(fields.get(b"started")), finished=_when(fields.get(b"finished")),
         worker=text(worker) if worker else None, error=error,
     )  # fmt: skip

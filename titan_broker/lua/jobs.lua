@@ -2,14 +2,15 @@
 -- A job's hash: status (queued, running, retrying, done, failed, dead,
 -- cancelled), method, submitted and due (ms, Redis's clock), attempts,
 -- result_ttl (ms), where its request is (entry: a stream entry id, or
--- delayed: its member of the delayed set) while it waits, and once it ended,
--- result (the reply, msgpack) and finished.
+-- delayed: its member of the delayed set) while it waits, queued (ms: when it
+-- reached the stream), and once it ended, result (the reply, msgpack) and finished.
 -- include: clock
 
 -- A new job, queued; its id goes to the service's index of jobs (the newest 100,000).
 local function new_job(key, index, id, method, now, due, result_ttl, where, at)
   redis.call('HSET', key, 'status', 'queued', 'method', method, 'submitted', now, 'due', due,
              'attempts', 0, 'result_ttl', result_ttl, where, at)
+  if where == 'entry' then redis.call('HSET', key, 'queued', now) end
   redis.call('ZADD', index, now, id)
   redis.call('ZREMRANGEBYRANK', index, 0, -100001)
 end

@@ -37,7 +37,7 @@ for i = 1, #due, 2 do
     if type(f['j']) == 'string' then
       local job = ARGV[2] .. f['j']
       if redis.call('EXISTS', job) == 1 then
-        redis.call('HSET', job, 'entry', id)
+        redis.call('HSET', job, 'entry', id, 'queued', now)
         redis.call('HDEL', job, 'delayed')
       end
     end
