@@ -103,9 +103,8 @@ async def run(url: str, seconds: float, rounds: int) -> None:
     print(f"{len(late)} jobs delayed {DELAY:g} s, due under that load, late by (ms):")
     for label, samples in (("on the stream", [q for q, _ in late]), ("started", [s for _, s in late])):
         p50, p99 = percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
-        print(
-            f"  {label:<14} p50 {p50:5.0f}  p99 {p99:5.0f}  max {max(samples) * 1000:5.0f}  min {min(samples) * 1000:5.0f}"
-        )
+        top, low = max(samples) * 1000, min(samples) * 1000
+        print(f"  {label:<14} p50 {p50:5.0f}  p99 {p99:5.0f}  max {top:5.0f}  min {low:5.0f}")
 
 
 def main() -> None:
