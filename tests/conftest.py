@@ -156,10 +156,14 @@ class Workers:
         log.seek(0)
         return log.read()
 
+    def connect(self) -> Any:
+        """A sync client to read the registry with (a cluster or sentinel client in RoutedWorkers)."""
+        return sync_redis.Redis.from_url(self.url)
+
     def wait_registered(self, service: str, count: int, timeout: float = 20.0) -> list[str]:
         """Wait until ``count`` workers of ``service`` have live records; return their ids."""
         keys = Keys(self.namespace)
-        client = sync_redis.Redis.from_url(self.url)
+        client = self.connect()
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -256,22 +260,7 @@ class RoutedWorkers(Workers):
 
     def __init__(self, url: str, namespace: str, connect: Callable[[], Any]) -> None:
         super().__init__(url, namespace)
-        self.connect = connect
+        self.connect_routed = connect
 
-    def wait_registered(self, service: str, count: int, timeout: float = 20.0) -> list[str]:
-        keys = Keys(self.namespace)
-        client = self.connect()
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                ids = [i.decode() for i in client.smembers(keys.workers(service))]
-                live = [i for i in ids if client.exists(keys.worker(service, i))]
-                if len(live) >= count:
-                    return live
-                for proc in self.procs:
-                    if proc.pid not in self.killed and proc.poll() is not None:
-                        raise AssertionError(f"worker exited with {proc.returncode}: {self.output(proc)!r}")
-                time.sleep(0.05)
-            raise AssertionError(f"{count} worker(s) of {service!r} not registered within {timeout} s")
-        finally:
-            client.close()
+    def connect(self) -> Any:
+        return self.connect_routed()

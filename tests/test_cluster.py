@@ -506,6 +506,19 @@ async def failover_under_load(
     assert not relapses, f"calls failed after the service was back: {relapses[:5]!r}"
 
 
+async def chaos_pair(pm: ProcessManager) -> tuple[Any, list[int], Callable[[Outcome], bool]]:
+    """Two chaos workers, a proxy, their pids, and whether an outcome is a right answer from one of them."""
+    await pm.spawn(CHAOS)
+    proxy = await pm.connect("chaos")
+    await pm.spawn(CHAOS)
+    pids = [w.pid for w in pm.workers]
+
+    def right(o: Outcome) -> bool:
+        return bool(o.value[0] == 2 * o.i and o.value[1] in pids)
+
+    return proxy, pids, right
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("url_of", ["another node", "the killed node"])
@@ -519,14 +532,7 @@ async def test_a_primary_killed_under_load(
     try:
         async with ProcessManager(url, namespace=namespace, default_timeout=CALL_TIMEOUT) as pm:
             recorder = Recorder(pm)
-            await pm.spawn(CHAOS)
-            proxy = await pm.connect("chaos")
-            await pm.spawn(CHAOS)
-            pids = [w.pid for w in pm.workers]
-
-            def right(o: Outcome) -> bool:
-                return bool(o.value[0] == 2 * o.i and o.value[1] in pids)
-
+            proxy, pids, right = await chaos_pair(pm)
             promoted: list[ClusterNode] = []
             await failover_under_load(
                 lambda i: with_options(proxy, timeout=CALL_TIMEOUT).work(i, 20),

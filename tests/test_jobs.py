@@ -18,11 +18,15 @@ import anyio.to_thread
 import pytest
 
 from titan_broker import (
+    BacklogFull,
+    CircuitBreaker,
+    CircuitOpen,
     ConfigError,
     DeadLettered,
     DeadlineExceeded,
     JobCancelled,
     JobNotFound,
+    MethodNotFound,
     ProcessManager,
     RemoteError,
     periodic,
@@ -143,7 +147,7 @@ async def test_a_delayed_job_runs_no_earlier_than_its_delay_and_at_most_a_second
     assert 1.99 <= (status.due - status.submitted).total_seconds() <= 2.01
     assert await job.result(timeout=10) == 3.0
     status = await job.status()
-    assert status.started is not None
+    assert status.started is not None and status.due is not None
     late = (status.started - status.due).total_seconds()
     assert -0.05 <= late <= 1.0, late  # the worker's clock estimate of Redis's: a few ms either way
 
@@ -182,7 +186,7 @@ async def test_retries_back_off_then_the_last_error_is_the_jobs(pm: ProcessManag
 
     async def retries_counted() -> bool:  # the registry's numbers are refreshed every heartbeat
         records = await list_workers(pm.client.redis, pm.client.keys, "tasks")
-        return sum(r.metrics.get("flaky", {}).get("retries", 0) for r in records) == 1 + 2 + 1
+        return sum(int(r.metrics.get("flaky", {}).get("retries", 0)) for r in records) == 1 + 2 + 1
 
     await eventually(retries_counted, 5, "the retries in the worker's metrics")
 
@@ -313,3 +317,53 @@ async def test_a_job_past_its_own_deadline_fails_with_deadline_exceeded(
     with pytest.raises(DeadlineExceeded):
         await job.result(timeout=10)
     assert (await job.status()).state is JobState.FAILED
+
+
+async def test_a_job_for_a_method_nobody_has_fails_with_method_not_found(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    await pm.spawn(TASKS, dependencies={"log": str(tmp_path / "runs")})
+    job = pm.job(await pm.client.submit("tasks", "no_such_method"))
+    with pytest.raises(MethodNotFound):
+        await job.result(timeout=10)
+    assert (await job.status()).state is JobState.FAILED
+
+
+def small_backlog(redis_url: str, namespace: str, limit: int) -> ProcessManager:
+    """A manager whose client refuses calls past ``limit`` waiting (when no worker says otherwise)."""
+    manager = ProcessManager(redis_url, namespace=namespace)
+    manager.client.max_backlog = limit  # read when it connects
+    return manager
+
+
+async def test_delayed_calls_count_in_the_backlog(redis_url: str, namespace: str) -> None:
+    """What waits for later waits all the same: a full backlog refuses delayed jobs and calls too."""
+    async with small_backlog(redis_url, namespace, 3) as pm:
+        for i in range(3):
+            await pm.client.submit("nobody", "m", (i,), delay=60)
+        with pytest.raises(BacklogFull, match="max_backlog=3"):
+            await pm.client.submit("nobody", "m", (4,), delay=60)
+        with pytest.raises(BacklogFull):
+            await pm.client.call("nobody", "m", timeout=5, delay=60)
+
+
+async def test_a_submit_goes_through_the_proxys_circuit_breaker(redis_url: str, namespace: str) -> None:
+    from tests.services.tasks import Tasks
+
+    async with small_backlog(redis_url, namespace, 1) as pm:
+        tasks = await pm.connect("nobody", Tasks, breaker=CircuitBreaker(failures=1, reset_after=60))
+        await pm.submit(tasks.add, 1, 1)  # queued: nobody serves it
+        with pytest.raises(BacklogFull):
+            await pm.submit(tasks.add, 2, 2)
+        with pytest.raises(CircuitOpen):
+            await pm.submit(tasks.add, 3, 3)
+
+
+async def test_a_job_waits_for_a_worker_longer_than_its_submit_took(
+    pm: ProcessManager, workers: Workers, tmp_path: Path
+) -> None:
+    """The submit's timeout bounds the submit, not the job: queued longer, it still runs."""
+    job = pm.job(await pm.client.submit("tasks", "add", (2, 3), timeout=0.5))
+    await anyio.sleep(1.0)  # the submit's deadline is long gone
+    workers.start(TASKS, "--dep", f"log={json.dumps(str(tmp_path / 'runs'))}")
+    assert await job.result(timeout=20) == 5.0

@@ -19,9 +19,9 @@ from titan_broker import ProcessManager, RedisUnavailable, RemoteError, TitanErr
 from titan_broker.keys import Keys
 from titan_broker.local_redis import LocalRedis, LocalSentinel, find_redis_server
 
-from .conftest import CALCULATOR, CHAOS, SERVICES, RoutedWorkers, managed_workers
+from .conftest import CALCULATOR, SERVICES, RoutedWorkers, managed_workers
 from .test_cli import titan
-from .test_cluster import CALL_TIMEOUT, Outcome, failover_under_load, in_thread
+from .test_cluster import CALL_TIMEOUT, chaos_pair, failover_under_load, in_thread
 from .test_pools import Recorder
 
 pytestmark = pytest.mark.anyio
@@ -102,13 +102,7 @@ async def test_the_primary_killed_under_load(sentinel: LocalSentinel, namespace:
     try:
         async with ProcessManager(sentinel.url, namespace=namespace, default_timeout=CALL_TIMEOUT) as pm:
             recorder = Recorder(pm)
-            await pm.spawn(CHAOS)
-            proxy = await pm.connect("chaos")
-            await pm.spawn(CHAOS)
-            pids = [w.pid for w in pm.workers]
-
-            def right(o: Outcome) -> bool:
-                return bool(o.value[0] == 2 * o.i and o.value[1] in pids)
+            proxy, pids, right = await chaos_pair(pm)
 
             killed: list[LocalRedis] = []
             promoted: list[LocalRedis] = []

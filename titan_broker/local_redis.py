@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Self, cast
 from urllib.parse import quote
 
 import redis
@@ -62,7 +62,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LocalRedis:
+class _Private:
+    """A private server started by ``with`` (start) and stopped, its files removed, on leaving (close)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LocalRedis(_Private):
     """A private redis-server process; use as a (sync) context manager.
 
     ``extra_args`` are passed to redis-server (e.g. ``["--appendonly", "yes"]``).
@@ -97,7 +118,7 @@ class LocalRedis:
         assert self._dir is not None, "start() first"
         return self._dir
 
-    def start(self, timeout: float = 10.0) -> LocalRedis:
+    def start(self, timeout: float = 10.0) -> Self:
         """Start the server and wait until it accepts connections."""
         if self._dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="titan-redis-")
@@ -155,17 +176,6 @@ class LocalRedis:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> LocalRedis:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- Redis Cluster and Sentinel, for the tests and the cluster benchmark -------------------------
@@ -318,7 +328,7 @@ class ClusterNode(LocalRedis):
         return f"<ClusterNode 127.0.0.1:{self.port} {'up' if self.running else 'down'}>"
 
 
-class LocalCluster:
+class LocalCluster(_Private):
     """A private Redis Cluster: ``primaries`` primaries, each with ``replicas`` replicas.
 
     Every node is a ``redis-server --cluster-enabled yes`` on free ports of
@@ -360,7 +370,7 @@ class LocalCluster:
 
     # -- starting and stopping -----------------------------------------------------------------
 
-    def start(self, timeout: float = STARTUP_TIMEOUT) -> LocalCluster:
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> Self:
         deadline = time.monotonic() + timeout
         try:
             self._tmp = tempfile.TemporaryDirectory(prefix="titan-cluster-")
@@ -396,7 +406,7 @@ class LocalCluster:
                 ],
             )  # fmt: skip
             try:
-                return node.start()  # type: ignore[return-value]  # start() returns self
+                return node.start()
             except TitanError as exc:
                 if "already in use" not in str(exc):
                     raise
@@ -437,17 +447,6 @@ class LocalCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def client(self) -> redis.cluster.RedisCluster:
         """A (sync) cluster client for checks in tests: it routes each key to its node."""
@@ -614,7 +613,7 @@ class LocalCluster:
         wait_for(self.ready_problem, timeout, "the cluster whole again")
 
 
-class LocalSentinel:
+class LocalSentinel(_Private):
     """A primary, one replica, and ``sentinels`` Redis Sentinels monitoring it as ``name``.
 
     Quorum: a majority of the sentinels (1 of 1, 2 of 3). ``down_after`` and
@@ -654,7 +653,7 @@ class LocalSentinel:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         return _auth_url("redis+sentinel", self.password, hosts, f"/{self.name}")
 
-    def start(self, timeout: float = STARTUP_TIMEOUT) -> LocalSentinel:
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> Self:
         deadline = time.monotonic() + timeout
         try:
             self._tmp = tempfile.TemporaryDirectory(prefix="titan-sentinel-")
@@ -710,17 +709,6 @@ class LocalSentinel:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> LocalSentinel:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- what the sentinels say ----------------------------------------------------------------
 

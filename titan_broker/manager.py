@@ -243,11 +243,20 @@ class ProcessManager:
             raise TypeError(f"submit() takes a proxy's method (pm.submit(calc.add, 1, 2)), not {method!r}")
         self._started()
         proxy, name = method._proxy, method._method
-        later = proxy._later
-        job_id = await self.client.submit(
-            proxy._service, name, args, kwargs, delay=later.delay_now(), deadline=later.deadline,
-            result_ttl=later.result_ttl or DEFAULT_RESULT_TTL, timeout=proxy._timeout,
-        )  # fmt: skip
+        later, breaker = proxy._later, proxy._breaker
+        if breaker is not None:  # the submit, like a call, fails fast while the circuit is open
+            breaker.before_call()
+        try:
+            job_id = await self.client.submit(
+                proxy._service, name, args, kwargs, delay=later.delay_now(), deadline=later.deadline,
+                result_ttl=later.result_ttl or DEFAULT_RESULT_TTL, timeout=proxy._timeout,
+            )  # fmt: skip
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.after_call(exc)
+            raise
+        if breaker is not None:
+            breaker.after_call(None)
         return self.client.job(job_id, functools.partial(method._decode, what="result"))
 
     @overload

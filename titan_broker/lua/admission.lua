@@ -2,12 +2,16 @@
 
 -- include: clock
 
--- An error reply when `stream` holds the service's limit of calls already: the
--- limit its workers publish in `config` (read only: named in ARGV, not KEYS,
--- because every KEY of an EVALSHA counts as written for ACLs), else `default`.
-local function backlog_full(config, default, stream)
+-- An error reply when `stream` (and the delayed set `delayed`, when given)
+-- hold the service's limit of calls already: the limit its workers publish
+-- in `config` (read only: named in ARGV, not KEYS, because every KEY of an
+-- EVALSHA counts as written for ACLs), else `default`.
+local function backlog_full(config, default, stream, delayed)
   local max = tonumber(redis.call('HGET', config, 'max_backlog') or default)
-  if max > 0 and redis.call('XLEN', stream) >= max then
+  if max <= 0 then return nil end
+  local waiting = redis.call('XLEN', stream)
+  if delayed then waiting = waiting + redis.call('ZCARD', delayed) end
+  if waiting >= max then
     return redis.error_reply('TITANBACKLOG ' .. max)
   end
   return nil

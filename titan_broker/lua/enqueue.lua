@@ -2,27 +2,30 @@
 -- call to run later (in the service's delayed set, due at now + delay), with
 -- the checks of submit.lua: a full backlog, a caller's deadline already gone.
 -- A delayed call's request is its member of the delayed set: its fields as
--- a msgpack map, whose ttl counts from its due time (promote.lua).
+-- a msgpack map, whose ttl counts from its due time (promote.lua). The
+-- backlog counts the delayed set too: what waits for later waits all the same.
 -- KEYS: calls stream, delayed set, [job hash, jobs index]
--- ARGV: config hash (read only), default limit, deadline ms (Redis clock)
---       or 0, delay ms, member (delayed) or '', job id or '', result ttl ms,
---       method, field, value, ...
+-- ARGV: config hash (read only), default limit, the caller's deadline ms
+--       (Redis clock; for a job, the submit's) or 0, delay ms, member
+--       (delayed) or '', job id or '', result ttl ms, method, field, value, ...
 -- Returns the entry id, or 'delayed'; TITANBACKLOG and TITANLATE as submit.lua.
 -- include: admission
 -- include: jobs
-local full = backlog_full(ARGV[1], ARGV[2], KEYS[1])
+local full = backlog_full(ARGV[1], ARGV[2], KEYS[1], KEYS[2])
 if full then return full end
 local now = redis_now_ms()
 local deadline, delay = tonumber(ARGV[3]) or 0, tonumber(ARGV[4]) or 0
 local due = now + delay
-if deadline > 0 and due >= deadline then
-  return redis.error_reply('TITANLATE ' .. (due - deadline))
+if deadline > 0 and now >= deadline then
+  return redis.error_reply('TITANLATE ' .. (now - deadline))
 end
 local where, at = 'delayed', ARGV[5]
 if delay > 0 then
-  redis.call('ZADD', KEYS[2], due, ARGV[5])
+  redis.call('ZADD', KEYS[2], due, ARGV[5])  -- its ttl counts from its due time
 else
-  if deadline > 0 then cut_ttl(ARGV, 9, deadline - now) end
+  -- A call is never queued to run past its caller's wait; a job's deadline is its own (the
+  -- deadline here is only the submit's).
+  if deadline > 0 and not KEYS[3] then cut_ttl(ARGV, 9, deadline - now) end
   where, at = 'entry', redis.call('XADD', KEYS[1], '*', unpack(ARGV, 9))
 end
 if KEYS[3] then new_job(KEYS[3], KEYS[4], ARGV[6], ARGV[8], now, due, ARGV[7], where, at) end

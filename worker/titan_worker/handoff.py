@@ -64,7 +64,7 @@ class Handoff:
             f"service {ctx.service!r} has no public method {req.method!r} (public: {public})",
             ctx.worker_id,
         )
-        return Outcome(False, req.reply_to, payload)
+        return Outcome(False, req.reply_to, payload, job=req.job is not None)
 
     async def _workers_with(self, method: str) -> list[str]:
         """Live workers of this service, other than this one, whose records list ``method``."""
