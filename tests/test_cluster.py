@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -46,7 +47,7 @@ from titan_broker import (
 from titan_broker.connection import Channel
 from titan_broker.errors import ConfigError
 from titan_broker.keys import GROUP, Keys
-from titan_broker.local_redis import ClusterNode, LocalCluster
+from titan_broker.local_redis import ClusterNode, LocalCluster, TlsFiles
 from titan_broker.topology import discover
 
 from .conftest import (
@@ -61,6 +62,7 @@ from .conftest import (
     wait_until,
 )
 from .test_cli import titan
+from .test_connections import _make_certs
 from .test_decorators import until_refused
 from .test_pools import POOLED, Recorder, _with_calls
 
@@ -631,6 +633,73 @@ async def test_the_readmes_acl_rules_work_on_a_cluster(secured_cluster: LocalClu
             assert [await calc.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]
             with pytest.raises(Exception, match=r"NOPERM|permission"):
                 await pm.client.redis.hset(Keys(namespace).services, "calculator", "{}")
+    finally:
+        workers.close()
+
+
+# --- 11. a TLS-only cluster, reached with rediss:// -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """3 primaries, no replicas, TLS only (no plain port): clients, cluster bus and replication."""
+    skip_without_cluster_binaries()
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    folder = tmp_path_factory.mktemp("tls")
+    _make_certs(folder)  # a CA, and a certificate it signed for 127.0.0.1
+    tls = TlsFiles(cert=str(folder / "server.crt"), key=str(folder / "server.key"), ca=str(folder / "ca.crt"))
+    with LocalCluster(primaries=3, replicas=0, tls=tls) as c:
+        yield c
+
+
+async def test_rediss_to_a_tls_cluster_from_a_node_without_the_service(
+    tls_cluster: LocalCluster, namespace: str, keys: Keys
+) -> None:
+    """Issue 11: ``rediss://`` works on a cluster as on one node. Workers, callers and the CLI get the
+    URL of a node that does not serve the service's slot: every connection they open to the other
+    nodes (the slot map's probes, the channels, redis-py's cluster client) must speak TLS and trust
+    the URL's ``ssl_ca_certs`` too."""
+    ca = tls_cluster.tls.ca if tls_cluster.tls else ""
+    home = tls_cluster.primary_for(keys.calls("calculator"))
+    seed = tls_cluster.nodes_without(keys.calls("calculator"))[0]
+    url = seed.url
+    assert url.startswith(f"rediss://127.0.0.1:{seed.port}?ssl_ca_certs=") and url.endswith(ca)
+    workers = RoutedWorkers(url, namespace, tls_cluster.client)
+    try:
+        workers.start(CALCULATOR)
+        [wid] = workers.wait_registered("calculator", 1)
+        async with ProcessManager(url, namespace=namespace, default_timeout=10.0) as pm:
+            calc = await pm.connect("calculator", Calculator)
+            assert await calc.add(2, 3) == 5
+            assert await pm.client.call("calculator", "multiply", (), {"a": 6, "b": 7}) == 42
+            results: list[float] = []
+
+            async def one(i: int) -> None:
+                results.append(await calc.add(i, 1))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i)
+            assert sorted(results) == [i + 1 for i in range(20)]
+        single = home.client()  # the stream lives on the other node, reached over TLS
+        try:
+            assert single.exists(keys.calls("calculator")) == 1
+        finally:
+            single.close()
+
+        done = titan(url, namespace, "services", "--json")
+        assert done.returncode == 0, done.stderr
+        [service] = json.loads(done.stdout)
+        assert service["name"] == "calculator" and [w["worker_id"] for w in service["workers"]] == [wid]
+        done = titan(url, namespace, "call", "calculator", "add", "2", "3.5")
+        assert done.returncode == 0 and json.loads(done.stdout) == 5.5, done.stderr
+
+        # TLS only: no plain connection, and no TLS one that does not trust the CA.
+        for wrong in (f"redis://127.0.0.1:{seed.port}", f"rediss://127.0.0.1:{seed.port}"):
+            with pytest.raises(RedisUnavailable):
+                async with ProcessManager(wrong, namespace=namespace):
+                    pass
     finally:
         workers.close()
 

@@ -8,7 +8,7 @@ in a temporary folder and is stopped by pid.
 create``) and ``LocalSentinel`` (a primary, a replica and ``redis-server
 --sentinel`` processes) are made of the same private servers, for the tests
 and the benchmark of issue 11; both can kill a primary and wait, bounded, for
-its replacement.
+its replacement. A cluster may speak TLS only (``LocalCluster(tls=TlsFiles(...))``).
 """
 
 from __future__ import annotations
@@ -204,19 +204,58 @@ def find_redis_cli(server: str | None = None) -> str:
     raise TitanError("no redis-cli found: install Redis (apt install redis-tools) or set TITAN_REDIS_URL")
 
 
-def command(port: int, *args: str | int, password: str | None = None, timeout: float = PROBE_TIMEOUT) -> Any:
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a server that speaks TLS: its certificate, its key, and the CA that signed it.
+
+    The certificate must name 127.0.0.1 (subjectAltName IP:127.0.0.1): clients check it.
+    Clients are not asked for a certificate of their own (``--tls-auth-clients no``).
+    """
+
+    cert: str
+    key: str
+    ca: str
+
+    def server_args(self, port: int) -> list[str]:
+        """redis-server flags: TLS only on ``port`` (no plain port), for clients, the bus and replicas."""
+        return [
+            "--port", "0", "--tls-port", str(port),
+            "--tls-cert-file", self.cert, "--tls-key-file", self.key, "--tls-ca-cert-file", self.ca,
+            "--tls-auth-clients", "no", "--tls-cluster", "yes", "--tls-replication", "yes",
+        ]  # fmt: skip
+
+    def client_args(self) -> list[str]:
+        """redis-cli flags to reach such a server."""
+        return ["--tls", "--cacert", self.ca]
+
+    @property
+    def query(self) -> str:
+        """The query of a ``rediss://`` URL that trusts the CA (redis-py reads ``ssl_ca_certs``)."""
+        return f"?ssl_ca_certs={quote(self.ca, safe='/')}"
+
+
+def command(
+    port: int,
+    *args: str | int,
+    password: str | None = None,
+    timeout: float = PROBE_TIMEOUT,
+    tls: TlsFiles | None = None,
+) -> Any:
     """Send one command to the server on 127.0.0.1:``port`` and return its raw (decoded) reply.
 
     A bare connection, on purpose: no client-side response parsing (redis-py
     reshapes CLUSTER NODES and the SENTINEL replies differently from one
     version to the next), no retries, no pool to close; RESP2, so that the
     replies have one shape (redis-py 8 speaks RESP3 by default: maps become
-    dicts). Raises redis-py's errors (ConnectionError for a dead node,
-    ResponseError for an error reply).
+    dicts). With ``tls``, over TLS, trusting its CA. Raises redis-py's errors
+    (ConnectionError for a dead node, ResponseError for an error reply).
     """
-    conn = redis.Connection(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    kind = redis.Connection if tls is None else redis.SSLConnection
+    ssl: dict[str, Any] = {} if tls is None else {"ssl_ca_certs": tls.ca}
+    conn = kind(
         host="127.0.0.1", port=port, password=password, decode_responses=True,
         socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), protocol=2,
+        **ssl,
     )  # fmt: skip
     try:
         conn.send_command(*args)  # type: ignore[no-untyped-call]
@@ -225,10 +264,12 @@ def command(port: int, *args: str | int, password: str | None = None, timeout: f
         conn.disconnect()  # type: ignore[no-untyped-call]
 
 
-def info(port: int, section: str, *, password: str | None = None) -> dict[str, str]:
+def info(
+    port: int, section: str, *, password: str | None = None, tls: TlsFiles | None = None
+) -> dict[str, str]:
     """``INFO <section>`` (or ``CLUSTER INFO`` for section "cluster-state") as a dict of strings."""
     args = ("CLUSTER", "INFO") if section == "cluster-state" else ("INFO", section)
-    text = str(command(port, *args, password=password))
+    text = str(command(port, *args, password=password, tls=tls))
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
 
 
@@ -298,19 +339,33 @@ class NodeView:
 
 
 class ClusterNode(LocalRedis):
-    """One redis-server of a LocalCluster; ``url`` reaches the whole cluster through it."""
+    """One redis-server of a LocalCluster; ``url`` reaches the whole cluster through it.
+
+    With ``tls`` it listens with TLS only, on ``port``, and ``url`` is
+    ``rediss://[:password@]127.0.0.1:<port>?ssl_ca_certs=<ca>``.
+    """
 
     def __init__(
-        self, *, port: int, dir: str, extra_args: list[str], password: str | None, binary: str
+        self,
+        *,
+        port: int,
+        dir: str,
+        extra_args: list[str],
+        password: str | None,
+        binary: str,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(port=port, dir=dir, extra_args=extra_args, binary=binary)
         self.password = password
+        self.tls = tls
         self.node_id = ""
         """Its cluster id (CLUSTER MYID); kept across a restart, as nodes-<port>.conf is."""
 
     @property
     def url(self) -> str:
-        return _auth_url("redis", self.password, f"127.0.0.1:{self.port}")
+        if self.tls is None:
+            return _auth_url("redis", self.password, f"127.0.0.1:{self.port}")
+        return _auth_url("rediss", self.password, f"127.0.0.1:{self.port}", self.tls.query)
 
     @property
     def running(self) -> bool:
@@ -318,11 +373,18 @@ class ClusterNode(LocalRedis):
 
     def ask(self, *args: str | int) -> Any:
         assert self.port is not None
-        return command(self.port, *args, password=self.password)
+        return command(self.port, *args, password=self.password, tls=self.tls)
+
+    def info(self, section: str) -> dict[str, str]:
+        """``info()`` of this node (INFO <section>, or CLUSTER INFO for "cluster-state")."""
+        return info(self.port or 0, section, password=self.password, tls=self.tls)
 
     def client(self) -> redis.Redis:
         """A (sync) client of this one node (it answers MOVED for the keys of other nodes)."""
-        return redis.Redis(host="127.0.0.1", port=self.port or 0, password=self.password, socket_timeout=5.0)
+        tls: dict[str, Any] = {} if self.tls is None else {"ssl": True, "ssl_ca_certs": self.tls.ca}
+        return redis.Redis(
+            host="127.0.0.1", port=self.port or 0, password=self.password, socket_timeout=5.0, **tls
+        )
 
     def __repr__(self) -> str:
         return f"<ClusterNode 127.0.0.1:{self.port} {'up' if self.running else 'down'}>"
@@ -338,6 +400,11 @@ class LocalCluster(_Private):
     returns once every node agrees the cluster is whole (``ready_problem``);
     ``close()`` (or leaving the ``with`` block, or a start that fails
     half-way) kills every node and removes the folder.
+
+    With ``tls`` every node speaks TLS only: to clients, on the cluster bus
+    and for replication (``--port 0 --tls-port <port> --tls-cluster yes
+    --tls-replication yes``); the helpers here and ``redis-cli`` trust
+    ``tls.ca``, and ``url`` is ``rediss://...?ssl_ca_certs=<ca>``.
     """
 
     def __init__(
@@ -349,6 +416,7 @@ class LocalCluster(_Private):
         password: str | None = None,
         extra_args: list[str] | None = None,
         binary: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if primaries < 3:
             raise TitanError("redis-cli --cluster create needs at least 3 primaries")
@@ -358,6 +426,7 @@ class LocalCluster(_Private):
         self.password = password
         self.extra_args = list(extra_args or [])
         self.binary = binary
+        self.tls = tls
         self.nodes: list[ClusterNode] = []
         self.killed: dict[int, list[tuple[int, int]]] = {}
         """Port of each node killed and not restarted -> the slot ranges it served when killed."""
@@ -365,7 +434,10 @@ class LocalCluster(_Private):
 
     @property
     def url(self) -> str:
-        """``redis://[:password@]127.0.0.1:<port of the first node>``: what a user would configure."""
+        """``redis://[:password@]127.0.0.1:<port of the first node>``: what a user would configure.
+
+        With ``tls``: ``rediss://[:password@]127.0.0.1:<port>?ssl_ca_certs=<ca>``.
+        """
         return self.nodes[0].url
 
     # -- starting and stopping -----------------------------------------------------------------
@@ -396,13 +468,14 @@ class LocalCluster(_Private):
         for _ in range(3):
             port = _free_cluster_port(used)
             auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
+            tls = self.tls.server_args(port) if self.tls else []  # its --port 0 overrides LocalRedis's
             node = ClusterNode(
-                port=port, dir=str(node_dir), password=self.password, binary=binary,
+                port=port, dir=str(node_dir), password=self.password, binary=binary, tls=self.tls,
                 extra_args=[
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", str(node_dir / f"nodes-{port}.conf"),
                     "--cluster-node-timeout", str(self.node_timeout),
-                    *REPLICA_SPEEDUPS, *auth, *self.extra_args,
+                    *REPLICA_SPEEDUPS, *auth, *tls, *self.extra_args,
                 ],
             )  # fmt: skip
             try:
@@ -419,6 +492,7 @@ class LocalCluster(_Private):
         cmd = [
             find_redis_cli(binary), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
             "--cluster-replicas", str(self.replicas), "--cluster-yes",
+            *(self.tls.client_args() if self.tls else []),
         ]  # fmt: skip
         # The password through the environment: with -a, redis-cli warns on stderr that it is unsafe.
         env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
@@ -534,7 +608,7 @@ class LocalCluster(_Private):
         for node in self.nodes:
             if not node.running:
                 return f"{node} is not running"
-            state = info(node.port or 0, "cluster-state", password=self.password)
+            state = node.info("cluster-state")
             for field, want in (
                 ("cluster_state", "ok"),
                 ("cluster_slots_assigned", str(CLUSTER_SLOTS)),
@@ -555,7 +629,7 @@ class LocalCluster(_Private):
                 if count != self.replicas:
                     return f"{node} sees {count} replica(s) of {m.port}"
             if "slave" in next(v for v in views if "myself" in v.flags).flags:
-                link = info(node.port or 0, "replication", password=self.password).get("master_link_status")
+                link = node.info("replication").get("master_link_status")
                 if link != "up":
                     return f"replica {node} has master_link_status:{link}"
         return None
@@ -587,7 +661,7 @@ class LocalCluster(_Private):
             for node in self.nodes:
                 if not node.running:
                     continue
-                state = info(node.port or 0, "cluster-state", password=self.password).get("cluster_state")
+                state = node.info("cluster-state").get("cluster_state")
                 if state != "ok":
                     return f"{node} reports cluster_state:{state}"
                 for first, last, port in self.slot_map(node):
@@ -596,7 +670,7 @@ class LocalCluster(_Private):
             if len(owners) != 1 or old.port in owners:
                 return f"slot {ranges[0][0]} is mapped to {sorted(owners)}"
             new = self.node(owners.pop())
-            role = info(new.port or 0, "replication", password=self.password).get("role")
+            role = new.info("replication").get("role")
             if role != "master":
                 return f"{new} still says role:{role}"
             found.append(new)
