@@ -67,3 +67,9 @@ def test_a_bad_part_of_a_sentinel_url_is_named(url: str, at_fault: str) -> None:
     with pytest.raises(ConfigError) as info:
         _sentinel_topology(url)
     assert at_fault in str(info.value)
+
+
+def test_a_tls_sentinel_url_gives_the_primary_its_ca_like_the_channels() -> None:
+    topology = _sentinel_topology("redis+sentinels://s1:26379/mymaster?ssl_ca_certs=/x/ca.crt&db=2")
+    assert topology._node_options() == {"db": 2, "ssl": True, "ssl_ca_certs": "/x/ca.crt"}
+    assert topology.node_url(("10.0.0.9", 6380)) == "rediss://10.0.0.9:6380/2?ssl_ca_certs=%2Fx%2Fca.crt"

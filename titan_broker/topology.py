@@ -215,10 +215,13 @@ class Topology:
         return auth
 
     def _node_options(self) -> dict[str, Any]:
+        """The primary's connection options from a sentinel URL: its db, and TLS with the URL's
+        ``ssl_*`` options (``ssl_ca_certs`` for a private CA), as ``node_url`` gives the channels."""
         query = {k: v[-1] for k, v in parse_qs(urlsplit(self.url).query).items()}
         node: dict[str, Any] = {"db": int(query.get("db", 0))}
         if self.node_scheme == "rediss":
             node["ssl"] = True
+            node.update({k: v for k, v in query.items() if k.startswith("ssl_")})
         return node
 
     def _sentinel_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
