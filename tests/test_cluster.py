@@ -47,7 +47,8 @@ from titan_broker import (
 from titan_broker.connection import Channel
 from titan_broker.errors import ConfigError
 from titan_broker.keys import GROUP, Keys
-from titan_broker.local_redis import ClusterNode, LocalCluster, TlsFiles
+from titan_broker.local_cluster import ClusterNode, LocalCluster
+from titan_broker.local_redis import TlsFiles
 from titan_broker.topology import discover
 
 from .conftest import (
