@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+import redis as sync_redis
 
 from titan_broker import (
     BacklogFull,
@@ -36,6 +37,7 @@ from titan_broker import (
 )
 from titan_broker.definition import describe
 from titan_broker.jobs import JobState
+from titan_broker.keys import Keys
 from titan_broker.registry import list_workers
 
 from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, wait_until
@@ -367,3 +369,56 @@ async def test_a_job_waits_for_a_worker_longer_than_its_submit_took(
     await anyio.sleep(1.0)  # the submit's deadline is long gone
     workers.start(TASKS, "--dep", f"log={json.dumps(str(tmp_path / 'runs'))}")
     assert await job.result(timeout=20) == 5.0
+
+
+# -- what a hostile review found (each failed before its fix) ------------------------------------------
+
+
+async def test_a_schedule_survives_a_last_tick_written_far_ahead(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """A worker whose clock jumped ahead wrote a tick ten minutes from now: the others go on."""
+    sync_client.hset(keys.schedule("ticker"), "tick:last", str(int(time.time() * 1000) + 600_000))
+    log = tmp_path / "ticks"
+    workers.start(TICKER, "--dep", f"log={json.dumps(str(log))}")
+    wait_until(lambda: len(runs(log, "tick")) >= 2, 15, "two ticks")
+
+
+async def test_long_periodic_runs_are_not_cut_and_any_method_name_runs(
+    workers: Workers, pm: ProcessManager, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    workers.start(SERVICES / "slow_ticker.py", "--dep", f"log={json.dumps(str(log))}")
+    wait_until(lambda: len(runs(log, "end", "long")) >= 2 and len(runs(log, "größe")) >= 2, 20,
+               "two long runs ended and two runs of größe")  # fmt: skip
+    assert not [j for j in await pm.jobs("slow_ticker") if j.state in (JobState.FAILED, JobState.DEAD)]
+
+
+async def test_a_retried_call_whose_caller_gave_up_is_not_run_again(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    from tests.services.tasks import Tasks
+
+    log = tmp_path / "runs"
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(log)})
+    with anyio.move_on_after(0.2):  # the first run fails at once; its retry is due in 0.3 s
+        await tasks.flaky(10, "gave-up")
+    await anyio.sleep(1.5)  # the retries (0.3 s, then 0.6 s) would have run by now
+    assert len(runs(log, "flaky", "gave-up")) == 1
+
+
+async def test_job_options_and_ids_out_of_range_are_clear_errors(pm: ProcessManager, tmp_path: Path) -> None:
+    from tests.services.tasks import Tasks
+
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    for options in ({"deadline": 1e9}, {"delay": float("nan")}, {"result_ttl": 1e-4}, {"delay": 1e12}):
+        with pytest.raises(ConfigError, match="seconds"):
+            await pm.client.submit("tasks", "add", (1, 2), **options)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="seconds"):
+        with_options(tasks, result_ttl=float("inf"))
+    for bad in ("tasks:tok\n", "ауд:tok", "a}{b:tok"):
+        with pytest.raises(ConfigError, match="not a job id"):
+            pm.job(bad)
+    done = await pm.submit(tasks.add, 1, 1)
+    await done.result(timeout=10)
+    assert await done.result(timeout=0) == 2.0  # an ended job is read even with no time to wait

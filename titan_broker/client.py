@@ -28,7 +28,7 @@ from opentelemetry import trace as otel
 
 from . import protocol
 from .breaker import CircuitBreaker
-from .config import redact, resolve_namespace, resolve_url
+from .config import check_seconds, redact, resolve_namespace, resolve_url
 from .connection import REDIS_ERRORS, Redis, open_redis, titan_error
 from .errors import ConfigError, TitanError
 from .jobs import Job
@@ -145,9 +145,8 @@ class Client:
             dispatcher, sender = link.dispatcher, link.sender
             for call_id, sent in dispatcher.entries.items():  # their callers wake after this
                 stream = call_id in dispatcher.streams
-                sender.withdraw(
-                    sent, 0.0, self.keys.stream_control(link.service, call_id) if stream else None
-                )
+                control = self.keys.stream_control(link.service, call_id) if stream else None
+                sender.withdraw(sent, 0.0, control, call_id)
             dispatcher.fail_all(lambda: TitanError("client closed while the call was waiting"))
         if self._redis is not None and links:
             with anyio.CancelScope(shield=True) as scope:
@@ -227,7 +226,7 @@ class Client:
                 timer.cancel()
             answered = True
             if reply.seq is not None or reply.end is not None:
-                sender.withdraw(sent, deadline, self.keys.stream_control(service, call_id))
+                sender.withdraw(sent, deadline, self.keys.stream_control(service, call_id), call_id)
                 raise TitanError(
                     f"{service}.{method}() streams its results: iterate it with 'async for' instead"
                 )
@@ -238,7 +237,7 @@ class Client:
             dispatcher.calls.pop(call_id, None)
             dispatcher.entries.pop(call_id, None)
             if sent is not None and not answered:
-                sender.withdraw(sent, deadline)
+                sender.withdraw(sent, deadline, call_id=call_id)
 
     def stream(
         self,
@@ -309,10 +308,9 @@ class Client:
         (default: none). ``timeout`` bounds the submit itself. Raises like
         ``call`` for the submit (BacklogFull, RedisUnavailable, ...).
         """
-        if deadline is not None and deadline <= 0:
-            raise ConfigError(f"deadline must be positive, got {deadline}")
-        if result_ttl <= 0:
-            raise ConfigError(f"result_ttl must be positive, got {result_ttl}")
+        if deadline is not None:
+            check_seconds("deadline", deadline)
+        check_seconds("result_ttl", result_ttl)
         timeout = self.default_timeout if timeout is None else timeout
         later = _later(delay, None) or Later()
         token = uuid.uuid4().hex
@@ -387,18 +385,12 @@ class Client:
 
 def _later(delay: float | None, key: str | None) -> Later | None:
     """How a call with ``delay`` goes out (None: at once); raise ConfigError for a bad one."""
-    if not delay:
+    if delay is None or delay == 0:
         return None
-    if delay < 0:
-        raise ConfigError(f"delay must be positive, got {delay}")
+    check_seconds("delay", delay)
     if key is not None:
         raise ConfigError("a delayed call goes to any worker: it cannot have an affinity key")
     return Later(delay_ms=int(delay * 1000))
-
-
-def _service_of(sent: Sent) -> str:
-    """The service whose calls stream (``<ns>:{<svc>}:calls``) a request went to."""
-    return sent[0][0].split("{", 1)[1].split("}", 1)[0]
 
 
 def _traceparent() -> str | None:

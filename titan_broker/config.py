@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -43,6 +44,19 @@ def check_name(value: str, what: str) -> str:
             f"{what} {value!r} is not valid: use letters, digits, '_', '-' and '.', at most 128"
         )
     return value
+
+
+LONGEST = 315_360_000.0
+"""Seconds: ten years, the longest delay, deadline or result_ttl (a job's ttl field has 12 digits)."""
+
+
+def check_seconds(what: str, value: float, *, at_least: float = 0.001) -> float:
+    """``value`` when it is a number of seconds from ``at_least`` to ten years; else ConfigError."""
+    if not isinstance(value, int | float) or not math.isfinite(value) or not at_least <= value <= LONGEST:
+        raise ConfigError(
+            f"{what} must be a number of seconds from {at_least:g} to {LONGEST:g} (ten years), got {value!r}"
+        )
+    return float(value)
 
 
 _QUERY_PASSWORD = re.compile(r"(?i)(^|&)([^=&]*password=)[^&]*")

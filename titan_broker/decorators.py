@@ -362,10 +362,10 @@ def periodic(
     the worker that reaches it first queues the run as a job (``titan jobs``
     shows it, kept ``result_ttl`` seconds), and a worker that dies running it
     leaves it to another. Ticks missed while no worker was alive are not
-    made up: the next tick runs. A run queued while the previous one still
-    runs waits for a free slot; a run that could not start before the next
-    tick is dropped as late. The method takes no required arguments and is
-    also @public (callers may run it now).
+    made up: the next tick runs. While a tick's run has not started, the next
+    ticks are skipped (runs never pile up); a run is not cut at the next tick.
+    The method takes no required arguments and is also @public (callers may
+    run it now).
     """
     if (every is None) == (cron is None):
         raise ConfigError("@periodic takes one of every=<seconds> or cron='<expression>'")

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar, cast
 import anyio
 
 from . import protocol
+from .config import check_name
 from .connection import REDIS_ERRORS, Redis, text, titan_error
 from .errors import CallTimeout, ConfigError, JobCancelled, JobNotFound, RemoteError
 from .keys import GROUP, Keys
@@ -96,15 +97,23 @@ class JobStatus:
 def split_id(job_id: str) -> tuple[str, str]:
     """(service, token) of a job id; raise ConfigError naming what is wrong with it."""
     service, sep, token = job_id.partition(":")
-    if not sep or not service or protocol.job_token({protocol.F_JOB: token.encode()}) is None:
-        raise ConfigError(f"{job_id!r} is not a job id (<service>:<token>, as submit returned it)")
+    shown = protocol.show(job_id, 80)
+    if not sep or protocol.job_token({protocol.F_JOB: token.encode()}) is None:
+        raise ConfigError(f"{shown} is not a job id (<service>:<token>, as submit returned it)")
+    try:
+        check_name(service, "service")
+    except ConfigError as exc:
+        raise ConfigError(f"{shown} is not a job id: {exc}") from None
     return service, token
 
 
 def _when(raw: bytes | None) -> datetime | None:
-    if not raw or not raw.isdigit():
+    if not raw or not raw.isdigit() or len(raw) > 15:
         return None
-    return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
+    try:
+        return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):  # a time no datetime holds: shown as unknown
+        return None
 
 
 def status_of(job_id: str, fields: dict[bytes, bytes]) -> JobStatus:
@@ -166,21 +175,32 @@ class Job(Generic[T]):
         when there is no such job (any more).
         """
         delay = POLL_FIRST
+        ended = await self._ended()  # once whatever the timeout: timeout=0 reads a job that ended
         with anyio.move_on_after(timeout):
-            while True:
-                try:
-                    state, result = await self._redis().hmget(self.key, ["status", "result"])
-                except REDIS_ERRORS as exc:
-                    raise titan_error(exc, f"read job {self.id}") from exc
-                if state is None:
-                    raise self._not_found()
-                if text(state) in ("done", "failed", "dead"):
-                    return self._outcome(cast(bytes | None, result))
-                if text(state) == "cancelled":
-                    raise JobCancelled(f"job {self.id} was cancelled before it started")
+            while ended is None:
                 await anyio.sleep(delay)
                 delay = min(POLL_AT_MOST, delay * 1.5)
-        raise CallTimeout(f"job {self.id} did not end within {timeout:g} s; it goes on (see job.status())")
+                ended = await self._ended()
+        if ended is None:
+            raise CallTimeout(
+                f"job {self.id} did not end within {timeout:g} s; it goes on (see job.status())"
+            )
+        return self._outcome(ended)
+
+    async def _ended(self) -> bytes | None:
+        """The job's result when it ended (b"" for none); None while it waits or runs. Raises its
+        JobNotFound, JobCancelled."""
+        try:
+            state, result = await self._redis().hmget(self.key, ["status", "result"])
+        except REDIS_ERRORS as exc:
+            raise titan_error(exc, f"read job {self.id}") from exc
+        if state is None:
+            raise self._not_found()
+        if text(state) == "cancelled":
+            raise JobCancelled(f"job {self.id} was cancelled before it started")
+        if text(state) in ("done", "failed", "dead"):
+            return cast(bytes, result or b"")
+        return None
 
     def _outcome(self, raw: bytes | None) -> T:
         reply = protocol.decode_reply(raw or b"")
@@ -194,9 +214,8 @@ class Job(Generic[T]):
     async def cancel(self) -> bool:
         """Cancel the job if it has not started; True when it was. A job that runs, or has
         ended, is left as it is (False). Raises JobNotFound."""
-        keys = [self.key, self._keys.calls(self.service), self._keys.delayed(self.service)]
         try:
-            outcome = text(await _CANCEL(self._redis(), keys, [GROUP]))
+            outcome = await cancel(self._redis(), self._keys, self.service, self.key)
         except REDIS_ERRORS as exc:
             raise titan_error(exc, f"cancel job {self.id}") from exc
         if outcome == "unknown":
@@ -211,6 +230,13 @@ class Job(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<Job {self.id}>"
+
+
+async def cancel(redis: Redis, keys: Keys, service: str, job_key: str) -> str:
+    """Cancel a job unless a worker has it (cancel.lua): its status after, or 'unknown'.
+
+    Raises redis-py errors."""
+    return text(await _CANCEL(redis, [job_key, keys.calls(service), keys.delayed(service)], [GROUP]))
 
 
 async def list_jobs(

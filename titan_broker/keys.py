@@ -83,9 +83,21 @@ class Keys:
         """Sorted set: calls to run later (delayed, or retried), scored by their due time in Redis's clock."""
         return f"{self.namespace}:{{{service}}}:delayed"
 
+    def gone(self, service: str, call_id: str) -> str:
+        """String with a TTL: the caller of this call gave up; a later run (delay, @retry) is dropped."""
+        return f"{self.gone_prefix(service)}{call_id}"
+
+    def gone_prefix(self, service: str) -> str:
+        return f"{self.namespace}:{{{service}}}:gone:"
+
     def schedule(self, service: str) -> str:
         """Hash: per periodic method, the last tick run (``<method>:last``), the next, and its job."""
         return f"{self.namespace}:{{{service}}}:schedule"
+
+    @staticmethod
+    def service_of(key: str) -> str:
+        """The service of one of its keys (``<ns>:{<svc>}:...``)."""
+        return key.split("{", 1)[1].split("}", 1)[0]
 
     def kind(self, key: str) -> str:
         """What one of this namespace's service keys is: the word after ``{<service>}:``

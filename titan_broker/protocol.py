@@ -142,7 +142,7 @@ def encode_request(
 def job_token(fields: Mapping[bytes, bytes]) -> str | None:
     """A request's job token (field ``j``) when it has a valid one."""
     token = field_text(fields, F_JOB)
-    return token if token is not None and _TOKEN.match(token) else None
+    return token if token is not None and _TOKEN.fullmatch(token) else None
 
 
 def pack_fields(fields: Mapping[bytes, bytes]) -> bytes:
@@ -220,7 +220,7 @@ def decode_request(
     if not call_id:
         raise bad("request has no call id (field 'id', at most 256 bytes of UTF-8)")
     job = _small_text(fields, F_JOB)
-    if job is not None and not _TOKEN.match(job):
+    if job is not None and not _TOKEN.fullmatch(job):
         raise bad(f"job token {show(job)} is not 1 to 128 letters, digits, '_', '.', ':' or '-'")
     if not reply_to and job is None:
         raise bad("request has no reply key (field 'r') and is no job (field 'j')")

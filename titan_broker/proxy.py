@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
 from .breaker import BreakerState, CircuitBreaker
+from .config import check_seconds
 from .definition import result_types
 from .errors import BadResult, ConfigError, WireError
 from .wire_types import Mismatch
@@ -211,6 +212,10 @@ class RemoteMethod:
         released so that the next call probes again.
         """
         p = self._proxy
+        if p._later.delay_now():
+            raise ConfigError(
+                f"{p._service}.{self._method}() streams: a delay applies to calls and jobs only"
+            )
         breaker = p._breaker
         if breaker is not None:
             breaker.before_call()
@@ -316,9 +321,13 @@ class Later:
         self, *, delay: float | None, at: datetime | None, deadline: float | None, result_ttl: float | None
     ) -> Later:
         """These options over this one's (None keeps this one's); raise ConfigError for a bad one."""
-        for name, value in (("delay", delay), ("deadline", deadline), ("result_ttl", result_ttl)):
-            if (value is not None and value < 0) or (name != "delay" and value == 0):
-                raise ConfigError(f"{name} must be positive, got {value}")
+        if delay is not None and delay != 0:
+            check_seconds("delay", delay)
+        for name, value in (("deadline", deadline), ("result_ttl", result_ttl)):
+            if value is not None:
+                check_seconds(name, value)
+        if at is not None:
+            check_seconds("at (seconds from now)", max(0.001, at.timestamp() - time.time()))
         if delay is not None and at is not None:
             raise ConfigError("give delay (seconds) or at (a datetime), not both")
         if delay is not None or at is not None:
@@ -330,4 +339,4 @@ class Later:
         """Seconds from now to the start (``at`` is read now; a naive datetime is local time)."""
         if self.at is not None:
             return max(0.0, self.at.timestamp() - time.time())
-        return self.delay
+        return self.delay or None

@@ -26,6 +26,7 @@ from . import protocol
 from .backoff import Backoff
 from .connection import REDIS_ERRORS, AutoPipeline, Redis, titan_error
 from .errors import BacklogFull, RedisOutOfMemory, RedisUnavailable, TitanError
+from .jobs import cancel
 from .keys import Keys
 from .scripting import Script
 
@@ -38,12 +39,17 @@ DEADLINE_SLACK_MS = 10
 FORGET_GRACE = 5.0
 """Seconds past a call's deadline that deleting it is retried (then workers drop it as late anyway)."""
 CONTROL_TTL_MS = 600_000
+GONE_TTL_MS = 600_000
+"""How long the mark of a call given up lasts (ms): a delayed or retried run due later than that is
+not stopped by it (the worker still drops it once the call's deadline has passed)."""
 """A streaming call's control hash (credit, cancel) expires this long after its last write."""
 
 Sent = tuple[tuple[str, ...], bytes]
 """Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
 and its entry id; or the delayed set and its member. A job's hash comes along (deleted with it)."""
-_Job = tuple[tuple[str, ...], bytes, str | None]
+_Job = tuple[tuple[str, ...], bytes, str | None, str | None]
+"""What to withdraw: where the request is, its entry id (or delayed member), its stream's control
+hash, its call id (to leave the gone mark)."""
 
 
 class _Late(Exception):
@@ -213,9 +219,14 @@ class Sender:
                 self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
                 return streams, entry_id
             if loop.time() >= deadline:
+                outcome = (
+                    "if the job reached Redis after all, it is cancelled unless a worker had started it"
+                    if later is not None and later.job_id is not None
+                    else "the request was not queued"
+                )
                 raise RedisUnavailable(
-                    f"cannot {doing}: Redis did not answer within the call's timeout of {timeout:g} s "
-                    "(it is stopped, overloaded or unreachable); the request was not queued"
+                    f"cannot {doing}: Redis did not answer within the timeout of {timeout:g} s "
+                    f"(it is stopped, overloaded or unreachable); {outcome}"
                 )
             # TITANLATE with time left: Redis's clock jumped; measure it again.
             await self.sync_clock()
@@ -239,14 +250,18 @@ class Sender:
             return
         self.withdraw((streams, cast(bytes, fut.result())), deadline)
 
-    def withdraw(self, sent: Sent, deadline: float, control: str | None = None) -> None:
+    def withdraw(
+        self, sent: Sent, deadline: float, control: str | None = None, call_id: str | None = None
+    ) -> None:
         """Delete a request nobody waits for, in the background; with ``control``, stop its stream too.
 
         Deleting it is harmless when a worker has taken it already (its reply
-        is dropped); when none has, no worker ever runs it.
+        is dropped); when none has, no worker ever runs it. With ``call_id`` a
+        mark says the caller gave up, so that no later run of the call is
+        queued (a delayed call that comes due, a @retry).
         """
         job_id = next(self._job_ids)
-        self._jobs[job_id] = (*sent, control)
+        self._jobs[job_id] = (*sent, control, call_id)
         if self.tg is not None:
             self.tg.start_soon(self._withdraw, job_id, deadline)
 
@@ -277,19 +292,24 @@ class Sender:
         for job in jobs.values():
             await self._delete(*job)
 
-    async def _delete(self, streams: tuple[str, ...], entry_id: bytes, control: str | None) -> None:
+    async def _delete(
+        self, streams: tuple[str, ...], entry_id: bytes, control: str | None, call_id: str | None
+    ) -> None:
+        job = next((key for key in streams if self.keys.kind(key) == "job"), None)
+        if job is not None:  # a job whose submit was given up: cancelled, unless a worker has it
+            await cancel(self._redis(), self.keys, Keys.service_of(job), job)
+            return
         async with self._redis().pipeline(transaction=True) as pipe:  # never a control hash without TTL
             for key in streams:
-                kind = self.keys.kind(key)
-                if kind == "delayed":
+                if self.keys.kind(key) == "delayed":
                     pipe.zrem(key, entry_id)  # the request is the member
-                elif kind == "job":
-                    pipe.delete(key)  # a job whose submit was given up never was
                 else:
                     pipe.xdel(key, entry_id)
             if control is not None:
                 pipe.hset(control, "cancel", 1)
                 pipe.pexpire(control, CONTROL_TTL_MS)
+            if call_id is not None:
+                pipe.set(self.keys.gone(Keys.service_of(streams[0]), call_id), 1, px=GONE_TTL_MS)
             await pipe.execute()
 
     async def grant(self, control: str, credit: int, deadline: float) -> None:

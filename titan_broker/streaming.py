@@ -94,4 +94,4 @@ async def stream_items(
         send.close()
         receive.close()
         if sent is not None and not finished:
-            sender.withdraw(sent, deadline, keys.stream_control(service, call_id))
+            sender.withdraw(sent, deadline, keys.stream_control(service, call_id), call_id)

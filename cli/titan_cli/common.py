@@ -33,8 +33,9 @@ R = TypeVar("R")
 
 app = typer.Typer(help="Inspect and call titan-broker services.", add_completion=False, no_args_is_help=True)
 # Piped output is not cut at 80 columns: scripts and logs get whole rows.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)  # one line per error, never wrapped
+# emoji=False: ``:a:`` in a job id or a message is text, not an emoji.
+out = Console(width=None if sys.stdout.isatty() else 200, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # one line per error, never wrapped
 
 
 @dataclass(frozen=True)

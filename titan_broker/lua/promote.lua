@@ -6,8 +6,10 @@
 -- built from the prefix and the job token, in the same slot).
 -- A member that cannot be read (not a msgpack map of strings: written by
 -- something else) goes to the dead letters rather than being lost.
+-- A call (not a job) whose caller gave up meanwhile (its gone mark,
+-- ``<gone prefix><call id>``, exists) is dropped.
 -- KEYS: delayed set, calls stream, dead stream
--- ARGV: at most this many, job key prefix, dead maxlen
+-- ARGV: at most this many, job key prefix, dead maxlen, gone mark prefix
 -- Returns {calls moved, ms until the next due call or -1 when none waits}.
 -- include: clock
 local now = redis_now_ms()
@@ -21,13 +23,17 @@ for i = 1, #due, 2 do
   if ok and type(f) == 'table' then
     for k, v in pairs(f) do
       if type(k) == 'string' and type(v) == 'string' then
-        if k == 'ttl' then v = tostring(math.max(0, (tonumber(v) or 0) - (now - at))) end
+        if k == 'ttl' then v = string.format('%d', math.max(0, (tonumber(v) or 0) - (now - at))) end
         flat[#flat + 1] = k
         flat[#flat + 1] = v
       end
     end
   end
-  if #flat == 0 then
+  local gone = #flat > 0 and type(f['j']) ~= 'string' and type(f['id']) == 'string'
+               and redis.call('EXISTS', ARGV[4] .. f['id']) == 1
+  if gone then
+    -- its caller gave up: nothing to run
+  elseif #flat == 0 then
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'entry', member, 'reason',
                'a delayed call that cannot be read (not a msgpack map of strings)',
                'deliveries', 0, 'worker', '', 'source_id', '', 'at', now)

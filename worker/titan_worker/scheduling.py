@@ -10,13 +10,16 @@ this loop, and each step is one script that only one worker can win.
   PROMOTE_EVERY seconds, sooner when the next call is due sooner.
 - A @periodic method's tick is queued by ``tick.lua``, which compares it
   with the last tick queued and writes it in one step: one run per tick
-  whatever the number of workers. A worker only asks when its own clock (the
-  Redis clock it measures) says a new tick has come, so the script runs once
-  per tick and worker, not every loop.
+  whatever the number of workers (a tick whose previous run has not started
+  is skipped). A worker only asks when its own clock (the Redis clock it
+  measures) says a new tick has come, so the script runs once per tick and
+  worker, not every loop; the script itself refuses a tick ahead of Redis's
+  clock, so a worker whose clock jumped cannot stop the schedule.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -65,7 +68,8 @@ class Scheduler:
             try:
                 moved, next_in = await _PROMOTE(
                     ctx.writer, [ctx.keys.delayed(ctx.service), ctx.stream, ctx.keys.dead(ctx.service)],
-                    [PROMOTE_BATCH, ctx.keys.job_prefix(ctx.service), ctx.options.dead_letter_maxlen],
+                    [PROMOTE_BATCH, ctx.keys.job_prefix(ctx.service), ctx.options.dead_letter_maxlen,
+                     ctx.keys.gone_prefix(ctx.service)],
                 )  # fmt: skip
                 if moved >= PROMOTE_BATCH:
                     wait = 0.0
@@ -87,28 +91,25 @@ class Scheduler:
         tick = options.tick_at_or_before(int(ctx.clock.now_ms()))
         if tick <= periodic.last:
             return
-        token = f"periodic-{periodic.method}-{tick}"
-        # A run that cannot start before the next tick is dropped as late: ticks never pile up.
+        # The token must fit a job token whatever the method is called (non-ASCII, long).
+        token = f"periodic-{tick}-{hashlib.sha1(periodic.method.encode()).hexdigest()[:12]}"
         following = options.tick_after(tick)
-        fields = protocol.encode_request(
-            f"{token}-{uuid.uuid4().hex[:6]}", periodic.method, (), {}, None, max(1, following - tick),
-            job=token,
-        )  # fmt: skip
+        call_id = f"{token}-{uuid.uuid4().hex[:6]}"
+        no_deadline = protocol.NO_DEADLINE_MS  # a run is not cut at the next tick
+        fields = protocol.encode_request(call_id, periodic.method, (), {}, None, no_deadline, job=token)
         flat: list[bytes] = []
         for name, value in fields.items():
             flat += (name, value)
         keys = [ctx.keys.schedule(ctx.service), ctx.stream]
         keys += [ctx.keys.job(ctx.service, token), ctx.keys.jobs(ctx.service)]
-        args = [
-            periodic.method,
-            tick,
-            following,
-            f"{ctx.service}:{token}",
-            int(options.result_ttl * 1000),
-            *flat,
-        ]
-        if await _TICK(ctx.writer, keys, args):
+        args = [periodic.method, tick, following, f"{ctx.service}:{token}", int(options.result_ttl * 1000)]
+        queued = await _TICK(ctx.writer, keys, [*args, ctx.keys.job_prefix(ctx.service), *flat])
+        if queued == 1:
             ctx.log.logger.info(
                 "worker %s: queued %s() for its tick at %d", ctx.worker_id, periodic.method, tick
             )
+        elif queued == 2:
+            ctx.log.log(logging.WARNING, f"tick-skipped:{periodic.method}",
+                        "worker %s: skipped a tick of %s(): its previous run has not started yet",
+                        ctx.worker_id, periodic.method)  # fmt: skip
         periodic.last = tick

@@ -143,6 +143,9 @@ class Settlement:
         if outcome.job and outcome.reply_to is not None:
             keys.append(outcome.reply_to)
             args.append(outcome.payload or b"")
+        else:  # a call: not again if its caller gave up
+            keys.append(ctx.keys.gone(ctx.service, protocol.field_text(fields, protocol.F_ID) or ""))
+            args.append("")
         return int(await _RETRY(ctx.writer, keys, args))
 
     async def _dead_letter(self, entry: Entry, reason: str, deliveries: int, answer: bool) -> int:
