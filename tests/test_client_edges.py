@@ -377,6 +377,10 @@ async def test_a_full_redis_raises_redis_out_of_memory_naming_the_limit(namespac
             assert isinstance(info.value, TitanError) and not isinstance(info.value, rexc.RedisError)
             with pytest.raises(RedisOutOfMemory):
                 await client.invalidate_cache("client_log", "run")
+                job = client.job(await client.submit("client_log", "run", ("job",)))
+                assert await job.result(timeout=10) == "job"
+                later = client.job(await client.submit("client_log", "run", ("later",), delay=60))
+                assert await later.cancel() is True
             admin.close()
 
 
@@ -386,16 +390,20 @@ async def test_a_full_redis_raises_redis_out_of_memory_naming_the_limit(namespac
 def caller_acl(ns: str) -> list[str]:
     """README's caller rule (Redis 7 selectors): each family of keys with only the commands it needs.
 
-    Its own reply streams (read, trim, delete, the restart canary); the calls streams through the
-    submit script (no DEL, no XGROUP: it cannot destroy a service's group); stream control hashes;
-    cache generations (INCRBY only); the registry and the config read-only.
+    Its own reply streams (read, trim, delete, the restart canary); the calls streams, delayed sets
+    and jobs through the scripts (no DEL, no XGROUP: it cannot destroy a service's group); the marks
+    of calls given up; stream control hashes; cache generations (INCRBY only); the registry and the
+    config read-only.
     """
     return [
         "on", "resetkeys", "resetchannels", "-@all",
         "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
         "+cluster|slots", "+cluster|myid", "+command",
         f"~{ns}:{{*}}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
-        f"(~{ns}:{{*}}:calls* +evalsha +xadd +xdel +xlen +xrange +xpending)",
+        f"(~{ns}:{{*}}:calls* ~{ns}:{{*}}:delayed ~{ns}:{{*}}:job:* ~{ns}:{{*}}:jobs +evalsha +xadd +xdel +xlen "
+        "+xrange +xpending +zadd +zcard +zrem +zscore +zrevrange +zremrangebyrank +hset +hget +hgetall +hmget "
+        "+hdel +pexpire)",
+        f"(~{ns}:{{*}}:gone:* +set)",
         f"(~{ns}:{{*}}:stream:* +hset +pexpire)",
         f"(~{ns}:{{*}}:cache-gen:* +incrby)",
         f"(%R~{ns}:services %R~{ns}:{{*}}:workers %R~{ns}:{{*}}:worker:* %R~{ns}:{{*}}:affinity "
@@ -433,6 +441,10 @@ async def test_acl_rules_let_a_caller_call_but_not_reconfigure_a_service(
                     await svc.with_options(timeout=0.3).run("slow", 3.0)  # its request deleted after
                 assert await svc.with_options(wait_for_worker=False, key="k").run("b") == "b"
                 await client.invalidate_cache("client_log", "run")
+                job = client.job(await client.submit("client_log", "run", ("job",)))
+                assert await job.result(timeout=10) == "job"
+                later = client.job(await client.submit("client_log", "run", ("later",), delay=60))
+                assert await later.cancel() is True
                 assert await client.streaming_methods("client_log") == frozenset({"count"})
                 with pytest.raises(rexc.NoPermissionError):
                     await client.redis.hset(keys.config("client_log"), "max_backlog", 1)
