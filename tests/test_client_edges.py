@@ -400,9 +400,9 @@ def caller_acl(ns: str) -> list[str]:
         "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
         "+cluster|slots", "+cluster|myid", "+command",
         f"~{ns}:{{*}}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
-        f"(~{ns}:{{*}}:calls* ~{ns}:{{*}}:delayed ~{ns}:{{*}}:job:* ~{ns}:{{*}}:jobs +evalsha +xadd +xdel +xlen "
-        "+xrange +xpending +zadd +zcard +zrem +zscore +zrevrange +zremrangebyrank +hset +hget +hgetall +hmget "
-        "+hdel +pexpire)",
+        f"(~{ns}:{{*}}:calls* ~{ns}:{{*}}:delayed ~{ns}:{{*}}:job:* ~{ns}:{{*}}:jobs "
+        "+evalsha +xadd +xdel +xlen +xrange +xpending +zadd +zcard +zrem +zscore +zrevrange "
+        "+zremrangebyrank +hset +hget +hgetall +hmget +hdel +pexpire)",
         f"(~{ns}:{{*}}:gone:* +set)",
         f"(~{ns}:{{*}}:stream:* +hset +pexpire)",
         f"(~{ns}:{{*}}:cache-gen:* +incrby)",
