@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python -m bench.bench_core
 	$(BIN)/python -m bench.bench_pool
 	$(BIN)/python -m bench.bench_cluster
+	$(BIN)/python -m bench.bench_jobs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
