@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypedDict, TypeVar, Unpack, cast
 
 from .breaker import BreakerState, CircuitBreaker
 from .config import check_seconds
@@ -57,6 +57,18 @@ class Caller(Protocol):
         key: str | None = None,
         wait_for_worker: bool = True,
     ) -> AsyncGenerator[Any, None]: ...
+
+
+class ProxyOptions(TypedDict, total=False):
+    """What ``with_options`` takes (see ``ServiceProxy.with_options``); None keeps the proxy's."""
+
+    timeout: float | None
+    key: str | None
+    wait_for_worker: bool | None
+    delay: float | None
+    at: datetime | None
+    deadline: float | None
+    result_ttl: float | None
 
 
 class ServiceProxy:
@@ -109,17 +121,7 @@ class ServiceProxy:
             raise AttributeError(f"service {self._service!r} has no public method {name!r} (public: {known})")
         return RemoteMethod(self, name)
 
-    def with_options(
-        self,
-        *,
-        timeout: float | None = None,
-        key: str | None = None,
-        wait_for_worker: bool | None = None,
-        delay: float | None = None,
-        at: datetime | None = None,
-        deadline: float | None = None,
-        result_ttl: float | None = None,
-    ) -> ServiceProxy:
+    def with_options(self, **options: Unpack[ProxyOptions]) -> ServiceProxy:
         """A copy of this proxy whose calls use these options (None keeps this proxy's).
 
         ``timeout``: seconds each call may take, from start to finish.
@@ -132,9 +134,13 @@ class ServiceProxy:
         (``submit``): ``deadline``, seconds a job may take from its start
         (default none), and ``result_ttl``, seconds its outcome is kept.
         """
+        timeout, key, wait = options.get("timeout"), options.get("key"), options.get("wait_for_worker")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
-        later = self._later.with_options(delay=delay, at=at, deadline=deadline, result_ttl=result_ttl)
+        later = self._later.with_options(
+            delay=options.get("delay"), at=options.get("at"), deadline=options.get("deadline"),
+            result_ttl=options.get("result_ttl"),
+        )  # fmt: skip
         return ServiceProxy(
             self._client,
             self._service,
@@ -143,7 +149,7 @@ class ServiceProxy:
             key=key if key is not None else self._key,
             breaker=self._breaker,
             streaming=self._streaming,
-            wait_for_worker=wait_for_worker if wait_for_worker is not None else self._wait,
+            wait_for_worker=wait if wait is not None else self._wait,
             cls=self._class,
             later=later,
         )
@@ -284,28 +290,14 @@ class RemoteCall(Coroutine[Any, Any, Any]):
         return f"<call of {self._method._proxy._service}.{self._method._method}()>"
 
 
-def with_options(
-    proxy: T,
-    *,
-    timeout: float | None = None,
-    key: str | None = None,
-    wait_for_worker: bool | None = None,
-    delay: float | None = None,
-    at: datetime | None = None,
-    deadline: float | None = None,
-    result_ttl: float | None = None,
-) -> T:
+def with_options(proxy: T, **options: Unpack[ProxyOptions]) -> T:
     """``proxy.with_options(...)`` for typed code: the proxy's static type is the service class.
 
     Raises TypeError when ``proxy`` is not a titan-broker proxy.
     """
     if not isinstance(proxy, ServiceProxy):
         raise TypeError(f"with_options() takes a proxy from spawn/connect, not {type(proxy).__name__}")
-    options = proxy.with_options(
-        timeout=timeout, key=key, wait_for_worker=wait_for_worker, delay=delay, at=at, deadline=deadline,
-        result_ttl=result_ttl,
-    )  # fmt: skip
-    return cast(T, options)
+    return cast(T, proxy.with_options(**options))
 
 
 @dataclass(frozen=True)
