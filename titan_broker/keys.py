@@ -99,7 +99,8 @@ class Keys:
         """The service of one of its keys (``<ns>:{<svc>}:...``)."""
         return key.split("{", 1)[1].split("}", 1)[0]
 
-    def kind(self, key: str) -> str:
+    @staticmethod
+    def kind(key: str) -> str:
         """What one of this namespace's service keys is: the word after ``{<service>}:``
         (``calls``, ``delayed``, ``job``, ``reply``...)."""
         _, _, rest = key.partition("}:")

@@ -145,6 +145,14 @@ def job_token(fields: Mapping[bytes, bytes]) -> str | None:
     return token if token is not None and _TOKEN.fullmatch(token) else None
 
 
+def flat_fields(fields: Mapping[bytes, bytes]) -> list[bytes]:
+    """An entry's fields as ``[name, value, name, value, ...]``: the ARGV of a script that XADDs them."""
+    flat: list[bytes] = []
+    for name, value in fields.items():
+        flat += (name, value)
+    return flat
+
+
 def pack_fields(fields: Mapping[bytes, bytes]) -> bytes:
     """A request's fields as one msgpack map of byte strings: a call in the delayed set.
 

@@ -94,10 +94,10 @@ class ServiceProxy:
         streaming: frozenset[str] = frozenset(),
         wait_for_worker: bool = True,
         cls: type | None = None,
-        later: Later | None = None,
+        later: Deferral | None = None,
     ) -> None:
         self._client = client
-        self._later = later or Later()
+        self._later = later or Deferral()
         self._class = cls
         self._results = result_types(cls) if cls is not None else {}
         self._service = service
@@ -301,7 +301,7 @@ def with_options(proxy: T, **options: Unpack[ProxyOptions]) -> T:
 
 
 @dataclass(frozen=True)
-class Later:
+class Deferral:
     """What a proxy's calls and jobs wait for: a delay (or a time) to start, and a job's own options."""
 
     delay: float | None = None
@@ -311,7 +311,7 @@ class Later:
 
     def with_options(
         self, *, delay: float | None, at: datetime | None, deadline: float | None, result_ttl: float | None
-    ) -> Later:
+    ) -> Deferral:
         """These options over this one's (None keeps this one's); raise ConfigError for a bad one."""
         if delay is not None and delay != 0:
             check_seconds("delay", delay)

@@ -36,6 +36,7 @@ from . import protocol
 from .backoff import Backoff
 from .connection import CONNECTION_ERRORS, Channel, stream_entries, text
 from .errors import CallLost, RemoteError, TitanError, WireError, remote_error
+from .keys import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class ReplyDispatcher:
         waiting = list(self.entries.items())
         commands: list[tuple[object, ...]] = [
             # A delayed call is its member of the delayed set (its score when it is still there).
-            ("ZSCORE", key, entry_id) if key.endswith(":delayed") else ("XRANGE", key, entry_id, entry_id)
+            ("ZSCORE", key, entry_id) if Keys.kind(key) == "delayed" else ("XRANGE", key, entry_id, entry_id)
             for _, (streams, entry_id) in waiting
             for key in streams
         ]

@@ -157,9 +157,7 @@ class Sender:
         if worker is not None:
             streams = (self.keys.worker_calls(service, worker), shared)
             record = self.keys.worker(service, worker)
-        flat: list[Any] = []
-        for name, value in fields.items():
-            flat += (name, value)
+        flat = protocol.flat_fields(fields)
         script, keys, argv = _SUBMIT, list(streams), [self.keys.config(service), record, self.max_backlog]
         member = b""
         if later is not None:
@@ -167,9 +165,12 @@ class Sender:
             argv = [self.keys.config(service), self.max_backlog]
             member = protocol.pack_fields(fields) if later.delay_ms > 0 else b""
             job = protocol.job_token(fields)
+            job_key: tuple[str, ...] = ()
             if later.job_id is not None and job is not None:
-                keys += [self.keys.job(service, job), self.keys.jobs(service)]
-            streams = tuple(keys[1:3]) if later.delay_ms > 0 else (shared, *keys[2:3])
+                job_key = (self.keys.job(service, job),)
+                keys += [*job_key, self.keys.jobs(service)]
+            # Where it waits (to withdraw it): the delayed set or the stream, and its job's hash.
+            streams = (self.keys.delayed(service) if later.delay_ms > 0 else shared, *job_key)
         loop = asyncio.get_running_loop()
         for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS

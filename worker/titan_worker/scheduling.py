@@ -97,9 +97,7 @@ class Scheduler:
         call_id = f"{token}-{uuid.uuid4().hex[:6]}"
         no_deadline = protocol.NO_DEADLINE_MS  # a run is not cut at the next tick
         fields = protocol.encode_request(call_id, periodic.method, (), {}, None, no_deadline, job=token)
-        flat: list[bytes] = []
-        for name, value in fields.items():
-            flat += (name, value)
+        flat = protocol.flat_fields(fields)
         keys = [ctx.keys.schedule(ctx.service), ctx.stream]
         keys += [ctx.keys.job(ctx.service, token), ctx.keys.jobs(ctx.service)]
         args = [periodic.method, tick, following, f"{ctx.service}:{token}", int(options.result_ttl * 1000)]

@@ -53,7 +53,7 @@ class Settlement:
             await self.dead_letter(entry, outcome.dead_reason, 1, deadline_ms)
             return
         if outcome.retry_in is not None:
-            await self._retrying(entry, deadline_ms, self._retry, entry, outcome)
+            await self._retrying(entry, deadline_ms, self._retry, entry, outcome, deadline_ms)
             return
         try:
             await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
@@ -125,17 +125,16 @@ class Settlement:
                 args.append("done" if outcome.ok else "failed")
         return int(await _FINISH(ctx.writer, keys, args))
 
-    async def _retry(self, entry: Entry, outcome: Outcome) -> int:
+    async def _retry(self, entry: Entry, outcome: Outcome, deadline_ms: int | None) -> int:
         """Put the call in the delayed set for its next attempt (@retry) and acknowledge it."""
         ctx = self.ctx
-        assert outcome.retry_in is not None
+        assert outcome.retry_in is not None and deadline_ms is not None, "a retry comes from a decoded call"
         delay_ms = int(outcome.retry_in * 1000)
         fields = dict(entry.fields)
         attempt = int(fields.get(protocol.F_ATTEMPT, b"1")) + 1
         fields[protocol.F_ATTEMPT] = str(attempt).encode()
         fields.pop(protocol.F_MOVES, None)
         # The new run keeps the call's deadline: its ttl counts from its due time.
-        deadline_ms = protocol.entry_time_ms(entry.id) + int(fields.get(protocol.F_TIMEOUT, b"0"))
         left = deadline_ms - int(ctx.clock.now_ms()) - delay_ms
         fields[protocol.F_TIMEOUT] = str(max(0, left)).encode()
         keys = [entry.stream, ctx.keys.delayed(ctx.service)]
@@ -174,6 +173,5 @@ class Settlement:
         job_status = "dead" if len(keys) > 2 and job else ""
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, ctx.options.dead_letter_maxlen, payload,
                            int(ctx.options.reply_ttl * 1000), job_status]  # fmt: skip
-        for name, value in dead.items():
-            args += (name, value)
+        args += protocol.flat_fields(dead)
         return int(await _DEAD_LETTER(ctx.redis, keys, args))
