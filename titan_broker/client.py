@@ -99,8 +99,7 @@ class Client:
 
     async def _link(self, service: str, deadline: float) -> Link:
         """The link to ``service`` (its sender and reply dispatcher), opened by ``deadline`` if need be."""
-        links = self._connected()
-        return links.get(service) or await links.open(service, deadline)
+        return await self._connected().open(service, deadline)
 
     async def __aenter__(self) -> Client:
         try:
@@ -322,9 +321,7 @@ class Client:
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
-        link = self._links.get(service) if self._links is not None else None
-        if link is None:
-            link = await self._link(service, until)
+        link = await self._link(service, until)
         later = later._replace(job_id=job_id, result_ttl_ms=int(result_ttl * 1000))
         await link.sender.send(service, method, fields, None, until, timeout, later)
         return job_id
