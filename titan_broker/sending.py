@@ -179,7 +179,7 @@ class Sender:
             else:
                 extra = [later.delay_ms, member, later.job_id or "", later.result_ttl_ms, method]
                 command = script.command(keys, [*argv, not_after, *extra, *flat])
-            out_of_memory = False
+            redis_full = False
             entry_id: bytes | None = None
             started = loop.time()
             # The auto-pipeline's own task sends the request: the caller's cancellation or its
@@ -197,7 +197,7 @@ class Sender:
                 await script.load(self.pipe)
                 continue
             except rexc.OutOfMemoryError:
-                out_of_memory = True
+                redis_full = True
             except rexc.ResponseError as exc:
                 message = str(exc)
                 if message.startswith("TITANBACKLOG"):
@@ -212,8 +212,8 @@ class Sender:
                 raise titan_error(exc, doing) from exc
             except RedisUnavailable as exc:  # the batch this send shared was cut off
                 raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
-            if out_of_memory:
-                raise await self.out_of_memory(doing, deadline)
+            if redis_full:
+                raise await out_of_memory(self._redis(), doing, deadline)
             if entry_id == b"delayed":
                 return streams, member
             if entry_id is not None:
@@ -238,12 +238,6 @@ class Sender:
         started = asyncio.get_running_loop().time()
         seconds, micros = await self.pipe.execute("TIME")
         self.offset_ms = int(seconds) * 1000 + int(micros) / 1000 + 1 - started * 1000
-
-    async def out_of_memory(self, doing: str, deadline: float) -> RedisOutOfMemory:
-        return await out_of_memory(self._redis(), doing, deadline)
-
-    async def error(self, exc: Exception, doing: str, deadline: float) -> TitanError:
-        return await redis_error(self._redis(), exc, doing, deadline)
 
     def _withdraw_late(self, streams: tuple[str, ...], deadline: float, fut: asyncio.Future[Any]) -> None:
         """A submit nobody waits for ended: if it queued the request after all, delete it."""
@@ -322,4 +316,4 @@ class Sender:
                     pipe.pexpire(control, CONTROL_TTL_MS)
                     await pipe.execute()
             except REDIS_ERRORS as exc:
-                raise await self.error(exc, "grant a stream more items", deadline) from exc
+                raise await redis_error(self._redis(), exc, "grant a stream more items", deadline) from exc
