@@ -21,8 +21,8 @@ from contextlib import AsyncExitStack
 import anyio
 
 from bench.bench_core import IN_FLIGHT, Call, throughput, titan
-from titan_broker.local_cluster import LocalCluster
-from titan_broker.local_redis import LocalRedis
+from titan_broker.testing._local_cluster import LocalCluster
+from titan_broker.testing._local_redis import LocalRedis
 
 TARGET = 0.85
 """Issue 11: the cluster at most 15 % below one node, for 1 service."""

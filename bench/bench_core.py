@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from processes.calculator import Calculator
 from titan_broker import ProcessManager
-from titan_broker.local_redis import LocalRedis
+from titan_broker.testing._local_redis import LocalRedis
 
 WARMUP = 200
 IN_FLIGHT = 64

@@ -21,8 +21,8 @@ import anyio
 from bench.bench_core import IN_FLIGHT, percentile, throughput
 from processes.calculator import Calculator
 from titan_broker import BacklogFull, ProcessManager
-from titan_broker.jobs import JobState
-from titan_broker.local_redis import LocalRedis
+from titan_broker._calling.jobs import JobState
+from titan_broker.testing._local_redis import LocalRedis
 
 DELAY = 1.0
 

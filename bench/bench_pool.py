@@ -17,7 +17,7 @@ import anyio
 
 from processes.calculator import Calculator
 from titan_broker import Pool, ProcessManager
-from titan_broker.local_redis import LocalRedis
+from titan_broker.testing._local_redis import LocalRedis
 
 CPU = "bench/services/cpu.py"
 

@@ -25,10 +25,10 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import ProcessManager
-from titan_broker.errors import TitanError
-from titan_broker.keys import Keys
-from titan_broker.local_redis import LocalRedis, find_redis_server
-from titan_broker.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
+from titan_broker._errors import TitanError
+from titan_broker._wire.keys import Keys
+from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
+from titan_broker.testing._local_redis import LocalRedis, find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = Path(__file__).resolve().parent / "services"
@@ -244,7 +244,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 def skip_without_cluster_binaries() -> None:
     """Skip (saying why) when no redis-server or redis-cli can be found: never for any other reason."""
-    from titan_broker.local_redis import find_redis_cli
+    from titan_broker.testing._local_redis import find_redis_cli
 
     try:
         find_redis_server()

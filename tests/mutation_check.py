@@ -80,7 +80,7 @@ DEPTH_LIMIT_COUNTING = "tests/test_units.py::test_depth_is_checked_on_the_counti
 TYPES = "tests/test_types.py::"
 RECLAIM_OWN = "tests/test_scripts.py::test_reclaim_never_takes_an_entry_its_own_worker_is_running"
 
-FINISH = "titan_broker/lua/finish.lua"
+FINISH = "titan_broker/_redis/lua/finish.lua"
 FINISH_REPLY = """if KEYS[2] then add_reply(KEYS[2], ARGV[4], ARGV[5]) end
 """
 FINISH_ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
@@ -153,7 +153,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "every beat renews the entries a live worker runs: a live worker on a long call is never robbed",
         (
             Edit(
-                "titan_broker/lua/renew.lua",
+                "titan_broker/_redis/lua/renew.lua",
                 "    mine[#mine + 1] = ARGV[i]\n",
                 "    -- mutated: renew nothing\n",
             ),
@@ -171,7 +171,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "passwords never appear in messages or logs",
         (
             Edit(
-                "titan_broker/config.py",
+                "titan_broker/_config.py",
                 "    if parts.password is None:\n        return url\n",
                 "    if parts.password is None or True:  # mutated\n        return url\n",
             ),
@@ -183,7 +183,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: at most 65,536 arrays and maps",
         (
             Edit(
-                "titan_broker/codec.py",
+                "titan_broker/_wire/codec.py",
                 "        if self.count > MAX_CONTAINERS:\n",
                 "        if self.count > MAX_CONTAINERS and False:  # mutated\n",
             ),
@@ -195,7 +195,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: at most 65,536 arrays and maps (a payload that may hold more is counted)",
         (
             Edit(
-                "titan_broker/codec.py",
+                "titan_broker/_wire/codec.py",
                 "    if bound > MAX_CONTAINERS:\n",
                 "    if bound > MAX_CONTAINERS and False:  # mutated: msgspec decodes whatever comes\n",
             ),
@@ -207,7 +207,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: nested at most 64 deep",
         (
             Edit(
-                "titan_broker/codec.py",
+                "titan_broker/_wire/codec.py",
                 "    if bound > MAX_DEPTH:  # fewer containers cannot nest deeper\n",
                 "    if bound > MAX_DEPTH and False:  # mutated: no depth check\n",
             ),
@@ -219,7 +219,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: nested at most 64 deep (on msgpack-python's path too)",
         (
             Edit(
-                "titan_broker/codec.py",
+                "titan_broker/_wire/codec.py",
                 "    if counter.count > MAX_DEPTH:\n",
                 "    if counter.count > MAX_DEPTH and False:  # mutated: no depth check\n",
             ),
@@ -231,7 +231,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a full backlog (max_backlog) refuses new calls at once with BacklogFull",
         (
             Edit(
-                "titan_broker/lua/submit.lua",
+                "titan_broker/_redis/lua/submit.lua",
                 "if max > 0 and redis.call('XLEN', stream) >= max then\n",
                 "if false and max > 0 and redis.call('XLEN', stream) >= max then  -- mutated\n",
             ),
@@ -243,7 +243,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the caller removes its request if no worker took it (timeout, cancellation)",
         (
             Edit(
-                "titan_broker/sending.py",
+                "titan_broker/_calling/sending.py",
                 "                pipe.xdel(stream, entry_id)\n",
                 "                pass  # mutated: the request given up stays\n",
             ),
@@ -309,7 +309,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a traceback goes to the caller only with --expose-tracebacks (WorkerOptions default, pm.spawn)",
         (
             Edit(
-                "titan_broker/config.py",
+                "titan_broker/_config.py",
                 "    expose_tracebacks: bool = False\n",
                 "    expose_tracebacks: bool = True  # mutated\n",
             ),
@@ -333,7 +333,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a replayed dead letter gets a new deadline",
         (
             Edit(
-                "titan_broker/dead_letters.py",
+                "titan_broker/_registry/dead_letters.py",
                 "    ttl = str(int(timeout * 1000)).encode()\n",
                 '    ttl = b"0"  # mutated: the original deadline, long gone\n',
             ),
@@ -345,7 +345,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a hot-path connection whose Redis stops answering is dropped within its bound: never a hang",
         (
             Edit(
-                "titan_broker/connection.py",
+                "titan_broker/_redis/connection.py",
                 "        if conn is not None:  # closing the socket ends the read in flight\n",
                 "        if conn is None:  # mutated: the watchdog never drops the connection\n",
             ),
@@ -357,7 +357,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a live worker never claims (and reruns) the entries it is running itself",
         (
             Edit(
-                "titan_broker/lua/reclaim.lua",
+                "titan_broker/_redis/lua/reclaim.lua",
                 "  if not (e[2] == ARGV[2] and running[id]) then\n",
                 "  if true then  -- mutated: its own running entries too\n",
             ),
@@ -394,7 +394,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the caller decodes results into the return annotation of the class it was given",
         (
             Edit(
-                "titan_broker/proxy.py",
+                "titan_broker/_calling/proxy.py",
                 "        returns = self._proxy._results.get(self._method)\n",
                 "        returns = None  # mutated: plain data for every caller\n",
             ),
@@ -650,7 +650,7 @@ def try_mutation(m: Mutation, base: Path, work: Path, redis_url: str) -> str | N
 
 def validate(mutations: Sequence[Mutation], base: Path, work: Path) -> dict[str, str | None]:
     """For each mutation: why it does not apply to today's code, or None when it does."""
-    from titan_broker.local_redis import LocalRedis  # a throwaway Redis to load mutated scripts
+    from titan_broker.testing._local_redis import LocalRedis  # a throwaway Redis to load mutated scripts
 
     with LocalRedis() as server:
         return {m.name: try_mutation(m, base, work, server.url) for m in mutations}

@@ -20,8 +20,8 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import Client, RedisUnavailable
-from titan_broker.keys import GROUP, Keys
-from titan_broker.local_redis import LocalRedis
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker.testing._local_redis import LocalRedis
 
 from .conftest import CHAOS, FAST_FAILOVER, Workers
 

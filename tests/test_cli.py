@@ -185,3 +185,14 @@ def test_bad_command_line_exits_2_before_reaching_redis(namespace: str, args: tu
     assert result.returncode == 2, result.stderr
     assert "Usage: titan" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["titan_cli", "titan_worker"])
+def test_version_is_printed_by_both_commands(command: str) -> None:
+    import titan_broker
+
+    done = subprocess.run(
+        [sys.executable, "-m", command, "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(" " + titan_broker.__version__)

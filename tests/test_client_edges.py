@@ -30,10 +30,10 @@ from titan_broker import (
     TitanError,
     with_options,
 )
-from titan_broker.connection import Channel
-from titan_broker.keys import Keys
-from titan_broker.local_redis import LocalRedis
-from titan_broker.replies import READ_BLOCK_MS
+from titan_broker._calling.replies import READ_BLOCK_MS
+from titan_broker._redis.connection import Channel
+from titan_broker._wire.keys import Keys
+from titan_broker.testing._local_redis import LocalRedis
 
 from .conftest import SERVICES, Workers, eventually
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
-from titan_broker.keys import Keys
+from titan_broker._wire.keys import Keys
 
 from .conftest import Workers, wait_until
 from .test_worker_edges import EDGE, first_reply, log_dep, runs, send

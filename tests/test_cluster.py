@@ -44,12 +44,12 @@ from titan_broker import (
     TitanError,
     with_options,
 )
-from titan_broker.connection import Channel
-from titan_broker.errors import ConfigError
-from titan_broker.keys import GROUP, Keys
-from titan_broker.local_cluster import ClusterNode, LocalCluster
-from titan_broker.local_redis import TlsFiles
-from titan_broker.topology import discover
+from titan_broker._errors import ConfigError
+from titan_broker._redis.connection import Channel
+from titan_broker._redis.topology import discover
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker.testing._local_cluster import ClusterNode, LocalCluster
+from titan_broker.testing._local_redis import TlsFiles
 
 from .conftest import (
     CALCULATOR,

@@ -7,8 +7,8 @@ import pytest
 import redis as sync_redis
 from redis import exceptions as rexc
 
-from titan_broker.connection import AutoPipeline, Channel, open_redis
-from titan_broker.local_redis import LocalRedis
+from titan_broker._redis.connection import AutoPipeline, Channel, open_redis
+from titan_broker.testing._local_redis import LocalRedis
 
 pytestmark = pytest.mark.anyio
 

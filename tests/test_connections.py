@@ -18,7 +18,7 @@ import redis as sync_redis
 
 from processes.calculator import Calculator
 from titan_broker import ProcessManager, RedisUnavailable
-from titan_broker.local_redis import LocalRedis, free_port
+from titan_broker.testing._local_redis import LocalRedis, free_port
 
 from .conftest import CALCULATOR, Workers, wait_until
 

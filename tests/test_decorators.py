@@ -28,7 +28,7 @@ from titan_broker import (
     process,
     public,
 )
-from titan_broker.definition import describe
+from titan_broker._service.definition import describe
 
 from .conftest import CALCULATOR, SERVICES, eventually
 
@@ -310,7 +310,7 @@ async def test_a_sync_method_does_not_block_async_calls(pm: ProcessManager) -> N
 
 
 def test_decorators_are_listed_with_their_options() -> None:
-    from titan_broker.definition import load_service_file
+    from titan_broker._service.definition import load_service_file
 
     methods = {m: spec.describe() for m, spec in load_service_file(DECORATED).methods.items()}
     assert methods["get_user"]["decorators"] == {

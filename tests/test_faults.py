@@ -23,9 +23,9 @@ from titan_broker import (
     ProcessManager,
     RedisUnavailable,
 )
-from titan_broker.keys import GROUP, Keys
-from titan_broker.local_redis import LocalRedis
-from titan_broker.protocol import encode_request
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker._wire.protocol import encode_request
+from titan_broker.testing._local_redis import LocalRedis
 
 from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, wait_until
 
@@ -262,7 +262,7 @@ async def test_duplicate_and_garbage_replies_are_ignored(pm: ProcessManager) -> 
     assert await calc.add(1, 1) == 2
     client = pm.client
     reply_key = client.keys.reply("calculator", client.client_id)
-    from titan_broker.protocol import encode_ok
+    from titan_broker._wire.protocol import encode_ok
 
     await client.redis.xadd(reply_key, {b"reply": encode_ok(f"{client.client_id}-1", 999, "forged")})
     await client.redis.xadd(reply_key, {b"reply": b"\x00garbage"})

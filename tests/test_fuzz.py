@@ -9,8 +9,8 @@ import redis as sync_redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from titan_broker.keys import GROUP, Keys
-from titan_broker.protocol import pack
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker._wire.protocol import pack
 
 from .conftest import CALCULATOR, Workers, wait_until
 

@@ -9,7 +9,7 @@ from titan_worker import Worker
 
 from processes.calculator import Calculator
 from titan_broker import Client, RemoteError
-from titan_broker.definition import describe
+from titan_broker._service.definition import describe
 
 from .conftest import eventually
 

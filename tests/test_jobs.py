@@ -35,10 +35,10 @@ from titan_broker import (
     retry,
     with_options,
 )
-from titan_broker.definition import describe
-from titan_broker.jobs import JobState
-from titan_broker.keys import Keys
-from titan_broker.registry import list_workers
+from titan_broker._calling.jobs import JobState
+from titan_broker._registry.records import list_workers
+from titan_broker._service.definition import describe
+from titan_broker._wire.keys import Keys
 
 from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, wait_until
 from .test_cli import titan
@@ -285,7 +285,7 @@ def test_periodic_and_retry_refuse_what_cannot_work() -> None:
 
 
 def test_cron_ticks_fall_where_the_expression_says() -> None:
-    from titan_broker.decorators import PeriodicOptions
+    from titan_broker._service.decorators import PeriodicOptions
 
     every_five = PeriodicOptions(cron="*/5 * * * *")
     at = 1_800_000_123_456  # some ms after a tick

@@ -18,10 +18,10 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import Client, NoLiveWorkers, RedisUnavailable, TitanError
-from titan_broker.connection import CONNECT_TIMEOUT, Channel
-from titan_broker.links import MAX_LINKS
-from titan_broker.local_redis import LocalRedis
-from titan_broker.topology import discover
+from titan_broker._calling.links import MAX_LINKS
+from titan_broker._redis.connection import CONNECT_TIMEOUT, Channel
+from titan_broker._redis.topology import discover
+from titan_broker.testing._local_redis import LocalRedis
 
 pytestmark = pytest.mark.anyio
 

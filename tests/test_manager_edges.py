@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from titan_broker import ConfigError, ProcessManager, WorkerOptions
-from titan_broker.supervision import (
+from titan_broker._processes.policies import (
     AutoScale,
     Autoscaler,
     CrashHistory,
@@ -121,26 +122,47 @@ def test_autoscaler_grows_at_once_and_shrinks_after_its_cooldown() -> None:
 # -- the shape of the house ------------------------------------------------------------------
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """The modules of ``package`` that ``path`` imports (relative or absolute, TYPE_CHECKING too)."""
+LAYERS = (
+    "_errors",
+    "_wire",
+    "_config",
+    "_redis",
+    "_service",
+    "_registry",
+    "_calling",
+    "_processes",
+    "testing",
+)
+"""The floors of ``titan_broker``, ground first: a part imports only from its own floor or the ones below."""
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules of ``titan_broker`` that ``path`` imports (relative or absolute, TYPE_CHECKING too)."""
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                names = [node.module] if node.module else [a.name for a in node.names]
-                found |= {f"{package}.{n.split('.')[0]}" for n in names}
-            elif node.module and node.module.startswith(package + "."):
-                found.add(".".join(node.module.split(".")[:2]))
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            if not base.startswith("titan_broker"):
+                continue
+            for alias in node.names:  # `from .._wire import protocol` imports the module protocol
+                module = f"{base}.{alias.name}"
+                found.add(module if (ROOT / module.replace(".", "/")).with_suffix(".py").exists() else base)
     return found
 
 
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in (ROOT / "titan_broker").rglob("*.py")}
+
+
 def test_titan_broker_has_no_import_cycle() -> None:
-    package = ROOT / "titan_broker"
-    graph = {
-        f"titan_broker.{p.stem}": _imports(p, "titan_broker")
-        for p in package.glob("*.py")
-        if p.name != "__init__.py"
-    }
+    graph = _graph()
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         for nxt in graph.get(start, ()):
@@ -148,6 +170,23 @@ def test_titan_broker_has_no_import_cycle() -> None:
                 return True
         return False
 
-    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    cycles = sorted(m for m in graph if m != "titan_broker" and reaches(m, m, set()))
     assert cycles == [], f"modules in an import cycle: {cycles}"
-    assert "titan_broker.manager" not in graph["titan_broker.pool"] | graph["titan_broker.supervisor"]
+    assert (
+        "titan_broker._processes.manager"
+        not in graph["titan_broker._processes.pool"] | graph["titan_broker._processes.supervisor"]
+    )
+
+
+def test_each_part_of_titan_broker_imports_only_its_own_floor_or_lower() -> None:
+    def floor(module: str) -> int:
+        part = module.split(".")[1] if "." in module else ""
+        return LAYERS.index(part) if part in LAYERS else len(LAYERS)  # the facade is the roof
+
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in _graph().items()
+        for target in targets
+        if floor(target) > floor(module)
+    )
+    assert upward == [], f"imports that run back up: {upward}"

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
-from titan_broker.keys import GROUP, Keys
-from titan_broker.local_redis import LocalRedis
-from titan_broker.protocol import F_REPLY_VALUE, decode_reply, encode_request
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker._wire.protocol import F_REPLY_VALUE, decode_reply, encode_request
+from titan_broker.testing._local_redis import LocalRedis
 
 from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
 

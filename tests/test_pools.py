@@ -29,7 +29,7 @@ from titan_broker import (
     ServiceHealth,
     WorkerOptions,
 )
-from titan_broker.client import ROUTE_TTL
+from titan_broker._calling.client import ROUTE_TTL
 
 from .conftest import CALCULATOR, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually
 

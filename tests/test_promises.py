@@ -30,7 +30,7 @@ from titan_broker import (
     ServiceHealth,
     WorkerOptions,
 )
-from titan_broker.keys import GROUP, Keys
+from titan_broker._wire.keys import GROUP, Keys
 
 from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually, wait_until
 from .test_pools import POOLED, QUICK_HEALTH, Recorder
@@ -425,17 +425,19 @@ async def test_a_failed_slot_makes_the_service_degraded(pm: ProcessManager) -> N
     assert (health.status, health.healthy, health.failed) == (HealthStatus.DEGRADED, 1, 1)
 
 
-# -- "Events ... They are logged too (logger titan_broker.events)"
+# -- "Events ... They are logged too (logger titan_broker._processes.events)"
 
 
 async def test_lifecycle_events_are_logged(pm: ProcessManager, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="titan_broker.events")
+    caplog.set_level(logging.INFO, logger="titan_broker._processes.events")
     recorder = Recorder(pm)
     pool = await pm.pool(POOLED, restart=RestartPolicy(backoff=0.1))
     crashed = await pool.proxy.exit_soon()
     await recorder.wait_for("restarted")
     await pool.close()
-    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "titan_broker.events"]
+    logged = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "titan_broker._processes.events"
+    ]
     assert [str(e) for e in recorder.events] == [message for _level, message in logged]  # each one, once
     levels = {message.split(":")[0]: level for level, message in logged}
     assert levels == {"ready": "INFO", "crashed": "WARNING", "restarted": "INFO", "stopped": "INFO"}

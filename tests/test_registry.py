@@ -12,15 +12,14 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import ProcessManager
-from titan_broker.keys import Keys
-from titan_broker.registry import (
+from titan_broker._registry.records import (
     VersionInfo,
     WorkerInfo,
-    WorkerRecord,
     list_services,
     remove_worker,
     serving_versions,
 )
+from titan_broker._wire.keys import Keys
 
 from .conftest import SERVICES, Workers
 
@@ -39,13 +38,13 @@ def titan(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[s
 
 def record(
     worker_id: str = "w1", version: str = "1.0.0", started_at: float = 100.0, **kw: object
-) -> WorkerRecord:
+) -> WorkerInfo:
     fields: dict[str, object] = {
         "worker_id": worker_id, "service": "svc", "version": version, "host": "h", "pid": 42,
         "status": "ready", "in_flight": 1, "concurrency": 16, "calls": 7, "errors": 1,
         "started_at": started_at, "heartbeat_at": 123.456, **kw,
     }  # fmt: skip
-    return WorkerRecord(**fields)  # type: ignore[arg-type]  # the test's loose keywords
+    return WorkerInfo(**fields)  # type: ignore[arg-type]  # the test's loose keywords
 
 
 # -- the record ------------------------------------------------------------------------------
@@ -63,9 +62,9 @@ def test_a_record_survives_its_fields_both_ways() -> None:
     fields = full.to_fields()
     assert fields["pid"] == "42" and fields["heartbeat_at"] == "123.456" and fields["latency"] == '{"3": 4}'
     as_redis = {k.encode(): v.encode() for k, v in fields.items()}  # HGETALL hands back bytes
-    assert WorkerRecord.from_fields(as_redis) == full
-    assert WorkerRecord.from_fields(fields) == full
-    assert WorkerInfo is WorkerRecord and WorkerInfo.from_record(as_redis) == full
+    assert WorkerInfo.from_fields(as_redis) == full
+    assert WorkerInfo.from_fields(fields) == full
+    assert WorkerInfo is WorkerInfo and WorkerInfo.from_record(as_redis) == full
 
 
 def test_a_heartbeat_writes_only_what_changes() -> None:
@@ -77,7 +76,7 @@ def test_a_heartbeat_writes_only_what_changes() -> None:
 
 
 def test_missing_fields_read_as_placeholders() -> None:
-    parsed = WorkerRecord.from_fields({b"worker_id": b"w9"})
+    parsed = WorkerInfo.from_fields({b"worker_id": b"w9"})
     assert (parsed.worker_id, parsed.version, parsed.pid, parsed.health, parsed.metrics_port) == (
         "w9", "?", 0, None, None,
     )  # fmt: skip
@@ -90,7 +89,7 @@ def test_the_worker_writes_exactly_the_shared_record(
     workers.start(V2)
     [wid] = workers.wait_registered("versioned", 1)
     raw = sync_client.hgetall(Keys(namespace).worker("versioned", wid))
-    parsed = WorkerRecord.from_fields(raw)
+    parsed = WorkerInfo.from_fields(raw)
     assert (parsed.worker_id, parsed.version) == (wid, "2.0.0")
     assert parsed.method_names == {"hello", "added"}
     # Same field names, same encodings: serializing what was read gives back what the worker wrote.

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from titan_broker.keys import GROUP, Keys
-from titan_broker.scripting import Script
+from titan_broker._redis.scripting import Script
+from titan_broker._wire.keys import GROUP, Keys
 
 pytestmark = pytest.mark.anyio
 RECLAIM = Script("reclaim")

@@ -16,9 +16,9 @@ import pytest
 
 from processes.calculator import Calculator
 from titan_broker import ProcessManager, RedisUnavailable, RemoteError, TitanError, with_options
-from titan_broker.keys import Keys
-from titan_broker.local_redis import LocalRedis, find_redis_server
-from titan_broker.local_sentinel import LocalSentinel
+from titan_broker._wire.keys import Keys
+from titan_broker.testing._local_redis import LocalRedis, find_redis_server
+from titan_broker.testing._local_sentinel import LocalSentinel
 
 from .conftest import CALCULATOR, SERVICES, RoutedWorkers, managed_workers
 from .test_cli import titan

@@ -19,7 +19,7 @@ from titan_broker import (
     TitanError,
     WorkerOptions,
 )
-from titan_broker.protocol import STREAM_WINDOW
+from titan_broker._wire.protocol import STREAM_WINDOW
 
 from .conftest import SERVICES, eventually
 

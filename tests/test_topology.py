@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from titan_broker.config import redact
-from titan_broker.errors import ConfigError, RedisUnavailable
-from titan_broker.topology import Topology, _sentinel_topology, discover
+from titan_broker._config import redact
+from titan_broker._errors import ConfigError, RedisUnavailable
+from titan_broker._redis.topology import Topology, _sentinel_topology, discover
 
 pytestmark = pytest.mark.anyio
 

@@ -325,7 +325,7 @@ class Ambiguous:
 def test_an_annotation_that_cannot_cross_the_wire_is_refused_when_the_class_is_read(
     annotations: dict[str, Any], message: str
 ) -> None:
-    from titan_broker.definition import describe
+    from titan_broker._service.definition import describe
 
     async def f(self: Any, **kwargs: Any) -> Any: ...
 
@@ -344,7 +344,7 @@ def test_an_annotation_that_cannot_cross_the_wire_is_refused_when_the_class_is_r
 def test_a_name_only_known_to_type_checkers_leaves_that_parameter_unchecked_and_the_others_checked(
     tmp_path: Path,
 ) -> None:
-    from titan_broker.definition import load_service_file
+    from titan_broker._service.definition import load_service_file
 
     path = tmp_path / "lazy.py"
     path.write_text(
@@ -384,7 +384,7 @@ def test_a_name_only_known_to_type_checkers_leaves_that_parameter_unchecked_and_
 def test_containers_of_unions_msgspec_refuses_are_decoded_item_by_item(
     annotation: Any, plain: Any, decoded: Any
 ) -> None:
-    from titan_broker.wire_types import wire_type
+    from titan_broker._wire.values import wire_type
 
     kind = wire_type(annotation)
     assert kind is not None
@@ -404,7 +404,7 @@ def test_containers_of_unions_msgspec_refuses_are_decoded_item_by_item(
     ],
 )
 def test_containers_of_unions_say_where_a_value_does_not_fit(annotation: Any, plain: Any, where: str) -> None:
-    from titan_broker.wire_types import Mismatch, wire_type
+    from titan_broker._wire.values import Mismatch, wire_type
 
     kind = wire_type(annotation)
     assert kind is not None
@@ -426,8 +426,8 @@ def test_without_pydantic_everything_else_works_and_titan_broker_never_imports_i
     code = (
         "import sys\n"
         "sys.modules['pydantic'] = None  # any import of it fails\n"
-        "from titan_broker.definition import load_service_file\n"
-        "from titan_broker.codec import pack, unpack\n"
+        "from titan_broker._service.definition import load_service_file\n"
+        "from titan_broker._wire.codec import pack, unpack\n"
         f"spec = load_service_file({str(TYPED)!r}).methods['shift']\n"
         "args = ['2024-05-01T10:30:15Z', 'PT1H']\n"
         "assert spec.parameters.decode('shift', args, {}) is None, args\n"

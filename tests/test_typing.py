@@ -31,7 +31,7 @@ def test_correct_use_of_a_typed_proxy_passes_mypy() -> None:
         "datetime.datetime",  # its created_at
         "processes.database.User",  # an item of a streaming method
         "list[processes.database.User]",
-        "titan_broker.jobs.Job[float]",  # pm.submit(calc.add, 5, 3)
+        "titan_broker._calling.jobs.Job[float]",  # pm.submit(calc.add, 5, 3)
         "float",  # pm.job(id, float).result()
     ], output
 

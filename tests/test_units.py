@@ -22,9 +22,9 @@ import pytest
 from titan_worker.middleware.cache import LocalCache
 from titan_worker.middleware.rate_limit import LocalBucket
 
-from titan_broker import breaker as breaker_module
-from titan_broker.breaker import BreakerState, CircuitBreaker
-from titan_broker.errors import (
+from titan_broker._calling import breaker as breaker_module
+from titan_broker._calling.breaker import BreakerState, CircuitBreaker
+from titan_broker._errors import (
     BacklogFull,
     BadArguments,
     CallTimeout,
@@ -37,8 +37,8 @@ from titan_broker.errors import (
     RedisUnavailable,
     RemoteError,
 )
-from titan_broker.events import Event, EventBus
-from titan_broker.stats import BOUNDS, LatencyHistogram
+from titan_broker._processes.events import Event, EventBus
+from titan_broker._registry.latency import BOUNDS, LatencyHistogram
 
 CLOCKED: list[ModuleType] = [sys.modules[cls.__module__] for cls in (LocalCache, LocalBucket)]
 """The modules whose ``time`` the fake clock replaces (with the breaker's)."""
@@ -227,7 +227,7 @@ def test_a_raising_callback_does_not_stop_the_others(caplog: pytest.LogCaptureFi
     bus.on(lambda e: seen.append(f"first {e.worker_id}"))
     bus.on(broken)
     bus.on(lambda e: seen.append(f"last {e.worker_id}"))
-    with caplog.at_level(logging.ERROR, logger="titan_broker.events"):
+    with caplog.at_level(logging.ERROR, logger="titan_broker._processes.events"):
         bus.emit(event(n=1))
         bus.emit(event(n=2))
     assert seen == ["first w1", "last w1", "first w2", "last w2"]
@@ -256,9 +256,9 @@ def test_unsubscribed_callback_is_not_called_again() -> None:
 )  # fmt: skip
 def test_every_event_is_logged_at_its_level(caplog: pytest.LogCaptureFixture, kind: str, level: int) -> None:
     bus = EventBus()
-    with caplog.at_level(logging.DEBUG, logger="titan_broker.events"):
+    with caplog.at_level(logging.DEBUG, logger="titan_broker._processes.events"):
         bus.emit(event(kind, 3))
-    [record] = [r for r in caplog.records if r.name == "titan_broker.events"]
+    [record] = [r for r in caplog.records if r.name == "titan_broker._processes.events"]
     assert record.levelno == level
     assert record.getMessage() == f"{kind}: svc w3 (pid 103): detail 3"
 
@@ -280,7 +280,7 @@ async def test_a_slow_subscriber_loses_events_past_its_buffer_and_never_blocks_t
         bus.emit(event(n=0))
     assert received == ["w0"]
     # The subscriber now takes nothing: emit (not async: it cannot wait) must not raise either.
-    with caplog.at_level(logging.WARNING, logger="titan_broker.events"):
+    with caplog.at_level(logging.WARNING, logger="titan_broker._processes.events"):
         for n in range(1, 6):
             bus.emit(event(n=n))
     dropped = [r for r in caplog.records if "not keeping up" in r.getMessage()]
@@ -307,7 +307,7 @@ async def test_a_closed_subscription_gets_nothing_and_costs_nothing(caplog: pyte
         await anyio.wait_all_tasks_blocked()
         bus.emit(event(n=0))
     await events.aclose()  # type: ignore[attr-defined]
-    with caplog.at_level(logging.WARNING, logger="titan_broker.events"):
+    with caplog.at_level(logging.WARNING, logger="titan_broker._processes.events"):
         for n in range(5):
             bus.emit(event(n=n))  # with the stream still registered, the second would warn
     assert not [r for r in caplog.records if "not keeping up" in r.getMessage()]
@@ -530,7 +530,7 @@ def nested(depth: int) -> Any:
 
 
 def test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more() -> None:
-    from titan_broker.codec import MAX_DEPTH, pack, unpack
+    from titan_broker._wire.codec import MAX_DEPTH, pack, unpack
 
     assert unpack(pack(nested(MAX_DEPTH))) == nested(MAX_DEPTH)
     with pytest.raises(ValueError, match=f"nested more than {MAX_DEPTH} deep"):
@@ -542,7 +542,7 @@ def test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more() -> 
 def test_depth_is_checked_on_the_counting_path_too() -> None:
     """A payload with more bytes that look like array and map headers than MAX_CONTAINERS is decoded by
     msgpack-python, which counts them; the depth limit holds there as well."""
-    from titan_broker.codec import MAX_CONTAINERS, MAX_DEPTH, pack, unpack
+    from titan_broker._wire.codec import MAX_CONTAINERS, MAX_DEPTH, pack, unpack
 
     filler = bytes([0x90]) * (MAX_CONTAINERS + 1)  # not containers: the bytes of a bin
     assert unpack(pack([filler, nested(MAX_DEPTH - 1)])) == [filler, nested(MAX_DEPTH - 1)]
@@ -551,7 +551,7 @@ def test_depth_is_checked_on_the_counting_path_too() -> None:
 
 
 def test_decoding_accepts_the_most_arrays_and_maps_allowed_and_refuses_one_more() -> None:
-    from titan_broker.codec import MAX_CONTAINERS, pack, unpack
+    from titan_broker._wire.codec import MAX_CONTAINERS, pack, unpack
 
     most = [{}] * (MAX_CONTAINERS - 1)  # and the list itself
     assert unpack(pack(most)) == most
@@ -561,7 +561,7 @@ def test_decoding_accepts_the_most_arrays_and_maps_allowed_and_refuses_one_more(
 
 def test_an_array_as_a_map_key_counts_for_the_depth() -> None:
     """msgspec decodes an array used as a map key into a tuple: it nests like any array."""
-    from titan_broker.codec import MAX_DEPTH, unpack
+    from titan_broker._wire.codec import MAX_DEPTH, unpack
 
     key = b"\x91" * MAX_DEPTH + b"\x00"  # 64 arrays around 0, the key of a map in an array: 66 deep
     with pytest.raises(ValueError, match="nested more than"):
@@ -574,7 +574,7 @@ def test_an_array_as_a_map_key_counts_for_the_depth() -> None:
 def test_unknown_extension_types_are_refused_on_both_paths(path: str) -> None:
     import msgpack
 
-    from titan_broker.codec import MAX_CONTAINERS, unpack
+    from titan_broker._wire.codec import MAX_CONTAINERS, unpack
 
     filler = bytes([0x90]) * (MAX_CONTAINERS + 1) if path == "counting" else b""
     with pytest.raises(ValueError, match="unknown msgpack extension type 42"):

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titan_broker.codec import EXT_BIGINT, MAX_CONTAINERS, EncodeError, pack, unpack
+from titan_broker._wire.codec import EXT_BIGINT, MAX_CONTAINERS, EncodeError, pack, unpack
 
 
 def independent(data: bytes) -> Any:

@@ -15,8 +15,8 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import Client, ProcessManager
-from titan_broker.keys import GROUP, Keys
-from titan_broker.protocol import pack
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker._wire.protocol import pack
 
 from .conftest import CALCULATOR, SERVICES, Workers, raw_call, wait_until
 

@@ -35,10 +35,10 @@ from titan_broker import (
     RemoteError,
     with_options,
 )
-from titan_broker.errors import TitanError
-from titan_broker.keys import GROUP, Keys
-from titan_broker.local_redis import LocalRedis
-from titan_broker.protocol import F_REPLY_VALUE, Reply, dead_letter_fields, decode_reply, encode_request
+from titan_broker._errors import TitanError
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, dead_letter_fields, decode_reply, encode_request
+from titan_broker.testing._local_redis import LocalRedis
 
 from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
 

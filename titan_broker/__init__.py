@@ -1,58 +1,62 @@
 """titan-broker: run Python services as worker processes and call them through typed proxies over Redis."""
 
-from .breaker import CircuitBreaker as CircuitBreaker
-from .client import Client as Client
-from .config import WorkerOptions as WorkerOptions
-from .dead_letters import DeadLetter as DeadLetter
-from .decorators import Health as Health
-from .decorators import HealthStatus as HealthStatus
-from .decorators import cache as cache
-from .decorators import health_check as health_check
-from .decorators import metric as metric
-from .decorators import on_shutdown as on_shutdown
-from .decorators import periodic as periodic
-from .decorators import process as process
-from .decorators import public as public
-from .decorators import rate_limit as rate_limit
-from .decorators import retry as retry
-from .decorators import trace as trace
-from .errors import BacklogFull as BacklogFull
-from .errors import BadArguments as BadArguments
-from .errors import BadRequest as BadRequest
-from .errors import BadResult as BadResult
-from .errors import CallError as CallError
-from .errors import CallLost as CallLost
-from .errors import CallTimeout as CallTimeout
-from .errors import CircuitOpen as CircuitOpen
-from .errors import ConfigError as ConfigError
-from .errors import DeadLettered as DeadLettered
-from .errors import DeadlineExceeded as DeadlineExceeded
-from .errors import EncodeError as EncodeError
-from .errors import InternalError as InternalError
-from .errors import JobCancelled as JobCancelled
-from .errors import JobNotFound as JobNotFound
-from .errors import MethodNotFound as MethodNotFound
-from .errors import NoLiveWorkers as NoLiveWorkers
-from .errors import PayloadTooLarge as PayloadTooLarge
-from .errors import RateLimited as RateLimited
-from .errors import RedisOutOfMemory as RedisOutOfMemory
-from .errors import RedisUnavailable as RedisUnavailable
-from .errors import RemoteError as RemoteError
-from .errors import ServiceFileError as ServiceFileError
-from .errors import SpawnError as SpawnError
-from .errors import TitanError as TitanError
-from .events import Event as Event
-from .health import ServiceHealth as ServiceHealth
-from .manager import ProcessManager as ProcessManager
-from .manager import WorkerProcess as WorkerProcess
-from .pool import AutoScale as AutoScale
-from .pool import Pool as Pool
-from .pool import PoolMetrics as PoolMetrics
-from .pool import RestartPolicy as RestartPolicy
-from .proxy import ServiceProxy as ServiceProxy
-from .proxy import with_options as with_options
-from .registry import ServiceInfo as ServiceInfo
-from .registry import WorkerInfo as WorkerInfo
+from ._calling.breaker import CircuitBreaker as CircuitBreaker
+from ._calling.client import Client as Client
+from ._calling.jobs import Job as Job
+from ._calling.jobs import JobState as JobState
+from ._calling.jobs import JobStatus as JobStatus
+from ._calling.proxy import ServiceProxy as ServiceProxy
+from ._calling.proxy import with_options as with_options
+from ._config import WorkerOptions as WorkerOptions
+from ._errors import BacklogFull as BacklogFull
+from ._errors import BadArguments as BadArguments
+from ._errors import BadRequest as BadRequest
+from ._errors import BadResult as BadResult
+from ._errors import CallError as CallError
+from ._errors import CallLost as CallLost
+from ._errors import CallTimeout as CallTimeout
+from ._errors import CircuitOpen as CircuitOpen
+from ._errors import ConfigError as ConfigError
+from ._errors import DeadLettered as DeadLettered
+from ._errors import DeadlineExceeded as DeadlineExceeded
+from ._errors import EncodeError as EncodeError
+from ._errors import InternalError as InternalError
+from ._errors import JobCancelled as JobCancelled
+from ._errors import JobNotFound as JobNotFound
+from ._errors import MethodNotFound as MethodNotFound
+from ._errors import NoLiveWorkers as NoLiveWorkers
+from ._errors import PayloadTooLarge as PayloadTooLarge
+from ._errors import RateLimited as RateLimited
+from ._errors import RedisOutOfMemory as RedisOutOfMemory
+from ._errors import RedisUnavailable as RedisUnavailable
+from ._errors import RemoteError as RemoteError
+from ._errors import ServiceFileError as ServiceFileError
+from ._errors import SpawnError as SpawnError
+from ._errors import TitanError as TitanError
+from ._processes.events import Event as Event
+from ._processes.manager import ProcessManager as ProcessManager
+from ._processes.manager import WorkerProcess as WorkerProcess
+from ._processes.pool import AutoScale as AutoScale
+from ._processes.pool import Pool as Pool
+from ._processes.pool import PoolMetrics as PoolMetrics
+from ._processes.pool import RestartPolicy as RestartPolicy
+from ._registry.dead_letters import DeadLetter as DeadLetter
+from ._registry.health import ServiceHealth as ServiceHealth
+from ._registry.records import ServiceInfo as ServiceInfo
+from ._registry.records import VersionInfo as VersionInfo
+from ._registry.records import WorkerInfo as WorkerInfo
+from ._service.decorators import Health as Health
+from ._service.decorators import HealthStatus as HealthStatus
+from ._service.decorators import cache as cache
+from ._service.decorators import health_check as health_check
+from ._service.decorators import metric as metric
+from ._service.decorators import on_shutdown as on_shutdown
+from ._service.decorators import periodic as periodic
+from ._service.decorators import process as process
+from ._service.decorators import public as public
+from ._service.decorators import rate_limit as rate_limit
+from ._service.decorators import retry as retry
+from ._service.decorators import trace as trace
 
 __version__ = "0.1.0"
 
@@ -77,6 +81,11 @@ __all__ = (
     "Health",
     "HealthStatus",
     "InternalError",
+    "Job",
+    "JobCancelled",
+    "JobNotFound",
+    "JobState",
+    "JobStatus",
     "MethodNotFound",
     "NoLiveWorkers",
     "PayloadTooLarge",
@@ -94,6 +103,7 @@ __all__ = (
     "ServiceProxy",
     "SpawnError",
     "TitanError",
+    "VersionInfo",
     "WorkerInfo",
     "WorkerOptions",
     "WorkerProcess",
@@ -101,9 +111,11 @@ __all__ = (
     "health_check",
     "metric",
     "on_shutdown",
+    "periodic",
     "process",
     "public",
     "rate_limit",
+    "retry",
     "trace",
     "with_options",
 )

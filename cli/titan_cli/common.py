@@ -15,9 +15,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from titan_broker.client import Client
-from titan_broker.config import ENV_NAMESPACE, ENV_URL
-from titan_broker.errors import ConfigError, RedisUnavailable, TitanError
+import titan_broker
+from titan_broker._calling.client import Client
+from titan_broker._config import ENV_NAMESPACE, ENV_URL
+from titan_broker._errors import ConfigError, RedisUnavailable, TitanError
 
 EXIT_CALL_FAILED = 1
 EXIT_USAGE = 2
@@ -44,9 +45,19 @@ class _Settings:
     namespace: str | None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"titan {titan_broker.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
     redis: Annotated[str | None, typer.Option("--redis", envvar=ENV_URL, help="Redis URL.")] = None,
     namespace: Annotated[
         str | None, typer.Option("--namespace", "-n", envvar=ENV_NAMESPACE, help="Key namespace.")

@@ -22,11 +22,11 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from titan_broker.client import Client
-from titan_broker.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
-from titan_broker.decorators import HealthStatus
-from titan_broker.health import ServiceHealth, aggregate
-from titan_broker.registry import (
+from titan_broker._calling.client import Client
+from titan_broker._registry.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
+from titan_broker._registry.health import ServiceHealth, aggregate
+from titan_broker._registry.latency import LatencyHistogram
+from titan_broker._registry.records import (
     QueueInfo,
     VersionInfo,
     WorkerInfo,
@@ -35,7 +35,7 @@ from titan_broker.registry import (
     list_workers,
     queue_info,
 )
-from titan_broker.stats import LatencyHistogram
+from titan_broker._service.decorators import HealthStatus
 
 from .common import (
     EXIT_CALL_FAILED,

@@ -6,10 +6,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from titan_broker.config import WorkerOptions
-from titan_broker.connection import AutoPipeline, Redis
-from titan_broker.definition import ServiceDefinition
-from titan_broker.keys import Keys
+from titan_broker._config import WorkerOptions
+from titan_broker._redis.connection import AutoPipeline, Redis
+from titan_broker._service.definition import ServiceDefinition
+from titan_broker._wire.keys import Keys
 
 from .logs import Throttled
 from .metrics import Metrics

@@ -19,11 +19,11 @@ from typing import Any
 
 import anyio
 
-from titan_broker import protocol
-from titan_broker.definition import MethodSpec
-from titan_broker.errors import EncodeError, WireError
-from titan_broker.scripting import Script
-from titan_broker.wire_types import Mismatch
+from titan_broker._errors import EncodeError, WireError
+from titan_broker._redis.scripting import Script
+from titan_broker._service.definition import MethodSpec
+from titan_broker._wire import protocol
+from titan_broker._wire.values import Mismatch
 
 from . import middleware
 from .call import Call, Entry, Next, Outcome

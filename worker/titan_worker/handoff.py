@@ -14,12 +14,12 @@ import logging
 import random
 import time
 
-from titan_broker import protocol
-from titan_broker.connection import text
-from titan_broker.errors import WireError
-from titan_broker.keys import GROUP
-from titan_broker.registry import read_workers
-from titan_broker.scripting import Script
+from titan_broker._errors import WireError
+from titan_broker._redis.connection import text
+from titan_broker._redis.scripting import Script
+from titan_broker._registry.records import read_workers
+from titan_broker._wire import protocol
+from titan_broker._wire.keys import GROUP
 
 from .call import Entry, Outcome
 from .context import WorkerContext

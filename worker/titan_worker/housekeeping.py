@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from titan_broker.connection import Channel, text
-from titan_broker.keys import GROUP
-from titan_broker.scripting import Script
+from titan_broker._redis.connection import Channel, text
+from titan_broker._redis.scripting import Script
+from titan_broker._wire.keys import GROUP
 
 from .call import Entry
 from .context import WorkerContext

@@ -22,9 +22,9 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 from redis import exceptions as rexc
 
-from titan_broker.backoff import Backoff
-from titan_broker.connection import CONNECTION_ERRORS, Channel, stream_entries
-from titan_broker.keys import GROUP
+from titan_broker._redis.backoff import Backoff
+from titan_broker._redis.connection import CONNECTION_ERRORS, Channel, stream_entries
+from titan_broker._wire.keys import GROUP
 
 from .call import Entry
 from .context import WorkerContext

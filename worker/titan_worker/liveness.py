@@ -24,10 +24,10 @@ from typing import Any
 import redis
 import redis.cluster
 
-from titan_broker.keys import GROUP
-from titan_broker.registry import WorkerRecord
-from titan_broker.scripting import Script
-from titan_broker.topology import Topology
+from titan_broker._redis.scripting import Script
+from titan_broker._redis.topology import Topology
+from titan_broker._registry.records import WorkerInfo
+from titan_broker._wire.keys import GROUP
 
 from .context import WorkerContext
 
@@ -45,7 +45,7 @@ class Heartbeat:
     def __init__(self, ctx: WorkerContext, active: Callable[[], list[bytes]]) -> None:
         self.ctx = ctx
         self.active = active
-        self.record: WorkerRecord | None = None
+        self.record: WorkerInfo | None = None
         self.tick = time.monotonic()
         """Set by the event loop every beat; a stale tick means user code blocks the loop."""
         self._stop = threading.Event()

@@ -24,15 +24,16 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from titan_broker.config import (
+import titan_broker
+from titan_broker._config import (
     ENV_NAMESPACE,
     ENV_URL,
     WorkerOptions,
     resolve_namespace,
     resolve_url,
 )
-from titan_broker.definition import load_service_file
-from titan_broker.errors import ConfigError, RedisUnavailable, ServiceFileError
+from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
+from titan_broker._service.definition import load_service_file
 
 from .worker import InitError, Worker
 
@@ -49,8 +50,19 @@ logger = logging.getLogger("titan_worker")
 app = typer.Typer(help="Run titan-broker worker processes.", add_completion=False, no_args_is_help=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"titan-worker {titan_broker.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """Run titan-broker worker processes."""
 
 

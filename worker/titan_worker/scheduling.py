@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import anyio
 
-from titan_broker import protocol
-from titan_broker.decorators import PeriodicOptions
-from titan_broker.scripting import Script
+from titan_broker._redis.scripting import Script
+from titan_broker._service.decorators import PeriodicOptions
+from titan_broker._wire import protocol
 
 from .context import WorkerContext
 

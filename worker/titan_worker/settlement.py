@@ -19,12 +19,12 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-from titan_broker import protocol
-from titan_broker.backoff import Backoff
-from titan_broker.connection import CONNECTION_ERRORS
-from titan_broker.errors import RedisUnavailable, WireError
-from titan_broker.keys import GROUP
-from titan_broker.scripting import Script
+from titan_broker._errors import RedisUnavailable, WireError
+from titan_broker._redis.backoff import Backoff
+from titan_broker._redis.connection import CONNECTION_ERRORS
+from titan_broker._redis.scripting import Script
+from titan_broker._wire import protocol
+from titan_broker._wire.keys import GROUP
 
 from .call import Entry, Outcome
 from .context import WorkerContext

@@ -30,16 +30,16 @@ import anyio
 import anyio.abc
 import prometheus_client
 
-from titan_broker import protocol
-from titan_broker.config import WorkerOptions, check_name, redact
-from titan_broker.connection import SOCKET_TIMEOUT, AutoPipeline, Channel, open_redis
-from titan_broker.decorators import Health
-from titan_broker.definition import ServiceDefinition
-from titan_broker.errors import TitanError
-from titan_broker.keys import Keys
-from titan_broker.registry import WorkerRecord
-from titan_broker.stats import LatencyHistogram
-from titan_broker.topology import discover
+from titan_broker._config import WorkerOptions, check_name, redact
+from titan_broker._errors import TitanError
+from titan_broker._redis.connection import SOCKET_TIMEOUT, AutoPipeline, Channel, open_redis
+from titan_broker._redis.topology import discover
+from titan_broker._registry.latency import LatencyHistogram
+from titan_broker._registry.records import WorkerInfo
+from titan_broker._service.decorators import Health
+from titan_broker._service.definition import ServiceDefinition
+from titan_broker._wire import protocol
+from titan_broker._wire.keys import Keys
 
 from .call import Entry
 from .context import WorkerContext
@@ -235,7 +235,7 @@ class Worker:
 
     def _publish(self) -> None:
         """Hand the heartbeat a fresh record (it writes it from its thread, with its own time)."""
-        self.heartbeat.record = WorkerRecord(
+        self.heartbeat.record = WorkerInfo(
             worker_id=self.worker_id,
             service=self.service,
             version=self.definition.version,

@@ -7,7 +7,7 @@ call_next) -> Outcome``: it may answer by itself (a cache hit, a refusal),
 wrap the rest (a span, a timer) or act on the outcome (a cache put).
 
 To add a feature: an options class and its decorator in
-``titan_broker/decorators.py``, a module here with ``FEATURE`` and
+``titan_broker/_service/decorators.py``, a module here with ``FEATURE`` and
 ``build``, and its place in ``LAYERS``.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from titan_broker.definition import MethodSpec
-from titan_broker.errors import ConfigError
+from titan_broker._errors import ConfigError
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Middleware, Next
 from ..context import WorkerContext

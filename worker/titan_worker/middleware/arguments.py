@@ -1,11 +1,11 @@
 """Every call: its arguments are bound to the method's signature and decoded into the parameters'
-annotations (``titan_broker.wire_types``) before anything runs; a call whose arguments do not fit is
+annotations (``titan_broker._wire.values``) before anything runs; a call whose arguments do not fit is
 answered with titan.BadArguments and never runs."""
 
 from __future__ import annotations
 
-from titan_broker.definition import MethodSpec
-from titan_broker.errors import WireError
+from titan_broker._errors import WireError
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

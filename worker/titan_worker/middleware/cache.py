@@ -15,10 +15,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
-from titan_broker import protocol
-from titan_broker.decorators import CacheOptions, RateLimitOptions
-from titan_broker.definition import MethodSpec
-from titan_broker.scripting import Script
+from titan_broker._redis.scripting import Script
+from titan_broker._service.decorators import CacheOptions, RateLimitOptions
+from titan_broker._service.definition import MethodSpec
+from titan_broker._wire import protocol
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import anyio
 
-from titan_broker.definition import MethodSpec
-from titan_broker.errors import WireError
+from titan_broker._errors import WireError
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

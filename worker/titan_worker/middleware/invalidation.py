@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 
-from titan_broker.backoff import Backoff
-from titan_broker.connection import CONNECTION_ERRORS
-from titan_broker.definition import MethodSpec
-from titan_broker.errors import WireError
+from titan_broker._errors import WireError
+from titan_broker._redis.backoff import Backoff
+from titan_broker._redis.connection import CONNECTION_ERRORS
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome, safe_str
 from ..context import WorkerContext

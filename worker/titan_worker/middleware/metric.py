@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from titan_broker.decorators import MetricOptions
-from titan_broker.definition import MethodSpec
+from titan_broker._service.decorators import MetricOptions
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

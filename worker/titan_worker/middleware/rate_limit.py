@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 
-from titan_broker.decorators import RateLimitOptions
-from titan_broker.definition import MethodSpec
-from titan_broker.errors import WireError
-from titan_broker.scripting import Script
+from titan_broker._errors import WireError
+from titan_broker._redis.scripting import Script
+from titan_broker._service.decorators import RateLimitOptions
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

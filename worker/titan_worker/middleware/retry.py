@@ -13,8 +13,8 @@ import dataclasses
 import random
 import time
 
-from titan_broker.decorators import RetryOptions
-from titan_broker.definition import MethodSpec
+from titan_broker._service.decorators import RetryOptions
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

@@ -9,8 +9,8 @@ from __future__ import annotations
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
-from titan_broker.decorators import TraceOptions
-from titan_broker.definition import MethodSpec
+from titan_broker._service.decorators import TraceOptions
+from titan_broker._service.definition import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

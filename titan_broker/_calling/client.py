@@ -1,0 +1,440 @@
+"""The calling side: a Client sends requests; its ReplyDispatcher (replies.py) routes the replies back.
+
+A call is bounded by its timeout from start to finish: routing, sending and
+waiting all end at its deadline, and what happens after (deleting a request
+nobody waits for) runs in the background and never delays the error. A call
+given up for any reason (timeout, cancellation, an error) has its request
+deleted if no worker took it, so that no worker runs it later; and a request
+that reaches Redis after its caller's deadline (it sat in a socket while Redis
+was stopped) is refused by the submit script. Replies arrive on one stream per
+client; every error out of this module is a TitanError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import anyio
+import anyio.abc
+from opentelemetry import propagate
+from opentelemetry import trace as otel
+
+from .._config import check_seconds, redact, resolve_namespace, resolve_url
+from .._errors import ConfigError, TitanError
+from .._redis.connection import REDIS_ERRORS, Redis, open_redis, titan_error
+from .._redis.topology import discover
+from .._wire import protocol
+from .._wire.keys import Keys
+from .breaker import CircuitBreaker
+from .jobs import Job
+from .links import Link, Links
+from .proxy import ServiceProxy as ServiceProxy
+from .proxy import with_options as with_options
+from .replies import error_of
+from .routing import ROUTE_TTL as ROUTE_TTL
+from .routing import Routes, probe_margin
+from .sending import Later, Sent, redis_error
+from .streaming import StreamRequest, stream_items
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CLOSE_BUDGET = 1.0
+"""Seconds ``aclose`` spends on its last writes to Redis."""
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_BACKLOG = 10_000
+DEFAULT_RESULT_TTL = 86_400.0
+"""Seconds a job's outcome is kept after it ended."""
+
+
+class Client:
+    """Sends calls to services and receives their replies.
+
+    The constructor does no I/O; ``async with Client(...)`` connects and starts
+    the reply dispatcher, leaving the block stops it.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        default_timeout: float = DEFAULT_TIMEOUT,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        max_payload: int = protocol.DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.url = resolve_url(url)
+        self.namespace = resolve_namespace(namespace)
+        self.keys = Keys(self.namespace)
+        self.default_timeout = default_timeout
+        self.max_backlog = max_backlog
+        self.max_payload = max_payload
+        self.client_id = uuid.uuid4().hex[:16]
+        self._ids = itertools.count(1)
+        self._redis: Redis | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._links: Links | None = None
+        self._reply_keys: dict[str, str] = {}
+        self._routes = Routes(self.keys, lambda: self.redis)
+
+    @property
+    def redis(self) -> Redis:
+        """The connection; raise TitanError when used outside ``async with``."""
+        if self._redis is None:
+            raise TitanError("client is not connected: use 'async with' first")
+        return self._redis
+
+    def _connected(self) -> Links:
+        if self._links is None or self._tg is None:
+            raise TitanError("client is not connected: use 'async with' first")
+        return self._links
+
+    async def _link(self, service: str, deadline: float) -> Link:
+        """The link to ``service`` (its sender and reply dispatcher), opened by ``deadline`` if need be."""
+        return await self._connected().open(service, deadline)
+
+    async def __aenter__(self) -> Client:
+        try:
+            topology = await discover(self.url)
+            self._redis = await open_redis(topology)
+        except BaseException as exc:
+            await self.aclose()
+            if isinstance(exc, REDIS_ERRORS):
+                raise titan_error(exc, f"connect to Redis at {redact(self.url)}") from exc
+            raise
+        self._links = Links(topology, self.keys, self.client_id, self.max_backlog, lambda: self.redis)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._links.tg = self._routes.tg = self._tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the dispatchers and close the connections; calls still waiting fail.
+
+        Requests given up and not yet deleted, and streams still open, get one
+        last try (CLOSE_BUDGET), then the reply streams are deleted.
+        """
+        tg, self._tg = self._tg, None
+        links: list[Link] = []
+        if self._links is not None:
+            self._links.tg = self._routes.tg = None
+            links = self._links.detach()
+            for link in links:
+                link.sender.tg = None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+        for link in links:
+            dispatcher, sender = link.dispatcher, link.sender
+            for call_id, sent in dispatcher.entries.items():  # their callers wake after this
+                stream = call_id in dispatcher.streams
+                control = self.keys.stream_control(link.service, call_id) if stream else None
+                sender.withdraw(sent, 0.0, control, call_id)
+            dispatcher.fail_all(lambda: TitanError("client closed while the call was waiting"))
+        if self._redis is not None and links:
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + CLOSE_BUDGET
+                for link in links:
+                    try:
+                        await link.sender.withdraw_pending()
+                        await self._redis.delete(link.reply_key, link.dispatcher.canary)
+                    except REDIS_ERRORS as exc:
+                        logger.warning("client %s: could not clean up on close (%s)", self.client_id, exc)
+        for link in links:
+            await link.aclose()
+        self._links = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        wait_for_worker: bool = True,
+        delay: float | None = None,
+    ) -> Any:
+        """Call ``service.method(*args, **kwargs)`` and return its result.
+
+        Calls with the same ``key`` go to the same worker while the service's
+        workers do not change (rendezvous hashing over the live workers), and
+        to any worker when that one is gone. With ``wait_for_worker=False`` a
+        call to a service with no live worker raises NoLiveWorkers at once
+        instead of waiting in the queue for one to start. With ``delay`` the
+        call starts no earlier than ``delay`` seconds from now (and the timeout
+        counts from then); it goes to any worker.
+
+        Returns or raises by the call's deadline (``timeout`` seconds from now),
+        whatever Redis does. Raises RemoteError (or a subclass) when the worker
+        answers with an error; CallTimeout (NoLiveWorkers when no worker is
+        alive) when the deadline passes; BacklogFull when the service refuses
+        new calls; CallLost when Redis lost the call (it restarted without its
+        data, or the reply stream was overwritten); RedisUnavailable when
+        Redis cannot be reached or does not answer in time (RedisOutOfMemory
+        when it is full).
+        """
+        timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
+        loop = asyncio.get_running_loop()
+        later = _later(delay, key)
+        deadline = loop.time() + timeout + (later.delay_ms / 1000 if later else 0.0)
+        if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
+            self._connected()
+            await self._routes.require_worker(service, method, deadline)
+        link = self._links.get(service) if self._links is not None else None
+        if link is None:
+            link = await self._link(service, deadline)
+        dispatcher, sender = link.dispatcher, link.sender
+        fut: asyncio.Future[protocol.Reply] = loop.create_future()
+        dispatcher.calls[call_id] = fut
+        sent: Sent | None = None
+        answered = False
+        try:
+            worker = (
+                await self._routes.worker_for(service, method, key, deadline) if key is not None else None
+            )
+            sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
+            dispatcher.entries[call_id] = sent
+            # A timer on the future is much cheaper than a cancel scope on this hot path.
+            timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._routes.probe, service)
+            try:
+                reply = await fut
+            except _Expired:
+                raise self._routes.timeout_error(service, method, timeout, loop.time() - timeout) from None
+            finally:
+                timer.cancel()
+            answered = True
+            if reply.seq is not None or reply.end is not None:
+                sender.withdraw(sent, deadline, self.keys.stream_control(service, call_id), call_id)
+                raise TitanError(
+                    f"{service}.{method}() streams its results: iterate it with 'async for' instead"
+                )
+            if reply.ok:
+                return reply.value
+            raise error_of(reply)
+        finally:
+            dispatcher.calls.pop(call_id, None)
+            dispatcher.entries.pop(call_id, None)
+            if sent is not None and not answered:
+                sender.withdraw(sent, deadline, call_id=call_id)
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        wait_for_worker: bool = True,
+    ) -> AsyncGenerator[Any, None]:
+        """Iterate over the items a streaming (async generator) method yields, as they come.
+
+        The worker runs at most STREAM_WINDOW items ahead of this iterator.
+        Leaving the loop early stops the producer (and deletes the request if
+        no worker took it yet). An error raised by the producer is raised here
+        after the items it sent. ``timeout`` bounds the whole stream. Raises
+        like ``call``.
+        """
+        timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
+        self._connected()
+        request = StreamRequest(service, method, call_id, fields, timeout, key, wait_for_worker)
+        return stream_items(request, self._link, self._routes, self.keys)
+
+    def _request(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
+    ) -> tuple[float, str, dict[bytes, bytes]]:
+        """The timeout to use, a new call id, and the request entry's fields (timeout included)."""
+        timeout = self.default_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        call_id = f"{self.client_id}-{next(self._ids)}"
+        reply_key = self._reply_keys.get(service)
+        if reply_key is None:
+            if len(self._reply_keys) > 4096:  # bounded whatever names callers use
+                self._reply_keys.clear()
+            reply_key = self._reply_keys[service] = self.keys.reply(service, self.client_id)
+        fields = protocol.encode_request(
+            call_id, method, args, kwargs or {}, reply_key, int(timeout * 1000),
+            trace=_traceparent(), max_payload=self.max_payload,
+        )  # fmt: skip
+        return timeout, call_id, fields
+
+    async def submit(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        deadline: float | None = None,
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        timeout: float | None = None,
+    ) -> str:
+        """Queue ``service.method(*args, **kwargs)`` as a job and return its id, without waiting for it.
+
+        The job runs once a worker is free (after ``delay`` seconds, if given),
+        whether or not this client is still there, and its outcome is kept
+        ``result_ttl`` seconds after it ends: read it with ``job(id)`` from
+        any process. ``deadline``: seconds the job may take from its start
+        (default: none). ``timeout`` bounds the submit itself. Raises like
+        ``call`` for the submit (BacklogFull, RedisUnavailable, ...).
+        """
+        if deadline is not None:
+            check_seconds("deadline", deadline)
+        check_seconds("result_ttl", result_ttl)
+        timeout = self.default_timeout if timeout is None else timeout
+        later = _later(delay, None) or Later()
+        token = uuid.uuid4().hex
+        job_id = f"{service}:{token}"
+        ttl_ms = int(deadline * 1000) if deadline is not None else protocol.NO_DEADLINE_MS
+        fields = protocol.encode_request(
+            f"{self.client_id}-{next(self._ids)}", method, args, kwargs or {}, None, ttl_ms,
+            trace=_traceparent(), max_payload=self.max_payload, job=token,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        link = await self._link(service, until)
+        later = later._replace(job_id=job_id, result_ttl_ms=int(result_ttl * 1000))
+        await link.sender.send(service, method, fields, None, until, timeout, later)
+        return job_id
+
+    def job(self, job_id: str, decode: Callable[[Any], T] | None = None) -> Job[T]:
+        """The job with this id (from ``submit``, in this process or another)."""
+        return Job(lambda: self.redis, self.keys, job_id, decode)
+
+    async def live_workers(self, service: str) -> int:
+        """How many workers of ``service`` have a live registry record."""
+        try:
+            return await self._routes.count_live(service)
+        except REDIS_ERRORS as exc:
+            raise titan_error(exc, f"count the workers of {service!r}") from exc
+
+    def proxy(
+        self,
+        service: str,
+        cls: type[T] | None = None,
+        *,
+        methods: frozenset[str] | None = None,
+        breaker: CircuitBreaker | None = None,
+        streaming: frozenset[str] = frozenset(),
+    ) -> T:
+        """A proxy whose attribute calls go to ``service``; typed as ``cls`` for type checkers.
+
+        Calling a method gives an object to await (its result) or to iterate
+        with ``async for`` (a streaming method's items), whatever the proxy
+        knew of the service when it was made; ``streaming`` is informative.
+        Results are decoded into ``cls``'s return annotations (plain data
+        without ``cls``).
+        """
+        proxy = ServiceProxy(
+            self, service, methods=methods, timeout=None, breaker=breaker, streaming=streaming, cls=cls
+        )
+        return cast(T, proxy)
+
+    async def streaming_methods(self, service: str) -> frozenset[str]:
+        """The streaming methods of ``service`` as its workers registered them (empty if unknown)."""
+        try:
+            raw = await self.redis.hget(self.keys.services, service)
+        except REDIS_ERRORS as exc:
+            raise titan_error(exc, f"read the registry entry of {service!r}") from exc
+        try:
+            methods = json.loads(raw).get("methods", []) if raw else []
+            return frozenset(m["name"] for m in methods if m.get("streaming"))
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return frozenset()  # an entry this version cannot read: the proxy works without it
+
+    async def invalidate_cache(self, service: str, method: str) -> None:
+        """Drop every cached result of ``service.method`` (@cache), in every worker, at once."""
+        try:
+            await self.redis.incr(self.keys.cache_generation(service, method))
+        except REDIS_ERRORS as exc:
+            doing = f"invalidate the cache of {service}.{method}()"
+            raise await redis_error(self.redis, exc, doing, anyio.current_time() + 1.0) from exc
+
+
+def _later(delay: float | None, key: str | None) -> Later | None:
+    """How a call with ``delay`` goes out (None: at once); raise ConfigError for a bad one."""
+    if delay is None or delay == 0:
+        return None
+    check_seconds("delay", delay)
+    if key is not None:
+        raise ConfigError("a delayed call goes to any worker: it cannot have an affinity key")
+    return Later(delay_ms=int(delay * 1000))
+
+
+def _traceparent() -> str | None:
+    """The W3C traceparent of the caller's current span, when tracing is on."""
+    if not otel.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
+
+
+class _Expired(Exception):
+    """Set on a call's future when its timeout passes."""
+
+
+def _expire(fut: asyncio.Future[protocol.Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
+class _CallTimer:
+    """One timer a call: shortly before the deadline it starts the check for live workers (so a
+    timeout can say none is alive), at the deadline it expires the call."""
+
+    __slots__ = ("handle",)
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[protocol.Reply],
+        deadline: float,
+        margin: float,
+        probe: Callable[[asyncio.Future[protocol.Reply] | None, str], None],
+        service: str,
+    ) -> None:
+        self.handle = loop.call_at(deadline - margin, self._probe, loop, fut, deadline, probe, service)
+
+    def _probe(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[protocol.Reply],
+        deadline: float,
+        probe: Callable[[asyncio.Future[protocol.Reply] | None, str], None],
+        service: str,
+    ) -> None:
+        probe(fut, service)
+        self.handle = loop.call_at(deadline, _expire, fut)
+
+    def cancel(self) -> None:
+        self.handle.cancel()

@@ -1,0 +1,272 @@
+"""Background jobs: a call whose answer is kept in Redis, for whoever asks later.
+
+A job is an ordinary request on the service's stream (same backlog limit,
+at-least-once delivery, dead letters, deadline) whose request carries a
+token (field ``j``) instead of a reply stream: its worker writes the outcome
+into the job's hash (``<ns>:{<svc>}:job:<token>``), kept ``result_ttl``
+after it ended. Its id, ``<service>:<token>``, is all another process needs
+to read it. The hash says where the job stands (``JobState``) as it goes:
+queued (on the stream, or in the delayed set), running (a worker took it;
+``attempts`` counts the runs), retrying (@retry: the last run failed, the
+next is due), then done, failed, dead (dead-lettered) or cancelled.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+
+from .._config import check_name
+from .._errors import CallTimeout, ConfigError, JobCancelled, JobNotFound, RemoteError
+from .._redis.connection import REDIS_ERRORS, Redis, text, titan_error
+from .._redis.scripting import Script
+from .._wire import protocol
+from .._wire.keys import GROUP, Keys
+from .replies import error_of
+
+T = TypeVar("T")
+
+_CANCEL = Script("cancel")
+
+POLL_FIRST = 0.01
+POLL_AT_MOST = 0.25
+"""``Job.result`` reads the job's hash, first after POLL_FIRST seconds, then less often, up to this."""
+
+
+class JobState(enum.StrEnum):
+    """Where a job is: queued (or delayed), running, retrying (waiting out its backoff), or ended."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a job stands, as its hash says (times in Redis's clock, UTC)."""
+
+    id: str
+    method: str
+    state: JobState
+    attempts: int
+    submitted: datetime | None
+    due: datetime | None
+    """When it may start (its delay, or its next attempt's backoff)."""
+    queued: datetime | None
+    """When its request reached the service's stream (a delayed job: when it came due and moved)."""
+    started: datetime | None
+    """When its last run started."""
+    finished: datetime | None
+    worker: str | None
+    error: RemoteError | None
+    """The error of a failed or dead job, or of the last run of a retrying one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form (``titan job --json``)."""
+        return {
+            "id": self.id,
+            "method": self.method,
+            "state": str(self.state),
+            "attempts": self.attempts,
+            **{
+                name: when.isoformat() if when else None
+                for name, when in (
+                    ("submitted", self.submitted),
+                    ("due", self.due),
+                    ("queued", self.queued),
+                    ("started", self.started),
+                    ("finished", self.finished),
+                )
+            },
+            "worker": self.worker,
+            "error": {"type": self.error.type, "message": self.error.message} if self.error else None,
+        }
+
+
+def split_id(job_id: str) -> tuple[str, str]:
+    """(service, token) of a job id; raise ConfigError naming what is wrong with it."""
+    service, sep, token = job_id.partition(":")
+    shown = protocol.show(job_id, 80)
+    if not sep or protocol.job_token({protocol.F_JOB: token.encode()}) is None:
+        raise ConfigError(f"{shown} is not a job id (<service>:<token>, as submit returned it)")
+    try:
+        check_name(service, "service")
+    except ConfigError as exc:
+        raise ConfigError(f"{shown} is not a job id: {exc}") from None
+    return service, token
+
+
+def _when(raw: bytes | None) -> datetime | None:
+    if not raw or not raw.isdigit() or len(raw) > 15:
+        return None
+    try:
+        return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):  # a time no datetime holds: shown as unknown
+        return None
+
+
+def status_of(job_id: str, fields: dict[bytes, bytes]) -> JobStatus:
+    """A job's status from its hash's fields."""
+    error: RemoteError | None = None
+    result = fields.get(b"result")
+    if result:
+        reply = protocol.decode_reply(result)
+        if reply is not None and not reply.ok:
+            error = error_of(reply)
+    try:
+        state = JobState(text(fields.get(b"status", b"queued")))
+    except ValueError:
+        state = JobState.QUEUED
+    attempts = fields.get(b"attempts", b"0")
+    worker = fields.get(b"worker")
+    return JobStatus(
+        id=job_id, method=text(fields.get(b"method", b"")), state=state,
+        attempts=int(attempts) if attempts.isdigit() else 0,
+        submitted=_when(fields.get(b"submitted")), due=_when(fields.get(b"due")),
+        queued=_when(fields.get(b"queued")),
+        started=_when(fields.get(b"started")), finished=_when(fields.get(b"finished")),
+        worker=text(worker) if worker else None, error=error,
+    )  # fmt: skip
+
+
+class Job(Generic[T]):
+    """A job submitted to a service: its id, where it stands, its result (see the module's doc).
+
+    ``Client.submit`` and ``ProcessManager.submit`` make one; ``Client.job(id)``
+    and ``ProcessManager.job(id)`` find one from its id, in any process.
+    """
+
+    def __init__(
+        self, redis: Callable[[], Redis], keys: Keys, job_id: str, decode: Callable[[Any], T] | None = None
+    ) -> None:
+        self.service, self.token = split_id(job_id)
+        self.id = job_id
+        self._redis = redis
+        self._keys = keys
+        self._decode = decode
+        self.key = keys.job(self.service, self.token)
+
+    async def status(self) -> JobStatus:
+        """Where the job stands now; raises JobNotFound (never submitted, or expired)."""
+        try:
+            fields = cast(dict[bytes, bytes], await self._redis().hgetall(self.key))
+        except REDIS_ERRORS as exc:
+            raise titan_error(exc, f"read job {self.id}") from exc
+        if not fields:
+            raise self._not_found()
+        return status_of(self.id, fields)
+
+    async def result(self, timeout: float | None = None) -> T:
+        """Wait for the job to end (at most ``timeout`` seconds; None: as long as it takes), and
+        return its result or raise its error (RemoteError, DeadLettered, JobCancelled).
+
+        Raises CallTimeout when it did not end in time (it goes on), JobNotFound
+        when there is no such job (any more).
+        """
+        delay = POLL_FIRST
+        ended = await self._ended()  # once whatever the timeout: timeout=0 reads a job that ended
+        with anyio.move_on_after(timeout):
+            while ended is None:
+                await anyio.sleep(delay)
+                delay = min(POLL_AT_MOST, delay * 1.5)
+                ended = await self._ended()
+        if ended is None:
+            raise CallTimeout(
+                f"job {self.id} did not end within {timeout:g} s; it goes on (see job.status())"
+            )
+        return self._outcome(ended)
+
+    async def _ended(self) -> bytes | None:
+        """The job's result when it ended (b"" for none); None while it waits or runs. Raises its
+        JobNotFound, JobCancelled."""
+        try:
+            state, result = await self._redis().hmget(self.key, ["status", "result"])
+        except REDIS_ERRORS as exc:
+            raise titan_error(exc, f"read job {self.id}") from exc
+        if state is None:
+            raise self._not_found()
+        if text(state) == "cancelled":
+            raise JobCancelled(f"job {self.id} was cancelled before it started")
+        if text(state) in ("done", "failed", "dead"):
+            return cast(bytes, result or b"")
+        return None
+
+    def _outcome(self, raw: bytes | None) -> T:
+        reply = protocol.decode_reply(raw or b"")
+        if reply is None:
+            raise JobNotFound(f"job {self.id} ended but its result cannot be read")
+        if not reply.ok:
+            raise error_of(reply)
+        value: Any = reply.value
+        return self._decode(value) if self._decode is not None else value
+
+    async def cancel(self) -> bool:
+        """Cancel the job if it has not started; True when it was. A job that runs, or has
+        ended, is left as it is (False). Raises JobNotFound."""
+        try:
+            outcome = await cancel(self._redis(), self._keys, self.service, self.key)
+        except REDIS_ERRORS as exc:
+            raise titan_error(exc, f"cancel job {self.id}") from exc
+        if outcome == "unknown":
+            raise self._not_found()
+        return outcome == "cancelled"
+
+    def _not_found(self) -> JobNotFound:
+        return JobNotFound(
+            f"job {self.id} is unknown: it was never submitted, or it ended longer ago than its "
+            "result_ttl (its outcome expired)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}>"
+
+
+async def cancel(redis: Redis, keys: Keys, service: str, job_key: str) -> str:
+    """Cancel a job unless a worker has it (cancel.lua): its status after, or 'unknown'.
+
+    Raises redis-py errors."""
+    return text(await _CANCEL(redis, [job_key, keys.calls(service), keys.delayed(service)], [GROUP]))
+
+
+async def list_jobs(
+    redis: Redis, keys: Keys, service: str, *, state: JobState | None = None, count: int = 100
+) -> list[JobStatus]:
+    """The service's latest jobs, newest first (``count`` at most, of the given ``state``).
+
+    Ids whose hash has expired are dropped from the index as they are met.
+    """
+    index = keys.jobs(service)
+    found: list[JobStatus] = []
+    start = 0
+    while len(found) < count:
+        ids = [text(i) for i in cast(list[bytes], await redis.zrevrange(index, start, start + 199))]
+        if not ids:
+            break
+        start += len(ids)
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(keys.job(service, job_id.partition(":")[2]))
+            hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        gone = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
+        if gone:
+            await redis.zrem(index, *gone)
+            start -= len(gone)
+        for job_id, fields in zip(ids, hashes, strict=True):
+            if fields:
+                status = status_of(job_id, fields)
+                if state is None or status.state == state:
+                    found.append(status)
+    return found[:count]

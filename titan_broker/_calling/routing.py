@@ -1,0 +1,132 @@
+"""What a client knows of a service's workers: where an affinity key goes, and whether any worker lives.
+
+Both are read from the registry and trusted for ROUTE_TTL. Shortly before a
+call's deadline the client checks, in the background, whether the service
+has a live worker at all, so that its timeout error can say "no live worker"
+without a round trip after the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from .._errors import CallTimeout, NoLiveWorkers, RedisUnavailable
+from .._redis.connection import REDIS_ERRORS, Redis, text, titan_error
+from .._wire import protocol
+from .._wire.keys import Keys
+
+ROUTE_TTL = 1.0
+"""Seconds a client trusts what it learnt of a service's workers (affinity routing, fail-fast)."""
+PROBE_BUDGET = 1.0
+"""Seconds the background check for live workers may take."""
+
+
+def probe_margin(timeout: float) -> float:
+    """How long before a call's deadline the client checks for live workers."""
+    return min(0.25, timeout / 4)
+
+
+class Routes:
+    """Per service: the live workers of its affinity set, and how many workers live."""
+
+    def __init__(self, keys: Keys, redis: Callable[[], Redis]) -> None:
+        self.keys = keys
+        self._redis = redis
+        self._routes: dict[str, tuple[float, list[str]]] = {}
+        self._live: dict[str, tuple[float, int]] = {}
+        """service -> (event loop time of the check, live workers then)."""
+        self._checking: set[str] = set()
+        self.tg: anyio.abc.TaskGroup | None = None
+        """Where background checks run (None: none are started)."""
+
+    async def worker_for(self, service: str, method: str, key: str, deadline: float) -> str | None:
+        """The live worker that ``key`` maps to (rendezvous hashing), or None when none is known."""
+        now = anyio.current_time()
+        cached = self._routes.get(service)
+        if cached is None or cached[0] < now:
+            cached = None
+            with anyio.move_on_after(deadline - now):
+                try:
+                    redis = self._redis()
+                    ids = sorted(text(w) for w in await redis.smembers(self.keys.affinity(service)))
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for wid in ids:
+                            pipe.exists(self.keys.worker(service, wid))
+                        alive = await pipe.execute()
+                except REDIS_ERRORS as exc:
+                    raise titan_error(exc, f"route {service}.{method}()") from exc
+                cached = (anyio.current_time() + ROUTE_TTL, [w for w, a in zip(ids, alive, strict=True) if a])
+                self._routes[service] = cached
+            if cached is None:
+                raise RedisUnavailable(f"cannot route {service}.{method}(): Redis did not answer in time")
+        workers = cached[1]
+        if not workers:
+            return None
+        return max(
+            workers, key=lambda wid: hashlib.blake2b(f"{key}\x00{wid}".encode(), digest_size=8).digest()
+        )
+
+    async def require_worker(self, service: str, method: str, deadline: float) -> None:
+        """Raise NoLiveWorkers at once unless a worker of ``service`` lives (``wait_for_worker=False``)."""
+        now = anyio.current_time()
+        live = self._live.get(service)
+        if live is not None and live[1] > 0 and now - live[0] < ROUTE_TTL:
+            return
+        count = None
+        with anyio.move_on_after(deadline - now):
+            try:
+                count = await self.count_live(service)
+            except REDIS_ERRORS as exc:
+                raise titan_error(exc, f"check the workers of {service!r}") from exc
+        if count is None:
+            raise RedisUnavailable(f"cannot check the workers of {service!r}: Redis did not answer in time")
+        if count == 0:
+            raise NoLiveWorkers(
+                f"{service}.{method}() was not sent: service {service!r} has no live worker "
+                "(wait_for_worker=False; start one with 'titan-worker run FILE')"
+            )
+
+    def probe(self, fut: asyncio.Future[protocol.Reply] | None, service: str) -> None:
+        """A timer callback: unless ``fut`` is answered, count the live workers in the background."""
+        if (fut is not None and fut.done()) or service in self._checking or self.tg is None:
+            return
+        self._checking.add(service)
+        self.tg.start_soon(self._probe, service)
+
+    async def _probe(self, service: str) -> None:
+        try:
+            with anyio.move_on_after(PROBE_BUDGET):
+                await self.count_live(service)
+        except REDIS_ERRORS:
+            pass
+        finally:
+            self._checking.discard(service)
+
+    def timeout_error(self, service: str, method: str, timeout: float, started: float) -> CallTimeout:
+        """CallTimeout, or NoLiveWorkers when a check made since ``started`` found none alive."""
+        live = self._live.get(service)
+        if live is not None and live[0] >= started and live[1] == 0:
+            return NoLiveWorkers(
+                f"{service}.{method}() got no answer within {timeout:g} s: "
+                f"service {service!r} has no live worker (start one with 'titan-worker run FILE')"
+            )
+        return CallTimeout(f"{service}.{method}() got no answer within {timeout:g} s")
+
+    async def count_live(self, service: str) -> int:
+        """How many workers of ``service`` have a live record; raises redis-py errors."""
+        redis = self._redis()
+        ids = await redis.smembers(self.keys.workers(service))
+        found: list[int] = []
+        if ids:
+            async with redis.pipeline(transaction=False) as pipe:
+                for wid in ids:
+                    pipe.exists(self.keys.worker(service, text(wid)))
+                found = await pipe.execute()
+        count = sum(int(x) for x in found)
+        self._live[service] = (anyio.current_time(), count)
+        return count

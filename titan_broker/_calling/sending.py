@@ -1,0 +1,319 @@
+"""Putting requests into Redis, and taking back the ones nobody waits for any more.
+
+``Sender.send`` queues a request through the submit script within the call's
+deadline. The script also checks that deadline in Redis's clock (this module
+keeps an estimate of the offset between Redis's clock and the local one), so
+a request that reaches Redis after its caller gave up is refused rather than
+run later. ``Sender.withdraw`` deletes a request given up (and stops its
+stream) in the background, retrying while Redis is away, without delaying
+the caller's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+import anyio
+import anyio.abc
+from redis import exceptions as rexc
+
+from .._errors import BacklogFull, RedisOutOfMemory, RedisUnavailable, TitanError
+from .._redis.backoff import Backoff
+from .._redis.connection import REDIS_ERRORS, AutoPipeline, Redis, titan_error
+from .._redis.scripting import Script
+from .._wire import protocol
+from .._wire.keys import Keys
+from .jobs import cancel
+
+logger = logging.getLogger(__name__)
+
+_SUBMIT = Script("submit")
+_ENQUEUE = Script("enqueue")
+DEADLINE_SLACK_MS = 10
+"""Added to the deadline the submit script checks (Redis's clock, estimated): rounding of ids."""
+FORGET_GRACE = 5.0
+"""Seconds past a call's deadline that deleting it is retried (then workers drop it as late anyway)."""
+CONTROL_TTL_MS = 600_000
+GONE_TTL_MS = 600_000
+"""How long the mark of a call given up lasts (ms): a delayed or retried run due later than that is
+not stopped by it (the worker still drops it once the call's deadline has passed)."""
+"""A streaming call's control hash (credit, cancel) expires this long after its last write."""
+
+Sent = tuple[tuple[str, ...], bytes]
+"""Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
+and its entry id; or the delayed set and its member. A job's hash comes along (deleted with it)."""
+_Job = tuple[tuple[str, ...], bytes, str | None, str | None]
+"""What to withdraw: where the request is, its entry id (or delayed member), its stream's control
+hash, its call id (to leave the gone mark)."""
+
+
+class _Late(Exception):
+    """The call's deadline passed while its submit was in flight."""
+
+
+async def _within(fut: asyncio.Future[Any], deadline: float) -> Any:
+    """The future's result, waited for until ``deadline`` (event-loop time) at most; raises _Late.
+
+    A caller cancelled while it waits does not cancel the future.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def late() -> None:
+        if not waiter.done():
+            waiter.set_exception(_Late())
+
+    fut.add_done_callback(wake)
+    timer = loop.call_at(deadline, late)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        fut.remove_done_callback(wake)
+    return fut.result()
+
+
+async def out_of_memory(redis: Redis, doing: str, deadline: float) -> RedisOutOfMemory:
+    """The error for a write refused at maxmemory, with the limit when INFO tells it (by ``deadline``)."""
+    detail = ""
+    with anyio.move_on_after(max(0.0, min(0.5, deadline - anyio.current_time()))):
+        try:
+            info = await redis.info("memory")
+            detail = (
+                f": it uses {info.get('used_memory')} bytes and its limit is maxmemory "
+                f"{info.get('maxmemory')} bytes (maxmemory-policy {info.get('maxmemory_policy')})"
+            )
+        except REDIS_ERRORS:
+            pass
+    return RedisOutOfMemory(
+        f"cannot {doing}: Redis is out of memory{detail}, so it refuses new writes; "
+        "free memory in Redis, raise maxmemory, or let workers drain the queues"
+    )
+
+
+async def redis_error(redis: Redis, exc: Exception, doing: str, deadline: float) -> TitanError:
+    """The TitanError for a redis-py error (out of memory with its limit)."""
+    if isinstance(exc, rexc.OutOfMemoryError):
+        return await out_of_memory(redis, doing, deadline)
+    return titan_error(exc, doing)
+
+
+class Later(NamedTuple):
+    """How a request that is not an ordinary call goes out: after a delay, or as a job, or both."""
+
+    delay_ms: int = 0
+    job_id: str | None = None
+    """The job's id (``<service>:<token>``); its token is the request's field ``j``."""
+    result_ttl_ms: int = 86_400_000
+
+
+class Sender:
+    """Sends requests over one auto-pipelined channel; withdraws those given up."""
+
+    def __init__(self, keys: Keys, max_backlog: int, pipe: AutoPipeline, redis: Callable[[], Redis]) -> None:
+        self.keys = keys
+        self.max_backlog = max_backlog
+        self.pipe = pipe
+        self._redis = redis
+        self.offset_ms = 0.0
+        """Redis's clock minus the event loop's, in ms: an upper bound, from the last entry id."""
+        self.tg: anyio.abc.TaskGroup | None = None
+        """Where withdrawals run; None while the client closes (they wait for ``withdraw_pending``)."""
+        self._jobs: dict[int, _Job] = {}
+        self._job_ids = itertools.count()
+
+    async def send(
+        self,
+        service: str,
+        method: str,
+        fields: dict[bytes, bytes],
+        worker: str | None,
+        deadline: float,
+        timeout: float,
+        later: Later | None = None,
+    ) -> Sent:
+        """Queue a request by ``deadline`` (event loop time); return where it went.
+
+        The request is sent whatever happens to its caller: cancelled, or past
+        the deadline, the caller stops waiting, and a request that still
+        reaches Redis is withdrawn once its id is known. ``later``: into the
+        delayed set and/or as a job (enqueue.lua). Raises BacklogFull,
+        RedisOutOfMemory, RedisUnavailable (also when Redis does not answer by
+        the deadline).
+        """
+        doing = f"send {service}.{method}()"
+        shared = self.keys.calls(service)
+        streams: tuple[str, ...] = (shared,)
+        record = ""
+        if worker is not None:
+            streams = (self.keys.worker_calls(service, worker), shared)
+            record = self.keys.worker(service, worker)
+        flat = protocol.flat_fields(fields)
+        script, keys, argv = _SUBMIT, list(streams), [self.keys.config(service), record, self.max_backlog]
+        member = b""
+        if later is not None:
+            script, keys = _ENQUEUE, [shared, self.keys.delayed(service)]
+            argv = [self.keys.config(service), self.max_backlog]
+            member = protocol.pack_fields(fields) if later.delay_ms > 0 else b""
+            job = protocol.job_token(fields)
+            job_key: tuple[str, ...] = ()
+            if later.job_id is not None and job is not None:
+                job_key = (self.keys.job(service, job),)
+                keys += [*job_key, self.keys.jobs(service)]
+            # Where it waits (to withdraw it): the delayed set or the stream, and its job's hash.
+            streams = (self.keys.delayed(service) if later.delay_ms > 0 else shared, *job_key)
+        loop = asyncio.get_running_loop()
+        for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
+            not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
+            if later is None:
+                command = script.command(keys, [*argv, not_after, *flat])
+            else:
+                extra = [later.delay_ms, member, later.job_id or "", later.result_ttl_ms, method]
+                command = script.command(keys, [*argv, not_after, *extra, *flat])
+            redis_full = False
+            entry_id: bytes | None = None
+            started = loop.time()
+            # The auto-pipeline's own task sends the request: the caller's cancellation or its
+            # deadline ends only the wait (far cheaper than a shielded cancel scope), and a
+            # request that still reaches Redis is deleted once its id is known.
+            fut = self.pipe.submit(*command)
+            try:
+                entry_id = cast(bytes, await _within(fut, deadline))
+            except _Late:
+                fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
+            except asyncio.CancelledError:
+                fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
+                raise
+            except rexc.NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it and send again
+                await script.load(self.pipe)
+                continue
+            except rexc.OutOfMemoryError:
+                redis_full = True
+            except rexc.ResponseError as exc:
+                message = str(exc)
+                if message.startswith("TITANBACKLOG"):
+                    limit = message.split()[-1]
+                    raise BacklogFull(
+                        f"service {service!r} refused {method}(): its backlog is full "
+                        f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
+                    ) from None
+                if not message.startswith("TITANLATE"):
+                    raise titan_error(exc, doing) from exc
+            except REDIS_ERRORS as exc:
+                raise titan_error(exc, doing) from exc
+            except RedisUnavailable as exc:  # the batch this send shared was cut off
+                raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
+            if redis_full:
+                raise await out_of_memory(self._redis(), doing, deadline)
+            if entry_id == b"delayed":
+                return streams, member
+            if entry_id is not None:
+                self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
+                return streams, entry_id
+            if loop.time() >= deadline:
+                outcome = (
+                    "if the job reached Redis after all, it is cancelled unless a worker had started it"
+                    if later is not None and later.job_id is not None
+                    else "the request was not queued"
+                )
+                raise RedisUnavailable(
+                    f"cannot {doing}: Redis did not answer within the timeout of {timeout:g} s "
+                    f"(it is stopped, overloaded or unreachable); {outcome}"
+                )
+            # TITANLATE with time left: Redis's clock jumped; measure it again.
+            await self.sync_clock()
+        raise RedisUnavailable(f"cannot {doing}: Redis's clock disagrees with the call's deadline")
+
+    async def sync_clock(self) -> None:
+        """Measure the offset between Redis's clock and the event loop's (an upper bound)."""
+        started = asyncio.get_running_loop().time()
+        seconds, micros = await self.pipe.execute("TIME")
+        self.offset_ms = int(seconds) * 1000 + int(micros) / 1000 + 1 - started * 1000
+
+    def _withdraw_late(self, streams: tuple[str, ...], deadline: float, fut: asyncio.Future[Any]) -> None:
+        """A submit nobody waits for ended: if it queued the request after all, delete it."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self.withdraw((streams, cast(bytes, fut.result())), deadline)
+
+    def withdraw(
+        self, sent: Sent, deadline: float, control: str | None = None, call_id: str | None = None
+    ) -> None:
+        """Delete a request nobody waits for, in the background; with ``control``, stop its stream too.
+
+        Deleting it is harmless when a worker has taken it already (its reply
+        is dropped); when none has, no worker ever runs it. With ``call_id`` a
+        mark says the caller gave up, so that no later run of the call is
+        queued (a delayed call that comes due, a @retry).
+        """
+        job_id = next(self._job_ids)
+        self._jobs[job_id] = (*sent, control, call_id)
+        if self.tg is not None:
+            self.tg.start_soon(self._withdraw, job_id, deadline)
+
+    async def _withdraw(self, job_id: int, deadline: float) -> None:
+        """Retry until done, or until the request is so late that workers drop it unrun.
+
+        Cancelled (the client closes), the job stays for ``withdraw_pending``.
+        """
+        backoff = Backoff(0.05, 1.0)
+        while True:
+            with anyio.move_on_after(2.0):
+                try:
+                    job = self._jobs.get(job_id)
+                    if job is not None:
+                        await self._delete(*job)
+                    self._jobs.pop(job_id, None)
+                    return
+                except REDIS_ERRORS as exc:
+                    logger.debug("cannot delete a request given up yet (%s)", exc)
+            if anyio.current_time() > deadline + FORGET_GRACE:
+                self._jobs.pop(job_id, None)
+                return
+            await backoff.sleep()
+
+    async def withdraw_pending(self) -> None:
+        """Withdraw every request still waiting to be (the client closes); raises redis-py errors."""
+        jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            await self._delete(*job)
+
+    async def _delete(
+        self, streams: tuple[str, ...], entry_id: bytes, control: str | None, call_id: str | None
+    ) -> None:
+        job = next((key for key in streams if self.keys.kind(key) == "job"), None)
+        if job is not None:  # a job whose submit was given up: cancelled, unless a worker has it
+            await cancel(self._redis(), self.keys, Keys.service_of(job), job)
+            return
+        async with self._redis().pipeline(transaction=True) as pipe:  # never a control hash without TTL
+            for key in streams:
+                if self.keys.kind(key) == "delayed":
+                    pipe.zrem(key, entry_id)  # the request is the member
+                else:
+                    pipe.xdel(key, entry_id)
+            if control is not None:
+                pipe.hset(control, "cancel", 1)
+                pipe.pexpire(control, CONTROL_TTL_MS)
+            if call_id is not None:
+                pipe.set(self.keys.gone(Keys.service_of(streams[0]), call_id), 1, px=GONE_TTL_MS)
+            await pipe.execute()
+
+    async def grant(self, control: str, credit: int, deadline: float) -> None:
+        """Let a streaming call's worker send items up to ``credit`` (by ``deadline``)."""
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            try:
+                async with self._redis().pipeline(transaction=True) as pipe:
+                    pipe.hset(control, "credit", credit)
+                    pipe.pexpire(control, CONTROL_TTL_MS)
+                    await pipe.execute()
+            except REDIS_ERRORS as exc:
+                raise await redis_error(self._redis(), exc, "grant a stream more items", deadline) from exc

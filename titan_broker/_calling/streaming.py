@@ -1,0 +1,97 @@
+"""A streaming call from the caller's side: items as they come, within a credit window.
+
+The worker stays at most STREAM_WINDOW items ahead: every half window
+consumed, the caller raises its credit in the call's stream hash. Leaving
+the loop early (or any error) tells the worker to stop and deletes the
+request if no worker took it yet. A worker that took the call over replays
+it from the start; items already seen are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import anyio
+
+from .._errors import TitanError
+from .._wire import protocol
+from .._wire.keys import Keys
+from .replies import StreamItem, error_of
+from .routing import Routes, probe_margin
+from .sending import Sent
+
+if TYPE_CHECKING:
+    from .links import Link
+
+
+class StreamRequest(NamedTuple):
+    service: str
+    method: str
+    call_id: str
+    fields: dict[bytes, bytes]
+    timeout: float
+    key: str | None
+    wait_for_worker: bool
+
+
+async def stream_items(
+    request: StreamRequest, link_for: Callable[[str, float], Awaitable[Link]], routes: Routes, keys: Keys
+) -> AsyncGenerator[Any, None]:
+    """The items of a streaming call, as they come (see ``Client.stream``)."""
+    service, method, call_id, fields, timeout, key, wait_for_worker = request
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
+        await routes.require_worker(service, method, deadline)
+    link = await link_for(service, deadline)
+    dispatcher, sender = link.dispatcher, link.sender
+    window = protocol.STREAM_WINDOW
+    send, receive = anyio.create_memory_object_stream[StreamItem](window * 2 + 8)
+    dispatcher.streams[call_id] = send
+    sent: Sent | None = None
+    finished = False
+    probe: asyncio.TimerHandle | None = None
+    try:
+        worker = await routes.worker_for(service, method, key, deadline) if key is not None else None
+        sent = await sender.send(service, method, fields, worker, deadline, timeout)
+        dispatcher.entries[call_id] = sent
+        probe = loop.call_at(deadline - probe_margin(timeout), routes.probe, None, service)
+        received = 0
+        while True:
+            item: StreamItem | None = None
+            with anyio.move_on_after(deadline - loop.time()):
+                try:
+                    item = await receive.receive()
+                except anyio.EndOfStream:
+                    item = dispatcher.failed.pop(call_id, None) or TitanError(f"{service}.{method}() lost")
+            if item is None:
+                raise routes.timeout_error(service, method, timeout, loop.time() - timeout)
+            if isinstance(item, TitanError):
+                raise item
+            if not item.ok:
+                finished = True
+                raise error_of(item)
+            if item.end is not None:
+                finished = True
+                return
+            if item.seq is None:
+                finished = True
+                raise TitanError(f"{service}.{method}() does not stream: await it instead of iterating")
+            if item.seq < received:
+                continue  # replayed from the start by a worker that took the call over
+            received += 1
+            yield item.value
+            if received % (window // 2) == 0:
+                await sender.grant(keys.stream_control(service, call_id), received + window, deadline)
+    finally:
+        if probe is not None:
+            probe.cancel()
+        dispatcher.streams.pop(call_id, None)
+        dispatcher.entries.pop(call_id, None)
+        dispatcher.failed.pop(call_id, None)
+        send.close()
+        receive.close()
+        if sent is not None and not finished:
+            sender.withdraw(sent, deadline, keys.stream_control(service, call_id), call_id)

@@ -1,0 +1,127 @@
+"""Reading, replaying and purging a service's dead letters.
+
+A dead letter is a request that could not be served: delivered more than its
+max_deliveries (its workers kept dying on it), or unreadable with no reply
+key to answer. Each keeps the original entry whole (see PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .._redis.connection import Redis
+from .._wire import protocol
+from .._wire.keys import Keys
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-lettered request."""
+
+    id: str
+    service: str
+    call_id: str | None
+    method: str | None
+    reason: str
+    deliveries: int
+    worker: str
+    at: float
+    """When it was dead-lettered, seconds since the epoch."""
+    entry: dict[bytes, bytes]
+    """The original stream entry, field by field."""
+
+    @property
+    def arguments(self) -> Any:
+        """The call's ``[args, kwargs]`` when readable, else None."""
+        raw = self.entry.get(protocol.F_ARGS)
+        try:
+            return protocol.unpack(raw) if raw is not None else None
+        except Exception:
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form (the entry's binary fields shown with replacement characters)."""
+        return {
+            "id": self.id,
+            "service": self.service,
+            "call_id": self.call_id,
+            "method": self.method,
+            "reason": self.reason,
+            "deliveries": self.deliveries,
+            "worker": self.worker,
+            "at": self.at,
+            "arguments": self.arguments,
+        }
+
+    @classmethod
+    def from_entry(cls, service: str, entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+        try:
+            original = protocol.unpack(fields.get(b"entry", b"\x80"))
+        except Exception:
+            original = {}
+        if not isinstance(original, dict):
+            original = {}
+        return cls(
+            id=entry_id.decode(),
+            service=service,
+            call_id=protocol.field_text(fields, protocol.F_ID),
+            method=protocol.field_text(fields, protocol.F_METHOD),
+            reason=protocol.field_text(fields, b"reason") or "",
+            deliveries=int(fields.get(b"deliveries", b"0")),
+            worker=protocol.field_text(fields, b"worker") or "",
+            at=int(fields.get(b"at", b"0")) / 1000,
+            entry={k: v for k, v in original.items() if isinstance(k, bytes) and isinstance(v, bytes)},
+        )
+
+
+async def list_dead_letters(redis: Redis, keys: Keys, service: str, *, count: int = 100) -> list[DeadLetter]:
+    """The oldest ``count`` dead letters of ``service``."""
+    raw = await redis.xrange(keys.dead(service), count=count)
+    entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw)
+    return [DeadLetter.from_entry(service, eid, fields) for eid, fields in entries]
+
+
+async def replay_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    service: str,
+    ids: list[str] | None = None,
+    *,
+    timeout: float = 60.0,
+    progress: Callable[[int, int], object] | None = None,
+) -> int:
+    """Put dead letters back on the service's stream, each with a new deadline ``timeout`` away.
+
+    ``ids`` None replays them all. The original caller has gone: the reply
+    lands on its reply stream and expires. ``progress(done, total)`` is
+    called after each one. Returns how many were replayed.
+    """
+    letters = await list_dead_letters(redis, keys, service, count=100_000)
+    chosen = [d for d in letters if ids is None or d.id in ids]
+    # The timeout counts from the new entry's id: a replayed call gets a whole new deadline.
+    ttl = str(int(timeout * 1000)).encode()
+    for done, letter in enumerate(chosen, 1):
+        fields: dict[Any, Any] = {**letter.entry, protocol.F_TIMEOUT: ttl}
+        fields.pop(protocol.F_MOVES, None)  # moves off dead workers' streams start again from 0
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.calls(service), fields)
+            pipe.xdel(keys.dead(service), letter.id)
+            await pipe.execute()
+        if progress is not None:
+            progress(done, len(chosen))
+    return len(chosen)
+
+
+async def purge_dead_letters(redis: Redis, keys: Keys, service: str, ids: list[str] | None = None) -> int:
+    """Delete dead letters (all of them when ``ids`` is None); return how many went."""
+    if ids is None:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xlen(keys.dead(service))
+            pipe.delete(keys.dead(service))
+            count, _ = await pipe.execute()
+        return int(count)
+    if not ids:
+        return 0
+    return int(await redis.xdel(keys.dead(service), *ids))

@@ -1,0 +1,305 @@
+"""The registry: which services exist, which of their workers are alive, and what each serves.
+
+A worker is alive while its record (a WorkerInfo: a hash with a TTL
+refreshed by its heartbeat) exists. Ids left in a service's worker set by
+workers whose record expired are pruned when read. A service's versions
+are read off its live records, so every version serving during a rolling
+upgrade is seen, each with its own methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis import exceptions as rexc
+
+from .._redis.connection import Redis, text
+from .._wire.keys import Keys
+from .latency import LatencyHistogram
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker's registry record: the hash ``Keys.worker(service, worker_id)``, written by the worker.
+
+    The worker writes every field when it registers and the changing ones
+    (``to_fields(heartbeat_only=True)``) at each heartbeat, refreshing the
+    hash's TTL; the registry reads it back with ``from_fields``. Numbers are
+    decimal strings (times with 3 decimals); ``health``, ``latency``,
+    ``methods`` and ``metrics`` are JSON; ``health`` and ``metrics_port`` are
+    absent when the worker has none.
+    """
+
+    worker_id: str
+    service: str
+    version: str
+    host: str
+    pid: int
+    status: str
+    in_flight: int
+    concurrency: int
+    calls: int
+    errors: int
+    started_at: float
+    heartbeat_at: float
+    health: dict[str, Any] | None = None
+    """The last @health_check report (status, checks, details, at); None without a @health_check."""
+    unhealthy_streak: int = 0
+    latency_counts: dict[str, int] = field(default_factory=dict)
+    """The worker's latency histogram, sparse (see stats.LatencyHistogram); field ``latency``."""
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    """What this worker serves: one description per @public method (definition.MethodSpec.describe)."""
+    metrics_port: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Per @metric method: calls, errors and latency percentiles."""
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        return LatencyHistogram.from_dict(self.latency_counts)
+
+    @property
+    def healthy(self) -> bool:
+        return self.health is None or self.health.get("status") != "unhealthy"
+
+    @property
+    def method_names(self) -> frozenset[str]:
+        return frozenset(str(m.get("name")) for m in self.methods)
+
+    def to_fields(self, *, heartbeat_only: bool = False) -> dict[str, str]:
+        """The hash's fields; only those a heartbeat refreshes when ``heartbeat_only``."""
+        fields = {
+            "status": self.status,
+            "in_flight": str(self.in_flight),
+            "calls": str(self.calls),
+            "errors": str(self.errors),
+            "heartbeat_at": f"{self.heartbeat_at:.3f}",
+            "latency": json.dumps(self.latency_counts),
+            "unhealthy_streak": str(self.unhealthy_streak),
+            "metrics": json.dumps(self.metrics),
+            **({"health": json.dumps(self.health)} if self.health is not None else {}),
+        }
+        if heartbeat_only:
+            return fields
+        return {
+            "service": self.service,
+            "version": self.version,
+            "worker_id": self.worker_id,
+            "host": self.host,
+            "pid": str(self.pid),
+            "concurrency": str(self.concurrency),
+            **({"metrics_port": str(self.metrics_port)} if self.metrics_port is not None else {}),
+            "started_at": f"{self.started_at:.3f}",
+            "methods": json.dumps(self.methods),
+            **fields,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes] | Mapping[str, str]) -> WorkerInfo:
+        """Parse the hash as HGETALL returns it; a field that is missing reads as '?', 0 or empty."""
+        r = {text(k): text(v) for k, v in fields.items()}
+        return cls(
+            worker_id=r.get("worker_id", "?"),
+            service=r.get("service", "?"),
+            version=r.get("version", "?"),
+            host=r.get("host", "?"),
+            pid=int(r.get("pid", 0)),
+            status=r.get("status", "?"),
+            in_flight=int(r.get("in_flight", 0)),
+            concurrency=int(r.get("concurrency", 0)),
+            calls=int(r.get("calls", 0)),
+            errors=int(r.get("errors", 0)),
+            started_at=float(r.get("started_at", 0)),
+            heartbeat_at=float(r.get("heartbeat_at", 0)),
+            health=json.loads(r["health"]) if "health" in r else None,
+            unhealthy_streak=int(r.get("unhealthy_streak", 0)),
+            latency_counts=json.loads(r.get("latency", "{}")),
+            methods=json.loads(r.get("methods", "[]")),
+            metrics_port=int(r["metrics_port"]) if "metrics_port" in r else None,
+            metrics=json.loads(r.get("metrics", "{}")),
+        )
+
+    @classmethod
+    def from_record(cls, record: Mapping[bytes, bytes]) -> WorkerInfo:
+        """The older name of ``from_fields``."""
+        return cls.from_fields(record)
+
+    def to_dict(self) -> dict[str, Any]:
+        """For JSON output: the record without its method descriptions, latency as percentiles."""
+        data = asdict(self)
+        data.pop("latency_counts")
+        data.pop("methods")
+        data["latency_ms"] = self.latency.summary()
+        return data
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One version of a service that is serving now: the methods its workers offer, and the workers."""
+
+    version: str
+    methods: list[dict[str, Any]]
+    """As its most recently started worker describes them."""
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "methods": self.methods,
+            "workers": [w.worker_id for w in self.workers],
+        }
+
+
+def serving_versions(workers: list[WorkerInfo]) -> list[VersionInfo]:
+    """The versions these live workers serve, in version order (numbers compared as numbers)."""
+    by_version: dict[str, list[WorkerInfo]] = {}
+    for w in workers:
+        by_version.setdefault(w.version, []).append(w)
+    versions = []
+    for version in sorted(by_version, key=_version_key):
+        members = by_version[version]
+        newest = max(members, key=lambda w: w.started_at)
+        versions.append(VersionInfo(version, newest.methods, members))
+    return versions
+
+
+def _version_key(version: str) -> list[tuple[int, int, str]]:
+    """'1.10.0' after '1.9.2'; a part that is not a number sorts after the numbers."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.findall(r"\d+|[^\d.]+", version)]
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """A service and its live workers, grouped by the version each serves.
+
+    ``version``, ``description`` and ``methods`` are what the service's last
+    registered worker described (kept for compatibility: during a rolling
+    upgrade that may be either version). ``versions`` is what is serving
+    now: every version that has a live worker, each with its own methods
+    and workers, in version order; empty when no worker lives.
+    """
+
+    name: str
+    version: str
+    description: str
+    methods: list[dict[str, Any]]
+    workers: list[WorkerInfo] = field(default_factory=list)
+    versions: list[VersionInfo] = field(default_factory=list)
+
+    @property
+    def hosts(self) -> dict[str, int]:
+        """Live workers per host."""
+        counts: dict[str, int] = {}
+        for w in self.workers:
+            counts[w.host] = counts.get(w.host, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "methods": self.methods,
+            "hosts": self.hosts,
+            "workers": [w.to_dict() for w in self.workers],
+            "versions": [v.to_dict() for v in self.versions],
+        }
+
+
+async def read_workers(redis: Redis, keys: Keys, service: str, ids: list[str]) -> list[WorkerInfo]:
+    """The records of these workers of ``service`` that are alive."""
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for wid in ids:
+            pipe.hgetall(keys.worker(service, wid))
+        records = await pipe.execute()
+    return [WorkerInfo.from_fields(r) for r in records if r]
+
+
+async def remove_worker(redis: Redis, keys: Keys, service: str, worker_id: str) -> None:
+    """Take a worker out of the registry now (its record and its id), rather than at its TTL."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.worker(service, worker_id))
+        pipe.srem(keys.workers(service), worker_id)
+        await pipe.execute()
+
+
+async def list_workers(redis: Redis, keys: Keys, service: str) -> list[WorkerInfo]:
+    """The live workers of ``service``; prunes ids whose record has expired."""
+    ids = sorted(text(w) for w in await redis.smembers(keys.workers(service)))
+    live = await read_workers(redis, keys, service, ids)
+    dead = set(ids) - {w.worker_id for w in live}
+    if dead:
+        # Pruning is housekeeping: a caller whose ACL makes the set read-only just skips it.
+        with contextlib.suppress(rexc.NoPermissionError):
+            await redis.srem(keys.workers(service), *dead)
+    return live
+
+
+async def list_services(redis: Redis, keys: Keys, *, live_only: bool = True) -> list[ServiceInfo]:
+    """Every known service with its live workers and the versions they serve.
+
+    Only the services with a live worker when ``live_only``.
+    """
+    raw = await redis.hgetall(keys.services)
+    services: list[ServiceInfo] = []
+    for name_b, desc_b in sorted(raw.items()):
+        desc = json.loads(desc_b)
+        name = text(name_b)
+        workers = await list_workers(redis, keys, name)
+        if live_only and not workers:
+            continue
+        services.append(
+            ServiceInfo(
+                name=name,
+                version=str(desc.get("version", "?")),
+                description=str(desc.get("description", "")),
+                methods=list(desc.get("methods", [])),
+                workers=workers,
+                versions=serving_versions(workers),
+            )
+        )
+    return services
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """The calls of one service: waiting, running, dead-lettered."""
+
+    service: str
+    backlog: int
+    """Entries in the service's stream: waiting plus running."""
+    pending: int
+    """Delivered to a worker and not yet acknowledged (running, or held by a dead worker)."""
+    dead_letters: int
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.backlog - self.pending)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "waiting": self.waiting}
+
+
+async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
+    """Backlog, pending and dead letters of ``service``."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.calls(service))
+        pipe.xlen(keys.dead(service))
+        backlog, dead = await pipe.execute()
+    try:
+        summary = await redis.xpending(keys.calls(service), "workers")
+        pending = int(summary["pending"])
+    except Exception:  # no stream or no group yet
+        pending = 0
+    return QueueInfo(service, int(backlog), pending, int(dead))
+
+
+async def known_services(redis: Redis, keys: Keys) -> list[str]:
+    """Every service that ever registered in this namespace."""
+    return sorted(text(name) for name in await redis.hkeys(keys.services))
