@@ -429,15 +429,13 @@ async def test_a_failed_slot_makes_the_service_degraded(pm: ProcessManager) -> N
 
 
 async def test_lifecycle_events_are_logged(pm: ProcessManager, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="titan_broker._processes.events")
+    caplog.set_level(logging.INFO, logger="titan_broker.events")
     recorder = Recorder(pm)
     pool = await pm.pool(POOLED, restart=RestartPolicy(backoff=0.1))
     crashed = await pool.proxy.exit_soon()
     await recorder.wait_for("restarted")
     await pool.close()
-    logged = [
-        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "titan_broker._processes.events"
-    ]
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "titan_broker.events"]
     assert [str(e) for e in recorder.events] == [message for _level, message in logged]  # each one, once
     levels = {message.split(":")[0]: level for level, message in logged}
     assert levels == {"ready": "INFO", "crashed": "WARNING", "restarted": "INFO", "stopped": "INFO"}

@@ -227,7 +227,7 @@ def test_a_raising_callback_does_not_stop_the_others(caplog: pytest.LogCaptureFi
     bus.on(lambda e: seen.append(f"first {e.worker_id}"))
     bus.on(broken)
     bus.on(lambda e: seen.append(f"last {e.worker_id}"))
-    with caplog.at_level(logging.ERROR, logger="titan_broker._processes.events"):
+    with caplog.at_level(logging.ERROR, logger="titan_broker.events"):
         bus.emit(event(n=1))
         bus.emit(event(n=2))
     assert seen == ["first w1", "last w1", "first w2", "last w2"]
@@ -256,9 +256,9 @@ def test_unsubscribed_callback_is_not_called_again() -> None:
 )  # fmt: skip
 def test_every_event_is_logged_at_its_level(caplog: pytest.LogCaptureFixture, kind: str, level: int) -> None:
     bus = EventBus()
-    with caplog.at_level(logging.DEBUG, logger="titan_broker._processes.events"):
+    with caplog.at_level(logging.DEBUG, logger="titan_broker.events"):
         bus.emit(event(kind, 3))
-    [record] = [r for r in caplog.records if r.name == "titan_broker._processes.events"]
+    [record] = [r for r in caplog.records if r.name == "titan_broker.events"]
     assert record.levelno == level
     assert record.getMessage() == f"{kind}: svc w3 (pid 103): detail 3"
 
@@ -280,7 +280,7 @@ async def test_a_slow_subscriber_loses_events_past_its_buffer_and_never_blocks_t
         bus.emit(event(n=0))
     assert received == ["w0"]
     # The subscriber now takes nothing: emit (not async: it cannot wait) must not raise either.
-    with caplog.at_level(logging.WARNING, logger="titan_broker._processes.events"):
+    with caplog.at_level(logging.WARNING, logger="titan_broker.events"):
         for n in range(1, 6):
             bus.emit(event(n=n))
     dropped = [r for r in caplog.records if "not keeping up" in r.getMessage()]
@@ -307,7 +307,7 @@ async def test_a_closed_subscription_gets_nothing_and_costs_nothing(caplog: pyte
         await anyio.wait_all_tasks_blocked()
         bus.emit(event(n=0))
     await events.aclose()  # type: ignore[attr-defined]
-    with caplog.at_level(logging.WARNING, logger="titan_broker._processes.events"):
+    with caplog.at_level(logging.WARNING, logger="titan_broker.events"):
         for n in range(5):
             bus.emit(event(n=n))  # with the stream still registered, the second would warn
     assert not [r for r in caplog.records if "not keeping up" in r.getMessage()]

@@ -11,7 +11,7 @@ from typing import Literal
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("titan_broker.events")  # a name users configure: it does not follow the file
 
 EventKind = Literal[
     "spawned", "ready", "crashed", "restarted", "failed", "scaled", "unhealthy", "recycled", "stopped"
