@@ -75,13 +75,22 @@ class Scheduler:
                     wait = 0.0
                 elif next_in >= 0:
                     wait = min(wait, next_in / 1000)
-                for periodic in self.periodic:
-                    await self._tick(periodic)
-                ctx.log.over(("schedule",), "worker %s: schedules reach Redis again", ctx.worker_id)
+                ctx.log.over(("schedule",), "worker %s: delayed calls reach Redis again", ctx.worker_id)
             except Exception as exc:  # the loop outlives any trouble with Redis
-                ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls or "
-                            "periodic ticks now (%s); still trying", ctx.worker_id, exc)  # fmt: skip
+                ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls "
+                            "now (%s); still trying", ctx.worker_id, exc)  # fmt: skip
                 wait = 1.0
+            for periodic in self.periodic:
+                # Each schedule on its own: one whose tick cannot be computed or queued must not
+                # hold up the others, nor the delayed calls above.
+                kind = f"tick:{periodic.method}"
+                try:
+                    await self._tick(periodic)
+                    ctx.log.over((kind,), "worker %s: the ticks of %s() are queued again",
+                                 ctx.worker_id, periodic.method)  # fmt: skip
+                except Exception as exc:
+                    ctx.log.log(logging.WARNING, kind, "worker %s: cannot queue the ticks of %s() now "
+                                "(%s); still trying", ctx.worker_id, periodic.method, exc)  # fmt: skip
             await anyio.sleep(wait)
 
     async def _tick(self, periodic: _Periodic) -> None:
