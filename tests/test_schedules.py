@@ -8,16 +8,21 @@ Real Redis, real worker processes. Each run of a test service appends a line to 
 from __future__ import annotations
 
 import json
+import signal
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis as sync_redis
+from croniter import croniter
 
 from titan_broker import ConfigError, ProcessManager, periodic, process
 from titan_broker.keys import Keys
 
-from .conftest import SERVICES, Workers, wait_until
+from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -102,3 +107,51 @@ async def test_a_schedule_that_cannot_tick_stops_neither_the_others_nor_delayed_
     assert max(late) < 0.5, late
     said = [line for line in workers.output(proc).decode().splitlines() if "a_broken" in line]
     assert said and len(said) <= 2, said  # said once (throttled), not on every pass
+
+
+# -- ticks missed while no worker ticked are not made up ------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_cron_whose_last_match_is_hours_ago_does_not_run_at_start(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    now = datetime.now(UTC)
+    workers.start(SPARSE, *dep(log))
+    workers.wait_registered("sparse_ticker", 1)
+    # The every-4-s method running shows the worker made its passes over all three schedules.
+    wait_until(lambda: runs(log, "tick"), 15, "a tick of the every-4-s method")
+    state = schedule(sync_client, keys, "sparse_ticker")
+    assert runs(log, "nightly") == [] and runs(log, "yearly") == []
+    assert "nightly:job" not in state and "yearly:job" not in state, state
+    # The schedule moved past the missed ticks: they will not run later either.
+    for method, cron in (("nightly", "0 3 * * *"), ("yearly", "0 0 1 1 *")):
+        missed = int(croniter(cron, now).get_prev(float) * 1000)
+        assert int(state[f"{method}:last"]) == missed, (method, state)
+        assert int(state[f"{method}:next"]) == int(croniter(cron, now).get_next(float) * 1000)
+
+
+@pytest.mark.timeout(90)
+async def test_after_all_workers_were_down_an_every_schedule_runs_only_its_current_tick(
+    workers: Workers, tmp_path: Path
+) -> None:
+    """The only worker is frozen (SIGSTOP) for more than two periods: its heartbeat lapses and no
+    tick is queued meanwhile. It is thawed halfway between two ticks, so a made-up run of the tick
+    that fell during the outage would start 2 s late, where the current tick's run starts on time."""
+    log = tmp_path / "runs"
+    period = 4.0
+    proc = workers.start(SPARSE, *dep(log), *FAST_FAILOVER)
+    workers.wait_registered("sparse_ticker", 1)
+    wait_until(lambda: runs(log, "tick"), 15, "a first tick")
+    proc.send_signal(signal.SIGSTOP)
+    earliest = time.time() + 2 * period + 0.5
+    thaw_at = (earliest // period + 1) * period + period / 2
+    await anyio.sleep(thaw_at - time.time())  # the outage itself: nothing happens that could be awaited
+    proc.send_signal(signal.SIGCONT)
+    thawed = time.time()
+    wait_until(lambda: len([at for at in runs(log, "tick") if at > thawed]) >= 2, 15,
+               "two ticks after the outage")  # fmt: skip
+    after = [at for at in runs(log, "tick") if at > thawed]
+    lateness = [round(at % period, 3) for at in after]
+    assert max(lateness) < 1.0, lateness  # each run is its tick's, on time

@@ -14,7 +14,9 @@ this loop, and each step is one script that only one worker can win.
   is skipped). A worker only asks when its own clock (the Redis clock it
   measures) says a new tick has come, so the script runs once per tick and
   worker, not every loop; the script itself refuses a tick ahead of Redis's
-  clock, so a worker whose clock jumped cannot stop the schedule.
+  clock, so a worker whose clock jumped cannot stop the schedule. A tick
+  older than TICK_GRACE (no worker was ticking when it fell: a deploy, an
+  outage) is noted but not run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _TICK = Script("tick")
 
 PROMOTE_EVERY = 0.25
 """Seconds between two looks at the delayed set at most: a delayed call starts at most about this late."""
+TICK_GRACE = 1.0
+"""Seconds a tick may be late and still run: an older one fell while no worker was ticking, and is
+not made up. Well above the loop's sleep (PROMOTE_EVERY), so a live worker queues each tick in time."""
 PROMOTE_BATCH = 200
 """Calls one look moves at most; a full batch is followed by another look at once."""
 
@@ -110,7 +115,8 @@ class Scheduler:
         keys = [ctx.keys.schedule(ctx.service), ctx.stream]
         keys += [ctx.keys.job(ctx.service, token), ctx.keys.jobs(ctx.service)]
         args = [periodic.method, tick, following, f"{ctx.service}:{token}", int(options.result_ttl * 1000)]
-        queued = await _TICK(ctx.writer, keys, [*args, ctx.keys.job_prefix(ctx.service), *flat])
+        args += [ctx.keys.job_prefix(ctx.service), int(TICK_GRACE * 1000)]
+        queued = await _TICK(ctx.writer, keys, [*args, *flat])
         if queued == 1:
             ctx.log.logger.info(
                 "worker %s: queued %s() for its tick at %d", ctx.worker_id, periodic.method, tick
@@ -119,4 +125,8 @@ class Scheduler:
             ctx.log.log(logging.WARNING, f"tick-skipped:{periodic.method}",
                         "worker %s: skipped a tick of %s(): its previous run has not started yet",
                         ctx.worker_id, periodic.method)  # fmt: skip
+        elif queued == 3:
+            ctx.log.log(logging.INFO, f"tick-missed:{periodic.method}",
+                        "worker %s: did not run %s() for its tick at %d: it fell while no worker was "
+                        "ticking; the next tick runs", ctx.worker_id, periodic.method, tick)  # fmt: skip
         periodic.last = tick
