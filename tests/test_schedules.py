@@ -155,3 +155,26 @@ async def test_after_all_workers_were_down_an_every_schedule_runs_only_its_curre
     after = [at for at in runs(log, "tick") if at > thawed]
     lateness = [round(at % period, 3) for at in after]
     assert max(lateness) < 1.0, lateness  # each run is its tick's, on time
+
+
+# -- a draining worker queues no ticks -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_draining_worker_queues_no_more_ticks(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """SIGTERM lands just after a 5 s run started: the worker drains it for 5 s, across two ticks
+    (every 2 s) that it must leave alone, since it will not run them."""
+    log = tmp_path / "runs"
+    proc = workers.start(PILING, *dep(log))
+    workers.wait_registered("piling_ticker", 1)
+    wait_until(lambda: runs(log, "start"), 15, "a run started")
+    proc.send_signal(signal.SIGTERM)
+    draining_since = int(time.time() * 1000)
+    proc.wait(timeout=30)
+    assert proc.returncode == 0, workers.output(proc)
+    assert runs(log, "end"), "the run in flight finished during the drain"
+    last = int(schedule(sync_client, keys, "piling_ticker")["long:last"])
+    assert last <= draining_since - draining_since % 2000, (last, draining_since)
+    assert sync_client.xlen(keys.calls("piling_ticker")) == 0  # nothing queued for nobody

@@ -64,6 +64,13 @@ class Scheduler:
             for spec in ctx.definition.methods.values()
             if spec.periodic is not None
         ]
+        self.ticking = True
+        """False once the worker drains: it would queue runs it no longer reads."""
+
+    def stop_ticking(self) -> None:
+        """Queue no more ticks (the worker drains). Delayed calls are still moved: whichever
+        worker reads them runs them, and their time to live counts from their due time anyway."""
+        self.ticking = False
 
     async def run(self) -> None:
         """Until cancelled; Redis's absences are logged (once) and waited out."""
@@ -85,7 +92,7 @@ class Scheduler:
                 ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls "
                             "now (%s); still trying", ctx.worker_id, exc)  # fmt: skip
                 wait = 1.0
-            for periodic in self.periodic:
+            for periodic in self.periodic if self.ticking else ():
                 # Each schedule on its own: one whose tick cannot be computed or queued must not
                 # hold up the others, nor the delayed calls above.
                 kind = f"tick:{periodic.method}"
