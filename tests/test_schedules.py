@@ -20,7 +20,7 @@ import redis as sync_redis
 from croniter import croniter
 
 from titan_broker import ConfigError, ProcessManager, periodic, process
-from titan_broker.keys import Keys
+from titan_broker.keys import GROUP, Keys
 
 from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
 
@@ -178,3 +178,37 @@ async def test_a_draining_worker_queues_no_more_ticks(
     last = int(schedule(sync_client, keys, "piling_ticker")["long:last"])
     assert last <= draining_since - draining_since % 2000, (last, draining_since)
     assert sync_client.xlen(keys.calls("piling_ticker")) == 0  # nothing queued for nobody
+
+
+# -- runs of overtaken ticks are not reclaimed after an outage ------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_after_an_outage_the_runs_of_overtaken_ticks_are_dropped_not_piled_up(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """Runs of 5 s every 2 s overlap: all three workers die with runs in flight, and one worker
+    starts after more than two periods. The runs it reclaims are of ticks a later one has
+    overtaken: they are acknowledged and their jobs cancelled, not run beside the current tick."""
+    log = tmp_path / "runs"
+    procs = [workers.start(PILING, *dep(log), *FAST_FAILOVER) for _ in range(3)]
+    workers.wait_registered("piling_ticker", 3)
+    wait_until(lambda: len(runs(log, "start")) - len(runs(log, "end")) >= 2, 20, "runs in flight")
+    for proc in procs:
+        workers.kill(proc)
+    stream = keys.calls("piling_ticker")
+    left = [p["message_id"] for p in sync_client.xpending_range(stream, GROUP, "-", "+", 100)]
+    assert len(left) >= 2, left
+    left_jobs = [sync_client.xrange(stream, i, i)[0][1][b"j"].decode() for i in left]
+    await anyio.sleep(4.5)  # the outage, longer than two periods: nothing to await
+    newcomer = workers.start(PILING, *dep(log), *FAST_FAILOVER)
+    workers.wait_registered("piling_ticker", 1)
+
+    def settled() -> bool:
+        pending = {p["message_id"] for p in sync_client.xpending_range(stream, GROUP, "-", "+", 100)}
+        return not pending & set(left)
+
+    wait_until(settled, 15, "the runs the dead workers left are settled")
+    assert len(runs(log, "start", newcomer.pid)) <= 1, runs(log, "start", newcomer.pid)
+    states = [sync_client.hget(keys.job("piling_ticker", token), "status") for token in left_jobs]
+    assert states == [b"cancelled"] * len(left), states  # none is left marked running

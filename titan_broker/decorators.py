@@ -361,9 +361,12 @@ def periodic(
     With any number of workers on any number of hosts each tick runs once:
     the worker that reaches it first queues the run as a job (``titan jobs``
     shows it, kept ``result_ttl`` seconds), and a worker that dies running it
-    leaves it to another. Ticks missed while no worker was alive are not
-    made up: the next tick runs. While a tick's run has not started, the next
-    ticks are skipped (runs never pile up); a run is not cut at the next tick.
+    leaves it to another while its tick is the latest. Ticks missed while no
+    worker was alive are not made up: the next tick runs. While a tick's run
+    has not started, the next ticks are skipped (runs never pile up); a run is
+    not cut at the next tick. A schedule that cannot tick (a cron expression
+    that never matches, ``every`` not a number of seconds of at least 0.1)
+    raises ConfigError naming the method.
     The method takes no required arguments and is also @public (callers may
     run it now).
     """

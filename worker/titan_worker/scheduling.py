@@ -30,12 +30,15 @@ import anyio
 
 from titan_broker import protocol
 from titan_broker.decorators import PeriodicOptions
+from titan_broker.keys import GROUP
 from titan_broker.scripting import Script
 
+from .call import Entry
 from .context import WorkerContext
 
 _PROMOTE = Script("promote")
 _TICK = Script("tick")
+_OVERTAKEN = Script("overtaken")
 
 PROMOTE_EVERY = 0.25
 """Seconds between two looks at the delayed set at most: a delayed call starts at most about this late."""
@@ -64,6 +67,7 @@ class Scheduler:
             for spec in ctx.definition.methods.values()
             if spec.periodic is not None
         ]
+        self.methods = {periodic.method for periodic in self.periodic}
         self.ticking = True
         """False once the worker drains: it would queue runs it no longer reads."""
 
@@ -105,6 +109,35 @@ class Scheduler:
                                 "(%s); still trying", ctx.worker_id, periodic.method, exc)  # fmt: skip
             await anyio.sleep(wait)
 
+    async def overtaken(self, entry: Entry) -> bool:
+        """Whether ``entry``, claimed from a dead worker, is the run of a periodic tick that a later
+        tick has overtaken: then it was acknowledged and its job cancelled, and it must not run.
+
+        Run only for reclaimed entries (a first delivery is always current). When Redis cannot
+        tell, the run goes ahead: a run too many is better than a run lost.
+        """
+        ctx = self.ctx
+        method = protocol.field_text(entry.fields, protocol.F_METHOD)
+        token = protocol.field_text(entry.fields, protocol.F_JOB)
+        if method is None or token is None or method not in self.methods:
+            return False
+        tick = token.split("-")[1] if token.count("-") == 2 else ""
+        if not tick.isdigit() or token != _token(method, int(tick)):
+            return False  # a job submitted by a caller, not a tick's run
+        keys = [ctx.stream, ctx.keys.schedule(ctx.service), ctx.keys.job(ctx.service, token)]
+        try:
+            dropped = await _OVERTAKEN(ctx.writer, keys, [GROUP, entry.id, ctx.worker_id, method, int(tick)])
+        except Exception as exc:
+            ctx.log.log(logging.WARNING, "overtaken", "worker %s: cannot tell whether the run of %s() "
+                        "for its tick at %s is overtaken (%s); running it", ctx.worker_id, method, tick,
+                        exc)  # fmt: skip
+            return False
+        if dropped == 1:
+            ctx.log.log(logging.WARNING, f"overtaken:{method}", "worker %s: dropped the run of %s() "
+                        "for its tick at %s left by a dead worker: a later tick has come since",
+                        ctx.worker_id, method, tick)  # fmt: skip
+        return bool(dropped == 1)
+
     async def _tick(self, periodic: _Periodic) -> None:
         """Queue the run of the tick that has come, unless this or another worker did already."""
         ctx = self.ctx
@@ -112,8 +145,7 @@ class Scheduler:
         tick = options.tick_at_or_before(int(ctx.clock.now_ms()))
         if tick <= periodic.last:
             return
-        # The token must fit a job token whatever the method is called (non-ASCII, long).
-        token = f"periodic-{tick}-{hashlib.sha1(periodic.method.encode()).hexdigest()[:12]}"
+        token = _token(periodic.method, tick)
         following = options.tick_after(tick)
         call_id = f"{token}-{uuid.uuid4().hex[:6]}"
         no_deadline = protocol.NO_DEADLINE_MS  # a run is not cut at the next tick
@@ -137,3 +169,9 @@ class Scheduler:
                         "worker %s: did not run %s() for its tick at %d: it fell while no worker was "
                         "ticking; the next tick runs", ctx.worker_id, periodic.method, tick)  # fmt: skip
         periodic.last = tick
+
+
+def _token(method: str, tick: int) -> str:
+    """The job token of ``method``'s run for ``tick``: it fits a job token whatever the method is
+    called (non-ASCII, long)."""
+    return f"periodic-{tick}-{hashlib.sha1(method.encode()).hexdigest()[:12]}"

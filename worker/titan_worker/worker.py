@@ -223,6 +223,8 @@ class Worker:
             )
             await self.settlement.dead_letter(entry, reason, count, None)
             return
+        if deliveries > 1 and await self.scheduler.overtaken(entry):
+            return  # a periodic run a later tick overtook while nobody ran it: not piled on
         started = time.perf_counter()
         outcome, deadline_ms = await self._executor.execute(entry)
         self.latency.observe(time.perf_counter() - started)
