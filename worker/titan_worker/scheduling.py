@@ -7,7 +7,9 @@ this loop, and each step is one script that only one worker can win.
   delay, and @retry's next runs) wait in the service's delayed set, scored
   by their due time in Redis's clock; ``promote.lua`` moves those that are
   due onto the stream, ZREM and XADD together. The loop wakes at least every
-  PROMOTE_EVERY seconds, sooner when the next call is due sooner.
+  PROMOTE_EVERY seconds, sooner when the next call is due sooner, and at once
+  when a call due before its next look is added (by any process: the script
+  that adds it pushes a token on the wake list, which one worker pops).
 - A @periodic method's tick is queued by ``tick.lua``, which compares it
   with the last tick queued and writes it in one step: one run per tick
   whatever the number of workers (a tick whose previous run has not started
@@ -45,6 +47,8 @@ PROMOTE_EVERY = 0.25
 TICK_GRACE = 1.0
 """Seconds a tick may be late and still run: an older one fell while no worker was ticking, and is
 not made up. Well above the loop's sleep (PROMOTE_EVERY), so a live worker queues each tick in time."""
+WAKE_BLOCK = 1.0
+"""Seconds one wait on the wake list blocks before it is asked again."""
 PROMOTE_BATCH = 200
 """Calls one look moves at most; a full batch is followed by another look at once."""
 
@@ -68,6 +72,7 @@ class Scheduler:
             if spec.periodic is not None
         ]
         self.methods = {periodic.method for periodic in self.periodic}
+        self._wake = anyio.Event()
         self.ticking = True
         """False once the worker drains: it would queue runs it no longer reads."""
 
@@ -78,9 +83,29 @@ class Scheduler:
 
     async def run(self) -> None:
         """Until cancelled; Redis's absences are logged (once) and waited out."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listen)
+            await self._loop()
+
+    async def _listen(self) -> None:
+        """Wake the loop when a caller adds a delayed call due before its next look (a token on the
+        wake list: one worker of the service pops it, and any worker may move the call)."""
+        ctx = self.ctx
+        key = ctx.keys.delayed_wake(ctx.service)
+        while True:
+            try:
+                if await ctx.redis.blpop([key], timeout=WAKE_BLOCK):
+                    self._wake.set()
+            except Exception as exc:  # Redis away: the loop's regular looks go on meanwhile
+                ctx.log.log(logging.WARNING, "wake", "worker %s: cannot wait for delayed calls due soon "
+                            "(%s); still trying", ctx.worker_id, exc)  # fmt: skip
+                await anyio.sleep(1.0)
+
+    async def _loop(self) -> None:
         ctx = self.ctx
         while True:
             wait = PROMOTE_EVERY
+            self._wake = anyio.Event()  # before the look: a wake during it means look again
             try:
                 moved, next_in = await _PROMOTE(
                     ctx.writer, [ctx.keys.delayed(ctx.service), ctx.stream, ctx.keys.dead(ctx.service)],
@@ -107,7 +132,8 @@ class Scheduler:
                 except Exception as exc:
                     ctx.log.log(logging.WARNING, kind, "worker %s: cannot queue the ticks of %s() now "
                                 "(%s); still trying", ctx.worker_id, periodic.method, exc)  # fmt: skip
-            await anyio.sleep(wait)
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
 
     async def overtaken(self, entry: Entry) -> bool:
         """Whether ``entry``, claimed from a dead worker, is the run of a periodic tick that a later
