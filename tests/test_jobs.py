@@ -269,7 +269,7 @@ def test_periodic_and_retry_refuse_what_cannot_work() -> None:
     with pytest.raises(ConfigError, match="every=<seconds> or cron"):
         periodic()
     with pytest.raises(ConfigError, match="not a cron expression"):
-        periodic(cron="every tuesday")
+        periodic(cron="every tuesday")(lambda: None)
     with pytest.raises(ConfigError, match="attempts >= 2"):
         retry(attempts=1)
     with pytest.raises(ConfigError, match="exception classes"):

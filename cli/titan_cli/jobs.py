@@ -79,7 +79,7 @@ def schedules_command(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """List the periodic methods of every service, with their last and next runs."""
+    """List the periodic methods of every service, with their last and next ticks and last run's job."""
 
     async def read(client: Client) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -105,7 +105,7 @@ def schedules_command(
     if as_json:
         print_json(rows)
         return
-    table = Table("service", "method", "schedule", "last run", "next run", "last job")
+    table = Table("service", "method", "schedule", "last tick", "next tick", "last job")
     for row in rows:
         table.add_row(row["service"], row["method"], row["schedule"], row["last"] or "-", row["next"] or "-",
                       escape(row["last_job"] or "-"))  # fmt: skip

@@ -361,27 +361,63 @@ def periodic(
     With any number of workers on any number of hosts each tick runs once:
     the worker that reaches it first queues the run as a job (``titan jobs``
     shows it, kept ``result_ttl`` seconds), and a worker that dies running it
-    leaves it to another. Ticks missed while no worker was alive are not
-    made up: the next tick runs. While a tick's run has not started, the next
-    ticks are skipped (runs never pile up); a run is not cut at the next tick.
+    leaves it to another while its tick is the latest. Ticks missed while no
+    worker was alive are not made up: the next tick runs. While a tick's run
+    has not started, the next ticks are skipped (runs never pile up); a run is
+    not cut at the next tick. A schedule that cannot tick (a cron expression
+    that never matches, ``every`` not a number of seconds of at least 0.1)
+    raises ConfigError naming the method.
     The method takes no required arguments and is also @public (callers may
     run it now).
     """
     if (every is None) == (cron is None):
         raise ConfigError("@periodic takes one of every=<seconds> or cron='<expression>'")
-    if every is not None and (not isinstance(every, int | float) or every < 0.1):
-        raise ConfigError(f"@periodic(every=...) needs at least 0.1 seconds, got {every!r}")
-    if cron is not None:
-        try:
-            _cron(cron, 0)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"@periodic(cron={cron!r}) is not a cron expression: {exc}") from exc
-    options = PeriodicOptions(float(every) if every is not None else None, cron, result_ttl)
 
     def mark(fn: F) -> F:
+        # Checked here, where the method is known, so that the error names it: a schedule that
+        # cannot tick would otherwise only show as a worker that never runs the method.
+        options = _checked_schedule(getattr(fn, "__qualname__", repr(fn)), every, cron, result_ttl)
         if not getattr(fn, PUBLIC_ATTR, False):
             setattr(fn, PUBLIC_ATTR, PublicOptions())
         marked: F = _feature(options)(fn)
         return marked
 
     return mark
+
+
+def _checked_schedule(where: str, every: Any, cron: Any, result_ttl: Any) -> PeriodicOptions:
+    """The options of ``@periodic`` on ``where``, or ConfigError naming it when they cannot tick."""
+    if every is not None and not _finite_at_least(every, 0.1):
+        raise ConfigError(
+            f"{where}: @periodic(every=...) needs a number of seconds, at least 0.1, got {every!r}"
+        )
+    if not _finite_at_least(result_ttl, 0.001):
+        raise ConfigError(
+            f"{where}: @periodic(result_ttl=...) needs a positive number of seconds, got {result_ttl!r}"
+        )
+    if cron is not None:
+        if not isinstance(cron, str):
+            raise ConfigError(f"{where}: @periodic(cron=...) takes a cron expression, got {cron!r}")
+        try:
+            _cron(cron, 0)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{where}: @periodic(cron={cron!r}) is not a cron expression: {exc}") from exc
+        # An expression that never matches (30 February) has no tick to compute: refuse it here
+        # rather than let every tick of the worker fail on it.
+        now = datetime.now(UTC)
+        try:
+            croniter(cron, now).get_next(float)
+            croniter(cron, now).get_prev(float)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: @periodic(cron={cron!r}) never matches a date ({exc})") from exc
+    return PeriodicOptions(float(every) if every is not None else None, cron, float(result_ttl))
+
+
+def _finite_at_least(value: Any, least: float) -> bool:
+    """Whether ``value`` is a real number (not a bool, NaN or infinity) of at least ``least``."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= least
+    )

@@ -83,6 +83,11 @@ class Keys:
         """Sorted set: calls to run later (delayed, or retried), scored by their due time in Redis's clock."""
         return f"{self.namespace}:{{{service}}}:delayed"
 
+    def delayed_wake(self, service: str) -> str:
+        """List of at most one token: a delayed call is due sooner than the workers' next look
+        (pushed by ``wake.lua`` in the scripts that add one, as the delayed set's key and ':wake')."""
+        return f"{self.delayed(service)}:wake"
+
     def gone(self, service: str, call_id: str) -> str:
         """String with a TTL: the caller of this call gave up; a later run (delay, @retry) is dropped."""
         return f"{self.gone_prefix(service)}{call_id}"

@@ -7,14 +7,18 @@ this loop, and each step is one script that only one worker can win.
   delay, and @retry's next runs) wait in the service's delayed set, scored
   by their due time in Redis's clock; ``promote.lua`` moves those that are
   due onto the stream, ZREM and XADD together. The loop wakes at least every
-  PROMOTE_EVERY seconds, sooner when the next call is due sooner.
+  PROMOTE_EVERY seconds, sooner when the next call is due sooner, and at once
+  when a call due before its next look is added (by any process: the script
+  that adds it pushes a token on the wake list, which one worker pops).
 - A @periodic method's tick is queued by ``tick.lua``, which compares it
   with the last tick queued and writes it in one step: one run per tick
   whatever the number of workers (a tick whose previous run has not started
   is skipped). A worker only asks when its own clock (the Redis clock it
   measures) says a new tick has come, so the script runs once per tick and
   worker, not every loop; the script itself refuses a tick ahead of Redis's
-  clock, so a worker whose clock jumped cannot stop the schedule.
+  clock, so a worker whose clock jumped cannot stop the schedule. A tick
+  older than TICK_GRACE (no worker was ticking when it fell: a deploy, an
+  outage) is noted but not run.
 """
 
 from __future__ import annotations
@@ -29,14 +33,22 @@ import anyio
 from titan_broker._redis.scripting import Script
 from titan_broker._service.decorators import PeriodicOptions
 from titan_broker._wire import protocol
+from titan_broker._wire.keys import GROUP
 
+from .call import Entry
 from .context import WorkerContext
 
 _PROMOTE = Script("promote")
 _TICK = Script("tick")
+_OVERTAKEN = Script("overtaken")
 
 PROMOTE_EVERY = 0.25
 """Seconds between two looks at the delayed set at most: a delayed call starts at most about this late."""
+TICK_GRACE = 1.0
+"""Seconds a tick may be late and still run: an older one fell while no worker was ticking, and is
+not made up. Well above the loop's sleep (PROMOTE_EVERY), so a live worker queues each tick in time."""
+WAKE_BLOCK = 1.0
+"""Seconds one wait on the wake list blocks before it is asked again."""
 PROMOTE_BATCH = 200
 """Calls one look moves at most; a full batch is followed by another look at once."""
 
@@ -59,12 +71,41 @@ class Scheduler:
             for spec in ctx.definition.methods.values()
             if spec.periodic is not None
         ]
+        self.methods = {periodic.method for periodic in self.periodic}
+        self._wake = anyio.Event()
+        self.ticking = True
+        """False once the worker drains: it would queue runs it no longer reads."""
+
+    def stop_ticking(self) -> None:
+        """Queue no more ticks (the worker drains). Delayed calls are still moved: whichever
+        worker reads them runs them, and their time to live counts from their due time anyway."""
+        self.ticking = False
 
     async def run(self) -> None:
         """Until cancelled; Redis's absences are logged (once) and waited out."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listen)
+            await self._loop()
+
+    async def _listen(self) -> None:
+        """Wake the loop when a caller adds a delayed call due before its next look (a token on the
+        wake list: one worker of the service pops it, and any worker may move the call)."""
+        ctx = self.ctx
+        key = ctx.keys.delayed_wake(ctx.service)
+        while True:
+            try:
+                if await ctx.redis.blpop([key], timeout=WAKE_BLOCK):
+                    self._wake.set()
+            except Exception as exc:  # Redis away: the loop's regular looks go on meanwhile
+                ctx.log.log(logging.WARNING, "wake", "worker %s: cannot wait for delayed calls due soon "
+                            "(%s); still trying", ctx.worker_id, exc)  # fmt: skip
+                await anyio.sleep(1.0)
+
+    async def _loop(self) -> None:
         ctx = self.ctx
         while True:
             wait = PROMOTE_EVERY
+            self._wake = anyio.Event()  # before the look: a wake during it means look again
             try:
                 moved, next_in = await _PROMOTE(
                     ctx.writer, [ctx.keys.delayed(ctx.service), ctx.stream, ctx.keys.dead(ctx.service)],
@@ -75,14 +116,53 @@ class Scheduler:
                     wait = 0.0
                 elif next_in >= 0:
                     wait = min(wait, next_in / 1000)
-                for periodic in self.periodic:
-                    await self._tick(periodic)
-                ctx.log.over(("schedule",), "worker %s: schedules reach Redis again", ctx.worker_id)
+                ctx.log.over(("schedule",), "worker %s: delayed calls reach Redis again", ctx.worker_id)
             except Exception as exc:  # the loop outlives any trouble with Redis
-                ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls or "
-                            "periodic ticks now (%s); still trying", ctx.worker_id, exc)  # fmt: skip
+                ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls "
+                            "now (%s); still trying", ctx.worker_id, exc)  # fmt: skip
                 wait = 1.0
-            await anyio.sleep(wait)
+            for periodic in self.periodic if self.ticking else ():
+                # Each schedule on its own: one whose tick cannot be computed or queued must not
+                # hold up the others, nor the delayed calls above.
+                kind = f"tick:{periodic.method}"
+                try:
+                    await self._tick(periodic)
+                    ctx.log.over((kind,), "worker %s: the ticks of %s() are queued again",
+                                 ctx.worker_id, periodic.method)  # fmt: skip
+                except Exception as exc:
+                    ctx.log.log(logging.WARNING, kind, "worker %s: cannot queue the ticks of %s() now "
+                                "(%s); still trying", ctx.worker_id, periodic.method, exc)  # fmt: skip
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
+
+    async def overtaken(self, entry: Entry) -> bool:
+        """Whether ``entry``, claimed from a dead worker, is the run of a periodic tick that a later
+        tick has overtaken: then it was acknowledged and its job cancelled, and it must not run.
+
+        Run only for reclaimed entries (a first delivery is always current). When Redis cannot
+        tell, the run goes ahead: a run too many is better than a run lost.
+        """
+        ctx = self.ctx
+        method = protocol.field_text(entry.fields, protocol.F_METHOD)
+        token = protocol.field_text(entry.fields, protocol.F_JOB)
+        if method is None or token is None or method not in self.methods:
+            return False
+        tick = token.split("-")[1] if token.count("-") == 2 else ""
+        if not tick.isdigit() or token != _token(method, int(tick)):
+            return False  # a job submitted by a caller, not a tick's run
+        keys = [ctx.stream, ctx.keys.schedule(ctx.service), ctx.keys.job(ctx.service, token)]
+        try:
+            dropped = await _OVERTAKEN(ctx.writer, keys, [GROUP, entry.id, ctx.worker_id, method, int(tick)])
+        except Exception as exc:
+            ctx.log.log(logging.WARNING, "overtaken", "worker %s: cannot tell whether the run of %s() "
+                        "for its tick at %s is overtaken (%s); running it", ctx.worker_id, method, tick,
+                        exc)  # fmt: skip
+            return False
+        if dropped == 1:
+            ctx.log.log(logging.WARNING, f"overtaken:{method}", "worker %s: dropped the run of %s() "
+                        "for its tick at %s left by a dead worker: a later tick has come since",
+                        ctx.worker_id, method, tick)  # fmt: skip
+        return bool(dropped == 1)
 
     async def _tick(self, periodic: _Periodic) -> None:
         """Queue the run of the tick that has come, unless this or another worker did already."""
@@ -91,8 +171,7 @@ class Scheduler:
         tick = options.tick_at_or_before(int(ctx.clock.now_ms()))
         if tick <= periodic.last:
             return
-        # The token must fit a job token whatever the method is called (non-ASCII, long).
-        token = f"periodic-{tick}-{hashlib.sha1(periodic.method.encode()).hexdigest()[:12]}"
+        token = _token(periodic.method, tick)
         following = options.tick_after(tick)
         call_id = f"{token}-{uuid.uuid4().hex[:6]}"
         no_deadline = protocol.NO_DEADLINE_MS  # a run is not cut at the next tick
@@ -101,7 +180,8 @@ class Scheduler:
         keys = [ctx.keys.schedule(ctx.service), ctx.stream]
         keys += [ctx.keys.job(ctx.service, token), ctx.keys.jobs(ctx.service)]
         args = [periodic.method, tick, following, f"{ctx.service}:{token}", int(options.result_ttl * 1000)]
-        queued = await _TICK(ctx.writer, keys, [*args, ctx.keys.job_prefix(ctx.service), *flat])
+        args += [ctx.keys.job_prefix(ctx.service), int(TICK_GRACE * 1000)]
+        queued = await _TICK(ctx.writer, keys, [*args, *flat])
         if queued == 1:
             ctx.log.logger.info(
                 "worker %s: queued %s() for its tick at %d", ctx.worker_id, periodic.method, tick
@@ -110,4 +190,14 @@ class Scheduler:
             ctx.log.log(logging.WARNING, f"tick-skipped:{periodic.method}",
                         "worker %s: skipped a tick of %s(): its previous run has not started yet",
                         ctx.worker_id, periodic.method)  # fmt: skip
+        elif queued == 3:
+            ctx.log.log(logging.INFO, f"tick-missed:{periodic.method}",
+                        "worker %s: did not run %s() for its tick at %d: it fell while no worker was "
+                        "ticking; the next tick runs", ctx.worker_id, periodic.method, tick)  # fmt: skip
         periodic.last = tick
+
+
+def _token(method: str, tick: int) -> str:
+    """The job token of ``method``'s run for ``tick``: it fits a job token whatever the method is
+    called (non-ASCII, long)."""
+    return f"periodic-{tick}-{hashlib.sha1(method.encode()).hexdigest()[:12]}"

@@ -100,6 +100,7 @@ class Worker:
         self.settlement = Settlement(self.ctx)
         self.intake = Intake(self.ctx, self.housekeeping, self._serve)
         self.heartbeat = Heartbeat(self.ctx, self.intake.active_ids)
+        self.scheduler = Scheduler(self.ctx)
         self._executor: Executor | None = None
         self._health: dict[str, Any] | None = None
         self._stopping = False
@@ -139,6 +140,7 @@ class Worker:
         self._stopping = True
         self.status = "draining"
         self.intake.stop()
+        self.scheduler.stop_ticking()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); raises RedisUnavailable or InitError when start-up fails."""
@@ -185,7 +187,7 @@ class Worker:
             task_status.started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._publish_loop)
-                tg.start_soon(Scheduler(ctx).run)
+                tg.start_soon(self.scheduler.run)
                 await self.intake.run(reader, ctx.options.grace_period)
                 tg.cancel_scope.cancel()
             await self._run_shutdown_hooks()
@@ -221,6 +223,8 @@ class Worker:
             )
             await self.settlement.dead_letter(entry, reason, count, None)
             return
+        if deliveries > 1 and await self.scheduler.overtaken(entry):
+            return  # a periodic run a later tick overtook while nobody ran it: not piled on
         started = time.perf_counter()
         outcome, deadline_ms = await self._executor.execute(entry)
         self.latency.observe(time.perf_counter() - started)

@@ -8,9 +8,11 @@
 -- ARGV: config hash (read only), default limit, the caller's deadline ms
 --       (Redis clock; for a job, the submit's) or 0, delay ms, member
 --       (delayed) or '', job id or '', result ttl ms, method, field, value, ...
+-- A call due within the workers' wait between two looks wakes one (wake.lua).
 -- Returns the entry id, or 'delayed'; TITANBACKLOG and TITANLATE as submit.lua.
 -- include: admission
 -- include: jobs
+-- include: wake
 local full = backlog_full(ARGV[1], ARGV[2], KEYS[1], KEYS[2])
 if full then return full end
 local now = redis_now_ms()
@@ -22,6 +24,7 @@ end
 local where, at = 'delayed', ARGV[5]
 if delay > 0 then
   redis.call('ZADD', KEYS[2], due, ARGV[5])  -- its ttl counts from its due time
+  wake_promoters(KEYS[2], delay)
 else
   -- A call is never queued to run past its caller's wait; a job's deadline is its own (the
   -- deadline here is only the submit's).

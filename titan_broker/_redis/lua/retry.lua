@@ -8,7 +8,9 @@
 -- ARGV: entry id, group, consumer, due in ms, member, the error reply (a job) or ''
 -- Returns 1 when done, 0 when the entry is no longer this worker's, 2 when
 -- its caller gave up (acknowledged, not retried).
+-- A retry due within the workers' wait between two looks wakes one (wake.lua).
 -- include: settling
+-- include: wake
 if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end
 local job = ARGV[6] ~= ''
 if not job and (redis.call('EXISTS', KEYS[3]) == 1
@@ -19,6 +21,7 @@ if not job and (redis.call('EXISTS', KEYS[3]) == 1
 end
 local due = redis_now_ms() + tonumber(ARGV[4])
 redis.call('ZADD', KEYS[2], due, ARGV[5])
+wake_promoters(KEYS[2], tonumber(ARGV[4]))
 if job then
   redis.call('HSET', KEYS[3], 'status', 'retrying', 'delayed', ARGV[5], 'due', due, 'result', ARGV[6])
   redis.call('HDEL', KEYS[3], 'entry')
