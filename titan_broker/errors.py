@@ -136,7 +136,7 @@ class JobNotFound(TitanError):
 
 
 class JobCancelled(CallError):
-    """The job was cancelled before it started: it has no result."""
+    """The job was cancelled before it started, or between two @retry runs: it has no result."""
 
 
 class WireError(StrEnum):

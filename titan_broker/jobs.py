@@ -191,12 +191,16 @@ class Job(Generic[T]):
         """The job's result when it ended (b"" for none); None while it waits or runs. Raises its
         JobNotFound, JobCancelled."""
         try:
-            state, result = await self._redis().hmget(self.key, ["status", "result"])
+            state, result, attempts = await self._redis().hmget(self.key, ["status", "result", "attempts"])
         except REDIS_ERRORS as exc:
             raise titan_error(exc, f"read job {self.id}") from exc
         if state is None:
             raise self._not_found()
         if text(state) == "cancelled":
+            runs = int(attempts) if attempts and attempts.isdigit() else 0
+            if runs:  # cancelled while @retry's backoff was due: it ran, and failed
+                raise JobCancelled(f"job {self.id} was cancelled after {runs} run{'s' if runs > 1 else ''}, "
+                                   "waiting for its next attempt")  # fmt: skip
             raise JobCancelled(f"job {self.id} was cancelled before it started")
         if text(state) in ("done", "failed", "dead"):
             return cast(bytes, result or b"")
