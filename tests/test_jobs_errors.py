@@ -7,10 +7,16 @@ Real Redis (private servers), real worker processes.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from titan_broker import DeadLettered, JobCancelled, ProcessManager
+from titan_broker import DeadLettered, JobCancelled, ProcessManager, with_options
 from titan_broker.jobs import JobState
+from titan_broker.proxy import Deferral
 
 from .conftest import CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually
 
@@ -45,3 +51,42 @@ async def test_a_job_cancelled_during_its_retry_backoff_says_it_ran(pm: ProcessM
     with pytest.raises(JobCancelled, match=r"cancelled after 1 run, waiting for its next attempt"):
         await job.result(timeout=5)
     assert (await job.status()).attempts == 1
+
+
+AT_IN_ZONE = """
+import sys
+from datetime import UTC, datetime, timedelta
+from titan_broker import ConfigError
+from titan_broker.proxy import Deferral
+
+aware = Deferral().with_options(at=datetime.now(UTC) + timedelta(seconds=5), delay=None, deadline=None,
+                                result_ttl=None)
+print(round(aware.delay_now() or 0))
+try:
+    Deferral().with_options(at=datetime.utcnow() + timedelta(seconds=5), delay=None, deadline=None,
+                            result_ttl=None)
+except ConfigError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo"])
+def test_at_is_an_instant_whatever_the_local_time_zone(zone: str) -> None:
+    """An aware `at` is 5 s away in any zone; a naive one, which names no zone, is refused."""
+    done = subprocess.run([sys.executable, "-c", AT_IN_ZONE], env={**os.environ, "TZ": zone},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    delay, refused = done.stdout.splitlines()
+    assert delay == "5"
+    assert refused.startswith("refused: at must be an aware datetime")
+
+
+async def test_at_a_moment_just_passed_runs_now(pm: ProcessManager) -> None:
+    """A moment under a millisecond ahead has passed by the time the call goes: it is not a delay."""
+    soon = Deferral(at=datetime.now(UTC) + timedelta(microseconds=500)).delay_now()
+    assert soon is None or soon >= 0.001
+    promised = await pm.spawn(str(PROMISED))
+    at = datetime.now(UTC) + timedelta(microseconds=500)
+    assert await with_options(promised, at=at).slow(0) == 0
+    job = await pm.submit(with_options(promised, at=datetime.now(UTC) + timedelta(microseconds=500)).slow, 0)
+    assert await job.result(timeout=10) == 0
