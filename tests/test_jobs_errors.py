@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import pytest
 
-from titan_broker import DeadLettered, JobCancelled, ProcessManager, with_options
+from titan_broker import DeadLettered, JobCancelled, JobNotFound, ProcessManager, with_options
 from titan_broker.jobs import JobState
+from titan_broker.local_redis import LocalRedis
 from titan_broker.proxy import Deferral
 
 from .conftest import CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually
@@ -90,3 +93,47 @@ async def test_at_a_moment_just_passed_runs_now(pm: ProcessManager) -> None:
     assert await with_options(promised, at=at).slow(0) == 0
     job = await pm.submit(with_options(promised, at=datetime.now(UTC) + timedelta(microseconds=500)).slow, 0)
     assert await job.result(timeout=10) == 0
+
+
+@pytest.fixture
+def own_redis() -> Iterator[LocalRedis]:
+    """A Redis of this test's own, without persistence: restarting it loses every key."""
+    with LocalRedis() as server:
+        yield server
+
+
+async def test_a_job_lost_with_redis_data_says_so(own_redis: LocalRedis) -> None:
+    async with ProcessManager(own_redis.url, namespace="lost") as pm:
+        job = pm.job(await pm.client.submit("promised", "slow", (0,)))  # no worker: it stays queued
+        assert (await job.status()).state is JobState.QUEUED
+        own_redis.stop(kill=True)
+        own_redis.start()
+        with pytest.raises(JobNotFound, match=r"lost: Redis restarted or failed over .* without its data"):
+            await job.result(timeout=10)
+    # A process that never saw the job cannot tell lost from unknown: it names both.
+    async with ProcessManager(own_redis.url, namespace="lost") as other:
+        with pytest.raises(JobNotFound, match=r"never submitted, .* or Redis lost it"):
+            await other.job(job.id).status()
+
+
+async def test_a_job_result_rides_out_a_redis_outage_shorter_than_its_timeout(
+    aof_redis: LocalRedis,
+) -> None:
+    async with ProcessManager(aof_redis.url, namespace="outage") as pm:
+        promised = await pm.spawn(str(PROMISED))
+        job = await pm.submit(promised.slow, 1.5)
+        got: list[float] = []
+
+        async def read() -> None:
+            got.append(await job.result(timeout=20))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                aof_redis.stop(kill=True)
+                await anyio.sleep(1.0)  # the outage itself
+                aof_redis.start()
+        finally:
+            if aof_redis.process is None:  # the read failed during the outage: end it, for the cleanup
+                aof_redis.start()
+        assert got == [1.5]

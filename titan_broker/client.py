@@ -328,7 +328,11 @@ class Client:
 
     def job(self, job_id: str, decode: Callable[[Any], T] | None = None) -> Job[T]:
         """The job with this id (from ``submit``, in this process or another)."""
-        return Job(lambda: self.redis, self.keys, job_id, decode)
+        # The Redis this client sends the service's calls to, as its link knows it: a job submitted
+        # here was there, so a later restart that lost it can be told (see Job).
+        service = job_id.partition(":")[0]
+        run_id = self._links.run_id(service) if self._links is not None else None
+        return Job(lambda: self.redis, self.keys, job_id, decode, run_id)
 
     async def live_workers(self, service: str) -> int:
         """How many workers of ``service`` have a live registry record."""
