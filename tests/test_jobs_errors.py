@@ -8,6 +8,7 @@ Real Redis (private servers), real worker processes.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,12 +17,21 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import pytest
 
-from titan_broker import DeadLettered, JobCancelled, JobNotFound, ProcessManager, with_options
+from titan_broker import (
+    BadResult,
+    ConfigError,
+    DeadLettered,
+    JobCancelled,
+    JobNotFound,
+    ProcessManager,
+    with_options,
+)
 from titan_broker.jobs import JobState
 from titan_broker.local_redis import LocalRedis
 from titan_broker.proxy import Deferral
 
 from .conftest import CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually
+from .services.promised import Color, User
 
 pytestmark = pytest.mark.anyio
 
@@ -137,3 +147,25 @@ async def test_a_job_result_rides_out_a_redis_outage_shorter_than_its_timeout(
             if aof_redis.process is None:  # the read failed during the outage: end it, for the cleanup
                 aof_redis.start()
         assert got == [1.5]
+
+
+class Stub:
+    """The caller's view of `promised`, without @process: its annotations are what it decodes into."""
+
+    async def users(self) -> list[User]: ...
+
+    async def color(self) -> Color: ...
+
+
+class Unusable:
+    async def users(self) -> socket.socket: ...
+
+
+async def test_a_proxy_of_any_class_decodes_into_its_annotations(pm: ProcessManager) -> None:
+    await pm.spawn(str(PROMISED))
+    stub = await pm.connect("promised", Stub)
+    assert await stub.users() == [User(1, "ann")]
+    with pytest.raises(BadResult, match=r"must be Color, got str \('purple'\)"):
+        await stub.color()
+    with pytest.raises(ConfigError, match=r"Unusable.users.*socket"):
+        await pm.connect("promised", Unusable)
