@@ -8,6 +8,7 @@ Real Redis (private servers), real worker processes.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,14 +25,16 @@ from titan_broker import (
     JobCancelled,
     JobNotFound,
     ProcessManager,
+    RemoteError,
     with_options,
 )
 from titan_broker.jobs import JobState
 from titan_broker.local_redis import LocalRedis
 from titan_broker.proxy import Deferral
 
-from .conftest import CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually
+from .conftest import CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually, wait_until
 from .services.promised import Color, User
+from .test_cli import titan
 
 pytestmark = pytest.mark.anyio
 
@@ -169,3 +172,25 @@ async def test_a_proxy_of_any_class_decodes_into_its_annotations(pm: ProcessMana
         await stub.color()
     with pytest.raises(ConfigError, match=r"Unusable.users.*socket"):
         await pm.connect("promised", Unusable)
+
+
+async def test_every_error_id_is_in_the_workers_log(pm: ProcessManager, workers: Workers) -> None:
+    """The log folds repeated tracebacks, never the ids a caller may bring to an operator."""
+    proc = workers.start(PROMISED)
+    workers.wait_registered("promised", 1)
+    ids = []
+    for _ in range(5):
+        with pytest.raises(RemoteError) as raised:
+            await pm.client.call("promised", "boom")
+        ids.append(raised.value.details["error_id"])
+    wait_until(lambda: all(i.encode() in workers.output(proc) for i in ids), 10, "every id in the log")
+    assert workers.output(proc).count(b"Traceback") == 1  # the traceback itself is still folded
+
+
+def test_titan_call_prints_the_error_id(workers: Workers, redis_url: str, namespace: str) -> None:
+    workers.start(PROMISED)
+    workers.wait_registered("promised", 1)
+    done = titan(redis_url, namespace, "call", "promised", "boom")
+    assert done.returncode == 1
+    assert re.search(r"ValueError: boom \[error [0-9a-f]{12}: its traceback is in the worker's log\]",
+                     done.stderr.replace("\n", " ")), done.stderr  # fmt: skip

@@ -85,9 +85,10 @@ class Executor:
             return await self._chains[spec.name](call), req.deadline_ms
         except Exception as exc:
             outcome = call.raised(exc, WireError.INTERNAL)
-            ctx.log.log(logging.ERROR, f"internal:{spec.name}",
-                        "worker %s: %s() failed outside the method [error %s]: %s",
-                        ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc)  # fmt: skip
+            if not ctx.log.log(logging.ERROR, f"internal:{spec.name}",
+                               "worker %s: %s() failed outside the method [error %s]: %s",
+                               ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc):  # fmt: skip
+                self._folded(logging.ERROR, call, exc)
             return outcome, req.deadline_ms
 
     async def _started(self, req: protocol.Request) -> None:
@@ -162,9 +163,17 @@ class Executor:
         kind = f"raised:{call.method}:{type(exc).__name__}"
         if not ctx.log.log(level, kind, "worker %s: %s() raised %s [error %s]", ctx.worker_id,
                            call.method, type(exc).__name__, call.error_id, exc_info=exc):  # fmt: skip
-            ctx.log.logger.debug("worker %s: %s() raised [error %s]", ctx.worker_id, call.method,
-                                 call.error_id, exc_info=exc)  # fmt: skip
+            self._folded(level, call, exc)
         return outcome
+
+    def _folded(self, level: int, call: Call, exc: BaseException) -> None:
+        """One short line for an error whose traceback the log folded: a caller hands its id to an
+        operator, who must find it, and the traceback of its kind logged shortly before."""
+        ctx = self.ctx
+        ctx.log.logger.log(level, "worker %s: %s() raised %s [error %s]: %s (traceback as the last one "
+                           "logged for %s() in the last %g s)", ctx.worker_id, call.method,
+                           type(exc).__name__, call.error_id, protocol.show(str(exc), 200), call.method,
+                           ctx.log.every)  # fmt: skip
 
     async def _run_stream(self, method: Any, call: Call) -> Outcome:
         """Send an async generator's items as they come, never more than the caller's credit ahead.
