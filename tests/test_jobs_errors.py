@@ -20,6 +20,7 @@ import pytest
 
 from titan_broker import (
     BadResult,
+    CallTimeout,
     ConfigError,
     DeadLettered,
     JobCancelled,
@@ -28,6 +29,7 @@ from titan_broker import (
     RemoteError,
     with_options,
 )
+from titan_broker.errors import TitanError
 from titan_broker.jobs import JobState
 from titan_broker.local_redis import LocalRedis
 from titan_broker.proxy import Deferral
@@ -194,3 +196,50 @@ def test_titan_call_prints_the_error_id(workers: Workers, redis_url: str, namesp
     assert done.returncode == 1
     assert re.search(r"ValueError: boom \[error [0-9a-f]{12}: its traceback is in the worker's log\]",
                      done.stderr.replace("\n", " ")), done.stderr  # fmt: skip
+
+
+async def test_a_call_given_up_by_its_caller_is_not_said_to_be_taken_over(
+    pm: ProcessManager, workers: Workers
+) -> None:
+    proc = workers.start(PROMISED)
+    workers.wait_registered("promised", 1)
+    with pytest.raises(CallTimeout):
+        await pm.client.call("promised", "slow_sync", (3,), timeout=1)  # a thread runs on to its end
+
+    async def told() -> bool:  # awaited, not polled in a blocking loop: the client withdraws meanwhile
+        return b"given up by its caller" in workers.output(proc)
+
+    await eventually(told, 10, "the worker to tell why")
+    assert b"taken over" not in workers.output(proc), workers.output(proc)
+
+
+async def test_a_call_redis_lost_is_not_said_to_be_taken_over(own_redis: LocalRedis) -> None:
+    workers = Workers(own_redis.url, "lost")
+    try:
+        proc = workers.start(PROMISED)
+        workers.wait_registered("promised", 1)
+        async with ProcessManager(own_redis.url, namespace="lost") as pm:
+
+            async def call() -> None:
+                with pytest.raises(
+                    TitanError
+                ):  # CallLost, or a timeout: the caller's side is not tested here
+                    await pm.client.call("promised", "slow_sync", (2,), timeout=8)
+
+            async def running() -> bool:
+                return bool(await pm.client.redis.xpending_range(pm.client.keys.calls("promised"), "workers",
+                                                                 min="-", max="+", count=1))  # fmt: skip
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await eventually(running, 10, "the call to start")
+                own_redis.stop(kill=True)
+                own_redis.start()
+
+                async def told() -> bool:
+                    return b"Redis lost its data" in workers.output(proc)
+
+                await eventually(told, 15, "the worker to tell why")
+        assert b"taken over" not in workers.output(proc), workers.output(proc)
+    finally:
+        workers.close()

@@ -4,6 +4,7 @@ a method that always fails, a slow one and a typed one."""
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from datetime import date
 
@@ -49,3 +50,8 @@ class Promised:
     @public
     async def day(self, when: date) -> str:
         return when.isoformat()
+
+    @public
+    def slow_sync(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
