@@ -7,6 +7,7 @@ Real Redis (private servers), real worker processes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ import anyio
 import pytest
 
 from titan_broker import (
+    BadArguments,
     BadResult,
     CallTimeout,
     ConfigError,
@@ -243,3 +245,42 @@ async def test_a_call_redis_lost_is_not_said_to_be_taken_over(own_redis: LocalRe
         assert b"taken over" not in workers.output(proc), workers.output(proc)
     finally:
         workers.close()
+
+
+def test_booleans_are_not_seconds() -> None:
+    with pytest.raises(ConfigError, match=r"delay must be a number of seconds .* got True"):
+        Deferral().with_options(delay=True, at=None, deadline=None, result_ttl=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"deadline must be a number of seconds .* got True"):
+        Deferral().with_options(delay=None, at=None, deadline=True, result_ttl=None)  # type: ignore[arg-type]
+
+
+async def test_a_boolean_delay_or_timeout_is_refused(pm: ProcessManager) -> None:
+    with pytest.raises(ConfigError, match=r"delay must be a number of seconds .* got True"):
+        await pm.client.call("promised", "slow", (0,), delay=True)
+    with pytest.raises(ConfigError, match=r"timeout must be a positive number of seconds, got True"):
+        await pm.client.call("promised", "slow", (0,), timeout=True)
+
+
+async def test_a_datetime_sent_for_a_date_is_named(pm: ProcessManager) -> None:
+    await pm.spawn(str(PROMISED))
+    with pytest.raises(
+        BadArguments, match=r"must be date, got a datetime \(sent as str '2024-02-29T10:00:00'\)"
+    ):
+        await pm.client.call("promised", "day", (datetime(2024, 2, 29, 10),))
+
+
+def test_titan_schedules_shows_the_last_runs_outcome(
+    workers: Workers, redis_url: str, namespace: str
+) -> None:
+    workers.start(SERVICES / "failing_ticker.py")
+    workers.wait_registered("failing-ticker", 1)
+
+    def failed_run() -> dict[str, str] | None:
+        shown = titan(redis_url, namespace, "schedules", "--json")
+        [row] = json.loads(shown.stdout)
+        return row if row.get("last_state") == "failed" else None
+
+    row = wait_until(failed_run, 15, "a failed run in the schedule")
+    assert row["last_error"] == "RuntimeError: the tick failed"
+    table = titan(redis_url, namespace, "schedules")
+    assert "failed" in table.stdout and "the tick failed" in table.stdout, table.stdout

@@ -135,8 +135,8 @@ class ServiceProxy:
         (default none), and ``result_ttl``, seconds its outcome is kept.
         """
         timeout, key, wait = options.get("timeout"), options.get("key"), options.get("wait_for_worker")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
+        if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         later = self._later.with_options(
             delay=options.get("delay"), at=options.get("at"), deadline=options.get("deadline"),
             result_ttl=options.get("result_ttl"),
@@ -313,7 +313,7 @@ class Deferral:
         self, *, delay: float | None, at: datetime | None, deadline: float | None, result_ttl: float | None
     ) -> Deferral:
         """These options over this one's (None keeps this one's); raise ConfigError for a bad one."""
-        if delay is not None and delay != 0:
+        if delay is not None and (delay != 0 or isinstance(delay, bool)):
             check_seconds("delay", delay)
         for name, value in (("deadline", deadline), ("result_ttl", result_ttl)):
             if value is not None:
