@@ -52,7 +52,13 @@ LONGEST = 315_360_000.0
 
 def check_seconds(what: str, value: float, *, at_least: float = 0.001) -> float:
     """``value`` when it is a number of seconds from ``at_least`` to ten years; else ConfigError."""
-    if not isinstance(value, int | float) or not math.isfinite(value) or not at_least <= value <= LONGEST:
+    # A bool is an int to Python, but delay=True is a mistake, not a one-second delay.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not at_least <= value <= LONGEST
+    ):
         raise ConfigError(
             f"{what} must be a number of seconds from {at_least:g} to {LONGEST:g} (ten years), got {value!r}"
         )

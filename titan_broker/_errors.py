@@ -132,11 +132,12 @@ class CallLost(CallError):
 
 
 class JobNotFound(TitanError):
-    """No such job: it was never submitted, or it ended longer ago than its result_ttl."""
+    """No such job: it was never submitted, it ended longer ago than its result_ttl, or Redis lost it
+    (it restarted without persistence: the message says so when this process had seen the job)."""
 
 
 class JobCancelled(CallError):
-    """The job was cancelled before it started: it has no result."""
+    """The job was cancelled before it started, or between two @retry runs: it has no result."""
 
 
 class WireError(StrEnum):

@@ -18,7 +18,7 @@ from rich.markup import escape
 import titan_broker
 from titan_broker._calling.client import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
-from titan_broker._errors import ConfigError, RedisUnavailable, TitanError
+from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
 
 EXIT_CALL_FAILED = 1
 EXIT_USAGE = 2
@@ -84,7 +84,9 @@ def run(ctx: typer.Context, work: Callable[[Client], Awaitable[R]]) -> R:
     try:
         return anyio.run(main)
     except TitanError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        error_id = exc.details.get("error_id") if isinstance(exc, RemoteError) else None
+        where = f" [error {error_id}: its traceback is in the worker's log]" if error_id else ""
+        err.print(f"[red]error:[/] {escape(str(exc) + where)}", highlight=False)
         code = EXIT_CALL_FAILED
         codes = ((RedisUnavailable, EXIT_REDIS), (ConfigError, EXIT_USAGE), (UnknownService, EXIT_UNKNOWN))
         for kind, exit_code in codes:

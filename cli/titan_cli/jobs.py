@@ -12,6 +12,7 @@ from rich.table import Table
 
 from titan_broker._calling.client import Client
 from titan_broker._calling.jobs import Job, JobState, JobStatus, list_jobs
+from titan_broker._errors import ConfigError, JobNotFound
 from titan_broker._redis.connection import text
 from titan_broker._registry.records import list_services
 
@@ -97,19 +98,32 @@ def schedules_command(
                     "service": info.name, "method": name,
                     "schedule": f"every {every:g} s" if every is not None else f"cron {options.get('cron')}",
                     "last": _tick(state.get(f"{name}:last")), "next": _tick(state.get(f"{name}:next")),
-                    "last_job": state.get(f"{name}:job"),
+                    "last_job": state.get(f"{name}:job"), "last_state": None, "last_error": None,
                 })  # fmt: skip
+                if rows[-1]["last_job"]:
+                    rows[-1].update(await _outcome(client, rows[-1]["last_job"]))
         return rows
 
     rows = run(ctx, read)
     if as_json:
         print_json(rows)
         return
-    table = Table("service", "method", "schedule", "last tick", "next tick", "last job")
+    table = Table("service", "method", "schedule", "last tick", "next tick", "last job", "state", "error")
     for row in rows:
         table.add_row(row["service"], row["method"], row["schedule"], row["last"] or "-", row["next"] or "-",
-                      escape(row["last_job"] or "-"))  # fmt: skip
+                      escape(row["last_job"] or "-"), row["last_state"] or "-",
+                      escape(row["last_error"] or "-"))  # fmt: skip
     out.print(table if rows else "no periodic methods")
+
+
+async def _outcome(client: Client, job_id: str) -> dict[str, str | None]:
+    """The last run's state and error, as its job says (its outcome kept result_ttl: then expired)."""
+    try:
+        status = await client.job(job_id).status()
+    except (JobNotFound, ConfigError):
+        return {"last_state": "expired", "last_error": None}
+    error = f"{status.error.type}: {status.error.message}" if status.error else None
+    return {"last_state": str(status.state), "last_error": error}
 
 
 def _tick(raw: str | None) -> str | None:

@@ -272,8 +272,8 @@ class Client:
     ) -> tuple[float, str, dict[bytes, bytes]]:
         """The timeout to use, a new call id, and the request entry's fields (timeout included)."""
         timeout = self.default_timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         call_id = f"{self.client_id}-{next(self._ids)}"
         reply_key = self._reply_keys.get(service)
         if reply_key is None:
@@ -328,7 +328,11 @@ class Client:
 
     def job(self, job_id: str, decode: Callable[[Any], T] | None = None) -> Job[T]:
         """The job with this id (from ``submit``, in this process or another)."""
-        return Job(lambda: self.redis, self.keys, job_id, decode)
+        # The Redis this client sends the service's calls to, as its link knows it: a job submitted
+        # here was there, so a later restart that lost it can be told (see Job).
+        service = job_id.partition(":")[0]
+        run_id = self._links.run_id(service) if self._links is not None else None
+        return Job(lambda: self.redis, self.keys, job_id, decode, run_id)
 
     async def live_workers(self, service: str) -> int:
         """How many workers of ``service`` have a live registry record."""
@@ -382,7 +386,7 @@ class Client:
 
 def _later(delay: float | None, key: str | None) -> Later | None:
     """How a call with ``delay`` goes out (None: at once); raise ConfigError for a bad one."""
-    if delay is None or delay == 0:
+    if delay is None or (delay == 0 and not isinstance(delay, bool)):
         return None
     check_seconds("delay", delay)
     if key is not None:

@@ -14,16 +14,18 @@ next is due), then done, failed, dead (dead-lettered) or cancelled.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
 
 import anyio
+from redis.asyncio.cluster import RedisCluster
 
 from .._config import check_name
 from .._errors import CallTimeout, ConfigError, JobCancelled, JobNotFound, RemoteError
-from .._redis.connection import REDIS_ERRORS, Redis, text, titan_error
+from .._redis.connection import CONNECTION_ERRORS, REDIS_ERRORS, Redis, text, titan_error
 from .._redis.scripting import Script
 from .._wire import protocol
 from .._wire.keys import GROUP, Keys
@@ -150,7 +152,12 @@ class Job(Generic[T]):
     """
 
     def __init__(
-        self, redis: Callable[[], Redis], keys: Keys, job_id: str, decode: Callable[[Any], T] | None = None
+        self,
+        redis: Callable[[], Redis],
+        keys: Keys,
+        job_id: str,
+        decode: Callable[[Any], T] | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.service, self.token = split_id(job_id)
         self.id = job_id
@@ -158,6 +165,10 @@ class Job(Generic[T]):
         self._keys = keys
         self._decode = decode
         self.key = keys.job(self.service, self.token)
+        self._run_id = run_id
+        """The ``run_id`` of the Redis that held the job when it was last seen there (its submit, or
+        a read that found it): a job gone from a Redis whose run_id changed since was lost with its
+        data, as a call is (CallLost)."""
 
     async def status(self) -> JobStatus:
         """Where the job stands now; raises JobNotFound (never submitted, or expired)."""
@@ -166,7 +177,8 @@ class Job(Generic[T]):
         except REDIS_ERRORS as exc:
             raise titan_error(exc, f"read job {self.id}") from exc
         if not fields:
-            raise self._not_found()
+            raise await self._not_found()
+        await self._seen()
         return status_of(self.id, fields)
 
     async def result(self, timeout: float | None = None) -> T:
@@ -174,31 +186,50 @@ class Job(Generic[T]):
         return its result or raise its error (RemoteError, DeadLettered, JobCancelled).
 
         Raises CallTimeout when it did not end in time (it goes on), JobNotFound
-        when there is no such job (any more).
+        when there is no such job (any more), RedisUnavailable when Redis was
+        still out of reach when the time was up: a shorter outage is waited out.
         """
+        until = None if timeout is None else anyio.current_time() + timeout
         delay = POLL_FIRST
-        ended = await self._ended()  # once whatever the timeout: timeout=0 reads a job that ended
-        with anyio.move_on_after(timeout):
-            while ended is None:
-                await anyio.sleep(delay)
-                delay = min(POLL_AT_MOST, delay * 1.5)
-                ended = await self._ended()
-        if ended is None:
-            raise CallTimeout(
-                f"job {self.id} did not end within {timeout:g} s; it goes on (see job.status())"
-            )
-        return self._outcome(ended)
+        first = True  # read once whatever the timeout: timeout=0 reads a job that ended
+        while True:
+            ended, outage = None, None
+            left = math.inf if until is None else until - anyio.current_time()
+            with anyio.move_on_after(math.inf if first else left):
+                try:
+                    ended = await self._ended()
+                except CONNECTION_ERRORS as exc:  # Redis restarting, a failover: read again
+                    outage = exc
+            first = False
+            if ended is not None:
+                return self._outcome(ended)
+            left = math.inf if until is None else until - anyio.current_time()
+            if left <= 0:
+                if outage is not None:
+                    raise titan_error(outage, f"read job {self.id}") from outage
+                raise CallTimeout(
+                    f"job {self.id} did not end within {timeout:g} s; it goes on (see job.status())"
+                )
+            await anyio.sleep(min(delay, left))
+            delay = min(POLL_AT_MOST, delay * 1.5)
 
     async def _ended(self) -> bytes | None:
         """The job's result when it ended (b"" for none); None while it waits or runs. Raises its
-        JobNotFound, JobCancelled."""
+        JobNotFound, JobCancelled; redis-py's CONNECTION_ERRORS as they are."""
         try:
-            state, result = await self._redis().hmget(self.key, ["status", "result"])
+            state, result, attempts = await self._redis().hmget(self.key, ["status", "result", "attempts"])
+        except CONNECTION_ERRORS:
+            raise
         except REDIS_ERRORS as exc:
             raise titan_error(exc, f"read job {self.id}") from exc
         if state is None:
-            raise self._not_found()
+            raise await self._not_found()
+        await self._seen()
         if text(state) == "cancelled":
+            runs = int(attempts) if attempts and attempts.isdigit() else 0
+            if runs:  # cancelled while @retry's backoff was due: it ran, and failed
+                raise JobCancelled(f"job {self.id} was cancelled after {runs} run{'s' if runs > 1 else ''}, "
+                                   "waiting for its next attempt")  # fmt: skip
             raise JobCancelled(f"job {self.id} was cancelled before it started")
         if text(state) in ("done", "failed", "dead"):
             return cast(bytes, result or b"")
@@ -221,13 +252,42 @@ class Job(Generic[T]):
         except REDIS_ERRORS as exc:
             raise titan_error(exc, f"cancel job {self.id}") from exc
         if outcome == "unknown":
-            raise self._not_found()
+            raise await self._not_found()
         return outcome == "cancelled"
 
-    def _not_found(self) -> JobNotFound:
+    async def _run_id_now(self) -> str | None:
+        """The run_id of the Redis that serves the job's key; None when it cannot be told (INFO
+        denied by ACL rules, Redis out of reach)."""
+        redis = self._redis()
+        try:
+            if isinstance(redis, RedisCluster):
+                info: Any = await redis.info("server", target_nodes=redis.get_node_from_key(self.key))
+            else:
+                info = await redis.info("server")
+        except REDIS_ERRORS:
+            return None
+        if isinstance(info, dict) and "run_id" not in info and len(info) == 1:
+            info = next(iter(info.values()))  # a cluster's answer, by node
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        return str(run_id) if run_id else None
+
+    async def _seen(self) -> None:
+        """The job is there: note which Redis holds it, once."""
+        if self._run_id is None:
+            self._run_id = await self._run_id_now() or ""
+
+    async def _not_found(self) -> JobNotFound:
+        if self._run_id:
+            now = await self._run_id_now()
+            if now and now != self._run_id:
+                return JobNotFound(
+                    f"job {self.id} was lost: Redis restarted or failed over (run_id {self._run_id} -> "
+                    f"{now}) without its data (no persistence, or a replica that had not received it) "
+                    "since the job was seen there; it may or may not have run: submit it again if it must"
+                )
         return JobNotFound(
-            f"job {self.id} is unknown: it was never submitted, or it ended longer ago than its "
-            "result_ttl (its outcome expired)"
+            f"job {self.id} is unknown: it was never submitted, it ended longer ago than its "
+            "result_ttl (its outcome expired), or Redis lost it (a restart without persistence)"
         )
 
     def __repr__(self) -> str:

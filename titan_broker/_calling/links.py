@@ -92,6 +92,11 @@ class Links:
             link.used = anyio.current_time()
         return link
 
+    def run_id(self, service: str) -> str | None:
+        """The run_id of the Redis that ``service``'s link talks to, if it is open and knows it."""
+        link = self._links.get(service)
+        return link.dispatcher.run_id if link is not None else None
+
     def __iter__(self) -> Iterator[Link]:
         return iter(list(self._links.values()))
 

@@ -135,8 +135,8 @@ class ServiceProxy:
         (default none), and ``result_ttl``, seconds its outcome is kept.
         """
         timeout, key, wait = options.get("timeout"), options.get("key"), options.get("wait_for_worker")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
+        if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         later = self._later.with_options(
             delay=options.get("delay"), at=options.get("at"), deadline=options.get("deadline"),
             result_ttl=options.get("result_ttl"),
@@ -313,12 +313,13 @@ class Deferral:
         self, *, delay: float | None, at: datetime | None, deadline: float | None, result_ttl: float | None
     ) -> Deferral:
         """These options over this one's (None keeps this one's); raise ConfigError for a bad one."""
-        if delay is not None and delay != 0:
+        if delay is not None and (delay != 0 or isinstance(delay, bool)):
             check_seconds("delay", delay)
         for name, value in (("deadline", deadline), ("result_ttl", result_ttl)):
             if value is not None:
                 check_seconds(name, value)
         if at is not None:
+            _check_aware(at)
             check_seconds("at (seconds from now)", max(0.001, at.timestamp() - time.time()))
         if delay is not None and at is not None:
             raise ConfigError("give delay (seconds) or at (a datetime), not both")
@@ -328,7 +329,21 @@ class Deferral:
         return replace(self, deadline=deadline or self.deadline, result_ttl=result_ttl or self.result_ttl)
 
     def delay_now(self) -> float | None:
-        """Seconds from now to the start (``at`` is read now; a naive datetime is local time)."""
+        """Seconds from now to the start (``at`` is read now), None to start at once."""
         if self.at is not None:
-            return max(0.0, self.at.timestamp() - time.time())
+            left = self.at.timestamp() - time.time()
+            # A moment (all but) passed is no delay: the delay of a call is at least a millisecond.
+            return left if left >= 0.001 else None
         return self.delay or None
+
+
+def _check_aware(at: datetime) -> None:
+    """Refuse a naive datetime: it names no time zone, so no reading of it is safe. Redis's clock
+    and cron are UTC, but ``datetime.now()`` is local: either guess runs someone's job hours off."""
+    if not isinstance(at, datetime):
+        raise ConfigError(f"at must be a datetime, got {type(at).__name__} ({at!r})")
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ConfigError(
+            f"at must be an aware datetime (with a time zone), got the naive {at.isoformat()}: it could "
+            "be UTC or local time; say which, as in datetime.now(UTC) + timedelta(minutes=5)"
+        )

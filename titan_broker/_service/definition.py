@@ -265,12 +265,26 @@ def describe(cls: type) -> ServiceDefinition:
 def result_types(cls: type) -> Mapping[str, WireType]:
     """What a caller decodes each method's result into, read once per class: method name -> type.
 
-    Empty for a class that is not a @process class (a caller may type a proxy
-    with any class; it then gets plain data). Raises ConfigError like ``describe``.
+    A @process class's @public methods; any other class (a stub or Protocol
+    written for the caller) by its public async methods, whose annotations say
+    what the caller expects just as well. Raises ConfigError like ``describe``,
+    or naming the method whose return annotation cannot cross the wire.
     """
-    if not isinstance(getattr(cls, PROCESS_ATTR, None), ProcessInfo):
-        return {}
-    return {name: spec.returns for name, spec in describe(cls).methods.items() if spec.returns is not None}
+    if isinstance(getattr(cls, PROCESS_ATTR, None), ProcessInfo):
+        methods = describe(cls).methods
+        return {name: spec.returns for name, spec in methods.items() if spec.returns is not None}
+    found: dict[str, WireType] = {}
+    for attr, fn in inspect.getmembers(cls, inspect.isfunction):
+        streaming = inspect.isasyncgenfunction(fn)
+        if attr.startswith("_") or not (streaming or inspect.iscoroutinefunction(fn)):
+            continue
+        try:
+            returns = result_type(_signature(fn).return_annotation, streaming)
+        except ConfigError as exc:
+            raise ConfigError(f"{cls.__qualname__}.{attr} cannot type a proxy's results: {exc}") from None
+        if returns is not None:
+            found[attr] = returns
+    return found
 
 
 def load_service_file(path: str | Path) -> ServiceDefinition:

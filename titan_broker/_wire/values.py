@@ -67,12 +67,30 @@ class Mismatch(Exception):
 
     def explain(self, what: str, root: str, expected: str, value: Any) -> str:
         """``argument 'x' must be Point, got dict ({'x': 1}): Object missing required field `y```."""
-        message = f"{what} must be {expected}, got {type(value).__name__} {preview(value)}"
+        message = f"{what} must be {expected}, got {_sent(value, expected)}"
         if self.path:
             return f"{message}: {root}{self.path}: {self.problem}"
         if not _SAYS_NOTHING_MORE.fullmatch(self.problem):
             return f"{message}: {self.problem}"
         return message
+
+
+def _sent(value: Any, expected: str) -> str:
+    """What came, for a message: a naive datetime crosses the wire as its RFC 3339 string, so a
+    datetime sent where a date (or anything else) is annotated is named for what it was."""
+    if isinstance(value, str) and "datetime" not in expected and _is_datetime_text(value):
+        return f"a datetime (sent as str {value!r})"
+    return f"{type(value).__name__} {preview(value)}"
+
+
+def _is_datetime_text(value: str) -> bool:
+    if len(value) > 40 or "T" not in value:
+        return False
+    try:
+        datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 class WireType:

@@ -59,6 +59,9 @@ class WorkerContext:
     log: Throttled = field(default_factory=lambda: Throttled(logger))
     redis_: Redis | None = None
     writer_: AutoPipeline | None = None
+    streams_lost_at_ms: float = 0.0
+    """Redis's time when the worker last found the service's stream or group gone (Redis lost its
+    data): the entries it held from before are gone with them, not taken over."""
 
     @property
     def stream(self) -> str:

@@ -31,6 +31,8 @@ from .context import WorkerContext
 from .handoff import Handoff
 
 _STREAM_ITEM = Script("stream_item")
+MARK_PATIENCE = 1.0
+"""Seconds a job's run waits at most for its mark (running, one more run) to reach Redis."""
 
 
 def _ignore_failure(fut: asyncio.Future[Any]) -> None:
@@ -70,7 +72,7 @@ class Executor:
             return Outcome(False, dead_reason=f"unanswerable request: {bad}"), None
         if req.job is not None:  # its outcome goes to the job's hash
             req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.job))
-            self._started(req)
+            await self._started(req)
         spec = ctx.definition.methods.get(req.method)
         if spec is None:
             return await self.handoff.unknown_method(entry, req), req.deadline_ms
@@ -83,21 +85,29 @@ class Executor:
             return await self._chains[spec.name](call), req.deadline_ms
         except Exception as exc:
             outcome = call.raised(exc, WireError.INTERNAL)
-            ctx.log.log(logging.ERROR, f"internal:{spec.name}",
-                        "worker %s: %s() failed outside the method [error %s]: %s",
-                        ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc)  # fmt: skip
+            if not ctx.log.log(logging.ERROR, f"internal:{spec.name}",
+                               "worker %s: %s() failed outside the method [error %s]: %s",
+                               ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc):  # fmt: skip
+                self._folded(logging.ERROR, call, exc)
             return outcome, req.deadline_ms
 
-    def _started(self, req: protocol.Request) -> None:
-        """Mark a job running (its status, attempt, worker), without waiting: the pipeline keeps
-        it ahead of the job's outcome."""
+    async def _started(self, req: protocol.Request) -> None:
+        """Mark a job running (its status, one more run, worker) before it runs: a run that kills
+        its worker at once still counts. Redis out of reach does not hold the run up (the mark is
+        then left to the pipeline, ahead of the job's outcome)."""
         ctx = self.ctx
         assert req.reply_to is not None
         mark = ctx.writer.submit(
-            "HSET", req.reply_to, "status", "running", "attempts", req.attempt, "worker", ctx.worker_id,
+            "HSET", req.reply_to, "status", "running", "worker", ctx.worker_id,
             "started", int(ctx.clock.now_ms()),
         )  # fmt: skip
         mark.add_done_callback(_ignore_failure)
+        # Counted here, not taken from the request's @retry attempt: a rerun after its worker died
+        # (the entry claimed by another) is a run too, and carries the same attempt number.
+        runs = ctx.writer.submit("HINCRBY", req.reply_to, "attempts", 1)
+        runs.add_done_callback(_ignore_failure)
+        with anyio.move_on_after(MARK_PATIENCE):
+            await asyncio.wait([runs])
 
     def _runner(self, spec: MethodSpec) -> Next:
         """The innermost step of a chain: run the method itself."""
@@ -153,9 +163,17 @@ class Executor:
         kind = f"raised:{call.method}:{type(exc).__name__}"
         if not ctx.log.log(level, kind, "worker %s: %s() raised %s [error %s]", ctx.worker_id,
                            call.method, type(exc).__name__, call.error_id, exc_info=exc):  # fmt: skip
-            ctx.log.logger.debug("worker %s: %s() raised [error %s]", ctx.worker_id, call.method,
-                                 call.error_id, exc_info=exc)  # fmt: skip
+            self._folded(level, call, exc)
         return outcome
+
+    def _folded(self, level: int, call: Call, exc: BaseException) -> None:
+        """One short line for an error whose traceback the log folded: a caller hands its id to an
+        operator, who must find it, and the traceback of its kind logged shortly before."""
+        ctx = self.ctx
+        ctx.log.logger.log(level, "worker %s: %s() raised %s [error %s]: %s (traceback as the last one "
+                           "logged for %s() in the last %g s)", ctx.worker_id, call.method,
+                           type(exc).__name__, call.error_id, protocol.show(str(exc), 200), call.method,
+                           ctx.log.every)  # fmt: skip
 
     async def _run_stream(self, method: Any, call: Call) -> Outcome:
         """Send an async generator's items as they come, never more than the caller's credit ahead.

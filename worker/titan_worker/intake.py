@@ -162,6 +162,7 @@ class Intake:
                     raise
                 # The stream or its group was deleted under us (FLUSHALL, DEL, a restart without
                 # persistence): make them again; the heartbeat registers the worker again.
+                ctx.streams_lost_at_ms = ctx.clock.now_ms()
                 ctx.log.log(logging.WARNING, "lost-stream",
                             "worker %s: Redis lost the service's stream or group (%s); made them again",
                             ctx.worker_id, message)  # fmt: skip

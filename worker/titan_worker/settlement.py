@@ -104,10 +104,38 @@ class Settlement:
             ctx.log.over(("settle-oom", "settle-unreachable"), "worker %s: Redis takes answers again",
                          ctx.worker_id)  # fmt: skip
             if done == 0:
-                ctx.log.log(logging.WARNING, "lost", "worker %s: call %s was taken over by another worker "
-                            "while this one was cut off; not answering it", ctx.worker_id,
-                            entry.id.decode())  # fmt: skip
+                why = await self._why_not_mine(entry, deadline_ms)
+                ctx.log.log(logging.WARNING, "lost", "worker %s: call %s %s; not answering it", ctx.worker_id,
+                            entry.id.decode(), why)  # fmt: skip
             return
+
+    async def _why_not_mine(self, entry: Entry, deadline_ms: int | None) -> str:
+        """Why an entry this worker ran is no longer its own, for the log: an operator acts on a
+        caller that gives up, a Redis that loses its data and a worker cut off quite differently."""
+        ctx = self.ctx
+        call_id = protocol.field_text(entry.fields, protocol.F_ID) or ""
+        try:
+            async with ctx.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(ctx.keys.gone(ctx.service, call_id))
+                pipe.xpending_range(entry.stream, GROUP, min=entry.id, max=entry.id, count=1)
+                gone, holders = await pipe.execute(raise_on_error=False)
+        except _RETRYABLE:
+            return "is no longer this worker's (Redis cannot tell why now)"
+        lost = "is gone from Redis with the service's stream: Redis lost its data (no persistence?)"
+        if ctx.streams_lost_at_ms >= int(entry.id.split(b"-")[0]):
+            return lost  # a caller told of the loss may have left its mark since: the loss came first
+        if isinstance(holders, list) and holders:
+            return "was taken over by another worker while this one was cut off"
+        if isinstance(holders, Exception):  # NOGROUP: the stream or its group is gone
+            return lost
+        if gone == 1:
+            return "was given up by its caller (it timed out, or stopped waiting) and withdrawn"
+        if deadline_ms is not None and ctx.clock.now_ms() > deadline_ms:
+            return "was withdrawn once its deadline passed (its caller gave up on it)"
+        return (
+            "is gone from Redis, and no caller withdrew it: Redis lost its data (a restart without "
+            "persistence, or a failover to a replica that had not received it)"
+        )
 
     async def _finish(self, entry: Entry, outcome: Outcome) -> int:
         ctx = self.ctx

@@ -217,9 +217,12 @@ class Worker:
         if deliveries > limit or moves >= limit:
             count = max(deliveries, moves + 1)
             method = (protocol.field_text(entry.fields, protocol.F_METHOD) or "?")[:128]
+            # The delivery that finds the limit passed does not run it: every one before it did.
+            runs = f"it ran {count - 1} time{'s' if count != 2 else ''} and the worker running it"
+            what = runs if deliveries > limit else "the workers holding it"
             reason = (
-                f"{method}() was delivered {count} times (max_deliveries {limit}): the "
-                f"workers running it died each time; it was moved to the dead letters of {self.service!r}"
+                f"{method}() was delivered {count} times (max_deliveries {limit}): {what} died each "
+                f"time; it was moved to the dead letters of {self.service!r}"
             )
             await self.settlement.dead_letter(entry, reason, count, None)
             return
