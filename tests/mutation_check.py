@@ -38,6 +38,7 @@ promises and tests, not the seconds), so it is regenerated when the mutations ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -637,6 +638,8 @@ def run_pytest(copy: Path, tests: Sequence[str], report: Path, *, stop_first: bo
     except BaseException:  # a timeout or Ctrl-C: end this pytest and what it started, by its group id
         stop_group(proc)
         raise
+    with contextlib.suppress(ProcessLookupError):  # what the tests left behind (a worker, a Redis
+        os.killpg(proc.pid, signal.SIGKILL)  # a timed-out test had stopped) goes too
     return proc.returncode, out.decode(errors="replace")[-4000:]
 
 
