@@ -803,7 +803,7 @@ def table_text(rows: Sequence[tuple[Mutation, Outcome]], path: str, total: float
     caught = sum(1 for _, o in rows if o.status == "caught")
     lines.append(
         f"\n{caught} of {len(rows)} mutations caught; the whole run (a baseline of every named test "
-        f"unmutated, then each mutation) took {total:.0f} s.\n"
+        f"unmutated, then each mutation) took {total:.0f} s on {os.cpu_count()} cores.\n"
     )
     return "".join(lines)
 
