@@ -9,8 +9,8 @@ scratch copy of the repository, never to the checkout, then runs the tests named
     .venv/bin/python tests/mutation_check.py --only reply-twice --only skip-redaction
     .venv/bin/python tests/mutation_check.py --write-table docs/reliability-table.md
 
-pytest never collects this file (its name does not match ``test_*.py``); ``make mutation`` runs it,
-and so does CI, after ``make test``.
+pytest never collects this file (its name does not match ``test_*.py``). CI runs ``--applies``
+(``make mutation-applies``) right after lint and the full run (``make mutation``) after ``make test``.
 
 The old text must occur exactly once, else the script stops before running anything ("mutation ...
 no longer applies: update the table."): whoever changes the code a mutation edits updates its entry
@@ -31,8 +31,9 @@ table names other mutations than this file).
 
 ``--write-table PATH`` writes the outcome of a full run as a Markdown table (mutation, promise, the
 test that caught it, seconds): docs/reliability-table.md, which a reader consults to see which test
-stands behind each promise. ``--applies`` also checks that table against the mutations below (names,
-promises and tests, not the seconds), so it is regenerated when the mutations change.
+stands behind each promise. ``--applies``, and a full run that does not write the table, also check
+it against the mutations below (names, promises and tests, not the seconds), so that it is
+regenerated whenever the mutations change.
 """
 
 from __future__ import annotations
