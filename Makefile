@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint mutation mutation-applies bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Break each README promise in a scratch copy and run the tests that must catch it (several minutes).
+mutation: install
+	$(BIN)/python tests/mutation_check.py
+
+# Only whether every mutation still applies to the code, and docs/reliability-table.md is current (seconds).
+mutation-applies: install
+	$(BIN)/python tests/mutation_check.py --applies
 
 bench: install
 	$(BIN)/python -m bench.bench_core

@@ -1,16 +1,22 @@
-"""Mutation check of the README's guarantees (issue 12, item 4): every promise has a test that can fail.
-
-Run by hand, never by pytest (the name does not match ``test_*.py``) nor by CI:
-
-    .venv/bin/python tests/mutation_check.py            # every mutation (about 4 minutes on 2 cores)
-    .venv/bin/python tests/mutation_check.py --list     # the table, and whether each still applies
-    .venv/bin/python tests/mutation_check.py --only reply-twice --only skip-redaction
+"""Mutation check of the README's guarantees: every promise has a test that can fail.
 
 Each mutation breaks one promise with exact text replacements (file, old text, new text) applied to a
-scratch copy of the repository, never to the checkout. The old text must occur exactly once, else the
-script stops before running anything: when the code moves on, the table is updated by hand, so it
-never silently checks nothing. Python files are compiled and Lua files loaded into a throwaway Redis
-(SCRIPT LOAD) after the edit, so a typo cannot pass for a caught mutation.
+scratch copy of the repository, never to the checkout, then runs the tests named to catch it:
+
+    .venv/bin/python tests/mutation_check.py            # every mutation (make mutation; CI runs it)
+    .venv/bin/python tests/mutation_check.py --applies  # only whether each still applies (seconds)
+    .venv/bin/python tests/mutation_check.py --list     # the mutations, and whether each still applies
+    .venv/bin/python tests/mutation_check.py --only reply-twice --only skip-redaction
+    .venv/bin/python tests/mutation_check.py --write-table docs/reliability-table.md
+
+pytest never collects this file (its name does not match ``test_*.py``). CI runs ``--applies``
+(``make mutation-applies``) right after lint and the full run (``make mutation``) after ``make test``.
+
+The old text must occur exactly once, else the script stops before running anything ("mutation ...
+no longer applies: update the table."): whoever changes the code a mutation edits updates its entry
+below in the same commit, so the check never silently checks nothing. Python files are compiled and
+Lua files loaded into a throwaway Redis (SCRIPT LOAD) after the edit, so a typo cannot pass for a
+caught mutation.
 
 The copy's code is what runs, also in the worker processes the tests start: PYTHONPATH puts the copy's
 titan_broker, titan_worker and titan_cli ahead of the editable install (a canary subprocess checks it
@@ -20,12 +26,20 @@ First a baseline: the named tests run once on the unmutated copy; a test that fa
 nothing and is dropped (and reported). Then, one mutation at a time, a fresh copy is mutated and only
 its named tests run, cheapest first, with ``-x``. "caught" means a named test failed; "survived" means
 they all passed: the promise has no test that can fail. Exit status 0 when every mutation was caught,
-1 when one survived or could not be checked, 2 when a mutation no longer applies.
+1 when one survived or could not be checked, 2 when a mutation no longer applies (or the published
+table names other mutations than this file).
+
+``--write-table PATH`` writes the outcome of a full run as a Markdown table (mutation, promise, the
+test that caught it, seconds): docs/reliability-table.md, which a reader consults to see which test
+stands behind each promise. ``--applies``, and a full run that does not write the table, also check
+it against the mutations below (names, promises and tests, not the seconds), so that it is
+regenerated whenever the mutations change.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -46,48 +60,88 @@ RUN_LIMIT = 1800.0
 IGNORED = shutil.ignore_patterns(
     ".venv", ".git", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "*.egg-info"
 )
+TABLE = "docs/reliability-table.md"
+"""Where the table of a full run is published (relative to the repository)."""
 
-# Test node ids, named once.
+# The files the mutations edit, named once: a module that moves is a one-line change here.
+CODEC = "titan_broker/_wire/codec.py"
+CONFIG = "titan_broker/_config.py"
+CONNECTION = "titan_broker/_redis/connection.py"
+DEAD_LETTERS = "titan_broker/_registry/dead_letters.py"
+KEYS = "titan_broker/_wire/keys.py"
+PROXY = "titan_broker/_calling/proxy.py"
+SENDING = "titan_broker/_calling/sending.py"
+CANCEL_LUA = "titan_broker/_redis/lua/cancel.lua"
+FINISH_LUA = "titan_broker/_redis/lua/finish.lua"
+PROMOTE_LUA = "titan_broker/_redis/lua/promote.lua"
+RECLAIM_LUA = "titan_broker/_redis/lua/reclaim.lua"
+RENEW_LUA = "titan_broker/_redis/lua/renew.lua"
+SETTLING_LUA = "titan_broker/_redis/lua/settling.lua"
+SUBMIT_LUA = "titan_broker/_redis/lua/submit.lua"
+TICK_LUA = "titan_broker/_redis/lua/tick.lua"
+EXECUTION = "worker/titan_worker/execution.py"
+HANDOFF = "worker/titan_worker/handoff.py"
+WORKER = "worker/titan_worker/worker.py"
+WORKER_MAIN = "worker/titan_worker/main.py"
+ARGUMENTS_MW = "worker/titan_worker/middleware/arguments.py"
+DEADLINE_MW = "worker/titan_worker/middleware/deadline.py"
+INVALIDATION_MW = "worker/titan_worker/middleware/invalidation.py"
+RETRY_MW = "worker/titan_worker/middleware/retry.py"
+
+# Test node ids, named once (the test files first).
+CALLS = "tests/test_calls.py::"
+CE = "tests/test_client_edges.py::"
+CLUSTER = "tests/test_cluster.py::"
+CONNECTIONS = "tests/test_connections.py::"
+FAULTS = "tests/test_faults.py::"
+JOBS = "tests/test_jobs.py::"
+PROMISES = "tests/test_promises.py::"
+SCRIPTS = "tests/test_scripts.py::"
+TYPES = "tests/test_types.py::"
+UNITS = "tests/test_units.py::"
+WK = "tests/test_worker.py::"
 WE = "tests/test_worker_edges.py::"
 BLOCKED_LOOP = WE + "test_blocked_event_loop_does_not_get_a_live_worker_robbed"
 BLOCKED_LOOP_KEYED = WE + "test_blocked_event_loop_with_an_affinity_key_runs_once"
 FULL_REDIS_REPLY = WE + "test_reply_held_by_a_full_redis_is_written_once_memory_is_back"
 BOOKKEEPING = WE + "test_redis_error_in_bookkeeping_after_success_is_an_internal_error_not_a_rerun"
-UNPRINTABLE = WE + "test_unprintable_argument_is_an_error_reply_at_once_not_a_rerun"
 MILLION_MAPS = WE + "test_a_million_empty_maps_are_refused_without_a_memory_blowup"
-UNKNOWN_EXT = WE + "test_unknown_msgpack_ext_type_is_a_bad_request_naming_it"
 TRACEBACK_IN_LOG = WE + "test_error_reply_has_an_error_id_and_the_traceback_stays_in_the_worker_log"
-PARTITION = "tests/test_partition.py::test_worker_cut_off_from_redis_never_replies_for_calls_taken_over"
-NEVER_ROBBED = "tests/test_faults.py::test_live_worker_on_long_call_is_never_robbed"
-POISON = "tests/test_faults.py::test_poison_call_is_dead_lettered_and_its_caller_told"
-BACKLOG = "tests/test_faults.py::test_full_backlog_refuses_calls_at_once"
-MAX_DELIVERIES_1 = (
-    "tests/test_promises.py::test_a_max_deliveries_1_call_is_dead_lettered_not_rerun_when_its_worker_dies"
-)
-EXPIRED_CALL = "tests/test_worker.py::test_expired_call_is_dropped_without_running"
-MALFORMED = "tests/test_worker.py::test_malformed_entry_gets_an_error_reply_and_worker_keeps_serving"
-WRONG_PASSWORD = "tests/test_connections.py::test_wrong_password_is_a_clear_error_without_the_password"
-REMOTE_EXCEPTION = "tests/test_calls.py::test_remote_exception_carries_type_and_message"
-CE = "tests/test_client_edges.py::"
-CANCELLED_CALL = CE + "test_a_call_its_caller_cancelled_is_never_run"
-STOPPED_AFTER_SEND = CE + "test_a_call_ends_at_its_timeout_when_redis_is_stopped_after_the_send"
-CLOBBERED_REPLY_KEY = CE + "test_the_dispatcher_survives_a_reply_key_overwritten_with_a_string"
-WE = "tests/test_worker_edges.py::"
 UNWRITABLE_REPLY = WE + "test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters"
 MIDDLEWARE_ERROR = WE + "test_a_redis_error_in_a_middleware_is_an_internal_error_at_once"
-DEPTH_LIMIT = "tests/test_units.py::test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more"
-DEPTH_LIMIT_COUNTING = "tests/test_units.py::test_depth_is_checked_on_the_counting_path_too"
-TYPES = "tests/test_types.py::"
-RECLAIM_OWN = "tests/test_scripts.py::test_reclaim_never_takes_an_entry_its_own_worker_is_running"
+REPLAYED_DEADLINE = WE + "test_a_replayed_dead_letter_gets_a_new_deadline"
+HANDOFF_TARGET = WE + "test_a_call_is_handed_only_to_a_worker_that_has_its_method"
+PARTITION = "tests/test_partition.py::test_worker_cut_off_from_redis_never_replies_for_calls_taken_over"
+NEVER_ROBBED = FAULTS + "test_live_worker_on_long_call_is_never_robbed"
+POISON = FAULTS + "test_poison_call_is_dead_lettered_and_its_caller_told"
+BACKLOG = FAULTS + "test_full_backlog_refuses_calls_at_once"
+MAX_DELIVERIES_1 = PROMISES + "test_a_max_deliveries_1_call_is_dead_lettered_not_rerun_when_its_worker_dies"
+REPLY_TTL = PROMISES + "test_reply_stream_is_trimmed_by_its_reader_and_expires"
+EXPIRED_CALL = WK + "test_expired_call_is_dropped_without_running"
+WRONG_PASSWORD = CONNECTIONS + "test_wrong_password_is_a_clear_error_without_the_password"
+REMOTE_EXCEPTION = CALLS + "test_remote_exception_carries_type_and_message"
+CANCELLED_CALL = CE + "test_a_call_its_caller_cancelled_is_never_run"
+STOPPED_AFTER_SEND = CE + "test_a_call_ends_at_its_timeout_when_redis_is_stopped_after_the_send"
+STALLED_REPLY = CE + "test_a_channel_drops_a_reply_that_stalls_past_its_bound"
+DEPTH_LIMIT = UNITS + "test_decoding_accepts_the_deepest_nesting_allowed_and_refuses_one_more"
+DEPTH_LIMIT_COUNTING = UNITS + "test_depth_is_checked_on_the_counting_path_too"
+RECLAIM_OWN = SCRIPTS + "test_reclaim_never_takes_an_entry_its_own_worker_is_running"
+TICK_ONCE = SCRIPTS + "test_a_tick_is_queued_once_however_many_workers_ask_for_it"
+PERIODIC_ONCE = JOBS + "test_periodic_runs_once_per_tick_across_three_workers_and_a_killed_one"
+RETRY_DEADLINE = JOBS + "test_a_retry_that_could_not_start_before_the_deadline_is_not_queued"
+JOB_OUTCOMES = JOBS + "test_a_typed_job_result_and_its_remote_error"
+JOB_CANCELLED = JOBS + "test_a_job_cancelled_before_it_started_never_runs"
+DELAYED_ONCE = JOBS + "test_a_delayed_call_waits_for_its_delay_and_runs_once"
+CLUSTER_CALLS = CLUSTER + "test_calls_reach_three_services_on_three_primaries"
+WRONG_ARGUMENT = TYPES + "test_a_wrong_argument_is_refused_naming_the_parameter_the_type_and_what_came"
+WRONG_RESULT = TYPES + "test_a_result_that_breaks_its_annotation_is_a_bad_result_from_the_worker"
+CALLER_DECODES = TYPES + "test_a_proxy_from_connect_decodes_into_the_class_it_was_given"
 
-FINISH = "titan_broker/_redis/lua/finish.lua"
-FINISH_REPLY = """if KEYS[2] then add_reply(KEYS[2], ARGV[4], ARGV[5]) end
-"""
-FINISH_ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+# Texts more than one mutation replaces.
+ANSWER = "if KEYS[2] then answer(KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end\n"
+ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 """
-REPLY_XADD = "if KEYS[2] then add_reply(KEYS[2], ARGV[4], ARGV[5]) end\n"
-WORKER = "worker/titan_worker/worker.py"
 
 
 @dataclass(frozen=True)
@@ -115,13 +169,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ack-before-reply",
         "an entry is acknowledged and deleted after its reply is written, in one script",
-        (Edit(FINISH, FINISH_REPLY + FINISH_ACK, FINISH_ACK + FINISH_REPLY),),
+        (Edit(FINISH_LUA, ANSWER + ACK, ACK + ANSWER),),
         (UNWRITABLE_REPLY,),
     ),
     Mutation(
         "ack-without-reply",
         "a reply that cannot be written (full Redis) waits: the entry stays pending, answered once",
-        (Edit(FINISH, REPLY_XADD, "if KEYS[2] then pcall(add_reply, KEYS[2], ARGV[4], ARGV[5]) end\n"),),
+        (
+            Edit(
+                FINISH_LUA, ANSWER, "if KEYS[2] then pcall(answer, KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end\n"
+            ),
+        ),
         (FULL_REDIS_REPLY,),
     ),
     Mutation(
@@ -129,7 +187,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a worker cut off from Redis does not answer the calls it lost: one answer per call",
         (
             Edit(
-                FINISH,
+                FINISH_LUA,
                 "if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end\n",
                 "-- mutated: no ownership check\n",
             ),
@@ -141,7 +199,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a worker drops a call whose deadline has passed",
         (
             Edit(
-                "worker/titan_worker/middleware/deadline.py",
+                DEADLINE_MW,
                 "        if remaining <= 0:\n",
                 "        if remaining <= 0 and False:  # mutated\n",
             ),
@@ -151,19 +209,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "renew-nothing",
         "every beat renews the entries a live worker runs: a live worker on a long call is never robbed",
-        (
-            Edit(
-                "titan_broker/_redis/lua/renew.lua",
-                "    mine[#mine + 1] = ARGV[i]\n",
-                "    -- mutated: renew nothing\n",
-            ),
-        ),
+        (Edit(RENEW_LUA, "    mine[#mine + 1] = ARGV[i]\n", "    -- mutated: renew nothing\n"),),
         (NEVER_ROBBED, BLOCKED_LOOP, BLOCKED_LOOP_KEYED),
     ),
     Mutation(
         "reply-twice",
         "one answer per outcome (the settle script writes one reply)",
-        (Edit(FINISH, REPLY_XADD, REPLY_XADD + REPLY_XADD),),
+        (Edit(FINISH_LUA, ANSWER, ANSWER + ANSWER),),
         (BLOCKED_LOOP, PARTITION),
     ),
     Mutation(
@@ -171,9 +223,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "passwords never appear in messages or logs",
         (
             Edit(
-                "titan_broker/_config.py",
-                "    if parts.password is None:\n        return url\n",
-                "    if parts.password is None or True:  # mutated\n        return url\n",
+                CONFIG,
+                '    if not at or ":" not in userinfo:\n        return url\n',
+                "    if True:  # mutated: the password in the userinfo is kept\n        return url\n",
             ),
         ),
         (WRONG_PASSWORD,),
@@ -183,7 +235,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: at most 65,536 arrays and maps",
         (
             Edit(
-                "titan_broker/_wire/codec.py",
+                CODEC,
                 "        if self.count > MAX_CONTAINERS:\n",
                 "        if self.count > MAX_CONTAINERS and False:  # mutated\n",
             ),
@@ -195,7 +247,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: at most 65,536 arrays and maps (a payload that may hold more is counted)",
         (
             Edit(
-                "titan_broker/_wire/codec.py",
+                CODEC,
                 "    if bound > MAX_CONTAINERS:\n",
                 "    if bound > MAX_CONTAINERS and False:  # mutated: msgspec decodes whatever comes\n",
             ),
@@ -207,7 +259,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: nested at most 64 deep",
         (
             Edit(
-                "titan_broker/_wire/codec.py",
+                CODEC,
                 "    if bound > MAX_DEPTH:  # fewer containers cannot nest deeper\n",
                 "    if bound > MAX_DEPTH and False:  # mutated: no depth check\n",
             ),
@@ -219,7 +271,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoding is bounded: nested at most 64 deep (on msgpack-python's path too)",
         (
             Edit(
-                "titan_broker/_wire/codec.py",
+                CODEC,
                 "    if counter.count > MAX_DEPTH:\n",
                 "    if counter.count > MAX_DEPTH and False:  # mutated: no depth check\n",
             ),
@@ -229,13 +281,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "no-backlog-check",
         "a full backlog (max_backlog) refuses new calls at once with BacklogFull",
-        (
-            Edit(
-                "titan_broker/_redis/lua/submit.lua",
-                "if max > 0 and redis.call('XLEN', stream) >= max then\n",
-                "if false and max > 0 and redis.call('XLEN', stream) >= max then  -- mutated\n",
-            ),
-        ),
+        (Edit(SUBMIT_LUA, "if full then return full end\n", "-- mutated: no backlog check\n"),),
         (BACKLOG,),
     ),
     Mutation(
@@ -243,9 +289,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the caller removes its request if no worker took it (timeout, cancellation)",
         (
             Edit(
-                "titan_broker/_calling/sending.py",
-                "                pipe.xdel(stream, entry_id)\n",
-                "                pass  # mutated: the request given up stays\n",
+                SENDING,
+                "                    pipe.xdel(key, entry_id)\n",
+                "                    pass  # mutated: the request given up stays\n",
             ),
         ),
         (CANCELLED_CALL, STOPPED_AFTER_SEND),
@@ -285,7 +331,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a failure around the method is answered at once with InternalError, never a silent rerun",
         (
             Edit(
-                "worker/titan_worker/execution.py",
+                EXECUTION,
                 "            outcome = call.raised(exc, WireError.INTERNAL)\n",
                 "            raise  # mutated: the failure escapes, the entry stays pending\n",
             ),
@@ -297,7 +343,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a Redis error in its cache invalidation: InternalError with details['ran']",
         (
             Edit(
-                "worker/titan_worker/middleware/invalidation.py",
+                INVALIDATION_MW,
                 "outcome = call.raised(exc, WireError.INTERNAL, message, ran=True)\n",
                 "outcome = call.raised(exc, WireError.INTERNAL, message)  # mutated: no 'ran'\n",
             ),
@@ -309,7 +355,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a traceback goes to the caller only with --expose-tracebacks (WorkerOptions default, pm.spawn)",
         (
             Edit(
-                "titan_broker/_config.py",
+                CONFIG,
                 "    expose_tracebacks: bool = False\n",
                 "    expose_tracebacks: bool = True  # mutated\n",
             ),
@@ -321,7 +367,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a traceback goes to the caller only with --expose-tracebacks (titan-worker's flag default)",
         (
             Edit(
-                "worker/titan_worker/main.py",
+                WORKER_MAIN,
                 '(for development).")\n    ] = False,\n',
                 '(for development).")\n    ] = True,  # mutated\n',
             ),
@@ -333,31 +379,31 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a replayed dead letter gets a new deadline",
         (
             Edit(
-                "titan_broker/_registry/dead_letters.py",
+                DEAD_LETTERS,
                 "    ttl = str(int(timeout * 1000)).encode()\n",
                 '    ttl = b"0"  # mutated: the original deadline, long gone\n',
             ),
         ),
-        (WE + "test_a_replayed_dead_letter_gets_a_new_deadline",),
+        (REPLAYED_DEADLINE,),
     ),
     Mutation(
         "no-stall-watchdog",
         "a hot-path connection whose Redis stops answering is dropped within its bound: never a hang",
         (
             Edit(
-                "titan_broker/_redis/connection.py",
+                CONNECTION,
                 "        if conn is not None:  # closing the socket ends the read in flight\n",
                 "        if conn is None:  # mutated: the watchdog never drops the connection\n",
             ),
         ),
-        (CE + "test_a_channel_drops_a_reply_that_stalls_past_its_bound",),
+        (STALLED_REPLY,),
     ),
     Mutation(
         "reclaim-own-running",
         "a live worker never claims (and reruns) the entries it is running itself",
         (
             Edit(
-                "titan_broker/_redis/lua/reclaim.lua",
+                RECLAIM_LUA,
                 "  if not (e[2] == ARGV[2] and running[id]) then\n",
                 "  if true then  -- mutated: its own running entries too\n",
             ),
@@ -370,36 +416,126 @@ MUTATIONS: tuple[Mutation, ...] = (
         "BadArguments and the method never runs",
         (
             Edit(
-                "worker/titan_worker/middleware/arguments.py",
+                ARGUMENTS_MW,
                 "        problem = parameters.decode(call.method, call.request.args, call.request.kwargs)\n",
                 "        problem = None  # mutated: arguments arrive as plain data, unchecked\n",
             ),
         ),
-        (TYPES + "test_a_wrong_argument_is_refused_naming_the_parameter_the_type_and_what_came",),
+        (WRONG_ARGUMENT,),
     ),
     Mutation(
         "result-not-checked",
         "a result that does not match its return annotation is an error, not a silent wrong type",
         (
             Edit(
-                "worker/titan_worker/execution.py",
+                EXECUTION,
                 "        returns = call.spec.returns\n        if returns is None:\n",
                 "        returns = call.spec.returns\n        if True:  # mutated: results unchecked\n",
             ),
         ),
-        (TYPES + "test_a_result_that_breaks_its_annotation_is_a_bad_result_from_the_worker",),
+        (WRONG_RESULT,),
     ),
     Mutation(
         "results-not-decoded-by-the-caller",
         "the caller decodes results into the return annotation of the class it was given",
         (
             Edit(
-                "titan_broker/_calling/proxy.py",
+                PROXY,
                 "        returns = self._proxy._results.get(self._method)\n",
                 "        returns = None  # mutated: plain data for every caller\n",
             ),
         ),
-        (TYPES + "test_a_proxy_from_connect_decodes_into_the_class_it_was_given",),
+        (CALLER_DECODES,),
+    ),
+    Mutation(
+        "tick-without-compare-and-set",
+        "a @periodic method runs once per tick, whatever the number of workers",
+        (
+            Edit(
+                TICK_LUA,
+                "if last >= tick and last <= now + 1000 then return 0 end\n",
+                "-- mutated: the tick is not compared with the last one queued\n",
+            ),
+        ),
+        (TICK_ONCE, PERIODIC_ONCE),
+    ),
+    Mutation(
+        "retry-past-deadline",
+        "@retry queues no run that could not start before the call's deadline: the caller gets the error",
+        (
+            Edit(
+                RETRY_MW,
+                "        if time.monotonic() + delay >= call.deadline:\n",
+                "        if False:  # mutated: retried whatever the deadline\n",
+            ),
+        ),
+        (RETRY_DEADLINE,),
+    ),
+    Mutation(
+        "job-outcome-to-another-key",
+        "a job's outcome is kept in its own hash, read by its id from any process",
+        (
+            Edit(
+                EXECUTION,
+                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.job))\n",
+                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.call_id))"
+                "  # mutated\n",
+            ),
+        ),
+        (JOB_OUTCOMES,),
+    ),
+    Mutation(
+        "cancelled-job-still-queued",
+        "a job cancelled before it started never runs",
+        (
+            Edit(
+                CANCEL_LUA,
+                "  if redis.call('XDEL', KEYS[2], id) == 0 then return 'running' end\n",
+                "  -- mutated: the request stays on the stream\n",
+            ),
+        ),
+        (JOB_CANCELLED,),
+    ),
+    Mutation(
+        "delayed-call-promoted-twice",
+        "a delayed call is moved onto the stream once (ZREM and XADD in one script): it runs once",
+        (Edit(PROMOTE_LUA, "  redis.call('ZREM', KEYS[1], member)\n", "  -- mutated: the member stays\n"),),
+        (DELAYED_ONCE,),
+    ),
+    Mutation(
+        "handoff-to-any-worker",
+        "a call for a method this worker lacks goes to a live worker whose record lists the method",
+        (
+            Edit(
+                HANDOFF,
+                "        found = [wid for wid, methods in self._methods.items() if method in methods]\n",
+                "        found = list(self._methods)  # mutated: any other live worker, the method or not\n",
+            ),
+        ),
+        (HANDOFF_TARGET,),
+    ),
+    Mutation(
+        "reply-key-outside-the-slot",
+        "Redis Cluster: every key a settle touches shares the service's hash tag (one slot, one script)",
+        (
+            Edit(
+                KEYS,
+                '        return f"{self.namespace}:{{{service}}}:reply:"\n',
+                '        return f"{self.namespace}:reply:{service}:"  # mutated: outside its slot\n',
+            ),
+            Edit(
+                KEYS,
+                '        return f"{self.namespace}:{{{service}}}:reply:{client_id}"\n',
+                '        return f"{self.namespace}:reply:{service}:{client_id}"  # mutated\n',
+            ),
+        ),
+        (CLUSTER_CALLS,),
+    ),
+    Mutation(
+        "reply-stream-without-ttl",
+        "a reply stream nobody reads expires reply_ttl after the last reply written to it",
+        (Edit(SETTLING_LUA, "  redis.call('PEXPIRE', key, ttl_ms)\n", "  -- mutated: no TTL\n"),),
+        (REPLY_TTL,),
     ),
 )
 
@@ -503,6 +639,8 @@ def run_pytest(copy: Path, tests: Sequence[str], report: Path, *, stop_first: bo
     except BaseException:  # a timeout or Ctrl-C: end this pytest and what it started, by its group id
         stop_group(proc)
         raise
+    with contextlib.suppress(ProcessLookupError):  # what the tests left behind (a worker, a Redis
+        os.killpg(proc.pid, signal.SIGKILL)  # a timed-out test had stopped) goes too
     return proc.returncode, out.decode(errors="replace")[-4000:]
 
 
@@ -634,6 +772,76 @@ def print_table(rows: Sequence[tuple[Mutation, Outcome]]) -> None:
             print(f"    dropped (fails unmutated): {t}")
 
 
+# --- the published table ------------------------------------------------------------------------
+
+TABLE_HEAD = """# Reliability table: which test stands behind each promise
+
+Generated by `tests/mutation_check.py --write-table {path}` from a full run of the mutation
+check; do not edit it by hand. Each row breaks one promise of the README in a scratch copy of the
+code (a *mutation*) and names the test that failed because of it: the test that stands behind the
+promise. *Seconds* is how long the mutated copy's tests ran until that test failed. CI runs the same
+check (`make mutation`): a promise whose test no longer fails when it is broken fails the build.
+
+| mutation | promise it breaks | test that catches it | seconds |
+|---|---|---|---|
+"""
+NOT_CAUGHT = "not caught"
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def table_text(rows: Sequence[tuple[Mutation, Outcome]], path: str, total: float) -> str:
+    lines = [TABLE_HEAD.format(path=path)]
+    for m, o in rows:
+        test = (
+            f"`{o.caught_by.removesuffix(' (error)')}`"
+            if o.status == "caught"
+            else f"{NOT_CAUGHT} ({o.status})"
+        )
+        lines.append(f"| `{m.name}` | {cell(m.promise)} | {test} | {o.seconds:.0f} |\n")
+    caught = sum(1 for _, o in rows if o.status == "caught")
+    lines.append(
+        f"\n{caught} of {len(rows)} mutations caught; the whole run (a baseline of every named test "
+        f"unmutated, then each mutation) took {total:.0f} s on {os.cpu_count()} cores.\n"
+    )
+    return "".join(lines)
+
+
+def read_table(path: Path) -> dict[str, tuple[str, str]]:
+    """The published table's rows: mutation name -> (promise, test that catches it)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in line.strip().strip("|").split(" | ")]
+        if len(cells) == 4:
+            rows[cells[0].strip("`")] = (cells[1], cells[2].strip("`"))
+    return rows
+
+
+def table_problems(mutations: Sequence[Mutation], path: Path) -> list[str]:
+    """How the published table differs from the mutations here (names, promises, tests; not seconds)."""
+    if not path.exists():
+        return ["it does not exist"]
+    published = read_table(path)
+    problems = []
+    for m in mutations:
+        row = published.pop(m.name, None)
+        if row is None:
+            problems.append(f"{m.name!r} is not in it")
+        elif row[0] != m.promise:
+            problems.append(f"{m.name!r}: its promise reads {row[0]!r}, not {m.promise!r}")
+        elif row[1] not in m.tests:
+            problems.append(f"{m.name!r}: {row[1]!r} is not one of the tests named to catch it")
+    problems += [f"{name!r} is no longer a mutation" for name in published]
+    return problems
+
+
+# --- whether each mutation applies --------------------------------------------------------------
+
+
 def try_mutation(m: Mutation, base: Path, work: Path, redis_url: str) -> str | None:
     """Why the mutation cannot be applied to a copy of ``base`` and loaded, or None when it can."""
     copy = work / f"try-{m.name}"
@@ -656,6 +864,18 @@ def validate(mutations: Sequence[Mutation], base: Path, work: Path) -> dict[str,
         return {m.name: try_mutation(m, base, work, server.url) for m in mutations}
 
 
+def report_problems(problems: dict[str, str | None], table: list[str]) -> int:
+    """Print why mutations do not apply, and how the published table is stale; the exit status."""
+    for name, why in problems.items():
+        if why:
+            print(f"mutation {name!r} no longer applies: update the table.\n{why}", file=sys.stderr)
+    if table:
+        print(f"{TABLE} is stale: run tests/mutation_check.py --write-table {TABLE}", file=sys.stderr)
+        for problem in table:
+            print(f"  {problem}", file=sys.stderr)
+    return 2 if table or any(problems.values()) else 0
+
+
 def list_mutations(mutations: Sequence[Mutation], base: Path, work: Path) -> int:
     problems = validate(mutations, base, work)
     print("| mutation | promise it breaks | files | tests | applies now |")
@@ -672,8 +892,11 @@ def list_mutations(mutations: Sequence[Mutation], base: Path, work: Path) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--list", action="store_true", help="show the mutations and whether each applies")
+    parser.add_argument("--applies", action="store_true",
+                        help=f"only check that every mutation applies and {TABLE} is current")  # fmt: skip
     parser.add_argument("--only", action="append", metavar="NAME", help="run this mutation (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
+    parser.add_argument("--write-table", metavar="PATH", help=f"write the full run's table there ({TABLE})")
     opts = parser.parse_args(argv)
     mutations = list(MUTATIONS)
     if opts.only:
@@ -681,6 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = sorted(set(opts.only) - names)
         if unknown:
             parser.error(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        if opts.write_table:
+            parser.error("--write-table needs a full run (no --only): the table lists every mutation")
         mutations = [m for m in MUTATIONS if m.name in opts.only]
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped: end the pytest run and remove the copies
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
@@ -691,11 +916,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         copy_tree(ROOT, base)  # one snapshot: others may be editing the checkout meanwhile
         if opts.list:
             return list_mutations(mutations, base, work)
-        problems = {name: why for name, why in validate(mutations, base, work).items() if why}
-        if problems:
-            for name, why in problems.items():
-                print(f"mutation {name!r} no longer applies: update the table.\n{why}", file=sys.stderr)
-            return 2
+        # The published table is checked on a full run that does not rewrite it, and by --applies.
+        stale = [] if opts.only or opts.write_table else table_problems(MUTATIONS, base / TABLE)
+        status = report_problems(validate(mutations, base, work), stale)
+        if status or opts.applies:
+            if not status:
+                print(f"every mutation ({len(mutations)}) applies; {TABLE} names them all")
+            return status
         canary(base)
         dropped = set() if opts.no_baseline else baseline(base, work, mutations)
         rows = []
@@ -706,7 +933,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)  # fmt: skip
             rows.append((m, outcome))
         print_table(rows)
-        print(f"\ntotal run time: {time.monotonic() - started:.0f} s")
+        total = time.monotonic() - started
+        print(f"\ntotal run time: {total:.0f} s")
+        if opts.write_table:
+            Path(opts.write_table).write_text(table_text(rows, opts.write_table, total))
+            print(f"table written to {opts.write_table}")
         bad = [m.name for m, o in rows if o.status != "caught"]
         if bad:
             print(f"not caught: {', '.join(bad)}")

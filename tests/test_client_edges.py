@@ -148,7 +148,8 @@ async def test_a_channel_drops_a_reply_that_stalls_past_its_bound(namespace: str
             try:
                 started = time.monotonic()
                 with pytest.raises(rexc.TimeoutError, match=r"did not answer within 0\.5 s"):
-                    await channel.execute("PING")
+                    with anyio.fail_after(3):  # without the watchdog the read would wait for ever
+                        await channel.execute("PING")
                 assert time.monotonic() - started < 2.0
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)

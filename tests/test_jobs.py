@@ -154,13 +154,16 @@ async def test_a_delayed_job_runs_no_earlier_than_its_delay_and_at_most_a_second
     assert -0.05 <= late <= 1.0, late  # the worker's clock estimate of Redis's: a few ms either way
 
 
-async def test_a_delayed_call_waits_for_its_delay(pm: ProcessManager, tmp_path: Path) -> None:
+async def test_a_delayed_call_waits_for_its_delay_and_runs_once(pm: ProcessManager, tmp_path: Path) -> None:
     from tests.services.tasks import Tasks
 
-    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(tmp_path / "runs")})
+    log = tmp_path / "runs"
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(log)})
     started = time.monotonic()
-    assert await with_options(tasks, delay=1.0, timeout=5).add(2, 2) == 4.0
+    assert await with_options(tasks, delay=1.0, timeout=5).add(2, 2, "delayed-call") == 4.0
     assert 1.0 <= time.monotonic() - started < 3.0
+    await anyio.sleep(0.75)  # the worker looks at the delayed set every 0.25 s: three more looks
+    assert len(runs(log, "add", "delayed-call")) == 1
 
 
 async def test_retries_back_off_then_the_last_error_is_the_jobs(pm: ProcessManager, tmp_path: Path) -> None:
@@ -405,6 +408,22 @@ async def test_a_retried_call_whose_caller_gave_up_is_not_run_again(
         await tasks.flaky(10, "gave-up")
     await anyio.sleep(1.5)  # the retries (0.3 s, then 0.6 s) would have run by now
     assert len(runs(log, "flaky", "gave-up")) == 1
+
+
+async def test_a_retry_that_could_not_start_before_the_deadline_is_not_queued(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    """flaky's next run would start 0.3 s after the first: past a 0.29 s deadline, so the caller
+    gets the first run's error at once, and the call never runs again."""
+    from tests.services.tasks import Tasks
+
+    log = tmp_path / "runs"
+    tasks = await pm.spawn(TASKS, Tasks, dependencies={"log": str(log)})
+    with pytest.raises(RemoteError) as info:
+        await with_options(tasks, timeout=0.29).flaky(5, "no-time")
+    assert info.value.type == "ConnectionError" and "run 1 of no-time" in info.value.message
+    await anyio.sleep(0.8)  # a retry queued anyway would have been due and promoted by now
+    assert len(runs(log, "flaky", "no-time")) == 1
 
 
 async def test_job_options_and_ids_out_of_range_are_clear_errors(pm: ProcessManager, tmp_path: Path) -> None:

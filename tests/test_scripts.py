@@ -12,6 +12,7 @@ from titan_broker._wire.keys import GROUP, Keys
 
 pytestmark = pytest.mark.anyio
 RECLAIM = Script("reclaim")
+TICK = Script("tick")
 
 
 @pytest.fixture
@@ -60,3 +61,20 @@ async def test_reclaim_acknowledges_an_entry_deleted_while_pending(redis: aiored
     _cursor, claimed, _counts = await RECLAIM(redis, [stream], [GROUP, "w2", 0, "-", 10])
     assert claimed == []
     assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_a_tick_is_queued_once_however_many_workers_ask_for_it(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Every worker asks for each tick; the first queues its run, the others find it queued."""
+    seconds, _micro = await redis.time()
+    tick = seconds * 1000 - 1000  # the tick of the second before, in Redis's clock
+    token = f"periodic-{tick}-scripts"
+    job = keys.job("scripts", token)
+    script_keys = [keys.schedule("scripts"), keys.calls("scripts"), job, keys.jobs("scripts")]
+    args = ["tick", tick, tick + 1000, f"scripts:{token}", 60_000, keys.job_prefix("scripts"), "m", "tick"]
+    assert await TICK(redis, script_keys, args) == 1
+    # A worker took the run already (it no longer waits): a second ask for the tick is still refused.
+    await redis.hset(job, "status", "running")
+    assert await TICK(redis, script_keys, args) == 0
+    assert await redis.xlen(keys.calls("scripts")) == 1

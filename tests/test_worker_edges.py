@@ -629,6 +629,35 @@ async def test_rolling_upgrade_serves_the_new_method_from_the_new_version_only(
     assert (await pm.client.call("edge-upgrade", "old_method")).startswith("v")
 
 
+async def test_a_call_is_handed_only_to_a_worker_that_has_its_method(
+    workers: Workers, pm: ProcessManager, keys: Keys, sync_client: sync_redis.Redis
+) -> None:
+    """Two old workers and a new one: an old worker hands a call for the new method to the new
+    worker, never to the other old one (which lacks it too and could only hand it on again)."""
+    workers.start(EDGE_V1)
+    workers.start(EDGE_V1)
+    old = await in_thread(workers.wait_registered, "edge-upgrade", 2)
+    v2 = workers.start(EDGE_V2)
+    await in_thread(workers.wait_registered, "edge-upgrade", 3)
+    outcomes: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        try:
+            outcomes[i] = await pm.client.call("edge-upgrade", "new_method", (i,), timeout=20)
+        except TitanError as exc:
+            outcomes[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(30):
+            tg.start_soon(one, i)
+    assert outcomes == {i: [i, v2.pid] for i in range(30)}
+    # A hand-off writes onto its target's own stream: an old worker's got nothing, ever.
+    for worker_id in old:
+        own = keys.worker_calls("edge-upgrade", worker_id)
+        added = sync_client.xinfo_stream(own)["entries-added"] if sync_client.exists(own) else 0
+        assert added == 0, f"{added} call(s) handed to old worker {worker_id}, which lacks the method"
+
+
 # --- 14. keys deleted under a worker -------------------------------------------------------------
 
 
