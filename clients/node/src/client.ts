@@ -612,15 +612,17 @@ export class Client {
    * it, without waiting for it to run. Its outcome is kept `resultTtl` seconds after it ended:
    * read it with `client.job(id)` from any process.
    */
-  async submit<T, M extends keyof T & string>(
-    target: T | string,
+  submit(target: string, method: string, args?: unknown[], options?: SubmitOptions): Promise<Job<unknown>>;
+  submit<T extends object, M extends keyof T & string>(
+    target: T,
     method: M,
-    args: T extends string ? unknown[] : T[M] extends (...a: infer A) => unknown ? A : unknown[],
-    options: SubmitOptions = {},
-  ): Promise<Job<T extends string ? unknown : T[M] extends (...a: never[]) => infer R ? Awaited<R> : unknown>> {
-    const service = typeof target === "string" ? target : proxies.get(target as object)?.service;
+    args: T[M] extends (...a: infer A) => unknown ? A : unknown[],
+    options?: SubmitOptions,
+  ): Promise<Job<T[M] extends (...a: never[]) => infer R ? Awaited<R> : unknown>>;
+  async submit(target: object | string, method: string, args: unknown[] = [], options: SubmitOptions = {}): Promise<Job<unknown>> {
+    const service = typeof target === "string" ? target : proxies.get(target)?.service;
     if (service === undefined) throw new ConfigError("submit() takes a service proxy (client.service(...)) or a service name");
-    const argList = [...(args as unknown[])];
+    const argList = [...args];
     let kwargs = options.kwargs ?? {};
     if (argList.length > 0 && isKw(argList[argList.length - 1])) {
       kwargs = { ...(argList.pop() as Record<string, unknown>), ...kwargs };

@@ -142,7 +142,9 @@ export function pack(value: unknown): Uint8Array {
 
 /** Decode one msgpack value; raises on garbage or an unknown extension type. */
 export function unpack(data: Uint8Array): unknown {
-  return decoder.decode(data);
+  // A Buffer's bin values would come out as Buffers: a plain view makes them plain Uint8Arrays.
+  const view = Buffer.isBuffer(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : data;
+  return decoder.decode(view);
 }
 
 /**

@@ -125,9 +125,15 @@ export class Topology {
     const seed = p.hosts[0] ?? { host: "localhost", port: 6379 };
     const nodeOptions: RedisOptions = { ...auth, host: seed.host, port: seed.port };
     const probe = new Redis({ ...nodeOptions, ...probeOptions() });
+    let failure: unknown = null;
+    probe.on("error", (exc: unknown) => {
+      failure ??= exc; // the reason, where connect() says only that the connection closed
+    });
     let enabled: boolean;
     try {
-      await bounded(probe.connect(), `connect to ${redact(url)}`);
+      await bounded(probe.connect(), `connect to ${redact(url)}`).catch((exc: unknown) => {
+        throw failure ?? exc;
+      });
       try {
         const info = await bounded(probe.info("cluster"), `INFO cluster on ${redact(url)}`);
         enabled = /cluster_enabled:1/.test(info);
@@ -162,8 +168,14 @@ export class Topology {
 
   private async probe(options: RedisOptions): Promise<void> {
     const probe = new Redis({ ...options, ...probeOptions() });
+    let failure: unknown = null;
+    probe.on("error", (exc: unknown) => {
+      failure ??= exc;
+    });
     try {
-      await bounded(probe.connect(), `connect to ${redact(this.url)}`);
+      await bounded(probe.connect(), `connect to ${redact(this.url)}`).catch((exc: unknown) => {
+        throw failure ?? exc;
+      });
       await bounded(probe.ping(), `PING ${redact(this.url)}`);
     } catch (exc) {
       throw unreachable(this.url, exc);
