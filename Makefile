@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint mutation mutation-applies bench clean
+.PHONY: install demo test test-node lint mutation mutation-applies bench bench-node clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,18 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# The Node client (clients/node): npm ci from its lock file, build, then its tests against private
+# Redis servers and titan-worker processes from this .venv.
+NODE_DIR := clients/node
+
+test-node: install
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	cd $(NODE_DIR) && TITAN_VENV=$(CURDIR)/$(VENV) npm test
+
+bench-node: install
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	$(BIN)/python -m bench.bench_node
 
 lint: install
 	$(BIN)/ruff check .
@@ -39,4 +51,4 @@ bench: install
 	$(BIN)/python -m bench.bench_jobs
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/test-dist $(NODE_DIR)/lua

@@ -360,4 +360,5 @@ def call(
     print_json(run(ctx, call_it))
 
 
+from . import codegen as codegen  # noqa: E402  (registers titan codegen on the app)
 from . import jobs as jobs  # noqa: E402  (registers titan jobs, job and schedules on the app)

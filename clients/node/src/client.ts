@@ -1,0 +1,711 @@
+/**
+ * The calling side, as PROTOCOL.md specifies it and the Python client (titan_broker/_calling/client.py)
+ * implements it: a call is one stream entry added by submit.lua; its reply comes back on the
+ * client's reply stream in the service's slot (link.ts).
+ *
+ * A call is bounded by its timeout from start to finish, whatever Redis does: connecting, routing,
+ * sending and waiting all end at its deadline. A call given up (timeout, an error, a stream left
+ * early) has its request deleted in the background if no worker took it, and a mark set so that
+ * no later run of it is queued; a request that reaches Redis after its caller's deadline is
+ * refused by the submit script, which checks the deadline in Redis's clock.
+ */
+import { randomBytes } from "node:crypto";
+
+import { blake2b } from "./blake2b.js";
+import { pack, packRawMap } from "./codec.js";
+import {
+  BacklogFull,
+  CallTimeout,
+  ConfigError,
+  NoLiveWorkers,
+  RedisOutOfMemory,
+  RedisUnavailable,
+  TitanError,
+  remoteError,
+  EncodeError,
+  PayloadTooLarge,
+} from "./errors.js";
+import { Job } from "./jobs.js";
+import { Link, READ_BLOCK_MS, type Reply, type Sent } from "./link.js";
+import { defineScripts, type Scripts } from "./scripts.js";
+import { DEFAULT_URL, Topology, redact, type AnyRedis } from "./topology.js";
+
+export const VERSION = "3";
+export const DEFAULT_TIMEOUT = 30;
+export const DEFAULT_MAX_BACKLOG = 10_000;
+export const DEFAULT_MAX_PAYLOAD = 1024 * 1024;
+export const DEFAULT_RESULT_TTL = 86_400;
+export const STREAM_WINDOW = 32;
+const NO_DEADLINE_MS = 315_360_000_000;
+const LONGEST = 315_360_000;
+const DEADLINE_SLACK_MS = 10;
+const FORGET_GRACE_MS = 5000;
+const CONTROL_TTL_MS = 600_000;
+const GONE_TTL_MS = 600_000;
+const ROUTE_TTL_MS = 1000;
+const PROBE_BUDGET_MS = 1000;
+const CLOSE_BUDGET_MS = 1000;
+const MAX_LINKS = 64;
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$/;
+
+export interface ConnectOptions {
+  /** Key prefix shared with the workers (default: $TITAN_NAMESPACE, else "titan"). */
+  namespace?: string;
+  /** Seconds a call may take unless it says otherwise (default 30). */
+  timeout?: number;
+  /** Backlog limit used when a service publishes none (default 10,000). */
+  maxBacklog?: number;
+  /** Largest arguments payload sent, in bytes (default 1 MiB, as the workers'). */
+  maxPayload?: number;
+  /** Where warnings go (default: console.warn). */
+  log?: (message: string) => void;
+}
+
+export interface CallOptions {
+  /** Seconds the call may take, from now: routing, sending, running and the reply. */
+  timeout?: number;
+  /** Affinity key: calls with the same key go to the same live worker (rendezvous hashing). */
+  key?: string;
+  /** false: fail at once with NoLiveWorkers when the service has no live worker (nothing is sent). */
+  waitForWorker?: boolean;
+}
+
+export interface SubmitOptions {
+  /** Seconds before the job may start. */
+  delay?: number;
+  /** Seconds the job may take from its start (default: none). */
+  deadline?: number;
+  /** Seconds its outcome is kept after it ended (default one day). */
+  resultTtl?: number;
+  /** Seconds the submit itself may take. */
+  timeout?: number;
+  /** Keyword arguments of the method. */
+  kwargs?: Record<string, unknown>;
+}
+
+const KWARGS = Symbol.for("titan-broker.kwargs");
+
+/** Keyword arguments for a proxy call: `db.get_all_users(kw({ limit: 10 }))`, always last. */
+export type Kw<T extends Record<string, unknown>> = T & { readonly [KWARGS]: true };
+
+export function kw<T extends Record<string, unknown>>(values: T): Kw<T> {
+  return Object.defineProperty({ ...values }, KWARGS, { value: true, enumerable: false }) as Kw<T>;
+}
+
+function isKw(value: unknown): value is Record<string, unknown> {
+  return value !== null && typeof value === "object" && (value as Record<symbol, unknown>)[KWARGS] === true;
+}
+
+/** What a proxy's method returns: await it for a result, or iterate it for a streaming method. */
+export interface Invocation<T> extends PromiseLike<T>, AsyncIterable<T extends AsyncIterable<infer I> ? I : T> {
+  catch<R = never>(onrejected?: ((reason: unknown) => R | PromiseLike<R>) | null): Promise<T | R>;
+  finally(onfinally?: (() => void) | null): Promise<T>;
+}
+
+/** A service's methods as the proxy offers them (any name; typed by `client.service<T>`). */
+export type ServiceProxy<T = Record<string, (...args: unknown[]) => Invocation<unknown>>> = T;
+
+interface ProxyInfo {
+  service: string;
+  options: CallOptions;
+}
+
+const proxies = new WeakMap<object, ProxyInfo>();
+
+function checkName(value: string, what: string): string {
+  if (typeof value !== "string" || !NAME.test(value)) {
+    throw new ConfigError(`${what} ${JSON.stringify(value)} is not valid: use letters, digits, '_', '-' and '.', at most 128`);
+  }
+  return value;
+}
+
+function checkSeconds(what: string, value: number, atLeast = 0.001): number {
+  if (typeof value !== "number" || !Number.isFinite(value) || value < atLeast || value > LONGEST) {
+    throw new ConfigError(`${what} must be a number of seconds from ${atLeast} to ${LONGEST} (ten years), got ${String(value)}`);
+  }
+  return value;
+}
+
+function entryMs(id: Buffer | string): number {
+  const text = id.toString();
+  return Number(text.slice(0, text.indexOf("-")));
+}
+
+/** Rejects with `make()` at `deadline` (performance.now() ms) unless settled before. */
+function within<T>(promise: Promise<T>, deadline: number, make: () => Error): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const timer = setTimeout(() => reject(make()), Math.max(0, deadline - performance.now()));
+    promise.then(
+      (v) => {
+        clearTimeout(timer);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(timer);
+        reject(e);
+      },
+    );
+  });
+}
+
+function errorText(exc: unknown): string {
+  return exc instanceof Error ? exc.message : String(exc);
+}
+
+/** A TitanError for an ioredis failure while `doing`. */
+function titanError(exc: unknown, doing: string): Error {
+  if (exc instanceof TitanError) return exc;
+  const text = errorText(exc);
+  if (text.startsWith("OOM")) {
+    return new RedisOutOfMemory(`cannot ${doing}: Redis is out of memory, so it refuses new writes; free memory in Redis, raise maxmemory, or let workers drain the queues`, { cause: exc });
+  }
+  return new RedisUnavailable(`cannot ${doing}: ${text}`, { cause: exc });
+}
+
+export class Client {
+  readonly namespace: string;
+  readonly clientId = randomBytes(8).toString("hex");
+  readonly defaultTimeout: number;
+  readonly maxBacklog: number;
+  readonly maxPayload: number;
+  private nextId = 1;
+  private readonly links = new Map<string, Link>();
+  private readonly opening = new Map<string, Promise<Link>>();
+  private readonly live = new Map<string, { at: number; count: number }>();
+  private readonly routes = new Map<string, { until: number; workers: string[] }>();
+  private readonly checking = new Set<string>();
+  private readonly withdrawals = new Set<Promise<void>>();
+  private readonly scripts: Scripts;
+  private closed = false;
+  private readonly log: (message: string) => void;
+
+  /** Use `connect()`. */
+  constructor(
+    readonly topology: Topology,
+    readonly redis: AnyRedis,
+    options: ConnectOptions = {},
+  ) {
+    this.namespace = checkName(options.namespace ?? process.env["TITAN_NAMESPACE"] ?? "titan", "namespace");
+    this.defaultTimeout = checkSeconds("timeout", options.timeout ?? DEFAULT_TIMEOUT);
+    this.maxBacklog = options.maxBacklog ?? DEFAULT_MAX_BACKLOG;
+    this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    this.log = options.log ?? ((m: string) => console.warn(m));
+    this.scripts = defineScripts(redis);
+    redis.on("error", () => undefined); // ioredis reconnects by itself; calls report what it means to them
+  }
+
+  // --- keys (PROTOCOL.md, Keys) ------------------------------------------------------------------
+
+  key(service: string, rest: string): string {
+    return `${this.namespace}:{${service}}:${rest}`;
+  }
+
+  // --- proxies -------------------------------------------------------------------------------------
+
+  /**
+   * A proxy of `service`: `await proxy.method(...args)` calls it; `for await (const x of
+   * proxy.method(...))` iterates a streaming method's items. Keyword arguments go last, in `kw()`.
+   * `T` is the interface `titan codegen typescript` writes for the service.
+   */
+  service<T = ServiceProxy>(service: string, options: CallOptions = {}): T {
+    checkName(service, "service");
+    if (options.timeout !== undefined) checkSeconds("timeout", options.timeout);
+    const target = {};
+    const proxy = new Proxy(target, {
+      get: (_t, prop) => {
+        if (typeof prop !== "string" || prop === "then" || prop === "toJSON" || prop === "constructor") return undefined;
+        return (...args: unknown[]) => this.invoke(service, prop, args, options);
+      },
+    });
+    proxies.set(proxy, { service, options });
+    return proxy as T;
+  }
+
+  private invoke(service: string, method: string, args: unknown[], options: CallOptions): Invocation<unknown> {
+    let kwargs: Record<string, unknown> = {};
+    if (args.length > 0 && isKw(args[args.length - 1])) {
+      kwargs = { ...(args[args.length - 1] as Record<string, unknown>) };
+      args = args.slice(0, -1);
+    }
+    let promise: Promise<unknown> | null = null;
+    const started = (): Promise<unknown> => (promise ??= this.call(service, method, args, kwargs, options));
+    return {
+      then: (onfulfilled, onrejected) => started().then(onfulfilled, onrejected),
+      catch: (onrejected) => started().catch(onrejected),
+      finally: (onfinally) => started().finally(onfinally),
+      [Symbol.asyncIterator]: () => this.stream(service, method, args, kwargs, options)[Symbol.asyncIterator](),
+    } as Invocation<unknown>;
+  }
+
+  // --- calls ---------------------------------------------------------------------------------------
+
+  private request(service: string, method: string, args: unknown[], kwargs: Record<string, unknown>, ttlMs: number, job?: string): { callId: string; fields: Array<[string, Buffer]> } {
+    checkName(service, "service");
+    const callId = `${this.clientId}-${this.nextId++}`;
+    let payload: Uint8Array;
+    try {
+      payload = pack([args, kwargs]);
+    } catch (exc) {
+      const message = exc instanceof EncodeError ? exc.message : errorText(exc);
+      throw new EncodeError("titan.EncodeError", `arguments of ${method}() ${message}`);
+    }
+    if (payload.length > this.maxPayload) {
+      throw new PayloadTooLarge("titan.PayloadTooLarge", `arguments of ${method}() are ${payload.length} bytes, over the limit of ${this.maxPayload}`);
+    }
+    const fields: Array<[string, Buffer]> = [
+      ["v", Buffer.from(VERSION)],
+      ["id", Buffer.from(callId)],
+      ["m", Buffer.from(method)],
+      ["a", Buffer.from(payload.buffer, payload.byteOffset, payload.length)],
+      ["ttl", Buffer.from(String(Math.max(0, Math.floor(ttlMs))))],
+    ];
+    if (job === undefined) fields.push(["r", Buffer.from(this.key(service, `reply:${this.clientId}`))]);
+    else fields.push(["j", Buffer.from(job)]);
+    return { callId, fields };
+  }
+
+  /**
+   * Call `service.method(...args, **kwargs)` and return its result. Raises RemoteError (or the
+   * subclass of its titan.* type) when the worker answers with an error; CallTimeout
+   * (NoLiveWorkers when no worker lives) when the deadline passes, also when Redis does not answer;
+   * BacklogFull when the service refuses new calls; CallLost when Redis lost the request.
+   */
+  async call(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): Promise<unknown> {
+    const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
+    const { callId, fields } = this.request(service, method, args, kwargs, timeout * 1000);
+    const started = performance.now();
+    const deadline = started + timeout * 1000;
+    if (options.waitForWorker === false) await this.requireWorker(service, method, deadline);
+    const link = this.links.get(service) ?? (await this.link(service, deadline, method, timeout));
+    link.lastUsed = started;
+    let sent: Sent | null = null;
+    let answered = false;
+    let timer: NodeJS.Timeout | undefined;
+    let probe: NodeJS.Timeout | undefined;
+    const reply = new Promise<Reply>((resolve, reject) => {
+      link.calls.set(callId, { resolve, reject });
+      timer = setTimeout(() => {
+        link.calls.delete(callId);
+        reject(this.timeoutError(service, method, timeout, started));
+      }, Math.max(0, deadline - performance.now()));
+    });
+    reply.catch(() => undefined); // awaited below unless the send fails first
+    try {
+      probe = setTimeout(() => this.probe(service), Math.max(0, deadline - started - Math.min(250, (timeout * 1000) / 4)));
+      const worker = options.key !== undefined ? await this.workerFor(service, method, options.key, deadline) : null;
+      sent = await this.send(link, service, method, fields, worker, deadline, timeout);
+      link.entries.set(callId, sent);
+      const answer = await reply;
+      answered = true;
+      if (answer.seq !== null || answer.end !== null) {
+        this.withdraw(link, sent, deadline, this.key(service, `stream:${callId}`), callId);
+        throw new TitanError(`${service}.${method}() streams its results: iterate it with 'for await' instead`);
+      }
+      if (answer.ok) return answer.value;
+      throw remoteError(answer.error);
+    } finally {
+      clearTimeout(timer);
+      clearTimeout(probe);
+      link.calls.delete(callId);
+      link.entries.delete(callId);
+      if (sent !== null && !answered) this.withdraw(link, sent, deadline, null, callId);
+    }
+  }
+
+  /**
+   * The items a streaming (async generator) method yields, as they come. The worker runs at most
+   * 32 items ahead; leaving the loop early stops it (and deletes the request if no worker took
+   * it). `timeout` bounds the whole stream.
+   */
+  async *stream(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): AsyncGenerator<unknown, void, undefined> {
+    const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
+    const { callId, fields } = this.request(service, method, args, kwargs, timeout * 1000);
+    const started = performance.now();
+    const deadline = started + timeout * 1000;
+    if (options.waitForWorker === false) await this.requireWorker(service, method, deadline);
+    const link = this.links.get(service) ?? (await this.link(service, deadline, method, timeout));
+    const control = this.key(service, `stream:${callId}`);
+    const queue: Array<Reply | Error> = [];
+    let wake: (() => void) | null = null;
+    link.streams.set(callId, {
+      push: (item) => {
+        queue.push(item);
+        wake?.();
+      },
+    });
+    let sent: Sent | null = null;
+    let finished = false;
+    const probe = setTimeout(() => this.probe(service), Math.max(0, deadline - started - Math.min(250, (timeout * 1000) / 4)));
+    try {
+      const worker = options.key !== undefined ? await this.workerFor(service, method, options.key, deadline) : null;
+      sent = await this.send(link, service, method, fields, worker, deadline, timeout);
+      link.entries.set(callId, sent);
+      let received = 0;
+      for (;;) {
+        if (queue.length === 0) {
+          const left = deadline - performance.now();
+          if (left > 0) {
+            let t: NodeJS.Timeout | undefined;
+            await new Promise<void>((resolve) => {
+              wake = resolve;
+              t = setTimeout(resolve, left);
+            });
+            wake = null;
+            clearTimeout(t);
+          }
+          if (queue.length === 0) throw this.timeoutError(service, method, timeout, started);
+        }
+        const item = queue.shift()!;
+        if (item instanceof Error) throw item;
+        if (!item.ok) {
+          finished = true;
+          throw remoteError(item.error);
+        }
+        if (item.end !== null) {
+          finished = true;
+          return;
+        }
+        if (item.seq === null) {
+          finished = true;
+          throw new TitanError(`${service}.${method}() does not stream: await it instead of iterating`);
+        }
+        if (item.seq < received) continue; // replayed from the start by a worker that took it over
+        received += 1;
+        yield item.value;
+        if (received % (STREAM_WINDOW / 2) === 0) await this.grant(service, control, received + STREAM_WINDOW, deadline);
+      }
+    } finally {
+      clearTimeout(probe);
+      link.streams.delete(callId);
+      link.entries.delete(callId);
+      if (sent !== null && !finished) this.withdraw(link, sent, deadline, control, callId);
+    }
+  }
+
+  private async grant(service: string, control: string, credit: number, deadline: number): Promise<void> {
+    const write = this.redis.multi().hset(control, "credit", credit).pexpire(control, CONTROL_TTL_MS).exec();
+    try {
+      await within(write, deadline, () => new CallTimeout(`${service}: Redis did not take the stream's credit before the deadline`));
+    } catch (exc) {
+      throw titanError(exc, "grant a stream more items");
+    }
+  }
+
+  // --- sending -------------------------------------------------------------------------------------
+
+  /** Queue a request by `deadline` through submit.lua (or enqueue.lua for a job or a delay). */
+  private async send(link: Link, service: string, method: string, fields: Array<[string, Buffer]>, worker: string | null, deadline: number, timeout: number, later?: { delayMs: number; jobId: string | null; resultTtlMs: number }): Promise<Sent> {
+    const doing = `send ${service}.${method}()`;
+    const shared = this.key(service, "calls");
+    const delayed = this.key(service, "delayed");
+    const flat: Buffer[] = [];
+    for (const [name, value] of fields) flat.push(Buffer.from(name), value);
+    let keys: string[] = worker !== null ? [this.key(service, `calls:${worker}`), shared] : [shared];
+    let where = keys;
+    let member: Buffer = Buffer.alloc(0);
+    if (later !== undefined) {
+      keys = [shared, delayed];
+      member = later.delayMs > 0 ? packRawMap(fields) : member;
+      const token = later.jobId?.slice(service.length + 1);
+      const jobKeys = token ? [this.key(service, `job:${token}`)] : [];
+      if (token) keys.push(...jobKeys, this.key(service, "jobs"));
+      where = [later.delayMs > 0 ? delayed : shared, ...jobKeys];
+    }
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const notAfter = Math.floor(deadline + link.offsetMs) + DEADLINE_SLACK_MS;
+      const started = performance.now();
+      const pending = later === undefined
+        ? this.scripts.submit(keys.length, ...keys, this.key(service, "config"), worker !== null ? this.key(service, `worker:${worker}`) : "", this.maxBacklog, notAfter, ...flat)
+        : this.scripts.enqueue(keys.length, ...keys, this.key(service, "config"), this.maxBacklog, notAfter, later.delayMs, member, later.jobId ?? "", later.resultTtlMs, method, ...flat);
+      let id: Buffer;
+      try {
+        id = (await within(pending, deadline, () => new LateError())) as Buffer;
+      } catch (exc) {
+        if (exc instanceof LateError) {
+          // The request may still reach Redis: once its id is known, it is deleted.
+          pending.then((late) => {
+            if (late !== null && late !== undefined && late.toString() !== "delayed") {
+              this.withdraw(link, { keys: where, id: late as Buffer }, deadline, null, null);
+            } else if (later?.jobId) {
+              this.withdraw(link, { keys: where, id: member }, deadline, null, null);
+            }
+          }, () => undefined);
+          const outcome = later?.jobId
+            ? "if the job reached Redis after all, it is cancelled unless a worker had started it"
+            : "the request was not queued";
+          throw new CallTimeout(`${doing} got no answer within ${timeout} s: Redis did not answer in time (it is stopped, overloaded or unreachable); ${outcome}`);
+        }
+        const text = errorText(exc);
+        if (text.startsWith("TITANBACKLOG")) {
+          const limit = text.split(/\s+/).pop();
+          throw new BacklogFull(`service '${service}' refused ${method}(): its backlog is full (${limit} calls waiting, max_backlog=${limit}); add workers or retry later`);
+        }
+        if (text.startsWith("TITANLATE")) {
+          if (performance.now() >= deadline) throw this.timeoutError(service, method, timeout, deadline - timeout * 1000);
+          await link.syncClock().catch(() => undefined); // Redis's clock jumped: measure it again
+          continue;
+        }
+        throw titanError(exc, doing);
+      }
+      const text = id.toString();
+      if (text === "delayed") return { keys: where, id: member };
+      link.offsetMs = entryMs(text) + 1 - started;
+      return { keys: where, id };
+    }
+    throw new RedisUnavailable(`cannot ${doing}: Redis's clock disagrees with the call's deadline`);
+  }
+
+  /**
+   * Delete a request nobody waits for, in the background, retrying while Redis is away (until
+   * FORGET_GRACE past its deadline, when workers drop it unrun anyway). With `control`, the
+   * streaming call's worker is told to stop; with `callId`, the gone mark stops later runs.
+   */
+  private withdraw(link: Link, sent: Sent, deadline: number, control: string | null, callId: string | null): void {
+    const job = sent.keys.find((k) => kindOf(k) === "job");
+    const attempt = async (): Promise<void> => {
+      if (job !== undefined) {
+        await this.scripts.cancel(3, job, this.key(link.service, "calls"), this.key(link.service, "delayed"), "workers");
+        return;
+      }
+      const tx = this.redis.multi();
+      for (const key of sent.keys) {
+        if (kindOf(key) === "delayed") tx.zrem(key, sent.id);
+        else tx.xdel(key, sent.id.toString());
+      }
+      if (control !== null) tx.hset(control, "cancel", 1).pexpire(control, CONTROL_TTL_MS);
+      if (callId !== null) tx.set(this.key(link.service, `gone:${callId}`), 1, "PX", GONE_TTL_MS);
+      await tx.exec();
+    };
+    const run = async (): Promise<void> => {
+      let delay = 50;
+      for (;;) {
+        try {
+          await within(attempt(), performance.now() + 2000, () => new LateError());
+          return;
+        } catch {
+          if (this.closed || performance.now() > deadline + FORGET_GRACE_MS) return;
+          await new Promise((r) => setTimeout(r, delay));
+          delay = Math.min(1000, delay * 2);
+        }
+      }
+    };
+    const task = run();
+    this.withdrawals.add(task);
+    void task.finally(() => this.withdrawals.delete(task));
+  }
+
+  // --- links ---------------------------------------------------------------------------------------
+
+  private async link(service: string, deadline: number, method: string, timeout: number): Promise<Link> {
+    if (this.closed) throw new TitanError("client is closed");
+    const found = this.links.get(service);
+    if (found !== undefined) return found;
+    let opening = this.opening.get(service);
+    if (opening === undefined) {
+      opening = this.openLink(service);
+      this.opening.set(service, opening);
+      void opening.then(() => this.opening.delete(service), () => this.opening.delete(service));
+    }
+    return within(opening, deadline, () => new CallTimeout(`${service}.${method}() got no answer within ${timeout} s: the Redis node that serves '${service}' did not answer in time`));
+  }
+
+  private async openLink(service: string): Promise<Link> {
+    const replyKey = this.key(service, `reply:${this.clientId}`);
+    const reader = this.topology.open({ enableAutoPipelining: false, commandTimeout: undefined });
+    reader.on("error", () => undefined);
+    if ("on" in reader) reader.on("node error", () => undefined);
+    const link = new Link(service, replyKey, this.redis, reader, this.scripts, this.log);
+    try {
+      await link.start();
+    } catch (exc) {
+      reader.disconnect();
+      throw titanError(exc, `connect to the Redis node that serves '${service}'`);
+    }
+    if (this.closed) {
+      await link.close();
+      throw new TitanError("client closed while connecting");
+    }
+    this.links.set(service, link);
+    await this.evict();
+    return link;
+  }
+
+  private async evict(): Promise<void> {
+    if (this.links.size <= MAX_LINKS) return;
+    const idle = [...this.links.values()].filter((l) => l.idle).sort((a, b) => a.lastUsed - b.lastUsed);
+    for (const link of idle.slice(0, this.links.size - MAX_LINKS)) {
+      this.links.delete(link.service);
+      await link.close();
+      await this.redis.del(link.replyKey, link.canary).catch(() => undefined);
+    }
+  }
+
+  // --- workers: affinity and fail-fast -------------------------------------------------------------
+
+  /** How many workers of `service` have a live registry record. */
+  async liveWorkers(service: string): Promise<number> {
+    const ids = await this.redis.smembers(this.key(service, "workers"));
+    let count = 0;
+    if (ids.length > 0) {
+      const found = await Promise.all(ids.map((id) => this.redis.exists(this.key(service, `worker:${id}`))));
+      count = found.reduce((a, b) => a + b, 0);
+    }
+    this.live.set(service, { at: performance.now(), count });
+    return count;
+  }
+
+  private async requireWorker(service: string, method: string, deadline: number): Promise<void> {
+    const known = this.live.get(service);
+    if (known !== undefined && known.count > 0 && performance.now() - known.at < ROUTE_TTL_MS) return;
+    let count: number;
+    try {
+      count = await within(this.liveWorkers(service), deadline, () => new CallTimeout(`cannot check the workers of '${service}': Redis did not answer in time`));
+    } catch (exc) {
+      throw titanError(exc, `check the workers of '${service}'`);
+    }
+    if (count === 0) {
+      throw new NoLiveWorkers(`${service}.${method}() was not sent: service '${service}' has no live worker (waitForWorker: false; start one with 'titan-worker run FILE')`);
+    }
+  }
+
+  private probe(service: string): void {
+    if (this.checking.has(service) || this.closed) return;
+    this.checking.add(service);
+    void within(this.liveWorkers(service), performance.now() + PROBE_BUDGET_MS, () => new LateError())
+      .catch(() => undefined)
+      .finally(() => this.checking.delete(service));
+  }
+
+  private timeoutError(service: string, method: string, timeout: number, started: number): CallTimeout {
+    const live = this.live.get(service);
+    if (live !== undefined && live.at >= started && live.count === 0) {
+      return new NoLiveWorkers(`${service}.${method}() got no answer within ${timeout} s: service '${service}' has no live worker (start one with 'titan-worker run FILE')`);
+    }
+    return new CallTimeout(`${service}.${method}() got no answer within ${timeout} s`);
+  }
+
+  /** The live worker that `key` maps to (rendezvous hashing over the affinity set), or null. */
+  private async workerFor(service: string, method: string, key: string, deadline: number): Promise<string | null> {
+    let cached = this.routes.get(service);
+    if (cached === undefined || cached.until < performance.now()) {
+      const read = async (): Promise<string[]> => {
+        const ids = (await this.redis.smembers(this.key(service, "affinity"))).sort();
+        const alive = await Promise.all(ids.map((id) => this.redis.exists(this.key(service, `worker:${id}`))));
+        return ids.filter((_, i) => alive[i] === 1);
+      };
+      let workers: string[];
+      try {
+        workers = await within(read(), deadline, () => new CallTimeout(`cannot route ${service}.${method}(): Redis did not answer in time`));
+      } catch (exc) {
+        throw titanError(exc, `route ${service}.${method}()`);
+      }
+      cached = { until: performance.now() + ROUTE_TTL_MS, workers };
+      this.routes.set(service, cached);
+    }
+    return rendezvous(key, cached.workers);
+  }
+
+  // --- jobs ----------------------------------------------------------------------------------------
+
+  /**
+   * Queue `method` of a service (a proxy from `client.service()`, or its name) as a job and return
+   * it, without waiting for it to run. Its outcome is kept `resultTtl` seconds after it ended:
+   * read it with `client.job(id)` from any process.
+   */
+  submit(target: string, method: string, args?: unknown[], options?: SubmitOptions): Promise<Job<unknown>>;
+  submit<T extends object, M extends keyof T & string>(
+    target: T,
+    method: M,
+    args: T[M] extends (...a: infer A) => unknown ? A : unknown[],
+    options?: SubmitOptions,
+  ): Promise<Job<T[M] extends (...a: never[]) => infer R ? Awaited<R> : unknown>>;
+  async submit(target: object | string, method: string, args: unknown[] = [], options: SubmitOptions = {}): Promise<Job<unknown>> {
+    const service = typeof target === "string" ? target : proxies.get(target)?.service;
+    if (service === undefined) throw new ConfigError("submit() takes a service proxy (client.service(...)) or a service name");
+    const argList = [...args];
+    let kwargs = options.kwargs ?? {};
+    if (argList.length > 0 && isKw(argList[argList.length - 1])) {
+      kwargs = { ...(argList.pop() as Record<string, unknown>), ...kwargs };
+    }
+    if (options.deadline !== undefined) checkSeconds("deadline", options.deadline);
+    if (options.delay !== undefined) checkSeconds("delay", options.delay, 0);
+    const resultTtl = checkSeconds("resultTtl", options.resultTtl ?? DEFAULT_RESULT_TTL);
+    const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
+    const token = randomBytes(16).toString("hex");
+    const jobId = `${service}:${token}`;
+    const ttlMs = options.deadline !== undefined ? options.deadline * 1000 : NO_DEADLINE_MS;
+    const { fields } = this.request(service, method, argList, kwargs, ttlMs, token);
+    const deadline = performance.now() + timeout * 1000;
+    const link = this.links.get(service) ?? (await this.link(service, deadline, method, timeout));
+    await this.send(link, service, method, fields, null, deadline, timeout, {
+      delayMs: Math.round((options.delay ?? 0) * 1000),
+      jobId,
+      resultTtlMs: Math.round(resultTtl * 1000),
+    });
+    return new Job(this.redis, this.scripts, this.namespace, jobId);
+  }
+
+  /** The job with this id (from `submit`, in this process or another). */
+  job<T = unknown>(jobId: string): Job<T> {
+    return new Job<T>(this.redis, this.scripts, this.namespace, jobId);
+  }
+
+  // --- closing -------------------------------------------------------------------------------------
+
+  /** Stop reading replies, withdraw what is still pending, delete the reply streams, disconnect. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const links = [...this.links.values()];
+    this.links.clear();
+    for (const link of links) await link.close();
+    const cleanup = async (): Promise<void> => {
+      await Promise.allSettled([...this.withdrawals]);
+      for (const link of links) await this.redis.del(link.replyKey, link.canary);
+    };
+    await within(cleanup(), performance.now() + CLOSE_BUDGET_MS, () => new LateError()).catch(() => undefined);
+    this.redis.disconnect();
+  }
+}
+
+class LateError extends Error {}
+
+function kindOf(key: string): string {
+  const rest = key.slice(key.indexOf("}:") + 2);
+  return rest.split(":", 1)[0] ?? "";
+}
+
+/** The worker a key maps to: the one maximising blake2b(key + "\0" + id, 8 bytes), first on ties. */
+export function rendezvous(key: string, workers: string[]): string | null {
+  let best: string | null = null;
+  let bestDigest: Buffer | null = null;
+  for (const id of workers) {
+    const digest = Buffer.from(blake2b(Buffer.from(`${key}\0${id}`), 8));
+    if (bestDigest === null || Buffer.compare(digest, bestDigest) > 0) {
+      best = id;
+      bestDigest = digest;
+    }
+  }
+  return best;
+}
+
+/**
+ * Connect to Redis at `url` (default: $TITAN_REDIS_URL, else redis://localhost:6379/0): one Redis,
+ * any node of a Redis Cluster, or `redis+sentinel://`. Raises RedisUnavailable naming the URL
+ * (password hidden) when Redis cannot be reached or refuses the credentials.
+ */
+export async function connect(url?: string, options: ConnectOptions = {}): Promise<Client> {
+  const resolved = url || process.env["TITAN_REDIS_URL"] || DEFAULT_URL;
+  const topology = await Topology.discover(resolved);
+  const redis = topology.open();
+  redis.on("error", () => undefined);
+  try {
+    await within(redis.ping(), performance.now() + 5000, () => new RedisUnavailable(`cannot reach Redis at ${redact(resolved)}: no answer within 5 s`));
+  } catch (exc) {
+    redis.disconnect();
+    throw exc instanceof TitanError ? exc : new RedisUnavailable(`cannot reach Redis at ${redact(resolved)}: ${errorText(exc)}`, { cause: exc });
+  }
+  return new Client(topology, redis, options);
+}
+
+export { READ_BLOCK_MS };

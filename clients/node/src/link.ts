@@ -1,0 +1,298 @@
+/**
+ * A client's link to one service: its reply stream `<ns>:{<svc>}:reply:<client>` (in the service's
+ * slot), read by a blocking XREAD on a connection of its own, and the calls waiting for replies.
+ *
+ * The reader survives Redis going away (ioredis reconnects; the read goes on from the last id
+ * seen). While calls wait, it checks about every second (and after any connection trouble)
+ * whether the node's run_id changed and the client's canary `<reply key>:alive` is gone: then
+ * Redis lost its data, and every waiting call whose request is gone too fails with CallLost.
+ */
+import { CallLost, TitanError } from "./errors.js";
+import { unpack } from "./codec.js";
+import type { Scripts } from "./scripts.js";
+import type { AnyRedis } from "./topology.js";
+
+export const READ_BLOCK_MS = 1000;
+const TRIM_EVERY_MS = 1000;
+const CANARY_TTL_MS = 600_000;
+const CANARY_EVERY_MS = 60_000;
+const RESTART_CHECK_EVERY_MS = 1000;
+
+export interface Reply {
+  id: string;
+  ok: boolean;
+  value: unknown;
+  error: unknown;
+  seq: number | null;
+  end: number | null;
+}
+
+/** Where a request went: the keys it may be in (an affinity call may fall back to the shared
+ * stream; a delayed request is a member of the delayed set) and its entry id, or member. */
+export interface Sent {
+  keys: string[];
+  id: Buffer;
+}
+
+export interface Waiter {
+  resolve(reply: Reply): void;
+  reject(error: Error): void;
+}
+
+export interface StreamSink {
+  push(item: Reply | Error): void;
+}
+
+export function decodeReply(data: Buffer | undefined): Reply | null {
+  if (data === undefined) return null;
+  let msg: unknown;
+  try {
+    msg = unpack(data);
+  } catch {
+    return null;
+  }
+  if (msg === null || typeof msg !== "object" || typeof (msg as Record<string, unknown>)["id"] !== "string") return null;
+  const m = msg as Record<string, unknown>;
+  const ok = Boolean(m["ok"]);
+  let error = m["e"];
+  if (!ok && (error === null || typeof error !== "object")) {
+    error = { type: "titan.BadReply", message: "reply carries neither value nor error" };
+  }
+  const s = m["s"];
+  const end = m["end"];
+  return {
+    id: m["id"] as string,
+    ok,
+    value: m["v"],
+    error: ok ? null : error,
+    seq: typeof s === "number" ? s : null,
+    end: typeof end === "number" ? end : null,
+  };
+}
+
+function kind(key: string): string {
+  const rest = key.slice(key.indexOf("}:") + 2);
+  return rest.split(":", 1)[0] ?? "";
+}
+
+export function parseRunId(info: string): string | null {
+  const m = /^run_id:(\S+)/m.exec(info);
+  return m ? (m[1] ?? null) : null;
+}
+
+export class Link {
+  readonly calls = new Map<string, Waiter>();
+  readonly streams = new Map<string, StreamSink>();
+  readonly entries = new Map<string, Sent>();
+  readonly canary: string;
+  offsetMs = 0;
+  /** Redis's clock minus performance.now(), in ms: an upper bound, from the last entry id. */
+  lastUsed = performance.now();
+  private runId: string | null = null;
+  private restartCheck = true;
+  private last = "0-0";
+  private seen: string[] = [];
+  private closed = false;
+  private suspect = false;
+  private running: Promise<void> | null = null;
+
+  constructor(
+    readonly service: string,
+    readonly replyKey: string,
+    private readonly base: AnyRedis,
+    private readonly reader: AnyRedis,
+    private readonly scripts: Scripts,
+    private readonly log: (message: string) => void,
+  ) {
+    this.canary = `${replyKey}:alive`;
+    reader.on("reconnecting", () => {
+      this.suspect = true;
+    });
+    reader.on("error", () => {
+      this.suspect = true; // ioredis reconnects by itself; the reader checks for a restart after
+    });
+  }
+
+  get idle(): boolean {
+    return this.calls.size === 0 && this.streams.size === 0 && this.entries.size === 0;
+  }
+
+  /** Note which Redis serves the reply stream (its run_id), write the canary, measure the clock. */
+  async start(): Promise<void> {
+    await this.probeRestart(true);
+    await this.syncClock();
+    this.running = this.run();
+  }
+
+  async syncClock(): Promise<void> {
+    const started = performance.now();
+    const [seconds, micros] = (await this.base.time()) as unknown as [string | number, string | number];
+    this.offsetMs = Number(seconds) * 1000 + Number(micros) / 1000 + 1 - started;
+  }
+
+  private async run(): Promise<void> {
+    let nextTrim = performance.now() + TRIM_EVERY_MS;
+    let nextCanary = performance.now() + CANARY_EVERY_MS;
+    let nextCheck = performance.now() + RESTART_CHECK_EVERY_MS;
+    let delay = 50;
+    while (!this.closed) {
+      try {
+        const now = performance.now();
+        if (this.suspect || (this.entries.size > 0 && now >= nextCheck)) {
+          this.suspect = false;
+          nextCheck = now + RESTART_CHECK_EVERY_MS;
+          await this.probeRestart(false);
+        }
+        if (this.seen.length > 0 && (this.seen.length >= 1024 || now >= nextTrim)) {
+          const ids = this.seen.splice(0, 1024);
+          await this.base.xdel(this.replyKey, ...ids);
+          nextTrim = now + TRIM_EVERY_MS;
+        }
+        if (now >= nextCanary) {
+          nextCanary = now + CANARY_EVERY_MS;
+          await this.writeCanary();
+        }
+        const res = await this.reader.xreadBuffer("COUNT", 256, "BLOCK", READ_BLOCK_MS, "STREAMS", this.replyKey, this.last);
+        delay = 50;
+        if (res) this.route(res as unknown as Array<[Buffer, Array<[Buffer, Buffer[]]>]>);
+      } catch (exc) {
+        if (this.closed) return;
+        const text = (exc as Error).message ?? String(exc);
+        if (text.startsWith("WRONGTYPE")) {
+          await this.recoverClobbered().catch(() => undefined);
+          continue;
+        }
+        this.suspect = true;
+        this.log(`titan-broker: reading the replies on ${this.replyKey} failed (${text}); retrying in ${delay} ms`);
+        await new Promise((r) => setTimeout(r, delay));
+        delay = Math.min(1000, delay * 2);
+      }
+    }
+  }
+
+  private route(res: Array<[Buffer, Array<[Buffer, Buffer[]]>]>): void {
+    for (const [, entries] of res) {
+      for (const [rawId, fields] of entries) {
+        const id = rawId.toString();
+        this.seen.push(id);
+        this.last = id;
+        let value: Buffer | undefined;
+        for (let i = 0; i + 1 < fields.length; i += 2) {
+          if (fields[i]!.toString() === "reply") value = fields[i + 1];
+        }
+        const reply = decodeReply(value);
+        if (reply === null) {
+          this.log(`titan-broker: dropped a malformed reply on ${this.replyKey}`);
+          continue;
+        }
+        const stream = this.streams.get(reply.id);
+        if (stream !== undefined) {
+          stream.push(reply);
+          continue;
+        }
+        const waiter = this.calls.get(reply.id);
+        if (waiter !== undefined) {
+          this.calls.delete(reply.id);
+          waiter.resolve(reply);
+        }
+      }
+    }
+  }
+
+  private async writeCanary(): Promise<void> {
+    try {
+      await this.base.set(this.canary, "1", "PX", CANARY_TTL_MS);
+    } catch (exc) {
+      this.log(`titan-broker: cannot write ${this.canary} (${(exc as Error).message})`);
+    }
+  }
+
+  /** Compare the node's run_id with the one known; when Redis lost its data, fail the lost calls. */
+  private async probeRestart(first: boolean): Promise<void> {
+    if (!this.restartCheck) return;
+    let answer: [Buffer, number];
+    try {
+      answer = (await this.scripts.restartProbe(1, this.canary)) as [Buffer, number];
+    } catch (exc) {
+      const text = (exc as Error).message ?? "";
+      if (/NOPERM|not allowed|no permissions/i.test(text)) {
+        this.restartCheck = false;
+        this.log("titan-broker: this Redis user may not run INFO: calls lost by a Redis restart without persistence will time out instead of failing at once with CallLost (allow +info to fix)");
+        return;
+      }
+      throw exc;
+    }
+    const runId = parseRunId(answer[0].toString());
+    if (first || this.runId === null) {
+      this.runId = runId;
+      await this.writeCanary();
+      return;
+    }
+    if (runId === null || runId === this.runId) return;
+    const previous = this.runId;
+    if (Number(answer[1]) === 0) {
+      await this.failLost(previous, runId);
+      await this.writeCanary();
+    } else {
+      this.log(`titan-broker: Redis changed (run_id ${previous} -> ${runId}: a restart or a failover) and kept its data`);
+    }
+    this.runId = runId;
+  }
+
+  private async failLost(previous: string, runId: string): Promise<void> {
+    const waiting = [...this.entries.entries()];
+    const gone: string[] = [];
+    for (const [callId, sent] of waiting) {
+      let found = false;
+      for (const key of sent.keys) {
+        const k = kind(key);
+        if (k === "job") continue;
+        const hit = k === "delayed" ? await this.base.zscore(key, sent.id) : await this.base.xrange(key, sent.id.toString(), sent.id.toString());
+        if (hit !== null && (!Array.isArray(hit) || hit.length > 0)) found = true;
+      }
+      if (!found) gone.push(callId);
+    }
+    // Replies written before the check are routed first: a call answered in time is not lost.
+    for (;;) {
+      const res = await this.base.xreadBuffer("COUNT", 256, "STREAMS", this.replyKey, this.last);
+      if (!res) break;
+      this.route(res as unknown as Array<[Buffer, Array<[Buffer, Buffer[]]>]>);
+    }
+    for (const callId of gone) {
+      this.fail(callId, new CallLost(
+        `Redis restarted or failed over (run_id ${previous} -> ${runId}) and lost this call's request before it was answered; the call may or may not have run`,
+      ));
+    }
+  }
+
+  private async recoverClobbered(): Promise<void> {
+    const type = await this.base.type(this.replyKey);
+    if (type !== "stream") await this.base.del(this.replyKey);
+    this.last = "0-0";
+    this.seen = [];
+    this.failAll(() => new CallLost(
+      `the reply stream ${this.replyKey} was overwritten with a ${type} value by someone else: the replies to the calls waiting on it may be lost, and the call may or may not have run (the key was deleted: later calls work)`,
+    ));
+  }
+
+  fail(callId: string, error: Error): void {
+    const waiter = this.calls.get(callId);
+    if (waiter !== undefined) {
+      this.calls.delete(callId);
+      waiter.reject(error);
+    }
+    this.streams.get(callId)?.push(error);
+  }
+
+  failAll(make: () => Error): void {
+    for (const callId of [...this.calls.keys(), ...this.streams.keys()]) this.fail(callId, make());
+  }
+
+  /** Stop reading; fail what still waits. */
+  async close(): Promise<void> {
+    this.closed = true;
+    this.failAll(() => new TitanError("client closed while the call was waiting"));
+    this.reader.disconnect();
+    await this.running?.catch(() => undefined);
+  }
+}
