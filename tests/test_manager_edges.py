@@ -190,3 +190,19 @@ def test_each_part_of_titan_broker_imports_only_its_own_floor_or_lower() -> None
         if floor(target) > floor(module)
     )
     assert upward == [], f"imports that run back up: {upward}"
+
+
+def test_worker_and_cli_reach_the_library_through_its_named_surfaces() -> None:
+    """The worker and the CLI import ``titan_broker``, its two modules or a folder's ``__init__``, never
+    a module inside a folder: what they use of each folder is listed in one place, its ``__all__``."""
+    deep = sorted(
+        f"{path.relative_to(ROOT)}: {node.module}"
+        for folder in ("worker", "cli")
+        for path in (ROOT / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.startswith("titan_broker.")
+        and node.module.count(".") > 1
+    )
+    assert deep == []

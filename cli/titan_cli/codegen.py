@@ -28,10 +28,10 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from titan_broker._calling.client import Client
+from titan_broker._calling import Client
 from titan_broker._errors import TitanError
-from titan_broker._registry.records import ServiceInfo, list_services
-from titan_broker._service.definition import load_service_file
+from titan_broker._registry import ServiceInfo, list_services
+from titan_broker._service import load_service_file
 
 from .common import EXIT_USAGE, UnknownService, app, err, out, run
 

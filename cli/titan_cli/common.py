@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import titan_broker
-from titan_broker._calling.client import Client
+from titan_broker._calling import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
 from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
 

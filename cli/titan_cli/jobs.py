@@ -10,11 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from titan_broker._calling.client import Client
-from titan_broker._calling.jobs import Job, JobState, JobStatus, list_jobs
+from titan_broker._calling import Client, Job, JobState, JobStatus, list_jobs
 from titan_broker._errors import ConfigError, JobNotFound
-from titan_broker._redis.connection import text
-from titan_broker._registry.records import list_services
+from titan_broker._redis import text
+from titan_broker._registry import list_services
 
 from .common import EXIT_CALL_FAILED, app, out, print_json, run
 

@@ -22,20 +22,23 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from titan_broker._calling.client import Client
-from titan_broker._registry.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
-from titan_broker._registry.health import ServiceHealth, aggregate
-from titan_broker._registry.latency import LatencyHistogram
-from titan_broker._registry.records import (
+from titan_broker._calling import Client
+from titan_broker._registry import (
+    LatencyHistogram,
     QueueInfo,
+    ServiceHealth,
     VersionInfo,
     WorkerInfo,
+    aggregate,
     known_services,
+    list_dead_letters,
     list_services,
     list_workers,
+    purge_dead_letters,
     queue_info,
+    replay_dead_letters,
 )
-from titan_broker._service.decorators import HealthStatus
+from titan_broker._service import HealthStatus
 
 from .common import (
     EXIT_CALL_FAILED,

@@ -1,3 +1,37 @@
 """Internal: what a namespace holds, read from Redis by anyone (callers, the CLI, a dashboard). Workers and
 services (``records``), health (``health``), dead letters (``dead_letters``) and the latency histogram
 the workers publish (``latency``)."""
+
+from .dead_letters import list_dead_letters as list_dead_letters
+from .dead_letters import purge_dead_letters as purge_dead_letters
+from .dead_letters import replay_dead_letters as replay_dead_letters
+from .health import ServiceHealth as ServiceHealth
+from .health import aggregate as aggregate
+from .latency import LatencyHistogram as LatencyHistogram
+from .records import QueueInfo as QueueInfo
+from .records import ServiceInfo as ServiceInfo
+from .records import VersionInfo as VersionInfo
+from .records import WorkerInfo as WorkerInfo
+from .records import known_services as known_services
+from .records import list_services as list_services
+from .records import list_workers as list_workers
+from .records import queue_info as queue_info
+from .records import read_workers as read_workers
+
+__all__ = (
+    "LatencyHistogram",
+    "QueueInfo",
+    "ServiceHealth",
+    "ServiceInfo",
+    "VersionInfo",
+    "WorkerInfo",
+    "aggregate",
+    "known_services",
+    "list_dead_letters",
+    "list_services",
+    "list_workers",
+    "purge_dead_letters",
+    "queue_info",
+    "read_workers",
+    "replay_dead_letters",
+)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from titan_broker._errors import EncodeError, WireError
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec
 from titan_broker._wire import protocol
-from titan_broker._wire.protocol import safe_str as safe_str
+from titan_broker._wire import safe_str as safe_str
 
 
 @dataclass(frozen=True, slots=True)

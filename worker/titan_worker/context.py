@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 from titan_broker._config import WorkerOptions
-from titan_broker._redis.connection import AutoPipeline, Redis
-from titan_broker._service.definition import ServiceDefinition
-from titan_broker._wire.keys import Keys
+from titan_broker._redis import AutoPipeline, Redis
+from titan_broker._service import ServiceDefinition
+from titan_broker._wire import Keys
 
 from .logs import Throttled
 from .metrics import Metrics

@@ -20,10 +20,9 @@ from typing import Any
 import anyio
 
 from titan_broker._errors import EncodeError, WireError
-from titan_broker._redis.scripting import Script
-from titan_broker._service.definition import MethodSpec
-from titan_broker._wire import protocol
-from titan_broker._wire.values import Mismatch
+from titan_broker._redis import Script
+from titan_broker._service import MethodSpec
+from titan_broker._wire import Mismatch, protocol
 
 from . import middleware
 from .call import Call, Entry, Next, Outcome

@@ -15,11 +15,9 @@ import random
 import time
 
 from titan_broker._errors import WireError
-from titan_broker._redis.connection import text
-from titan_broker._redis.scripting import Script
-from titan_broker._registry.records import read_workers
-from titan_broker._wire import protocol
-from titan_broker._wire.keys import GROUP
+from titan_broker._redis import Script, text
+from titan_broker._registry import read_workers
+from titan_broker._wire import GROUP, protocol
 
 from .call import Entry, Outcome
 from .context import WorkerContext

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from titan_broker._redis.connection import Channel, text
-from titan_broker._redis.scripting import Script
-from titan_broker._wire.keys import GROUP
+from titan_broker._redis import Channel, Script, text
+from titan_broker._wire import GROUP
 
 from .call import Entry
 from .context import WorkerContext

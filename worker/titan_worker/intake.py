@@ -22,9 +22,8 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 from redis import exceptions as rexc
 
-from titan_broker._redis.backoff import Backoff
-from titan_broker._redis.connection import CONNECTION_ERRORS, Channel, stream_entries
-from titan_broker._wire.keys import GROUP
+from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries
+from titan_broker._wire import GROUP
 
 from .call import Entry
 from .context import WorkerContext

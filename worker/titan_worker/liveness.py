@@ -24,10 +24,9 @@ from typing import Any
 import redis
 import redis.cluster
 
-from titan_broker._redis.scripting import Script
-from titan_broker._redis.topology import Topology
-from titan_broker._registry.records import WorkerInfo
-from titan_broker._wire.keys import GROUP
+from titan_broker._redis import Script, Topology
+from titan_broker._registry import WorkerInfo
+from titan_broker._wire import GROUP
 
 from .context import WorkerContext
 

@@ -33,7 +33,7 @@ from titan_broker._config import (
     resolve_url,
 )
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
-from titan_broker._service.definition import load_service_file
+from titan_broker._service import load_service_file
 
 from .worker import InitError, Worker
 

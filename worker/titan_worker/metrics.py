@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from titan_broker._registry.latency import LatencyHistogram
+from titan_broker._registry import LatencyHistogram
 
 
 @dataclass

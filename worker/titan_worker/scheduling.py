@@ -30,10 +30,9 @@ from dataclasses import dataclass
 
 import anyio
 
-from titan_broker._redis.scripting import Script
-from titan_broker._service.decorators import PeriodicOptions
-from titan_broker._wire import protocol
-from titan_broker._wire.keys import GROUP
+from titan_broker._redis import Script
+from titan_broker._service import PeriodicOptions
+from titan_broker._wire import GROUP, protocol
 
 from .call import Entry
 from .context import WorkerContext

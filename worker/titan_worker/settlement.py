@@ -20,11 +20,8 @@ from typing import Any
 from redis import exceptions as rexc
 
 from titan_broker._errors import RedisUnavailable, WireError
-from titan_broker._redis.backoff import Backoff
-from titan_broker._redis.connection import CONNECTION_ERRORS
-from titan_broker._redis.scripting import Script
-from titan_broker._wire import protocol
-from titan_broker._wire.keys import GROUP
+from titan_broker._redis import CONNECTION_ERRORS, Backoff, Script
+from titan_broker._wire import GROUP, protocol
 
 from .call import Entry, Outcome
 from .context import WorkerContext

@@ -32,14 +32,10 @@ import prometheus_client
 
 from titan_broker._config import WorkerOptions, check_name, redact
 from titan_broker._errors import TitanError
-from titan_broker._redis.connection import SOCKET_TIMEOUT, AutoPipeline, Channel, open_redis
-from titan_broker._redis.topology import discover
-from titan_broker._registry.latency import LatencyHistogram
-from titan_broker._registry.records import WorkerInfo
-from titan_broker._service.decorators import Health
-from titan_broker._service.definition import ServiceDefinition
-from titan_broker._wire import protocol
-from titan_broker._wire.keys import Keys
+from titan_broker._redis import SOCKET_TIMEOUT, AutoPipeline, Channel, discover, open_redis
+from titan_broker._registry import LatencyHistogram, WorkerInfo
+from titan_broker._service import Health, ServiceDefinition
+from titan_broker._wire import Keys, protocol
 
 from .call import Entry
 from .context import WorkerContext

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from titan_broker._errors import ConfigError
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec
 
 from ..call import Middleware, Next
 from ..context import WorkerContext

@@ -5,7 +5,7 @@ answered with titan.BadArguments and never runs."""
 from __future__ import annotations
 
 from titan_broker._errors import WireError
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

@@ -15,9 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
-from titan_broker._redis.scripting import Script
-from titan_broker._service.decorators import CacheOptions, RateLimitOptions
-from titan_broker._service.definition import MethodSpec
+from titan_broker._redis import Script
+from titan_broker._service import CacheOptions, MethodSpec, RateLimitOptions
 from titan_broker._wire import protocol
 
 from ..call import Call, Middleware, Next, Outcome

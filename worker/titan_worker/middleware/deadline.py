@@ -11,7 +11,7 @@ from __future__ import annotations
 import anyio
 
 from titan_broker._errors import WireError
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

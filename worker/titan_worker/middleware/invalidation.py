@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 
 from titan_broker._errors import WireError
-from titan_broker._redis.backoff import Backoff
-from titan_broker._redis.connection import CONNECTION_ERRORS
-from titan_broker._service.definition import MethodSpec
+from titan_broker._redis import CONNECTION_ERRORS, Backoff
+from titan_broker._service import MethodSpec
 
 from ..call import Call, Middleware, Next, Outcome, safe_str
 from ..context import WorkerContext

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-from titan_broker._service.decorators import MetricOptions
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec, MetricOptions
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

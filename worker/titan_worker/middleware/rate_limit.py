@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 from titan_broker._errors import WireError
-from titan_broker._redis.scripting import Script
-from titan_broker._service.decorators import RateLimitOptions
-from titan_broker._service.definition import MethodSpec
+from titan_broker._redis import Script
+from titan_broker._service import MethodSpec, RateLimitOptions
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

@@ -13,8 +13,7 @@ import dataclasses
 import random
 import time
 
-from titan_broker._service.decorators import RetryOptions
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec, RetryOptions
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext

@@ -9,8 +9,7 @@ from __future__ import annotations
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
-from titan_broker._service.decorators import TraceOptions
-from titan_broker._service.definition import MethodSpec
+from titan_broker._service import MethodSpec, TraceOptions
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext
