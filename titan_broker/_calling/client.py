@@ -33,14 +33,14 @@ from .._redis.topology import discover
 from .._wire import protocol
 from .._wire.keys import Keys
 from .breaker import CircuitBreaker
-from .jobs import Job
+from .jobs import DEFAULT_RESULT_TTL, Job
 from .links import Link, Links
 from .proxy import ServiceProxy as ServiceProxy
 from .proxy import with_options as with_options
-from .replies import error_of
+from .replies import Placement, error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
 from .routing import Routes, probe_margin
-from .sending import Later, Sent, redis_error
+from .sending import DelayOrJob, redis_error
 from .streaming import StreamRequest, stream_items
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ CLOSE_BUDGET = 1.0
 """Seconds ``aclose`` spends on its last writes to Redis."""
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BACKLOG = 10_000
-DEFAULT_RESULT_TTL = 86_400.0
 """Seconds a job's outcome is kept after it ended."""
 
 
@@ -135,25 +134,17 @@ class Client:
         if self._links is not None:
             self._links.tg = self._routes.tg = None
             links = self._links.detach()
-            for link in links:
-                link.sender.tg = None
+        for link in links:
+            link.abandon(self.keys, lambda: TitanError("client closed while the call was waiting"))
         if tg is not None:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
-        for link in links:
-            dispatcher, sender = link.dispatcher, link.sender
-            for call_id, sent in dispatcher.entries.items():  # their callers wake after this
-                stream = call_id in dispatcher.streams
-                control = self.keys.stream_control(link.service, call_id) if stream else None
-                sender.withdraw(sent, 0.0, control, call_id)
-            dispatcher.fail_all(lambda: TitanError("client closed while the call was waiting"))
         if self._redis is not None and links:
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = anyio.current_time() + CLOSE_BUDGET
                 for link in links:
                     try:
-                        await link.sender.withdraw_pending()
-                        await self._redis.delete(link.reply_key, link.dispatcher.canary)
+                        await link.clean_up(self._redis)
                     except REDIS_ERRORS as exc:
                         logger.warning("client %s: could not clean up on close (%s)", self.client_id, exc)
         for link in links:
@@ -206,15 +197,15 @@ class Client:
             link = await self._link(service, deadline)
         dispatcher, sender = link.dispatcher, link.sender
         fut: asyncio.Future[protocol.Reply] = loop.create_future()
-        dispatcher.calls[call_id] = fut
-        sent: Sent | None = None
+        dispatcher.expect(call_id, fut)
+        sent: Placement | None = None
         answered = False
         try:
             worker = (
                 await self._routes.worker_for(service, method, key, deadline) if key is not None else None
             )
             sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
-            dispatcher.entries[call_id] = sent
+            dispatcher.placed(call_id, sent)
             # A timer on the future is much cheaper than a cancel scope on this hot path.
             timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._routes.probe, service)
             try:
@@ -233,8 +224,7 @@ class Client:
                 return reply.value
             raise error_of(reply)
         finally:
-            dispatcher.calls.pop(call_id, None)
-            dispatcher.entries.pop(call_id, None)
+            dispatcher.forget(call_id)
             if sent is not None and not answered:
                 sender.withdraw(sent, deadline, call_id=call_id)
 
@@ -311,7 +301,7 @@ class Client:
             check_seconds("deadline", deadline)
         check_seconds("result_ttl", result_ttl)
         timeout = self.default_timeout if timeout is None else timeout
-        later = _later(delay, None) or Later()
+        later = _later(delay, None) or DelayOrJob()
         token = uuid.uuid4().hex
         job_id = f"{service}:{token}"
         ttl_ms = int(deadline * 1000) if deadline is not None else protocol.NO_DEADLINE_MS
@@ -384,14 +374,14 @@ class Client:
             raise await redis_error(self.redis, exc, doing, anyio.current_time() + 1.0) from exc
 
 
-def _later(delay: float | None, key: str | None) -> Later | None:
+def _later(delay: float | None, key: str | None) -> DelayOrJob | None:
     """How a call with ``delay`` goes out (None: at once); raise ConfigError for a bad one."""
     if delay is None or (delay == 0 and not isinstance(delay, bool)):
         return None
     check_seconds("delay", delay)
     if key is not None:
         raise ConfigError("a delayed call goes to any worker: it cannot have an affinity key")
-    return Later(delay_ms=int(delay * 1000))
+    return DelayOrJob(delay_ms=int(delay * 1000))
 
 
 def _traceparent() -> str | None:

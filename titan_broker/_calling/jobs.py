@@ -40,6 +40,10 @@ POLL_AT_MOST = 0.25
 """``Job.result`` reads the job's hash, first after POLL_FIRST seconds, then less often, up to this."""
 
 
+DEFAULT_RESULT_TTL = 86_400.0
+"""Seconds a job's outcome is kept after it ends, unless the submit says otherwise."""
+
+
 class JobState(enum.StrEnum):
     """Where a job is: queued (or delayed), running, retrying (waiting out its backoff), or ended."""
 

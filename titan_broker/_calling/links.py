@@ -59,8 +59,32 @@ class Link:
     @property
     def idle(self) -> bool:
         """No call waits on this link (it may be closed)."""
-        d = self.dispatcher
-        return not d.calls and not d.streams and not d.entries
+        return self.dispatcher.idle
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Run the dispatcher, and the sender's withdrawals, in ``tg``."""
+        self.sender.tg = tg
+        tg.start_soon(self._serve)
+
+    async def _serve(self) -> None:
+        with anyio.CancelScope() as self.scope:
+            await self.dispatcher.run()
+
+    def abandon(self, keys: Keys, error: Callable[[], TitanError]) -> None:
+        """The client closes: withdraw every request still in Redis and fail every waiting call.
+
+        The withdrawals wait for ``clean_up`` (the task group that would run them is gone).
+        """
+        self.sender.tg = None
+        for call_id, placement, streams in self.dispatcher.placements():  # their callers wake after this
+            control = keys.stream_control(self.service, call_id) if streams else None
+            self.sender.withdraw(placement, 0.0, control, call_id)
+        self.dispatcher.fail_all(error)
+
+    async def clean_up(self, redis: Redis) -> None:
+        """Withdraw what ``abandon`` left and delete the reply stream; raises redis-py errors."""
+        await self.sender.withdraw_pending()
+        await redis.delete(*self.dispatcher.own_keys)
 
     async def aclose(self) -> None:
         if self.scope is not None:
@@ -158,16 +182,10 @@ class Links:
         if self.tg is None:  # the client closed while this link opened
             await link.aclose()
             raise TitanError("client closed while connecting")
-        sender.tg = self.tg
-        self.tg.start_soon(self._serve, link)
+        link.start(self.tg)
         self._links[service] = link
         await self._evict()
         return link
-
-    @staticmethod
-    async def _serve(link: Link) -> None:
-        with anyio.CancelScope() as link.scope:
-            await link.dispatcher.run()
 
     async def _evict(self) -> None:
         """Past MAX_LINKS, close the links used longest ago that no call waits on."""
@@ -176,7 +194,7 @@ class Links:
             del self._links[link.service]
             try:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    await self._redis().delete(link.reply_key, link.dispatcher.canary)
+                    await self._redis().delete(*link.dispatcher.own_keys)
             except REDIS_ERRORS as exc:
                 logger.debug("could not delete %s (%s); it expires", link.reply_key, exc)
             await link.aclose()

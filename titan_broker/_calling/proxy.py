@@ -12,8 +12,9 @@ return annotation; without it, results are plain data.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol, TypedDict, TypeVar, Unpack, cast
@@ -23,6 +24,7 @@ from .._errors import BadResult, ConfigError, WireError
 from .._service.definition import result_types
 from .._wire.values import Mismatch
 from .breaker import BreakerState, CircuitBreaker
+from .jobs import DEFAULT_RESULT_TTL, Job
 
 T = TypeVar("T")
 
@@ -57,6 +59,21 @@ class Caller(Protocol):
         key: str | None = None,
         wait_for_worker: bool = True,
     ) -> AsyncGenerator[Any, None]: ...
+
+    async def submit(
+        self,
+        service: str,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        deadline: float | None = None,
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        timeout: float | None = None,
+    ) -> str: ...
+
+    def job(self, job_id: str, decode: Callable[[Any], T] | None = None) -> Job[T]: ...
 
 
 class ProxyOptions(TypedDict, total=False):
@@ -192,6 +209,27 @@ class RemoteMethod:
             raise
         breaker.after_call(None)
         return self._decode(result, "result")
+
+    async def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Job[Any]:
+        """Queue the call as a job with the proxy's options (delay or at, deadline, result_ttl, timeout),
+        through its circuit breaker; the job's result is decoded as the proxy's class annotates it."""
+        p = self._proxy
+        breaker = p._breaker
+        if breaker is not None:  # the submit, like a call, fails fast while the circuit is open
+            breaker.before_call()
+        try:
+            job_id = await p._client.submit(
+                p._service, self._method, args, kwargs, delay=p._later.delay_now(),
+                deadline=p._later.deadline, result_ttl=p._later.result_ttl or DEFAULT_RESULT_TTL,
+                timeout=p._timeout,
+            )  # fmt: skip
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.after_call(exc)
+            raise
+        if breaker is not None:
+            breaker.after_call(None)
+        return p._client.job(job_id, functools.partial(self._decode, what="result"))
 
     def _decode(self, value: Any, what: str) -> Any:
         """A result or item as the proxy's class annotates it (plain data without a class).

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -62,12 +63,20 @@ def parse_run_id(info: bytes | str) -> str | None:
     return None
 
 
+class Placement(NamedTuple):
+    """Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
+    and its entry id; or the delayed set and its member. A job's hash comes along (deleted with it)."""
+
+    streams: tuple[str, ...]
+    entry_id: bytes
+
+
 class ReplyDispatcher:
     """Routes replies from one reply stream to the calls that wait for them.
 
-    The client registers each waiting call (``calls`` for a single answer,
-    ``streams`` for a streaming one) and, once its request is in Redis, where
-    the request is (``entries``), so that a restart that lost it can be told.
+    A caller registers its call (``expect`` for a single answer, ``expect_stream``
+    for a streaming one) and, once its request is in Redis, where it is
+    (``placed``), so that a restart that lost it can be told; ``forget`` when done.
     """
 
     def __init__(
@@ -77,18 +86,54 @@ class ReplyDispatcher:
         self.on_reconnect = on_reconnect
         """Awaited after the dispatcher reached Redis again: the client's other connections are stale too."""
         self.reply_key = reply_key
-        self.canary = f"{reply_key}:alive"
-        self.calls: dict[str, asyncio.Future[protocol.Reply]] = {}
-        self.streams: dict[str, MemoryObjectSendStream[StreamItem]] = {}
-        self.entries: dict[str, tuple[tuple[str, ...], bytes]] = {}
-        """call id -> (the streams its request may be in, its entry id)."""
-        self.failed: dict[str, TitanError] = {}
+        self._canary = f"{reply_key}:alive"
+        self._calls: dict[str, asyncio.Future[protocol.Reply]] = {}
+        self._streams: dict[str, MemoryObjectSendStream[StreamItem]] = {}
+        self._placements: dict[str, Placement] = {}
+        self._failed: dict[str, TitanError] = {}
         """Errors for streaming calls whose queue was full when they failed (the queue is closed instead)."""
         self.run_id: str | None = None
         self.restarts = 0
         """Restarts of Redis seen (with or without its data)."""
         self._last = b"0-0"
         self._seen: list[bytes] = []
+
+    def expect(self, call_id: str, fut: asyncio.Future[protocol.Reply]) -> None:
+        """Route the reply of ``call_id`` to ``fut``."""
+        self._calls[call_id] = fut
+
+    def expect_stream(self, call_id: str, items: MemoryObjectSendStream[StreamItem]) -> None:
+        """Route the items of streaming call ``call_id`` to ``items``."""
+        self._streams[call_id] = items
+
+    def placed(self, call_id: str, placement: Placement) -> None:
+        """The request of ``call_id`` is in Redis at ``placement``: a restart that loses it is told."""
+        self._placements[call_id] = placement
+
+    def failure(self, call_id: str) -> TitanError | None:
+        """Why a streaming call whose queue was full ended (its queue was closed instead of told)."""
+        return self._failed.pop(call_id, None)
+
+    def forget(self, call_id: str) -> None:
+        """The call is over: route nothing more to it."""
+        self._calls.pop(call_id, None)
+        self._streams.pop(call_id, None)
+        self._placements.pop(call_id, None)
+        self._failed.pop(call_id, None)
+
+    @property
+    def idle(self) -> bool:
+        """No call waits on this dispatcher."""
+        return not self._calls and not self._streams and not self._placements
+
+    def placements(self) -> list[tuple[str, Placement, bool]]:
+        """Each call whose request is in Redis: its id, where the request is, and whether it streams."""
+        return [(call_id, placed, call_id in self._streams) for call_id, placed in self._placements.items()]
+
+    @property
+    def own_keys(self) -> tuple[str, str]:
+        """The keys this dispatcher owns (its reply stream and its canary): deleted when it closes."""
+        return self.reply_key, self._canary
 
     async def start(self) -> None:
         """Note which Redis this is (its run_id) and write the canary; raises redis-py errors.
@@ -107,9 +152,9 @@ class ReplyDispatcher:
 
     async def _write_canary(self) -> None:
         try:
-            await self.channel.execute("SET", self.canary, "1", "PX", CANARY_TTL_MS)
+            await self.channel.execute("SET", self._canary, "1", "PX", CANARY_TTL_MS)
         except rexc.ResponseError as exc:  # out of memory: the restart check then assumes data loss
-            logger.warning("cannot write %s (%s)", self.canary, exc)
+            logger.warning("cannot write %s (%s)", self._canary, exc)
 
     async def run(self) -> None:
         """Read and route replies until cancelled."""
@@ -168,14 +213,14 @@ class ReplyDispatcher:
             if reply is None:
                 logger.warning("dropped a malformed reply on %s", self.reply_key)
                 continue
-            stream = self.streams.get(reply.call_id)
+            stream = self._streams.get(reply.call_id)
             if stream is not None:
                 try:
                     stream.send_nowait(reply)
                 except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     logger.warning("dropped an item of stream %s: its reader is gone", reply.call_id)
                 continue
-            fut = self.calls.get(reply.call_id)
+            fut = self._calls.get(reply.call_id)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
         if entries:
@@ -184,22 +229,22 @@ class ReplyDispatcher:
 
     def fail(self, call_id: str, error: TitanError) -> None:
         """End one waiting call with ``error`` (a streaming call after the items it has)."""
-        fut = self.calls.get(call_id)
+        fut = self._calls.get(call_id)
         if fut is not None and not fut.done():
             fut.set_exception(error)
-        stream = self.streams.get(call_id)
+        stream = self._streams.get(call_id)
         if stream is not None:
             try:
                 stream.send_nowait(error)
             except anyio.WouldBlock:
                 stream.close()  # its reader finds the end of the queue and asks why: see ``failed``
-                self.failed[call_id] = error
+                self._failed[call_id] = error
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
 
     def fail_all(self, make_error: Callable[[], TitanError]) -> int:
         """End every waiting call, each with an error of its own; return how many."""
-        waiting = [c for c, f in self.calls.items() if not f.done()] + list(self.streams)
+        waiting = [c for c, f in self._calls.items() if not f.done()] + list(self._streams)
         for call_id in waiting:
             self.fail(call_id, make_error())
         return len(waiting)
@@ -237,7 +282,7 @@ class ReplyDispatcher:
         if run_id is None or run_id == self.run_id:
             return
         previous = self.run_id
-        if await self.channel.execute("EXISTS", self.canary):
+        if await self.channel.execute("EXISTS", self._canary):
             # Restarted with its data, or a failover to a replica (cluster, Sentinel). Nothing is
             # failed here: a request moved under a new id (rescue, hand-off) cannot be told from a
             # lost one by its old id, and a request the replica had not received times out.
@@ -254,7 +299,7 @@ class ReplyDispatcher:
         """Redis lost its data: fail the waiting calls whose request is gone and whose reply did not come."""
         # Which waiting calls' requests are gone? Check first, then read the replies
         # written until now: a request answered before the check has its reply there.
-        waiting = list(self.entries.items())
+        waiting = list(self._placements.items())
         commands: list[tuple[object, ...]] = [
             # A delayed call is its member of the delayed set (its score when it is still there).
             ("ZSCORE", key, entry_id) if Keys.kind(key) == "delayed" else ("XRANGE", key, entry_id, entry_id)
@@ -275,8 +320,8 @@ class ReplyDispatcher:
             pass
         lost = 0
         for call_id in gone:
-            fut = self.calls.get(call_id)
-            if (fut is not None and not fut.done()) or call_id in self.streams:
+            fut = self._calls.get(call_id)
+            if (fut is not None and not fut.done()) or call_id in self._streams:
                 lost += 1
                 self.fail(
                     call_id,

@@ -29,6 +29,7 @@ from .._redis.scripting import Script
 from .._wire import protocol
 from .._wire.keys import Keys
 from .jobs import cancel
+from .replies import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,8 @@ GONE_TTL_MS = 600_000
 not stopped by it (the worker still drops it once the call's deadline has passed)."""
 """A streaming call's control hash (credit, cancel) expires this long after its last write."""
 
-Sent = tuple[tuple[str, ...], bytes]
-"""Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
-and its entry id; or the delayed set and its member. A job's hash comes along (deleted with it)."""
-_Job = tuple[tuple[str, ...], bytes, str | None, str | None]
+_Withdrawal = tuple[tuple[str, ...], bytes, str | None, str | None]
+"""A request given up: where it is (its ``Placement``), its stream's control hash, its call id."""
 """What to withdraw: where the request is, its entry id (or delayed member), its stream's control
 hash, its call id (to leave the gone mark)."""
 
@@ -107,7 +106,7 @@ async def redis_error(redis: Redis, exc: Exception, doing: str, deadline: float)
     return titan_error(exc, doing)
 
 
-class Later(NamedTuple):
+class DelayOrJob(NamedTuple):
     """How a request that is not an ordinary call goes out: after a delay, or as a job, or both."""
 
     delay_ms: int = 0
@@ -128,8 +127,8 @@ class Sender:
         """Redis's clock minus the event loop's, in ms: an upper bound, from the last entry id."""
         self.tg: anyio.abc.TaskGroup | None = None
         """Where withdrawals run; None while the client closes (they wait for ``withdraw_pending``)."""
-        self._jobs: dict[int, _Job] = {}
-        self._job_ids = itertools.count()
+        self._withdrawals: dict[int, _Withdrawal] = {}
+        self._withdrawal_ids = itertools.count()
 
     async def send(
         self,
@@ -139,8 +138,8 @@ class Sender:
         worker: str | None,
         deadline: float,
         timeout: float,
-        later: Later | None = None,
-    ) -> Sent:
+        later: DelayOrJob | None = None,
+    ) -> Placement:
         """Queue a request by ``deadline`` (event loop time); return where it went.
 
         The request is sent whatever happens to its caller: cancelled, or past
@@ -215,10 +214,10 @@ class Sender:
             if redis_full:
                 raise await out_of_memory(self._redis(), doing, deadline)
             if entry_id == b"delayed":
-                return streams, member
+                return Placement(streams, member)
             if entry_id is not None:
                 self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
-                return streams, entry_id
+                return Placement(streams, entry_id)
             if loop.time() >= deadline:
                 outcome = (
                     "if the job reached Redis after all, it is cancelled unless a worker had started it"
@@ -243,10 +242,10 @@ class Sender:
         """A submit nobody waits for ended: if it queued the request after all, delete it."""
         if fut.cancelled() or fut.exception() is not None:
             return
-        self.withdraw((streams, cast(bytes, fut.result())), deadline)
+        self.withdraw(Placement(streams, cast(bytes, fut.result())), deadline)
 
     def withdraw(
-        self, sent: Sent, deadline: float, control: str | None = None, call_id: str | None = None
+        self, sent: Placement, deadline: float, control: str | None = None, call_id: str | None = None
     ) -> None:
         """Delete a request nobody waits for, in the background; with ``control``, stop its stream too.
 
@@ -255,12 +254,12 @@ class Sender:
         mark says the caller gave up, so that no later run of the call is
         queued (a delayed call that comes due, a @retry).
         """
-        job_id = next(self._job_ids)
-        self._jobs[job_id] = (*sent, control, call_id)
+        withdrawal_id = next(self._withdrawal_ids)
+        self._withdrawals[withdrawal_id] = (*sent, control, call_id)
         if self.tg is not None:
-            self.tg.start_soon(self._withdraw, job_id, deadline)
+            self.tg.start_soon(self._withdraw, withdrawal_id, deadline)
 
-    async def _withdraw(self, job_id: int, deadline: float) -> None:
+    async def _withdraw(self, withdrawal_id: int, deadline: float) -> None:
         """Retry until done, or until the request is so late that workers drop it unrun.
 
         Cancelled (the client closes), the job stays for ``withdraw_pending``.
@@ -269,23 +268,23 @@ class Sender:
         while True:
             with anyio.move_on_after(2.0):
                 try:
-                    job = self._jobs.get(job_id)
-                    if job is not None:
-                        await self._delete(*job)
-                    self._jobs.pop(job_id, None)
+                    withdrawal = self._withdrawals.get(withdrawal_id)
+                    if withdrawal is not None:
+                        await self._delete(*withdrawal)
+                    self._withdrawals.pop(withdrawal_id, None)
                     return
                 except REDIS_ERRORS as exc:
                     logger.debug("cannot delete a request given up yet (%s)", exc)
             if anyio.current_time() > deadline + FORGET_GRACE:
-                self._jobs.pop(job_id, None)
+                self._withdrawals.pop(withdrawal_id, None)
                 return
             await backoff.sleep()
 
     async def withdraw_pending(self) -> None:
         """Withdraw every request still waiting to be (the client closes); raises redis-py errors."""
-        jobs, self._jobs = self._jobs, {}
-        for job in jobs.values():
-            await self._delete(*job)
+        withdrawals, self._withdrawals = self._withdrawals, {}
+        for withdrawal in withdrawals.values():
+            await self._delete(*withdrawal)
 
     async def _delete(
         self, streams: tuple[str, ...], entry_id: bytes, control: str | None, call_id: str | None

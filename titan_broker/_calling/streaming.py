@@ -18,9 +18,8 @@ import anyio
 from .._errors import TitanError
 from .._wire import protocol
 from .._wire.keys import Keys
-from .replies import StreamItem, error_of
+from .replies import Placement, StreamItem, error_of
 from .routing import Routes, probe_margin
-from .sending import Sent
 
 if TYPE_CHECKING:
     from .links import Link
@@ -49,14 +48,14 @@ async def stream_items(
     dispatcher, sender = link.dispatcher, link.sender
     window = protocol.STREAM_WINDOW
     send, receive = anyio.create_memory_object_stream[StreamItem](window * 2 + 8)
-    dispatcher.streams[call_id] = send
-    sent: Sent | None = None
+    dispatcher.expect_stream(call_id, send)
+    sent: Placement | None = None
     finished = False
     probe: asyncio.TimerHandle | None = None
     try:
         worker = await routes.worker_for(service, method, key, deadline) if key is not None else None
         sent = await sender.send(service, method, fields, worker, deadline, timeout)
-        dispatcher.entries[call_id] = sent
+        dispatcher.placed(call_id, sent)
         probe = loop.call_at(deadline - probe_margin(timeout), routes.probe, None, service)
         received = 0
         while True:
@@ -65,7 +64,7 @@ async def stream_items(
                 try:
                     item = await receive.receive()
                 except anyio.EndOfStream:
-                    item = dispatcher.failed.pop(call_id, None) or TitanError(f"{service}.{method}() lost")
+                    item = dispatcher.failure(call_id) or TitanError(f"{service}.{method}() lost")
             if item is None:
                 raise routes.timeout_error(service, method, timeout, loop.time() - timeout)
             if isinstance(item, TitanError):
@@ -88,9 +87,7 @@ async def stream_items(
     finally:
         if probe is not None:
             probe.cancel()
-        dispatcher.streams.pop(call_id, None)
-        dispatcher.entries.pop(call_id, None)
-        dispatcher.failed.pop(call_id, None)
+        dispatcher.forget(call_id)
         send.close()
         receive.close()
         if sent is not None and not finished:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
 
 from .._calling.breaker import CircuitBreaker
-from .._calling.client import DEFAULT_RESULT_TTL, DEFAULT_TIMEOUT, Client, ServiceProxy
+from .._calling.client import DEFAULT_TIMEOUT, Client, ServiceProxy
 from .._calling.jobs import Job, JobState, JobStatus, list_jobs
 from .._calling.proxy import RemoteMethod
 from .._config import WorkerOptions, check_name
@@ -242,22 +241,7 @@ class ProcessManager:
         if not isinstance(method, RemoteMethod):
             raise TypeError(f"submit() takes a proxy's method (pm.submit(calc.add, 1, 2)), not {method!r}")
         self._started()
-        proxy, name = method._proxy, method._method
-        later, breaker = proxy._later, proxy._breaker
-        if breaker is not None:  # the submit, like a call, fails fast while the circuit is open
-            breaker.before_call()
-        try:
-            job_id = await self.client.submit(
-                proxy._service, name, args, kwargs, delay=later.delay_now(), deadline=later.deadline,
-                result_ttl=later.result_ttl or DEFAULT_RESULT_TTL, timeout=proxy._timeout,
-            )  # fmt: skip
-        except BaseException as exc:
-            if breaker is not None:
-                breaker.after_call(exc)
-            raise
-        if breaker is not None:
-            breaker.after_call(None)
-        return self.client.job(job_id, functools.partial(method._decode, what="result"))
+        return cast(Job[R], await method.submit(args, kwargs))
 
     @overload
     def job(self, job_id: str) -> Job[Any]: ...
