@@ -72,7 +72,18 @@ async def test_a_tick_is_queued_once_however_many_workers_ask_for_it(
     token = f"periodic-{tick}-scripts"
     job = keys.job("scripts", token)
     script_keys = [keys.schedule("scripts"), keys.calls("scripts"), job, keys.jobs("scripts")]
-    args = ["tick", tick, tick + 1000, f"scripts:{token}", 60_000, keys.job_prefix("scripts"), "m", "tick"]
+    grace = 60_000  # a tick of the second before is current
+    args = [
+        "tick",
+        tick,
+        tick + 1000,
+        f"scripts:{token}",
+        60_000,
+        keys.job_prefix("scripts"),
+        grace,
+        "m",
+        "tick",
+    ]
     assert await TICK(redis, script_keys, args) == 1
     # A worker took the run already (it no longer waits): a second ask for the tick is still refused.
     await redis.hset(job, "status", "running")

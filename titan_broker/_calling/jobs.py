@@ -105,7 +105,7 @@ class JobStatus:
 def split_id(job_id: str) -> tuple[str, str]:
     """(service, token) of a job id; raise ConfigError naming what is wrong with it."""
     service, sep, token = job_id.partition(":")
-    shown = protocol.show(job_id, 80)
+    shown = protocol.excerpt(job_id, 80)
     if not sep or protocol.job_token({protocol.F_JOB: token.encode()}) is None:
         raise ConfigError(f"{shown} is not a job id (<service>:<token>, as submit returned it)")
     try:

@@ -22,11 +22,11 @@ from redis import exceptions as rexc
 
 from .connection import AutoPipeline, Channel, Redis
 
-Executor = Redis | Channel | AutoPipeline
+Target = Redis | Channel | AutoPipeline
 """Anything a command can be sent through."""
 
 
-async def execute(via: Executor, *command: Any) -> Any:
+async def execute(via: Target, *command: Any) -> Any:
     """Send one command through a pooled client, a channel or an auto-pipeline."""
     if isinstance(via, Channel | AutoPipeline):  # the hot paths: concrete classes, checked first
         return await via.execute(*command)
@@ -63,7 +63,7 @@ class Script:
         """The EVALSHA command that runs the script (for a caller that sends it itself)."""
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def load(self, via: Executor) -> None:
+    async def load(self, via: Target) -> None:
         """Load the script into the Redis behind ``via`` (after a NOSCRIPT).
 
         Through a pooled client, with ``script_load``: a cluster client sends
@@ -74,7 +74,7 @@ class Script:
         else:
             await via.script_load(self.source)
 
-    async def __call__(self, via: Executor, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+    async def __call__(self, via: Target, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
         """Run the script; its errors (ResponseError) and connection errors are raised."""
         command = self.command(keys, args)
         try:

@@ -53,7 +53,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 F_REPLY_VALUE = b"reply"
 
 
-def show(raw: bytes | str | None, limit: int = 80) -> str:
+def excerpt(raw: bytes | str | None, limit: int = 80) -> str:
     """A field's value for a message or a log line, cut to ``limit`` characters."""
     if raw is None:
         return "nothing"
@@ -208,7 +208,7 @@ def decode_request(
     reply_to = _small_text(fields, F_REPLY)
     if reply_to is not None and (not reply_to.startswith(reply_prefix) or len(reply_to) > 256):
         raise BadEntry(
-            f"reply key {show(reply_to)} is not under {reply_prefix!r}", call_id=call_id, reply_to=None
+            f"reply key {excerpt(reply_to)} is not under {reply_prefix!r}", call_id=call_id, reply_to=None
         )
     size = entry_size(fields)
     if size > max_payload + ENTRY_OVERHEAD:
@@ -224,27 +224,27 @@ def decode_request(
 
     version = fields.get(F_VERSION)
     if version != VERSION:
-        raise bad(f"unsupported protocol version {show(version)}; this worker speaks {VERSION.decode()}")
+        raise bad(f"unsupported protocol version {excerpt(version)}; this worker speaks {VERSION.decode()}")
     if not call_id:
         raise bad("request has no call id (field 'id', at most 256 bytes of UTF-8)")
     job = _small_text(fields, F_JOB)
     if job is not None and not _TOKEN.fullmatch(job):
-        raise bad(f"job token {show(job)} is not 1 to 128 letters, digits, '_', '.', ':' or '-'")
+        raise bad(f"job token {excerpt(job)} is not 1 to 128 letters, digits, '_', '.', ':' or '-'")
     if not reply_to and job is None:
         raise bad("request has no reply key (field 'r') and is no job (field 'j')")
     raw_attempt = fields.get(F_ATTEMPT, b"1")
     if not raw_attempt.isdigit() or len(raw_attempt) > 6 or int(raw_attempt) < 1:
-        raise bad(f"request has no valid attempt number (field 'n' = {show(raw_attempt)})")
+        raise bad(f"request has no valid attempt number (field 'n' = {excerpt(raw_attempt)})")
     method = _small_text(fields, F_METHOD)
     if not method:
         raise bad("request has no method name (field 'm', at most 256 bytes of UTF-8)")
     raw_timeout = fields.get(F_TIMEOUT, b"")
     if not raw_timeout.isdigit() or len(raw_timeout) > 12:
-        raise bad(f"request has no valid timeout (field 'ttl' = {show(raw_timeout)}; milliseconds)")
+        raise bad(f"request has no valid timeout (field 'ttl' = {excerpt(raw_timeout)}; milliseconds)")
     try:
         deadline_ms = entry_time_ms(entry_id) + int(raw_timeout)
     except ValueError:
-        raise bad(f"entry id {show(entry_id)} is not a stream id") from None
+        raise bad(f"entry id {excerpt(entry_id)} is not a stream id") from None
     payload = fields.get(F_ARGS)
     if payload is None:
         raise bad("request has no arguments (field 'a')")

@@ -100,7 +100,7 @@ class WireType:
 
     def __init__(self, annotation: Any) -> None:
         self.annotation = annotation
-        self.shown = show(annotation)
+        self.shown = type_name(annotation)
         self._exact: Any = annotation if annotation in _EXACT or _is_enum(annotation) else _NoValue
 
     def decode(self, value: Any) -> Any:
@@ -247,11 +247,12 @@ def wire_type(annotation: Any) -> WireType | None:
     except TypeError as exc:  # msgspec refuses the type: a union it cannot tell apart, or worse
         return _by_hand(annotation, str(exc))
     except Exception as exc:  # a dataclass field naming something undefined, say
-        raise ConfigError(f"{show(annotation)} cannot be decoded: {exc}") from exc
+        raise ConfigError(f"{type_name(annotation)} cannot be decoded: {exc}") from exc
     foreign = _foreign(info, set())
     if foreign is not None:
         raise ConfigError(
-            f"{show(annotation)} cannot cross the wire: {foreign.__module__}.{foreign.__qualname__} is not a "
+            f"{type_name(annotation)} cannot cross the wire: {foreign.__module__}.{foreign.__qualname__} "
+            "is not a "
             "type titan-broker carries (use a dataclass, TypedDict, NamedTuple, msgspec Struct or pydantic "
             "model; PROTOCOL.md, Values, lists the others)"
         )
@@ -272,7 +273,7 @@ def _by_hand(annotation: Any, reason: str) -> WireType:
     if origin in _MAPPINGS and len(args) == 2:
         return _Dict(annotation, wire_type(args[0]), wire_type(args[1]))
     raise ConfigError(
-        f"{show(annotation)} cannot be decoded unambiguously: {reason} (a union of such types is "
+        f"{type_name(annotation)} cannot be decoded unambiguously: {reason} (a union of such types is "
         "decoded at the top level or in a list, tuple, set or dict, not in a field: use a tagged msgspec "
         "Struct, or a field per type)"
     )
@@ -347,7 +348,7 @@ def _from_plain(kind: Any, value: Any) -> Any:
         except pydantic.ValidationError as exc:  # one line per error, without the links
             errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"{kind.__name__}: {errors}") from None
-    raise TypeError(f"{show(kind)} cannot cross the wire")  # wire_type() refuses such annotations
+    raise TypeError(f"{type_name(kind)} cannot cross the wire")  # wire_type() refuses such annotations
 
 
 def stream_item(annotation: Any) -> Any:
@@ -442,7 +443,7 @@ def result_type(return_annotation: Any, streaming: bool) -> WireType | None:
         raise ConfigError(f"{'items' if streaming else 'return annotation'}: {exc}") from None
 
 
-def show(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     """An annotation as it reads in code: ``list[Point] | None``, ``Literal['a', 'b']``."""
     if annotation is None or annotation is type(None):
         return "None"
@@ -450,14 +451,16 @@ def show(annotation: Any) -> str:
         return annotation.__name__
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Union or origin is types.UnionType:
-        return " | ".join(show(a) for a in args)
+        return " | ".join(type_name(a) for a in args)
     if origin is typing.Literal:
         return f"Literal[{', '.join(map(repr, args))}]"
     if origin is typing.Annotated:
-        return show(args[0])
+        return type_name(args[0])
     if origin is not None:
         name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
-        return f"{name}[{', '.join('...' if a is Ellipsis else show(a) for a in args)}]" if args else name
+        return (
+            f"{name}[{', '.join('...' if a is Ellipsis else type_name(a) for a in args)}]" if args else name
+        )
     return str(annotation).replace("typing.", "")
 
 

@@ -35,7 +35,7 @@ class Outcome:
 
     ``payload`` is the reply for ``reply_to`` (None: acknowledge without an
     answer). ``dead_reason`` set: the entry goes to the dead letters instead.
-    ``settled``: already acknowledged elsewhere (handed to another worker).
+    ``handed_off``: already acknowledged, by the hand-off to another worker (nothing to settle here).
     """
 
     ok: bool
@@ -44,7 +44,7 @@ class Outcome:
     value: Any = None
     """The result, when ok (for @cache)."""
     dead_reason: str | None = None
-    settled: bool = False
+    handed_off: bool = False
     job: bool = False
     """``reply_to`` is a job's hash: the outcome is kept there (settling.lua's ``answer``)."""
     retry_in: float | None = None

@@ -171,7 +171,7 @@ class Executor:
         ctx = self.ctx
         ctx.log.logger.log(level, "worker %s: %s() raised %s [error %s]: %s (traceback as the last one "
                            "logged for %s() in the last %g s)", ctx.worker_id, call.method,
-                           type(exc).__name__, call.error_id, protocol.show(str(exc), 200), call.method,
+                           type(exc).__name__, call.error_id, protocol.excerpt(str(exc), 200), call.method,
                            ctx.log.every)  # fmt: skip
 
     async def _run_stream(self, method: Any, call: Call) -> Outcome:

@@ -49,9 +49,9 @@ class Handoff:
                     if done == 1:
                         ctx.log.log(logging.INFO, "handoff", "worker %s: handed %s() to worker %s",
                                     ctx.worker_id, req.method, target)  # fmt: skip
-                        return Outcome(False, settled=True)
+                        return Outcome(False, handed_off=True)
                     if done == 0:
-                        return Outcome(False, settled=True)  # no longer ours: nothing to answer
+                        return Outcome(False, handed_off=True)  # no longer ours: nothing to answer
             except Exception as exc:  # no hand-off: answer as if nobody had it
                 ctx.log.log(logging.WARNING, "handoff-failed", "worker %s: could not hand %s() on (%s)",
                             ctx.worker_id, req.method, exc)  # fmt: skip

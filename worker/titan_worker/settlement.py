@@ -44,7 +44,7 @@ class Settlement:
 
     async def settle(self, entry: Entry, outcome: Outcome, deadline_ms: int | None) -> None:
         """Write the outcome of an entry this worker ran, and acknowledge the entry."""
-        if outcome.settled:
+        if outcome.handed_off:
             return
         if outcome.dead_reason is not None:
             await self.dead_letter(entry, outcome.dead_reason, 1, deadline_ms)
@@ -56,7 +56,7 @@ class Settlement:
             await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
         except rexc.ResponseError as exc:
             # The reply key cannot take a reply (a key of another type, say): keep the call.
-            reason = f"its reply could not be written: {protocol.show(str(exc), 200)}"
+            reason = f"its reply could not be written: {protocol.excerpt(str(exc), 200)}"
             await self.dead_letter(entry, reason, 1, deadline_ms, answer=False)
 
     async def dead_letter(
@@ -95,7 +95,7 @@ class Settlement:
                     return
                 what = "is out of memory" if full else "is unreachable"
                 ctx.log.log(logging.WARNING, kind, "worker %s: Redis %s (%s); answers wait and are retried",
-                            ctx.worker_id, what, protocol.show(str(exc), 200))  # fmt: skip
+                            ctx.worker_id, what, protocol.excerpt(str(exc), 200))  # fmt: skip
                 await backoff.sleep()
                 continue
             ctx.log.over(("settle-oom", "settle-unreachable"), "worker %s: Redis takes answers again",
