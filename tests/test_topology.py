@@ -9,14 +9,14 @@ import pytest
 
 from titan_broker._config import redact
 from titan_broker._errors import ConfigError, RedisUnavailable
-from titan_broker._redis.topology import Topology, _sentinel_topology, discover
+from titan_broker._redis.topology import Cluster, _sentinel_topology, discover
 
 pytestmark = pytest.mark.anyio
 
 
 def test_a_cluster_node_url_keeps_credentials_tls_and_options() -> None:
     url = "rediss://app:s%40cret@seed:7000?ssl_ca_certs=/ca.pem"
-    topology = Topology(url, "cluster", node_scheme="rediss")
+    topology = Cluster(url, node_scheme="rediss")
     assert (
         topology.node_url(("10.0.0.7", 7003)) == "rediss://app:s%40cret@10.0.0.7:7003?ssl_ca_certs=%2Fca.pem"
     )

@@ -207,7 +207,7 @@ class Channel:
         try:
             return cls(await _connect(topology, key), stall_after, topology, key)
         except RedisUnavailable:
-            if topology.kind == "single":
+            if not topology.can_move:
                 raise
         await topology.refresh()
         return cls(await _connect(topology, key), stall_after, topology, key)
@@ -272,7 +272,7 @@ class Channel:
     async def _failed(self, conn: Any, exc: BaseException) -> None:
         """Drop the connection after a failure; a stalled reply becomes a TimeoutError."""
         await conn.disconnect(nowait=True)
-        if self.topology.kind != "single":
+        if self.topology.can_move:
             self._stale = True  # a failover looks like this first
         stalled, self._stalled = self._stalled, False
         if stalled and isinstance(exc, Exception):

@@ -19,11 +19,11 @@ through ``client()``: redis-py's own client for that kind of deployment.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -52,72 +52,116 @@ PROBE_TIMEOUT = 2.0
 SENTINEL_SCHEMES = {"redis+sentinel": "redis", "redis+sentinels": "rediss"}
 
 
-@dataclass
-class Topology:
-    """The deployment behind a URL, and where its keys live (see the module's doc)."""
+class Topology(abc.ABC):
+    """The deployment behind a URL, and where its keys live (see the module's doc).
 
-    url: str
-    kind: Kind
-    node_scheme: str = "redis"
-    """The scheme of a node's own URL (``rediss`` for TLS)."""
-    sentinels: list[Address] = field(default_factory=list)
-    master: str = ""
-    sentinel_auth: dict[str, Any] = field(default_factory=dict)
-    _slots: list[Address] = field(default_factory=list)
-    _primary: Address | None = None
-    _refreshed: float = 0.0
-    _refreshing: asyncio.Task[None] | None = None
-    seeds: list[Address] = field(default_factory=list)
-    """Nodes to ask for the map: the URL's, then every primary and replica seen since."""
-    generation: int = 0
-    """Counts the changes of the map: a channel that saw an older one checks where its key lives
-    before its next command (one channel noticing a failover moves its siblings too)."""
+    One class per kind of deployment: ``SingleRedis``, ``Cluster`` and ``SentinelPrimary``.
+    """
+
+    kind: ClassVar[Kind]
+    can_move: ClassVar[bool] = True
+    """Keys can move to another node (a failover, a resharding): a lost connection may mean the
+    map changed, so it is read again."""
+
+    def __init__(self, url: str, node_scheme: str = "redis") -> None:
+        self.url = url
+        self.node_scheme = node_scheme
+        """The scheme of a node's own URL (``rediss`` for TLS)."""
+        self.generation = 0
+        """Counts the changes of the map: a channel that saw an older one checks where its key lives
+        before its next command (one channel noticing a failover moves its siblings too)."""
+        self._refreshed = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
 
     # --- where a key lives -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def locate(self, key: str | bytes) -> Address:
         """The address of the node that serves ``key`` now (as last read; no I/O)."""
-        if self.kind == "cluster":
-            return self._slots[key_slot(key.encode() if isinstance(key, str) else key)]
-        if self.kind == "sentinel":
-            assert self._primary is not None, "the sentinel's primary is read when the topology is made"
-            return self._primary
+
+    def node_url(self, address: Address) -> str:
+        """The URL of one node: the user's URL (credentials, TLS, options) with its host and port."""
+        parts = urlsplit(self.url)
+        userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items() if not k.startswith("sentinel_")}
+        path = self._node_path(parts.path, query)
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        return urlunsplit((self.node_scheme, f"{userinfo}{host}:{address[1]}", path, urlencode(query), ""))
+
+    def _node_path(self, path: str, query: dict[str, str]) -> str:
+        return path
+
+    async def refresh(self) -> None:
+        """Read where keys live again; concurrent callers share one read. Raises RedisUnavailable."""
+        if self._refreshing is None or self._refreshing.done():
+            if time.monotonic() - self._refreshed < REFRESH_AT_MOST_EVERY:
+                return
+            self._refreshing = asyncio.get_running_loop().create_task(self._read_and_note())
+        await asyncio.shield(self._refreshing)
+
+    async def _read_and_note(self) -> None:
+        try:
+            await self._read()
+        finally:
+            self._refreshed = time.monotonic()
+
+    @abc.abstractmethod
+    async def _read(self) -> None:
+        """Read the map; raise RedisUnavailable when no node (or sentinel) tells it."""
+
+    # --- clients -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def client(self, **options: Any) -> aioredis.Redis | RedisCluster:
+        """redis-py's client for this deployment (pooled), with ``options`` for its connections."""
+
+    @abc.abstractmethod
+    def sync_client(self, **options: Any) -> redis.Redis | redis.cluster.RedisCluster:
+        """A synchronous client (for a thread of its own), with ``options`` for its connections."""
+
+
+class SingleRedis(Topology):
+    """One Redis: every key lives on the URL's node, always."""
+
+    kind = "single"
+    can_move = False
+
+    def locate(self, key: str | bytes) -> Address:
         parts = urlsplit(self.url)
         return parts.hostname or "localhost", parts.port or 6379
 
     def node_url(self, address: Address) -> str:
-        """The URL of one node: the user's URL (credentials, TLS, options) with its host and port."""
-        if self.kind == "single":
-            return self.url
-        parts = urlsplit(self.url)
-        userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items() if not k.startswith("sentinel_")}
-        path = parts.path
-        if self.kind == "sentinel":
-            path = f"/{query.pop('db', '0')}"
-        host = f"[{address[0]}]" if ":" in address[0] else address[0]
-        return urlunsplit((self.node_scheme, f"{userinfo}{host}:{address[1]}", path, urlencode(query), ""))
+        return self.url
 
     async def refresh(self) -> None:
-        """Read where keys live again; concurrent callers share one read. Raises RedisUnavailable."""
-        if self.kind == "single":
-            return
-        if self._refreshing is None or self._refreshing.done():
-            if time.monotonic() - self._refreshed < REFRESH_AT_MOST_EVERY:
-                return
-            self._refreshing = asyncio.get_running_loop().create_task(self._read())
-        await asyncio.shield(self._refreshing)
+        return  # nothing can move
 
     async def _read(self) -> None:
-        try:
-            if self.kind == "cluster":
-                await self._read_slots()
-            else:
-                await self._read_primary()
-        finally:
-            self._refreshed = time.monotonic()
+        return
 
-    async def _read_slots(self) -> None:
+    def client(self, **options: Any) -> aioredis.Redis:
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, **options)
+        return aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
+
+    def sync_client(self, **options: Any) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **options)
+
+
+class Cluster(Topology):
+    """A Redis Cluster: a key lives on the primary that serves its slot, as CLUSTER SLOTS says."""
+
+    kind = "cluster"
+
+    def __init__(self, url: str, node_scheme: str = "redis", seeds: list[Address] | None = None) -> None:
+        super().__init__(url, node_scheme)
+        self.seeds = list(seeds or [])
+        """Nodes to ask for the map: the URL's, then every primary and replica seen since."""
+        self._slots: list[Address] = []
+
+    def locate(self, key: str | bytes) -> Address:
+        return self._slots[key_slot(key.encode() if isinstance(key, str) else key)]
+
+    async def _read(self) -> None:
         """Ask the known nodes in turn for CLUSTER SLOTS; the first full answer wins."""
         errors: list[str] = []
         for address in list(self.seeds):
@@ -148,7 +192,43 @@ class Topology:
                 if address not in self.seeds:
                     self.seeds.append(address)
 
-    async def _read_primary(self) -> None:
+    def client(self, **options: Any) -> RedisCluster:
+        for unsupported in ("max_connections", "timeout", "health_check_interval", "retry"):
+            options.pop(unsupported, None)
+        return RedisCluster.from_url(self.url, **options)
+
+    def sync_client(self, **options: Any) -> redis.cluster.RedisCluster:
+        options.pop("single_connection_client", None)
+        return redis.cluster.RedisCluster.from_url(self.url, **options)
+
+
+class SentinelPrimary(Topology):
+    """A primary that Redis Sentinel manages: every key lives on the primary the sentinels name."""
+
+    kind = "sentinel"
+
+    def __init__(
+        self,
+        url: str,
+        node_scheme: str,
+        sentinels: list[Address],
+        master: str,
+        sentinel_auth: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(url, node_scheme)
+        self.sentinels = sentinels
+        self.master = master
+        self.sentinel_auth = dict(sentinel_auth or {})
+        self._primary: Address | None = None
+
+    def locate(self, key: str | bytes) -> Address:
+        assert self._primary is not None, "the sentinel's primary is read when the topology is made"
+        return self._primary
+
+    def _node_path(self, path: str, query: dict[str, str]) -> str:
+        return f"/{query.pop('db', '0')}"  # the database is the URL's ?db=, its path names the primary
+
+    async def _read(self) -> None:
         errors: list[str] = []
         for host, port in self.sentinels:
             try:
@@ -168,42 +248,24 @@ class Topology:
             f"no sentinel of {redact(self.url)} tells the primary {self.master!r}: " + "; ".join(errors[-3:])
         )
 
-    # --- clients -------------------------------------------------------------------------------
+    def client(self, **options: Any) -> aioredis.Redis:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+            self.sentinels, sentinel_kwargs=self._sentinel_kwargs(options), **self._node_auth()
+        )
+        options.pop("timeout", None)
+        options.pop("health_check_interval", None)
+        client: aioredis.Redis = sentinel.master_for(self.master, **options, **self._node_options())
+        return client
 
-    def client(self, **options: Any) -> aioredis.Redis | RedisCluster:
-        """redis-py's client for this deployment (pooled), with ``options`` for its connections."""
-        if self.kind == "cluster":
-            options.pop("max_connections", None)
-            options.pop("timeout", None)
-            options.pop("health_check_interval", None)
-            options.pop("retry", None)
-            return RedisCluster.from_url(self.url, **options)
-        if self.kind == "sentinel":
-            sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
-                self.sentinels, sentinel_kwargs=self._sentinel_kwargs(options), **self._node_auth()
-            )
-            options.pop("timeout", None)
-            options.pop("health_check_interval", None)
-            client: aioredis.Redis = sentinel.master_for(self.master, **options, **self._node_options())
-            return client
-        pool = aioredis.BlockingConnectionPool.from_url(self.url, **options)
-        return aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
-
-    def sync_client(self, **options: Any) -> redis.Redis | redis.cluster.RedisCluster:
-        """A synchronous client (for a thread of its own), with ``options`` for its connections."""
-        if self.kind == "cluster":
-            options.pop("single_connection_client", None)
-            return redis.cluster.RedisCluster.from_url(self.url, **options)
-        if self.kind == "sentinel":
-            options.pop("single_connection_client", None)
-            sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
-                self.sentinels, sentinel_kwargs=self._sentinel_kwargs(options), **self._node_auth()
-            )
-            client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
-                self.master, **options, **self._node_options()
-            )
-            return client
-        return redis.Redis.from_url(self.url, **options)
+    def sync_client(self, **options: Any) -> redis.Redis:
+        options.pop("single_connection_client", None)
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+            self.sentinels, sentinel_kwargs=self._sentinel_kwargs(options), **self._node_auth()
+        )
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
+            self.master, **options, **self._node_options()
+        )
+        return client
 
     def _node_auth(self) -> dict[str, Any]:
         parts = urlsplit(self.url)
@@ -235,9 +297,9 @@ async def discover(url: str) -> Topology:
     """What runs behind ``url``; raises RedisUnavailable (unreachable) or ConfigError (a bad URL)."""
     parts = urlsplit(url)
     if parts.scheme in SENTINEL_SCHEMES:
-        topology = _sentinel_topology(url)
-        await topology.refresh()
-        return topology
+        sentinel = _sentinel_topology(url)
+        await sentinel.refresh()
+        return sentinel
     try:
         info = await _ask(_probe(url), "INFO", "cluster")  # redis-py parses it into a dict
         enabled = str(info.get("cluster_enabled", 0)) == "1"
@@ -258,15 +320,15 @@ async def discover(url: str) -> Topology:
     except (rexc.RedisError, OSError) as exc:
         raise unreachable(url, exc) from exc
     if not enabled:
-        return Topology(url, "single")
+        return SingleRedis(url)
     if parts.path not in ("", "/", "/0") or any(q.startswith("db=") for q in parts.query.split("&")):
         raise ConfigError(
             f"{redact(url)} is a Redis Cluster, which has only database 0: remove the database number"
         )
     seed = (parts.hostname or "localhost", parts.port or 6379)
-    topology = Topology(url, "cluster", node_scheme=parts.scheme, seeds=[seed])
-    await topology.refresh()
-    return topology
+    cluster = Cluster(url, node_scheme=parts.scheme, seeds=[seed])
+    await cluster.refresh()
+    return cluster
 
 
 def unreachable(url: str, exc: Exception) -> RedisUnavailable:
@@ -280,7 +342,7 @@ def unreachable(url: str, exc: Exception) -> RedisUnavailable:
     )
 
 
-def _sentinel_topology(url: str) -> Topology:
+def _sentinel_topology(url: str) -> SentinelPrimary:
     parts = urlsplit(url)
     hosts = parts.netloc.rsplit("@", 1)[-1]
     sentinels: list[Address] = []
@@ -306,10 +368,7 @@ def _sentinel_topology(url: str) -> Topology:
         for k in ("sentinel_username", "sentinel_password")
         if k in query
     }
-    return Topology(
-        url, "sentinel", node_scheme=SENTINEL_SCHEMES[parts.scheme], sentinels=sentinels, master=master,
-        sentinel_auth=auth,
-    )  # fmt: skip
+    return SentinelPrimary(url, SENTINEL_SCHEMES[parts.scheme], sentinels, master, auth)
 
 
 _PROBE: dict[str, Any] = {
