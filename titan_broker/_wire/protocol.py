@@ -169,6 +169,16 @@ def moves(fields: Mapping[bytes, bytes]) -> int:
     return int(raw) if raw.isdigit() and len(raw) < 6 else 0
 
 
+def next_attempt(fields: Mapping[bytes, bytes], timeout_ms: int) -> dict[bytes, bytes]:
+    """A request's fields for its next attempt (@retry): the attempt number one higher, ``timeout_ms``
+    (what is left of its deadline from its due time) as its ttl, and no count of moves."""
+    fields = dict(fields)
+    fields[F_ATTEMPT] = str(int(fields.get(F_ATTEMPT, b"1")) + 1).encode()
+    fields[F_TIMEOUT] = str(max(0, timeout_ms)).encode()
+    fields.pop(F_MOVES, None)
+    return fields
+
+
 def field_text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
     """A field of a stream entry as text; None when missing or not UTF-8."""
     raw = fields.get(name)

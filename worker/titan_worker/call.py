@@ -1,8 +1,9 @@
 """A call as it flows through a worker: its entry, request, method, deadline and outcome.
 
 Middleware and the method's runner receive a ``Call`` and return an
-``Outcome``, made by ``call.ok(value)`` or ``call.fail(type, message)``;
-``settlement`` then writes it. Nothing else is threaded through signatures.
+``Outcome``: a ``Reply`` (made by ``call.ok(value)`` or ``call.fail(type, message)``),
+a ``Retry``, a ``DeadLetter`` or ``HandedOff``; ``settlement`` then writes it. Nothing else
+is threaded through signatures.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from titan_broker._errors import EncodeError, WireError
 from titan_broker._service import MethodSpec
@@ -30,25 +31,49 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a call ended, ready to settle.
-
-    ``payload`` is the reply for ``reply_to`` (None: acknowledge without an
-    answer). ``dead_reason`` set: the entry goes to the dead letters instead.
-    ``handed_off``: already acknowledged, by the hand-off to another worker (nothing to settle here).
-    """
+class Reply:
+    """Answer the call: ``payload`` goes to ``reply_to`` (a reply stream, or a job's hash when ``job``)
+    and the entry is acknowledged; without a payload the entry is only acknowledged (nobody reads an
+    answer: the caller is gone)."""
 
     ok: bool
+    deadline_ms: int | None
+    """The call's deadline in Redis's clock (None: the request could not be read)."""
     reply_to: str | None = None
     payload: bytes | None = None
     value: Any = None
     """The result, when ok (for @cache)."""
-    dead_reason: str | None = None
-    handed_off: bool = False
     job: bool = False
-    """``reply_to`` is a job's hash: the outcome is kept there (settling.lua's ``answer``)."""
-    retry_in: float | None = None
-    """Set by @retry: run the call again this many seconds from now instead of answering."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Run the call again ``delay`` seconds from now (@retry) instead of answering; a job shows
+    ``failure``, this run's error, while it waits."""
+
+    failure: Reply
+    delay: float
+    ok: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Move the entry to the service's dead letters (nothing can answer it)."""
+
+    reason: str
+    deadline_ms: int | None = None
+    ok: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOff:
+    """The call went to a worker that has its method; the hand-off acknowledged it here."""
+
+    ok: ClassVar[bool] = False
+
+
+Outcome = Reply | Retry | DeadLetter | HandedOff
+"""How a call ended, ready to settle: one ``match`` in ``settlement``."""
 
 
 @dataclass(slots=True, eq=False)
@@ -78,7 +103,7 @@ class Call:
         """Seconds until the deadline (negative once it has passed)."""
         return self.deadline - time.monotonic()
 
-    def ok(self, value: Any) -> Outcome:
+    def ok(self, value: Any) -> Reply:
         """A success reply, or the error for a result that cannot be encoded or is too large."""
         try:
             payload = protocol.encode_ok(self.request.call_id, value, self.worker_id)
@@ -87,16 +112,18 @@ class Call:
         if len(payload) > self.max_payload:
             err = protocol.size_error(f"result of {self.method}()", len(payload), self.max_payload)
             return self.fail(err.type, err.message)
-        return Outcome(True, self.request.reply_to, payload, value, job=self.request.job is not None)
+        req = self.request
+        return Reply(True, req.deadline_ms, req.reply_to, payload, value, job=req.job is not None)
 
-    def fail(self, type: str, message: str, details: dict[str, Any] | None = None) -> Outcome:
+    def fail(self, type: str, message: str, details: dict[str, Any] | None = None) -> Reply:
         """An error reply ``{type, message, details}``."""
         payload = protocol.encode_error(self.request.call_id, type, message, self.worker_id, details)
-        return Outcome(False, self.request.reply_to, payload, job=self.request.job is not None)
+        req = self.request
+        return Reply(False, req.deadline_ms, req.reply_to, payload, job=req.job is not None)
 
     def raised(
         self, exc: BaseException, type: str | None = None, message: str | None = None, **details: Any
-    ) -> Outcome:
+    ) -> Reply:
         """The error reply for an exception: its type and message, and an id under which the
         worker logs its traceback (the traceback itself only with ``expose_tracebacks``)."""
         self.error_id = uuid.uuid4().hex[:12]

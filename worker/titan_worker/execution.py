@@ -25,7 +25,7 @@ from titan_broker._service import MethodSpec
 from titan_broker._wire import Mismatch, protocol
 
 from . import middleware
-from .call import Call, Entry, Next, Outcome
+from .call import Call, DeadLetter, Entry, Next, Outcome, Reply
 from .context import WorkerContext
 from .handoff import Handoff
 
@@ -52,8 +52,8 @@ class Executor:
             for spec in ctx.definition.methods.values()
         }
 
-    async def execute(self, entry: Entry) -> tuple[Outcome, int | None]:
-        """The outcome of an entry, and its deadline in Redis's clock when it could be read."""
+    async def execute(self, entry: Entry) -> Outcome:
+        """The outcome of an entry."""
         ctx = self.ctx
         try:
             req = protocol.decode_request(
@@ -67,28 +67,28 @@ class Executor:
                         ctx.worker_id, entry.id.decode(), bad)  # fmt: skip
             if bad.call_id and bad.reply_to:
                 payload = protocol.encode_error(bad.call_id, bad.type, str(bad), ctx.worker_id)
-                return Outcome(False, bad.reply_to, payload), None
-            return Outcome(False, dead_reason=f"unanswerable request: {bad}"), None
+                return Reply(False, None, bad.reply_to, payload)
+            return DeadLetter(f"unanswerable request: {bad}")
         if req.job is not None:  # its outcome goes to the job's hash
             req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.job))
             await self._started(req)
         spec = ctx.definition.methods.get(req.method)
         if spec is None:
-            return await self.handoff.unknown_method(entry, req), req.deadline_ms
+            return await self.handoff.unknown_method(entry, req)
         call = Call(entry, req, spec, ctx.worker_id, ctx.clock.monotonic_deadline(req.deadline_ms),
                     ctx.options.max_payload, ctx.options.expose_tracebacks)  # fmt: skip
         if spec.streaming and req.job is not None:
             message = f"{req.method}() streams its results: it cannot run as a job (nobody would read them)"
-            return call.fail(WireError.BAD_REQUEST, message), req.deadline_ms
+            return call.fail(WireError.BAD_REQUEST, message)
         try:
-            return await self._chains[spec.name](call), req.deadline_ms
+            return await self._chains[spec.name](call)
         except Exception as exc:
             outcome = call.raised(exc, WireError.INTERNAL)
             if not ctx.log.log(logging.ERROR, f"internal:{spec.name}",
                                "worker %s: %s() failed outside the method [error %s]: %s",
                                ctx.worker_id, spec.name, call.error_id, exc, exc_info=exc):  # fmt: skip
                 self._folded(logging.ERROR, call, exc)
-            return outcome, req.deadline_ms
+            return outcome
 
     async def _started(self, req: protocol.Request) -> None:
         """Mark a job running (its status, one more run, worker) before it runs: a run that kills
@@ -234,7 +234,8 @@ class Executor:
         if cancelled:
             ctx.log.logger.info("worker %s: caller stopped %s() after %d item(s)", ctx.worker_id,
                                 req.method, call.items_sent)  # fmt: skip
-            return Outcome(True)  # acknowledged, unanswered: the caller is gone
+            return Reply(True, req.deadline_ms)  # acknowledged, unanswered: the caller is gone
         if outcome is not None:
             return outcome
-        return Outcome(True, req.reply_to, protocol.encode_end(req.call_id, call.items_sent, ctx.worker_id))
+        end = protocol.encode_end(req.call_id, call.items_sent, ctx.worker_id)
+        return Reply(True, req.deadline_ms, req.reply_to, end)

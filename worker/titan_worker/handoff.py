@@ -19,7 +19,7 @@ from titan_broker._redis import Script, text
 from titan_broker._registry import read_workers
 from titan_broker._wire import GROUP, protocol
 
-from .call import Entry, Outcome
+from .call import Entry, HandedOff, Outcome, Reply
 from .context import WorkerContext
 
 _HANDOFF = Script("handoff")
@@ -49,9 +49,9 @@ class Handoff:
                     if done == 1:
                         ctx.log.log(logging.INFO, "handoff", "worker %s: handed %s() to worker %s",
                                     ctx.worker_id, req.method, target)  # fmt: skip
-                        return Outcome(False, handed_off=True)
+                        return HandedOff()
                     if done == 0:
-                        return Outcome(False, handed_off=True)  # no longer ours: nothing to answer
+                        return HandedOff()  # no longer ours: nothing to answer
             except Exception as exc:  # no hand-off: answer as if nobody had it
                 ctx.log.log(logging.WARNING, "handoff-failed", "worker %s: could not hand %s() on (%s)",
                             ctx.worker_id, req.method, exc)  # fmt: skip
@@ -62,7 +62,7 @@ class Handoff:
             f"service {ctx.service!r} has no public method {req.method!r} (public: {public})",
             ctx.worker_id,
         )
-        return Outcome(False, req.reply_to, payload, job=req.job is not None)
+        return Reply(False, req.deadline_ms, req.reply_to, payload, job=req.job is not None)
 
     async def _workers_with(self, method: str) -> list[str]:
         """Live workers of this service, other than this one, whose records list ``method``."""

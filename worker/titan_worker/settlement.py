@@ -23,7 +23,7 @@ from titan_broker._errors import RedisUnavailable, WireError
 from titan_broker._redis import CONNECTION_ERRORS, Backoff, Script
 from titan_broker._wire import GROUP, protocol
 
-from .call import Entry, Outcome
+from .call import DeadLetter, Entry, HandedOff, Outcome, Reply, Retry
 from .context import WorkerContext
 
 _FINISH = Script("finish")
@@ -42,22 +42,22 @@ class Settlement:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
 
-    async def settle(self, entry: Entry, outcome: Outcome, deadline_ms: int | None) -> None:
+    async def settle(self, entry: Entry, outcome: Outcome) -> None:
         """Write the outcome of an entry this worker ran, and acknowledge the entry."""
-        if outcome.handed_off:
-            return
-        if outcome.dead_reason is not None:
-            await self.dead_letter(entry, outcome.dead_reason, 1, deadline_ms)
-            return
-        if outcome.retry_in is not None:
-            await self._retrying(entry, deadline_ms, self._retry, entry, outcome, deadline_ms)
-            return
-        try:
-            await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
-        except rexc.ResponseError as exc:
-            # The reply key cannot take a reply (a key of another type, say): keep the call.
-            reason = f"its reply could not be written: {protocol.excerpt(str(exc), 200)}"
-            await self.dead_letter(entry, reason, 1, deadline_ms, answer=False)
+        match outcome:
+            case HandedOff():
+                return
+            case DeadLetter(reason=reason, deadline_ms=deadline_ms):
+                await self.dead_letter(entry, reason, 1, deadline_ms)
+            case Retry(failure=failure):
+                await self._retrying(entry, failure.deadline_ms, self._retry, entry, outcome)
+            case Reply(deadline_ms=deadline_ms):
+                try:
+                    await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
+                except rexc.ResponseError as exc:
+                    # The reply key cannot take a reply (a key of another type, say): keep the call.
+                    reason = f"its reply could not be written: {protocol.excerpt(str(exc), 200)}"
+                    await self.dead_letter(entry, reason, 1, deadline_ms, answer=False)
 
     async def dead_letter(
         self, entry: Entry, reason: str, deliveries: int, deadline_ms: int | None, *, answer: bool = True
@@ -134,7 +134,7 @@ class Settlement:
             "persistence, or a failover to a replica that had not received it)"
         )
 
-    async def _finish(self, entry: Entry, outcome: Outcome) -> int:
+    async def _finish(self, entry: Entry, outcome: Reply) -> int:
         ctx = self.ctx
         keys = [entry.stream]
         args: list[Any] = [
@@ -150,18 +150,14 @@ class Settlement:
                 args.append("done" if outcome.ok else "failed")
         return int(await _FINISH(ctx.writer, keys, args))
 
-    async def _retry(self, entry: Entry, outcome: Outcome, deadline_ms: int | None) -> int:
+    async def _retry(self, entry: Entry, retry: Retry) -> int:
         """Put the call in the delayed set for its next attempt (@retry) and acknowledge it."""
         ctx = self.ctx
-        assert outcome.retry_in is not None and deadline_ms is not None, "a retry comes from a decoded call"
-        delay_ms = int(outcome.retry_in * 1000)
-        fields = dict(entry.fields)
-        attempt = int(fields.get(protocol.F_ATTEMPT, b"1")) + 1
-        fields[protocol.F_ATTEMPT] = str(attempt).encode()
-        fields.pop(protocol.F_MOVES, None)
+        outcome, deadline_ms = retry.failure, retry.failure.deadline_ms
+        assert deadline_ms is not None, "a retry comes from a decoded call"
+        delay_ms = int(retry.delay * 1000)
         # The new run keeps the call's deadline: its ttl counts from its due time.
-        left = deadline_ms - int(ctx.clock.now_ms()) - delay_ms
-        fields[protocol.F_TIMEOUT] = str(max(0, left)).encode()
+        fields = protocol.next_attempt(entry.fields, deadline_ms - int(ctx.clock.now_ms()) - delay_ms)
         keys = [entry.stream, ctx.keys.delayed(ctx.service)]
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, delay_ms, protocol.pack_fields(fields)]
         if outcome.job and outcome.reply_to is not None:

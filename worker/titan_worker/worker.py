@@ -225,12 +225,12 @@ class Worker:
         if deliveries > 1 and await self.scheduler.overtaken(entry):
             return  # a periodic run a later tick overtook while nobody ran it: not piled on
         started = time.perf_counter()
-        outcome, deadline_ms = await self._executor.execute(entry)
+        outcome = await self._executor.execute(entry)
         self.latency.observe(time.perf_counter() - started)
         self.calls += 1
         if not outcome.ok:
             self.errors += 1
-        await self.settlement.settle(entry, outcome, deadline_ms)
+        await self.settlement.settle(entry, outcome)
 
     def _limit(self, fields: dict[bytes, bytes]) -> int:
         method = protocol.field_text(fields, protocol.F_METHOD)

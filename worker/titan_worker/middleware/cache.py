@@ -19,7 +19,7 @@ from titan_broker._redis import Script
 from titan_broker._service import CacheOptions, MethodSpec, RateLimitOptions
 from titan_broker._wire import protocol
 
-from ..call import Call, Middleware, Next, Outcome
+from ..call import Call, Middleware, Next, Outcome, Reply
 from ..context import WorkerContext
 
 FEATURE = CacheOptions.feature
@@ -100,7 +100,7 @@ def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware | None:
         if hit:
             return call.ok(value)
         outcome = await call_next(call)
-        if outcome.ok and generation is not None:
+        if isinstance(outcome, Reply) and outcome.ok and generation is not None:
             try:
                 await store(digest, outcome.value, generation)
             except Exception as exc:
