@@ -82,6 +82,7 @@ TICK_LUA = "titan_broker/_redis/lua/tick.lua"
 EXECUTION = "worker/titan_worker/execution.py"
 HANDOFF = "worker/titan_worker/handoff.py"
 WORKER = "worker/titan_worker/worker.py"
+INTAKE = "worker/titan_worker/intake.py"
 WORKER_MAIN = "worker/titan_worker/main.py"
 ARGUMENTS_MW = "worker/titan_worker/middleware/arguments.py"
 DEADLINE_MW = "worker/titan_worker/middleware/deadline.py"
@@ -301,7 +302,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a call delivered more than max_deliveries times goes to the dead letters; its caller is told",
         (
             Edit(
-                WORKER,
+                INTAKE,
                 "        if deliveries > limit or moves >= limit:\n",
                 "        if moves >= limit:  # mutated: deliveries never counted\n",
             ),

@@ -62,6 +62,8 @@ class DeadLetter:
 
     reason: str
     deadline_ms: int | None = None
+    deliveries: int = 1
+    """How often the entry was delivered (its workers died that often)."""
     ok: ClassVar[bool] = False
 
 

@@ -23,9 +23,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from redis import exceptions as rexc
 
 from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries
-from titan_broker._wire import GROUP
+from titan_broker._wire import GROUP, protocol
 
-from .call import Entry
+from .call import DeadLetter, Entry
 from .context import WorkerContext
 from .housekeeping import Housekeeping
 
@@ -51,6 +51,25 @@ class Intake:
         self._reader: Channel | None = None
         self._reader_id: int | None = None
         self._reader_at: tuple[str, int] | None = None
+
+    def poisoned(self, entry: Entry, deliveries: int) -> DeadLetter | None:
+        """An entry delivered more often than its method's ``max_deliveries`` (each worker running it
+        died, or it was moved off dead workers' streams that often) goes to the dead letters unrun."""
+        ctx = self.ctx
+        method = protocol.field_text(entry.fields, protocol.F_METHOD)
+        limit = ctx.options.max_deliveries or ctx.definition.max_deliveries(method)
+        moves = protocol.moves(entry.fields)
+        if deliveries > limit or moves >= limit:
+            count = max(deliveries, moves + 1)
+            # The delivery that finds the limit passed does not run it: every one before it did.
+            runs = f"it ran {count - 1} time{'s' if count != 2 else ''} and the worker running it"
+            what = runs if deliveries > limit else "the workers holding it"
+            reason = (
+                f"{(method or '?')[:128]}() was delivered {count} times (max_deliveries {limit}): {what} "
+                f"died each time; it was moved to the dead letters of {ctx.service!r}"
+            )
+            return DeadLetter(reason, deliveries=count)
+        return None
 
     def active_ids(self) -> list[bytes]:
         """The shared stream's entries in flight (thread-safe: for the heartbeat)."""

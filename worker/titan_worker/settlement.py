@@ -47,8 +47,8 @@ class Settlement:
         match outcome:
             case HandedOff():
                 return
-            case DeadLetter(reason=reason, deadline_ms=deadline_ms):
-                await self.dead_letter(entry, reason, 1, deadline_ms)
+            case DeadLetter(reason=reason, deadline_ms=deadline_ms, deliveries=deliveries):
+                await self.dead_letter(entry, reason, deliveries, deadline_ms)
             case Retry(failure=failure):
                 await self._retrying(entry, failure.deadline_ms, self._retry, entry, outcome)
             case Reply(deadline_ms=deadline_ms):

@@ -208,19 +208,9 @@ class Worker:
     async def _serve(self, entry: Entry, deliveries: int) -> None:
         """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line."""
         assert self._executor is not None
-        limit = self._limit(entry.fields)
-        moves = protocol.moves(entry.fields)
-        if deliveries > limit or moves >= limit:
-            count = max(deliveries, moves + 1)
-            method = (protocol.field_text(entry.fields, protocol.F_METHOD) or "?")[:128]
-            # The delivery that finds the limit passed does not run it: every one before it did.
-            runs = f"it ran {count - 1} time{'s' if count != 2 else ''} and the worker running it"
-            what = runs if deliveries > limit else "the workers holding it"
-            reason = (
-                f"{method}() was delivered {count} times (max_deliveries {limit}): {what} died each "
-                f"time; it was moved to the dead letters of {self.service!r}"
-            )
-            await self.settlement.dead_letter(entry, reason, count, None)
+        poisoned = self.intake.poisoned(entry, deliveries)
+        if poisoned is not None:
+            await self.settlement.settle(entry, poisoned)
             return
         if deliveries > 1 and await self.scheduler.overtaken(entry):
             return  # a periodic run a later tick overtook while nobody ran it: not piled on
@@ -231,10 +221,6 @@ class Worker:
         if not outcome.ok:
             self.errors += 1
         await self.settlement.settle(entry, outcome)
-
-    def _limit(self, fields: dict[bytes, bytes]) -> int:
-        method = protocol.field_text(fields, protocol.F_METHOD)
-        return self.options.max_deliveries or self.definition.max_deliveries(method)
 
     def _publish(self) -> None:
         """Hand the heartbeat a fresh record (it writes it from its thread, with its own time)."""
