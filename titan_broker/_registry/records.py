@@ -52,9 +52,9 @@ class WorkerInfo:
     """The last @health_check report (status, checks, details, at); None without a @health_check."""
     unhealthy_streak: int = 0
     latency_counts: dict[str, int] = field(default_factory=dict)
-    """The worker's latency histogram, sparse (see stats.LatencyHistogram); field ``latency``."""
+    """The worker's latency histogram, sparse: call count per bucket (the record's field ``latency``)."""
     methods: list[dict[str, Any]] = field(default_factory=list)
-    """What this worker serves: one description per @public method (definition.MethodSpec.describe)."""
+    """What this worker serves: one description per @public method (name, signature, decorators)."""
     metrics_port: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """Per @metric method: calls, errors and latency percentiles."""
