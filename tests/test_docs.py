@@ -163,3 +163,36 @@ def test_the_readme_keeps_its_commands() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for command in ("make install", "make demo", "make test"):
         assert re.search(rf"^{command}\b", readme, re.M), command
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_yaml_examples_parse(page: Path) -> None:
+    """compose files, Kubernetes manifests and Prometheus configurations are at least valid YAML."""
+    import yaml
+
+    for block in blocks(page):
+        if block.lang in ("yaml", "yml"):
+            try:
+                list(yaml.safe_load_all(block.code))
+            except yaml.YAMLError as exc:
+                pytest.fail(f"{block.where}: not valid YAML: {exc}")
+
+
+def test_every_titan_worker_flag_the_docs_use_exists() -> None:
+    """A flag on a line that runs titan-worker (a shell line, a unit, a manifest's args) or in the
+    options table of the workers page is one `titan-worker run` accepts."""
+    import typer
+    from titan_worker.main import app
+
+    group = typer.main.get_command(app)
+    run = group.commands["run"]  # type: ignore[attr-defined]
+    accepted = {opt for param in run.params for opt in (*param.opts, *param.secondary_opts)}
+    used: dict[str, str] = {}
+    for page in PAGES:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if "titan-worker" in line or (page.name == "workers.md" and line.startswith("| `-")):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line):
+                    used.setdefault(flag, f"{page.relative_to(ROOT)}:{number}")
+    assert len(used) >= 10
+    assert {flag: where for flag, where in used.items() if flag not in accepted} == {}
