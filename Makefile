@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-node lint mutation mutation-applies bench bench-node clean
+.PHONY: install demo test test-node lint docs docs-serve mutation mutation-applies bench bench-node clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,15 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Break each README promise in a scratch copy and run the tests that must catch it (several minutes).
+# The documentation site (mkdocs.yml, docs/): strict, so a broken link, a missing reference or any
+# warning fails the build. docs-serve rebuilds as pages change, on http://127.0.0.1:8000.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
+
+# Break each reliability promise in a scratch copy and run the tests that must catch it (several minutes).
 mutation: install
 	$(BIN)/python tests/mutation_check.py
 
@@ -51,4 +59,4 @@ bench: install
 	$(BIN)/python -m bench.bench_jobs
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/test-dist $(NODE_DIR)/lua
+	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/test-dist $(NODE_DIR)/lua

@@ -127,7 +127,7 @@ class Client:
         """Stop the dispatchers and close the connections; calls still waiting fail.
 
         Requests given up and not yet deleted, and streams still open, get one
-        last try (CLOSE_BUDGET), then the reply streams are deleted.
+        last try (at most a second), then the reply streams are deleted.
         """
         tg, self._tg = self._tg, None
         links: list[Link] = []
@@ -241,7 +241,7 @@ class Client:
     ) -> AsyncGenerator[Any, None]:
         """Iterate over the items a streaming (async generator) method yields, as they come.
 
-        The worker runs at most STREAM_WINDOW items ahead of this iterator.
+        The worker runs at most 32 items ahead of this iterator.
         Leaving the loop early stops the producer (and deletes the request if
         no worker took it yet). An error raised by the producer is raised here
         after the items it sent. ``timeout`` bounds the whole stream. Raises

@@ -149,10 +149,17 @@ def status_of(job_id: str, fields: dict[bytes, bytes]) -> JobStatus:
 
 
 class Job(Generic[T]):
-    """A job submitted to a service: its id, where it stands, its result (see the module's doc).
+    """A job submitted to a service: its id, where it stands, its result.
 
-    ``Client.submit`` and ``ProcessManager.submit`` make one; ``Client.job(id)``
-    and ``ProcessManager.job(id)`` find one from its id, in any process.
+    ``ProcessManager.submit`` makes one (``Client.submit`` returns its id);
+    ``ProcessManager.job(id)`` and ``Client.job(id)`` find one from its id, in
+    any process: the id, ``<service>:<token>``, is all another process needs.
+    A job is an ordinary call on the service's stream (same backlog limit,
+    at-least-once delivery, dead letters, deadline) whose outcome is kept
+    ``result_ttl`` seconds after it ends. Its ``JobState`` goes from queued
+    (or delayed) to running (``attempts`` counts the runs), retrying (``@retry``:
+    the last run failed, the next is due), then done, failed, dead
+    (dead-lettered) or cancelled.
     """
 
     def __init__(

@@ -92,6 +92,8 @@ class ServiceProxy:
     """Calls the methods of a service by attribute: ``await proxy.add(1, 2)``.
 
     A proxy addresses the service, not one process: any live worker may answer.
+    You do not make one yourself: ``ProcessManager.connect``, ``ProcessManager.spawn``,
+    ``Pool.proxy`` and ``Client.proxy`` hand them out, typed as the service's class.
     """
 
     __slots__ = (

