@@ -118,3 +118,15 @@ async def test_join_reports_what_is_left_and_due_now_drains_a_delayed_call() -> 
         with pytest.raises(RemoteError, match="Division by zero"):
             await calc.divide(1, 0)
         assert await served(calc).dead_letters() == []
+
+
+def test_every_public_name_of_the_testing_package_says_what_it_is() -> None:
+    import titan_broker.testing as testing
+    from titan_broker.testing import _plugin
+
+    names = [getattr(testing, name) for name in testing.__all__]
+    fixtures = [_plugin.titan_redis_url, _plugin.titan_namespace, _plugin.titan_client, _plugin.titan_manager]
+    helpers = [getattr(testing.Served, n) for n in ("join", "tick", "due_now", "dead_letters", "clear_caches",
+               "reset_rate_limits", "proxy", "client", "url", "service")]  # fmt: skip
+    undocumented = [repr(obj) for obj in names + fixtures + helpers if not (obj.__doc__ or "").strip()]
+    assert undocumented == []
