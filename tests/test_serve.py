@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from titan_broker import RateLimited, RemoteError, TitanError, with_options
+from titan_broker import CallTimeout, ProcessManager, RateLimited, RemoteError, TitanError, with_options
 from titan_broker.testing import serve, served
 
 from .conftest import ROOT, SERVICES, eventually
@@ -78,6 +78,28 @@ async def test_start_up_errors_and_misuse_name_the_thing_at_fault() -> None:
         served(calc)
     with pytest.raises(TitanError, match="workers=0"):
         serve(Calculator, workers=0)
+
+
+async def test_streaming_deadlines_health_and_shutdown_behave_as_in_a_worker_process() -> None:
+    from tests.services.lifecycle import Lifecycle
+
+    log: list[str] = []
+    async with serve(Lifecycle, dependencies={"log": log}) as svc:
+        assert [i async for i in svc.count(3)] == [0, 1, 2]
+        with pytest.raises(CallTimeout):
+            await with_options(svc, timeout=0.2).nap(0.6)
+        assert await svc.nap(0.01) == 0.01
+        async with ProcessManager(served(svc).url, namespace=served(svc).namespace) as pm:
+            health = await pm.health("lifecycle")
+            assert health.status == "healthy", health
+
+            async def measured() -> bool:  # published with the next heartbeat
+                (record,) = await pm.workers_of("lifecycle")
+                return bool(record.metrics)
+
+            await eventually(measured, 5, "the @metric summary in the registry")
+        assert log == []
+    assert log == ["closed"]
 
 
 async def test_rate_limits_reset_and_caches_clear() -> None:
