@@ -29,26 +29,29 @@ def _example_files() -> dict[str, str]:
     return {m.group(1): block for block in blocks if (m := re.match(r"# (\w+\.py)\n", block))}
 
 
-def _run_user_tests(folder: Path, plugin_off: str) -> subprocess.CompletedProcess[str]:
+def _run_user_tests(folder: Path, plugin_off: str, *options: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TITAN_REDIS_URL")}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", f"no:{plugin_off}", "-p", "no:cacheprovider",
-         "--rootdir", str(folder), str(folder)],
+         "--rootdir", str(folder), *options, str(folder)],
         cwd=folder, env=env, capture_output=True, text=True, timeout=150,
     )  # fmt: skip
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("runner", ["anyio", "asyncio"])
+@pytest.mark.parametrize("runner", ["anyio", "asyncio", "asyncio-auto"])
 def test_the_documented_example_passes_from_a_folder_of_its_own(tmp_path: Path, runner: str) -> None:
     files = _example_files()
     assert set(files) == {"inventory.py", "shop.py", "test_shop.py"}, "the page's example changed shape"
     for name, text in files.items():
-        if name.startswith("test_") and runner == "asyncio":
+        if name.startswith("test_") and runner.startswith("asyncio"):
             text = text.replace("pytest.mark.anyio", "pytest.mark.asyncio")
         (tmp_path / name).write_text(text)
-    other = "asyncio" if runner == "anyio" else "anyio"
-    result = _run_user_tests(tmp_path, other)
+    if runner == "anyio":
+        result = _run_user_tests(tmp_path, "asyncio")
+    else:  # pytest-asyncio alone, in its strict mode (the default) and its auto mode
+        mode = "auto" if runner == "asyncio-auto" else "strict"
+        result = _run_user_tests(tmp_path, "anyio", "-o", f"asyncio_mode={mode}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed" in result.stdout, result.stdout
     assert "requested async @pytest.fixture" not in result.stdout, result.stdout
