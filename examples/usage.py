@@ -25,7 +25,7 @@ from processes.calculator import Calculator
 from processes.database import Database
 from processes.image_processor import ImageProcessor
 from titan_broker import AutoScale, CallTimeout, ProcessManager, RemoteError, with_options
-from titan_broker.testing._local_redis import LocalRedis
+from titan_broker.testing import LocalRedis
 
 console = Console()
 

@@ -28,7 +28,8 @@ from titan_broker import ProcessManager
 from titan_broker._errors import TitanError
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
-from titan_broker.testing._local_redis import LocalRedis, find_redis_server
+from titan_broker.testing import LocalRedis
+from titan_broker.testing._local_redis import find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = Path(__file__).resolve().parent / "services"
@@ -44,23 +45,19 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+def redis_url(request: pytest.FixtureRequest) -> str:
     """The URL of a Redis for the whole session (see the module docstring for the order)."""
-    env = os.environ.get("TITAN_TEST_REDIS_URL")
-    if env:
-        yield env
-        return
-    try:
-        find_redis_server()
-    except TitanError:
-        services = request.getfixturevalue("docker_services")
-        port = services.port_for("redis", 6379)
-        url = f"redis://127.0.0.1:{port}/0"
-        services.wait_until_responsive(timeout=30.0, pause=0.2, check=lambda: _pings(url))
-        yield url
-        return
-    with LocalRedis() as server:
-        yield server.url
+    if not os.environ.get("TITAN_TEST_REDIS_URL"):
+        try:
+            find_redis_server()
+        except TitanError:
+            services = request.getfixturevalue("docker_services")
+            port = services.port_for("redis", 6379)
+            url = f"redis://127.0.0.1:{port}/0"
+            services.wait_until_responsive(timeout=30.0, pause=0.2, check=lambda: _pings(url))
+            return url
+    # The public plugin's: $TITAN_TEST_REDIS_URL, else the private server serve() uses too.
+    return str(request.getfixturevalue("titan_redis_url"))
 
 
 def _pings(url: str) -> bool:
@@ -76,9 +73,9 @@ def docker_compose_file() -> str:
 
 
 @pytest.fixture
-def namespace() -> str:
-    """A namespace of this test's own, so tests never see each other's keys."""
-    return f"t{uuid.uuid4().hex[:12]}"
+def namespace(titan_namespace: str) -> str:
+    """A namespace of this test's own, so tests never see each other's keys (the plugin's)."""
+    return titan_namespace
 
 
 @pytest.fixture

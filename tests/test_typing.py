@@ -54,3 +54,19 @@ def test_mypy_reports_wrong_arguments_and_wrong_use_of_results() -> None:
     )
     assert 'expression has type "float", variable has type "str"' in errors[42]
     assert set(errors) == {7, 8, 9, 11, 25, 35, 36, 41, 42}
+
+
+@pytest.mark.timeout(180)
+def test_serve_gives_a_proxy_typed_as_the_service_class() -> None:
+    output, status = run_mypy("served.py")
+    found = re.findall(r'served\.py:\d+: note: Revealed type is "(.*)"', output)
+    assert found == [
+        "processes.calculator.Calculator",  # serve(Calculator)
+        "float",  # await calc.add(1, 2)
+        "processes.calculator.Calculator",  # serve(path, Calculator)
+    ], output
+    errors = re.findall(r"served\.py:(\d+): error: (.*)", output)
+    assert [int(line) for line, _ in errors] == [24, 25], output
+    assert 'Argument 1 to "add" of "Calculator" has incompatible type "str"' in errors[0][1]
+    assert '"Calculator" has no attribute "no_such_method"' in errors[1][1]
+    assert status == 1, output

@@ -138,6 +138,13 @@ class Worker:
         self.intake.stop()
         self.scheduler.stop_ticking()
 
+    def forget_local_state(self) -> None:
+        """Build every method's middleware chain afresh: what this worker keeps for itself
+        (worker-scope rate-limit buckets and cached results) starts over. Calls in flight finish on
+        the chains they began with; the state kept in Redis is not touched."""
+        if self._executor is not None:
+            self._executor = Executor(self.ctx, self.instance)
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); raises RedisUnavailable or InitError when start-up fails."""
         ctx = self.ctx
