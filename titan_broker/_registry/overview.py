@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis import exceptions as rexc
@@ -65,7 +65,7 @@ class RegistryReader:
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
-        self._static: dict[tuple[str, str], dict[str, str]] = {}
+        self._static: dict[tuple[str, str], WorkerInfo] = {}
 
     async def read(self, redis: Redis) -> Overview:
         started = time.perf_counter()
@@ -103,13 +103,16 @@ class RegistryReader:
         dead: dict[str, list[str]] = {}
         seen: set[tuple[str, str]] = set()
         for (service, wid), record in zip(wanted, records, strict=True):
-            fields = self._fields(service, wid, record)
-            if fields is None:
+            try:
+                info = self._worker(service, wid, record)
+            except (ValueError, TypeError, KeyError):  # a half-written record: read it whole next time
+                self._static.pop((service, wid), None)
+                continue
+            if info is None:
                 dead.setdefault(service, []).append(wid)
                 continue
             seen.add((service, wid))
-            with contextlib.suppress(ValueError, TypeError):  # a half-written record: read next time
-                live[service].append(WorkerInfo.from_fields(fields))
+            live[service].append(info)
         for gone in set(self._static) - seen:
             del self._static[gone]
         if dead:
@@ -125,7 +128,7 @@ class RegistryReader:
             row = queues[i * per_service : (i + 1) * per_service]
             desc = described[name]
             workers = live[name]
-            info = ServiceInfo(
+            described_service = ServiceInfo(
                 name=name,
                 version=str(desc.get("version", "?")),
                 description=str(desc.get("description", "")),
@@ -136,23 +139,33 @@ class RegistryReader:
             pending = int(row[3]["pending"]) if isinstance(row[3], dict) else 0
             queue = QueueInfo(name, _int(row[1]), pending, _int(row[2]))
             services.append(
-                ServiceOverview(info, queue, aggregate(name, workers), _int(row[4]), _int(row[5]))
+                ServiceOverview(
+                    described_service, queue, aggregate(name, workers), _int(row[4]), _int(row[5])
+                )
             )
         rounds = 1 + (1 if names else 0) + (1 if wanted else 0) + (1 if dead else 0)
         return Overview(services, commands, rounds, time.perf_counter() - started)
 
-    def _fields(self, service: str, wid: str, record: Any) -> dict[str, str] | None:
-        """The worker's whole record from this read's reply; None when it is gone."""
+    def _worker(self, service: str, wid: str, record: Any) -> WorkerInfo | None:
+        """The worker from this read's reply (its whole record, or its heartbeat fields on top of the
+        record read before); None when it is gone."""
         if isinstance(record, dict):
             if not record:
                 return None
-            fields = {text(k): text(v) for k, v in record.items()}
-            self._static[(service, wid)] = {k: v for k, v in fields.items() if k not in HEARTBEAT_FIELDS}
-            return fields
+            info = WorkerInfo.from_fields(record)
+            self._static[(service, wid)] = info
+            return info
         if not isinstance(record, list) or record[0] is None:  # no status: the record expired
             return None
-        fresh = {name: text(v) for name, v in zip(HEARTBEAT_FIELDS, record, strict=True) if v is not None}
-        return {**self._static[(service, wid)], **fresh}
+        fresh = WorkerInfo.from_fields(
+            {name: v for name, v in zip(HEARTBEAT_FIELDS, record, strict=True) if v is not None}
+        )
+        return replace(
+            self._static[(service, wid)], status=fresh.status, in_flight=fresh.in_flight, calls=fresh.calls,
+            errors=fresh.errors, heartbeat_at=fresh.heartbeat_at, latency_counts=fresh.latency_counts,
+            unhealthy_streak=fresh.unhealthy_streak, metrics=fresh.metrics, health=fresh.health,
+            cpu_percent=fresh.cpu_percent, rss=fresh.rss,
+        )  # fmt: skip
 
 
 def _json(raw: bytes | str) -> dict[str, Any]:

@@ -129,7 +129,9 @@ class Monitor:
                                 await self._read_jobs(client, overview)
                         self._up()
                         self._publish(overview)
-                        await anyio.sleep(max(0.05, self.interval - (time.monotonic() - started)))
+                        # A namespace so large that a refresh takes half the interval is read less often.
+                        took = time.monotonic() - started
+                        await anyio.sleep(max(took, self.interval - took))
             except Exception as exc:  # Redis away, or a reply we could not read: say so, try again
                 self._down(exc)
                 self._publish(None)
@@ -346,23 +348,32 @@ def _service_row(service: ServiceOverview, rates: dict[str, float | None]) -> di
         "name": info.name,
         "description": info.description,
         "versions": [
-            {"version": v.version, "methods": v.methods, "workers": [w.worker_id for w in v.workers]}
-            for v in info.versions
+            {"version": v.version, "methods": v.methods, "workers": len(v.workers)} for v in info.versions
         ],
-        "methods": info.methods,
         "hosts": info.hosts,
         "workers": len(info.workers),
         "in_flight": sum(w.in_flight for w in info.workers),
         "concurrency": sum(w.concurrency for w in info.workers),
-        "health": {**service.health.to_dict(), "status": str(service.health.status)}
-        if info.workers
-        else {"status": "unhealthy", "healthy": 0, "workers": [], "note": "no live worker"},
+        "health": _health(service),
         "queue": service.queue.to_dict(),
         "delayed": service.delayed,
         "jobs": service.jobs,
         "breaker": None,  # a circuit breaker lives in each caller's process: the registry does not know it
         **rates,
     }
+
+
+def _health(service: ServiceOverview) -> dict[str, Any]:
+    """The service's health and each worker's checks (host and pid are in the worker rows)."""
+    health = service.health
+    if not service.info.workers:
+        return {"status": "unhealthy", "healthy": 0, "workers": [], "note": "no live worker"}
+    rows = [
+        {"worker_id": w["worker_id"], "host": w["host"], "status": str(w["status"]), "checks": w["checks"],
+         **({"details": w["details"]} if w["details"] else {})}
+        for w in health.workers
+    ]  # fmt: skip
+    return {"status": str(health.status), "healthy": health.healthy, "failed": health.failed, "workers": rows}
 
 
 def _worker_row(w: WorkerInfo, now: float) -> dict[str, Any]:

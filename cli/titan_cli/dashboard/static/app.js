@@ -8,6 +8,7 @@
   const clock = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
   const iso = (s) => (s ? new Date(s).toLocaleTimeString() : "–");
   const bytes = (b) => (b === null || b === undefined ? "–" : b > 1 << 30 ? (b / (1 << 30)).toFixed(1) + " GiB" : (b / (1 << 20)).toFixed(0) + " MiB");
+  const put = (sel, html) => { const el = $(sel); if (el._html !== html) { el.innerHTML = html; el._html = html; } };
   const st = (s) => `<span class="st ${esc(s)}">${esc(s)}</span>`;
 
   let token = sessionStorage.getItem("titan-token") || "";
@@ -50,13 +51,13 @@
   // --- charts -----------------------------------------------------------------------------------
   const axis = { stroke: "#7d8794", grid: { stroke: "#222a33", width: 1 }, ticks: { stroke: "#222a33" } };
   function chart(el, series) {
-    const width = () => Math.max(280, el.parentElement.clientWidth - 4);
+    const width = () => Math.max(220, el.parentElement.clientWidth - 4);
     const plot = new uPlot({
-      width: width(), height: 150, legend: { show: true }, cursor: { drag: { x: false } },
+      width: width(), height: 140, legend: { show: true }, cursor: { drag: { x: false } },
       scales: { x: { time: true } }, axes: [axis, { ...axis, size: 46 }],
       series: [{}, ...series.map(([label, stroke]) => ({ label, stroke, width: 1.5, spanGaps: true }))],
     }, [[], ...series.map(() => [])], el);
-    addEventListener("resize", () => plot.setSize({ width: width(), height: 150 }));
+    addEventListener("resize", () => plot.setSize({ width: width(), height: 140 }));
     return plot;
   }
   const rateChart = chart($("#chart-rate"), [["calls/s", "#58a6ff"], ["errors/s", "#f85149"]]);
@@ -97,7 +98,7 @@
       ["waiting", q("waiting"), q("waiting") ? "warn" : ""], ["running", q("pending"), ""],
       ["dead letters", q("dead_letters"), q("dead_letters") ? "bad" : ""],
     ];
-    $("#tiles").innerHTML = t.map(([n, v, c]) => `<div class="tile ${c}"><b>${esc(v)}</b><span>${esc(n)}</span></div>`).join("");
+    put("#tiles", t.map(([n, v, c]) => `<div class="tile ${c}"><b>${esc(v)}</b><span>${esc(n)}</span></div>`).join(""));
   }
 
   function renderServices() {
@@ -115,7 +116,7 @@
         <td class="n">${ms(x.p50)}</td><td class="n">${ms(x.p95)}</td><td class="n">${ms(x.p99)}</td>
         <td class="muted" title="a breaker lives in each caller's process; the registry does not hold it">${x.breaker ?? "n/a"}</td></tr>`;
     });
-    $("#services tbody").innerHTML = rows.join("") || `<tr><td colspan="16" class="muted">no service has registered in this namespace</td></tr>`;
+    put("#services tbody", rows.join("") || `<tr><td colspan="16" class="muted">no service has registered in this namespace</td></tr>`);
   }
   $("#services tbody").addEventListener("click", (e) => {
     const tr = e.target.closest("tr[data-svc]");
@@ -137,9 +138,9 @@
     if (!snap) return;
     const x = selected && snap.services.find((s) => s.name === selected);
     $("#detail-title").textContent = x ? x.name : "All services";
-    if (!x) { $("#detail").innerHTML = `<p class="muted">Select a service for its methods, health checks and dead letters.</p>`; return; }
+    if (!x) { put("#detail", `<p class="muted">Select a service for its methods, health checks and dead letters.</p>`); return; }
     if (lastDead[x.name] !== x.queue.dead_letters) { lastDead[x.name] = x.queue.dead_letters; loadDeadLetters(x.name); }
-    const versions = x.versions.map((v) => `<h3>version ${esc(v.version)} · ${v.workers.length} worker(s)</h3>` + v.methods.map((m) => {
+    const versions = x.versions.map((v) => `<h3>version ${esc(v.version)} · ${v.workers} worker(s)</h3>` + v.methods.map((m) => {
       const decos = Object.entries(m.decorators || {}).map(([k, o]) => `<span class="deco" title="${esc(JSON.stringify(o))}">@${esc(k)}</span>`).join("");
       return `<div class="method"><code>${esc(m.signature || m.name)}</code>${decos}</div>`;
     }).join("")).join("");
@@ -148,11 +149,11 @@
       const d = Object.keys(w.details || {}).length ? ` <span class="muted">${esc(JSON.stringify(w.details))}</span>` : "";
       return `<tr><td class="id">${esc(w.worker_id)}</td><td>${esc(w.host)}</td><td>${st(w.status)}</td><td>${c || "–"}${d}</td></tr>`;
     }).join("");
-    const canAct = actions && unlocked;
+    const canAct = actions; // locked: the server refuses, and the page says so
     const letters = deadLetters.service === x.name ? deadLetters.items : [];
     const dl = letters.map((d) => `<tr><td class="id">${esc(d.id)}</td><td>${esc(d.method)}</td><td class="n">${d.deliveries}</td><td class="err-text">${esc(d.reason)}</td>
       <td><button data-replay="${esc(d.id)}" ${canAct ? "" : "disabled"}>replay</button></td></tr>`).join("");
-    $("#detail").innerHTML = `
+    put("#detail", `
       <dl class="kv"><dt>description</dt><dd>${esc(x.description) || "–"}</dd>
       <dt>queue</dt><dd>${x.queue.waiting} waiting · ${x.queue.pending} running · ${x.delayed} delayed · ${x.queue.dead_letters} dead-lettered</dd>
       <dt>breaker</dt><dd class="muted">not in the registry (each caller keeps its own)</dd></dl>
@@ -162,7 +163,7 @@
         <button id="dl-replay" ${canAct && letters.length ? "" : "disabled"}>replay all</button>
         <button id="dl-purge" class="danger" ${canAct && letters.length ? "" : "disabled"}>purge all</button></h3>
       <div id="dl-msg" class="msg">${deadLetters.message}</div>
-      <table id="dead-letters"><tbody>${dl || `<tr><td class="muted">none</td></tr>`}</tbody></table>`;
+      <table id="dead-letters"><tbody>${dl || `<tr><td class="muted">none</td></tr>`}</tbody></table>`);
   }
   $("#detail").addEventListener("click", async (e) => {
     const b = e.target.closest("button");
@@ -183,13 +184,13 @@
     all.sort((a, b) => a.gone - b.gone || a.service.localeCompare(b.service) || a.host.localeCompare(b.host) || a.pid - b.pid);
     const shown = all.slice(0, 500);
     $("#wrk-count").textContent = `${snap.workers.filter((w) => !w.gone).length} live` + (all.length > shown.length ? ` · first ${shown.length} of ${all.length} shown` : "");
-    $("#workers tbody").innerHTML = shown.map((w) => `<tr class="${w.gone ? "gone" : ""}" data-worker="${esc(w.id)}">
+    put("#workers tbody", shown.map((w) => `<tr class="${w.gone ? "gone" : ""}" data-worker="${esc(w.id)}">
       <td>${esc(w.service)}</td><td class="id">${esc(w.id)}</td><td>${esc(w.host)}</td><td class="n">${w.pid}</td><td>${esc(w.version)}</td>
       <td>${w.gone ? st("gone") : st(w.status)}</td><td>${st(w.health)}</td>
       <td class="n">${w.in_flight}/${w.concurrency}</td><td class="n calls">${w.calls}</td><td class="n ${w.errors ? "num-bad" : ""}">${w.errors}</td>
       <td class="n">${w.cpu === null ? "–" : num(w.cpu, 0) + "%"}</td><td class="n">${bytes(w.rss)}</td>
       <td class="n">${w.gone ? "gone " + clock(w.gone_at) : num(w.age, 1) + " s ago"}</td></tr>`).join("")
-      || `<tr><td colspan="13" class="muted">no worker</td></tr>`;
+      || `<tr><td colspan="13" class="muted">no worker</td></tr>`);
   }
   $("#wrk-filter").addEventListener("input", () => renderWorkers());
 
@@ -197,29 +198,29 @@
     if (!snap) return;
     const j = snap.jobs;
     const states = ["queued", "running", "retrying", "done", "failed", "dead", "cancelled"];
-    $("#job-counts tbody").innerHTML = Object.entries(j.services).map(([name, c]) => `<tr><td>${esc(name)}</td><td class="n">${c.total}</td>` +
+    put("#job-counts tbody", Object.entries(j.services).map(([name, c]) => `<tr><td>${esc(name)}</td><td class="n">${c.total}</td>` +
       states.map((s) => `<td class="n ${(s === "failed" || s === "dead") && c.states[s] ? "num-bad" : ""}">${c.states[s] || 0}</td>`).join("") + "</tr>").join("")
-      || `<tr><td colspan="9" class="muted">no jobs</td></tr>`;
-    const canAct = actions && unlocked;
-    $("#jobs-latest tbody").innerHTML = j.latest.map((x) => `<tr data-job="${esc(x.id)}"><td class="id"><a href="#" data-show="${esc(x.id)}">${esc(x.id)}</a></td><td>${esc(x.method)}</td>
+      || `<tr><td colspan="9" class="muted">no jobs</td></tr>`);
+    const canAct = actions;
+    put("#jobs-latest tbody", j.latest.map((x) => `<tr data-job="${esc(x.id)}"><td class="id"><a href="#" data-show="${esc(x.id)}">${esc(x.id)}</a></td><td>${esc(x.method)}</td>
       <td>${st(x.state)}</td><td class="n">${x.attempts}</td><td>${iso(x.submitted)}</td><td class="id">${esc(x.worker || "–")}</td>
       <td class="err-text">${esc(x.error ? x.error.type + ": " + x.error.message : "")}</td>
       <td>${x.state === "queued" ? `<button data-cancel="${esc(x.id)}" ${canAct ? "" : "disabled"}>cancel</button>` : ""}</td></tr>`).join("")
-      || `<tr><td colspan="8" class="muted">none</td></tr>`;
-    $("#jobs-failed tbody").innerHTML = j.failed.map((x) => `<tr><td class="id"><a href="#" data-show="${esc(x.id)}">${esc(x.id)}</a></td><td>${esc(x.method)}</td><td>${st(x.state)}</td>
+      || `<tr><td colspan="8" class="muted">none</td></tr>`);
+    put("#jobs-failed tbody", j.failed.map((x) => `<tr><td class="id"><a href="#" data-show="${esc(x.id)}">${esc(x.id)}</a></td><td>${esc(x.method)}</td><td>${st(x.state)}</td>
       <td>${iso(x.finished)}</td><td class="err-text">${esc(x.error ? x.error.type + ": " + x.error.message : "")}</td></tr>`).join("")
-      || `<tr><td colspan="5" class="muted">none</td></tr>`;
-    $("#schedules tbody").innerHTML = j.schedules.map((x) => `<tr><td>${esc(x.service)}.<b>${esc(x.method)}</b></td><td>${esc(x.schedule)}</td>
+      || `<tr><td colspan="5" class="muted">none</td></tr>`);
+    put("#schedules tbody", j.schedules.map((x) => `<tr><td>${esc(x.service)}.<b>${esc(x.method)}</b></td><td>${esc(x.schedule)}</td>
       <td>${clock(x.last)}</td><td>${clock(x.next)}</td><td>${x.state ? st(x.state) : "–"}${x.error ? ` <span class="err-text">${esc(x.error)}</span>` : ""}</td>
-      <td class="id">${esc(x.worker || "–")}</td></tr>`).join("") || `<tr><td colspan="6" class="muted">no periodic methods</td></tr>`;
+      <td class="id">${esc(x.worker || "–")}</td></tr>`).join("") || `<tr><td colspan="6" class="muted">no periodic methods</td></tr>`);
   }
   async function showJob(id) {
     $("#job-id").value = id;
     const r = await fetch(`/api/jobs/${encodeURIComponent(id)}`);
     const d = await r.json().catch(() => ({}));
-    $("#job-detail").innerHTML = r.ok
+    put("#job-detail", r.ok
       ? `<dl class="kv" id="job-kv">${Object.entries(d).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${k === "state" ? st(v) : esc(typeof v === "object" && v !== null ? JSON.stringify(v) : v ?? "–")}</dd>`).join("")}</dl>`
-      : `<div class="msg err">${esc(d.error || r.status)}</div>`;
+      : `<div class="msg err">${esc(d.error || r.status)}</div>`);
   }
   $("#job-find").addEventListener("submit", (e) => { e.preventDefault(); const id = $("#job-id").value.trim(); if (id) showJob(id); });
   document.querySelector(".jobs").addEventListener("click", async (e) => {
@@ -228,13 +229,13 @@
     const b = e.target.closest("[data-cancel]");
     if (b) {
       const r = await act(`/api/jobs/${encodeURIComponent(b.dataset.cancel)}/cancel`);
-      $("#job-detail").innerHTML = `<div class="msg ${r.ok ? "ok" : "err"}">${r.ok ? (r.data.cancelled ? "cancelled " : "not cancelled (it started) ") + esc(b.dataset.cancel) : "refused (" + r.status + "): " + esc(r.data.error)}</div>`;
+      put("#job-detail", `<div class="msg ${r.ok ? "ok" : "err"}">${r.ok ? (r.data.cancelled ? "cancelled " : "not cancelled (it started) ") + esc(b.dataset.cancel) : "refused (" + r.status + "): " + esc(r.data.error)}</div>`);
     }
   });
 
   function renderEvents() {
-    $("#events").innerHTML = snap.events.slice(0, 80).map((e) => `<li><span class="muted mono">${clock(e.at)}</span><span class="ev-${esc(e.kind)}">${esc(e.kind)}</span>
-      <span>${esc(e.service)}${e.worker ? ` <span class="mono muted">${esc(e.worker)}</span>` : ""} ${esc(e.detail)}</span></li>`).join("") || `<li class="muted">nothing yet</li>`;
+    put("#events", snap.events.slice(0, 80).map((e) => `<li><span class="muted mono">${clock(e.at)}</span><span class="ev-${esc(e.kind)}${e.detail === "Redis reachable" ? " up" : ""}">${esc(e.kind)}</span>
+      <span>${esc(e.service)}${e.worker ? ` <span class="mono muted">${esc(e.worker)}</span>` : ""} ${esc(e.detail)}</span></li>`).join("") || `<li class="muted">nothing yet</li>`);
   }
 
   function renderStatus(serverUp) {
