@@ -53,7 +53,7 @@
   function chart(el, series) {
     const width = () => Math.max(220, el.parentElement.clientWidth - 4);
     const plot = new uPlot({
-      width: width(), height: 140, legend: { show: true }, cursor: { drag: { x: false } },
+      width: width(), height: 140, legend: { show: true, live: false }, cursor: { drag: { x: false } },
       scales: { x: { time: true } }, axes: [axis, { ...axis, size: 46 }],
       series: [{}, ...series.map(([label, stroke]) => ({ label, stroke, width: 1.5, spanGaps: true }))],
     }, [[], ...series.map(() => [])], el);
