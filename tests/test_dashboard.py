@@ -27,9 +27,10 @@ from titan_broker._registry.overview import HEARTBEAT_FIELDS, RegistryReader
 from titan_broker._registry.records import WorkerInfo
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import dead_letter_fields, encode_request
+from titan_broker.testing._local_cluster import LocalCluster
 from titan_broker.testing._local_redis import LocalRedis
 
-from .conftest import CALCULATOR, SERVICES, Workers, wait_until
+from .conftest import CALCULATOR, SERVICES, RoutedWorkers, Workers, skip_without_cluster_binaries, wait_until
 
 TOKEN = "dash-token-7f3a9c"
 
@@ -167,6 +168,7 @@ def test_the_snapshot_and_the_event_stream_show_services_workers_and_calls(
         lambda s: any(w["pid"] == victim.pid and w["gone"] for w in s["workers"]), "the killed worker gone"
     )
     assert any(e["kind"] == "gone" and str(victim.pid) in e["detail"] for e in snap["events"])
+    assert any(e["kind"] == "scaled" and e["detail"] == "2 -> 1 live workers" for e in snap["events"])
     assert len(live_workers(snap, "calculator")) == 1
 
 
@@ -398,3 +400,40 @@ def test_one_refresh_costs_bounded_work_with_200_services_and_2000_workers(
             f"(first read, whole records: {first[2] * 1000:.1f} ms)"
         )
     assert len(HEARTBEAT_FIELDS) < 12
+
+
+def test_the_dashboard_reads_a_cluster(namespace: str) -> None:
+    """Services in different slots, read through the cluster client's pipelines, one node's URL given."""
+    skip_without_cluster_binaries()
+    with LocalCluster(primaries=3, replicas=0) as cluster:
+        routed = RoutedWorkers(cluster.url, namespace, cluster.client)
+        try:
+            routed.start(CALCULATOR)
+            routed.start(SERVICES / "chaos.py")
+            routed.wait_registered("calculator", 1)
+            routed.wait_registered("chaos", 1)
+            board = Dashboard(cluster.url, namespace, "--token", TOKEN)
+            try:
+                snap = board.wait(
+                    lambda s: live_workers(s, "calculator") and live_workers(s, "chaos"), "both services"
+                )
+                assert snap["redis"]["ok"] and snap["cost"]["round_trips"] == 3
+                client = cluster.client()
+                try:
+                    dead_letter(client, Keys(namespace), "calculator", "c1", 1, 2)
+                finally:
+                    client.close()
+                board.wait(
+                    lambda s: service(s, "calculator")["queue"]["dead_letters"] == 1, "the dead letter"
+                )
+                assert [d["call_id"] for d in board.get("/api/services/calculator/dead-letters")] == ["c1"]
+                assert board.post("/api/services/calculator/dead-letters/replay", {}, TOKEN).json() == {
+                    "replayed": 1
+                }
+                board.wait(
+                    lambda s: live_workers(s, "calculator")[0]["calls"] == 1, "the replayed call served"
+                )
+            finally:
+                board.close()
+        finally:
+            routed.close()

@@ -71,6 +71,7 @@ class Monitor:
         self._history: dict[str, deque[list[float | None]]] = {}
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._health: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
         self._jobs: dict[str, Any] = {"services": {}, "latest": [], "failed": [], "schedules": []}
         self._jobs_at = 0.0
         self._jobs_turn = 0
@@ -179,7 +180,7 @@ class Monitor:
                 for w in service.info.workers:
                     current[(w.service, w.worker_id)] = w
                     workers.append(_worker_row(w, now))
-                self._health_event(service)
+                self._service_events(service)
             self._track(current, now)
             for name in list(self._history):
                 if name not in {s.info.name for s in overview.services}:
@@ -252,8 +253,13 @@ class Monitor:
                         f" on {last.host} (pid {last.pid})")  # fmt: skip
             self._gone[key] = (_worker_row(last, now), now)
 
-    def _health_event(self, service: ServiceOverview) -> None:
+    def _service_events(self, service: ServiceOverview) -> None:
+        """Events: ``scaled`` when its count of live workers changed, ``health`` when its health did."""
         name = service.info.name
+        count, was = len(service.info.workers), self._counts.get(name)
+        self._counts[name] = count
+        if was is not None and was != count:
+            self._event("scaled", name, "", f"{was} -> {count} live workers")
         status = str(service.health.status) if service.info.workers else "no workers"
         before = self._health.get(name)
         self._health[name] = status
