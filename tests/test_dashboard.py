@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -283,6 +284,8 @@ def test_no_secret_reaches_any_response(workers: Workers, namespace: str) -> Non
             for body in bodies:
                 assert password not in body and TOKEN not in body, body[:300]
             assert "***" in board.get("/api/info")["redis"]
+            # On 127.0.0.1, a request naming another host (DNS rebinding) is refused.
+            assert board.http.get("/api/snapshot", headers={"Host": "evil.example:80"}).status_code == 400
         finally:
             board.close()
 
@@ -310,6 +313,19 @@ def test_redis_going_away_is_shown_within_seconds_and_recovered_from(
             board.close()
     finally:
         server.close()
+
+
+def test_the_page_loads_nothing_from_elsewhere() -> None:
+    """Every script, style and font comes from the dashboard: no URL of another host in the page."""
+    from titan_cli.dashboard.server import STATIC
+
+    page = (STATIC / "index.html").read_text()
+    assert re.findall(r'(?:src|href)="([^"]*)"', page) and all(
+        ref.startswith("/static/") for ref in re.findall(r'(?:src|href)="([^"]*)"', page)
+    )
+    for name in ("index.html", "app.js", "app.css", "uPlot.min.css"):
+        assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", (STATIC / name).read_text()), name
+    assert "MIT" in (STATIC / "uPlot.LICENSE").read_text()
 
 
 def test_binding_beyond_loopback_without_a_token_warns(redis_url: str, namespace: str) -> None:

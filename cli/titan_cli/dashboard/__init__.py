@@ -97,10 +97,10 @@ def dashboard_command(
         soft_wrap=True,
     )
     sys.stdout.flush()
+    web = create_app(monitor, token, loopback=host in LOOPBACK)
     config = uvicorn.Config(
-        create_app(monitor, token), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
-        lifespan="off",
-    )  # fmt: skip
+        web, log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="off"
+    )
     server = uvicorn.Server(config)
 
     async def main() -> None:

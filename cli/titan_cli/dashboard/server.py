@@ -17,6 +17,8 @@ from typing import Any
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
@@ -34,10 +36,15 @@ from .monitor import Monitor
 STATIC = Path(__file__).resolve().parent / "static"
 TOKEN_HEADER = "x-titan-token"
 DEAD_LETTERS_SHOWN = 200
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
-def create_app(monitor: Monitor, token: str | None) -> Starlette:
-    """The ASGI app serving ``monitor``'s snapshots; actions allowed with ``token`` only."""
+def create_app(monitor: Monitor, token: str | None, *, loopback: bool = True) -> Starlette:
+    """The ASGI app serving ``monitor``'s snapshots; actions allowed with ``token`` only.
+
+    On a loopback address (``loopback``) a request must name a loopback host: a page of another
+    site whose name was made to resolve to 127.0.0.1 (DNS rebinding) cannot read the dashboard.
+    """
 
     def reply(value: Any, status: int = 200) -> Response:
         body = json.dumps(monitor.scrub(json.loads(json.dumps(value, default=_json_default))))
@@ -135,7 +142,9 @@ def create_app(monitor: Monitor, token: str | None) -> Starlette:
         )
         return reply({"error": str(exc)}, status)
 
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES))] if loopback else []
     return Starlette(
+        middleware=middleware,
         routes=[
             Route("/", index),
             Route("/api/info", info),
