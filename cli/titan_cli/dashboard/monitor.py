@@ -72,6 +72,9 @@ class Monitor:
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._health: dict[str, str] = {}
         self._counts: dict[str, int] = {}
+        self._read_once = False
+        self._reconnected = False
+        """The next read is the first since Redis came back: a worker missing may be lost with its data."""
         self._jobs: dict[str, Any] = {"services": {}, "latest": [], "failed": [], "schedules": []}
         self._jobs_at = 0.0
         self._jobs_turn = 0
@@ -142,6 +145,7 @@ class Monitor:
 
     def _up(self) -> None:
         if not self._redis["ok"]:
+            self._reconnected = self._read_once
             self._redis = {"ok": True, "since": time.time(), "error": None}
             self._event("redis", "", "", "Redis reachable")
 
@@ -234,7 +238,7 @@ class Monitor:
         return {"calls_s": point[1], "errors_s": point[2], "p50": point[3], "p95": point[4], "p99": point[5]}
 
     def _track(self, current: dict[tuple[str, str], WorkerInfo], now: float) -> None:
-        first = not self._seen and not self._gone and self.refreshes == 0
+        first, self._read_once = not self._read_once, True  # the workers found first are not news
         for key, w in current.items():
             before = self._seen.get(key)
             if before is None:
@@ -248,10 +252,16 @@ class Monitor:
         for key in set(self._seen) - set(current):
             last = self._seen.pop(key).info
             stopping = last.status in ("draining", "stopping", "stopped")
+            why = (
+                "stopped" if stopping
+                else "not in the registry since Redis came back (lost with Redis's data, or gone)"
+                if self._reconnected
+                else "its record expired (crashed, killed or cut off)"
+            )  # fmt: skip
             self._event("stopped" if stopping else "gone", last.service, last.worker_id,
-                        f"{'stopped' if stopping else 'its record expired (crashed, killed or cut off)'}"
-                        f" on {last.host} (pid {last.pid})")  # fmt: skip
+                        f"{why} on {last.host} (pid {last.pid})")  # fmt: skip
             self._gone[key] = (_worker_row(last, now), now)
+        self._reconnected = False
 
     def _service_events(self, service: ServiceOverview) -> None:
         """Events: ``scaled`` when its count of live workers changed, ``health`` when its health did."""
