@@ -364,4 +364,5 @@ def call(
 
 
 from . import codegen as codegen  # noqa: E402  (registers titan codegen on the app)
+from . import dashboard as dashboard  # noqa: E402  (registers titan dashboard on the app)
 from . import jobs as jobs  # noqa: E402  (registers titan jobs, job and schedules on the app)

@@ -58,6 +58,10 @@ class WorkerInfo:
     metrics_port: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """Per @metric method: calls, errors and latency percentiles."""
+    cpu_percent: float | None = None
+    """The worker process's CPU use since its previous heartbeat (100 = one core); None if unknown."""
+    rss: int | None = None
+    """The worker process's resident memory in bytes; None if unknown."""
 
     @property
     def latency(self) -> LatencyHistogram:
@@ -83,6 +87,8 @@ class WorkerInfo:
             "unhealthy_streak": str(self.unhealthy_streak),
             "metrics": json.dumps(self.metrics),
             **({"health": json.dumps(self.health)} if self.health is not None else {}),
+            **({"cpu_percent": f"{self.cpu_percent:.1f}"} if self.cpu_percent is not None else {}),
+            **({"rss": str(self.rss)} if self.rss is not None else {}),
         }
         if heartbeat_only:
             return fields
@@ -122,6 +128,8 @@ class WorkerInfo:
             methods=json.loads(r.get("methods", "[]")),
             metrics_port=int(r["metrics_port"]) if "metrics_port" in r else None,
             metrics=json.loads(r.get("metrics", "{}")),
+            cpu_percent=float(r["cpu_percent"]) if "cpu_percent" in r else None,
+            rss=int(r["rss"]) if "rss" in r else None,
         )
 
     @classmethod

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import prometheus_client
+import psutil
 
 from titan_broker._config import WorkerOptions, check_name, redact
 from titan_broker._errors import TitanError
@@ -89,6 +90,7 @@ class Worker:
         self.calls = 0
         self.errors = 0
         self.latency = LatencyHistogram()
+        self._process = psutil.Process()
         self.metrics_port: int | None = None
         self.unhealthy_streak = 0
         """Consecutive health checks that failed; a pool replaces a worker past its threshold."""
@@ -250,8 +252,20 @@ class Worker:
             methods=self._methods,
             metrics_port=self.metrics_port,
             metrics=self.ctx.metrics.summary(),
+            **self._usage(),
         )
         self.heartbeat.tick = time.monotonic()
+
+    def _usage(self) -> dict[str, Any]:
+        """CPU since the last heartbeat and resident memory, for the registry (none if psutil cannot tell)."""
+        try:
+            with self._process.oneshot():
+                return {
+                    "cpu_percent": self._process.cpu_percent(None),
+                    "rss": self._process.memory_info().rss,
+                }
+        except psutil.Error:
+            return {}
 
     async def _publish_loop(self) -> None:
         """On the loop: run health checks, watch the manager, publish numbers to the heartbeat."""

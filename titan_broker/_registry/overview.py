@@ -1,0 +1,180 @@
+"""The whole namespace at once, read again and again at a bounded cost: what a dashboard shows.
+
+``RegistryReader.read`` takes three round trips whatever the size of the
+namespace, and no SCAN or KEYS: the services hash; one pipeline with each
+service's worker set, queue lengths, pending summary and job count; one
+pipeline with each worker's record. A worker's fields that never change
+(host, pid, methods...) are read once with HGETALL, then only the fields its
+heartbeat refreshes (HMGET), so the bytes per read stay small too. Ids of
+workers whose record expired are pruned from their set, as ``list_workers`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from redis import exceptions as rexc
+
+from .._redis.connection import Redis, text
+from .._wire.keys import GROUP, Keys
+from .health import ServiceHealth, aggregate
+from .records import QueueInfo, ServiceInfo, WorkerInfo, serving_versions
+
+HEARTBEAT_FIELDS: tuple[str, ...] = (
+    "status", "in_flight", "calls", "errors", "heartbeat_at", "latency", "unhealthy_streak", "metrics",
+    "health", "cpu_percent", "rss",
+)  # fmt: skip
+"""The record's fields a heartbeat rewrites (``WorkerInfo.to_fields(heartbeat_only=True)``)."""
+
+
+@dataclass(frozen=True)
+class ServiceOverview:
+    """One service as the registry shows it now."""
+
+    info: ServiceInfo
+    queue: QueueInfo
+    health: ServiceHealth
+    jobs: int
+    """Job ids in the service's index (jobs kept, whatever their state)."""
+    delayed: int
+    """Calls and jobs waiting for their time (delays, @retry backoffs)."""
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Every service of a namespace, and what reading them cost."""
+
+    services: list[ServiceOverview] = field(default_factory=list)
+    commands: int = 0
+    """Redis commands sent for this read."""
+    round_trips: int = 0
+    seconds: float = 0.0
+    """Wall time of the read, parsing included."""
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        return [w for s in self.services for w in s.info.workers]
+
+
+class RegistryReader:
+    """Reads a namespace's registry repeatedly (see the module's doc); one per reading process."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self._static: dict[tuple[str, str], WorkerInfo] = {}
+
+    async def read(self, redis: Redis) -> Overview:
+        started = time.perf_counter()
+        keys = self.keys
+        described = {text(k): _json(v) for k, v in (await redis.hgetall(keys.services)).items()}
+        names = sorted(described)
+        commands = 1
+        per_service = 6
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.smembers(keys.workers(name))
+                pipe.xlen(keys.calls(name))
+                pipe.xlen(keys.dead(name))
+                pipe.xpending(keys.calls(name), GROUP)  # no stream or group yet: an error, read as 0
+                pipe.zcard(keys.jobs(name))
+                pipe.zcard(keys.delayed(name))
+            queues: list[Any] = await pipe.execute(raise_on_error=False) if names else []
+        commands += per_service * len(names)
+        wanted: list[tuple[str, str]] = []
+        for i, name in enumerate(names):
+            members = queues[i * per_service]
+            if isinstance(members, (set, list)):
+                wanted.extend((name, text(w)) for w in sorted(members, key=text))
+        records: list[Any] = []
+        if wanted:
+            async with redis.pipeline(transaction=False) as pipe:
+                for service, wid in wanted:
+                    if (service, wid) in self._static:
+                        pipe.hmget(keys.worker(service, wid), list(HEARTBEAT_FIELDS))
+                    else:
+                        pipe.hgetall(keys.worker(service, wid))
+                records = await pipe.execute(raise_on_error=False)
+            commands += len(wanted)
+        live: dict[str, list[WorkerInfo]] = {name: [] for name in names}
+        dead: dict[str, list[str]] = {}
+        seen: set[tuple[str, str]] = set()
+        for (service, wid), record in zip(wanted, records, strict=True):
+            try:
+                info = self._worker(service, wid, record)
+            except (ValueError, TypeError, KeyError):  # a half-written record: read it whole next time
+                self._static.pop((service, wid), None)
+                continue
+            if info is None:
+                dead.setdefault(service, []).append(wid)
+                continue
+            seen.add((service, wid))
+            live[service].append(info)
+        for gone in set(self._static) - seen:
+            del self._static[gone]
+        if dead:
+            # Pruning is housekeeping: a reader whose ACL makes the sets read-only just skips it.
+            with contextlib.suppress(rexc.NoPermissionError):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for service, ids in dead.items():
+                        pipe.srem(keys.workers(service), *ids)
+                    await pipe.execute(raise_on_error=False)
+            commands += len(dead)
+        services = []
+        for i, name in enumerate(names):
+            row = queues[i * per_service : (i + 1) * per_service]
+            desc = described[name]
+            workers = live[name]
+            described_service = ServiceInfo(
+                name=name,
+                version=str(desc.get("version", "?")),
+                description=str(desc.get("description", "")),
+                methods=list(desc.get("methods", [])),
+                workers=workers,
+                versions=serving_versions(workers),
+            )
+            pending = int(row[3]["pending"]) if isinstance(row[3], dict) else 0
+            queue = QueueInfo(name, _int(row[1]), pending, _int(row[2]))
+            services.append(
+                ServiceOverview(
+                    described_service, queue, aggregate(name, workers), _int(row[4]), _int(row[5])
+                )
+            )
+        rounds = 1 + (1 if names else 0) + (1 if wanted else 0) + (1 if dead else 0)
+        return Overview(services, commands, rounds, time.perf_counter() - started)
+
+    def _worker(self, service: str, wid: str, record: Any) -> WorkerInfo | None:
+        """The worker from this read's reply (its whole record, or its heartbeat fields on top of the
+        record read before); None when it is gone."""
+        if isinstance(record, dict):
+            if not record:
+                return None
+            info = WorkerInfo.from_fields(record)
+            self._static[(service, wid)] = info
+            return info
+        if not isinstance(record, list) or record[0] is None:  # no status: the record expired
+            return None
+        fresh = WorkerInfo.from_fields(
+            {name: v for name, v in zip(HEARTBEAT_FIELDS, record, strict=True) if v is not None}
+        )
+        return replace(
+            self._static[(service, wid)], status=fresh.status, in_flight=fresh.in_flight, calls=fresh.calls,
+            errors=fresh.errors, heartbeat_at=fresh.heartbeat_at, latency_counts=fresh.latency_counts,
+            unhealthy_streak=fresh.unhealthy_streak, metrics=fresh.metrics, health=fresh.health,
+            cpu_percent=fresh.cpu_percent, rss=fresh.rss,
+        )  # fmt: skip
+
+
+def _json(raw: bytes | str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, int) else 0
