@@ -18,6 +18,7 @@ from titan_broker._wire.keys import GROUP
 
 from .common import (
     EXIT_CALL_FAILED,
+    Command,
     JsonOption,
     NamespaceOption,
     RedisOption,
@@ -36,7 +37,7 @@ class ServiceInUse(CallError):
     """``titan forget`` of a service that still has live workers."""
 
 
-@app.command()
+@app.command(cls=Command)
 def submit(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
@@ -77,7 +78,7 @@ def submit(
         out.print(escape(job_id), highlight=False)
 
 
-@app.command("cancel")
+@app.command("cancel", cls=Command)
 def cancel_command(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id, as submit returned it.")],
@@ -134,7 +135,7 @@ async def purge_waiting(c: Client, service: str) -> int:
         start = "(" + text(entries[-1][0])
 
 
-@app.command()
+@app.command(cls=Command)
 def purge(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
@@ -159,7 +160,7 @@ def purge(
         out.print(f"purged {count} waiting call(s) of {escape(repr(service))}", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def forget(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],

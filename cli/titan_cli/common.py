@@ -14,12 +14,34 @@ import anyio
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand
 
 import titan_broker
 from titan_broker._calling.client import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
 from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
 from titan_broker._registry.records import known_services
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its metavar alone (FILE, [SERVICE]), not as ``{file} <str>``."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        return self.metavar or super()._usage_display_name()
+
+
+class Command(TyperCommand):
+    """A command whose help names its arguments by their metavars only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument:
+                param.__class__ = _Argument
+
 
 EXIT_CALL_FAILED = 1
 EXIT_USAGE = 2

@@ -18,6 +18,7 @@ from titan_broker._registry.records import list_services
 
 from .common import (
     EXIT_CALL_FAILED,
+    Command,
     JsonOption,
     NamespaceOption,
     RedisOption,
@@ -53,7 +54,7 @@ def _error_line(status: JobStatus) -> str:
     return f"{status.error.type}: {status.error.message}" if status.error else ""
 
 
-@app.command("jobs")
+@app.command("jobs", cls=Command)
 def jobs_command(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="The service whose jobs to list.")],
@@ -86,7 +87,7 @@ def jobs_command(
     out.print(table if found else f"no jobs of {service!r}" + (f" {status}" if status else ""))
 
 
-@app.command("job")
+@app.command("job", cls=Command)
 def job_command(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id, as submit returned it.")],
@@ -119,7 +120,7 @@ def job_command(
         raise typer.Exit(EXIT_CALL_FAILED)
 
 
-@app.command("schedules")
+@app.command("schedules", cls=Command)
 def schedules_command(
     ctx: typer.Context,
     as_json: JsonOption = False,

@@ -45,6 +45,7 @@ from titan_broker._service.decorators import HealthStatus
 from .common import (
     EXIT_CALL_FAILED,
     EXIT_USAGE,
+    Command,
     JsonOption,
     NamespaceOption,
     RedisOption,
@@ -84,7 +85,7 @@ def _service_row(s: ServiceInfo) -> dict[str, Any]:
     }
 
 
-@app.command()
+@app.command(cls=Command)
 def services(
     ctx: typer.Context,
     as_json: JsonOption = False,
@@ -116,7 +117,7 @@ def services(
     out.print(table)
 
 
-@app.command("dead-letters")
+@app.command("dead-letters", cls=Command)
 def dead_letters(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
@@ -196,7 +197,7 @@ def _worker_row(w: WorkerInfo) -> dict[str, Any]:
     return row
 
 
-@app.command()
+@app.command(cls=Command)
 def workers(
     ctx: typer.Context,
     service: Annotated[str | None, typer.Argument(metavar="[SERVICE]", help="Only this service.")] = None,
@@ -233,7 +234,7 @@ def workers(
 RETIRED = "retired"
 
 
-@app.command()
+@app.command(cls=Command)
 def health(
     ctx: typer.Context,
     service: Annotated[str | None, typer.Argument(metavar="[SERVICE]", help="Only this service.")] = None,
@@ -321,7 +322,7 @@ def _queue_row(q: QueueInfo) -> dict[str, Any]:
     return {"service": q.service, "waiting": q.waiting, "running": q.pending, "dead_letters": q.dead_letters}
 
 
-@app.command()
+@app.command(cls=Command)
 def queues(
     ctx: typer.Context,
     as_json: JsonOption = False,
@@ -378,7 +379,7 @@ def _stats_table(rows: list[dict[str, Any]], title: str = "stats") -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=Command)
 def stats(
     ctx: typer.Context,
     service: Annotated[str | None, typer.Argument(metavar="[SERVICE]", help="Only this service.")] = None,
@@ -422,7 +423,7 @@ async def _top_view(c: Client, refresh: float) -> dict[str, Any]:
             "hosts": hosts}  # fmt: skip
 
 
-@app.command()
+@app.command(cls=Command)
 def top(
     ctx: typer.Context,
     refresh: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between refreshes.")] = 1.0,
@@ -519,7 +520,7 @@ class NoWorker(NoLiveWorkers):
     """``titan call`` to a known service with no live worker (refused at once, not queued)."""
 
 
-@app.command()
+@app.command(cls=Command)
 def call(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
