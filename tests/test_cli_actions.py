@@ -401,3 +401,26 @@ def test_examples_run_as_scripts_from_the_root() -> None:
     )  # fmt: skip
     assert "ModuleNotFoundError" not in demo.stderr
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in demo.stderr
+
+
+@pytest.mark.timeout(180)
+def test_the_editable_install_is_seen_by_type_checkers_outside_the_repository(tmp_path: Path) -> None:
+    """`make install` (pip install -e, editable_mode=strict): mypy in another project finds the package
+    and its py.typed, so a typed caller is checked against titan-broker's annotations."""
+    (tmp_path / "caller.py").write_text(
+        textwrap.dedent("""
+            from titan_broker import ProcessManager
+
+            async def count() -> int:
+                async with ProcessManager() as pm:
+                    return await pm.workers_of("calculator")  # a list of WorkerInfo, not an int
+        """)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "caller.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=170,
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")},
+    )  # fmt: skip
+    assert "Cannot find implementation or library stub" not in done.stdout, done.stdout
+    expected = 'Incompatible return value type (got "list[WorkerInfo]", expected "int")'
+    assert expected in done.stdout, done.stdout
