@@ -170,11 +170,24 @@ def test_call_json_prints_the_result(redis_url: str, namespace: str, calculator:
 # --- exit codes ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [("dead-letters",), ("jobs",), ("dead-letters", "--replay")])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("dead-letters", "nosuch"),
+        ("dead-letters", "nosuch", "--replay"),
+        ("jobs", "nosuch"),
+        ("job", "nosuch:0123abcd"),
+        ("cancel", "nosuch:0123abcd"),
+        ("submit", "nosuch", "ping"),
+        ("purge", "nosuch", "--yes"),
+        ("forget", "nosuch", "--yes"),
+    ],
+    ids=" ".join,
+)
 def test_unknown_service_exits_3_in_every_command(
     redis_url: str, namespace: str, calculator: str, command: tuple[str, ...]
 ) -> None:
-    result = titan(redis_url, namespace, command[0], "nosuch", *command[1:])
+    result = titan(redis_url, namespace, *command)
     assert result.returncode == 3, result.stderr
     assert "unknown service 'nosuch'" in result.stderr and "known: calculator" in result.stderr
 

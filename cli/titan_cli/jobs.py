@@ -99,6 +99,7 @@ def job_command(
 
     async def read(client: Client) -> tuple[JobStatus, Any]:
         job: Job[Any] = client.job(job_id)  # a malformed id: ConfigError, a usage error
+        await services_named(client, job.service)  # an unknown service: exit 3, as everywhere
         status = await job.status()
         result = await job.result(timeout=5) if status.state is JobState.DONE else None  # read at once
         return status, result

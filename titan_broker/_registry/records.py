@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
 
 from .._redis.connection import Redis, text
 from .._wire.keys import Keys
@@ -311,9 +312,12 @@ async def idle_since(redis: Redis, keys: Keys, service: str) -> tuple[float, flo
     moment (``Keys.idle``); the next worker to register deletes the mark. A reader whose ACL
     forbids the write gets ``since == now``.
     """
-    seconds, micros = await redis.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
     key = keys.idle(service)
+    if isinstance(redis, RedisCluster):  # the clock of the node that holds the mark
+        seconds, micros = await redis.time(target_nodes=redis.get_node_from_key(key))
+    else:
+        seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     try:
         await redis.set(key, str(now_ms), nx=True)
     except rexc.NoPermissionError:
