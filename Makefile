@@ -1,14 +1,27 @@
-# Every target sets up .venv itself (python3 -m venv + pip install -e '.[dev]').
+# Every target sets up .venv itself (python3 -m venv + pip install -e '.[dev]', editable_mode=strict).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: install demo test test-node lint docs docs-serve mutation mutation-applies bench bench-node clean
 
-$(VENV)/.installed: pyproject.toml
+# editable_mode=strict: the editable install is a tree of links to the sources (under build/) named
+# on a static .pth, which type checkers read: mypy in a project that installed titan-broker this way
+# finds titan_broker and its py.typed (setuptools' default editable finder is an import hook they
+# cannot see). A module added or removed changes the list in .venv/.files and reinstalls at the
+# next make; edits to existing files need nothing.
+PACKAGE_FILES := $(sort $(shell find titan_broker worker/titan_worker cli/titan_cli -type f \
+	\( -name '*.py' -o -name '*.lua' -o -name py.typed \) -not -path '*/__pycache__/*' 2>/dev/null))
+
+.PHONY: package-files
+$(VENV)/.files: package-files
+	@mkdir -p $(VENV)
+	@echo '$(PACKAGE_FILES)' | cmp -s - $@ || echo '$(PACKAGE_FILES)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.files
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
+from pathlib import Path
 
 import anyio
 from PIL import Image
 from rich.console import Console
+
+if __package__ in (None, ""):  # run as a script (python examples/x.py): the project's root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processes.calculator import Calculator
 from processes.database import Database

@@ -1,6 +1,6 @@
 """The titan-broker walkthrough: services, typed calls, pools, health, discovery, metrics, shutdown.
 
-Run from the project root: ``python -m examples.usage`` (or ``make demo``).
+Run from the project root: ``python -m examples.usage``, ``python examples/usage.py`` or ``make demo``.
 Uses $TITAN_REDIS_URL when set; otherwise starts a private redis-server
 for the length of the demo and stops it afterwards.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -21,6 +22,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+if __package__ in (None, ""):  # run as a script (python examples/x.py): the project's root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from processes.calculator import Calculator
 from processes.database import Database
 from processes.image_processor import ImageProcessor
@@ -28,6 +32,11 @@ from titan_broker import AutoScale, CallTimeout, ProcessManager, RemoteError, wi
 from titan_broker.testing import LocalRedis
 
 console = Console()
+
+
+def ms(value: float | None) -> str:
+    """A latency in a table: '-' for a worker that has served nothing yet."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def step(title: str) -> None:
@@ -139,11 +148,11 @@ async def demo(url: str, folder: Path) -> None:
             for w in info.workers:
                 latency = w.latency.summary()
                 rss = psutil.Process(w.pid).memory_info().rss / 2**20
-                row = (str(w.pid), str(w.calls), str(w.errors), str(latency["p50"]), str(latency["p99"]))
+                row = (str(w.pid), str(w.calls), str(w.errors), ms(latency["p50"]), ms(latency["p99"]))
                 table.add_row(info.name, *row, f"{rss:.0f}")
         console.print(table)
         metrics = await pool.metrics()
-        summary = f"{metrics.workers} workers, {metrics.calls} calls, p95 {metrics.p95_ms} ms"
+        summary = f"{metrics.workers} workers, {metrics.calls} calls, p95 {ms(metrics.p95_ms)} ms"
         console.print(f"image pool: {summary}, {metrics.rss / 2**20:.0f} MiB resident")
 
         step("7. Deadlines: a call that cannot finish in time fails, it never hangs")

@@ -31,10 +31,12 @@ def test_services_json_lists_live_services(redis_url: str, namespace: str, calcu
     result = titan(redis_url, namespace, "services", "--json")
     assert result.returncode == 0, result.stderr
     [service] = json.loads(result.stdout)
-    assert service["name"] == "calculator"
-    assert service["version"] == "1.0.0"
-    assert [w["worker_id"] for w in service["workers"]] == [calculator]
-    assert "divide(a: float, b: float) -> float" in [m["signature"] for m in service["methods"]]
+    assert service["service"] == "calculator"  # the table's column names
+    [version] = service["versions"]
+    assert version["version"] == "1.0.0" and version["workers"] == [calculator]
+    assert (version["in_flight"], version["calls"]) == (0, 0)
+    assert "divide(a: float, b: float) -> float" in [m["signature"] for m in version["methods"]]
+    assert "methods" not in service  # listed once, per version
 
 
 def test_services_table_is_readable(redis_url: str, namespace: str, calculator: str) -> None:
@@ -125,11 +127,11 @@ def test_workers_health_queues_and_stats(redis_url: str, namespace: str, calcula
     health = titan(redis_url, namespace, "health", "--json")
     assert health.returncode == 0, health.stderr
     [report] = json.loads(health.stdout)
-    assert (report["service"], report["status"], report["healthy"]) == ("calculator", "healthy", 1)
+    assert (report["service"], report["status"], report["healthy_workers"]) == ("calculator", "healthy", 1)
     assert "healthy" in titan(redis_url, namespace, "health").stdout
 
     [queue] = json.loads(titan(redis_url, namespace, "queues", "--json").stdout)
-    assert queue == {"service": "calculator", "backlog": 0, "pending": 0, "dead_letters": 0, "waiting": 0}
+    assert queue == {"service": "calculator", "waiting": 0, "running": 0, "dead_letters": 0}
     assert "calculator" in titan(redis_url, namespace, "queues").stdout
 
     # Calls are counted at the worker's heartbeat (about every second).

@@ -373,15 +373,15 @@ def test_the_cli_from_a_node_without_the_services_keys(
         return json.loads(done.stdout)
 
     [service] = run("services", "--json")
-    assert service["name"] == "calculator"
-    assert [w["worker_id"] for w in service["workers"]] == [wid]
+    assert service["service"] == "calculator"
+    assert [w for v in service["versions"] for w in v["workers"]] == [wid]
     [worker] = run("workers", "--json")
     assert worker["worker_id"] == wid and worker["status"] == "ready"
     [report] = run("health", "--json")
-    assert (report["service"], report["status"], report["healthy"]) == ("calculator", "healthy", 1)
+    assert (report["service"], report["status"], report["healthy_workers"]) == ("calculator", "healthy", 1)
     assert run("call", "calculator", "add", "2", "3.5") == 5.5
     [queue] = run("queues", "--json")
-    assert queue["service"] == "calculator" and queue["backlog"] == 0
+    assert queue["service"] == "calculator" and queue["waiting"] == 0
     failed = titan(url, namespace, "call", "calculator", "divide", "1", "0")
     assert failed.returncode == 1 and "ValueError: Division by zero" in failed.stderr
 
@@ -692,7 +692,8 @@ async def test_rediss_to_a_tls_cluster_from_a_node_without_the_service(
         done = titan(url, namespace, "services", "--json")
         assert done.returncode == 0, done.stderr
         [service] = json.loads(done.stdout)
-        assert service["name"] == "calculator" and [w["worker_id"] for w in service["workers"]] == [wid]
+        assert service["service"] == "calculator"
+        assert [w for v in service["versions"] for w in v["workers"]] == [wid]
         done = titan(url, namespace, "call", "calculator", "add", "2", "3.5")
         assert done.returncode == 0 and json.loads(done.stdout) == 5.5, done.stderr
 

@@ -188,7 +188,7 @@ async def test_cli_dead_letters(workers: Workers, redis_url: str, namespace: str
         wait_until, lambda: [d for d in listing() if d["id"] != listed[0]["id"]], 10, "the replayed junk"
     )
     assert len(again) == 1 and len(listing()) == 1
-    purged = titan(redis_url, namespace, "dead-letters", "calculator", "--purge", "--json")
+    purged = titan(redis_url, namespace, "dead-letters", "calculator", "--purge", "--yes", "--json")
     assert json.loads(purged.stdout) == {"purged": 1}
     assert listing() == []
 

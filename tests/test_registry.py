@@ -165,7 +165,7 @@ def test_titan_services_shows_both_versions(redis_url: str, namespace: str, work
     assert result.returncode == 0, result.stderr
     [service] = json.loads(result.stdout)
     assert [v["version"] for v in service["versions"]] == ["1.0.0", "2.0.0"]
-    assert sorted(w["version"] for w in service["workers"]) == ["1.0.0", "2.0.0"]
+    assert [len(v["workers"]) for v in service["versions"]] == [1, 1]
     table = titan(redis_url, namespace, "services")
     assert table.returncode == 0, table.stderr
     assert "1.0.0" in table.stdout and "2.0.0" in table.stdout

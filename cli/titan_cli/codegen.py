@@ -33,9 +33,11 @@ from titan_broker._errors import TitanError
 from titan_broker._registry import ServiceInfo, list_services
 from titan_broker._service import load_service_file
 
-from .common import EXIT_USAGE, UnknownService, app, err, out, run
+from .common import EXIT_USAGE, Command, NamespaceOption, RedisOption, UnknownService, app, err, out, run
 
-codegen_app = typer.Typer(help="Generate code for callers in other languages.", no_args_is_help=True)
+codegen_app = typer.Typer(
+    help="Generate code for callers in other languages.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(codegen_app, name="codegen")
 
 HEADER = """\
@@ -549,21 +551,30 @@ def _selected(found: list[ServiceInfo], names: list[str]) -> Iterator[ServiceInf
         yield by_name[name]
 
 
-@codegen_app.command("typescript")
+@codegen_app.command("typescript", cls=Command)
 def typescript_command(
     ctx: typer.Context,
     services: Annotated[
-        list[str] | None, typer.Argument(help="Services to declare (default: every one in the registry).")
+        list[str] | None,
+        typer.Argument(
+            metavar="[SERVICE]...", help="Services to declare (default: every one in the registry)."
+        ),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout).")
+        Path | None,
+        typer.Option("--output", "-o", metavar="FILE", help="Write to this file (default: stdout)."),
     ] = None,
     sources: Annotated[
         list[Path] | None,
         typer.Option(
-            "--source", "-s", help="A service file whose classes to read (else found by name here)."
+            "--source",
+            "-s",
+            metavar="FILE",
+            help="A service file whose classes to read (else found by name here).",
         ),
     ] = None,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
     """Write TypeScript declarations of services for the Node client, from their registered signatures."""
     if os.getcwd() not in sys.path:
@@ -580,7 +591,7 @@ def typescript_command(
             _selected(await list_services(client.redis, client.keys, live_only=False), services or [])
         )
 
-    text = typescript(run(ctx, read))
+    text = typescript(run(ctx, read, redis, namespace))
     if output is None:
         out.file.write(text)
     else:

@@ -1,11 +1,11 @@
 """``titan``: inspect services and call them from the shell.
 
-Exit codes (also in README.md):
+Exit codes (also in README.md and docs/cli.md):
   0  success
   1  the call failed (remote error, timeout, no live worker, backlog full); for
      `health`, a service is not healthy
   2  bad command line
-  3  unknown service
+  3  unknown service (or, for `health`, a namespace where none has registered)
   4  Redis unreachable or refused the credentials
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import time
 from typing import Annotated, Any
 
 import anyio
@@ -23,13 +25,17 @@ from rich.progress import Progress
 from rich.table import Table
 
 from titan_broker._calling import Client
+from titan_broker._errors import NoLiveWorkers
 from titan_broker._registry import (
+    RETIRED_AFTER,
     LatencyHistogram,
     QueueInfo,
     ServiceHealth,
+    ServiceInfo,
     VersionInfo,
     WorkerInfo,
     aggregate,
+    idle_since,
     known_services,
     list_dead_letters,
     list_services,
@@ -43,26 +49,57 @@ from titan_broker._service import HealthStatus
 from .common import (
     EXIT_CALL_FAILED,
     EXIT_USAGE,
+    Command,
+    JsonOption,
+    NamespaceOption,
+    RedisOption,
     UnknownService,
+    confirm,
     err,
+    iso,
+    ms,
     out,
     print_json,
+    print_json_line,
     run,
+    services_named,
 )
 from .common import (
     app as app,
 )
 
 
-@app.command()
+def _service_row(s: ServiceInfo) -> dict[str, Any]:
+    """``services --json``: the table's columns per serving version, each version's methods once."""
+    versions = s.versions or [VersionInfo(s.version, s.methods, s.workers)]
+    return {
+        "service": s.name,
+        "description": s.description,
+        "versions": [
+            {
+                "version": v.version,
+                "workers": [w.worker_id for w in v.workers],
+                "in_flight": sum(w.in_flight for w in v.workers),
+                "calls": sum(w.calls for w in v.workers),
+                "methods": v.methods,
+            }
+            for v in versions
+        ],
+        "hosts": s.hosts,
+    }
+
+
+@app.command(cls=Command)
 def services(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: JsonOption = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
     """List the services that have at least one live worker, each version serving with its workers."""
-    found = run(ctx, lambda c: list_services(c.redis, c.keys))
+    found = run(ctx, lambda c: list_services(c.redis, c.keys), redis, namespace)
     if as_json:
-        print_json([s.to_dict() for s in found])
+        print_json([_service_row(s) for s in found])
         return
     if not found:
         out.print("no live services (start one with: titan-worker run FILE)")
@@ -72,36 +109,46 @@ def services(
         table.add_column(col)
     for s in found:
         # One row per version serving (several during a rolling upgrade), each with its own methods.
-        versions = s.versions or [VersionInfo(s.version, s.methods, s.workers)]
-        for i, v in enumerate(versions):
+        for i, v in enumerate(_service_row(s)["versions"]):
             table.add_row(
                 s.name if i == 0 else "",
-                v.version,
-                str(len(v.workers)),
-                str(sum(w.in_flight for w in v.workers)),
-                str(sum(w.calls for w in v.workers)),
-                "\n".join(_method_line(m) for m in v.methods),
+                v["version"],
+                str(len(v["workers"])),
+                str(v["in_flight"]),
+                str(v["calls"]),
+                "\n".join(_method_line(m) for m in v["methods"]),
             )
     out.print(table)
 
 
-@app.command("dead-letters")
+@app.command("dead-letters", cls=Command)
 def dead_letters(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help="Service name.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
+    as_json: JsonOption = False,
     replay: Annotated[bool, typer.Option("--replay", help="Put them back on the service's stream.")] = False,
-    purge: Annotated[bool, typer.Option("--purge", help="Delete them.")] = False,
-    ids: Annotated[list[str] | None, typer.Option("--id", help="Only this dead letter (repeatable).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds a replayed call may take.")] = 60.0,
+    purge: Annotated[bool, typer.Option("--purge", help="Delete them (asks first; --yes does not).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --purge.")] = False,
+    ids: Annotated[
+        list[str] | None, typer.Option("--id", metavar="ID", help="Only this dead letter (repeatable).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds a replayed call may take.")
+    ] = 60.0,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
     """List a service's dead letters, or --replay / --purge them."""
     if replay and purge:
         err.print("[red]error:[/] choose one of --replay and --purge", highlight=False)
         raise typer.Exit(EXIT_USAGE)
+    if purge:
+        which = f"{len(ids)} dead letter(s)" if ids else "every dead letter"
+        confirm(f"delete {which} of {service!r}?", yes)
     if replay or purge:
 
         async def act(c: Client) -> int:
+            await services_named(c, service)
             if replay:
                 with Progress(console=err, transient=True, disable=as_json) as bar:
                     task = bar.add_task(f"replaying dead letters of {service}", total=None)
@@ -111,7 +158,7 @@ def dead_letters(
                     )  # fmt: skip
             return await purge_dead_letters(c.redis, c.keys, service, ids)
 
-        count = run(ctx, act)
+        count = run(ctx, act, redis, namespace)
         if as_json:
             print_json({"replayed" if replay else "purged": count})
         else:
@@ -119,82 +166,122 @@ def dead_letters(
                 f"{'replayed' if replay else 'purged'} {count} dead letter(s) of {escape(repr(service))}"
             )
         return
-    letters = run(ctx, lambda c: list_dead_letters(c.redis, c.keys, service, count=1000))
+
+    async def read(c: Client) -> list[dict[str, Any]]:
+        await services_named(c, service)
+        letters = await list_dead_letters(c.redis, c.keys, service, count=1000)
+        return [{**d.to_dict(), "at": iso(d.at)} for d in letters]
+
+    letters = run(ctx, read, redis, namespace)
     if as_json:
-        print_json([d.to_dict() for d in letters])
+        print_json(letters)
         return
     if not letters:
         out.print(f"no dead letters for {escape(repr(service))}")
         return
     table = Table(title=f"dead letters of {service}")
-    for col in ("id", "method", "deliveries", "reason"):
+    for col in ("id", "method", "deliveries", "at", "reason"):
         table.add_column(col)
     for d in letters:
-        table.add_row(d.id, escape(d.method or "?"), str(d.deliveries), escape(d.reason))
+        at = d["at"][:19].replace("T", " ") if d["at"] else "-"
+        table.add_row(d["id"], escape(d["method"] or "?"), str(d["deliveries"]), at, escape(d["reason"]))
     out.print(table)
 
 
-async def _services_named(client: Client, service: str | None) -> list[str]:
-    """``[service]`` after checking it exists, or every known service."""
-    known = await known_services(client.redis, client.keys)
-    if service is None:
-        return known
-    if service not in known:
-        hint = f"known: {', '.join(known)}" if known else "no service has registered yet"
-        raise UnknownService(
-            f"unknown service {service!r} in namespace {client.namespace!r} ({hint}); "
-            "check --namespace, or start it with titan-worker run FILE"
-        )
-    return [service]
+_services_named = services_named  # the older name
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _worker_row(w: WorkerInfo) -> dict[str, Any]:
+    """``workers --json``: the record, times in ISO 8601, health's own time too."""
+    row = w.to_dict()
+    row["started_at"] = iso(w.started_at)
+    row["heartbeat_at"] = iso(w.heartbeat_at)
+    if w.health is not None and isinstance(w.health.get("at"), int | float):
+        row["health"] = {**w.health, "at": iso(w.health["at"])}
+    return row
 
 
-@app.command()
+@app.command(cls=Command)
 def workers(
     ctx: typer.Context,
-    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    service: Annotated[str | None, typer.Argument(metavar="[SERVICE]", help="Only this service.")] = None,
+    as_json: JsonOption = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
-    """List live workers: host, pid, status, load and health."""
+    """List live workers: host, pid, status, load, latency and health."""
 
     async def gather(c: Client) -> list[WorkerInfo]:
         found: list[WorkerInfo] = []
-        for name in await _services_named(c, service):
+        for name in await services_named(c, service):
             found += await list_workers(c.redis, c.keys, name)
         return found
 
-    found = run(ctx, gather)
+    found = run(ctx, gather, redis, namespace)
     if as_json:
-        print_json([w.to_dict() for w in found])
+        print_json([_worker_row(w) for w in found])
         return
     table = Table(title="workers")
-    for col in ("service", "worker", "host", "pid", "status", "in flight", "calls", "errors", "health"):
+    columns = ("service", "worker id", "host", "pid", "status", "in flight", "calls", "errors", "p50 ms",
+               "p99 ms", "health")  # fmt: skip
+    for col in columns:
         table.add_column(col)
     for w in found:
         status = (w.health or {}).get("status", "-")
-        table.add_row(w.service, w.worker_id, w.host, str(w.pid), w.status, f"{w.in_flight}/{w.concurrency}",
-                      str(w.calls), str(w.errors), status)  # fmt: skip
+        latency = w.latency.summary()
+        load = f"{w.in_flight}/{w.concurrency}"
+        table.add_row(w.service, w.worker_id, w.host, str(w.pid), w.status, load, str(w.calls),
+                      str(w.errors), ms(latency["p50"]), ms(latency["p99"]), status)  # fmt: skip
     out.print(table if found else "no live workers")
 
 
-@app.command()
+RETIRED = "retired"
+
+
+@app.command(cls=Command)
 def health(
     ctx: typer.Context,
-    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    service: Annotated[str | None, typer.Argument(metavar="[SERVICE]", help="Only this service.")] = None,
+    retired_after: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="A service with no live worker for longer is retired: listed apart, not counted.",
+        ),
+    ] = RETIRED_AFTER,
+    as_json: JsonOption = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
-    """Health of each service across all its workers; exits 1 unless all are healthy."""
+    """Health of each service across all its workers; exits 1 unless all are healthy.
 
-    async def gather(c: Client) -> list[ServiceHealth]:
-        names = await _services_named(c, service)
-        return [aggregate(name, await list_workers(c.redis, c.keys, name)) for name in names]
+    A service whose workers are all gone is unhealthy for --retired-after seconds (an hour),
+    then retired: listed apart and left out of the exit code (forget it with titan forget).
+    SERVICE named, it must be healthy. A namespace where no service has registered exits 3."""
 
-    found = run(ctx, gather)
+    async def gather(c: Client) -> tuple[list[ServiceHealth], list[dict[str, Any]]]:
+        names = await services_named(c, service)
+        if not names:
+            raise UnknownService(
+                f"no service has registered in namespace {c.namespace!r}: check --namespace and "
+                "--redis (a health check pointed at the wrong place must not pass)"
+            )
+        live: list[ServiceHealth] = []
+        retired: list[dict[str, Any]] = []
+        for name in names:
+            found = await list_workers(c.redis, c.keys, name)
+            if not found:
+                since, now = await idle_since(c.redis, c.keys, name)
+                if now - since >= retired_after:
+                    retired.append({"service": name, "status": RETIRED, "no_worker_since": iso(since)})
+                    continue
+            live.append(aggregate(name, found))
+        return live, retired
+
+    found, retired = run(ctx, gather, redis, namespace)
     if as_json:
-        print_json([h.to_dict() for h in found])
+        rows = [_health_row(h) for h in found]
+        print_json(rows + retired)
     else:
         colors = {"healthy": "green", "degraded": "yellow", "unhealthy": "red"}
         table = Table(title="health")
@@ -206,32 +293,60 @@ def health(
                 for w in h.workers
                 if w["status"] != "healthy"
             )
+            if not h.workers:
+                notes = "no live worker"
             status = f"[{colors[str(h.status)]}]{h.status}[/]"
             table.add_row(h.service, status, f"{h.healthy}/{len(h.workers)}", escape(notes))
-        out.print(table)
-    if any(h.status != HealthStatus.HEALTHY for h in found):
+        if found:
+            out.print(table)
+        if retired:
+            listed = ", ".join(f"{r['service']} (since {_stamp(r['no_worker_since'])})" for r in retired)
+            out.print(f"retired (no live worker for over {retired_after:g} s, not counted): {escape(listed)}")
+    if any(h.status != HealthStatus.HEALTHY for h in found) or (service is not None and retired):
         raise typer.Exit(EXIT_CALL_FAILED)
 
 
-@app.command()
+def _stamp(stamp: str | None) -> str:
+    return "-" if stamp is None else stamp[:19].replace("T", " ")
+
+
+def _health_row(h: ServiceHealth) -> dict[str, Any]:
+    """``health --json``: the table's columns (healthy_workers of workers), each worker's report."""
+    workers = [{**w, "status": str(w["status"])} for w in h.workers]
+    return {
+        "service": h.service,
+        "status": str(h.status),
+        "healthy_workers": h.healthy,
+        "workers": workers,
+        "failed": h.failed,
+    }
+
+
+def _queue_row(q: QueueInfo) -> dict[str, Any]:
+    return {"service": q.service, "waiting": q.waiting, "running": q.pending, "dead_letters": q.dead_letters}
+
+
+@app.command(cls=Command)
 def queues(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: JsonOption = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
     """Calls waiting, running and dead-lettered, per service."""
 
     async def gather(c: Client) -> list[QueueInfo]:
         return [await queue_info(c.redis, c.keys, name) for name in await known_services(c.redis, c.keys)]
 
-    found = run(ctx, gather)
+    found = [_queue_row(q) for q in run(ctx, gather, redis, namespace)]
     if as_json:
-        print_json([q.to_dict() for q in found])
+        print_json(found)
         return
     table = Table(title="queues")
     for col in ("service", "waiting", "running", "dead letters"):
         table.add_column(col)
     for q in found:
-        table.add_row(q.service, str(q.waiting), str(q.pending), str(q.dead_letters))
+        table.add_row(q["service"], str(q["waiting"]), str(q["running"]), str(q["dead_letters"]))
     out.print(table if found else "no services")
 
 
@@ -248,76 +363,108 @@ async def _stats(c: Client, names: list[str], interval: float) -> list[dict[str,
             "workers": len(live),
             "calls": calls,
             "errors": sum(w.errors for w in live),
-            "throughput": round(max(0, calls - before[name]) / interval, 2),
+            "calls_per_s": round(max(0, calls - before[name]) / interval, 2),
             **{f"{k}_ms": v for k, v in latency.items()},
         })  # fmt: skip
     return rows
 
 
 def _stats_table(rows: list[dict[str, Any]], title: str = "stats") -> Table:
+    queues = any("waiting" in r for r in rows)
     table = Table(title=title)
-    for col in ("service", "workers", "calls", "errors", "calls/s", "p50 ms", "p95 ms", "p99 ms"):
+    columns = ["service", "workers", "calls", "errors", "calls/s", "p50 ms", "p95 ms", "p99 ms"]
+    columns += ["waiting", "running", "dead letters"] if queues else []
+    for col in columns:
         table.add_column(col, justify="left" if col == "service" else "right")
     for r in rows:
-        counts = (str(r["workers"]), str(r["calls"]), str(r["errors"]), f"{r['throughput']:.1f}")
-        table.add_row(r["service"], *counts, _ms(r["p50_ms"]), _ms(r["p95_ms"]), _ms(r["p99_ms"]))
+        counts = (str(r["workers"]), str(r["calls"]), str(r["errors"]), f"{r['calls_per_s']:.1f}")
+        backlog = (str(r["waiting"]), str(r["running"]), str(r["dead_letters"])) if queues else ()
+        table.add_row(r["service"], *counts, ms(r["p50_ms"]), ms(r["p95_ms"]), ms(r["p99_ms"]), *backlog)
     return table
 
 
-@app.command()
+@app.command(cls=Command)
 def stats(
     ctx: typer.Context,
-    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
-    interval: Annotated[float, typer.Option(help="Seconds over which throughput is measured.")] = 1.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    service: Annotated[str | None, typer.Argument(metavar="[SERVICE]", help="Only this service.")] = None,
+    interval: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds over which calls/s is measured.")
+    ] = 1.0,
+    as_json: JsonOption = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
-    """Calls, errors, throughput and latency percentiles per service (all workers merged)."""
+    """Calls, errors, calls/s and latency percentiles per service (all workers merged)."""
 
     async def gather(c: Client) -> list[dict[str, Any]]:
-        return await _stats(c, await _services_named(c, service), interval)
+        return await _stats(c, await services_named(c, service), interval)
 
-    rows = run(ctx, gather)
+    rows = run(ctx, gather, redis, namespace)
     if as_json:
         print_json(rows)
     else:
         out.print(_stats_table(rows) if rows else "no services")
 
 
-@app.command()
+async def _top_view(c: Client, refresh: float) -> dict[str, Any]:
+    """One refresh of ``top``: per service its stats and queues, and its workers per host."""
+    names = await known_services(c.redis, c.keys)
+    rows = await _stats(c, names, refresh)
+    hosts: list[dict[str, Any]] = []
+    for row in rows:
+        row.update({k: v for k, v in _queue_row(await queue_info(c.redis, c.keys, row["service"])).items()})
+        live_workers = await list_workers(c.redis, c.keys, row["service"])
+        by_host: dict[str, list[WorkerInfo]] = {}
+        for w in live_workers:
+            by_host.setdefault(w.host, []).append(w)
+        status = str(aggregate(row["service"], live_workers).status)
+        row["health"] = status
+        for host, ws in by_host.items():
+            hosts.append({"service": row["service"], "host": host, "workers": len(ws),
+                          "in_flight": sum(w.in_flight for w in ws), "health": status})  # fmt: skip
+    return {"namespace": c.namespace, "at": iso(time.time()), "services": rows, "hosts": hosts}
+
+
+@app.command(cls=Command)
 def top(
     ctx: typer.Context,
-    refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    refresh: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between refreshes.")] = 1.0,
     count: Annotated[
-        int | None, typer.Option(help="Stop after this many refreshes (default: Ctrl-C).")
+        int | None, typer.Option(metavar="N", help="Stop after this many refreshes (default: Ctrl-C).")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document per refresh, one per line.")
+    ] = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
-    """A live view of services, workers per host, load, latency and health, until Ctrl-C."""
+    """A live view of services (load, latency, backlog, dead letters), workers per host and health."""
 
     async def view(c: Client) -> None:
-        with Live(console=out, auto_refresh=False) as live:
-            shown = 0
+        shown = 0
+        if as_json:
             while count is None or shown < count:
-                names = await known_services(c.redis, c.keys)
-                rows = await _stats(c, names, refresh)
+                print_json_line(await _top_view(c, refresh))
+                shown += 1
+            return
+        with Live(console=out, auto_refresh=False) as live:
+            while count is None or shown < count:
+                data = await _top_view(c, refresh)
                 grid = Table.grid()
-                grid.add_row(_stats_table(rows, title=f"titan top: {c.namespace} (every {refresh:g} s)"))
+                title = f"titan top: {c.namespace} (every {refresh:g} s)"
+                grid.add_row(_stats_table(data["services"], title=title))
                 table = Table(title="workers by host")
                 for col in ("service", "host", "workers", "in flight", "health"):
                     table.add_column(col)
-                for name in names:
-                    live_workers = await list_workers(c.redis, c.keys, name)
-                    hosts: dict[str, list[WorkerInfo]] = {}
-                    for w in live_workers:
-                        hosts.setdefault(w.host, []).append(w)
-                    status = str(aggregate(name, live_workers).status)
-                    for host, ws in hosts.items():
-                        table.add_row(name, host, str(len(ws)), str(sum(w.in_flight for w in ws)), status)
+                for h in data["hosts"]:
+                    counts = (str(h["workers"]), str(h["in_flight"]))
+                    table.add_row(h["service"], h["host"], *counts, h["health"])
                 grid.add_row(table)
                 live.update(grid, refresh=True)
                 shown += 1
 
     with contextlib.suppress(KeyboardInterrupt):
-        run(ctx, view)
+        run(ctx, view, redis, namespace)
 
 
 def _method_line(method: dict[str, Any]) -> str:
@@ -335,34 +482,91 @@ def _method_line(method: dict[str, Any]) -> str:
     return escape(line)  # '[' in type hints and options is text, not rich markup
 
 
-def _parse_arg(raw: str) -> Any:
+def _parse_value(raw: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
 
 
-@app.command()
+def parse_arguments(raw: list[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments from the command line: ``NAME=JSON`` is a keyword argument
+    (NAME a Python identifier), anything else positional; each value JSON, else a string.
+    A positional string holding '=' is passed as JSON: '"a=b"'."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for item in raw:
+        name, sep, value = item.partition("=")
+        if sep and name.isidentifier():
+            if name in kwargs:
+                raise typer.BadParameter(f"keyword argument {name!r} given twice", param_hint="ARGS")
+            kwargs[name] = _parse_value(value)
+        elif kwargs:
+            raise typer.BadParameter(
+                f"positional argument {item!r} after a keyword argument", param_hint="ARGS"
+            )
+        else:
+            args.append(_parse_value(item))
+    return tuple(args), kwargs
+
+
+def _print_item(item: Any, as_json: bool) -> None:
+    if as_json or not isinstance(item, str):
+        print_json_line(item)
+    else:
+        sys.stdout.write(item + "\n")
+        sys.stdout.flush()
+
+
+class NoWorker(NoLiveWorkers):
+    """``titan call`` to a known service with no live worker (refused at once, not queued)."""
+
+
+@app.command(cls=Command)
 def call(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help="Service name.")],
-    method: Annotated[str, typer.Argument(help="Public method name.")],
+    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
+    method: Annotated[str, typer.Argument(metavar="METHOD", help="Public method name.")],
     args: Annotated[
         list[str] | None,
-        typer.Argument(help="Arguments, each parsed as JSON, else taken as a string."),
+        typer.Argument(
+            metavar="[ARGS]...",
+            help="Arguments: VALUE positional, NAME=VALUE keyword; each VALUE JSON, else a string.",
+        ),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds to wait for the answer.")] = 30.0,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="With no live worker, queue the call for one (until the timeout).")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="JSON always: the result, or a streaming method's items as JSON lines."),
+    ] = False,
+    redis: RedisOption = None,
+    namespace: NamespaceOption = None,
 ) -> None:
-    """Call SERVICE.METHOD(ARGS...) and print the result as JSON."""
-    values = tuple(_parse_arg(a) for a in args or [])
+    """Call SERVICE.METHOD(ARGS...) and print the result as JSON; a streaming method's items as they come."""
+    values, kwargs = parse_arguments(args or [])
 
-    async def call_it(c: Client) -> Any:
-        await _services_named(c, service)  # an unknown service is exit 3 at once, not a timeout
-        return await c.call(service, method, values, timeout=timeout)
+    async def call_it(c: Client) -> tuple[bool, Any]:
+        await services_named(c, service)  # an unknown service is exit 3 at once, not a timeout
+        if not wait and await c.live_workers(service) == 0:
+            raise NoWorker(
+                f"service {service!r} has no live worker in namespace {c.namespace!r}: the call was not "
+                "sent (start one with titan-worker run FILE, or pass --wait to queue it for one)"
+            )
+        if method in await c.streaming_methods(service):
+            async for item in c.stream(service, method, values, kwargs, timeout=timeout):
+                _print_item(item, as_json)
+            return True, None
+        return False, await c.call(service, method, values, kwargs, timeout=timeout)
 
-    print_json(run(ctx, call_it))
+    streamed, result = run(ctx, call_it, redis, namespace)
+    if not streamed:
+        print_json(result)
 
 
+from . import actions as actions  # noqa: E402  (registers titan submit, cancel, purge and forget)
 from . import codegen as codegen  # noqa: E402  (registers titan codegen on the app)
 from . import dashboard as dashboard  # noqa: E402  (registers titan dashboard on the app)
 from . import jobs as jobs  # noqa: E402  (registers titan jobs, job and schedules on the app)

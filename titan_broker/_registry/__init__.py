@@ -8,10 +8,16 @@ from .dead_letters import replay_dead_letters as replay_dead_letters
 from .health import ServiceHealth as ServiceHealth
 from .health import aggregate as aggregate
 from .latency import LatencyHistogram as LatencyHistogram
+from .overview import Overview as Overview
+from .overview import RegistryReader as RegistryReader
+from .overview import ServiceOverview as ServiceOverview
+from .records import RETIRED_AFTER as RETIRED_AFTER
 from .records import QueueInfo as QueueInfo
 from .records import ServiceInfo as ServiceInfo
 from .records import VersionInfo as VersionInfo
 from .records import WorkerInfo as WorkerInfo
+from .records import forget_service as forget_service
+from .records import idle_since as idle_since
 from .records import known_services as known_services
 from .records import list_services as list_services
 from .records import list_workers as list_workers
@@ -19,13 +25,19 @@ from .records import queue_info as queue_info
 from .records import read_workers as read_workers
 
 __all__ = (
+    "RETIRED_AFTER",
     "LatencyHistogram",
+    "Overview",
     "QueueInfo",
+    "RegistryReader",
     "ServiceHealth",
     "ServiceInfo",
+    "ServiceOverview",
     "VersionInfo",
     "WorkerInfo",
     "aggregate",
+    "forget_service",
+    "idle_since",
     "known_services",
     "list_dead_letters",
     "list_services",

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
 
 from .._redis.connection import Redis, text
 from .._wire.keys import Keys
@@ -307,6 +308,43 @@ async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
     except Exception:  # no stream or no group yet
         pending = 0
     return QueueInfo(service, int(backlog), pending, int(dead))
+
+
+RETIRED_AFTER = 3600.0
+"""Seconds a service may have no live worker before it counts as retired rather than down."""
+
+
+async def idle_since(redis: Redis, keys: Keys, service: str) -> tuple[float, float]:
+    """(since, now): since when ``service`` has had no live worker, and now, in seconds of Redis's clock.
+
+    Call it for a service found with no live worker. The first reader to find it so marks the
+    moment (``Keys.idle``); the next worker to register deletes the mark. A reader whose ACL
+    forbids the write gets ``since == now``.
+    """
+    key = keys.idle(service)
+    if isinstance(redis, RedisCluster):  # the clock of the node that holds the mark
+        seconds, micros = await redis.time(target_nodes=redis.get_node_from_key(key))
+    else:
+        seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    try:
+        await redis.set(key, str(now_ms), nx=True)
+    except rexc.NoPermissionError:
+        return now_ms / 1000, now_ms / 1000
+    raw = await redis.get(key)
+    mark = text(raw) if raw is not None else ""
+    since_ms = int(mark) if mark.isdigit() else now_ms
+    return min(since_ms, now_ms) / 1000, now_ms / 1000
+
+
+async def forget_service(redis: Redis, keys: Keys, service: str) -> None:
+    """Remove a service with no live worker from the registry: its directory entry, worker set, idle
+    mark, calls, dead letters, delayed calls and schedule. Its jobs expire as they would."""
+    await redis.hdel(keys.services, service)
+    async with redis.pipeline(transaction=True) as pipe:  # the service's keys: one slot
+        pipe.delete(keys.workers(service), keys.idle(service), keys.affinity(service), keys.config(service))
+        pipe.delete(keys.calls(service), keys.dead(service), keys.delayed(service), keys.schedule(service))
+        await pipe.execute()
 
 
 async def known_services(redis: Redis, keys: Keys) -> list[str]:

@@ -63,6 +63,13 @@ class Keys:
         """Set of the ids of the workers that registered for a service."""
         return f"{self.namespace}:{{{service}}}:workers"
 
+    def idle(self, service: str) -> str:
+        """String: when (ms, Redis's clock) a reader first found the service with no live worker.
+
+        Deleted by each worker as it registers; a service idle longer than the registry's
+        RETIRED_AFTER is retired (see records.idle_since)."""
+        return f"{self.namespace}:{{{service}}}:idle"
+
     def worker(self, service: str, worker_id: str) -> str:
         """Hash with a TTL: one worker's registry record; it expires when heartbeats stop."""
         return f"{self.namespace}:{{{service}}}:worker:{worker_id}"

@@ -109,6 +109,7 @@ class Heartbeat:
         pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
         pipe.sadd(ctx.keys.affinity(ctx.service), ctx.worker_id)
         pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
+        pipe.delete(ctx.keys.idle(ctx.service))  # served again: not idle, never retired
         pipe.execute()
 
     def _fields(self, *, heartbeat_only: bool) -> dict[str, str]:

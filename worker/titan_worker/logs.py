@@ -4,12 +4,18 @@ A flood of bad entries, an out-of-memory Redis or a method that fails on
 every call must not write a line (or a traceback) per occurrence: the first
 of a kind is logged at once, later ones are counted and summed up in one line
 at most every ``every`` seconds.
+
+The formats of ``titan-worker run``'s log are here too: text (the default) or JSON lines
+(``--log-format json``), both with readable UTC times.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -49,3 +55,49 @@ class Throttled:
         next occurrence of each at once."""
         if any(self._kinds.pop(kind, None) is not None for kind in kinds):
             self.logger.warning(message, *args)
+
+
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def readable_time(created: float) -> str:
+    """``2026-05-01T10:30:15.123+00:00``: a log line's time, in UTC to the millisecond."""
+    return datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-05-01T10:30:15.123+00:00 INFO titan_worker: message`` (times in UTC, not raw numbers)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return readable_time(record.created)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log shippers: time, level, logger, message, the record's extra
+    fields, and ``traceback`` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": readable_time(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _RECORD_FIELDS and not name.startswith("_"):
+                line[name] = value
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure(verbose: int, log_format: str) -> None:
+    """Root logging for ``titan-worker run``: warnings by default, INFO at -v, DEBUG at -vv."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)

@@ -18,24 +18,49 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
-from typing import Annotated, Any
+import traceback
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Literal
 
 import anyio
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 import titan_broker
 from titan_broker._config import (
     ENV_NAMESPACE,
     ENV_URL,
     WorkerOptions,
+    redact,
     resolve_namespace,
     resolve_url,
 )
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
 from titan_broker._service import load_service_file
 
+from .logs import configure
 from .worker import InitError, Worker
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its metavar alone (FILE, [SERVICE]), not as ``{file} <str>``."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        return self.metavar or super()._usage_display_name()
+
+
+class Command(TyperCommand):
+    """A command whose help names its arguments by their metavars only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument:
+                param.__class__ = _Argument
+
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -46,8 +71,22 @@ EXIT_INIT = 5
 ENV_DEPENDENCIES = "TITAN_DEPENDENCIES"
 
 logger = logging.getLogger("titan_worker")
+banner_logger = logging.getLogger("titan_worker.start")
+banner_logger.setLevel(logging.INFO)  # the start banner shows without -v
 
-app = typer.Typer(help="Run titan-broker worker processes.", add_completion=False, no_args_is_help=True)
+# rich_markup_mode=None: click's help layout, with each option's metavar and its whole name.
+app = typer.Typer(
+    help="Run titan-broker worker processes.",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    url: str | None
+    namespace: str | None
 
 
 def _print_version(value: bool) -> None:
@@ -58,12 +97,21 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    redis: Annotated[
+        str | None, typer.Option("--redis", metavar="URL", envvar=ENV_URL, help="Redis URL.")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", metavar="NAME", envvar=ENV_NAMESPACE, help="Key namespace."),
+    ] = None,
 ) -> None:
     """Run titan-broker worker processes."""
+    ctx.obj = _Settings(redis, namespace)
 
 
 def _parse_deps(items: list[str]) -> dict[str, Any]:
@@ -102,7 +150,20 @@ class _Ready:
         self.fd = None
 
 
-async def _serve(worker: Worker, ready: _Ready) -> None:
+def _banner(worker: Worker, url: str, namespace: str) -> None:
+    """One line at start, without -v: what serves, from where (the URL's password hidden)."""
+    methods = sorted(worker.definition.methods)
+    banner_logger.info(
+        "serving %s %s as %s (pid %d): %d method(s): %s; Redis %s, namespace %s, concurrency %d",
+        worker.service, worker.definition.info.version, worker.worker_id, os.getpid(), len(methods),
+        ", ".join(methods), redact(url), namespace, worker.options.concurrency,
+        extra={"service": worker.service, "version": worker.definition.info.version,
+               "worker_id": worker.worker_id, "pid": os.getpid(), "methods": methods, "redis": redact(url),
+               "namespace": namespace, "concurrency": worker.options.concurrency},
+    )  # fmt: skip
+
+
+async def _serve(worker: Worker, ready: _Ready, banner: tuple[str, str] | None = None) -> None:
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -125,6 +186,8 @@ async def _serve(worker: Worker, ready: _Ready) -> None:
         methods = sorted(worker.definition.methods)
         ready.send(event="ready", service=worker.service, worker_id=worker.worker_id,
                    pid=os.getpid(), methods=methods, streaming=streaming)  # fmt: skip
+        if banner is not None:
+            _banner(worker, *banner)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -134,54 +197,81 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
-    file: Annotated[str, typer.Argument(help="Python file holding exactly one @process class.")],
-    redis: Annotated[str | None, typer.Option("--redis", envvar=ENV_URL, help="Redis URL.")] = None,
-    namespace: Annotated[
-        str | None, typer.Option("--namespace", "-n", envvar=ENV_NAMESPACE, help="Key namespace.")
+    ctx: typer.Context,
+    file: Annotated[
+        str, typer.Argument(metavar="FILE", help="Python file holding exactly one @process class.")
+    ],
+    redis: Annotated[
+        str | None,
+        typer.Option("--redis", metavar="URL", help="Redis URL (default: $TITAN_REDIS_URL)."),
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="Calls run at once by this worker.")] = 16,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", metavar="NAME", help="Key namespace (default: $TITAN_NAMESPACE)."),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(metavar="N", help="Calls run at once by this worker.")] = 16,
     dep: Annotated[
         list[str] | None,
-        typer.Option("--dep", help="Dependency for init(): NAME=JSON (repeatable)."),
+        typer.Option("--dep", metavar="NAME=JSON", help="Dependency for init() (repeatable)."),
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Serve under this service name.")] = None,
-    grace: Annotated[float, typer.Option(help="Seconds calls in flight may take on shutdown.")] = 30.0,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="Serve under this service name.")] = None,
+    grace: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds calls in flight may take on shutdown.")
+    ] = 30.0,
     heartbeat_ttl: Annotated[
-        float, typer.Option(help="Seconds after its last heartbeat that a worker counts as dead.")
+        float,
+        typer.Option(metavar="SECONDS", help="Seconds after its last heartbeat a worker counts as dead."),
     ] = 5.0,
-    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats.")] = 1.0,
+    heartbeat_interval: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds between heartbeats.")
+    ] = 1.0,
     max_deliveries: Annotated[
-        int | None, typer.Option(help="Dead-letter a call delivered more often (default: the service's).")
+        int | None,
+        typer.Option(metavar="N", help="Dead-letter a call delivered more often (default: the service's)."),
     ] = None,
-    max_payload: Annotated[int, typer.Option(help="Largest request or reply, in bytes.")] = 1024 * 1024,
-    health_interval: Annotated[float, typer.Option(help="Seconds between @health_check runs.")] = 5.0,
-    health_timeout: Annotated[float, typer.Option(help="A slower health check counts as unhealthy.")] = 2.0,
-    worker_id: Annotated[str | None, typer.Option(help="Consumer name (default host-pid-random).")] = None,
+    max_payload: Annotated[
+        int, typer.Option(metavar="BYTES", help="Largest request or reply, in bytes.")
+    ] = 1024 * 1024,
+    health_interval: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds between @health_check runs.")
+    ] = 5.0,
+    health_timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="A slower health check counts as unhealthy.")
+    ] = 2.0,
+    worker_id: Annotated[
+        str | None, typer.Option(metavar="ID", help="Consumer name (default host-pid-random).")
+    ] = None,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     options_json: Annotated[
         str | None,
         typer.Option(hidden=True, help="All WorkerOptions as JSON (pm.spawn); replaces the flags."),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics.")
+        int | None,
+        typer.Option(metavar="PORT", help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics."),
     ] = None,
     parent_pid: Annotated[
-        int | None, typer.Option(help="Drain and exit when this process (the manager) is gone.")
+        int | None,
+        typer.Option(metavar="PID", help="Drain and exit when this process (the manager) is gone."),
     ] = None,
     expose_tracebacks: Annotated[
         bool, typer.Option(help="Send tracebacks of failed calls to callers (for development).")
     ] = False,
+    log_format: Annotated[
+        Literal["text", "json"],
+        typer.Option(metavar="text|json", help="Log lines as text, or as JSON objects for log shippers."),
+    ] = "text",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
 ) -> None:
     """Serve FILE's service from Redis until SIGTERM or Ctrl-C, then drain and exit 0."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(verbose, log_format)
     ready = _Ready(ready_fd)
+    # --redis and --namespace after `run` win over the ones before it, which read the environment.
+    before: _Settings = ctx.find_object(_Settings) or _Settings(None, None)
+    redis = redis or before.url
+    namespace = namespace or before.namespace
 
     def fail(code: int, message: str) -> typer.Exit:
         print(f"titan-worker: {message}", file=sys.stderr)
@@ -212,11 +302,16 @@ def run(
         worker = Worker(definition, url=url, namespace=resolve_namespace(namespace), options=options,
                         dependencies=deps, service_name=name, worker_id=worker_id)  # fmt: skip
     except ServiceFileError as exc:
-        raise fail(EXIT_BAD_FILE, str(exc)) from None
+        cause = exc.__cause__
+        if cause is not None and verbose:  # an import that failed, maybe deep in the service's own modules
+            sys.stderr.write("".join(traceback.format_exception(cause)))
+        hint = " (run with -v for its traceback)" if cause is not None and not verbose else ""
+        raise fail(EXIT_BAD_FILE, f"{exc}{hint}") from None
     except (ConfigError, typer.BadParameter, json.JSONDecodeError, TypeError) as exc:
         raise fail(2, str(exc)) from None
+    banner = None if ready_fd is not None else (url, resolve_namespace(namespace))  # a manager reports itself
     try:
-        anyio.run(_serve, worker, ready)
+        anyio.run(_serve, worker, ready, banner)
     except Exception as group:
         error = _leaf(group)
         if isinstance(error, RedisUnavailable):

@@ -22,13 +22,10 @@ from typing import Any
 
 import anyio
 
-from titan_broker._calling.client import Client
-from titan_broker._calling.jobs import JobState, JobStatus, list_jobs, status_of
+from titan_broker._calling import Client, JobState, JobStatus, list_jobs, status_of
 from titan_broker._config import redact
-from titan_broker._redis.connection import text
-from titan_broker._registry.latency import LatencyHistogram
-from titan_broker._registry.overview import Overview, RegistryReader, ServiceOverview
-from titan_broker._registry.records import WorkerInfo
+from titan_broker._redis import text
+from titan_broker._registry import LatencyHistogram, Overview, RegistryReader, ServiceOverview, WorkerInfo
 
 logger = logging.getLogger(__name__)
 

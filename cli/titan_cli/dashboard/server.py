@@ -24,11 +24,9 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from titan_broker._calling.client import Client
-from titan_broker._calling.jobs import Job, JobState
+from titan_broker._calling import Client, Job, JobState
 from titan_broker._errors import ConfigError, JobNotFound, RedisUnavailable, TitanError
-from titan_broker._registry.dead_letters import list_dead_letters, purge_dead_letters, replay_dead_letters
-from titan_broker._registry.records import known_services
+from titan_broker._registry import known_services, list_dead_letters, purge_dead_letters, replay_dead_letters
 
 from ..common import json_default
 from .monitor import Monitor
