@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 import json
 import keyword
 import os
@@ -370,10 +369,11 @@ def _import(dotted: str) -> Any:
     parts = dotted.split(".")
     if parts[0].startswith(SERVICE_MODULE) and parts[0] not in sys.modules:
         _load_service_file(parts[0], parts[1] if len(parts) > 1 else "")
+    # Only modules already loaded (the service files, what they import, the standard library's):
+    # a name read from Redis never decides what is imported.
     for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
-        except Exception:  # any failure of someone else's module: the type is unknown, not an error
+        obj: Any = sys.modules.get(".".join(parts[:cut]))
+        if obj is None:
             continue
         try:
             for attr in parts[cut:]:
