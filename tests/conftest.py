@@ -236,7 +236,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
     raise AssertionError(f"{what} not reached within {timeout} s")
 
 
-# -- Redis Cluster and Sentinel (issue 11) ------------------------------------------------------------
+# -- Redis Cluster and Sentinel ------------------------------------------------------------------------
 
 
 def skip_without_cluster_binaries() -> None:

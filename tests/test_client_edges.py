@@ -1,6 +1,8 @@
 """The calling side at its edges: a stopped, restarted, full or locked-down Redis; callers that give up.
 
-Each test here failed before the fix it pins (issue 9, items 3, 4, 7, 8, 10, 11 and 12).
+Each test pins one edge: a call bounded by its timeout whatever Redis does, a call given up never run
+later, a reply dispatcher that outlives a clobbered reply key, proxies and streams, no worker at all,
+a Redis restart that loses the queue, a full Redis, ACL rules for callers and workers.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def runs(log: Path) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
-# -- item 3: the whole call is bounded by its timeout ---------------------------------------------
+# -- the whole call is bounded by its timeout ------------------------------------------------------
 
 
 async def test_a_call_ends_at_its_timeout_when_redis_is_stopped_before_the_send(
@@ -158,7 +160,7 @@ async def test_a_channel_drops_a_reply_that_stalls_past_its_bound(namespace: str
             await channel.aclose()
 
 
-# -- item 4: a call given up is never run later ---------------------------------------------------
+# -- a call given up is never run later ------------------------------------------------------------
 
 
 async def test_a_call_its_caller_cancelled_is_never_run(
@@ -185,7 +187,7 @@ async def test_a_call_its_caller_cancelled_is_never_run(
     assert runs(log) == ["after"]
 
 
-# -- item 7: the reply dispatcher survives a clobbered reply key ----------------------------------
+# -- the reply dispatcher survives a clobbered reply key -------------------------------------------
 
 
 async def test_the_dispatcher_survives_a_reply_key_overwritten_with_a_string(
@@ -220,7 +222,7 @@ async def test_the_dispatcher_survives_a_reply_key_overwritten_with_a_string(
     assert await pm.client.redis.type(reply_key) == b"stream"
 
 
-# -- item 8: proxies and streams -------------------------------------------------------------------
+# -- proxies and streams ---------------------------------------------------------------------------
 
 
 async def test_a_proxy_made_before_any_worker_registered_can_await_and_iterate(
@@ -295,7 +297,7 @@ async def test_a_caller_that_breaks_out_of_a_stream_and_leaves_leaves_nothing_wi
         admin.close()
 
 
-# -- item 10: no worker at all; a Redis restart that loses the queue -------------------------------
+# -- no worker at all; a Redis restart that loses the queue ----------------------------------------
 
 
 async def test_wait_for_worker_false_fails_at_once_without_a_live_worker(
@@ -356,7 +358,7 @@ async def test_a_redis_restart_that_lost_the_queue_fails_the_waiting_calls_at_on
     admin.close()
 
 
-# -- item 12: a full Redis -----------------------------------------------------------------------------
+# -- a full Redis ----------------------------------------------------------------------------------
 
 
 async def test_a_full_redis_raises_redis_out_of_memory_naming_the_limit(namespace: str) -> None:
@@ -385,7 +387,7 @@ async def test_a_full_redis_raises_redis_out_of_memory_naming_the_limit(namespac
             admin.close()
 
 
-# -- item 11: ACL rules for callers and workers --------------------------------------------------------
+# -- ACL rules for callers and workers -------------------------------------------------------------
 
 
 def caller_acl(ns: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Issue 11 on a real Redis Cluster: 3 primaries, 3 replicas, started once for this module.
+"""titan-broker on a real Redis Cluster: 3 primaries, 3 replicas, started once for this module.
 
 Callers, workers and the CLI get the URL of ONE node (``redis://127.0.0.1:<port>``), as a user
 would, and must find the cluster behind it themselves. Every service's keys share the hash tag
@@ -657,7 +657,7 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
 async def test_rediss_to_a_tls_cluster_from_a_node_without_the_service(
     tls_cluster: LocalCluster, namespace: str, keys: Keys
 ) -> None:
-    """Issue 11: ``rediss://`` works on a cluster as on one node. Workers, callers and the CLI get the
+    """``rediss://`` works on a cluster as on one node. Workers, callers and the CLI get the
     URL of a node that does not serve the service's slot: every connection they open to the other
     nodes (the slot map's probes, the channels, redis-py's cluster client) must speak TLS and trust
     the URL's ``ssl_ca_certs`` too."""
@@ -706,7 +706,7 @@ async def test_rediss_to_a_tls_cluster_from_a_node_without_the_service(
         workers.close()
 
 
-# --- what a hostile review found (each failed before its fix) ----------------------------------------
+# --- a failover before a service's first call, a slot map a sibling read, a database in the URL ---
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""Background jobs (issue 13): submit and come back later, delays, retries with backoff, periodic ticks.
+"""Background jobs: submit and come back later, delays, retries with backoff, periodic ticks.
 
 Real Redis, real worker processes. Each run of a test service appends a line to a log file, so a
 test can count runs (at least once, never twice without a crash) and read when they happened.
@@ -374,7 +374,7 @@ async def test_a_job_waits_for_a_worker_longer_than_its_submit_took(
     assert await job.result(timeout=20) == 5.0
 
 
-# -- what a hostile review found (each failed before its fix) ------------------------------------------
+# -- at their edges: a last tick far ahead, long runs, callers that gave up, options out of range ---
 
 
 async def test_a_schedule_survives_a_last_tick_written_far_ahead(

@@ -1,4 +1,4 @@
-"""What the README promises of jobs and errors, each under the conditions that used to break it:
+"""What the README promises of jobs and errors, each under the conditions that put it to the test:
 runs counted across crashes, `at=` whatever the local time zone, jobs lost with Redis's data,
 results read through a short outage, typed proxies of any class, error ids that stay findable.
 

@@ -1,9 +1,8 @@
 """A client's links to services (links.py) and the channels under them, at their edges.
 
-Each test failed before its fix (a hostile review of the cluster change found them): a link that
-cannot open leaks nothing and ends its callers with a TitanError, opening is bounded even against
-a Redis that accepts connections and never answers, and a client that calls many service names
-keeps a bounded number of connections.
+What each test checks: a link that cannot open leaks nothing and ends its callers with a TitanError,
+opening is bounded even against a Redis that accepts connections and never answers, and a client
+that calls many service names keeps a bounded number of connections.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11 through Redis Sentinel: a primary, its replica and three sentinels (quorum 2).
+"""titan-broker through Redis Sentinel: a primary, its replica and three sentinels (quorum 2).
 
 Callers, workers and the CLI get ``redis+sentinel://127.0.0.1:<s1>,...,127.0.0.1:<s3>/titan`` and
 must ask the sentinels where the primary is, and ask again when it fails over. Real servers and

@@ -1,4 +1,4 @@
-"""Rich types across the wire (issue 14): what the annotations say is what arrives, checked.
+"""Rich types across the wire: what the annotations say is what arrives, checked.
 
 Through a real worker: arguments are decoded into the parameters' annotations
 before the method runs, results into the return annotation of the caller's

@@ -746,7 +746,7 @@ def test_a_junk_move_count_is_read_as_none_and_the_call_is_served(
     workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
 ) -> None:
     """Field x (moves off dead workers' streams) holding 5,000 digits: int() refuses it, so a worker
-    that parsed it unbounded failed before answering and the entry bounced; it runs once."""
+    that parsed it unbounded would fail before answering and the entry bounce; it runs once."""
     log = tmp_path / "runs.log"
     workers.start(EDGE, *log_dep(log))
     workers.wait_registered("edge", 1)

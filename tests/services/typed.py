@@ -1,4 +1,4 @@
-"""A test service whose methods take and return the rich types of issue 14, nested in one dataclass."""
+"""A test service whose methods take and return every rich type the wire carries, in one dataclass."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Size:
 
 @dataclass
 class Everything:
-    """One field of every type the issue lists, containers nested in containers included."""
+    """One field of every rich type the wire carries, containers nested in containers included."""
 
     naive: datetime
     aware: datetime
