@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 PAGES = {"PROTOCOL.md": "protocol.md", "ARCHITECTURE.md": "architecture.md", "README.md": "index.md"}
 INCLUDE = re.compile(r'^--8<-- "([^":]+)(?::(\d+))?"$', re.M)
 LINK = re.compile(r"\]\((?:\.\./)*(PROTOCOL\.md|ARCHITECTURE\.md|README\.md)(#[^)]*)?\)")
+IN_DOCS = re.compile(r"\]\(docs/([^)]+)\)")
+"""A link from a file at the top of the repository into docs/ (``docs/cli.md``), as it reads there."""
 
 
 def include(match: re.Match[str]) -> str:
@@ -38,4 +40,7 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     def site_link(match: re.Match[str]) -> str:
         return f"]({posixpath.relpath(PAGES[match.group(1)], here)}{match.group(2) or ''})"
 
-    return LINK.sub(site_link, INCLUDE.sub(include, markdown))
+    def docs_link(match: re.Match[str]) -> str:
+        return f"]({posixpath.relpath(match.group(1), here)})"
+
+    return IN_DOCS.sub(docs_link, LINK.sub(site_link, INCLUDE.sub(include, markdown)))
