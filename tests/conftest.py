@@ -225,6 +225,21 @@ async def eventually(
     return value
 
 
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking ``fn(*args)`` (a sync Redis client, a subprocess) off the event loop."""
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def titan(url: str, namespace: str, *args: str, before: bool = True) -> subprocess.CompletedProcess[str]:
+    """``titan --redis URL --namespace NS ARGS`` (with ``before=False``, the options after the command)."""
+    where = ["--redis", url, "--namespace", namespace]
+    command = [*where, *args] if before else [*args, *where]
+    return subprocess.run(
+        [sys.executable, "-m", "titan_cli", *command], capture_output=True, text=True, timeout=30,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -10,14 +10,7 @@ import time
 
 import pytest
 
-from .conftest import CALCULATOR, Workers, wait_until
-
-
-def titan(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "titan_cli", "--redis", url, "--namespace", namespace, *args],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+from .conftest import CALCULATOR, Workers, titan, wait_until
 
 
 @pytest.fixture

@@ -15,17 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CALCULATOR, ROOT, SERVICES, Workers, wait_until
-
-
-def titan(url: str, namespace: str, *args: str, before: bool = True) -> subprocess.CompletedProcess[str]:
-    """``titan --redis URL --namespace NS ARGS``, or with the options after the command."""
-    where = ["--redis", url, "--namespace", namespace]
-    cmd = [*where, *args] if before else [*args, *where]
-    return subprocess.run(
-        [sys.executable, "-m", "titan_cli", *cmd], capture_output=True, text=True, timeout=30,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+from .conftest import CALCULATOR, ROOT, SERVICES, Workers, titan, wait_until
 
 
 @pytest.fixture

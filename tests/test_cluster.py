@@ -58,6 +58,7 @@ from .conftest import (
     SERVICES,
     RoutedWorkers,
     eventually,
+    in_thread,
     managed_workers,
     skip_without_cluster_binaries,
     wait_until,
@@ -116,10 +117,6 @@ def cluster_client(cluster: LocalCluster) -> Iterator[Any]:
         yield client
     finally:
         client.close()
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return await anyio.to_thread.run_sync(fn, *args)
 
 
 def test_the_cluster_helper_knows_where_keys_live(cluster: LocalCluster) -> None:

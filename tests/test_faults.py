@@ -6,7 +6,6 @@ import ast
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,17 +26,13 @@ from titan_broker._wire.keys import GROUP, Keys
 from titan_broker._wire.protocol import encode_request
 from titan_broker.testing._local_redis import LocalRedis
 
-from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, wait_until
+from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, in_thread, titan, wait_until
 
 pytestmark = pytest.mark.anyio
 
 
 def pending(client: sync_redis.Redis, keys: Keys, service: str) -> list[dict[str, object]]:
     return list(client.xpending_range(keys.calls(service), GROUP, "-", "+", 100))
-
-
-async def in_thread(fn: object, *args: object) -> object:
-    return await anyio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
 
 
 def two_chaos_workers(workers: Workers, *args: str) -> dict[str, subprocess.Popen[bytes]]:
@@ -158,13 +153,6 @@ async def test_dead_letters_list_replay_and_purge(
     assert "unanswerable request" in letters[0].reason
     assert await pm.purge_dead_letters("chaos") == 1
     assert await pm.dead_letters("chaos") == []
-
-
-def titan(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "titan_cli", "--redis", url, "--namespace", namespace, *args],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
 
 
 async def test_cli_dead_letters(workers: Workers, redis_url: str, namespace: str, keys: Keys) -> None:

@@ -32,7 +32,7 @@ from titan_broker import (
 )
 from titan_broker._wire.keys import GROUP, Keys
 
-from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually, wait_until
+from .conftest import CALCULATOR, CHAOS, FAST_FAILOVER, SERVICES, Workers, eventually, in_thread, wait_until
 from .test_pools import POOLED, QUICK_HEALTH, Recorder
 
 pytestmark = pytest.mark.anyio
@@ -44,10 +44,6 @@ DECORATED = SERVICES / "decorated.py"
 def in_flight(client: sync_redis.Redis, keys: Keys, service: str) -> int:
     """Calls of ``service`` delivered to a worker and not yet settled."""
     return int(client.xpending(keys.calls(service), GROUP)["pending"])
-
-
-async def in_thread(fn: object, *args: object) -> object:
-    return await anyio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
 
 
 # -- "Limits belong to the service ... @public(max_deliveries=1) for a call that must never run twice"

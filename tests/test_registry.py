@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,19 +19,12 @@ from titan_broker._registry.records import (
 )
 from titan_broker._wire.keys import Keys
 
-from .conftest import SERVICES, Workers
+from .conftest import SERVICES, Workers, titan
 
 V1 = SERVICES / "registry_v1.py"
 V2 = SERVICES / "registry_v2.py"
 
 pytestmark = pytest.mark.anyio
-
-
-def titan(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "titan_cli", "--redis", url, "--namespace", namespace, *args],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
 
 
 def record(

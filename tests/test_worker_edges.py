@@ -40,7 +40,7 @@ from titan_broker._wire.keys import GROUP, Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, dead_letter_fields, decode_reply, encode_request
 from titan_broker.testing._local_redis import LocalRedis
 
-from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
+from .conftest import FAST_FAILOVER, SERVICES, Workers, in_thread, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -125,10 +125,6 @@ def workers_idle(client: sync_redis.Redis, keys: Keys, service: str) -> bool:
     return (
         bool(ids) and client.xlen(keys.calls(service)) == 0 and not pending_count(client, keys.calls(service))
     )
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return await anyio.to_thread.run_sync(fn, *args)
 
 
 @contextmanager
