@@ -8,6 +8,7 @@ every test works in a namespace of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -223,6 +224,16 @@ async def eventually(
         while not (value := await predicate()):  # noqa: ASYNC110 - polled: no event to wait on
             await anyio.sleep(0.05)
     return value
+
+
+def run_log_dep(log: Path) -> tuple[str, str]:
+    """The worker flags that give a test service its run log (its ``init(log=...)``)."""
+    return "--dep", f"log={json.dumps(str(log))}"
+
+
+def run_log(log: Path) -> list[list[str]]:
+    """The lines a test service wrote to its run log, each split into words (none before the first)."""
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

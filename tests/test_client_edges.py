@@ -37,7 +37,7 @@ from titan_broker._redis.connection import Channel
 from titan_broker._wire.keys import Keys
 from titan_broker.testing._local_redis import LocalRedis
 
-from .conftest import SERVICES, Workers, eventually
+from .conftest import SERVICES, Workers, eventually, run_log
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +57,7 @@ def pid_of(server: LocalRedis) -> int:
 
 
 def runs(log: Path) -> list[str]:
-    return log.read_text().split() if log.exists() else []
+    return [word for line in run_log(log) for word in line]
 
 
 # -- the whole call is bounded by its timeout ------------------------------------------------------

@@ -11,8 +11,8 @@ import redis as sync_redis
 
 from titan_broker._wire.keys import Keys
 
-from .conftest import Workers, wait_until
-from .test_worker_edges import EDGE, first_reply, log_dep, runs, send
+from .conftest import Workers, run_log_dep, wait_until
+from .test_worker_edges import EDGE, first_reply, runs, send
 
 LIBFAKETIME = next(
     (p for p in Path("/usr/lib").glob("*/faketime/libfaketime.so.1")),
@@ -38,7 +38,7 @@ def test_worker_whose_clock_runs_ahead_still_serves_fresh_calls(
     workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
 ) -> None:
     log = tmp_path / "runs.log"
-    workers.start(EDGE, *log_dep(log), env=skewed(+120))
+    workers.start(EDGE, *run_log_dep(log), env=skewed(+120))
     workers.wait_registered("edge", 1)
     reply_key, _ = send(sync_client, keys, "edge", "nap", (1, 0.0), deadline_in=10.0)
     reply = first_reply(sync_client, reply_key)
@@ -55,7 +55,7 @@ def test_worker_whose_clock_runs_behind_drops_calls_whose_deadline_passed(
     reply_key, entry_id = send(sync_client, keys, "edge", "nap", (2, 0.0), deadline_in=0.5)
     queued_ms = int(entry_id.split(b"-")[0])
     wait_until(lambda: _redis_ms(sync_client) > queued_ms + 600, 5, "the deadline to pass")
-    workers.start(EDGE, *log_dep(log), env=skewed(-120))
+    workers.start(EDGE, *run_log_dep(log), env=skewed(-120))
     workers.wait_registered("edge", 1)
     reply = first_reply(sync_client, reply_key)
     assert reply.error is not None and reply.error["type"] == "titan.DeadlineExceeded", reply

@@ -40,7 +40,7 @@ from titan_broker._registry.records import list_workers
 from titan_broker._service.definition import describe
 from titan_broker._wire.keys import Keys
 
-from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, wait_until
+from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, run_log, wait_until
 from .test_cli import titan
 
 pytestmark = pytest.mark.anyio
@@ -51,10 +51,7 @@ TICKER = SERVICES / "ticker.py"
 
 def runs(log: Path, what: str, tag: str | None = None) -> list[list[str]]:
     """The log's lines for ``what`` (and ``tag``), split: [what, tag, pid, time]."""
-    if not log.exists():
-        return []
-    lines = [line.split() for line in log.read_text().splitlines()]
-    return [line for line in lines if line[0] == what and (tag is None or line[1] == tag)]
+    return [line for line in run_log(log) if line[0] == what and (tag is None or line[1] == tag)]
 
 
 async def test_a_job_outlives_its_caller_and_is_read_by_another_process(

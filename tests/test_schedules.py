@@ -7,7 +7,6 @@ Real Redis, real worker processes. Each run of a test service appends a line to 
 
 from __future__ import annotations
 
-import json
 import signal
 import statistics
 import time
@@ -23,7 +22,7 @@ from croniter import croniter
 from titan_broker import ConfigError, ProcessManager, periodic, process
 from titan_broker._wire.keys import GROUP, Keys
 
-from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
+from .conftest import FAST_FAILOVER, SERVICES, Workers, run_log, run_log_dep, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -35,14 +34,7 @@ TASKS = SERVICES / "tasks.py"
 
 def runs(log: Path, what: str, pid: int | None = None) -> list[float]:
     """When the runs logged as ``what`` (by ``pid``) started, in the order they were logged."""
-    if not log.exists():
-        return []
-    lines = [line.split() for line in log.read_text().splitlines()]
-    return [float(at) for name, _, by, at in lines if name == what and (pid is None or int(by) == pid)]
-
-
-def dep(log: Path) -> tuple[str, str]:
-    return "--dep", f"log={json.dumps(str(log))}"
+    return [float(at) for name, _, by, at in run_log(log) if name == what and (pid is None or int(by) == pid)]
 
 
 def schedule(client: sync_redis.Redis, keys: Keys, service: str) -> dict[str, str]:
@@ -96,7 +88,7 @@ async def test_a_schedule_that_cannot_tick_stops_neither_the_others_nor_delayed_
     pm: ProcessManager, workers: Workers, tmp_path: Path
 ) -> None:
     log = tmp_path / "runs"
-    proc = workers.start(BROKEN, *dep(log))
+    proc = workers.start(BROKEN, *run_log_dep(log))
     workers.wait_registered("broken_schedule", 1)
     wait_until(lambda: len(runs(log, "tick")) >= 3, 15, "three ticks of the sibling schedule")
     late = []
@@ -120,7 +112,7 @@ async def test_a_cron_whose_last_match_is_hours_ago_does_not_run_at_start(
 ) -> None:
     log = tmp_path / "runs"
     now = datetime.now(UTC)
-    workers.start(SPARSE, *dep(log))
+    workers.start(SPARSE, *run_log_dep(log))
     workers.wait_registered("sparse_ticker", 1)
     # The worker looked at both cron schedules, and ran a tick of the every-4-s method after.
     looked = ("nightly:last", "yearly:last")
@@ -146,7 +138,7 @@ async def test_after_all_workers_were_down_an_every_schedule_runs_only_its_curre
     that fell during the outage would start 2 s late, where the current tick's run starts on time."""
     log = tmp_path / "runs"
     period = 4.0
-    proc = workers.start(SPARSE, *dep(log), *FAST_FAILOVER)
+    proc = workers.start(SPARSE, *run_log_dep(log), *FAST_FAILOVER)
     workers.wait_registered("sparse_ticker", 1)
     wait_until(lambda: runs(log, "tick"), 15, "a first tick")
     proc.send_signal(signal.SIGSTOP)
@@ -172,7 +164,7 @@ async def test_a_draining_worker_queues_no_more_ticks(
     """SIGTERM lands just after a 5 s run started: the worker drains it for 5 s, across two ticks
     (every 2 s) that it must leave alone, since it will not run them."""
     log = tmp_path / "runs"
-    proc = workers.start(PILING, *dep(log))
+    proc = workers.start(PILING, *run_log_dep(log))
     workers.wait_registered("piling_ticker", 1)
     wait_until(lambda: runs(log, "start"), 15, "a run started")
     proc.send_signal(signal.SIGTERM)
@@ -196,7 +188,7 @@ async def test_after_an_outage_the_runs_of_overtaken_ticks_are_dropped_not_piled
     starts after more than two periods. The runs it reclaims are of ticks a later one has
     overtaken: they are acknowledged and their jobs cancelled, not run beside the current tick."""
     log = tmp_path / "runs"
-    procs = [workers.start(PILING, *dep(log), *FAST_FAILOVER) for _ in range(3)]
+    procs = [workers.start(PILING, *run_log_dep(log), *FAST_FAILOVER) for _ in range(3)]
     workers.wait_registered("piling_ticker", 3)
     wait_until(lambda: len(runs(log, "start")) - len(runs(log, "end")) >= 2, 20, "runs in flight")
     for proc in procs:
@@ -206,7 +198,7 @@ async def test_after_an_outage_the_runs_of_overtaken_ticks_are_dropped_not_piled
     assert len(left) >= 2, left
     left_jobs = [sync_client.xrange(stream, i, i)[0][1][b"j"].decode() for i in left]
     await anyio.sleep(4.5)  # the outage, longer than two periods: nothing to await
-    newcomer = workers.start(PILING, *dep(log), *FAST_FAILOVER)
+    newcomer = workers.start(PILING, *run_log_dep(log), *FAST_FAILOVER)
     workers.wait_registered("piling_ticker", 1)
 
     def settled() -> bool:

@@ -6,7 +6,6 @@ notes every run in a log file, so a test counts how often a call RAN, not how of
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -40,7 +39,7 @@ from titan_broker._wire.keys import GROUP, Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, dead_letter_fields, decode_reply, encode_request
 from titan_broker.testing._local_redis import LocalRedis
 
-from .conftest import FAST_FAILOVER, SERVICES, Workers, in_thread, wait_until
+from .conftest import FAST_FAILOVER, SERVICES, Workers, in_thread, run_log, run_log_dep, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -54,16 +53,9 @@ MIB = 1024 * 1024
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def log_dep(path: Path) -> tuple[str, str]:
-    """The flags that give the edge service its run log."""
-    return ("--dep", f"log={json.dumps(str(path))}")
-
-
 def runs(log: Path, prefix: str) -> list[str]:
     """The lines of the run log that start with ``prefix`` (one per run)."""
-    if not log.exists():
-        return []
-    return [line for line in log.read_text().splitlines() if line.startswith(prefix + " ")]
+    return [text for text in map(" ".join, run_log(log)) if text.startswith(prefix + " ")]
 
 
 def send(
@@ -203,7 +195,7 @@ def test_blocked_event_loop_does_not_get_a_live_worker_robbed(
     serves: it still runs once, and its caller gets exactly one answer, the one of that run."""
     log = tmp_path / "runs.log"
     for _ in range(2):
-        workers.start(EDGE, *FAST_FAILOVER, *log_dep(log))
+        workers.start(EDGE, *FAST_FAILOVER, *run_log_dep(log))
     workers.wait_registered("edge", 2)
     reply_key, _ = send(sync_client, keys, "edge", "block", (1, 3.0), deadline_in=60)
     answer = first_reply(sync_client, reply_key, timeout=30)
@@ -225,7 +217,7 @@ async def test_blocked_event_loop_with_an_affinity_key_runs_once(
     the shared stream (and run again) while its worker, blocked, is still alive."""
     log = tmp_path / "runs.log"
     for _ in range(2):
-        workers.start(EDGE, *FAST_FAILOVER, *log_dep(log))
+        workers.start(EDGE, *FAST_FAILOVER, *run_log_dep(log))
     await in_thread(workers.wait_registered, "edge", 2)
     proxy = await pm.connect("edge")
     keyed = with_options(proxy, key="k", timeout=30)
@@ -262,7 +254,7 @@ async def test_unprintable_argument_is_an_error_reply_at_once_not_a_rerun(
     """A 5,000-digit int where a str belongs (Python refuses to repr ints over 4,300 digits, so a
     message quoting the argument fails): an error reply within seconds, never a run, no dead letter."""
     log = tmp_path / "runs.log"
-    proc = workers.start(EDGE, *log_dep(log))  # default heartbeat TTL 5 s: 3 deliveries take 15 s+
+    proc = workers.start(EDGE, *run_log_dep(log))  # default heartbeat TTL 5 s: 3 deliveries take 15 s+
     await in_thread(workers.wait_registered, "edge", 1)
     started = time.monotonic()
     with pytest.raises(RemoteError) as info:
@@ -287,7 +279,7 @@ async def test_redis_error_in_bookkeeping_after_success_is_an_internal_error_not
     gets titan.InternalError at once, update() ran once, nothing is dead-lettered; get() still works
     (a failed cache lookup is a miss)."""
     log = tmp_path / "runs.log"
-    proc = workers.start(EDGE, *log_dep(log))
+    proc = workers.start(EDGE, *run_log_dep(log))
     await in_thread(workers.wait_registered, "edge", 1)
     sync_client.hset(keys.cache_generation("edge", "get"), "not", "a counter")
     started = time.monotonic()
@@ -491,7 +483,7 @@ def test_entry_deleted_under_a_dead_worker_leaves_the_pending_list(
         try:
             version = str(client.info("server")["redis_version"])
             assert version.startswith("6.2") if server == "redis-6.2" else not version.startswith("6.")
-            first = w.start(EDGE, *FAST_FAILOVER, *log_dep(log))
+            first = w.start(EDGE, *FAST_FAILOVER, *run_log_dep(log))
             w.wait_registered("edge", 1)
             _, entry_id = send(client, keys, "edge", "nap", (1, 60.0), deadline_in=120)
             calls = keys.calls("edge")
@@ -499,7 +491,7 @@ def test_entry_deleted_under_a_dead_worker_leaves_the_pending_list(
             w.kill(first)
             assert client.xdel(calls, entry_id) == 1  # the caller gave up
             assert pending_count(client, calls) == 1
-            w.start(EDGE, *FAST_FAILOVER, *log_dep(log))
+            w.start(EDGE, *FAST_FAILOVER, *run_log_dep(log))
             try:
                 wait_until(lambda: pending_count(client, calls) == 0, 15, "an empty pending list")
             except AssertionError as exc:
@@ -519,7 +511,7 @@ def test_sigterm_does_not_wait_for_a_blocked_thread_past_the_grace_period(
     workers: Workers, sync_client: sync_redis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     log = tmp_path / "runs.log"
-    proc = workers.start(EDGE, "--grace", "1", *log_dep(log))
+    proc = workers.start(EDGE, "--grace", "1", *run_log_dep(log))
     workers.wait_registered("edge", 1)
     send(sync_client, keys, "edge", "hang", (60.0,), deadline_in=120)
     wait_until(lambda: runs(log, "hang"), 15, "the thread running")
@@ -565,7 +557,7 @@ async def test_reply_held_by_a_full_redis_is_written_once_memory_is_back(
     caller gets the answer, the method ran once, and the worker said so a few times, not per retry."""
     log = tmp_path / "runs.log"
     with LocalRedis() as server, private_workers(server.url, namespace) as w:
-        proc = w.start(EDGE, *log_dep(log))
+        proc = w.start(EDGE, *run_log_dep(log))
         await in_thread(w.wait_registered, "edge", 1)
         admin = sync_redis.Redis.from_url(server.url)
         try:
@@ -710,7 +702,7 @@ def test_a_reply_that_cannot_be_written_leaves_the_call_in_the_dead_letters(
     """The reply key is not a stream: the answer cannot be written, so the entry is not acknowledged
     and lost but dead-lettered, saying why (the reply is written before the acknowledgement)."""
     log = tmp_path / "runs.log"
-    workers.start(EDGE, *log_dep(log))
+    workers.start(EDGE, *run_log_dep(log))
     workers.wait_registered("edge", 1)
     reply_key = keys.reply("edge", f"clobbered-{uuid.uuid4().hex[:8]}")
     sync_client.set(reply_key, "not a stream")
@@ -726,7 +718,7 @@ async def test_a_replayed_dead_letter_gets_a_new_deadline(
 ) -> None:
     """A dead letter's call had a deadline long gone (ttl 0); replayed, it runs within the new one."""
     log = tmp_path / "runs.log"
-    workers.start(EDGE, *log_dep(log))
+    workers.start(EDGE, *run_log_dep(log))
     await in_thread(workers.wait_registered, "edge", 1)
     reply_key = keys.reply("edge", f"replay-{uuid.uuid4().hex[:8]}")
     fields = encode_request("replayed-1", "nap", (7, 0.0), {}, reply_key, 0)
@@ -744,7 +736,7 @@ def test_a_junk_move_count_is_read_as_none_and_the_call_is_served(
     """Field x (moves off dead workers' streams) holding 5,000 digits: int() refuses it, so a worker
     that parsed it unbounded would fail before answering and the entry bounce; it runs once."""
     log = tmp_path / "runs.log"
-    workers.start(EDGE, *log_dep(log))
+    workers.start(EDGE, *run_log_dep(log))
     workers.wait_registered("edge", 1)
     reply_key, _ = send(
         sync_client, keys, "edge", "nap", (8, 0.0), mutate=lambda f: f.update({b"x": b"9" * 5000})
