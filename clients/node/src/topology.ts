@@ -27,6 +27,7 @@ export function redact(url: string): string {
 }
 
 interface Parsed {
+  url: string;
   scheme: string;
   hosts: Array<{ host: string; port: number }>;
   username?: string;
@@ -60,7 +61,7 @@ function parse(url: string): Parsed {
     return { host, port: p };
   });
   if (hosts.length === 0) hosts.push({ host: "localhost", port: sentinel ? 26379 : 6379 });
-  const parsed: Parsed = { scheme, hosts, path: m[4] ?? "", query: new URLSearchParams(m[5] ?? "") };
+  const parsed: Parsed = { url, scheme, hosts, path: m[4] ?? "", query: new URLSearchParams(m[5] ?? "") };
   if (m[2]) {
     const [user, ...rest] = m[2].split(":");
     if (user) parsed.username = decodeURIComponent(user);
@@ -73,7 +74,13 @@ function tlsOptions(p: Parsed, secure: boolean): RedisOptions["tls"] | undefined
   if (!secure) return undefined;
   const ca = p.query.get("ssl_ca_certs");
   const tls: NonNullable<RedisOptions["tls"]> = {};
-  if (ca) tls.ca = readFileSync(ca);
+  if (ca) {
+    try {
+      tls.ca = readFileSync(ca);
+    } catch (exc) {
+      throw new ConfigError(`${redact(p.url)}: cannot read the CA file ssl_ca_certs=${ca}: ${(exc as Error).message}`, { cause: exc });
+    }
+  }
   if (p.query.get("ssl_cert_reqs") === "none") tls.rejectUnauthorized = false;
   return tls;
 }
@@ -232,6 +239,13 @@ export function unreachable(url: string, exc: unknown): Error {
   const text = exc instanceof Error ? exc.message : String(exc);
   if (/WRONGPASS|NOAUTH|invalid password|invalid username/i.test(text)) {
     return new RedisUnavailable(`Redis at ${redact(url)} refused the credentials: ${text}`, { cause: exc });
+  }
+  const code = String((exc as { code?: unknown } | null)?.code ?? "");
+  if (/CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ALTNAME/.test(code) || /certificate/i.test(text)) {
+    return new RedisUnavailable(
+      `Redis at ${redact(url)} presented a TLS certificate this client does not trust: ${text}; name the CA that signed it with ?ssl_ca_certs=/path/ca.pem`,
+      { cause: exc },
+    );
   }
   if (/^(ERR|NOPERM|DENIED)/.test(text)) {
     return new RedisUnavailable(`Redis at ${redact(url)} refused the connection: ${text}`, { cause: exc });
