@@ -4,7 +4,7 @@
  * wait is bounded and names what it waited for.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -172,9 +172,21 @@ export class Worker {
   }
 }
 
-/** A plain ioredis client for a URL: a cluster's when it is one. */
+/** A plain ioredis client for a URL: a cluster's when it is one; the primary a sentinel names for
+ * `redis+sentinel://host:port/<name>`; over TLS trusting `?ssl_ca_certs=` for `rediss://`. */
 export async function connectAny(url: string): Promise<Redis> {
-  const client = new Redis(url, { maxRetriesPerRequest: 2 });
+  const sentinel = /^redis\+sentinel:\/\/([^/?]*)\/([^/?]+)/.exec(url);
+  if (sentinel) {
+    const sentinels = sentinel[1]!.split(",").map((h) => ({ host: h.split(":")[0]!, port: Number(h.split(":")[1]) }));
+    const client = new Redis({ sentinels, name: sentinel[2]!, maxRetriesPerRequest: 2 });
+    client.on("error", () => undefined);
+    return client;
+  }
+  const u = new URL(url);
+  const ca = u.searchParams.get("ssl_ca_certs");
+  const client = ca === null
+    ? new Redis(url, { maxRetriesPerRequest: 2 })
+    : new Redis(`${u.protocol}//${u.host}${u.pathname}`, { maxRetriesPerRequest: 2, tls: { ca: readFileSync(ca) } });
   client.on("error", () => undefined);
   const info = await client.info("cluster");
   if (/cluster_enabled:1/.test(info)) {
@@ -239,4 +251,84 @@ export function run(command: string, args: string[], options: { cwd?: string; ti
       resolveRun({ code, out });
     });
   });
+}
+
+/** A private Sentinel set-up or TLS Redis, started by test/local_servers.py from the Python test
+ * helpers: `info` is the JSON line it printed first (`url`, ...); `ask` sends it a command. */
+export class PythonServers {
+  private lines: string[] = [];
+  private waiting: ((line: string) => void) | null = null;
+  private out = "";
+
+  private constructor(readonly child: ChildProcess, public info: Record<string, unknown> = {}) {
+    child.stdout?.on("data", (d: Buffer) => {
+      this.out += d.toString();
+      let at: number;
+      while ((at = this.out.indexOf("\n")) >= 0) {
+        const line = this.out.slice(0, at);
+        this.out = this.out.slice(at + 1);
+        if (this.waiting) {
+          const w = this.waiting;
+          this.waiting = null;
+          w(line);
+        } else this.lines.push(line);
+      }
+    });
+  }
+
+  get url(): string {
+    return String(this.info["url"]);
+  }
+
+  static async start(kind: "sentinel" | "tls"): Promise<PythonServers> {
+    const child = spawn(PYTHON, [join(PACKAGE, "test", "local_servers.py"), kind], {
+      cwd: REPO,
+      stdio: ["pipe", "pipe", "inherit"],
+      env: { ...process.env, PYTHONPATH: REPO },
+    });
+    const servers = new PythonServers(child);
+    try {
+      servers.info = await servers.next(`the local ${kind} set-up to start`, 60_000);
+    } catch (exc) {
+      await servers.stop();
+      throw exc;
+    }
+    return servers;
+  }
+
+  /** The next JSON line it prints, within `timeoutMs`. */
+  private next(what: string, timeoutMs: number): Promise<Record<string, unknown>> {
+    const queued = this.lines.shift();
+    if (queued !== undefined) return Promise.resolve(JSON.parse(queued) as Record<string, unknown>);
+    return new Promise((resolveLine, reject) => {
+      const onExit = (code: number | null): void => {
+        clearTimeout(timer);
+        reject(new Error(`local_servers.py exited with ${code} while waiting for ${what}`));
+      };
+      const timer = setTimeout(() => {
+        this.waiting = null;
+        this.child.off("exit", onExit);
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      this.child.once("exit", onExit);
+      this.waiting = (line) => {
+        clearTimeout(timer);
+        this.child.off("exit", onExit);
+        resolveLine(JSON.parse(line) as Record<string, unknown>);
+      };
+    });
+  }
+
+  /** Send a command line ("failover") and wait for its answer. */
+  async ask(command: string, timeoutMs = 45_000): Promise<Record<string, unknown>> {
+    this.child.stdin?.write(command + "\n");
+    const answer = await this.next(`the answer to '${command}'`, timeoutMs);
+    if ("error" in answer) throw new Error(`local_servers.py: ${String(answer["error"])}`);
+    return answer;
+  }
+
+  async stop(): Promise<void> {
+    this.child.stdin?.end(); // the helper closes everything when its stdin closes
+    await stopChild(this.child, "SIGTERM", 30_000).catch(() => undefined);
+  }
 }
