@@ -16,10 +16,13 @@ from titan_broker._wire import GROUP, protocol
 
 from .common import (
     EXIT_CALL_FAILED,
+    CallArguments,
     Command,
     JsonOption,
+    MethodArgument,
     NamespaceOption,
     RedisOption,
+    ServiceArgument,
     app,
     confirm,
     err,
@@ -38,15 +41,9 @@ class ServiceInUse(CallError):
 @app.command(cls=Command)
 def submit(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
-    method: Annotated[str, typer.Argument(metavar="METHOD", help="Public method name.")],
-    args: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="[ARGS]...",
-            help="Arguments: VALUE positional, NAME=VALUE keyword; each VALUE JSON, else a string.",
-        ),
-    ] = None,
+    service: ServiceArgument,
+    method: MethodArgument,
+    args: CallArguments = None,
     delay: Annotated[
         float | None, typer.Option(metavar="SECONDS", help="Start no earlier than this from now.")
     ] = None,
@@ -136,7 +133,7 @@ async def purge_waiting(c: Client, service: str) -> int:
 @app.command(cls=Command)
 def purge(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
+    service: ServiceArgument,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask first.")] = False,
     as_json: JsonOption = False,
     redis: RedisOption = None,
@@ -161,7 +158,7 @@ def purge(
 @app.command(cls=Command)
 def forget(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
+    service: ServiceArgument,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask first.")] = False,
     as_json: JsonOption = False,
     redis: RedisOption = None,

@@ -86,6 +86,15 @@ NamespaceOption = Annotated[
     typer.Option("--namespace", "-n", metavar="NAME", help="Key namespace (default: $TITAN_NAMESPACE)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ServiceArgument = Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")]
+MethodArgument = Annotated[str, typer.Argument(metavar="METHOD", help="Public method name.")]
+CallArguments = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="[ARGS]...",
+        help="Arguments: VALUE positional, NAME=VALUE keyword; each VALUE JSON, else a string.",
+    ),
+]
 
 
 def _print_version(value: bool) -> None:

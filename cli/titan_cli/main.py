@@ -49,10 +49,13 @@ from titan_broker._service import HealthStatus
 from .common import (
     EXIT_CALL_FAILED,
     EXIT_USAGE,
+    CallArguments,
     Command,
     JsonOption,
+    MethodArgument,
     NamespaceOption,
     RedisOption,
+    ServiceArgument,
     UnknownService,
     confirm,
     err,
@@ -124,7 +127,7 @@ def services(
 @app.command("dead-letters", cls=Command)
 def dead_letters(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
+    service: ServiceArgument,
     as_json: JsonOption = False,
     replay: Annotated[bool, typer.Option("--replay", help="Put them back on the service's stream.")] = False,
     purge: Annotated[bool, typer.Option("--purge", help="Delete them (asks first; --yes does not).")] = False,
@@ -525,15 +528,9 @@ class NoWorker(NoLiveWorkers):
 @app.command(cls=Command)
 def call(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(metavar="SERVICE", help="Service name.")],
-    method: Annotated[str, typer.Argument(metavar="METHOD", help="Public method name.")],
-    args: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="[ARGS]...",
-            help="Arguments: VALUE positional, NAME=VALUE keyword; each VALUE JSON, else a string.",
-        ),
-    ] = None,
+    service: ServiceArgument,
+    method: MethodArgument,
+    args: CallArguments = None,
     timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds to wait for the answer.")] = 30.0,
     wait: Annotated[
         bool, typer.Option("--wait", help="With no live worker, queue the call for one (until the timeout).")
