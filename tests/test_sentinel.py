@@ -92,7 +92,8 @@ async def test_calls_through_the_sentinels(
     listed = titan(sentinel.url, namespace, "services", "--json")
     assert listed.returncode == 0, listed.stderr
     [service] = json.loads(listed.stdout)
-    assert service["name"] == "calculator" and [w["worker_id"] for w in service["workers"]] == [wid]
+    assert service["service"] == "calculator"
+    assert [w for v in service["versions"] for w in v["workers"]] == [wid]
     called = titan(sentinel.url, namespace, "call", "calculator", "multiply", "6", "7")
     assert called.returncode == 0 and json.loads(called.stdout) == 42, called.stderr
 
