@@ -25,7 +25,7 @@ from titan_broker.testing._local_cluster import LocalCluster
 from titan_broker.testing._local_redis import LocalRedis
 
 TARGET = 0.85
-"""Issue 11: the cluster at most 15 % below one node, for 1 service."""
+"""The target: the cluster at most 15 % below one node, for 1 service."""
 
 
 async def measure(urls: dict[str, str], names: list[str], calls: int, rounds: int) -> dict[str, list[float]]:

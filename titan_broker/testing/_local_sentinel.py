@@ -1,6 +1,6 @@
 """A private Redis Sentinel set-up: a primary, a replica and ``redis-server --sentinel`` processes.
 
-For the tests of issue 11: it can kill the primary and wait, bounded, for
+For tests behind Sentinel: it can kill the primary and wait, bounded, for
 the sentinels to promote the replica, and heal.
 """
 
