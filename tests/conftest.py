@@ -18,15 +18,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
 import anyio
 import psutil
 import pytest
 import redis as sync_redis
+from titan_worker.middleware.cache import LocalCache
+from titan_worker.middleware.rate_limit import LocalBucket
 
-from titan_broker import ProcessManager
+from titan_broker import ProcessManager, WorkerOptions
+from titan_broker._calling import breaker as breaker_module
 from titan_broker._errors import TitanError
+from titan_broker._processes.events import Event
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
 from titan_broker.testing import LocalRedis
@@ -109,6 +114,13 @@ def managed_workers() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+@pytest.fixture
+def private_redis() -> Iterator[LocalRedis]:
+    """A Redis of this test's own, without persistence, to stop, restart (losing every key) or fill."""
+    with LocalRedis() as server:
+        yield server
 
 
 @pytest.fixture
@@ -236,6 +248,11 @@ def run_log(log: Path) -> list[list[str]]:
     return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def run_words(log: Path) -> list[str]:
+    """Every word of a run log, in order (a service that notes one word per run)."""
+    return [word for line in run_log(log) for word in line]
+
+
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a blocking ``fn(*args)`` (a sync Redis client, a subprocess) off the event loop."""
     return await anyio.to_thread.run_sync(fn, *args)
@@ -287,3 +304,55 @@ class RoutedWorkers(Workers):
 
     def connect(self) -> Any:
         return self.connect_routed()
+
+
+CLOCKED: list[ModuleType] = [sys.modules[cls.__module__] for cls in (LocalCache, LocalBucket)]
+"""The modules whose ``time`` the fake clock replaces (with the breaker's)."""
+
+
+class FakeClock:
+    """Stands in for the ``time`` module of the code under test: ``monotonic()`` moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    for module in (breaker_module, *CLOCKED):
+        monkeypatch.setattr(module, "time", fake)
+    return fake
+
+
+POOLED = SERVICES / "pooled.py"
+QUICK_HEALTH = WorkerOptions(health_interval=0.2, health_timeout=1.0)
+
+
+class Recorder:
+    """Collects a manager's events and lets a test wait for one."""
+
+    def __init__(self, pm: ProcessManager) -> None:
+        self.events: list[Event] = []
+        self._changed = anyio.Event()
+        pm.on_event(self._add)
+
+    def _add(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+    async def wait_for(self, kind: str, count: int = 1, timeout: float = 20.0) -> list[Event]:
+        with anyio.fail_after(timeout):
+            while len(found := [e for e in self.events if e.kind == kind]) < count:
+                await self._changed.wait()
+        return found

@@ -9,16 +9,24 @@ import pytest
 
 from processes.calculator import Calculator
 from titan_broker import (
+    BacklogFull,
     BadArguments,
     CallTimeout,
+    Client,
+    ConfigError,
     MethodNotFound,
     NoLiveWorkers,
     ProcessManager,
     RemoteError,
     with_options,
 )
+from titan_broker._calling.proxy import Deferral
 
-from .conftest import CALCULATOR, SERVICES
+from .conftest import (
+    CALCULATOR,
+    SERVICES,
+    Workers,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -143,3 +151,40 @@ async def test_leaving_the_manager_stops_spawned_workers(redis_url: str, namespa
         await manager.spawn(CALCULATOR, Calculator)
         procs = [w.process for w in manager.workers]
     assert [p.returncode for p in procs] == [0]
+
+
+async def test_full_backlog_refuses_calls_at_once(workers: Workers, redis_url: str, namespace: str) -> None:
+    workers.start(SERVICES / "small_backlog.py", "--concurrency", "1")
+    workers.wait_registered("small-backlog", 1)
+    async with Client(redis_url, namespace=namespace) as client:
+        outcomes: list[object] = []
+
+        async def one() -> None:
+            try:
+                outcomes.append(await client.call("small-backlog", "wait", (0.5,)))
+            except BacklogFull as exc:
+                outcomes.append(exc)
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+        refused = [o for o in outcomes if isinstance(o, BacklogFull)]
+        assert len(refused) == 3
+        assert "max_backlog=5" in str(refused[0])
+        assert outcomes.count(0.5) == 5
+        assert time.monotonic() - started < 10
+
+
+def test_booleans_are_not_seconds() -> None:
+    with pytest.raises(ConfigError, match=r"delay must be a number of seconds .* got True"):
+        Deferral().with_options(delay=True, at=None, deadline=None, result_ttl=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"deadline must be a number of seconds .* got True"):
+        Deferral().with_options(delay=None, at=None, deadline=True, result_ttl=None)  # type: ignore[arg-type]
+
+
+async def test_a_boolean_delay_or_timeout_is_refused(pm: ProcessManager) -> None:
+    with pytest.raises(ConfigError, match=r"delay must be a number of seconds .* got True"):
+        await pm.client.call("promised", "slow", (0,), delay=True)
+    with pytest.raises(ConfigError, match=r"timeout must be a positive number of seconds, got True"):
+        await pm.client.call("promised", "slow", (0,), timeout=True)

@@ -12,7 +12,7 @@ import redis as sync_redis
 from titan_broker._wire.keys import Keys
 
 from .conftest import Workers, run_log_dep, wait_until
-from .test_worker_edges import EDGE, first_reply, runs, send
+from .worker_harness import EDGE, first_reply, runs, send
 
 LIBFAKETIME = next(
     (p for p in Path("/usr/lib").glob("*/faketime/libfaketime.so.1")),

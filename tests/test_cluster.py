@@ -55,18 +55,20 @@ from .conftest import (
     CALCULATOR,
     CHAOS,
     FAST_FAILOVER,
+    POOLED,
     SERVICES,
+    Recorder,
     RoutedWorkers,
     eventually,
     in_thread,
     managed_workers,
     skip_without_cluster_binaries,
+    titan,
     wait_until,
 )
-from .test_cli import titan
-from .test_connections import _make_certs
 from .test_decorators import until_refused
-from .test_pools import POOLED, Recorder, _with_calls
+from .test_pools import _with_calls
+from .test_redis_access import _make_certs
 
 pytestmark = pytest.mark.anyio
 
@@ -137,7 +139,7 @@ def test_the_cluster_helper_knows_where_keys_live(cluster: LocalCluster) -> None
     assert len({cluster.primary_for(f"{{{name}}}").port for name in names}) == 3
 
 
-# --- 1. calls across services on three primaries ---------------------------------------------------
+# --- calls across services on three primaries ---------------------------------------------------
 
 
 async def test_calls_reach_three_services_on_three_primaries(
@@ -196,7 +198,7 @@ async def test_calls_reach_three_services_on_three_primaries(
             single.close()
 
 
-# --- 2. streaming ------------------------------------------------------------------------------------
+# --- streaming ------------------------------------------------------------------------------------
 
 
 async def test_streaming_on_the_cluster(cpm: ProcessManager, tmp_path: Path) -> None:
@@ -221,7 +223,7 @@ async def test_streaming_on_the_cluster(cpm: ProcessManager, tmp_path: Path) -> 
     await eventually(stopped, 10, "the producer to stop")
 
 
-# --- 3. affinity --------------------------------------------------------------------------------------
+# --- affinity --------------------------------------------------------------------------------------
 
 
 async def test_calls_with_a_key_stick_to_one_worker(
@@ -242,7 +244,7 @@ async def test_calls_with_a_key_stick_to_one_worker(
     assert len(set(owner.values())) >= 2, owner  # the keys spread over the workers
 
 
-# --- 4. a worker killed mid-call --------------------------------------------------------------------
+# --- a worker killed mid-call --------------------------------------------------------------------
 
 
 async def test_a_call_survives_its_worker_killed_mid_call(
@@ -283,7 +285,7 @@ async def test_a_call_survives_its_worker_killed_mid_call(
     home.close()
 
 
-# --- 5. dead letters, listed and replayed through the CLI -------------------------------------------
+# --- dead letters, listed and replayed through the CLI -------------------------------------------
 
 
 @pytest.mark.slow
@@ -316,7 +318,7 @@ async def test_dead_letters_listed_and_replayed_with_the_cli(
     assert listing() == []
 
 
-# --- 6. rate limit and cache --------------------------------------------------------------------------
+# --- rate limit and cache --------------------------------------------------------------------------
 
 
 async def test_rate_limit_and_cache_on_the_cluster(cpm: ProcessManager, tmp_path: Path) -> None:
@@ -348,7 +350,7 @@ async def test_rate_limit_and_cache_on_the_cluster(cpm: ProcessManager, tmp_path
     assert (await svc.run_counts())["get_user"] == 2
 
 
-# --- 7. the CLI from a node that holds none of the service's keys ----------------------------------
+# --- the CLI from a node that holds none of the service's keys ----------------------------------
 
 
 @pytest.mark.parametrize("role", ["primary", "replica"])
@@ -383,7 +385,7 @@ def test_the_cli_from_a_node_without_the_services_keys(
     assert failed.returncode == 1 and "ValueError: Division by zero" in failed.stderr
 
 
-# --- 8. a primary killed under load -------------------------------------------------------------------
+# --- a primary killed under load -------------------------------------------------------------------
 
 
 @dataclass
@@ -550,7 +552,7 @@ async def test_a_primary_killed_under_load(
         await in_thread(cluster.heal)  # the old primary rejoins as a replica
 
 
-# --- 9. pools and autoscale --------------------------------------------------------------------------
+# --- pools and autoscale --------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -576,7 +578,7 @@ async def test_a_pool_scales_on_the_cluster(cpm: ProcessManager) -> None:
     assert [await pool.proxy.sleep(0) for _ in range(3)] == [pool.workers[0].pid] * 3
 
 
-# --- 10. a password-protected cluster, and an ACL user ----------------------------------------------
+# --- a password-protected cluster, and an ACL user ----------------------------------------------
 
 PASSWORD = "titan-cluster-secret"
 ACL_USER, ACL_PASSWORD = "titan", "titan-acl-secret"
@@ -616,7 +618,7 @@ async def test_a_password_protected_cluster(secured_cluster: LocalCluster, names
 async def test_the_readmes_acl_rules_work_on_a_cluster(secured_cluster: LocalCluster, namespace: str) -> None:
     """The caller and worker rules of the README, set on every node: a worker serves, a caller calls
     (reading the slot map needs its cluster permissions) and still cannot write the registry."""
-    from .test_client_edges import caller_acl, worker_acl
+    from .test_client import caller_acl, worker_acl
 
     for node in secured_cluster.nodes:
         node.ask("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace))
@@ -635,7 +637,7 @@ async def test_the_readmes_acl_rules_work_on_a_cluster(secured_cluster: LocalClu
         workers.close()
 
 
-# --- 11. a TLS-only cluster, reached with rediss:// -------------------------------------------------
+# --- a TLS-only cluster, reached with rediss:// -------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_random_entries_never_stop_the_worker(
     assert not sync_client.exists("elsewhere:reply:x")
     assert sync_client.type(keys.services) == b"hash"
     # And a normal call still works.
-    from .test_cli import titan
+    from .conftest import titan
 
     result = titan(redis_url, namespace, "call", "calculator", "add", "2", "3")
     assert (result.returncode, result.stdout.strip()) == (0, "5.0")  # add(a: float, b: float) -> float

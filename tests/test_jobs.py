@@ -7,10 +7,12 @@ test can count runs (at least once, never twice without a crash) and read when t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -36,12 +38,13 @@ from titan_broker import (
     with_options,
 )
 from titan_broker._calling.jobs import JobState
+from titan_broker._calling.proxy import Deferral
 from titan_broker._registry.records import list_workers
 from titan_broker._service.definition import describe
 from titan_broker._wire.keys import Keys
+from titan_broker.testing._local_redis import LocalRedis
 
-from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, run_log, wait_until
-from .test_cli import titan
+from .conftest import CHAOS, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually, run_log, titan, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -438,3 +441,110 @@ async def test_job_options_and_ids_out_of_range_are_clear_errors(pm: ProcessMana
     done = await pm.submit(tasks.add, 1, 1)
     await done.result(timeout=10)
     assert await done.result(timeout=0) == 2.0  # an ended job is read even with no time to wait
+
+
+PROMISED = SERVICES / "promised.py"
+
+
+AT_IN_ZONE = """
+import sys
+from datetime import UTC, datetime, timedelta
+from titan_broker import ConfigError
+from titan_broker._calling.proxy import Deferral
+
+aware = Deferral().with_options(at=datetime.now(UTC) + timedelta(seconds=5), delay=None, deadline=None,
+                                result_ttl=None)
+print(round(aware.delay_now() or 0))
+try:
+    Deferral().with_options(at=datetime.utcnow() + timedelta(seconds=5), delay=None, deadline=None,
+                            result_ttl=None)
+except ConfigError as exc:
+    print("refused:", exc)
+"""
+
+
+async def test_a_job_that_killed_its_worker_twice_counts_two_runs(
+    pm: ProcessManager, workers: Workers
+) -> None:
+    """crash() has max_deliveries 2: two runs kill two workers, the third delivery dead-letters it."""
+    procs = [workers.start(CHAOS, *FAST_FAILOVER) for _ in range(3)]
+    workers.wait_registered("chaos", 3)
+    job = pm.job(await pm.client.submit("chaos", "crash"))
+    with pytest.raises(DeadLettered, match=r"it ran 2 times and the worker running it died each time"):
+        await job.result(timeout=40)
+    status = await job.status()
+    assert status.state is JobState.DEAD and status.attempts == 2
+    workers.killed.update(p.pid for p in procs if p.poll() is not None)
+
+
+async def test_a_job_cancelled_during_its_retry_backoff_says_it_ran(pm: ProcessManager) -> None:
+    await pm.spawn(str(PROMISED))
+    job = pm.job(await pm.client.submit("promised", "flaky"))
+
+    async def retrying() -> bool:
+        return (await job.status()).state is JobState.RETRYING
+
+    await eventually(retrying, 10, "the first run to fail")
+    assert await job.cancel()
+    with pytest.raises(JobCancelled, match=r"cancelled after 1 run, waiting for its next attempt"):
+        await job.result(timeout=5)
+    assert (await job.status()).attempts == 1
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo"])
+def test_at_is_an_instant_whatever_the_local_time_zone(zone: str) -> None:
+    """An aware `at` is 5 s away in any zone; a naive one, which names no zone, is refused."""
+    done = subprocess.run([sys.executable, "-c", AT_IN_ZONE], env={**os.environ, "TZ": zone},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    delay, refused = done.stdout.splitlines()
+    assert delay == "5"
+    assert refused.startswith("refused: at must be an aware datetime")
+
+
+async def test_at_a_moment_just_passed_runs_now(pm: ProcessManager) -> None:
+    """A moment under a millisecond ahead has passed by the time the call goes: it is not a delay."""
+    soon = Deferral(at=datetime.now(UTC) + timedelta(microseconds=500)).delay_now()
+    assert soon is None or soon >= 0.001
+    promised = await pm.spawn(str(PROMISED))
+    at = datetime.now(UTC) + timedelta(microseconds=500)
+    assert await with_options(promised, at=at).slow(0) == 0
+    job = await pm.submit(with_options(promised, at=datetime.now(UTC) + timedelta(microseconds=500)).slow, 0)
+    assert await job.result(timeout=10) == 0
+
+
+async def test_a_job_lost_with_redis_data_says_so(private_redis: LocalRedis) -> None:
+    async with ProcessManager(private_redis.url, namespace="lost") as pm:
+        job = pm.job(await pm.client.submit("promised", "slow", (0,)))  # no worker: it stays queued
+        assert (await job.status()).state is JobState.QUEUED
+        private_redis.stop(kill=True)
+        private_redis.start()
+        with pytest.raises(JobNotFound, match=r"lost: Redis restarted or failed over .* without its data"):
+            await job.result(timeout=10)
+    # A process that never saw the job cannot tell lost from unknown: it names both.
+    async with ProcessManager(private_redis.url, namespace="lost") as other:
+        with pytest.raises(JobNotFound, match=r"never submitted, .* or Redis lost it"):
+            await other.job(job.id).status()
+
+
+async def test_a_job_result_rides_out_a_redis_outage_shorter_than_its_timeout(
+    aof_redis: LocalRedis,
+) -> None:
+    async with ProcessManager(aof_redis.url, namespace="outage") as pm:
+        promised = await pm.spawn(str(PROMISED))
+        job = await pm.submit(promised.slow, 1.5)
+        got: list[float] = []
+
+        async def read() -> None:
+            got.append(await job.result(timeout=20))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                aof_redis.stop(kill=True)
+                await anyio.sleep(1.0)  # the outage itself
+                aof_redis.start()
+        finally:
+            if aof_redis.process is None:  # the read failed during the outage: end it, for the cleanup
+                aof_redis.start()
+        assert got == [1.5]

@@ -20,7 +20,6 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from titan_broker import (
     AutoScale,
     ConfigError,
-    Event,
     HealthStatus,
     Pool,
     PoolMetrics,
@@ -31,35 +30,18 @@ from titan_broker import (
 )
 from titan_broker._calling.client import ROUTE_TTL
 
-from .conftest import CALCULATOR, FAST_FAILOVER, ROOT, SERVICES, Workers, eventually
+from .conftest import (
+    CALCULATOR,
+    FAST_FAILOVER,
+    POOLED,
+    QUICK_HEALTH,
+    ROOT,
+    Recorder,
+    Workers,
+    eventually,
+)
 
 pytestmark = pytest.mark.anyio
-
-POOLED = SERVICES / "pooled.py"
-QUICK_HEALTH = WorkerOptions(health_interval=0.2, health_timeout=1.0)
-
-
-class Recorder:
-    """Collects a manager's events and lets a test wait for one."""
-
-    def __init__(self, pm: ProcessManager) -> None:
-        self.events: list[Event] = []
-        self._changed = anyio.Event()
-        pm.on_event(self._add)
-
-    def _add(self, event: Event) -> None:
-        self.events.append(event)
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
-
-    async def wait_for(self, kind: str, count: int = 1, timeout: float = 20.0) -> list[Event]:
-        with anyio.fail_after(timeout):
-            while len(found := [e for e in self.events if e.kind == kind]) < count:
-                await self._changed.wait()
-        return found
 
 
 async def test_pool_starts_its_workers_and_every_one_serves(pm: ProcessManager) -> None:
@@ -449,3 +431,23 @@ async def test_every_worker_option_reaches_a_spawned_worker(pm: ProcessManager) 
     assert int(record[b"metrics_port"]) > 0  # metrics_port had no flag from pm.spawn before
     assert record[b"concurrency"] == b"3"
     assert 5000 < await pm.client.redis.pttl(pm.client.keys.worker("pooled", worker.worker_id)) <= 7000
+
+
+# -- "Autoscale samples the pool's CPU ... adds a worker when either is above target"
+async def test_autoscale_adds_a_worker_when_cpu_alone_is_above_target(pm: ProcessManager) -> None:
+    recorder = Recorder(pm)
+    # The backlog target is far away (one call in flight against 100): only the CPU can trigger.
+    scale = AutoScale(min=1, max=2, target_cpu=0.25, target_backlog=100, interval=0.3, cooldown=60)
+    pool = await pm.pool(POOLED, autoscale=scale)
+    grown = anyio.Event()
+
+    async def burn() -> None:
+        while not grown.is_set():
+            await pool.proxy.spin(0.5)  # one core busy in a worker thread
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(burn)
+        [scaled] = await recorder.wait_for("scaled", timeout=20)
+        grown.set()
+    assert scaled.detail == "1 -> 2 workers"
+    assert pool.size == 2 and len(pool.workers) == 2

@@ -7,6 +7,7 @@ Real Redis, real worker processes. Each run of a test service appends a line to 
 
 from __future__ import annotations
 
+import json
 import signal
 import statistics
 import time
@@ -19,10 +20,15 @@ import pytest
 import redis as sync_redis
 from croniter import croniter
 
-from titan_broker import ConfigError, ProcessManager, periodic, process
+from titan_broker import (
+    ConfigError,
+    ProcessManager,
+    periodic,
+    process,
+)
 from titan_broker._wire.keys import GROUP, Keys
 
-from .conftest import FAST_FAILOVER, SERVICES, Workers, run_log, run_log_dep, wait_until
+from .conftest import FAST_FAILOVER, SERVICES, Workers, run_log, run_log_dep, titan, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -230,3 +236,20 @@ async def test_a_delayed_call_with_a_tiny_delay_starts_close_to_its_due_time(
         assert status.started is not None and status.due is not None
         late.append((status.started - status.due).total_seconds())
     assert statistics.median(late) < 0.06, late
+
+
+def test_titan_schedules_shows_the_last_runs_outcome(
+    workers: Workers, redis_url: str, namespace: str
+) -> None:
+    workers.start(SERVICES / "failing_ticker.py")
+    workers.wait_registered("failing-ticker", 1)
+
+    def failed_run() -> dict[str, str] | None:
+        shown = titan(redis_url, namespace, "schedules", "--json")
+        [row] = json.loads(shown.stdout)
+        return row if row.get("last_state") == "failed" else None
+
+    row = wait_until(failed_run, 15, "a failed run in the schedule")
+    assert row["last_error"] == "RuntimeError: the tick failed"
+    table = titan(redis_url, namespace, "schedules")
+    assert "failed" in table.stdout and "the tick failed" in table.stdout, table.stdout

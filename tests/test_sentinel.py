@@ -20,10 +20,8 @@ from titan_broker._wire.keys import Keys
 from titan_broker.testing._local_redis import LocalRedis, find_redis_server
 from titan_broker.testing._local_sentinel import LocalSentinel
 
-from .conftest import CALCULATOR, SERVICES, RoutedWorkers, managed_workers
-from .test_cli import titan
+from .conftest import CALCULATOR, SERVICES, Recorder, RoutedWorkers, managed_workers, titan
 from .test_cluster import CALL_TIMEOUT, chaos_pair, failover_under_load, in_thread
-from .test_pools import Recorder
 
 pytestmark = pytest.mark.anyio
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis as sync_redis
 
 from titan_broker import (
     CallTimeout,
@@ -19,9 +20,19 @@ from titan_broker import (
     TitanError,
     WorkerOptions,
 )
-from titan_broker._wire.protocol import STREAM_WINDOW
+from titan_broker._wire.keys import Keys
+from titan_broker._wire.protocol import (
+    F_REPLY_VALUE,
+    STREAM_WINDOW,
+    decode_reply,
+)
 
-from .conftest import SERVICES, eventually
+from .conftest import SERVICES, Workers, eventually, wait_until
+from .worker_harness import (
+    EDGE,
+    ping,
+    send,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -138,3 +149,24 @@ async def test_the_timeout_bounds_the_whole_stream(pm: ProcessManager) -> None:
     elapsed = time.monotonic() - started
     assert 0.5 <= elapsed < 0.5 + 2.0
     assert 5 < len(got) < 200
+
+
+# --- a stream nobody reads --------------------------------------------------------------------
+def test_reply_stream_of_an_unread_streaming_call_has_a_ttl(
+    workers: Workers, sync_client: sync_redis.Redis, keys: Keys
+) -> None:
+    workers.start(EDGE)
+    workers.wait_registered("edge", 1)
+    reply_key, _ = send(sync_client, keys, "edge", "numbers", (1000,), deadline_in=60)
+    try:
+        wait_until(lambda: sync_client.exists(reply_key), 15, "the first item")
+        assert sync_client.pttl(reply_key) > 0, "the reply stream has no TTL after the first item"
+        # The worker fills the caller's window (32 items), then waits for credit that never comes.
+        wait_until(lambda: sync_client.xlen(reply_key) >= 32, 15, "a window of items")
+        assert sync_client.pttl(reply_key) > 0, "the reply stream has no TTL while the worker waits"
+    finally:
+        for _entry_id, fields in sync_client.xrange(reply_key, count=1):  # stop the producer
+            item = decode_reply(fields[F_REPLY_VALUE])
+            if item is not None:
+                sync_client.hset(keys.stream_control("edge", item.call_id), "cancel", 1)
+    ping(sync_client, keys)

@@ -35,7 +35,13 @@ from titan_broker import (
     public,
 )
 
-from .conftest import SERVICES, Workers
+from .conftest import (
+    CALCULATOR,
+    SERVICES,
+    Workers,
+)
+from .services.promised import Color as PromisedColor
+from .services.promised import User
 from .services.typed import Color, Everything, Level, Mode, Pair, Point, Size, Typed
 
 pytestmark = pytest.mark.anyio
@@ -437,3 +443,46 @@ def test_without_pydantic_everything_else_works_and_titan_broker_never_imports_i
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+PROMISED = SERVICES / "promised.py"
+
+
+class Stub:
+    """The caller's view of `promised`, without @process: its annotations are what it decodes into."""
+
+    async def users(self) -> list[User]: ...
+
+    async def color(self) -> PromisedColor: ...
+
+
+class Unusable:
+    async def users(self) -> socket.socket: ...
+
+
+async def test_wrong_argument_types_are_refused_before_the_method_runs(pm: ProcessManager) -> None:
+    calc = await pm.spawn(CALCULATOR)
+    with pytest.raises(BadArguments, match=r"argument 'a' must be float, got str \('five'\)"):
+        await calc.add("five", 3)
+    with pytest.raises(BadArguments, match="argument 'n' must be int, got float"):
+        await calc.factorial(2.5)
+    assert (await calc.get_stats())["operation_count"] == 0
+    assert await calc.add(1, 2.5) == 3.5
+
+
+async def test_a_proxy_of_any_class_decodes_into_its_annotations(pm: ProcessManager) -> None:
+    await pm.spawn(str(PROMISED))
+    stub = await pm.connect("promised", Stub)
+    assert await stub.users() == [User(1, "ann")]
+    with pytest.raises(BadResult, match=r"must be Color, got str \('purple'\)"):
+        await stub.color()
+    with pytest.raises(ConfigError, match=r"Unusable.users.*socket"):
+        await pm.connect("promised", Unusable)
+
+
+async def test_a_datetime_sent_for_a_date_is_named(pm: ProcessManager) -> None:
+    await pm.spawn(str(PROMISED))
+    with pytest.raises(
+        BadArguments, match=r"must be date, got a datetime \(sent as str '2024-02-29T10:00:00'\)"
+    ):
+        await pm.client.call("promised", "day", (datetime(2024, 2, 29, 10),))

@@ -39,7 +39,7 @@ def sentinel() -> None:
 
 
 def make_certs(folder: Path) -> TlsFiles:
-    """A CA, and a certificate for 127.0.0.1 it signed (as tests/test_connections.py makes them)."""
+    """A CA, and a certificate for 127.0.0.1 it signed (as tests/test_redis_access.py makes them)."""
 
     def ssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)

@@ -1,0 +1,40 @@
+"""titan-worker's command line: its options and exit codes."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from .conftest import (
+    CALCULATOR,
+    SERVICES,
+    Workers,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def test_worker_exit_code_2_for_bad_options(workers: Workers) -> None:
+    proc = workers.start(CALCULATOR, "--concurrency", "0")
+    assert proc.wait(timeout=20) == 2
+    assert b"concurrency must be at least 1" in workers.output(proc)
+
+
+# -- the exit codes of titan-worker: 1 crashed, 5 init() raised
+def test_worker_exits_5_when_init_raises(workers: Workers) -> None:
+    proc = workers.start(SERVICES / "init_fails.py", "--dep", "dsn=sqlite://x")
+    assert proc.wait(timeout=20) == 5
+    out = workers.output(proc)
+    assert b"init() raised RuntimeError: cannot open database 'sqlite://x'" in out
+    assert b"init_fails.py" in out and b"Traceback" not in out
+
+
+def test_worker_exits_1_when_it_crashes_on_an_unexpected_error(workers: Workers) -> None:
+    with socket.socket() as taken:  # the metrics port is in use: nothing the worker could foresee
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        proc = workers.start(CALCULATOR, "--metrics-port", str(taken.getsockname()[1]))
+        assert proc.wait(timeout=20) == 1
+    out = workers.output(proc)
+    assert b"titan-worker: crashed: OSError" in out, out
