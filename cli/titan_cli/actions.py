@@ -27,11 +27,11 @@ from .common import (
     confirm,
     err,
     out,
+    parse_arguments,
     print_json,
     run,
     services_named,
 )
-from .main import parse_arguments
 
 
 class ServiceInUse(CallError):

@@ -227,3 +227,31 @@ def shown_time(moment: datetime | float | None) -> str:
 def ms(value: float | None) -> str:
     """A latency in a table: two decimals, '-' when there is none (an idle worker or method)."""
     return "-" if value is None else f"{value:.2f}"
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_arguments(raw: list[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments from the command line: ``NAME=JSON`` is a keyword argument
+    (NAME a Python identifier), anything else positional; each value JSON, else a string.
+    A positional string holding '=' is passed as JSON: '"a=b"'."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for item in raw:
+        name, sep, value = item.partition("=")
+        if sep and name.isidentifier():
+            if name in kwargs:
+                raise typer.BadParameter(f"keyword argument {name!r} given twice", param_hint="ARGS")
+            kwargs[name] = _parse_value(value)
+        elif kwargs:
+            raise typer.BadParameter(
+                f"positional argument {item!r} after a keyword argument", param_hint="ARGS"
+            )
+        else:
+            args.append(_parse_value(item))
+    return tuple(args), kwargs

@@ -12,7 +12,6 @@ Exit codes (also in README.md and docs/cli.md):
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from typing import Annotated, Any
@@ -62,6 +61,7 @@ from .common import (
     iso,
     ms,
     out,
+    parse_arguments,
     print_json,
     print_json_line,
     run,
@@ -483,34 +483,6 @@ def _method_line(method: dict[str, Any]) -> str:
             parts.append(f"{name} {shown}".strip())
         line += f"  [{', '.join(parts)}]"
     return escape(line)  # '[' in type hints and options is text, not rich markup
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def parse_arguments(raw: list[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword arguments from the command line: ``NAME=JSON`` is a keyword argument
-    (NAME a Python identifier), anything else positional; each value JSON, else a string.
-    A positional string holding '=' is passed as JSON: '"a=b"'."""
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    for item in raw:
-        name, sep, value = item.partition("=")
-        if sep and name.isidentifier():
-            if name in kwargs:
-                raise typer.BadParameter(f"keyword argument {name!r} given twice", param_hint="ARGS")
-            kwargs[name] = _parse_value(value)
-        elif kwargs:
-            raise typer.BadParameter(
-                f"positional argument {item!r} after a keyword argument", param_hint="ARGS"
-            )
-        else:
-            args.append(_parse_value(item))
-    return tuple(args), kwargs
 
 
 def _print_item(item: Any, as_json: bool) -> None:
