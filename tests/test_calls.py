@@ -20,7 +20,7 @@ from titan_broker import (
     RemoteError,
     with_options,
 )
-from titan_broker._calling.proxy import Deferral
+from titan_broker._calling.proxy import CallTiming
 
 from .conftest import (
     CALCULATOR,
@@ -178,9 +178,9 @@ async def test_full_backlog_refuses_calls_at_once(workers: Workers, redis_url: s
 
 def test_booleans_are_not_seconds() -> None:
     with pytest.raises(ConfigError, match=r"delay must be a number of seconds .* got True"):
-        Deferral().with_options(delay=True, at=None, deadline=None, result_ttl=None)  # type: ignore[arg-type]
+        CallTiming().with_options(delay=True, at=None, deadline=None, result_ttl=None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"deadline must be a number of seconds .* got True"):
-        Deferral().with_options(delay=None, at=None, deadline=True, result_ttl=None)  # type: ignore[arg-type]
+        CallTiming().with_options(delay=None, at=None, deadline=True, result_ttl=None)  # type: ignore[arg-type]
 
 
 async def test_a_boolean_delay_or_timeout_is_refused(pm: ProcessManager) -> None:

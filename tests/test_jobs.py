@@ -38,7 +38,7 @@ from titan_broker import (
     with_options,
 )
 from titan_broker._calling.jobs import JobState
-from titan_broker._calling.proxy import Deferral
+from titan_broker._calling.proxy import CallTiming
 from titan_broker._registry.records import list_workers
 from titan_broker._service.definition import describe
 from titan_broker._wire.keys import Keys
@@ -450,13 +450,13 @@ AT_IN_ZONE = """
 import sys
 from datetime import UTC, datetime, timedelta
 from titan_broker import ConfigError
-from titan_broker._calling.proxy import Deferral
+from titan_broker._calling.proxy import CallTiming
 
-aware = Deferral().with_options(at=datetime.now(UTC) + timedelta(seconds=5), delay=None, deadline=None,
+aware = CallTiming().with_options(at=datetime.now(UTC) + timedelta(seconds=5), delay=None, deadline=None,
                                 result_ttl=None)
 print(round(aware.delay_now() or 0))
 try:
-    Deferral().with_options(at=datetime.utcnow() + timedelta(seconds=5), delay=None, deadline=None,
+    CallTiming().with_options(at=datetime.utcnow() + timedelta(seconds=5), delay=None, deadline=None,
                             result_ttl=None)
 except ConfigError as exc:
     print("refused:", exc)
@@ -504,7 +504,7 @@ def test_at_is_an_instant_whatever_the_local_time_zone(zone: str) -> None:
 
 async def test_at_a_moment_just_passed_runs_now(pm: ProcessManager) -> None:
     """A moment under a millisecond ahead has passed by the time the call goes: it is not a delay."""
-    soon = Deferral(at=datetime.now(UTC) + timedelta(microseconds=500)).delay_now()
+    soon = CallTiming(at=datetime.now(UTC) + timedelta(microseconds=500)).delay_now()
     assert soon is None or soon >= 0.001
     promised = await pm.spawn(str(PROMISED))
     at = datetime.now(UTC) + timedelta(microseconds=500)

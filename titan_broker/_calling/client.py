@@ -39,7 +39,7 @@ from .proxy import ServiceProxy as ServiceProxy
 from .proxy import with_options as with_options
 from .replies import Placement, error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
-from .routing import Routes, probe_margin
+from .routing import LiveWorkers, probe_margin
 from .sending import DelayOrJob, redis_error
 from .streaming import StreamRequest, stream_items
 
@@ -82,7 +82,7 @@ class Client:
         self._tg: anyio.abc.TaskGroup | None = None
         self._links: Links | None = None
         self._reply_keys: dict[str, str] = {}
-        self._routes = Routes(self.keys, lambda: self.redis)
+        self._workers = LiveWorkers(self.keys, lambda: self.redis)
 
     @property
     def redis(self) -> Redis:
@@ -112,7 +112,7 @@ class Client:
         self._links = Links(topology, self.keys, self.client_id, self.max_backlog, lambda: self.redis)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._links.tg = self._routes.tg = self._tg
+        self._links.tg = self._workers.tg = self._tg
         return self
 
     async def __aexit__(
@@ -132,7 +132,7 @@ class Client:
         tg, self._tg = self._tg, None
         links: list[Link] = []
         if self._links is not None:
-            self._links.tg = self._routes.tg = None
+            self._links.tg = self._workers.tg = None
             links = self._links.detach()
         for link in links:
             link.abandon(self.keys, lambda: TitanError("client closed while the call was waiting"))
@@ -191,7 +191,7 @@ class Client:
         deadline = loop.time() + timeout + (later.delay_ms / 1000 if later else 0.0)
         if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
             self._connected()
-            await self._routes.require_worker(service, method, deadline)
+            await self._workers.require_worker(service, method, deadline)
         link = self._links.get(service) if self._links is not None else None
         if link is None:
             link = await self._link(service, deadline)
@@ -202,16 +202,16 @@ class Client:
         answered = False
         try:
             worker = (
-                await self._routes.worker_for(service, method, key, deadline) if key is not None else None
+                await self._workers.worker_for(service, method, key, deadline) if key is not None else None
             )
             sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
             dispatcher.placed(call_id, sent)
             # A timer on the future is much cheaper than a cancel scope on this hot path.
-            timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._routes.probe, service)
+            timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._workers.probe, service)
             try:
                 reply = await fut
             except _Expired:
-                raise self._routes.timeout_error(service, method, timeout, loop.time() - timeout) from None
+                raise self._workers.timeout_error(service, method, timeout, loop.time() - timeout) from None
             finally:
                 timer.cancel()
             answered = True
@@ -250,7 +250,7 @@ class Client:
         timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
         self._connected()
         request = StreamRequest(service, method, call_id, fields, timeout, key, wait_for_worker)
-        return stream_items(request, self._link, self._routes, self.keys)
+        return stream_items(request, self._link, self._workers, self.keys)
 
     def _request(
         self,
@@ -327,7 +327,7 @@ class Client:
     async def live_workers(self, service: str) -> int:
         """How many workers of ``service`` have a live registry record."""
         try:
-            return await self._routes.count_live(service)
+            return await self._workers.count_live(service)
         except REDIS_ERRORS as exc:
             raise titan_error(exc, f"count the workers of {service!r}") from exc
 

@@ -97,8 +97,8 @@ class ServiceProxy:
     """
 
     __slots__ = (
-        "_breaker", "_class", "_client", "_key", "_later", "_methods", "_results", "_service", "_streaming",
-        "_timeout", "_wait",
+        "_breaker", "_class", "_client", "_key", "_methods", "_results", "_service", "_streaming", "_timeout",
+        "_timing", "_wait",
     )  # fmt: skip
 
     def __init__(
@@ -113,10 +113,10 @@ class ServiceProxy:
         streaming: frozenset[str] = frozenset(),
         wait_for_worker: bool = True,
         cls: type | None = None,
-        later: Deferral | None = None,
+        timing: CallTiming | None = None,
     ) -> None:
         self._client = client
-        self._later = later or Deferral()
+        self._timing = timing or CallTiming()
         self._class = cls
         self._results = result_types(cls) if cls is not None else {}
         self._service = service
@@ -156,7 +156,7 @@ class ServiceProxy:
         timeout, key, wait = options.get("timeout"), options.get("key"), options.get("wait_for_worker")
         if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        later = self._later.with_options(
+        timing = self._timing.with_options(
             delay=options.get("delay"), at=options.get("at"), deadline=options.get("deadline"),
             result_ttl=options.get("result_ttl"),
         )  # fmt: skip
@@ -170,7 +170,7 @@ class ServiceProxy:
             streaming=self._streaming,
             wait_for_worker=wait if wait is not None else self._wait,
             cls=self._class,
-            later=later,
+            timing=timing,
         )
 
     def _options(self) -> dict[str, Any]:
@@ -196,7 +196,7 @@ class RemoteMethod:
         """Call the method and return its result (what awaiting a RemoteCall does)."""
         p = self._proxy
         options = p._options()
-        delay = p._later.delay_now()
+        delay = p._timing.delay_now()
         if delay is not None:
             options["delay"] = delay
         breaker = p._breaker
@@ -221,8 +221,8 @@ class RemoteMethod:
             breaker.before_call()
         try:
             job_id = await p._client.submit(
-                p._service, self._method, args, kwargs, delay=p._later.delay_now(),
-                deadline=p._later.deadline, result_ttl=p._later.result_ttl or DEFAULT_RESULT_TTL,
+                p._service, self._method, args, kwargs, delay=p._timing.delay_now(),
+                deadline=p._timing.deadline, result_ttl=p._timing.result_ttl or DEFAULT_RESULT_TTL,
                 timeout=p._timeout,
             )  # fmt: skip
         except BaseException as exc:
@@ -258,7 +258,7 @@ class RemoteMethod:
         released so that the next call probes again.
         """
         p = self._proxy
-        if p._later.delay_now():
+        if p._timing.delay_now():
             raise ConfigError(
                 f"{p._service}.{self._method}() streams: a delay applies to calls and jobs only"
             )
@@ -341,8 +341,8 @@ def with_options(proxy: T, **options: Unpack[ProxyOptions]) -> T:
 
 
 @dataclass(frozen=True)
-class Deferral:
-    """What a proxy's calls and jobs wait for: a delay (or a time) to start, and a job's own options."""
+class CallTiming:
+    """When a proxy's calls and jobs start (a delay, or a time), and a job's deadline and result TTL."""
 
     delay: float | None = None
     at: datetime | None = None
@@ -351,7 +351,7 @@ class Deferral:
 
     def with_options(
         self, *, delay: float | None, at: datetime | None, deadline: float | None, result_ttl: float | None
-    ) -> Deferral:
+    ) -> CallTiming:
         """These options over this one's (None keeps this one's); raise ConfigError for a bad one."""
         if delay is not None and (delay != 0 or isinstance(delay, bool)):
             check_seconds("delay", delay)

@@ -37,7 +37,6 @@ from .._errors import CallLost, RemoteError, TitanError, WireError, remote_error
 from .._redis.backoff import Backoff
 from .._redis.connection import CONNECTION_ERRORS, Channel, stream_entries, text
 from .._wire import protocol
-from .._wire.keys import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +64,17 @@ def parse_run_id(info: bytes | str) -> str | None:
 
 class Placement(NamedTuple):
     """Where a request went: the streams it may be in (an affinity call may fall back to the shared one)
-    and its entry id; or the delayed set and its member. A job's hash comes along (deleted with it)."""
+    and its entry id; or, ``delayed``, the delayed set and its member. A job's hash comes along
+    (``job``: withdrawing the request cancels the job)."""
 
     streams: tuple[str, ...]
     entry_id: bytes
+    delayed: bool = False
+    job: str | None = None
+
+    def with_entry(self, entry_id: bytes) -> Placement:
+        """This placement, at ``entry_id`` (known once Redis answers the submit)."""
+        return self._replace(entry_id=entry_id)
 
 
 class ReplyDispatcher:
@@ -302,16 +308,18 @@ class ReplyDispatcher:
         waiting = list(self._placements.items())
         commands: list[tuple[object, ...]] = [
             # A delayed call is its member of the delayed set (its score when it is still there).
-            ("ZSCORE", key, entry_id) if Keys.kind(key) == "delayed" else ("XRANGE", key, entry_id, entry_id)
-            for _, (streams, entry_id) in waiting
-            for key in streams
+            ("ZSCORE", key, placement.entry_id)
+            if placement.delayed
+            else ("XRANGE", key, placement.entry_id, placement.entry_id)
+            for _, placement in waiting
+            for key in placement.streams
         ]
         found = await self.channel.execute_many(commands) if commands else []
         gone: list[str] = []
         i = 0
-        for call_id, (streams, _) in waiting:
-            answers = found[i : i + len(streams)]
-            i += len(streams)
+        for call_id, placement in waiting:
+            answers = found[i : i + len(placement.streams)]
+            i += len(placement.streams)
             if not any(a and not isinstance(a, Exception) for a in answers):
                 gone.append(call_id)
         while self._route(

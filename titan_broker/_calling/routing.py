@@ -31,7 +31,7 @@ def probe_margin(timeout: float) -> float:
     return min(0.25, timeout / 4)
 
 
-class Routes:
+class LiveWorkers:
     """Per service: the live workers of its affinity set, and how many workers live."""
 
     def __init__(self, keys: Keys, redis: Callable[[], Redis]) -> None:

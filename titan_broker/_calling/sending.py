@@ -45,10 +45,8 @@ GONE_TTL_MS = 600_000
 not stopped by it (the worker still drops it once the call's deadline has passed)."""
 """A streaming call's control hash (credit, cancel) expires this long after its last write."""
 
-_Withdrawal = tuple[tuple[str, ...], bytes, str | None, str | None]
-"""A request given up: where it is (its ``Placement``), its stream's control hash, its call id."""
-"""What to withdraw: where the request is, its entry id (or delayed member), its stream's control
-hash, its call id (to leave the gone mark)."""
+_Withdrawal = tuple[Placement, str | None, str | None]
+"""A request given up: where it is, its stream's control hash, its call id (to leave the gone mark)."""
 
 
 class _Late(Exception):
@@ -164,12 +162,14 @@ class Sender:
             argv = [self.keys.config(service), self.max_backlog]
             member = protocol.pack_fields(fields) if later.delay_ms > 0 else b""
             job = protocol.job_token(fields)
-            job_key: tuple[str, ...] = ()
+            job_key = None
             if later.job_id is not None and job is not None:
-                job_key = (self.keys.job(service, job),)
-                keys += [*job_key, self.keys.jobs(service)]
+                job_key = self.keys.job(service, job)
+                keys += [job_key, self.keys.jobs(service)]
             # Where it waits (to withdraw it): the delayed set or the stream, and its job's hash.
-            streams = (self.keys.delayed(service) if later.delay_ms > 0 else shared, *job_key)
+            delayed = later.delay_ms > 0
+            streams = (self.keys.delayed(service) if delayed else shared,)
+        placed = Placement(streams, b"", delayed, job_key) if later is not None else Placement(streams, b"")
         loop = asyncio.get_running_loop()
         for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
@@ -188,9 +188,9 @@ class Sender:
             try:
                 entry_id = cast(bytes, await _within(fut, deadline))
             except _Late:
-                fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
+                fut.add_done_callback(functools.partial(self._withdraw_late, placed, deadline))
             except asyncio.CancelledError:
-                fut.add_done_callback(functools.partial(self._withdraw_late, streams, deadline))
+                fut.add_done_callback(functools.partial(self._withdraw_late, placed, deadline))
                 raise
             except rexc.NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it and send again
                 await script.load(self.pipe)
@@ -214,10 +214,10 @@ class Sender:
             if redis_full:
                 raise await out_of_memory(self._redis(), doing, deadline)
             if entry_id == b"delayed":
-                return Placement(streams, member)
+                return placed.with_entry(member)
             if entry_id is not None:
                 self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
-                return Placement(streams, entry_id)
+                return placed.with_entry(entry_id)
             if loop.time() >= deadline:
                 outcome = (
                     "if the job reached Redis after all, it is cancelled unless a worker had started it"
@@ -238,11 +238,11 @@ class Sender:
         seconds, micros = await self.pipe.execute("TIME")
         self.offset_ms = int(seconds) * 1000 + int(micros) / 1000 + 1 - started * 1000
 
-    def _withdraw_late(self, streams: tuple[str, ...], deadline: float, fut: asyncio.Future[Any]) -> None:
+    def _withdraw_late(self, placed: Placement, deadline: float, fut: asyncio.Future[Any]) -> None:
         """A submit nobody waits for ended: if it queued the request after all, delete it."""
         if fut.cancelled() or fut.exception() is not None:
             return
-        self.withdraw(Placement(streams, cast(bytes, fut.result())), deadline)
+        self.withdraw(placed.with_entry(cast(bytes, fut.result())), deadline)
 
     def withdraw(
         self, sent: Placement, deadline: float, control: str | None = None, call_id: str | None = None
@@ -255,7 +255,7 @@ class Sender:
         queued (a delayed call that comes due, a @retry).
         """
         withdrawal_id = next(self._withdrawal_ids)
-        self._withdrawals[withdrawal_id] = (*sent, control, call_id)
+        self._withdrawals[withdrawal_id] = (sent, control, call_id)
         if self.tg is not None:
             self.tg.start_soon(self._withdraw, withdrawal_id, deadline)
 
@@ -286,16 +286,14 @@ class Sender:
         for withdrawal in withdrawals.values():
             await self._delete(*withdrawal)
 
-    async def _delete(
-        self, streams: tuple[str, ...], entry_id: bytes, control: str | None, call_id: str | None
-    ) -> None:
-        job = next((key for key in streams if self.keys.kind(key) == "job"), None)
-        if job is not None:  # a job whose submit was given up: cancelled, unless a worker has it
-            await cancel(self._redis(), self.keys, Keys.service_of(job), job)
+    async def _delete(self, placement: Placement, control: str | None, call_id: str | None) -> None:
+        streams, entry_id = placement.streams, placement.entry_id
+        if placement.job is not None:  # a job whose submit was given up: cancelled, unless a worker has it
+            await cancel(self._redis(), self.keys, Keys.service_of(placement.job), placement.job)
             return
         async with self._redis().pipeline(transaction=True) as pipe:  # never a control hash without TTL
             for key in streams:
-                if self.keys.kind(key) == "delayed":
+                if placement.delayed:
                     pipe.zrem(key, entry_id)  # the request is the member
                 else:
                     pipe.xdel(key, entry_id)

@@ -19,7 +19,7 @@ from .._errors import TitanError
 from .._wire import protocol
 from .._wire.keys import Keys
 from .replies import Placement, StreamItem, error_of
-from .routing import Routes, probe_margin
+from .routing import LiveWorkers, probe_margin
 
 if TYPE_CHECKING:
     from .links import Link
@@ -36,14 +36,17 @@ class StreamRequest(NamedTuple):
 
 
 async def stream_items(
-    request: StreamRequest, link_for: Callable[[str, float], Awaitable[Link]], routes: Routes, keys: Keys
+    request: StreamRequest,
+    link_for: Callable[[str, float], Awaitable[Link]],
+    workers: LiveWorkers,
+    keys: Keys,
 ) -> AsyncGenerator[Any, None]:
     """The items of a streaming call, as they come (see ``Client.stream``)."""
     service, method, call_id, fields, timeout, key, wait_for_worker = request
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
-        await routes.require_worker(service, method, deadline)
+        await workers.require_worker(service, method, deadline)
     link = await link_for(service, deadline)
     dispatcher, sender = link.dispatcher, link.sender
     window = protocol.STREAM_WINDOW
@@ -53,10 +56,10 @@ async def stream_items(
     finished = False
     probe: asyncio.TimerHandle | None = None
     try:
-        worker = await routes.worker_for(service, method, key, deadline) if key is not None else None
+        worker = await workers.worker_for(service, method, key, deadline) if key is not None else None
         sent = await sender.send(service, method, fields, worker, deadline, timeout)
         dispatcher.placed(call_id, sent)
-        probe = loop.call_at(deadline - probe_margin(timeout), routes.probe, None, service)
+        probe = loop.call_at(deadline - probe_margin(timeout), workers.probe, None, service)
         received = 0
         while True:
             item: StreamItem | None = None
@@ -66,7 +69,7 @@ async def stream_items(
                 except anyio.EndOfStream:
                     item = dispatcher.failure(call_id) or TitanError(f"{service}.{method}() lost")
             if item is None:
-                raise routes.timeout_error(service, method, timeout, loop.time() - timeout)
+                raise workers.timeout_error(service, method, timeout, loop.time() - timeout)
             if isinstance(item, TitanError):
                 raise item
             if not item.ok:

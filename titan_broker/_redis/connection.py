@@ -139,7 +139,7 @@ async def _connect(topology: Topology, key: str) -> aioredis.Redis:
     return client
 
 
-class Relocating(rexc.ConnectionError):
+class WrongNode(rexc.ConnectionError):
     """The node a channel spoke to no longer serves its key (a failover, a replica now, a cluster
     that lost a primary): the channel reads the topology again before its next command. Callers
     treat it as a lost connection."""
@@ -164,7 +164,7 @@ class Channel:
     behind Sentinel it follows that slot's primary. A MOVED reply retargets
     it and the command is sent again at once (it did not run); after a lost
     connection, a READONLY (the primary became a replica), CLUSTERDOWN,
-    TRYAGAIN or ASK it raises Relocating (a ConnectionError) and reads the
+    TRYAGAIN or ASK it raises WrongNode (a ConnectionError) and reads the
     topology again before its next command.
 
     A reply slower than ``stall_after`` seconds drops the connection and the
@@ -236,15 +236,15 @@ class Channel:
         try:
             await self.topology.refresh()
         except TitanError as exc:
-            raise Relocating(str(exc)) from exc
+            raise WrongNode(str(exc)) from exc
         self._generation = self.topology.generation
         await self._retarget(self.topology.locate(self.key))
         self._stale = False
 
-    def _moved(self, exc: rexc.ResponseError) -> Relocating:
+    def _moved(self, exc: rexc.ResponseError) -> WrongNode:
         """After a "not here, or not now" reply: relocate before the next command."""
         self._stale = True
-        return Relocating(f"{self.key or 'the key'} is not served at {self.address[0]}:{self.address[1]} now "
+        return WrongNode(f"{self.key or 'the key'} is not served at {self.address[0]}:{self.address[1]} now "
                           f"({exc}); the topology is read again")  # fmt: skip
 
     def _sent(self) -> None:

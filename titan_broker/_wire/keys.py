@@ -111,13 +111,6 @@ class Keys:
         """The service of one of its keys (``<ns>:{<svc>}:...``)."""
         return key.split("{", 1)[1].split("}", 1)[0]
 
-    @staticmethod
-    def kind(key: str) -> str:
-        """What one of this namespace's service keys is: the word after ``{<service>}:``
-        (``calls``, ``delayed``, ``job``, ``reply``...)."""
-        _, _, rest = key.partition("}:")
-        return rest.split(":", 1)[0]
-
     def reply_prefix(self, service: str) -> str:
         """Every reply key of a service's calls starts with this; its workers write nowhere else."""
         return f"{self.namespace}:{{{service}}}:reply:"

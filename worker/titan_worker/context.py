@@ -11,7 +11,7 @@ from titan_broker._redis import AutoPipeline, Redis
 from titan_broker._service import ServiceDefinition
 from titan_broker._wire import Keys
 
-from .logs import Throttled
+from .logs import ThrottledLog
 from .metrics import Metrics
 
 logger = logging.getLogger("titan_worker")
@@ -56,7 +56,7 @@ class WorkerContext:
     worker_id: str
     metrics: Metrics
     clock: Clock = field(default_factory=Clock)
-    log: Throttled = field(default_factory=lambda: Throttled(logger))
+    log: ThrottledLog = field(default_factory=lambda: ThrottledLog(logger))
     redis_: Redis | None = None
     writer_: AutoPipeline | None = None
     streams_lost_at_ms: float = 0.0

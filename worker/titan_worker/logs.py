@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 
-class Throttled:
+class ThrottledLog:
     """Logs each kind of message at most once per ``every`` seconds, with a count of the rest."""
 
     MAX_KINDS = 256
