@@ -41,6 +41,11 @@ async def create_group(redis: aioredis.Redis, stream: str) -> None:
         await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
 
+def ready_key(stream: str) -> str:
+    """Where a worker says it is connected and about to read (a list of consumer names)."""
+    return f"{stream}:ready"
+
+
 class LoopClient:
     """The caller's side: ``await client.add(a, b)``; made by ``loop_client()``."""
 
@@ -119,6 +124,7 @@ async def add(a: int, b: int) -> int:
 async def serve(url: str, stream: str, consumer: str) -> None:
     redis = aioredis.Redis.from_url(url)
     await create_group(redis, stream)
+    await redis.rpush(ready_key(stream), consumer)
     while True:
         response = cast(Any, await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=64, block=1000))
         for _, entries in response or []:
