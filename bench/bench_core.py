@@ -128,7 +128,7 @@ async def titan(url: str, name: str | None = None) -> AsyncIterator[Harness]:
 
 async def wait_ready(redis: aioredis.Redis, stream: str, timeout: float = 30) -> None:
     """Until a loop worker started on this stream says it is about to read."""
-    if not await redis.blpop([ready_key(stream)], timeout=timeout):  # type: ignore[misc]
+    if not await redis.blpop([ready_key(stream)], timeout=timeout):
         raise TimeoutError(f"no loop worker on {stream} ready within {timeout} s")
 
 
@@ -241,7 +241,7 @@ async def idle_and_spawn(url: str, results: Results, spawns: int) -> None:
                     results.idle_rss_mib["loop"] = psutil.Process(proc.pid).memory_info().rss / 2**20
             finally:
                 proc.kill()
-                proc.wait()  # noqa: ASYNC220 - killed: returns at once
+                proc.wait()
 
 
 async def run(url: str, redis_pid: int, args: argparse.Namespace) -> Results:
@@ -280,11 +280,16 @@ async def run(url: str, redis_pid: int, args: argparse.Namespace) -> Results:
 
 
 def spread(values: list[float], fmt: str) -> str:
-    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def ratios(t: list[float], loop: list[float]) -> str:
     return spread([a / b for a, b in zip(t, loop, strict=True)], ".2f")
+
+
+def column(b: dict[str, list[dict[str, float]]], side: str, key: str) -> list[float]:
+    """One figure of one side's B rounds."""
+    return [round_[key] for round_ in b[side]]
 
 
 def print_table(r: Results) -> None:
@@ -298,9 +303,12 @@ def print_table(r: Results) -> None:
     first = r.workers[0]
     for count in r.workers:
         b = r.b[count]
-        paired(f"B calls/s, {count} workers", *(
-            [x["calls_per_s"] for x in b[s]] for s in ("titan", "loop")
-        ), ",.0f")
+        paired(
+            f"B calls/s, {count} workers",
+            column(b, "titan", "calls_per_s"),
+            column(b, "loop", "calls_per_s"),
+            ",.0f",
+        )
     for key, label in (
         ("redis_commands_per_call", "B Redis commands/call"),
         ("redis_command_us_per_call", "B Redis command µs/call"),
@@ -308,21 +316,37 @@ def print_table(r: Results) -> None:
         ("cpu_us_per_call_caller", "B CPU µs/call, caller"),
         ("cpu_us_per_call_workers", "B CPU µs/call, workers"),
     ):
-        fmt = ".1f"
-        paired(f"{label} ({first}w)", *([x[key] for x in r.b[first][s]] for s in ("titan", "loop")), fmt)
+        b = r.b[first]
+        paired(f"{label} ({first}w)", column(b, "titan", key), column(b, "loop", key), ".1f")
     rows.append(("streaming items/s", spread(r.stream_items_per_s, ",.0f"), "not measured", ""))
-    rows.append(("idle worker RSS (MiB)", f"{r.idle_rss_mib['titan']:.1f}", f"{r.idle_rss_mib['loop']:.1f}",
-                 f"{r.idle_rss_mib['titan'] / r.idle_rss_mib['loop']:.2f}"))
+    rows.append(
+        (
+            "idle worker RSS (MiB)",
+            f"{r.idle_rss_mib['titan']:.1f}",
+            f"{r.idle_rss_mib['loop']:.1f}",
+            f"{r.idle_rss_mib['titan'] / r.idle_rss_mib['loop']:.2f}",
+        )
+    )
     t_spawn, l_spawn = r.spawn_ms["titan"], r.spawn_ms["loop"]
-    rows.append(("spawn to 1st answer (ms)", spread(t_spawn, ",.0f"), spread(l_spawn, ",.0f"),
-                 f"{statistics.median(t_spawn) / statistics.median(l_spawn):.2f}"))
+    rows.append(
+        (
+            "spawn to 1st answer (ms)",
+            spread(t_spawn, ",.0f"),
+            spread(l_spawn, ",.0f"),
+            f"{statistics.median(t_spawn) / statistics.median(l_spawn):.2f}",
+        )
+    )
     widths = [max(len(row[k]) for row in rows) for k in range(4)]
     header = ("", "titan-broker", "batched loop", "titan/loop")
     widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
     for row in (header, *rows):
-        print(f"{row[0]:<{widths[0]}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:], strict=True)))
+        print(
+            f"{row[0]:<{widths[0]}}  "
+            + "  ".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:], strict=True))
+        )
     print(
-        f"median (min–max) of {r.rounds} alternating rounds; ratio: median (min–max) of the per-round ratios. "
+        f"median (min-max) of {r.rounds} alternating rounds; ratio: median (min-max) of the per-round ratios."
+        " "
         f"A: 1 caller, sequential; B: {IN_FLIGHT} in flight. Redis command µs: INFO commandstats, "
         "scripts' own rows left out (their time holds the commands they run); commands: every command, "
         "EVALSHA and those scripts run. Streaming: titan-broker only, an async generator of "
@@ -334,7 +358,9 @@ def print_table(r: Results) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls-a", type=int, default=1000, help="sequential calls per round and side")
     parser.add_argument("--calls-b", type=int, default=10_000, help="calls per B round and side")
     parser.add_argument("--rounds", type=int, default=3)

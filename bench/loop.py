@@ -85,9 +85,7 @@ class LoopClient:
         """Take every reply available at once and resolve the callers' futures."""
         last = "0-0"
         while True:
-            response = cast(
-                Any, await self._redis.xread({self.reply_stream: last}, count=10_000, block=1000)
-            )
+            response = cast(Any, await self._redis.xread({self.reply_stream: last}, count=10_000, block=1000))
             for _, entries in response or []:
                 for entry_id, fields in entries:
                     last = entry_id
@@ -138,7 +136,9 @@ async def serve(url: str, stream: str, consumer: str) -> None:
             # pending (at least once), never acknowledged without an answer.
             async with redis.pipeline(transaction=False) as pipe:
                 for reply_stream, items in replies.items():
-                    pipe.xadd(reply_stream, {"b": msgpack.packb(items)}, maxlen=REPLY_MAXLEN, approximate=True)
+                    pipe.xadd(
+                        reply_stream, {"b": msgpack.packb(items)}, maxlen=REPLY_MAXLEN, approximate=True
+                    )
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)
                 await pipe.execute()
