@@ -65,8 +65,11 @@ mutation: install
 mutation-applies: install
 	$(BIN)/python tests/mutation_check.py --applies
 
+# BENCH_CORE_ARGS: e.g. --workers 2,4,8 --rounds 5, or --json (python -m bench.bench_core --help).
+BENCH_CORE_ARGS ?= --rounds 3 --workers 2,4,8
+
 bench: install
-	$(BIN)/python -m bench.bench_core
+	$(BIN)/python -m bench.bench_core $(BENCH_CORE_ARGS)
 	$(BIN)/python -m bench.bench_pool
 	$(BIN)/python -m bench.bench_cluster
 	$(BIN)/python -m bench.bench_jobs
