@@ -15,9 +15,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, overload
 
-from croniter import croniter
+if TYPE_CHECKING:
+    from croniter import croniter
 
 from .._config import check_name
 from .._errors import ConfigError
@@ -350,6 +351,8 @@ class PeriodicOptions:
 
 def _cron(expression: str | None, at_ms: int) -> croniter:
     assert expression is not None, "a cron schedule has its expression"
+    from croniter import croniter  # imported by the services that have a cron schedule only
+
     return croniter(expression, datetime.fromtimestamp(at_ms / 1000, tz=UTC))
 
 
@@ -406,8 +409,8 @@ def _checked_schedule(where: str, every: Any, cron: Any, result_ttl: Any) -> Per
         # rather than let every tick of the worker fail on it.
         now = datetime.now(UTC)
         try:
-            croniter(cron, now).get_next(float)
-            croniter(cron, now).get_prev(float)
+            _cron(cron, int(now.timestamp() * 1000)).get_next(float)
+            _cron(cron, int(now.timestamp() * 1000)).get_prev(float)
         except ValueError as exc:
             raise ConfigError(f"{where}: @periodic(cron={cron!r}) never matches a date ({exc})") from exc
     return PeriodicOptions(float(every) if every is not None else None, cron, float(result_ttl))
