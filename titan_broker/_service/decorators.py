@@ -351,7 +351,7 @@ class PeriodicOptions:
 
 def _cron(expression: str | None, at_ms: int) -> croniter:
     assert expression is not None, "a cron schedule has its expression"
-    from croniter import croniter  # imported by the services that have a cron schedule only
+    from croniter import croniter
 
     return croniter(expression, datetime.fromtimestamp(at_ms / 1000, tz=UTC))
 
@@ -399,6 +399,8 @@ def _checked_schedule(where: str, every: Any, cron: Any, result_ttl: Any) -> Per
             f"{where}: @periodic(result_ttl=...) needs a positive number of seconds, got {result_ttl!r}"
         )
     if cron is not None:
+        from croniter import croniter  # imported by the services that have a cron schedule only
+
         if not isinstance(cron, str):
             raise ConfigError(f"{where}: @periodic(cron=...) takes a cron expression, got {cron!r}")
         try:
@@ -409,8 +411,8 @@ def _checked_schedule(where: str, every: Any, cron: Any, result_ttl: Any) -> Per
         # rather than let every tick of the worker fail on it.
         now = datetime.now(UTC)
         try:
-            _cron(cron, int(now.timestamp() * 1000)).get_next(float)
-            _cron(cron, int(now.timestamp() * 1000)).get_prev(float)
+            croniter(cron, now).get_next(float)
+            croniter(cron, now).get_prev(float)
         except ValueError as exc:
             raise ConfigError(f"{where}: @periodic(cron={cron!r}) never matches a date ({exc})") from exc
     return PeriodicOptions(float(every) if every is not None else None, cron, float(result_ttl))
