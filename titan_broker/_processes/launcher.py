@@ -1,4 +1,4 @@
-"""Worker processes on this host: start ``titan-worker run FILE`` as a child, stop it, measure it.
+"""Worker processes on this host: start one for a service file as a child, stop it, measure it.
 
 A child reports readiness (or why it could not start) as one JSON line on a
 pipe whose end it inherits (``--ready-fd``), drains on SIGTERM, and stops by
