@@ -74,6 +74,7 @@ bench: install
 	$(BIN)/python -m bench.bench_cluster
 	$(BIN)/python -m bench.bench_jobs
 	$(BIN)/python -m bench.bench_serve
+	$(BIN)/python -m bench.bench_lean
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/test-dist $(NODE_DIR)/lua

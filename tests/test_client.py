@@ -61,7 +61,7 @@ def caller_acl(ns: str) -> list[str]:
         "+evalsha +xadd +xdel +xlen +xrange +xpending +zadd +zcard +zrem +zscore +zrevrange "
         "+zremrangebyrank +hset +hget +hgetall +hmget +hdel +pexpire)",
         f"(~{ns}:{{*}}:gone:* +set)",
-        f"(~{ns}:{{*}}:stream:* +hset +pexpire)",
+        f"(~{ns}:{{*}}:stream:* +hset +pexpire +del +rpush)",
         f"(~{ns}:{{*}}:cache-gen:* +incrby)",
         f"(%R~{ns}:services %R~{ns}:{{*}}:workers %R~{ns}:{{*}}:worker:* %R~{ns}:{{*}}:affinity "
         f"%R~{ns}:{{*}}:config %R~{ns}:{{*}}:dead +hget +hgetall +hkeys +smembers +exists +xlen +xrange)",

@@ -1,12 +1,10 @@
 """titan-broker: run Python services as worker processes and call them through typed proxies over Redis."""
 
-from ._calling.breaker import CircuitBreaker as CircuitBreaker
-from ._calling.client import Client as Client
-from ._calling.jobs import Job as Job
-from ._calling.jobs import JobState as JobState
-from ._calling.jobs import JobStatus as JobStatus
-from ._calling.proxy import ServiceProxy as ServiceProxy
-from ._calling.proxy import with_options as with_options
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
 from ._config import WorkerOptions as WorkerOptions
 from ._errors import BacklogFull as BacklogFull
 from ._errors import BadArguments as BadArguments
@@ -33,18 +31,6 @@ from ._errors import RemoteError as RemoteError
 from ._errors import ServiceFileError as ServiceFileError
 from ._errors import SpawnError as SpawnError
 from ._errors import TitanError as TitanError
-from ._processes.events import Event as Event
-from ._processes.manager import ProcessManager as ProcessManager
-from ._processes.manager import WorkerProcess as WorkerProcess
-from ._processes.pool import AutoScale as AutoScale
-from ._processes.pool import Pool as Pool
-from ._processes.pool import PoolMetrics as PoolMetrics
-from ._processes.pool import RestartPolicy as RestartPolicy
-from ._registry.dead_letters import DeadLetter as DeadLetter
-from ._registry.health import ServiceHealth as ServiceHealth
-from ._registry.records import ServiceInfo as ServiceInfo
-from ._registry.records import VersionInfo as VersionInfo
-from ._registry.records import WorkerInfo as WorkerInfo
 from ._service.decorators import Health as Health
 from ._service.decorators import HealthStatus as HealthStatus
 from ._service.decorators import cache as cache
@@ -57,6 +43,84 @@ from ._service.decorators import public as public
 from ._service.decorators import rate_limit as rate_limit
 from ._service.decorators import retry as retry
 from ._service.decorators import trace as trace
+
+if TYPE_CHECKING:
+    from ._calling.breaker import CircuitBreaker as CircuitBreaker
+    from ._calling.client import Client as Client
+    from ._calling.jobs import Job as Job
+    from ._calling.jobs import JobState as JobState
+    from ._calling.jobs import JobStatus as JobStatus
+    from ._calling.proxy import ServiceProxy as ServiceProxy
+    from ._calling.proxy import with_options as with_options
+    from ._processes.events import Event as Event
+    from ._processes.manager import ProcessManager as ProcessManager
+    from ._processes.manager import WorkerProcess as WorkerProcess
+    from ._processes.pool import AutoScale as AutoScale
+    from ._processes.pool import Pool as Pool
+    from ._processes.pool import PoolMetrics as PoolMetrics
+    from ._processes.pool import RestartPolicy as RestartPolicy
+    from ._registry.dead_letters import DeadLetter as DeadLetter
+    from ._registry.health import ServiceHealth as ServiceHealth
+    from ._registry.records import ServiceInfo as ServiceInfo
+    from ._registry.records import VersionInfo as VersionInfo
+    from ._registry.records import WorkerInfo as WorkerInfo
+
+# The calling side, the registry and the process manager are imported when first used: a worker
+# process (which needs only the decorators, its service and the errors) stays lean.
+_LAZY = {
+    "CircuitBreaker": "._calling.breaker",
+    "Client": "._calling.client",
+    "Job": "._calling.jobs",
+    "JobState": "._calling.jobs",
+    "JobStatus": "._calling.jobs",
+    "ServiceProxy": "._calling.proxy",
+    "with_options": "._calling.proxy",
+    "Event": "._processes.events",
+    "ProcessManager": "._processes.manager",
+    "WorkerProcess": "._processes.manager",
+    "AutoScale": "._processes.pool",
+    "Pool": "._processes.pool",
+    "PoolMetrics": "._processes.pool",
+    "RestartPolicy": "._processes.pool",
+    "DeadLetter": "._registry.dead_letters",
+    "ServiceHealth": "._registry.health",
+    "ServiceInfo": "._registry.records",
+    "VersionInfo": "._registry.records",
+    "WorkerInfo": "._registry.records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'titan_broker' has no attribute {name!r}")
+    value = getattr(_modules()[module], name)
+    globals()[name] = value
+    return value
+
+
+def _modules() -> dict[str, ModuleType]:
+    from ._calling import breaker, client, jobs, proxy
+    from ._processes import events, manager, pool
+    from ._registry import dead_letters, health, records
+
+    return {
+        "._calling.breaker": breaker,
+        "._calling.client": client,
+        "._calling.jobs": jobs,
+        "._calling.proxy": proxy,
+        "._processes.events": events,
+        "._processes.manager": manager,
+        "._processes.pool": pool,
+        "._registry.dead_letters": dead_letters,
+        "._registry.health": health,
+        "._registry.records": records,
+    }
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -49,3 +49,9 @@ class Streamer:
     @public
     async def produced_so_far(self) -> int:
         return self.produced
+
+    @public
+    async def blobs(self, n: int, size: int) -> AsyncIterator[bytes]:
+        for i in range(n):
+            self.produced += 1
+            yield bytes([i % 256]) * size

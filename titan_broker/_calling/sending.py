@@ -304,13 +304,17 @@ class Sender:
                 pipe.set(self.keys.gone(Keys.service_of(streams[0]), call_id), 1, px=GONE_TTL_MS)
             await pipe.execute()
 
-    async def grant(self, control: str, credit: int, deadline: float) -> None:
-        """Let a streaming call's worker send items up to ``credit`` (by ``deadline``)."""
+    async def grant(self, control: str, wake: str, credit: int, deadline: float) -> None:
+        """Let a streaming call's worker send items up to ``credit`` (by ``deadline``), and wake it
+        if it waits for credit (the wake list holds only the latest credit)."""
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             try:
                 async with self._redis().pipeline(transaction=True) as pipe:
                     pipe.hset(control, "credit", credit)
                     pipe.pexpire(control, CONTROL_TTL_MS)
+                    pipe.delete(wake)
+                    pipe.rpush(wake, credit)
+                    pipe.pexpire(wake, CONTROL_TTL_MS)
                     await pipe.execute()
             except REDIS_ERRORS as exc:
                 raise await redis_error(self._redis(), exc, "grant a stream more items", deadline) from exc

@@ -1,7 +1,8 @@
 """A streaming call from the caller's side: items as they come, within a credit window.
 
 The worker stays at most STREAM_WINDOW items ahead: every half window
-consumed, the caller raises its credit in the call's stream hash. Leaving
+consumed, the caller raises its credit in the call's stream hash and pushes
+it onto the call's wake list, where a worker out of credit waits. Leaving
 the loop early (or any error) tells the worker to stop and deletes the
 request if no worker took it yet. A worker that took the call over replays
 it from the start; items already seen are skipped.
@@ -49,6 +50,7 @@ async def stream_items(
         await workers.require_worker(service, method, deadline)
     link = await link_for(service, deadline)
     dispatcher, sender = link.dispatcher, link.sender
+    control, wake = keys.stream_control(service, call_id), keys.stream_wake(service, call_id)
     window = protocol.STREAM_WINDOW
     send, receive = anyio.create_memory_object_stream[StreamItem](window * 2 + 8)
     dispatcher.expect_stream(call_id, send)
@@ -78,15 +80,15 @@ async def stream_items(
             if item.end is not None:
                 finished = True
                 return
-            if item.seq is None:
+            if item.seq is None or item.items is None:
                 finished = True
                 raise TitanError(f"{service}.{method}() does not stream: await it instead of iterating")
-            if item.seq < received:
-                continue  # replayed from the start by a worker that took the call over
-            received += 1
-            yield item.value
-            if received % (window // 2) == 0:
-                await sender.grant(keys.stream_control(service, call_id), received + window, deadline)
+            # Items before ``received`` were replayed from the start by a worker that took the call over.
+            for value in item.items[max(0, received - item.seq) :]:
+                received += 1
+                yield value
+                if received % (window // 2) == 0:
+                    await sender.grant(control, wake, received + window, deadline)
     finally:
         if probe is not None:
             probe.cancel()
@@ -94,4 +96,4 @@ async def stream_items(
         send.close()
         receive.close()
         if sent is not None and not finished:
-            sender.withdraw(sent, deadline, keys.stream_control(service, call_id), call_id)
+            sender.withdraw(sent, deadline, control, call_id)

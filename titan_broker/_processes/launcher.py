@@ -1,4 +1,4 @@
-"""Worker processes on this host: start ``titan-worker run FILE`` as a child, stop it, measure it.
+"""Worker processes on this host: start one for a service file as a child, stop it, measure it.
 
 A child reports readiness (or why it could not start) as one JSON line on a
 pipe whose end it inherits (``--ready-fd``), drains on SIGTERM, and stops by
@@ -75,7 +75,7 @@ class WorkerLauncher:
         options: WorkerOptions,
         startup_timeout: float | None = None,
     ) -> WorkerProcess:
-        """Start ``titan-worker run path``; return once it registered, else raise SpawnError.
+        """Start ``python -m titan_worker.start path``; return once it registered, else SpawnError.
 
         The SpawnError carries the child's own message (file not found, no
         @process class, init() raised...) as soon as the child gives up, or
@@ -91,7 +91,8 @@ class WorkerLauncher:
         worker_id = f"{os.uname().nodename}-{uuid.uuid4().hex[:10]}"
         read_fd, write_fd = os.pipe()
         command = [
-            sys.executable, "-m", "titan_worker", "run", path,
+            # The lean entry point: no command-line framework to import (titan-worker run is for people).
+            sys.executable, "-m", "titan_worker.start", path,
             "--worker-id", worker_id, "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid()),
             # Every option, whole: a flag per field would drift from WorkerOptions.
             "--options-json", json.dumps(asdict(options)),

@@ -15,9 +15,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, overload
 
-from croniter import croniter
+if TYPE_CHECKING:
+    from croniter import croniter
 
 from .._config import check_name
 from .._errors import ConfigError
@@ -350,6 +351,8 @@ class PeriodicOptions:
 
 def _cron(expression: str | None, at_ms: int) -> croniter:
     assert expression is not None, "a cron schedule has its expression"
+    from croniter import croniter
+
     return croniter(expression, datetime.fromtimestamp(at_ms / 1000, tz=UTC))
 
 
@@ -396,6 +399,8 @@ def _checked_schedule(where: str, every: Any, cron: Any, result_ttl: Any) -> Per
             f"{where}: @periodic(result_ttl=...) needs a positive number of seconds, got {result_ttl!r}"
         )
     if cron is not None:
+        from croniter import croniter  # imported by the services that have a cron schedule only
+
         if not isinstance(cron, str):
             raise ConfigError(f"{where}: @periodic(cron=...) takes a cron expression, got {cron!r}")
         try:

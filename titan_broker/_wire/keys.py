@@ -39,6 +39,11 @@ class Keys:
         """Hash with a TTL: a streaming call's flow control (credit) and cancellation, set by its caller."""
         return f"{self.namespace}:{{{service}}}:stream:{call_id}"
 
+    def stream_wake(self, service: str, call_id: str) -> str:
+        """List with a TTL: a streaming call's latest credit, pushed by its caller with each grant and
+        popped by the worker waiting for it."""
+        return f"{self.namespace}:{{{service}}}:stream:{call_id}:wake"
+
     def config(self, service: str) -> str:
         """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
         return f"{self.namespace}:{{{service}}}:config"

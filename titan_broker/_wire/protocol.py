@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+from msgspec import Raw
 
 from .._errors import EncodeError, PayloadTooLarge, WireError
 from .codec import EXT_BIGINT as EXT_BIGINT
@@ -377,9 +378,11 @@ class Reply:
     error: dict[str, Any] | None
     worker_id: str | None
     seq: int | None = None
-    """Set on a stream item: its position, from 0."""
+    """Set on a message of stream items: the position of its first item, from 0."""
     end: int | None = None
     """Set on the end of a stream: how many items it had."""
+    items: list[Any] | None = None
+    """Set on a message of stream items: the items, in order from position ``seq``."""
 
 
 def decode_reply(data: bytes) -> Reply | None:
@@ -395,6 +398,9 @@ def decode_reply(data: bytes) -> Reply | None:
     if not ok and not isinstance(error, dict):
         error = {"type": WireError.BAD_REPLY, "message": "reply carries neither value nor error"}
     seq, end = msg.get("s"), msg.get("end")
+    items = msg.get("i")
+    if isinstance(seq, int) and not isinstance(items, list):
+        items = [msg.get("v")]  # one item, as workers before multi-item messages sent it
     return Reply(
         msg["id"],
         ok,
@@ -403,6 +409,7 @@ def decode_reply(data: bytes) -> Reply | None:
         msg.get("w"),
         seq if isinstance(seq, int) else None,
         end if isinstance(end, int) else None,
+        items if isinstance(seq, int) else None,
     )
 
 
@@ -410,9 +417,13 @@ STREAM_WINDOW = 32
 """Stream items a worker may send beyond those its caller has consumed."""
 
 
-def encode_item(call_id: str, seq: int, value: Any, worker_id: str) -> bytes:
-    """One item of a streamed result; raise EncodeError when it cannot be encoded."""
-    return pack({"id": call_id, "ok": True, "s": seq, "v": value, "w": worker_id})
+STREAM_MESSAGE_OVERHEAD = 512
+"""Bytes a message of stream items may add to its items (call id, worker id, framing)."""
+
+
+def encode_items(call_id: str, seq: int, items: list[bytes], worker_id: str) -> bytes:
+    """A message of consecutive stream items from position ``seq``, each already encoded (``pack``)."""
+    return pack({"id": call_id, "ok": True, "s": seq, "i": [Raw(item) for item in items], "w": worker_id})
 
 
 def encode_end(call_id: str, count: int, worker_id: str) -> bytes:

@@ -14,13 +14,11 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 
 from titan_broker._errors import EncodeError, WireError
-from titan_broker._redis import Script
 from titan_broker._service import MethodSpec
 from titan_broker._wire import Mismatch, protocol
 
@@ -28,8 +26,8 @@ from . import middleware
 from .call import Call, DeadLetter, Entry, Next, Outcome, Reply
 from .context import WorkerContext
 from .handoff import Handoff
+from .streaming import run_stream
 
-_STREAM_ITEM = Script("stream_item")
 MARK_PATIENCE = 1.0
 """Seconds a job's run waits at most for its mark (running, one more run) to reach Redis."""
 
@@ -175,67 +173,6 @@ class Executor:
                            ctx.log.every)  # fmt: skip
 
     async def _run_stream(self, method: Any, call: Call) -> Outcome:
-        """Send an async generator's items as they come, never more than the caller's credit ahead.
-
-        The caller raises its credit as it consumes items and sets ``cancel``
-        when it stops early; the producer is then closed, as it is at the
-        deadline (a caller that vanished stops granting credit).
-        """
-        ctx = self.ctx
+        """Send an async generator's items as they come, never more than the caller's credit ahead."""
         req = call.request
-        control = ctx.keys.stream_control(ctx.service, req.call_id)
-        ttl_ms = int(ctx.options.reply_ttl * 1000)
-        credit, cancelled = protocol.STREAM_WINDOW, False
-        outcome: Outcome | None = None
-
-        async def refresh() -> None:
-            nonlocal credit, cancelled
-            state = await ctx.redis.hgetall(control)
-            credit = max(credit, int(state.get(b"credit", b"0") or 0))
-            cancelled = cancelled or bool(state.get(b"cancel"))
-
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                while not cancelled:
-                    await anyio.sleep(0.2)
-                    await refresh()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
-            items: AsyncIterator[Any] = method(*req.args, **req.kwargs)
-            try:
-                async for item in items:
-                    while call.items_sent >= credit and not cancelled:
-                        await anyio.sleep(0.02)  # the window is full: wait for the caller
-                        await refresh()
-                    what = f"item {call.items_sent} of {req.method}()"
-                    problem = self._misfit(call, item, what, "item")
-                    if problem is not None:
-                        outcome = call.fail(WireError.BAD_RESULT, problem, {"items": call.items_sent})
-                        break
-                    try:
-                        payload = protocol.encode_item(req.call_id, call.items_sent, item, ctx.worker_id)
-                    except EncodeError as exc:
-                        outcome = call.fail(WireError.ENCODE_ERROR, f"{what} {exc.message}")
-                        break
-                    if len(payload) > ctx.options.max_payload:
-                        err = protocol.size_error(what, len(payload), ctx.options.max_payload)
-                        outcome = call.fail(err.type, err.message)
-                        break
-                    await _STREAM_ITEM(ctx.writer, [req.reply_to], [payload, ttl_ms])
-                    call.items_sent += 1
-            except Exception as exc:
-                outcome = self._raised(call, exc, items=call.items_sent)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await items.aclose()  # type: ignore[attr-defined]
-            tg.cancel_scope.cancel()
-        if cancelled:
-            ctx.log.logger.info("worker %s: caller stopped %s() after %d item(s)", ctx.worker_id,
-                                req.method, call.items_sent)  # fmt: skip
-            return Reply(True, req.deadline_ms)  # acknowledged, unanswered: the caller is gone
-        if outcome is not None:
-            return outcome
-        end = protocol.encode_end(req.call_id, call.items_sent, ctx.worker_id)
-        return Reply(True, req.deadline_ms, req.reply_to, end)
+        return await run_stream(self.ctx, call, method(*req.args, **req.kwargs), self._misfit, self._raised)

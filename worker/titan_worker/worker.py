@@ -28,8 +28,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import prometheus_client
-import psutil
 
 from titan_broker._config import WorkerOptions, check_name, redact
 from titan_broker._errors import TitanError
@@ -90,7 +88,7 @@ class Worker:
         self.calls = 0
         self.errors = 0
         self.latency = LatencyHistogram()
-        self._process = psutil.Process()
+        self._usage_mark = (time.monotonic(), _cpu_seconds())
         self.metrics_port: int | None = None
         self.unhealthy_streak = 0
         """Consecutive health checks that failed; a pool replaces a worker past its threshold."""
@@ -174,6 +172,8 @@ class Worker:
             self._executor = Executor(ctx, self.instance)
             await self.intake.ensure_groups()
             if ctx.options.metrics_port is not None:
+                import prometheus_client  # only for a worker that serves its metrics
+
                 http, _thread = prometheus_client.start_http_server(
                     ctx.options.metrics_port, registry=ctx.metrics.registry
                 )
@@ -257,15 +257,15 @@ class Worker:
         self.heartbeat.tick = time.monotonic()
 
     def _usage(self) -> dict[str, Any]:
-        """CPU since the last heartbeat and resident memory, for the registry (none if psutil cannot tell)."""
-        try:
-            with self._process.oneshot():
-                return {
-                    "cpu_percent": self._process.cpu_percent(None),
-                    "rss": self._process.memory_info().rss,
-                }
-        except psutil.Error:
-            return {}
+        """CPU since the last heartbeat (percent of one core) and resident memory, for the registry."""
+        now, cpu = time.monotonic(), _cpu_seconds()
+        then, cpu_then = self._usage_mark
+        self._usage_mark = (now, cpu)
+        usage: dict[str, Any] = {"cpu_percent": round(100 * (cpu - cpu_then) / max(now - then, 1e-6), 1)}
+        rss = _rss()
+        if rss is not None:
+            usage["rss"] = rss
+        return usage
 
     async def _publish_loop(self) -> None:
         """On the loop: run health checks, watch the manager, publish numbers to the heartbeat."""
@@ -316,3 +316,24 @@ class Worker:
                     await getattr(self.instance, name)()
             except Exception:
                 logger.exception("worker %s: @on_shutdown %s() failed", self.worker_id, name)
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _rss() -> int | None:
+    """This process's resident memory in bytes: from /proc where there is one (psutil, a heavier
+    import, elsewhere); None when neither can tell."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return None

@@ -369,10 +369,12 @@ export class Client {
           finished = true;
           throw new TitanError(`${service}.${method}() does not stream: await it instead of iterating`);
         }
-        if (item.seq < received) continue; // replayed from the start by a worker that took it over
-        received += 1;
-        yield item.value;
-        if (received % (STREAM_WINDOW / 2) === 0) await this.grant(service, control, received + STREAM_WINDOW, deadline);
+        // Items before `received` were replayed from the start by a worker that took the call over.
+        for (const value of item.items.slice(Math.max(0, received - item.seq))) {
+          received += 1;
+          yield value;
+          if (received % (STREAM_WINDOW / 2) === 0) await this.grant(service, control, `${control}:wake`, received + STREAM_WINDOW, deadline);
+        }
       }
     } finally {
       clearTimeout(probe);
@@ -382,8 +384,10 @@ export class Client {
     }
   }
 
-  private async grant(service: string, control: string, credit: number, deadline: number): Promise<void> {
-    const write = this.redis.multi().hset(control, "credit", credit).pexpire(control, CONTROL_TTL_MS).exec();
+  /** Raise a stream's credit, and push it onto the wake list a worker out of credit waits on. */
+  private async grant(service: string, control: string, wake: string, credit: number, deadline: number): Promise<void> {
+    const write = this.redis.multi().hset(control, "credit", credit).pexpire(control, CONTROL_TTL_MS)
+      .del(wake).rpush(wake, credit).pexpire(wake, CONTROL_TTL_MS).exec();
     try {
       await within(write, deadline, () => new CallTimeout(`${service}: Redis did not take the stream's credit before the deadline`));
     } catch (exc) {

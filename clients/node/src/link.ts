@@ -23,8 +23,11 @@ export interface Reply {
   ok: boolean;
   value: unknown;
   error: unknown;
+  /** A message of stream items: the position of its first item. */
   seq: number | null;
   end: number | null;
+  /** A message of stream items: its items, in order from `seq` (empty on other replies). */
+  items: unknown[];
 }
 
 /** Where a request went: the keys it may be in (an affinity call may fall back to the shared
@@ -67,6 +70,8 @@ export function decodeReply(data: Buffer | undefined): Reply | null {
     error: ok ? null : error,
     seq: typeof s === "number" ? s : null,
     end: typeof end === "number" ? end : null,
+    // One item in `v`: as workers before multi-item messages sent it.
+    items: typeof s !== "number" ? [] : Array.isArray(m["i"]) ? m["i"] : [m["v"]],
   };
 }
 

@@ -6,21 +6,22 @@ With only opentelemetry-api installed the tracer is a no-op.
 
 from __future__ import annotations
 
-from opentelemetry import propagate
-from opentelemetry import trace as otel
-
 from titan_broker._service import MethodSpec, TraceOptions
 
 from ..call import Call, Middleware, Next, Outcome
 from ..context import WorkerContext
 
 FEATURE = TraceOptions.feature
-_tracer = otel.get_tracer("titan_broker.worker")
 
 
 def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware | None:
     if spec.trace is None:
         return None
+    # Imported by the services that trace only: a worker without @trace never loads OpenTelemetry.
+    from opentelemetry import propagate
+    from opentelemetry import trace as otel
+
+    tracer = otel.get_tracer("titan_broker.worker")
     name = spec.trace.name or f"{ctx.service}.{spec.name}"
     attributes = {
         "rpc.system": "titan",
@@ -32,7 +33,7 @@ def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware | None:
     async def traced(call: Call, call_next: Next) -> Outcome:
         traceparent = call.request.trace
         parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
-        with _tracer.start_as_current_span(
+        with tracer.start_as_current_span(
             name, context=parent, kind=otel.SpanKind.SERVER, attributes=attributes
         ) as span:
             outcome = await call_next(call)

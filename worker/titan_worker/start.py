@@ -1,0 +1,218 @@
+"""Serving a service file until SIGTERM, and the lean entry point of the workers a manager spawns.
+
+``python -m titan_worker.start FILE --worker-id ID --ready-fd FD [--parent-pid PID]
+[--options-json JSON] [--name NAME]``, with the Redis URL, namespace and
+dependencies in the environment (``$TITAN_REDIS_URL``, ``$TITAN_NAMESPACE``,
+``$TITAN_DEPENDENCIES``): what ``pm.spawn`` and pools run. It reads only
+what a manager passes and imports no command-line framework, so a worker
+starts sooner and holds less memory; ``titan-worker run`` (``main``) is the
+command for people, with every option, its help and the same exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from titan_broker._config import WorkerOptions, redact, resolve_namespace, resolve_url
+from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
+from titan_broker._service import load_service_file
+
+from .logs import configure
+from .worker import InitError, Worker
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_USAGE = 2
+EXIT_BAD_FILE = 3
+EXIT_REDIS = 4
+EXIT_INIT = 5
+
+ENV_DEPENDENCIES = "TITAN_DEPENDENCIES"
+
+logger = logging.getLogger("titan_worker")
+banner_logger = logging.getLogger("titan_worker.start")
+banner_logger.setLevel(logging.INFO)  # the start banner shows without -v
+
+
+def dependencies_from_env() -> dict[str, Any]:
+    """The dependencies a manager passes in ``$TITAN_DEPENDENCIES`` (a JSON object); ConfigError if
+    it is not one."""
+    env = os.environ.get(ENV_DEPENDENCIES)
+    if not env:
+        return {}
+    try:
+        loaded = json.loads(env)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"${ENV_DEPENDENCIES} is not JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"${ENV_DEPENDENCIES} must be a JSON object")
+    return loaded
+
+
+class Ready:
+    """Reports readiness or the start-up error on a pipe to the parent (pm.spawn)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, **message: Any) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (json.dumps(message) + "\n").encode())
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+    def fail(self, code: int, message: str) -> int:
+        """Say why the worker gives up (stderr, and the parent); the exit code."""
+        print(f"titan-worker: {message}", file=sys.stderr)
+        self.send(event="error", code=code, message=message)
+        return code
+
+
+def _banner(worker: Worker, url: str, namespace: str) -> None:
+    """One line at start, without -v: what serves, from where (the URL's password hidden)."""
+    methods = sorted(worker.definition.methods)
+    banner_logger.info(
+        "serving %s %s as %s (pid %d): %d method(s): %s; Redis %s, namespace %s, concurrency %d",
+        worker.service, worker.definition.info.version, worker.worker_id, os.getpid(), len(methods),
+        ", ".join(methods), redact(url), namespace, worker.options.concurrency,
+        extra={"service": worker.service, "version": worker.definition.info.version,
+               "worker_id": worker.worker_id, "pid": os.getpid(), "methods": methods, "redis": redact(url),
+               "namespace": namespace, "concurrency": worker.options.concurrency},
+    )  # fmt: skip
+
+
+async def _serve(worker: Worker, ready: Ready, banner: tuple[str, str] | None = None) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    if worker.stopping:
+                        logger.warning("second signal: stopping without waiting for calls in flight")
+                        tg.cancel_scope.cancel()
+                    logger.info("received %s", signal.Signals(signum).name)
+                    worker.stop()
+
+        tg.start_soon(watch_signals)
+
+        async def serve_then_stop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            await worker.run(task_status=task_status)
+            tg.cancel_scope.cancel()  # drained: only the signal watcher is left
+
+        await tg.start(serve_then_stop)
+        streaming = sorted(m.name for m in worker.definition.methods.values() if m.streaming)
+        methods = sorted(worker.definition.methods)
+        ready.send(event="ready", service=worker.service, worker_id=worker.worker_id,
+                   pid=os.getpid(), methods=methods, streaming=streaming)  # fmt: skip
+        if banner is not None:
+            _banner(worker, *banner)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (task groups wrap errors)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def serve_file(
+    file: str,
+    *,
+    url: str,
+    namespace: str,
+    options: WorkerOptions,
+    dependencies: dict[str, Any],
+    ready: Ready,
+    name: str | None = None,
+    worker_id: str | None = None,
+    verbose: int = 0,
+) -> int:
+    """Load ``file``'s service and serve it until SIGTERM, then drain; the exit code."""
+    try:
+        definition = load_service_file(file)
+        worker = Worker(definition, url=url, namespace=namespace, options=options,
+                        dependencies=dependencies, service_name=name, worker_id=worker_id)  # fmt: skip
+    except ServiceFileError as exc:
+        cause = exc.__cause__
+        if cause is not None and verbose:  # an import that failed, maybe deep in the service's own modules
+            sys.stderr.write("".join(traceback.format_exception(cause)))
+        hint = " (run with -v for its traceback)" if cause is not None and not verbose else ""
+        return ready.fail(EXIT_BAD_FILE, f"{exc}{hint}")
+    except (ConfigError, TypeError) as exc:
+        return ready.fail(EXIT_USAGE, str(exc))
+    banner = None if ready.fd is not None else (url, namespace)  # a manager reports itself
+    try:
+        anyio.run(_serve, worker, ready, banner)
+    except Exception as group:
+        error = _leaf(group)
+        if isinstance(error, RedisUnavailable):
+            return ready.fail(EXIT_REDIS, str(error))
+        if isinstance(error, InitError):
+            return ready.fail(EXIT_INIT, f"{file}: {error}")
+        logger.error("worker crashed", exc_info=error)
+        return ready.fail(EXIT_CRASH, f"crashed: {type(error).__name__}: {error}")
+    exit_past_abandoned_threads()
+    return EXIT_OK
+
+
+def exit_past_abandoned_threads() -> None:
+    """Exit now even if a plain ``def`` method still runs in a thread the drain abandoned.
+
+    A thread cannot be interrupted, and Python would wait for it at exit:
+    a worker must never outlive its grace period because of one.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    until = time.monotonic() + 1.0  # idle pool threads end at once; give them a moment
+    for thread in others:
+        thread.join(max(0.0, until - time.monotonic()))
+    stuck = [t for t in others if t.is_alive()]
+    if stuck:
+        logger.warning("exiting with %d method thread(s) still running (past the grace period)", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The entry point of a spawned worker; the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m titan_worker.start", description=__doc__)
+    parser.add_argument("file")
+    parser.add_argument("--worker-id")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--options-json")
+    parser.add_argument("--name")
+    args = parser.parse_args(argv)
+    ready = Ready(args.ready_fd)
+    configure(0, "text")
+    try:
+        options = WorkerOptions(**json.loads(args.options_json)) if args.options_json else WorkerOptions()
+        options = replace(options, parent_pid=args.parent_pid)
+        url, namespace = resolve_url(None), resolve_namespace(None)
+        dependencies = dependencies_from_env()
+    except (ConfigError, TypeError, json.JSONDecodeError) as exc:
+        return ready.fail(EXIT_USAGE, str(exc))
+    return serve_file(args.file, url=url, namespace=namespace, options=options, dependencies=dependencies,
+                      ready=ready, name=args.name, worker_id=args.worker_id)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
