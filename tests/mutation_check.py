@@ -173,10 +173,8 @@ GIVEN_UP_NOT_TAKEN_OVER = ERRORS + "test_a_call_given_up_by_its_caller_is_not_sa
 BOOLEANS = CALLS + "test_booleans_are_not_seconds"
 
 # Texts more than one mutation replaces.
-ANSWER = "if KEYS[2] then answer(KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end\n"
-ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-"""
+ANSWER = "  if keys[2] then answer(keys[2], argv[2], shared[3], argv[3]) end\n"
+ACK = "  redis.call('XACK', keys[1], shared[1], argv[1])\n"
 
 
 @dataclass(frozen=True)
@@ -212,7 +210,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a reply that cannot be written (full Redis) waits: the entry stays pending, answered once",
         (
             Edit(
-                FINISH_LUA, ANSWER, "if KEYS[2] then pcall(answer, KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end\n"
+                FINISH_LUA, ANSWER, "  if keys[2] then pcall(answer, keys[2], argv[2], shared[3], argv[3]) end\n"
             ),
         ),
         (FULL_REDIS_REPLY,),
@@ -223,7 +221,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 FINISH_LUA,
-                "if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end\n",
+                "  if not owns(keys[1], shared[1], argv[1], shared[2]) then return 0 end\n",
                 "-- mutated: no ownership check\n",
             ),
         ),
