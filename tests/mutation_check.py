@@ -81,7 +81,7 @@ PROMOTE_LUA = "titan_broker/_redis/lua/promote.lua"
 RECLAIM_LUA = "titan_broker/_redis/lua/reclaim.lua"
 RENEW_LUA = "titan_broker/_redis/lua/renew.lua"
 SETTLING_LUA = "titan_broker/_redis/lua/settling.lua"
-SUBMIT_LUA = "titan_broker/_redis/lua/submit.lua"
+SUBMITTING_LUA = "titan_broker/_redis/lua/submitting.lua"
 TICK_LUA = "titan_broker/_redis/lua/tick.lua"
 EXECUTION = "worker/titan_worker/execution.py"
 HANDOFF = "worker/titan_worker/handoff.py"
@@ -210,7 +210,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a reply that cannot be written (full Redis) waits: the entry stays pending, answered once",
         (
             Edit(
-                FINISH_LUA, ANSWER, "  if keys[2] then pcall(answer, keys[2], argv[2], shared[3], argv[3]) end\n"
+                FINISH_LUA,
+                ANSWER,
+                "  if keys[2] then pcall(answer, keys[2], argv[2], shared[3], argv[3]) end\n",
             ),
         ),
         (FULL_REDIS_REPLY,),
@@ -314,7 +316,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "no-backlog-check",
         "a full backlog (max_backlog) refuses new calls at once with BacklogFull",
-        (Edit(SUBMIT_LUA, "if full then return full end\n", "-- mutated: no backlog check\n"),),
+        (Edit(SUBMITTING_LUA, "  if full then return full end\n", "  -- mutated: no backlog check\n"),),
         (BACKLOG,),
     ),
     Mutation(
