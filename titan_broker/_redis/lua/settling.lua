@@ -8,20 +8,46 @@ local function owns(stream, group, id, consumer)
   return ok and #p > 0
 end
 
--- Add a reply to a caller's reply stream and keep the stream's TTL.
-local function add_reply(key, reply, ttl_ms)
-  redis.call('XADD', key, '*', 'reply', reply)
+-- The ids of `stream` pending for `consumer` in `group` from `first` to
+-- `last`, as a set: one look for a batch of entries (see owns).
+local function pending_for(stream, group, consumer, first, last)
+  local held = {}
+  local ok, p = pcall(redis.call, 'XPENDING', stream, group, first, last, 1000000000, consumer)
+  if ok then
+    for _, e in ipairs(p) do held[e[1]] = true end
+  end
+  return held
+end
+
+-- Whether stream entry id `a` comes before `b`.
+local function id_before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am), tonumber(bm)
+  if am ~= bm then return am < bm end
+  return tonumber(as) < tonumber(bs)
+end
+
+-- A reply stream lives `ttl_ms` past its last reply.
+local function keep_expiring(key, ttl_ms)
   redis.call('PEXPIRE', key, ttl_ms)
+end
+
+-- Add a reply to a caller's reply stream and keep the stream's TTL (at the
+-- end of the script, once per stream, when `expiring` collects them).
+local function add_reply(key, reply, ttl_ms, expiring)
+  redis.call('XADD', key, '*', 'reply', reply)
+  if expiring then expiring[key] = ttl_ms else keep_expiring(key, ttl_ms) end
 end
 
 -- include: jobs
 
 -- Answer a call: a reply on its caller's stream, or, for a job (`job_status`
 -- is then 'done', 'failed' or 'dead'), its outcome kept in the job's hash.
-local function answer(key, reply, ttl_ms, job_status)
+local function answer(key, reply, ttl_ms, job_status, expiring)
   if job_status and job_status ~= '' then
     end_job(key, job_status, reply)
   else
-    add_reply(key, reply, ttl_ms)
+    add_reply(key, reply, ttl_ms, expiring)
   end
 end
