@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
 import redis.asyncio as aioredis
@@ -19,6 +19,14 @@ from .._errors import RedisOutOfMemory, RedisUnavailable, TitanError
 from .topology import Address, Topology, discover, unreachable
 
 logger = logging.getLogger(__name__)
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    import hiredis
+
+    _hiredis_pack = hiredis.pack_command
+except ImportError:  # hiredis is optional: redis-py's own packing then
+    _hiredis_pack = None
 
 Redis = aioredis.Redis | RedisCluster
 """A pooled client: redis-py's for one Redis (or a Sentinel-managed primary) or for a cluster."""
@@ -138,6 +146,27 @@ async def _connect(topology: Topology, key: str) -> aioredis.Redis:
             raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
         raise
     return client
+
+
+def _packed(conn: Any, args: tuple[Any, ...]) -> bytes | list[bytes]:
+    """A command in RESP: by hiredis in one C call when it is installed (a fifth of a caller's
+    CPU went to redis-py's per-argument encoding), else by redis-py, which also explains a value
+    neither can send (DataError)."""
+    if _hiredis_pack is not None:
+        try:
+            return _hiredis_pack(args)
+        except TypeError:
+            pass
+    return conn.pack_command(*args)  # type: ignore[no-any-return]
+
+
+def _packed_many(conn: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
+    if _hiredis_pack is not None:
+        try:
+            return b"".join([_hiredis_pack(args) for args in commands])
+        except TypeError:
+            pass
+    return conn.pack_commands(commands)  # type: ignore[no-any-return]
 
 
 class Relocating(rexc.ConnectionError):
@@ -296,7 +325,7 @@ class Channel:
         for _ in range(2):  # a MOVED reply: the command did not run; send it where it belongs
             self._sent()
             try:
-                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                await conn.send_packed_command(_packed(conn, args), check_health=False)
                 return await conn.read_response()
             except rexc.MovedError as exc:
                 moved = exc
@@ -341,7 +370,7 @@ class Channel:
         results: list[Any] = []
         self._sent()
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(_packed_many(conn, commands), check_health=False)
             for _ in commands:
                 try:
                     results.append(await conn.read_response())
