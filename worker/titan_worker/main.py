@@ -11,6 +11,7 @@ Exit codes (also in README.md):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -311,7 +312,9 @@ def run(
         raise fail(2, str(exc)) from None
     banner = None if ready_fd is not None else (url, resolve_namespace(namespace))  # a manager reports itself
     try:
-        anyio.run(_serve, worker, ready, banner)
+        # uvloop, when installed (the extra titan-broker[uvloop]), runs the worker's event loop.
+        uvloop = importlib.util.find_spec("uvloop") is not None
+        anyio.run(_serve, worker, ready, banner, backend_options={"use_uvloop": uvloop})
     except Exception as group:
         error = _leaf(group)
         if isinstance(error, RedisUnavailable):
