@@ -35,8 +35,10 @@ def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware:
                                  f"{call.method}() finished {-call.remaining():.3f} s after its deadline; "
                                  "its result was dropped")  # fmt: skip
             return outcome
-        # asyncio's own timeout: a fraction of the cost of a cancel scope, on every call.
-        timeout = asyncio.timeout(remaining)
+        # asyncio's own timeout: a fraction of the cost of a cancel scope, on every call. At the
+        # deadline itself (time.monotonic(), asyncio's clock), not "remaining" from the loop's time:
+        # uvloop's time is the one of the loop's last turn, so that would fire early.
+        timeout = asyncio.timeout_at(call.deadline)
         try:
             async with timeout:
                 return await call_next(call)
