@@ -173,8 +173,8 @@ GIVEN_UP_NOT_TAKEN_OVER = ERRORS + "test_a_call_given_up_by_its_caller_is_not_sa
 BOOLEANS = CALLS + "test_booleans_are_not_seconds"
 
 # Texts more than one mutation replaces.
-ANSWER = "  if keys[2] then answer(keys[2], argv[2], shared[3], argv[3], expiring) end\n"
-ACK = "  table.insert(answered[keys[1]], argv[1])\n"
+ANSWER = "  if keys[2] then answer(keys[2], reply, shared[3], job_status, expiring) end\n"
+ACK = "  table.insert(answered[keys[1]], id)\n"
 """An entry answered is acknowledged (and deleted) at the end of finish.lua."""
 
 
@@ -213,7 +213,7 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 FINISH_LUA,
                 ANSWER,
-                "  if keys[2] then pcall(answer, keys[2], argv[2], shared[3], argv[3], expiring) end\n",
+                "  if keys[2] then pcall(answer, keys[2], reply, shared[3], job_status, expiring) end\n",
             ),
         ),
         (FULL_REDIS_REPLY,),
@@ -224,7 +224,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 FINISH_LUA,
-                "  if not held[keys[1]][argv[1]] then return 0 end\n",
+                "  if not held[keys[1]][id] then return 0 end\n",
                 "-- mutated: no ownership check\n",
             ),
         ),

@@ -27,11 +27,11 @@ local function backlog_full(config, default, stream, delayed, seen)
   return nil
 end
 
--- The request fields in `argv` from index `first` on, with the timeout (ttl)
--- cut to `left` ms when it is longer: a call is never queued to run after its
--- caller stopped waiting.
-local function cut_ttl(argv, first, left)
-  for i = first, #argv - 1, 2 do
+-- The request fields in `argv` from index `first` on (to `last`, else to its
+-- end), with the timeout (ttl) cut to `left` ms when it is longer: a call is
+-- never queued to run after its caller stopped waiting.
+local function cut_ttl(argv, first, left, last)
+  for i = first, (last or #argv) - 1, 2 do
     if argv[i] == 'ttl' then
       if (tonumber(argv[i + 1]) or 0) > left then argv[i + 1] = tostring(left) end
       break

@@ -2,7 +2,9 @@
 -- KEYS: every part's keys in turn.
 -- ARGV: the number of shared arguments S, the S shared arguments, then per
 --       part: its number of keys, its number of arguments, its arguments.
--- `run(keys, args, shared)` answers one part. A part that raises an error
+-- `run(keys, first, last, shared)` answers one part, whose arguments are
+-- ARGV[first] to ARGV[last] (read in place: copying them cost more than the
+-- part's own XADD). A part that raises an error
 -- (Redis out of memory, say) gets that error as its answer and nothing after
 -- the failed command runs for it; the parts before it stand and the parts
 -- after it run.
@@ -13,9 +15,9 @@ local function each_part(run)
   while a <= #ARGV do
     local nk, na = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
     local keys = {unpack(KEYS, k, k + nk - 1)}
-    local args = {unpack(ARGV, a + 2, a + 1 + na)}
+    local first, last = a + 2, a + 1 + na
     k, a = k + nk, a + 2 + na
-    local ok, result = pcall(run, keys, args, shared)
+    local ok, result = pcall(run, keys, first, last, shared)
     if not ok then
       if type(result) == 'table' and result.err then
         result = redis.error_reply(result.err)

@@ -17,14 +17,14 @@
 -- include: batch
 local group, consumer = ARGV[2], ARGV[3]
 local ranges, held, answered, expiring = {}, {}, {}, {}
-each_part(function(keys, argv)  -- first the ids of each stream, for one XPENDING per stream
-  local r = ranges[keys[1]]
+each_part(function(keys, first)  -- first the ids of each stream, for one XPENDING per stream
+  local id, r = ARGV[first], ranges[keys[1]]
   if not r then
-    ranges[keys[1]] = {argv[1], argv[1]}
-  elseif id_before(argv[1], r[1]) then
-    r[1] = argv[1]
-  elseif id_before(r[2], argv[1]) then
-    r[2] = argv[1]
+    ranges[keys[1]] = {id, id}
+  elseif id_before(id, r[1]) then
+    r[1] = id
+  elseif id_before(r[2], id) then
+    r[2] = id
   end
   return 0
 end)
@@ -32,10 +32,11 @@ for stream, r in pairs(ranges) do
   held[stream] = pending_for(stream, group, consumer, r[1], r[2])
   answered[stream] = {}
 end
-local results = each_part(function(keys, argv, shared)
-  if not held[keys[1]][argv[1]] then return 0 end
-  if keys[2] then answer(keys[2], argv[2], shared[3], argv[3], expiring) end
-  table.insert(answered[keys[1]], argv[1])
+local results = each_part(function(keys, first, last, shared)
+  local id, reply, job_status = ARGV[first], ARGV[first + 1], last > first + 1 and ARGV[first + 2] or nil
+  if not held[keys[1]][id] then return 0 end
+  if keys[2] then answer(keys[2], reply, shared[3], job_status, expiring) end
+  table.insert(answered[keys[1]], id)
   return 1
 end)
 for stream, ids in pairs(answered) do

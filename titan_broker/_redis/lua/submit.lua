@@ -19,4 +19,4 @@
 -- Returns the new entry's id; error TITANBACKLOG <limit> when full,
 -- TITANLATE <ms late> after the deadline.
 -- include: submitting
-return submit(KEYS, ARGV)
+return submit(KEYS, 1, #ARGV)
