@@ -111,3 +111,18 @@ async def test_an_entry_held_by_a_full_redis_stays_pending_until_memory_is_back(
     assert await redis.xlen(reply) == 2
     assert await settled_together(pipe, [([stream, reply], [i, b"ok"]) for i in ids]) == [0, 0]
     assert await redis.xlen(reply) == 2
+
+
+async def test_a_batch_checks_the_ownership_of_entries_in_any_order_of_their_ids(
+    redis: aioredis.Redis, pipe: AutoPipeline, keys: Keys
+) -> None:
+    """Ids compare as numbers, not text: 5-10 comes after 5-9, and 12-0 after both."""
+    stream, reply = keys.calls(SERVICE), keys.reply(SERVICE, "client")
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ids = [b"5-9", b"5-10", b"12-0", b"100-2"]
+    for entry_id in ids:
+        await redis.xadd(stream, {"m": "x"}, id=entry_id)
+    await redis.xreadgroup(GROUP, "w1", {stream: ">"}, count=4)
+    order = [ids[2], ids[0], ids[3], ids[1]]
+    assert await settled_together(pipe, [([stream, reply], [i, b"ok"]) for i in order]) == [1, 1, 1, 1]
+    assert await redis.xlen(stream) == 0 and await redis.xlen(reply) == 4

@@ -19,13 +19,15 @@ local function pending_for(stream, group, consumer, first, last)
   return held
 end
 
--- Whether stream entry id `a` comes before `b`.
+-- Whether stream entry id `a` (`<ms>-<seq>`, decimal) comes before `b`: the
+-- longer number is the larger, digits compare as text (no pattern, no number).
 local function id_before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, bm = tonumber(am), tonumber(bm)
+  local i, j = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+  if i ~= j then return i < j end
+  local am, bm = string.sub(a, 1, i - 1), string.sub(b, 1, j - 1)
   if am ~= bm then return am < bm end
-  return tonumber(as) < tonumber(bs)
+  if #a ~= #b then return #a < #b end
+  return a < b
 end
 
 -- A reply stream lives `ttl_ms` past its last reply.
