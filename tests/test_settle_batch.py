@@ -126,3 +126,14 @@ async def test_a_batch_checks_the_ownership_of_entries_in_any_order_of_their_ids
     order = [ids[2], ids[0], ids[3], ids[1]]
     assert await settled_together(pipe, [([stream, reply], [i, b"ok"]) for i in order]) == [1, 1, 1, 1]
     assert await redis.xlen(stream) == 0 and await redis.xlen(reply) == 4
+
+
+async def test_a_batch_sent_to_a_redis_that_forgot_its_scripts_is_loaded_and_sent_once_more(
+    redis: aioredis.Redis, pipe: AutoPipeline, keys: Keys
+) -> None:
+    stream, reply = keys.calls(SERVICE), keys.reply(SERVICE, "client")
+    ids = await taken(redis, stream, "w1", 2)
+    await FINISH.load(redis)
+    await redis.script_flush()  # a restart, or SCRIPT FLUSH
+    assert await settled_together(pipe, [([stream, reply], [i, b"ok"]) for i in ids]) == [1, 1]
+    assert await redis.xlen(reply) == 2

@@ -453,6 +453,11 @@ class _Merged:
                 fut.set_exception(result)
 
 
+def _as_error(exc: BaseException) -> Exception:
+    """What a command's future gets when its write failed (cancellation too: the command may have run)."""
+    return exc if isinstance(exc, Exception) else RedisUnavailable(str(exc) or "the write was cancelled")
+
+
 def _hash_tag(key: Any) -> Any:
     """The part of a key that picks its cluster slot: what is between its first ``{`` and ``}``."""
     if isinstance(key, str):
@@ -563,26 +568,22 @@ class AutoPipeline:
             await self._channel.reset()
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | _Merged]]) -> None:
+        cut: BaseException | None = None
         try:
             results = await self._results([command for command, _ in batch])
-            unknown = [i for i, (result, (_, owner)) in enumerate(zip(results, batch, strict=True))
-                       if type(owner) is _Merged and isinstance(result, rexc.NoScriptError)]  # fmt: skip
-            if unknown:  # Redis restarted or SCRIPT FLUSH: load the scripts, send those parts again
+        except BaseException as exc:
+            results, cut = [_as_error(exc)] * len(batch), exc
+        unknown = [i for i, (result, (_, owner)) in enumerate(zip(results, batch, strict=True))
+                   if type(owner) is _Merged and isinstance(result, rexc.NoScriptError)]  # fmt: skip
+        if unknown and cut is None:  # Redis restarted or SCRIPT FLUSH: load the scripts, send those again
+            try:
                 sources = {cast(_Merged, batch[i][1]).script.source for i in unknown}
                 await self._results([("SCRIPT", "LOAD", source) for source in sources])
                 again = await self._results([batch[i][0] for i in unknown])
-                for i, result in zip(unknown, again, strict=True):
-                    results[i] = result
-        except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else RedisUnavailable(str(exc))
-            for _, owner in batch:
-                if type(owner) is _Merged:
-                    owner.settle(error)
-                elif not owner.done():  # type: ignore[union-attr]
-                    owner.set_exception(error)  # type: ignore[union-attr]
-            if not isinstance(exc, Exception):
-                raise
-            return
+            except BaseException as exc:
+                again, cut = [_as_error(exc)] * len(unknown), exc
+            for i, result in zip(unknown, again, strict=True):
+                results[i] = result
         for (_, owner), result in zip(batch, results, strict=True):
             if type(owner) is _Merged:
                 owner.settle(result)
@@ -594,6 +595,8 @@ class AutoPipeline:
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        if cut is not None and not isinstance(cut, Exception):
+            raise cut  # cancelled: the futures have their error
 
     async def _results(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to commands sent in one write, errors as values."""
