@@ -81,7 +81,7 @@ PROMOTE_LUA = "titan_broker/_redis/lua/promote.lua"
 RECLAIM_LUA = "titan_broker/_redis/lua/reclaim.lua"
 RENEW_LUA = "titan_broker/_redis/lua/renew.lua"
 SETTLING_LUA = "titan_broker/_redis/lua/settling.lua"
-SUBMIT_LUA = "titan_broker/_redis/lua/submit.lua"
+SUBMITTING_LUA = "titan_broker/_redis/lua/submitting.lua"
 TICK_LUA = "titan_broker/_redis/lua/tick.lua"
 EXECUTION = "worker/titan_worker/execution.py"
 HANDOFF = "worker/titan_worker/handoff.py"
@@ -173,10 +173,9 @@ GIVEN_UP_NOT_TAKEN_OVER = ERRORS + "test_a_call_given_up_by_its_caller_is_not_sa
 BOOLEANS = CALLS + "test_booleans_are_not_seconds"
 
 # Texts more than one mutation replaces.
-ANSWER = "if KEYS[2] then answer(KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end\n"
-ACK = """redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-"""
+ANSWER = "  if keys[2] then answer(keys[2], reply, shared[3], job_status, expiring) end\n"
+ACK = "  table.insert(answered[keys[1]], id)\n"
+"""An entry answered is acknowledged (and deleted) at the end of finish.lua."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +211,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a reply that cannot be written (full Redis) waits: the entry stays pending, answered once",
         (
             Edit(
-                FINISH_LUA, ANSWER, "if KEYS[2] then pcall(answer, KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end\n"
+                FINISH_LUA,
+                ANSWER,
+                "  if keys[2] then pcall(answer, keys[2], reply, shared[3], job_status, expiring) end\n",
             ),
         ),
         (FULL_REDIS_REPLY,),
@@ -223,7 +224,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 FINISH_LUA,
-                "if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end\n",
+                "  if not held[keys[1]][id] then return 0 end\n",
                 "-- mutated: no ownership check\n",
             ),
         ),
@@ -316,7 +317,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "no-backlog-check",
         "a full backlog (max_backlog) refuses new calls at once with BacklogFull",
-        (Edit(SUBMIT_LUA, "if full then return full end\n", "-- mutated: no backlog check\n"),),
+        (Edit(SUBMITTING_LUA, "  if full then return full end\n", "  -- mutated: no backlog check\n"),),
         (BACKLOG,),
     ),
     Mutation(

@@ -56,7 +56,7 @@ def caller_acl(ns: str) -> list[str]:
         "on", "resetkeys", "resetchannels", "-@all",
         "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
         "+cluster|slots", "+cluster|myid", "+command",
-        f"~{ns}:{{*}}:reply:*", "+xread", "+xdel", "+del", "+set", "+exists", "+type",
+        f"~{ns}:{{*}}:reply:*", "+xread", "+xtrim", "+xdel", "+del", "+set", "+exists", "+type",
         f"(~{ns}:{{*}}:calls* ~{ns}:{{*}}:delayed ~{ns}:{{*}}:job:* ~{ns}:{{*}}:jobs "
         "+evalsha +xadd +xdel +xlen +xrange +xpending +zadd +zcard +zrem +zscore +zrevrange "
         "+zremrangebyrank +hset +hget +hgetall +hmget +hdel +pexpire)",

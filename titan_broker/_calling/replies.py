@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
 """How long one XREAD blocks (the channel's socket timeout must exceed it)."""
 TRIM_EVERY = 1.0
-"""Seconds between two deletions of the replies already read (at most 1,024 at a time)."""
+"""Seconds between two trims of the replies already read (sooner after 1,024 replies)."""
 CANARY_TTL_MS = 600_000
 CANARY_EVERY = 60.0
 """The canary key is rewritten this often (seconds), with CANARY_TTL_MS to live."""
@@ -102,7 +102,8 @@ class ReplyDispatcher:
         self.restarts = 0
         """Restarts of Redis seen (with or without its data)."""
         self._last = b"0-0"
-        self._seen: list[bytes] = []
+        self._untrimmed = 0
+        """Replies read since the stream was last trimmed."""
 
     def expect(self, call_id: str, fut: asyncio.Future[protocol.Reply]) -> None:
         """Route the reply of ``call_id`` to ``fut``."""
@@ -176,9 +177,11 @@ class ReplyDispatcher:
                     if self.on_reconnect is not None:
                         await self.on_reconnect()
                 now = time.monotonic()
-                if self._seen and (len(self._seen) >= 1024 or now >= next_trim):
-                    await self.channel.execute("XDEL", self.reply_key, *self._seen)
-                    self._seen.clear()
+                if self._untrimmed and (self._untrimmed >= 1024 or now >= next_trim):
+                    # Everything before the last reply read has been read (a stream only grows at
+                    # its end): trimming removes whole nodes, where XDEL searches each id.
+                    await self.channel.execute("XTRIM", self.reply_key, "MINID", self._last)
+                    self._untrimmed = 0
                     next_trim = now + TRIM_EVERY
                 if now >= next_canary:
                     next_canary = now + CANARY_EVERY
@@ -213,8 +216,8 @@ class ReplyDispatcher:
     def _route(self, res: object) -> bool:
         """Hand each reply in an XREAD answer to its caller; True when there were any."""
         entries = stream_entries(res)
-        for _stream, entry_id, fields in entries:
-            self._seen.append(entry_id)
+        self._untrimmed += len(entries)
+        for _stream, _entry_id, fields in entries:
             reply = protocol.decode_reply(fields.get(protocol.F_REPLY_VALUE, b""))
             if reply is None:
                 logger.warning("dropped a malformed reply on %s", self.reply_key)
@@ -267,7 +270,7 @@ class ReplyDispatcher:
             await anyio.sleep(0.1)
             return
         self._last = b"0-0"
-        self._seen.clear()
+        self._untrimmed = 0
         count = self.fail_all(
             lambda: CallLost(
                 f"the reply stream {key} was overwritten with a {kind} value by someone else: the "

@@ -25,7 +25,7 @@ from redis import exceptions as rexc
 from .._errors import BacklogFull, RedisOutOfMemory, RedisUnavailable, TitanError
 from .._redis.backoff import Backoff
 from .._redis.connection import REDIS_ERRORS, AutoPipeline, Redis, titan_error
-from .._redis.scripting import Script
+from .._redis.scripting import Batch, Script
 from .._wire import protocol
 from .._wire.keys import Keys
 from .jobs import cancel
@@ -33,7 +33,8 @@ from .replies import Placement
 
 logger = logging.getLogger(__name__)
 
-_SUBMIT = Script("submit")
+_SUBMIT = Batch("submit_many")
+"""Calls sent together share one script call (submit.lua's check and XADD, per call)."""
 _ENQUEUE = Script("enqueue")
 DEADLINE_SLACK_MS = 10
 """Added to the deadline the submit script checks (Redis's clock, estimated): rounding of ids."""
@@ -155,10 +156,10 @@ class Sender:
             streams = (self.keys.worker_calls(service, worker), shared)
             record = self.keys.worker(service, worker)
         flat = protocol.flat_fields(fields)
-        script, keys, argv = _SUBMIT, list(streams), [self.keys.config(service), record, self.max_backlog]
+        keys, argv = list(streams), [self.keys.config(service), record, self.max_backlog]
         member = b""
         if later is not None:
-            script, keys = _ENQUEUE, [shared, self.keys.delayed(service)]
+            keys = [shared, self.keys.delayed(service)]
             argv = [self.keys.config(service), self.max_backlog]
             member = protocol.pack_fields(fields) if later.delay_ms > 0 else b""
             job = protocol.job_token(fields)
@@ -173,18 +174,17 @@ class Sender:
         loop = asyncio.get_running_loop()
         for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
-            if later is None:
-                command = script.command(keys, [*argv, not_after, *flat])
-            else:
-                extra = [later.delay_ms, member, later.job_id or "", later.result_ttl_ms, method]
-                command = script.command(keys, [*argv, not_after, *extra, *flat])
             redis_full = False
             entry_id: bytes | None = None
             started = loop.time()
             # The auto-pipeline's own task sends the request: the caller's cancellation or its
             # deadline ends only the wait (far cheaper than a shielded cancel scope), and a
             # request that still reaches Redis is deleted once its id is known.
-            fut = self.pipe.submit(*command)
+            if later is None:
+                fut = _SUBMIT.part(self.pipe, keys, [*argv, not_after, *flat])
+            else:
+                extra = [later.delay_ms, member, later.job_id or "", later.result_ttl_ms, method]
+                fut = self.pipe.submit(*_ENQUEUE.command(keys, [*argv, not_after, *extra, *flat]))
             try:
                 entry_id = cast(bytes, await _within(fut, deadline))
             except _Late:
@@ -193,7 +193,7 @@ class Sender:
                 fut.add_done_callback(functools.partial(self._withdraw_late, placed, deadline))
                 raise
             except rexc.NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it and send again
-                await script.load(self.pipe)
+                await _ENQUEUE.load(self.pipe)
                 continue
             except rexc.OutOfMemoryError:
                 redis_full = True

@@ -11,6 +11,7 @@ from .connection import Redis as Redis
 from .connection import open_redis as open_redis
 from .connection import stream_entries as stream_entries
 from .connection import text as text
+from .scripting import Batch as Batch
 from .scripting import Script as Script
 from .topology import Topology as Topology
 from .topology import discover as discover
@@ -20,6 +21,7 @@ __all__ = (
     "SOCKET_TIMEOUT",
     "AutoPipeline",
     "Backoff",
+    "Batch",
     "Channel",
     "Redis",
     "Script",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -18,6 +19,14 @@ from .._errors import RedisOutOfMemory, RedisUnavailable, TitanError
 from .topology import Address, Topology, discover, unreachable
 
 logger = logging.getLogger(__name__)
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    import hiredis
+
+    _hiredis_pack = hiredis.pack_command
+except ImportError:  # hiredis is optional: redis-py's own packing then
+    _hiredis_pack = None
 
 Redis = aioredis.Redis | RedisCluster
 """A pooled client: redis-py's for one Redis (or a Sentinel-managed primary) or for a cluster."""
@@ -137,6 +146,27 @@ async def _connect(topology: Topology, key: str) -> aioredis.Redis:
             raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
         raise
     return client
+
+
+def _packed(conn: Any, args: tuple[Any, ...]) -> bytes | list[bytes]:
+    """A command in RESP: by hiredis in one C call when it is installed (a fifth of a caller's
+    CPU went to redis-py's per-argument encoding), else by redis-py, which also explains a value
+    neither can send (DataError)."""
+    if _hiredis_pack is not None:
+        try:
+            return _hiredis_pack(args)
+        except TypeError:
+            pass
+    return conn.pack_command(*args)  # type: ignore[no-any-return]
+
+
+def _packed_many(conn: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
+    if _hiredis_pack is not None:
+        try:
+            return b"".join([_hiredis_pack(args) for args in commands])
+        except TypeError:
+            pass
+    return conn.pack_commands(commands)  # type: ignore[no-any-return]
 
 
 class WrongNode(rexc.ConnectionError):
@@ -295,7 +325,7 @@ class Channel:
         for _ in range(2):  # a MOVED reply: the command did not run; send it where it belongs
             self._sent()
             try:
-                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                await conn.send_packed_command(_packed(conn, args), check_health=False)
                 return await conn.read_response()
             except rexc.MovedError as exc:
                 moved = exc
@@ -340,7 +370,7 @@ class Channel:
         results: list[Any] = []
         self._sent()
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(_packed_many(conn, commands), check_health=False)
             for _ in commands:
                 try:
                     results.append(await conn.read_response())
@@ -366,13 +396,88 @@ class Channel:
         await self._client.aclose()
 
 
+class BatchScript(Protocol):
+    """What an auto-pipeline needs of a script whose parts it merges (``scripting.Batch``)."""
+
+    sha: str
+    source: str
+
+
+MAX_PARTS = 256
+"""Parts of one script merged into one EVALSHA at most."""
+
+
+class _Part(NamedTuple):
+    script: BatchScript
+    shared: tuple[Any, ...]
+    keys: Sequence[Any]
+    args: Sequence[Any]
+
+
+class _Merged:
+    """Parts of one script, with the same shared arguments and hash tag, sent as one EVALSHA."""
+
+    __slots__ = ("args", "futs", "keys", "script", "shared")
+
+    def __init__(self, script: BatchScript, shared: tuple[Any, ...]) -> None:
+        self.script = script
+        self.shared = shared
+        self.keys: list[Any] = []
+        self.args: list[Any] = []
+        self.futs: list[asyncio.Future[Any]] = []
+
+    def add(self, part: _Part, fut: asyncio.Future[Any]) -> None:
+        self.keys += part.keys
+        self.args += (len(part.keys), len(part.args), *part.args)
+        self.futs.append(fut)
+
+    def command(self) -> tuple[Any, ...]:
+        shared = self.shared
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, len(shared), *shared, *self.args)
+
+    def settle(self, result: Any) -> None:
+        """Hand each part its answer (or the error of the whole call)."""
+        if isinstance(result, list) and len(result) == len(self.futs):
+            for fut, answer in zip(self.futs, result, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(answer, Exception):
+                    fut.set_exception(answer)
+                else:
+                    fut.set_result(answer)
+            return
+        if not isinstance(result, Exception):
+            result = rexc.ResponseError(f"a batched script answered {len(self.futs)} parts with {result!r}")
+        for fut in self.futs:
+            if not fut.done():
+                fut.set_exception(result)
+
+
+def _as_error(exc: BaseException) -> Exception:
+    """What a command's future gets when its write failed (cancellation too: the command may have run)."""
+    return exc if isinstance(exc, Exception) else RedisUnavailable(str(exc) or "the write was cancelled")
+
+
+def _hash_tag(key: Any) -> Any:
+    """The part of a key that picks its cluster slot: what is between its first ``{`` and ``}``."""
+    if isinstance(key, str):
+        start = key.find("{")
+        if start >= 0:
+            end = key.find("}", start + 1)
+            if end > start + 1:
+                return key[start + 1 : end]
+    return key
+
+
 class AutoPipeline:
     """Sends commands over one channel from a task of its own, batching those issued together.
 
     A caller queues a command (``submit`` returns its future; ``execute``
     awaits it). A flusher task sends what is queued in one write when the
     previous write has returned, and hands each command its own result or
-    error (no transaction across the batch). A caller that stops waiting
+    error (no transaction across the batch). Parts of a batch script
+    (``submit_part``) queued together are merged into one EVALSHA per script,
+    shared arguments and hash tag. A caller that stops waiting
     (cancelled, or past a deadline) never interrupts a write that others
     share: a command not yet sent is dropped, one already sent runs and its
     future still gets the reply, for whoever holds it.
@@ -380,21 +485,30 @@ class AutoPipeline:
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[tuple[Any, ...] | _Part, asyncio.Future[Any]]] = []
         self._busy = False
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command; its future gets the reply or the error."""
+    def _queued(self, item: tuple[Any, ...] | _Part) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, fut))
+        self._queue.append((item, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._flush())
         elif self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
         return fut
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; its future gets the reply or the error."""
+        return self._queued(args)
+
+    def submit_part(
+        self, script: BatchScript, shared: tuple[Any, ...], keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """Queue one part of a batch script (see ``scripting.Batch``); its future gets the part's answer."""
+        return self._queued(_Part(script, shared, keys, args))
 
     async def execute(self, *args: Any) -> Any:
         """Run one command and return its reply, raising its error."""
@@ -411,8 +525,24 @@ class AutoPipeline:
                 self._wake = asyncio.get_running_loop().create_future()
                 await self._wake
                 self._wake = None
-            batch = [(args, fut) for args, fut in self._queue if not fut.done()]
-            self._queue = []
+            queue, self._queue = self._queue, []
+            batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | _Merged]] = []
+            merged: dict[tuple[Any, ...], _Merged] = {}
+            for item, fut in queue:
+                if fut.done():
+                    continue
+                if type(item) is _Part:
+                    key = (item.script.sha, item.shared, _hash_tag(item.keys[0]) if item.keys else None)
+                    group = merged.get(key)
+                    if group is None or len(group.futs) >= MAX_PARTS:
+                        group = merged[key] = _Merged(item.script, item.shared)
+                        batch.append(((), group))
+                    group.add(item, fut)
+                else:
+                    batch.append((item, fut))
+            if merged:
+                batch = [(owner.command(), owner) if type(owner) is _Merged else (command, owner)
+                         for command, owner in batch]  # fmt: skip
             if batch:
                 self._busy = True
                 try:
@@ -437,30 +567,45 @@ class AutoPipeline:
         if not self._busy:
             await self._channel.reset()
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | _Merged]]) -> None:
+        cut: BaseException | None = None
         try:
-            if len(batch) == 1:
-                results: list[Any] = []
-                try:
-                    results.append(await self._channel.execute(*batch[0][0]))
-                except rexc.ResponseError as exc:
-                    results.append(exc)
-            else:
-                results = await self._channel.execute_many([args for args, _ in batch])
+            results = await self._results([command for command, _ in batch])
         except BaseException as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else RedisUnavailable(str(exc)))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, fut), result in zip(batch, results, strict=True):
+            results, cut = [_as_error(exc)] * len(batch), exc
+        unknown = [i for i, (result, (_, owner)) in enumerate(zip(results, batch, strict=True))
+                   if type(owner) is _Merged and isinstance(result, rexc.NoScriptError)]  # fmt: skip
+        if unknown and cut is None:  # Redis restarted or SCRIPT FLUSH: load the scripts, send those again
+            try:
+                sources = {cast(_Merged, batch[i][1]).script.source for i in unknown}
+                await self._results([("SCRIPT", "LOAD", source) for source in sources])
+                again = await self._results([batch[i][0] for i in unknown])
+            except BaseException as exc:
+                again, cut = [_as_error(exc)] * len(unknown), exc
+            for i, result in zip(unknown, again, strict=True):
+                results[i] = result
+        for (_, owner), result in zip(batch, results, strict=True):
+            if type(owner) is _Merged:
+                owner.settle(result)
+                continue
+            fut = cast(asyncio.Future[Any], owner)
             if fut.done():
                 continue
             if isinstance(result, Exception):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        if cut is not None and not isinstance(cut, Exception):
+            raise cut  # cancelled: the futures have their error
+
+    async def _results(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to commands sent in one write, errors as values."""
+        if len(commands) == 1:
+            try:
+                return [await self._channel.execute(*commands[0])]
+            except rexc.ResponseError as exc:
+                return [exc]
+        return await self._channel.execute_many(commands)
 
 
 def stream_entries(reply: Any) -> list[tuple[bytes, bytes, dict[bytes, bytes]]]:

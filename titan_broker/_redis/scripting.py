@@ -11,6 +11,7 @@ top; all the keys one script touches share a hash tag (one cluster slot).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from importlib import resources
@@ -96,3 +97,36 @@ class Script:
 
     def __repr__(self) -> str:
         return f"<Script {self.name} {self.sha[:8]}>"
+
+
+class Batch(Script):
+    """A script that runs several parts in one call (its source includes ``batch.lua``).
+
+    Parts queued on an auto-pipeline together (``part``) go to Redis as one
+    EVALSHA when they share their ``shared`` arguments and their hash tag
+    (one cluster slot): one script call, and one pass through Lua's setup,
+    for many entries. Each part gets its own answer, or its own error.
+    """
+
+    __slots__ = ()
+
+    def part(
+        self, via: AutoPipeline, keys: Sequence[Any], args: Sequence[Any], shared: tuple[Any, ...] = ()
+    ) -> asyncio.Future[Any]:
+        """Queue one part on ``via``; its future gets the part's answer or error (NOSCRIPT is handled)."""
+        return via.submit_part(self, shared, keys, args)
+
+    async def __call__(self, via: Target, keys: Sequence[Any], args: Sequence[Any] = (),
+                       shared: tuple[Any, ...] = ()) -> Any:  # fmt: skip
+        """Run one part alone and return its answer; its error is raised."""
+        if isinstance(via, AutoPipeline):
+            return await self.part(via, keys, args, shared)
+        command = ("EVALSHA", self.sha, len(keys), *keys, len(shared), *shared, len(keys), len(args), *args)
+        try:
+            answers = await execute(via, *command)
+        except rexc.NoScriptError:
+            await self.load(via)
+            answers = await execute(via, *command)
+        if isinstance(answers[0], Exception):
+            raise answers[0]
+        return answers[0]

@@ -362,7 +362,7 @@ def stream_item(annotation: Any) -> Any:
 class Parameters:
     """A method's parameters: binds a call's arguments to them and decodes each into its annotation."""
 
-    __slots__ = ("_any", "_by_name", "_more", "_names", "_positional", "_rest", "signature")
+    __slots__ = ("_any", "_by_name", "_more", "_names", "_plain", "_positional", "_rest", "signature")
 
     def __init__(self, signature: inspect.Signature) -> None:
         self.signature = signature
@@ -384,6 +384,11 @@ class Parameters:
             elif p.kind is kinds.VAR_KEYWORD:
                 self._more = (p.name, typed[p.name])
         self._any = any(t is not None for t in typed.values())
+        self._plain: tuple[int, int] | None = None
+        """How many positional arguments alone always bind (fewest, most), when some number does."""
+        if not any(p.kind is kinds.KEYWORD_ONLY and p.default is p.empty for p in params):
+            required = sum(1 for p in params if p.name in positional and p.default is p.empty)
+            self._plain = (required, len(positional) if self._rest is None else sys.maxsize)
 
     @staticmethod
     def _type(param: inspect.Parameter) -> WireType | None:
@@ -398,10 +403,12 @@ class Parameters:
         The arity and the names are checked by ``Signature.bind``, so that the
         message is Python's own.
         """
-        try:
-            self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            return f"{method}{self.signature}: {exc}"
+        plain = self._plain
+        if kwargs or plain is None or not plain[0] <= len(args) <= plain[1]:  # else bind() would pass
+            try:
+                self.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                return f"{method}{self.signature}: {exc}"
         if not self._any:
             return None
         count = len(self._names)

@@ -20,13 +20,13 @@ from typing import Any
 from redis import exceptions as rexc
 
 from titan_broker._errors import RedisUnavailable, WireError
-from titan_broker._redis import CONNECTION_ERRORS, Backoff, Script
+from titan_broker._redis import CONNECTION_ERRORS, Backoff, Batch, Script
 from titan_broker._wire import GROUP, protocol
 
 from .call import DeadLetter, Entry, HandedOff, Outcome, Reply, Retry
 from .context import WorkerContext
 
-_FINISH = Script("finish")
+_FINISH = Batch("finish")
 _DEAD_LETTER = Script("dead_letter")
 _RETRY = Script("retry")
 _RETRYABLE: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable, rexc.ResponseError)
@@ -135,20 +135,16 @@ class Settlement:
         )
 
     async def _finish(self, entry: Entry, outcome: Reply) -> int:
+        """Answer and acknowledge, in one script with the settles other calls have ready (finish.lua)."""
         ctx = self.ctx
         keys = [entry.stream]
-        args: list[Any] = [
-            entry.id,
-            GROUP,
-            ctx.worker_id,
-            outcome.payload or b"",
-            int(ctx.options.reply_ttl * 1000),
-        ]
+        args: list[Any] = [entry.id, outcome.payload or b""]
         if outcome.reply_to is not None and outcome.payload is not None:
             keys.append(outcome.reply_to)
             if outcome.job:
                 args.append("done" if outcome.ok else "failed")
-        return int(await _FINISH(ctx.writer, keys, args))
+        shared = (GROUP, ctx.worker_id, int(ctx.options.reply_ttl * 1000))
+        return int(await _FINISH.part(ctx.writer, keys, args, shared))
 
     async def _retry(self, entry: Entry, retry: Retry) -> int:
         """Put the call in the delayed set for its next attempt (@retry) and acknowledge it."""

@@ -12,6 +12,7 @@ command for people, with every option, its help and the same exit codes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -159,7 +160,9 @@ def serve_file(
         return ready.fail(EXIT_USAGE, str(exc))
     banner = None if ready.fd is not None else (url, namespace)  # a manager reports itself
     try:
-        anyio.run(_serve, worker, ready, banner)
+        # uvloop, when installed (the extra titan-broker[uvloop]), runs the worker's event loop.
+        uvloop = importlib.util.find_spec("uvloop") is not None
+        anyio.run(_serve, worker, ready, banner, backend_options={"use_uvloop": uvloop})
     except Exception as group:
         error = _leaf(group)
         if isinstance(error, RedisUnavailable):

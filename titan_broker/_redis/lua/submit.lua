@@ -18,17 +18,5 @@
 --       clock) or 0, field, value, ...
 -- Returns the new entry's id; error TITANBACKLOG <limit> when full,
 -- TITANLATE <ms late> after the deadline.
--- include: admission
-local stream = KEYS[1]
-if ARGV[2] ~= '' and redis.call('EXISTS', ARGV[2]) == 0 then stream = KEYS[2] end
-local full = backlog_full(ARGV[1], ARGV[3], stream)
-if full then return full end
-local deadline = tonumber(ARGV[4]) or 0
-if deadline > 0 then
-  local now = redis_now_ms()
-  if now >= deadline then
-    return redis.error_reply('TITANLATE ' .. (now - deadline))
-  end
-  cut_ttl(ARGV, 5, deadline - now)
-end
-return redis.call('XADD', stream, '*', unpack(ARGV, 5))
+-- include: submitting
+return submit(KEYS, 1, #ARGV)
