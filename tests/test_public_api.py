@@ -11,7 +11,7 @@ import titan_broker._errors as errors
 
 def test_exported_names_are_pinned() -> None:
     assert titan_broker.__all__ == (
-        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "BadResult", "CallError", "CallLost",
+        "AccessDenied", "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "BadResult", "CallError", "CallLost",
         "CallTimeout", "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter",
         "DeadLettered", "DeadlineExceeded", "EncodeError", "Event", "Health", "HealthStatus",
         "InternalError", "Job", "JobCancelled", "JobNotFound", "JobState", "JobStatus", "MethodNotFound",

@@ -8,6 +8,7 @@ from ._calling.jobs import JobStatus as JobStatus
 from ._calling.proxy import ServiceProxy as ServiceProxy
 from ._calling.proxy import with_options as with_options
 from ._config import WorkerOptions as WorkerOptions
+from ._errors import AccessDenied as AccessDenied
 from ._errors import BacklogFull as BacklogFull
 from ._errors import BadArguments as BadArguments
 from ._errors import BadRequest as BadRequest
@@ -61,6 +62,7 @@ from ._service.decorators import trace as trace
 __version__ = "0.1.0"
 
 __all__ = (
+    "AccessDenied",
     "AutoScale",
     "BacklogFull",
     "BadArguments",

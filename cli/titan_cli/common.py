@@ -20,6 +20,7 @@ import titan_broker
 from titan_broker._calling import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
 from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
+from titan_broker._redis.denied import Acting, acting
 from titan_broker._registry import known_services
 
 
@@ -133,8 +134,11 @@ def run(
     work: Callable[[Client], Awaitable[R]],
     redis: str | None = None,
     namespace: str | None = None,
+    role: str = "observer",
 ) -> R:
     """Connect, run ``work``, and turn titan errors into one line and an exit code.
+
+    ``role``: whose ACL rule the command needs (``titan acl ROLE``), named when Redis refuses it.
 
     ``redis`` and ``namespace``: the command's own --redis and --namespace, which win over the
     ones given before the command."""
@@ -143,6 +147,7 @@ def run(
     settings = _Settings(redis or before.url, namespace or before.namespace)
 
     async def main() -> R:
+        acting.set(Acting(role))
         async with Client(settings.url, namespace=settings.namespace) as client:
             return await work(client)
 

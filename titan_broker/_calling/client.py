@@ -18,6 +18,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -30,6 +31,7 @@ from opentelemetry import trace as otel
 from .._config import check_seconds, redact, resolve_namespace, resolve_url
 from .._errors import ConfigError, TitanError
 from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
+from .._redis.denied import acting
 from .._redis.topology import discover
 from .._wire import protocol
 from .._wire.acl import USER_NAME, USER_SEPARATOR
@@ -118,7 +120,9 @@ class Client:
         try:
             topology = await discover(self.url)
             self._redis = await open_redis(topology)
-            self.client_id = client_id(await self._whoami(), self._random_id)
+            user = await self._whoami()
+            self.client_id = client_id(user, self._random_id)
+            acting.set(replace(acting.get(), user=user))
         except BaseException as exc:
             await self.aclose()
             if isinstance(exc, REDIS_ERRORS):
@@ -353,7 +357,9 @@ class Client:
         try:
             return await self._routes.count_live(service)
         except REDIS_ERRORS as exc:
-            raise titan_error(exc, f"count the workers of {service!r}") from exc
+            raise titan_error(
+                exc, f"count the workers of {service!r}", command="SMEMBERS", key=self.keys.workers(service)
+            ) from exc
 
     def proxy(
         self,

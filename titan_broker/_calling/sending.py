@@ -206,9 +206,9 @@ class Sender:
                         f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
                     ) from None
                 if not message.startswith("TITANLATE"):
-                    raise titan_error(exc, doing) from exc
+                    raise titan_error(exc, doing, command=f"EVALSHA {script.name}", key=keys[0]) from exc
             except REDIS_ERRORS as exc:
-                raise titan_error(exc, doing) from exc
+                raise titan_error(exc, doing, command=f"EVALSHA {script.name}", key=keys[0]) from exc
             except RedisUnavailable as exc:  # the batch this send shared was cut off
                 raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
             if redis_full:

@@ -33,9 +33,12 @@ pattern ``<user>.*`` matches this user's keys only."""
 # Commands, one tuple per need: changing what a role may do is an edit of one line here.
 CONNECT = (
     "ping", "info", "time", "select", "multi", "exec", "discard", "script|load", "command",
-    "cluster|slots", "cluster|shards", "cluster|myid", "acl|whoami", "client|setinfo",
+    "cluster|slots", "cluster|shards", "cluster|myid", "acl|whoami",
 )  # fmt: skip
 """No keys: connecting, the restart check (INFO), Redis's clock, loading scripts, a cluster's slot map."""
+
+WORKER_CONNECT = (*CONNECT, "client|id")
+"""A worker's connections: the id of the one blocked on the calls stream, to stop it at shutdown."""
 
 WORKER = (
     "evalsha", "xreadgroup", "xread", "xadd", "xack", "xdel", "xclaim", "xpending", "xrange", "xlen",
@@ -187,7 +190,7 @@ def _directory(keys: Keys) -> Grant:
 def worker_rule(keys: Keys, service: str, user: str, calls: tuple[str, ...] = ()) -> Rule:
     """The rule for the workers of ``service``; ``calls``: other services their methods call."""
     grants = [
-        Grant((), CONNECT),
+        Grant((), WORKER_CONNECT),
         Grant((f"~{_service(keys, service)}*",), WORKER),
         Grant((f"~{keys.services}",), DIRECTORY_WRITE),
     ]

@@ -1,0 +1,252 @@
+"""The ACL rules ``titan acl`` writes, applied to a real Redis 7: each role can do its work and
+nothing else. Service ``a`` is client_log, ``b`` the calculator; ``alice`` and ``bob`` call ``a``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis as sync_redis
+import redis.exceptions as rexc
+
+from titan_broker import AccessDenied, CallTimeout, Client
+from titan_broker._wire import acl
+from titan_broker._wire.keys import Keys
+from titan_broker.testing import LocalRedis
+
+from .conftest import CALCULATOR, SERVICES, Workers, titan
+
+A, B = "client_log", "calculator"
+CLIENT_LOG = SERVICES / "client_log.py"
+ADMIN_PASSWORD = "adminpass"
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass(frozen=True)
+class Secured:
+    """A Redis (one node or a cluster) with the generated rules applied for every role."""
+
+    urls: dict[str, str]  # user -> URL with its password
+    admin: Any  # a client of the admin user (a cluster client on a cluster)
+    namespace: str
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    def user(self, name: str) -> Any:
+        """A client connected as ``name``."""
+        return type(self.admin).from_url(self.urls[name])
+
+
+def rules(namespace: str) -> list[acl.Rule]:
+    keys = Keys(namespace)
+    return [
+        acl.worker_rule(keys, A, "a-worker"),
+        acl.worker_rule(keys, B, "b-worker"),
+        acl.caller_rule(keys, (A,), "alice"),
+        acl.caller_rule(keys, (A,), "bob"),
+        acl.caller_rule(keys, (B,), "carol"),
+        acl.operator_rule(keys, "operator"),
+        acl.observer_rule(keys, "observer"),
+    ]
+
+
+def apply(ask: Any, namespace: str) -> None:
+    """Set every rule, each user's password its name with ``-pw``."""
+    for rule in rules(namespace):
+        ask(*rule.command(f"{rule.user}-pw"))
+
+
+def denied_log(admin: Any) -> list[str]:
+    """What Redis refused since the last ACL LOG RESET: ``user command key``."""
+    entries = admin.execute_command("ACL", "LOG", "128")
+    if isinstance(entries, dict):  # a cluster client: one list per node
+        entries = [e for node in entries.values() for e in node]
+    found = []
+    for entry in entries:
+        row = dict(zip(entry[::2], entry[1::2], strict=True)) if isinstance(entry, list) else entry
+        row = {(k.decode() if isinstance(k, bytes) else k): v for k, v in row.items()}
+        found.append(" ".join(str(v.decode() if isinstance(v, bytes) else v) for v in (
+            row["username"], row["context"], row["object"])))  # fmt: skip
+    return found
+
+
+@pytest.fixture
+def secured(namespace: str) -> Iterator[Secured]:
+    with LocalRedis(extra_args=["--requirepass", ADMIN_PASSWORD]) as server:
+        admin = sync_redis.Redis(port=server.port, password=ADMIN_PASSWORD)
+        apply(admin.execute_command, namespace)
+        base = f"127.0.0.1:{server.port}/0"
+        urls = {r.user: f"redis://{r.user}:{r.user}-pw@{base}" for r in rules(namespace)}
+        try:
+            yield Secured(urls, admin, namespace)
+        finally:
+            admin.close()
+
+
+def refused(client: Any, *command: Any) -> None:
+    with pytest.raises(rexc.NoPermissionError):
+        client.execute_command(*command)
+
+
+async def serve_and_call(secured: Secured, workers: Workers) -> None:
+    """Everything the worker of ``a`` and its callers do, under their rules: none of it refused."""
+    ns = secured.namespace
+    a_workers = Workers(secured.urls["a-worker"], ns)
+    try:
+        worker = a_workers.start(CLIENT_LOG)
+        workers.start(CALCULATOR)
+        a_workers.wait_registered(A, 1)
+        workers.wait_registered(B, 1)
+        async with Client(secured.urls["alice"], namespace=ns) as alice:
+            assert alice.client_id.startswith("alice.")
+            svc = alice.proxy(A)
+            assert await svc.run("a") == "a"
+            assert [i async for i in svc.count(40)] == list(range(40))  # credit granted on the way
+            async for _ in svc.count(1000, 0.001):
+                break  # a stream left early: its control hash says cancel
+            with pytest.raises(CallTimeout):
+                await svc.with_options(timeout=0.3).run("slow", 3.0)  # its request withdrawn after
+            assert await svc.with_options(wait_for_worker=False, key="k").run("b") == "b"
+            await alice.invalidate_cache(A, "run")
+            job = alice.job(await alice.submit(A, "run", ("job",)))
+            assert await job.result(timeout=10) == "job"
+            later = alice.job(await alice.submit(A, "run", ("later",), delay=60))
+            assert await later.cancel() is True
+            assert await alice.streaming_methods(A) == frozenset({"count"})
+        async with Client(secured.urls["carol"], namespace=ns) as carol:
+            assert await carol.call(B, "add", (2, 3)) == 5
+        assert b"NOPERM" not in a_workers.output(worker)
+    finally:
+        a_workers.close()
+
+
+@pytest.fixture
+def b_workers(secured: Secured) -> Iterator[Workers]:
+    w = Workers(secured.urls["b-worker"], secured.namespace)
+    yield w
+    w.close()
+
+
+async def test_each_role_does_its_work_without_a_refusal(secured: Secured, b_workers: Workers) -> None:
+    secured.admin.execute_command("ACL", "LOG", "RESET")
+    await serve_and_call(secured, b_workers)
+    assert denied_log(secured.admin) == []
+
+
+def test_a_worker_cannot_touch_another_services_keys(secured: Secured) -> None:
+    keys, worker = secured.keys, secured.user("a-worker")
+    worker.xgroup_create(keys.calls(A), "workers", "0", mkstream=True)  # its own: allowed
+    for command in forbidden_on_b(keys):
+        refused(worker, *command)
+    worker.close()
+
+
+def forbidden_on_b(keys: Keys) -> list[Sequence[Any]]:
+    """What neither a worker nor a caller of ``a`` may do to ``b``."""
+    return [
+        ("XRANGE", keys.calls(B), "-", "+"),  # read b's calls
+        ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", keys.calls(B), ">"),
+        ("XCLAIM", keys.calls(B), "workers", "w", "0", "0-1"),
+        ("XADD", keys.reply(B, "carol.x"), "*", "reply", "forged"),
+        ("HSET", keys.worker(B, "w1"), "status", "ready"),
+        ("HSET", keys.config(B), "max_backlog", "1"),
+        ("XADD", keys.calls(B), "*", "v", "3"),
+        ("DEL", keys.dead(B)),
+    ]
+
+
+def test_a_caller_cannot_touch_another_service_or_another_users_keys(secured: Secured) -> None:
+    keys, alice = secured.keys, secured.user("alice")
+    bob_id = "bob.0123456789abcdef"
+    secured.admin.xadd(keys.reply(A, bob_id), {"reply": "x"})
+    for command in [
+        *forbidden_on_b(keys),
+        ("DEL", keys.reply(A, bob_id)),
+        ("XREAD", "STREAMS", keys.reply(A, bob_id), "0"),
+        ("XDEL", keys.reply(A, bob_id), "0-1"),
+        ("XADD", keys.reply(A, bob_id), "*", "reply", "forged"),
+        ("SET", keys.gone(A, f"{bob_id}-1"), "1"),
+        ("HSET", keys.stream_control(A, f"{bob_id}-1"), "cancel", "1"),
+        ("XADD", keys.reply(A, "alicex.1"), "*", "reply", "x"),  # a user whose name starts with hers
+        # its own service's machinery
+        ("HSET", keys.config(A), "max_backlog", "1"),
+        ("HSET", keys.worker(A, "w1"), "status", "ready"),
+        ("XGROUP", "DESTROY", keys.calls(A), "workers"),
+        ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", keys.calls(A), ">"),
+        ("DEL", keys.calls(A)),
+        ("HSET", keys.services, A, "{}"),
+        ("GET", "outside-the-namespace"),
+        ("FLUSHALL",),
+    ]:
+        refused(alice, *command)
+    secured.admin.xadd(keys.reply(A, "alice.1"), {"reply": "x"})
+    assert alice.xread({keys.reply(A, "alice.1"): "0"})  # her own reply stream: read, deleted
+    assert alice.delete(keys.reply(A, "alice.1")) == 1
+    alice.close()
+
+
+def test_the_observer_reads_everything_and_changes_nothing(secured: Secured) -> None:
+    ns, keys = secured.namespace, secured.keys
+    secured.admin.xadd(keys.dead(A), {"entry": "x", "reason": "r"})
+    url = secured.urls["observer"]
+    for command in (["services"], ["workers"], ["health"], ["queues"], ["stats"], ["jobs", A],
+                    ["schedules"], ["dead-letters", A]):  # fmt: skip
+        done = titan(url, ns, *command, "--json")
+        assert done.returncode in (0, 1), (command, done.stderr)  # 1: health has no live worker
+        assert "NOPERM" not in done.stderr and "permission" not in done.stderr, (command, done.stderr)
+    observer = secured.user("observer")
+    for command in (
+        ("HSET", keys.services, A, "{}"),
+        ("XADD", keys.calls(A), "*", "v", "3"),
+        ("XDEL", keys.dead(A), "0-1"),
+        ("DEL", keys.dead(A)),
+        ("SET", keys.idle(A), "1"),
+        ("HSET", keys.config(A), "max_backlog", "1"),
+        ("GET", "outside-the-namespace"),
+    ):
+        refused(observer, *command)
+    done = titan(url, ns, "dead-letters", A, "--purge", "--yes")
+    assert done.returncode != 0 and "observer" in done.stderr, done.stderr
+    assert secured.admin.xlen(keys.dead(A)) == 1
+    observer.close()
+
+
+def test_the_operator_replays_and_purges_dead_letters_and_cancels_jobs(secured: Secured) -> None:
+    ns, keys = secured.namespace, secured.keys
+    url = secured.urls["operator"]
+    secured.admin.xadd(keys.dead(A), {"entry": "x", "reason": "r"})
+    done = titan(url, ns, "dead-letters", A, "--purge", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert secured.admin.xlen(keys.dead(A)) == 0
+    operator = secured.user("operator")
+    for command in (("GET", "outside-the-namespace"), ("FLUSHALL",), ("CONFIG", "SET", "maxmemory", "1"),
+                    ("KEYS", "*"), ("ACL", "SETUSER", "x")):  # fmt: skip
+        refused(operator, *command)
+    operator.close()
+
+
+async def test_a_refusal_is_an_access_denied_naming_command_key_and_role(secured: Secured) -> None:
+    keys = secured.keys
+    async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+        with pytest.raises(AccessDenied) as info:
+            await alice.call(B, "add", (1, 2), timeout=5)
+    message = str(info.value)
+    assert "alice" in message and "caller" in message, message
+    assert keys.calls(B) in message or B in message, message
+
+
+def test_titan_acl_prints_the_rules_as_text_and_json(namespace: str) -> None:
+    done = titan("redis://127.0.0.1:1", namespace, "acl", "caller", A, B, "--user", "alice", "--json")
+    assert done.returncode == 0, done.stderr
+    [rule] = json.loads(done.stdout)
+    assert rule["role"] == "caller" and rule["user"] == "alice" and rule["services"] == [A, B]
+    assert rule["setuser"][:3] == ["ACL", "SETUSER", "alice"]
+    text = titan("redis://127.0.0.1:1", namespace, "acl", "worker", A, "--user", "w")
+    assert text.returncode == 0 and text.stdout.startswith("ACL SETUSER w on resetkeys"), text.stdout
+    assert f"~{namespace}:{{{A}}}:*" in text.stdout
