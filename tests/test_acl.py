@@ -191,14 +191,21 @@ def test_a_caller_cannot_touch_another_service_or_another_users_keys(secured: Se
     alice.close()
 
 
+def registered(secured: Secured) -> None:
+    """``a`` in the directory, as its workers register it, with a dead letter."""
+    entry = {"name": A, "version": "1.0.0", "description": "", "methods": []}
+    secured.admin.hset(secured.keys.services, A, json.dumps(entry))
+    secured.admin.xadd(secured.keys.dead(A), {"entry": "x", "reason": "r"})
+
+
 def test_the_observer_reads_everything_and_changes_nothing(secured: Secured) -> None:
     ns, keys = secured.namespace, secured.keys
-    secured.admin.xadd(keys.dead(A), {"entry": "x", "reason": "r"})
+    registered(secured)
     url = secured.urls["observer"]
     for command in (["services"], ["workers"], ["health"], ["queues"], ["stats"], ["jobs", A],
                     ["schedules"], ["dead-letters", A]):  # fmt: skip
         done = titan(url, ns, *command, "--json")
-        assert done.returncode in (0, 1), (command, done.stderr)  # 1: health has no live worker
+        assert done.returncode in (0, 1), (command, done.stderr)  # 1: health finds no live worker
         assert "NOPERM" not in done.stderr and "permission" not in done.stderr, (command, done.stderr)
     observer = secured.user("observer")
     for command in (
@@ -220,7 +227,7 @@ def test_the_observer_reads_everything_and_changes_nothing(secured: Secured) -> 
 def test_the_operator_replays_and_purges_dead_letters_and_cancels_jobs(secured: Secured) -> None:
     ns, keys = secured.namespace, secured.keys
     url = secured.urls["operator"]
-    secured.admin.xadd(keys.dead(A), {"entry": "x", "reason": "r"})
+    registered(secured)
     done = titan(url, ns, "dead-letters", A, "--purge", "--yes")
     assert done.returncode == 0, done.stderr
     assert secured.admin.xlen(keys.dead(A)) == 0

@@ -20,6 +20,7 @@ import titan_broker
 from titan_broker._calling import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
 from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
+from titan_broker._redis.connection import REDIS_ERRORS, titan_error
 from titan_broker._redis.denied import Acting, acting
 from titan_broker._registry import known_services
 
@@ -149,7 +150,10 @@ def run(
     async def main() -> R:
         acting.set(Acting(role))
         async with Client(settings.url, namespace=settings.namespace) as client:
-            return await work(client)
+            try:
+                return await work(client)
+            except REDIS_ERRORS as exc:  # a refusal (ACL) or an outage in the middle of the command
+                raise titan_error(exc, f"run titan {ctx.info_name}") from exc
 
     try:
         return anyio.run(main)
