@@ -4,7 +4,8 @@ nothing else. Service ``a`` is client_log, ``b`` the calculator; ``alice`` and `
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,9 @@ import redis.exceptions as rexc
 from titan_broker import AccessDenied, CallTimeout, Client
 from titan_broker._wire import acl
 from titan_broker._wire.keys import Keys
-from titan_broker.testing import LocalRedis
+from titan_broker.testing import LocalCluster, LocalRedis
 
-from .conftest import CALCULATOR, SERVICES, Workers, titan
+from .conftest import CALCULATOR, SERVICES, RoutedWorkers, Workers, skip_without_cluster_binaries, titan
 
 A, B = "client_log", "calculator"
 CLIENT_LOG = SERVICES / "client_log.py"
@@ -33,6 +34,11 @@ class Secured:
     urls: dict[str, str]  # user -> URL with its password
     admin: Any  # a client of the admin user (a cluster client on a cluster)
     namespace: str
+    connect_admin: Callable[[], Any]  # another admin client (workers close the ones they read with)
+
+    def workers(self, user: str) -> Workers:
+        """Workers run as ``user``, whose registration is read by an admin client."""
+        return RoutedWorkers(self.urls[user], self.namespace, self.connect_admin)
 
     @property
     def keys(self) -> Keys:
@@ -64,9 +70,11 @@ def apply(ask: Any, namespace: str) -> None:
 
 def denied_log(admin: Any) -> list[str]:
     """What Redis refused since the last ACL LOG RESET: ``user command key``."""
-    entries = admin.execute_command("ACL", "LOG", "128")
-    if isinstance(entries, dict):  # a cluster client: one list per node
-        entries = [e for node in entries.values() for e in node]
+    if isinstance(admin, sync_redis.RedisCluster):  # every node's log
+        per_node = admin.execute_command("ACL", "LOG", "128", target_nodes=sync_redis.RedisCluster.ALL_NODES)
+        entries = [e for node in per_node.values() for e in node]
+    else:
+        entries = admin.execute_command("ACL", "LOG", "128")
     found = []
     for entry in entries:
         row = dict(zip(entry[::2], entry[1::2], strict=True)) if isinstance(entry, list) else entry
@@ -76,15 +84,46 @@ def denied_log(admin: Any) -> list[str]:
     return found
 
 
-@pytest.fixture
-def secured(namespace: str) -> Iterator[Secured]:
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """3 primaries, no replicas, the default user behind a password."""
+    skip_without_cluster_binaries()
+    with LocalCluster(primaries=3, replicas=0, password=ADMIN_PASSWORD) as c:
+        yield c
+
+
+def applied_by_the_cli(url: str, namespace: str) -> None:
+    """Every rule set with ``titan acl ROLE ... --apply`` (on every primary of a cluster)."""
+    for rule in rules(namespace):
+        os.environ["TEST_ACL_PASSWORD"] = f"{rule.user}-pw"
+        what = list(rule.services) if rule.role in ("worker", "caller") else []
+        done = titan(url, namespace, "acl", rule.role, *what, "--user", rule.user,
+                     "--password-env", "TEST_ACL_PASSWORD", "--apply")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(params=["one Redis", "cluster"])
+def secured(request: pytest.FixtureRequest, namespace: str) -> Iterator[Secured]:
+    if request.param == "cluster":
+        c: LocalCluster = request.getfixturevalue("cluster")
+        applied_by_the_cli(c.url, namespace)
+        port = c.nodes[1].port
+        urls = {r.user: f"redis://{r.user}:{r.user}-pw@127.0.0.1:{port}" for r in rules(namespace)}
+        admin = c.client()
+        try:
+            yield Secured(urls, admin, namespace, c.client)
+        finally:
+            admin.close()
+        return
     with LocalRedis(extra_args=["--requirepass", ADMIN_PASSWORD]) as server:
         admin = sync_redis.Redis(port=server.port, password=ADMIN_PASSWORD)
         apply(admin.execute_command, namespace)
         base = f"127.0.0.1:{server.port}/0"
         urls = {r.user: f"redis://{r.user}:{r.user}-pw@{base}" for r in rules(namespace)}
         try:
-            yield Secured(urls, admin, namespace)
+            yield Secured(
+                urls, admin, namespace, lambda: sync_redis.Redis(port=server.port, password=ADMIN_PASSWORD)
+            )
         finally:
             admin.close()
 
@@ -96,14 +135,13 @@ def refused(client: Any, *command: Any) -> None:
 
 async def serve_and_call(secured: Secured, workers: Workers) -> None:
     """Everything the worker of ``a`` and its callers do, under their rules: none of it refused."""
-    ns = secured.namespace
-    a_workers = Workers(secured.urls["a-worker"], ns)
+    a_workers = secured.workers("a-worker")
     try:
         worker = a_workers.start(CLIENT_LOG)
         workers.start(CALCULATOR)
         a_workers.wait_registered(A, 1)
         workers.wait_registered(B, 1)
-        async with Client(secured.urls["alice"], namespace=ns) as alice:
+        async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
             assert alice.client_id.startswith("alice.")
             svc = alice.proxy(A)
             assert await svc.run("a") == "a"
@@ -119,7 +157,7 @@ async def serve_and_call(secured: Secured, workers: Workers) -> None:
             later = alice.job(await alice.submit(A, "run", ("later",), delay=60))
             assert await later.cancel() is True
             assert await alice.streaming_methods(A) == frozenset({"count"})
-        async with Client(secured.urls["carol"], namespace=ns) as carol:
+        async with Client(secured.urls["carol"], namespace=secured.namespace) as carol:
             assert await carol.call(B, "add", (2, 3)) == 5
         assert b"NOPERM" not in a_workers.output(worker)
     finally:
@@ -128,13 +166,16 @@ async def serve_and_call(secured: Secured, workers: Workers) -> None:
 
 @pytest.fixture
 def b_workers(secured: Secured) -> Iterator[Workers]:
-    w = Workers(secured.urls["b-worker"], secured.namespace)
+    w = secured.workers("b-worker")
     yield w
     w.close()
 
 
 async def test_each_role_does_its_work_without_a_refusal(secured: Secured, b_workers: Workers) -> None:
-    secured.admin.execute_command("ACL", "LOG", "RESET")
+    if isinstance(secured.admin, sync_redis.RedisCluster):
+        secured.admin.execute_command("ACL", "LOG", "RESET", target_nodes=sync_redis.RedisCluster.ALL_NODES)
+    else:
+        secured.admin.execute_command("ACL", "LOG", "RESET")
     await serve_and_call(secured, b_workers)
     assert denied_log(secured.admin) == []
 

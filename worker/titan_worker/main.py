@@ -36,6 +36,7 @@ from titan_broker._config import (
     resolve_url,
 )
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
+from titan_broker._redis.denied import access_denied, is_denied
 from titan_broker._service import load_service_file
 
 from .logs import configure
@@ -314,6 +315,8 @@ def run(
         anyio.run(_serve, worker, ready, banner)
     except Exception as group:
         error = _leaf(group)
+        if is_denied(error):  # the worker's ACL user lacks a permission: say which, not a traceback
+            error = access_denied(error, f"serve {worker.service!r}")
         if isinstance(error, RedisUnavailable):
             raise fail(EXIT_REDIS, str(error)) from None
         if isinstance(error, InitError):
