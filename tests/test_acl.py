@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +21,7 @@ from titan_broker._wire import acl
 from titan_broker._wire.keys import Keys
 from titan_broker.testing import LocalCluster, LocalRedis
 
-from .conftest import CALCULATOR, SERVICES, RoutedWorkers, Workers, skip_without_cluster_binaries, titan
+from .conftest import CALCULATOR, ROOT, SERVICES, RoutedWorkers, Workers, skip_without_cluster_binaries, titan
 
 A, B = "client_log", "calculator"
 CLIENT_LOG = SERVICES / "client_log.py"
@@ -35,6 +38,13 @@ class Secured:
     admin: Any  # a client of the admin user (a cluster client on a cluster)
     namespace: str
     connect_admin: Callable[[], Any]  # another admin client (workers close the ones they read with)
+
+    def admin_ask(self, *command: Any) -> None:
+        """A command as the admin user, on every primary of a cluster."""
+        if isinstance(self.admin, sync_redis.RedisCluster):
+            self.admin.execute_command(*command, target_nodes=sync_redis.RedisCluster.PRIMARIES)
+        else:
+            self.admin.execute_command(*command)
 
     def workers(self, user: str) -> Workers:
         """Workers run as ``user``, whose registration is read by an admin client."""
@@ -298,3 +308,54 @@ def test_titan_acl_prints_the_rules_as_text_and_json(namespace: str) -> None:
     text = titan("redis://127.0.0.1:1", namespace, "acl", "worker", A, "--user", "w")
     assert text.returncode == 0 and text.stdout.startswith("ACL SETUSER w on resetkeys"), text.stdout
     assert f"~{namespace}:{{{A}}}:*" in text.stdout
+
+
+def test_a_worker_refused_by_its_rule_exits_naming_the_worker_role(secured: Secured) -> None:
+    """The worker user of ``a`` serving ``b``: it stops at once with AccessDenied, not a traceback."""
+    wrong = secured.workers("a-worker")
+    try:
+        proc = wrong.start(CALCULATOR)
+        proc.wait(timeout=30)
+        output = wrong.output(proc).decode()
+        assert proc.returncode != 0 and "Traceback" not in output, output
+        assert "worker rule" in output and "a-worker" in output, output
+    finally:
+        wrong.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_examples_serve_and_the_remote_demo_calls_each_under_its_own_user(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """calculator, database and image-processor each under a worker user of its own; the remote demo
+    (examples/remote.py) under one caller user of the three: it works unchanged."""
+    ns, keys = secured.namespace, secured.keys
+    examples = ("calculator", "database", "image-processor")
+    caller = acl.caller_rule(keys, examples, "demo-caller")
+    for rule in (*(acl.worker_rule(keys, s, f"{s}-worker") for s in examples), caller):
+        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+    url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
+    started: list[Workers] = []
+    try:
+        for service, file, args in (
+            ("calculator", "calculator.py", ()),
+            ("database", "database.py", ("--dep", f'config={{"path": "{tmp_path / "u.db"}"}}')),
+            ("image-processor", "image_processor.py", ()),
+        ):
+            w = RoutedWorkers(url.format(user=f"{service}-worker"), ns, secured.connect_admin)
+            started.append(w)
+            w.start(ROOT / "processes" / file, *args)
+        env = {**os.environ, "TITAN_REDIS_URL": url.format(user="demo-caller"), "TITAN_NAMESPACE": ns}
+        result = subprocess.run(
+            [sys.executable, "-m", "examples.remote", "--wait", "30"], cwd=ROOT, env=env, capture_output=True,
+            text=True, timeout=100,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "calculator: 6 * 7 = 42" in result.stdout
+        assert "thumbnail of" in result.stdout and "(96, 72)" in result.stdout
+        for w in started:
+            for proc in w.procs:
+                assert b"NOPERM" not in w.output(proc) and b"AccessDenied" not in w.output(proc)
+    finally:
+        for w in started:
+            w.close()

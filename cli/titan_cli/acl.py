@@ -15,8 +15,8 @@ from rich.markup import escape
 from titan_broker._config import check_name, redact, resolve_namespace, resolve_url
 from titan_broker._errors import ConfigError, TitanError
 from titan_broker._redis import discover
+from titan_broker._wire import Keys
 from titan_broker._wire import acl as rules
-from titan_broker._wire.keys import Keys
 
 from .common import (
     EXIT_REDIS,

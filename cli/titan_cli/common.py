@@ -20,8 +20,7 @@ import titan_broker
 from titan_broker._calling import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
 from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
-from titan_broker._redis.connection import REDIS_ERRORS, titan_error
-from titan_broker._redis.denied import Acting, acting
+from titan_broker._redis import REDIS_ERRORS, Acting, acting, titan_error
 from titan_broker._registry import known_services
 
 

@@ -40,13 +40,18 @@ def is_denied(exc: BaseException) -> bool:
 
 
 def access_denied(
-    exc: BaseException, doing: str, command: str | None = None, key: str | None = None
+    exc: BaseException,
+    doing: str,
+    command: str | None = None,
+    key: str | None = None,
+    who: Acting | None = None,
 ) -> AccessDenied:
-    """The AccessDenied for ``exc``, raised while ``doing`` (``command`` on ``key`` when known)."""
-    who = acting.get()
+    """The AccessDenied for ``exc``, raised while ``doing`` (``command`` on ``key`` when known) by ``who``
+    (default: ``acting``)."""
+    who = who or acting.get()
     user = f"ACL user {who.user!r}" if who.user else "this ACL user"
     what = " ".join(part for part in (command and command.upper(), key and f"on key {key!r}") if part)
     return AccessDenied(
-        f"cannot {doing}: Redis refused {what or 'it'} for {user} ({exc}); the {who.role} rule allows it: "
-        f"set the user's rule with `titan acl {who.role} ...`, or use a user whose role does this"
+        f"cannot {doing}: Redis refused {what or 'it'} for {user}, whose ACL rule does not allow it ({exc}); "
+        f"this needs the {who.role} rule (`titan acl {who.role} ...`) for what it is doing"
     )

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
@@ -36,7 +37,7 @@ from titan_broker._config import (
     resolve_url,
 )
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
-from titan_broker._redis.denied import access_denied, is_denied
+from titan_broker._redis import Acting, access_denied, is_denied
 from titan_broker._service import load_service_file
 
 from .logs import configure
@@ -316,7 +317,8 @@ def run(
     except Exception as group:
         error = _leaf(group)
         if is_denied(error):  # the worker's ACL user lacks a permission: say which, not a traceback
-            error = access_denied(error, f"serve {worker.service!r}")
+            user = urllib.parse.urlsplit(url).username or None
+            error = access_denied(error, f"serve {worker.service!r}", who=Acting("worker", user))
         if isinstance(error, RedisUnavailable):
             raise fail(EXIT_REDIS, str(error)) from None
         if isinstance(error, InitError):

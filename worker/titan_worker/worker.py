@@ -33,8 +33,7 @@ import psutil
 
 from titan_broker._config import WorkerOptions, check_name, redact
 from titan_broker._errors import TitanError
-from titan_broker._redis import SOCKET_TIMEOUT, AutoPipeline, Channel, discover, open_redis
-from titan_broker._redis.denied import Acting, acting
+from titan_broker._redis import SOCKET_TIMEOUT, Acting, AutoPipeline, Channel, acting, discover, open_redis
 from titan_broker._registry import LatencyHistogram, WorkerInfo
 from titan_broker._service import Health, ServiceDefinition
 from titan_broker._wire import Keys, protocol
