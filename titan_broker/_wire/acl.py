@@ -53,11 +53,13 @@ dead letters, registration, heartbeats and hand-off."""
 DIRECTORY_WRITE = ("hset", "hget", "hgetall", "hkeys")
 """A worker on ``<ns>:services``: it publishes its service's description there."""
 
-CALLER_REPLIES = ("xread", "xdel", "del", "set", "exists", "pexpire", "type")
-"""A caller on its own reply streams and their canaries: read, clean, delete."""
+CALLER_REPLIES = ("xread", "xdel", "del", "set", "exists", "pexpire", "type", "evalsha", "eval")
+"""A caller on its own reply streams and their canaries: read, clean, delete; the restart check as a
+script on the canary (a cluster client reaches the node by key). EVAL: a client that sends a script
+whole after NOSCRIPT (the Node client)."""
 
 CALLER_CALLS = (
-    "evalsha", "xadd", "xdel", "xlen", "xrange", "xpending", "zadd", "zcard", "zrem", "zscore",
+    "evalsha", "eval", "xadd", "xdel", "xlen", "xrange", "xpending", "zadd", "zcard", "zrem", "zscore",
     "zrevrange", "zremrangebyrank", "hset", "hget", "hgetall", "hmget", "hdel", "pexpire",
     "lpush", "ltrim",
 )  # fmt: skip
