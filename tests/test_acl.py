@@ -359,3 +359,25 @@ def test_the_examples_serve_and_the_remote_demo_calls_each_under_its_own_user(
     finally:
         for w in started:
             w.close()
+
+
+def grant_lines() -> list[str]:
+    """Each grant of each role as PROTOCOL.md lists it (``<ns>``, ``<svc>``, ``<user>`` in the patterns)."""
+    keys = Keys("NS")
+    lines = []
+    for rule in (acl.worker_rule(keys, "SVC", "USER"), acl.caller_rule(keys, ("SVC",), "USER"),
+                 acl.operator_rule(keys, "USER"), acl.observer_rule(keys, "USER")):  # fmt: skip
+        for grant in rule.grants:
+            patterns = " ".join(f"`{k}`" for k in grant.keys) or "no key"
+            patterns = patterns.replace("NS", "<ns>").replace("SVC", "<svc>").replace("USER", "<user>")
+            lines.append(f"- {patterns}: " + ", ".join(f"`{c.upper()}`" for c in grant.commands))
+    return lines
+
+
+def test_the_protocol_lists_every_key_pattern_and_command_of_each_role() -> None:
+    protocol = (ROOT / "PROTOCOL.md").read_text()
+    section = protocol[protocol.index("## ACL rules") : protocol.index("## Compatibility")]
+    missing = [line for line in grant_lines() if line not in section.splitlines()]
+    assert missing == [], "PROTOCOL.md's ACL rules differ from titan_broker/_wire/acl.py:\n" + "\n".join(
+        missing
+    )
