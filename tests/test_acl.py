@@ -21,7 +21,16 @@ from titan_broker._wire import acl
 from titan_broker._wire.keys import Keys
 from titan_broker.testing import LocalCluster, LocalRedis
 
-from .conftest import CALCULATOR, ROOT, SERVICES, RoutedWorkers, Workers, skip_without_cluster_binaries, titan
+from .conftest import (
+    CALCULATOR,
+    ROOT,
+    SERVICES,
+    RoutedWorkers,
+    Workers,
+    skip_without_cluster_binaries,
+    titan,
+    wait_until,
+)
 
 A, B = "client_log", "calculator"
 CLIENT_LOG = SERVICES / "client_log.py"
@@ -381,3 +390,32 @@ def test_the_protocol_lists_every_key_pattern_and_command_of_each_role() -> None
     assert missing == [], "PROTOCOL.md's ACL rules differ from titan_broker/_wire/acl.py:\n" + "\n".join(
         missing
     )
+
+
+async def test_a_worker_retries_and_ticks_under_its_rule(secured: Secured, tmp_path: Path) -> None:
+    """@retry (delayed runs queued again, a job marked retrying) and @periodic (tick.lua) need nothing
+    beyond the worker rule of their service; the caller of tasks submits and reads the jobs."""
+    ns, keys = secured.namespace, secured.keys
+    for rule in (
+        acl.worker_rule(keys, "tasks", "tasks-worker"),
+        acl.worker_rule(keys, "ticker", "ticker-worker"),
+        acl.caller_rule(keys, ("tasks",), "tasks-caller"),
+    ):
+        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+    url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
+    secured.admin_ask("ACL", "LOG", "RESET")
+    tasks = RoutedWorkers(url.format(user="tasks-worker"), ns, secured.connect_admin)
+    ticker = RoutedWorkers(url.format(user="ticker-worker"), ns, secured.connect_admin)
+    ticks = tmp_path / "ticks"
+    try:
+        tasks.start(SERVICES / "tasks.py", "--dep", f"log={json.dumps(str(tmp_path / 'runs'))}")
+        ticker.start(SERVICES / "ticker.py", "--dep", f"log={json.dumps(str(ticks))}")
+        tasks.wait_registered("tasks", 1)
+        async with Client(url.format(user="tasks-caller"), namespace=ns) as caller:
+            recovers = caller.job(await caller.submit("tasks", "flaky", (1, "recovers")))
+            assert await recovers.result(timeout=20) == "ok after 2"
+        wait_until(lambda: ticks.exists() and ticks.read_text().strip(), 20, "a periodic tick")
+        assert denied_log(secured.admin) == []
+    finally:
+        tasks.close()
+        ticker.close()
