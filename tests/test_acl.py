@@ -419,3 +419,27 @@ async def test_a_worker_retries_and_ticks_under_its_rule(secured: Secured, tmp_p
     finally:
         tasks.close()
         ticker.close()
+
+
+async def test_a_call_is_handed_off_to_a_newer_version_under_the_worker_rule(secured: Secured) -> None:
+    """Two versions of one service, both under its worker rule: a call for the method only v2 has,
+    read by v1, is handed to v2 (handoff.lua on v2's own stream), with nothing refused."""
+    ns, keys = secured.namespace, secured.keys
+    for rule in (
+        acl.worker_rule(keys, "edge-upgrade", "edge-worker"),
+        acl.caller_rule(keys, ("edge-upgrade",), "edge-caller"),
+    ):
+        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+    url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
+    secured.admin_ask("ACL", "LOG", "RESET")
+    edge = RoutedWorkers(url.format(user="edge-worker"), ns, secured.connect_admin)
+    try:
+        edge.start(SERVICES / "edge_v1.py")
+        v2 = edge.start(SERVICES / "edge_v2.py")
+        edge.wait_registered("edge-upgrade", 2)
+        async with Client(url.format(user="edge-caller"), namespace=ns) as caller:
+            for i in range(10):
+                assert await caller.call("edge-upgrade", "new_method", (i,), timeout=20) == [i, v2.pid]
+        assert denied_log(secured.admin) == []
+    finally:
+        edge.close()
