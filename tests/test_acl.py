@@ -443,3 +443,18 @@ async def test_a_call_is_handed_off_to_a_newer_version_under_the_worker_rule(sec
         assert denied_log(secured.admin) == []
     finally:
         edge.close()
+
+
+def test_a_read_only_dashboard_runs_under_the_observer_rule(secured: Secured) -> None:
+    """``titan dashboard`` without a token, as the observer: it shows the services and their dead letters."""
+    from .test_dashboard import Dashboard, service
+
+    registered(secured)
+    secured.admin_ask("ACL", "LOG", "RESET")
+    board = Dashboard(secured.urls["observer"], secured.namespace)
+    try:
+        board.wait(lambda snap: service(snap, A) is not None, "client_log on the dashboard")
+        assert len(board.get(f"/api/services/{A}/dead-letters")) == 1
+    finally:
+        board.close()
+    assert [line for line in denied_log(secured.admin) if line.startswith("observer")] == []
