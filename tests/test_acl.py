@@ -16,7 +16,7 @@ import pytest
 import redis as sync_redis
 import redis.exceptions as rexc
 
-from titan_broker import AccessDenied, CallTimeout, Client
+from titan_broker import AccessDenied, CallTimeout, Client, DeadlineExceeded
 from titan_broker._wire import acl
 from titan_broker._wire.keys import Keys
 from titan_broker.testing import LocalCluster, LocalRedis
@@ -31,6 +31,7 @@ from .conftest import (
     titan,
     wait_until,
 )
+from .test_dashboard import dead_letter
 
 A, B = "client_log", "calculator"
 CLIENT_LOG = SERVICES / "client_log.py"
@@ -167,8 +168,8 @@ async def serve_and_call(secured: Secured, workers: Workers) -> None:
             assert [i async for i in svc.count(40)] == list(range(40))  # credit granted on the way
             async for _ in svc.count(1000, 0.001):
                 break  # a stream left early: its control hash says cancel
-            with pytest.raises(CallTimeout):
-                await svc.with_options(timeout=0.3).run("slow", 3.0)  # its request withdrawn after
+            with pytest.raises((CallTimeout, DeadlineExceeded)):  # whichever side sees the deadline first
+                await svc.with_options(timeout=0.3).run("slow", 3.0)
             assert await svc.with_options(wait_for_worker=False, key="k").run("b") == "b"
             await alice.invalidate_cache(A, "run")
             job = alice.job(await alice.submit(A, "run", ("job",)))
@@ -284,13 +285,29 @@ def test_the_observer_reads_everything_and_changes_nothing(secured: Secured) -> 
     observer.close()
 
 
-def test_the_operator_replays_and_purges_dead_letters_and_cancels_jobs(secured: Secured) -> None:
+def test_the_operator_replays_and_purges_dead_letters_cancels_jobs_purges_and_forgets(
+    secured: Secured,
+) -> None:
     ns, keys = secured.namespace, secured.keys
     url = secured.urls["operator"]
     registered(secured)
     done = titan(url, ns, "dead-letters", A, "--purge", "--yes")
     assert done.returncode == 0, done.stderr
     assert secured.admin.xlen(keys.dead(A)) == 0
+    dead_letter(secured.admin, keys, A, "c1", 1, 2)
+    done = titan(url, ns, "dead-letters", A, "--replay", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"replayed": 1}, done.stderr
+    assert secured.admin.xlen(keys.calls(A)) == 1
+    submitted = titan(secured.urls["alice"], ns, "submit", A, "run", "later", "--delay", "60")  # a caller's
+    assert submitted.returncode == 0, submitted.stderr
+    done = titan(url, ns, "cancel", submitted.stdout.strip().strip('"'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = titan(url, ns, "purge", A, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert secured.admin.xlen(keys.calls(A)) == 0
+    done = titan(url, ns, "forget", A, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert not secured.admin.hexists(keys.services, A)
     operator = secured.user("operator")
     for command in (("GET", "outside-the-namespace"), ("FLUSHALL",), ("CONFIG", "SET", "maxmemory", "1"),
                     ("KEYS", "*"), ("ACL", "SETUSER", "x")):  # fmt: skip
