@@ -114,12 +114,16 @@ def cluster() -> Iterator[LocalCluster]:
 
 def applied_by_the_cli(url: str, namespace: str) -> None:
     """Every rule set with ``titan acl ROLE ... --apply`` (on every primary of a cluster)."""
-    for rule in rules(namespace):
-        os.environ["TEST_ACL_PASSWORD"] = f"{rule.user}-pw"
-        what = list(rule.services) if rule.role in ("worker", "caller") else []
-        done = titan(url, namespace, "acl", rule.role, *what, "--user", rule.user,
-                     "--password-env", "TEST_ACL_PASSWORD", "--apply")  # fmt: skip
-        assert done.returncode == 0, done.stderr
+    try:
+        for rule in rules(namespace):
+            os.environ["TEST_ACL_PASSWORD"] = f"{rule.user}-pw"  # the titan subprocess inherits it
+            what = list(rule.services) if rule.role in ("worker", "caller") else []
+            done = titan(url, namespace, "acl", rule.role, *what, "--user", rule.user,
+                         "--password-env", "TEST_ACL_PASSWORD", "--apply")  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert "-pw" not in done.stdout  # the password is printed as its SHA-256 only
+    finally:
+        os.environ.pop("TEST_ACL_PASSWORD", None)
 
 
 @pytest.fixture(params=["one Redis", "cluster"])
