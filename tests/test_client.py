@@ -28,6 +28,7 @@ from titan_broker import (
 )
 from titan_broker._calling.replies import READ_BLOCK_MS
 from titan_broker._redis.connection import Channel
+from titan_broker._wire import acl
 from titan_broker._wire.keys import Keys
 from titan_broker.testing._local_redis import LocalRedis
 
@@ -44,34 +45,14 @@ def pid_of(server: LocalRedis) -> int:
     return server.process.pid
 
 
-def caller_acl(ns: str) -> list[str]:
-    """README's caller rule (Redis 7 selectors): each family of keys with only the commands it needs.
-
-    Its own reply streams (read, trim, delete, the restart canary); the calls streams, delayed sets
-    and jobs through the scripts (no DEL, no XGROUP: it cannot destroy a service's group); the marks
-    of calls given up; stream control hashes; cache generations (INCRBY only); the registry and the
-    config read-only.
-    """
-    return [
-        "on", "resetkeys", "resetchannels", "-@all",
-        "+ping", "+info", "+time", "+select", "+multi", "+exec", "+script|load",
-        "+cluster|slots", "+cluster|myid", "+command",
-        f"~{ns}:{{*}}:reply:*", "+xread", "+xtrim", "+xdel", "+del", "+set", "+exists", "+type",
-        f"(~{ns}:{{*}}:calls* ~{ns}:{{*}}:delayed ~{ns}:{{*}}:job:* ~{ns}:{{*}}:jobs "
-        "+evalsha +xadd +xdel +xlen +xrange +xpending +zadd +zcard +zrem +zscore +zrevrange "
-        "+zremrangebyrank +hset +hget +hgetall +hmget +hdel +pexpire)",
-        f"(~{ns}:{{*}}:gone:* +set)",
-        f"(~{ns}:{{*}}:stream:* +hset +pexpire +del +rpush)",
-        f"(~{ns}:{{*}}:cache-gen:* +incrby)",
-        f"(%R~{ns}:services %R~{ns}:{{*}}:workers %R~{ns}:{{*}}:worker:* %R~{ns}:{{*}}:affinity "
-        f"%R~{ns}:{{*}}:config %R~{ns}:{{*}}:dead +hget +hgetall +hkeys +smembers +exists +xlen +xrange)",
-    ]  # fmt: skip
+def caller_acl(ns: str, service: str = "client_log") -> list[str]:
+    """``titan acl caller SERVICE --user caller``'s rule, as ACL SETUSER arguments."""
+    return acl.caller_rule(Keys(ns), (service,), "caller").arguments()
 
 
-def worker_acl(ns: str) -> list[str]:
-    """README's worker rule: everything in the namespace but dangerous commands and destroying groups."""
-    return ["on", "resetkeys", "resetchannels", f"~{ns}:*", "+@all", "-@dangerous", "+info",
-            "-xgroup|destroy", "-xgroup|setid"]  # fmt: skip
+def worker_acl(ns: str, service: str = "client_log") -> list[str]:
+    """``titan acl worker SERVICE --user worker``'s rule, as ACL SETUSER arguments."""
+    return acl.worker_rule(Keys(ns), service, "worker").arguments()
 
 
 # -- the whole call is bounded by its timeout ------------------------------------------------------

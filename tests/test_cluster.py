@@ -615,14 +615,14 @@ async def test_a_password_protected_cluster(secured_cluster: LocalCluster, names
         workers.close()
 
 
-async def test_the_readmes_acl_rules_work_on_a_cluster(secured_cluster: LocalCluster, namespace: str) -> None:
-    """The caller and worker rules of the README, set on every node: a worker serves, a caller calls
+async def test_the_acl_rules_work_on_a_cluster(secured_cluster: LocalCluster, namespace: str) -> None:
+    """The caller and worker rules of ``titan acl``, set on every node: a worker serves, a caller calls
     (reading the slot map needs its cluster permissions) and still cannot write the registry."""
     from .test_client import caller_acl, worker_acl
 
     for node in secured_cluster.nodes:
-        node.ask("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace))
-        node.ask("ACL", "SETUSER", "worker", ">workerpass", *worker_acl(namespace))
+        node.ask("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace, "calculator"))
+        node.ask("ACL", "SETUSER", "worker", ">workerpass", *worker_acl(namespace, "calculator"))
     port = secured_cluster.nodes[2].port
     workers = RoutedWorkers(f"redis://worker:workerpass@127.0.0.1:{port}", namespace, secured_cluster.client)
     try:

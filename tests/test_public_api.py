@@ -11,8 +11,8 @@ import titan_broker._errors as errors
 
 def test_exported_names_are_pinned() -> None:
     assert titan_broker.__all__ == (
-        "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "BadResult", "CallError", "CallLost",
-        "CallTimeout", "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter",
+        "AccessDenied", "AutoScale", "BacklogFull", "BadArguments", "BadRequest", "BadResult", "CallError",
+        "CallLost", "CallTimeout", "CircuitBreaker", "CircuitOpen", "Client", "ConfigError", "DeadLetter",
         "DeadLettered", "DeadlineExceeded", "EncodeError", "Event", "Health", "HealthStatus",
         "InternalError", "Job", "JobCancelled", "JobNotFound", "JobState", "JobStatus", "MethodNotFound",
         "NoLiveWorkers", "PayloadTooLarge", "Pool", "PoolMetrics", "ProcessManager", "RateLimited",

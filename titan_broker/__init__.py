@@ -6,6 +6,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ._config import WorkerOptions as WorkerOptions
+from ._errors import AccessDenied as AccessDenied
 from ._errors import BacklogFull as BacklogFull
 from ._errors import BadArguments as BadArguments
 from ._errors import BadRequest as BadRequest
@@ -125,6 +126,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = (
+    "AccessDenied",
     "AutoScale",
     "BacklogFull",
     "BadArguments",

@@ -41,6 +41,11 @@ class RedisUnavailable(TitanError):
     """Redis cannot be reached, refused the credentials, or dropped the connection."""
 
 
+class AccessDenied(RedisUnavailable):
+    """Redis refused a command for the ACL user's rules (``NOPERM``); the message names the command,
+    the key and the role whose rule it is."""
+
+
 class RedisOutOfMemory(RedisUnavailable):
     """Redis refused a write: it reached its ``maxmemory`` limit with the ``noeviction`` policy."""
 

@@ -66,7 +66,7 @@ def submit(
             service, method, values, kwargs, delay=delay, deadline=deadline, result_ttl=result_ttl
         )
 
-    job_id = run(ctx, send, redis, namespace)
+    job_id = run(ctx, send, redis, namespace, role="caller")
     if as_json:
         print_json({"id": job_id})
     else:
@@ -91,7 +91,7 @@ def cancel_command(
             await c.job(job_id).status()  # raises JobNotFound, saying why it may be unknown
         return outcome
 
-    state = run(ctx, act, redis, namespace)
+    state = run(ctx, act, redis, namespace, role="operator")
     cancelled = state == "cancelled"
     if as_json:
         print_json({"id": job_id, "cancelled": cancelled, "state": state})
@@ -148,7 +148,7 @@ def purge(
         await services_named(c, service)
         return await purge_waiting(c, service)
 
-    count = run(ctx, act, redis, namespace)
+    count = run(ctx, act, redis, namespace, role="operator")
     if as_json:
         print_json({"purged": count})
     else:
@@ -179,7 +179,7 @@ def forget(
             )
         await forget_service(c.redis, c.keys, service)
 
-    run(ctx, act, redis, namespace)
+    run(ctx, act, redis, namespace, role="operator")
     if as_json:
         print_json({"forgot": service})
     else:

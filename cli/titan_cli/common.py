@@ -20,6 +20,7 @@ import titan_broker
 from titan_broker._calling import Client
 from titan_broker._config import ENV_NAMESPACE, ENV_URL
 from titan_broker._errors import ConfigError, RedisUnavailable, RemoteError, TitanError
+from titan_broker._redis import REDIS_ERRORS, Acting, acting, titan_error
 from titan_broker._registry import known_services
 
 
@@ -133,8 +134,11 @@ def run(
     work: Callable[[Client], Awaitable[R]],
     redis: str | None = None,
     namespace: str | None = None,
+    role: str = "observer",
 ) -> R:
     """Connect, run ``work``, and turn titan errors into one line and an exit code.
+
+    ``role``: whose ACL rule the command needs (``titan acl ROLE``), named when Redis refuses it.
 
     ``redis`` and ``namespace``: the command's own --redis and --namespace, which win over the
     ones given before the command."""
@@ -143,8 +147,12 @@ def run(
     settings = _Settings(redis or before.url, namespace or before.namespace)
 
     async def main() -> R:
+        acting.set(Acting(role))
         async with Client(settings.url, namespace=settings.namespace) as client:
-            return await work(client)
+            try:
+                return await work(client)
+            except REDIS_ERRORS as exc:  # a refusal (ACL) or an outage in the middle of the command
+                raise titan_error(exc, f"run titan {ctx.info_name}") from exc
 
     try:
         return anyio.run(main)

@@ -161,7 +161,7 @@ def dead_letters(
                     )  # fmt: skip
             return await purge_dead_letters(c.redis, c.keys, service, ids)
 
-        count = run(ctx, act, redis, namespace)
+        count = run(ctx, act, redis, namespace, role="operator")
         if as_json:
             print_json({"replayed" if replay else "purged": count})
         else:
@@ -530,11 +530,12 @@ def call(
             return True, None
         return False, await c.call(service, method, values, kwargs, timeout=timeout)
 
-    streamed, result = run(ctx, call_it, redis, namespace)
+    streamed, result = run(ctx, call_it, redis, namespace, role="caller")
     if not streamed:
         print_json(result)
 
 
+from . import acl as acl  # noqa: E402  (registers titan acl on the app)
 from . import actions as actions  # noqa: E402  (registers titan submit, cancel, purge and forget)
 from . import codegen as codegen  # noqa: E402  (registers titan codegen on the app)
 from . import dashboard as dashboard  # noqa: E402  (registers titan dashboard on the app)

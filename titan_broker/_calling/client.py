@@ -18,19 +18,23 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.abc
+import redis.exceptions as rexc
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
 from .._config import check_seconds, redact, resolve_namespace, resolve_url
 from .._errors import ConfigError, TitanError
-from .._redis.connection import REDIS_ERRORS, Redis, open_redis, titan_error
+from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
+from .._redis.denied import acting
 from .._redis.topology import discover
 from .._wire import protocol
+from .._wire.acl import USER_NAME, USER_SEPARATOR
 from .._wire.keys import Keys
 from .breaker import CircuitBreaker
 from .jobs import DEFAULT_RESULT_TTL, Job
@@ -54,11 +58,21 @@ DEFAULT_MAX_BACKLOG = 10_000
 """Seconds a job's outcome is kept after it ended."""
 
 
+def client_id(user: str | None, random_part: str) -> str:
+    """``<user>.<random>``: the ACL rules match a user's reply keys and call ids by this prefix
+    (a name they cannot match, or none, leaves the random part alone)."""
+    if user is None or not USER_NAME.match(user):
+        return random_part
+    return f"{user}{USER_SEPARATOR}{random_part}"
+
+
 class Client:
     """Sends calls to services and receives their replies.
 
     The constructor does no I/O; ``async with Client(...)`` connects and starts
-    the reply dispatcher, leaving the block stops it.
+    the reply dispatcher, leaving the block stops it. Its client id starts with
+    the ACL user's name (``acl_user``, else ``ACL WHOAMI`` at connect), which
+    the rules of ``titan acl caller`` match to keep users' replies apart.
     """
 
     def __init__(
@@ -69,6 +83,7 @@ class Client:
         default_timeout: float = DEFAULT_TIMEOUT,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         max_payload: int = protocol.DEFAULT_MAX_PAYLOAD,
+        acl_user: str | None = None,
     ) -> None:
         self.url = resolve_url(url)
         self.namespace = resolve_namespace(namespace)
@@ -76,7 +91,8 @@ class Client:
         self.default_timeout = default_timeout
         self.max_backlog = max_backlog
         self.max_payload = max_payload
-        self.client_id = uuid.uuid4().hex[:16]
+        self.acl_user = acl_user
+        self._random_id = self.client_id = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
         self._redis: Redis | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -104,6 +120,9 @@ class Client:
         try:
             topology = await discover(self.url)
             self._redis = await open_redis(topology)
+            user = await self._whoami()
+            self.client_id = client_id(user, self._random_id)
+            acting.set(replace(acting.get(), user=user))
         except BaseException as exc:
             await self.aclose()
             if isinstance(exc, REDIS_ERRORS):
@@ -114,6 +133,15 @@ class Client:
         await self._tg.__aenter__()
         self._links.tg = self._workers.tg = self._tg
         return self
+
+    async def _whoami(self) -> str | None:
+        """The ACL user this client is: the one given, else ``ACL WHOAMI`` (None when denied)."""
+        if self.acl_user is not None:
+            return self.acl_user
+        try:
+            return text(await self.redis.execute_command("ACL", "WHOAMI"))
+        except rexc.ResponseError:  # denied, or a Redis without ACLs
+            return None
 
     async def __aexit__(
         self,
@@ -329,7 +357,9 @@ class Client:
         try:
             return await self._workers.count_live(service)
         except REDIS_ERRORS as exc:
-            raise titan_error(exc, f"count the workers of {service!r}") from exc
+            raise titan_error(
+                exc, f"count the workers of {service!r}", command="SMEMBERS", key=self.keys.workers(service)
+            ) from exc
 
     def proxy(
         self,

@@ -175,7 +175,9 @@ class Links:
             for channel in channels:
                 await channel.aclose()
             if isinstance(exc, REDIS_ERRORS):
-                raise titan_error(exc, f"connect to the Redis node that serves {service!r}") from exc
+                raise titan_error(
+                    exc, f"connect to the Redis node that serves {service!r}", command="XREAD", key=reply_key
+                ) from exc
             raise
         link = Link(service, reply_key, sender, dispatcher, tuple(channels), anyio.current_time())
         dispatcher.on_reconnect = lambda: self._reconnected(link)

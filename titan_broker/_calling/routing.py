@@ -82,7 +82,12 @@ class LiveWorkers:
             try:
                 count = await self.count_live(service)
             except REDIS_ERRORS as exc:
-                raise titan_error(exc, f"check the workers of {service!r}") from exc
+                raise titan_error(
+                    exc,
+                    f"check the workers of {service!r}",
+                    command="SMEMBERS",
+                    key=self.keys.workers(service),
+                ) from exc
         if count is None:
             raise RedisUnavailable(f"cannot check the workers of {service!r}: Redis did not answer in time")
         if count == 0:

@@ -171,6 +171,7 @@ class Sender:
             delayed = later.delay_ms > 0
             streams = (self.keys.delayed(service) if delayed else shared,)
         placed = Placement(streams, b"", delayed, job_key) if later is not None else Placement(streams, b"")
+        script = "EVALSHA submit_many" if later is None else "EVALSHA enqueue"  # named in an AccessDenied
         loop = asyncio.get_running_loop()
         for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
@@ -206,9 +207,9 @@ class Sender:
                         f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
                     ) from None
                 if not message.startswith("TITANLATE"):
-                    raise titan_error(exc, doing) from exc
+                    raise titan_error(exc, doing, command=script, key=keys[0]) from exc
             except REDIS_ERRORS as exc:
-                raise titan_error(exc, doing) from exc
+                raise titan_error(exc, doing, command=script, key=keys[0]) from exc
             except RedisUnavailable as exc:  # the batch this send shared was cut off
                 raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
             if redis_full:

@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 
 from .._config import redact
 from .._errors import RedisOutOfMemory, RedisUnavailable, TitanError
+from .denied import access_denied, is_denied
 from .topology import Address, Topology, discover, unreachable
 
 logger = logging.getLogger(__name__)
@@ -98,19 +99,22 @@ async def open_redis(
     return client
 
 
-def titan_error(exc: Exception, doing: str) -> TitanError:
+def titan_error(
+    exc: Exception, doing: str, *, command: str | None = None, key: str | None = None
+) -> TitanError:
     """The TitanError for a redis-py exception raised while ``doing`` (e.g. "send calc.add()").
 
     Connection failures and timeouts: RedisUnavailable; a write refused at
-    ``maxmemory``: RedisOutOfMemory; an ACL refusal: RedisUnavailable saying
-    which permission; any other error reply: TitanError with Redis's message.
+    ``maxmemory``: RedisOutOfMemory; an ACL refusal: AccessDenied naming
+    ``command``, ``key`` and the role (denied.py); any other error reply:
+    TitanError with Redis's message.
     """
     if isinstance(exc, TitanError):
         return exc
     if isinstance(exc, rexc.OutOfMemoryError):
         return RedisOutOfMemory(f"cannot {doing}: Redis is out of memory ({exc})")
-    if isinstance(exc, rexc.NoPermissionError):
-        return RedisUnavailable(f"cannot {doing}: Redis refused it for this user's ACL rules ({exc})")
+    if is_denied(exc):
+        return access_denied(exc, doing, command, key)
     if isinstance(exc, rexc.AuthenticationError):
         return RedisUnavailable(f"cannot {doing}: Redis refused the credentials ({exc})")
     if isinstance(exc, CONNECTION_ERRORS):

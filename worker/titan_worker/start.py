@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +30,7 @@ import anyio.abc
 
 from titan_broker._config import WorkerOptions, redact, resolve_namespace, resolve_url
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
+from titan_broker._redis import Acting, access_denied, is_denied
 from titan_broker._service import load_service_file
 
 from .logs import configure
@@ -165,6 +167,9 @@ def serve_file(
         anyio.run(_serve, worker, ready, banner, backend_options={"use_uvloop": uvloop})
     except Exception as group:
         error = _leaf(group)
+        if is_denied(error):  # the worker's ACL user lacks a permission: say which, not a traceback
+            user = urllib.parse.urlsplit(url).username or None
+            error = access_denied(error, f"serve {worker.service!r}", who=Acting("worker", user))
         if isinstance(error, RedisUnavailable):
             return ready.fail(EXIT_REDIS, str(error))
         if isinstance(error, InitError):

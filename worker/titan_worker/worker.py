@@ -31,7 +31,7 @@ import anyio.abc
 
 from titan_broker._config import WorkerOptions, check_name, redact
 from titan_broker._errors import TitanError
-from titan_broker._redis import SOCKET_TIMEOUT, AutoPipeline, Channel, discover, open_redis
+from titan_broker._redis import SOCKET_TIMEOUT, Acting, AutoPipeline, Channel, acting, discover, open_redis
 from titan_broker._registry import LatencyHistogram, WorkerInfo
 from titan_broker._service import Health, ServiceDefinition
 from titan_broker._wire import Keys, protocol
@@ -148,6 +148,7 @@ class Worker:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); raises RedisUnavailable or InitError when start-up fails."""
         ctx = self.ctx
+        acting.set(Acting("worker"))
         topology = await discover(self.url)
         ctx.redis_ = await open_redis(topology, max_connections=ctx.options.concurrency + 4)
         reader: Channel | None = None

@@ -59,6 +59,11 @@ export interface ConnectOptions {
   maxPayload?: number;
   /** Where warnings go (default: console.warn). */
   log?: (message: string) => void;
+  /**
+   * The Redis ACL user this client is (default: `ACL WHOAMI` at connect). The client id starts with
+   * it and a dot, so the rules of `titan acl caller` keep each user's replies apart.
+   */
+  aclUser?: string;
 }
 
 export interface CallOptions {
@@ -162,9 +167,17 @@ function titanError(exc: unknown, doing: string): Error {
   return new RedisUnavailable(`cannot ${doing}: ${text}`, { cause: exc });
 }
 
+/** Names the ACL rules can match as a prefix: no glob character and no dot (PROTOCOL.md, ACL rules). */
+const ACL_USER_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** `<user>.<random>`, or the random part alone for a user the rules cannot name. */
+export function clientIdFor(user: string | undefined, random: string): string {
+  return user !== undefined && ACL_USER_NAME.test(user) ? `${user}.${random}` : random;
+}
+
 export class Client {
   readonly namespace: string;
-  readonly clientId = randomBytes(8).toString("hex");
+  readonly clientId: string;
   readonly defaultTimeout: number;
   readonly maxBacklog: number;
   readonly maxPayload: number;
@@ -186,6 +199,7 @@ export class Client {
     options: ConnectOptions = {},
   ) {
     this.namespace = checkName(options.namespace ?? process.env["TITAN_NAMESPACE"] ?? "titan", "namespace");
+    this.clientId = clientIdFor(options.aclUser, randomBytes(8).toString("hex"));
     this.defaultTimeout = checkSeconds("timeout", options.timeout ?? DEFAULT_TIMEOUT);
     this.maxBacklog = options.maxBacklog ?? DEFAULT_MAX_BACKLOG;
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
@@ -709,7 +723,15 @@ export async function connect(url?: string, options: ConnectOptions = {}): Promi
     redis.disconnect();
     throw exc instanceof TitanError ? exc : new RedisUnavailable(`cannot reach Redis at ${redact(resolved)}: ${errorText(exc)}`, { cause: exc });
   }
-  return new Client(topology, redis, options);
+  let aclUser = options.aclUser;
+  if (aclUser === undefined) {
+    try {
+      aclUser = String(await redis.call("ACL", "WHOAMI"));
+    } catch {
+      aclUser = undefined; // denied, or a Redis without ACLs: a client id without a user
+    }
+  }
+  return new Client(topology, redis, { ...options, aclUser });
 }
 
 export { READ_BLOCK_MS };

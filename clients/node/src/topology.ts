@@ -81,6 +81,16 @@ function tlsOptions(p: Parsed, secure: boolean): RedisOptions["tls"] | undefined
       throw new ConfigError(`${redact(p.url)}: cannot read the CA file ssl_ca_certs=${ca}: ${(exc as Error).message}`, { cause: exc });
     }
   }
+  // Mutual TLS: the client's own certificate and key, as the Python side reads them from the URL.
+  for (const [name, field] of [["ssl_certfile", "cert"], ["ssl_keyfile", "key"]] as const) {
+    const path = p.query.get(name);
+    if (!path) continue;
+    try {
+      tls[field] = readFileSync(path);
+    } catch (exc) {
+      throw new ConfigError(`${redact(p.url)}: cannot read ${name}=${path}: ${(exc as Error).message}`, { cause: exc });
+    }
+  }
   if (p.query.get("ssl_cert_reqs") === "none") tls.rejectUnauthorized = false;
   return tls;
 }

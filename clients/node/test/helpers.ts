@@ -173,7 +173,8 @@ export class Worker {
 }
 
 /** A plain ioredis client for a URL: a cluster's when it is one; the primary a sentinel names for
- * `redis+sentinel://host:port/<name>`; over TLS trusting `?ssl_ca_certs=` for `rediss://`. */
+ * `redis+sentinel://host:port/<name>`; over TLS trusting `?ssl_ca_certs=` for `rediss://`, with the
+ * client certificate of `?ssl_certfile=&ssl_keyfile=` when given. */
 export async function connectAny(url: string): Promise<Redis> {
   const sentinel = /^redis\+sentinel:\/\/([^/?]*)\/([^/?]+)/.exec(url);
   if (sentinel) {
@@ -186,7 +187,7 @@ export async function connectAny(url: string): Promise<Redis> {
   const ca = u.searchParams.get("ssl_ca_certs");
   const client = ca === null
     ? new Redis(url, { maxRetriesPerRequest: 2 })
-    : new Redis(`${u.protocol}//${u.host}${u.pathname}`, { maxRetriesPerRequest: 2, tls: { ca: readFileSync(ca) } });
+    : new Redis(`${u.protocol}//${u.host}${u.pathname}`, { maxRetriesPerRequest: 2, tls: tlsOf(u, ca) });
   client.on("error", () => undefined);
   const info = await client.info("cluster");
   if (/cluster_enabled:1/.test(info)) {
@@ -198,6 +199,12 @@ export async function connectAny(url: string): Promise<Redis> {
     return cluster as unknown as Redis;
   }
   return client;
+}
+
+function tlsOf(u: URL, ca: string): { ca: Buffer; cert?: Buffer; key?: Buffer } {
+  const cert = u.searchParams.get("ssl_certfile");
+  const key = u.searchParams.get("ssl_keyfile");
+  return { ca: readFileSync(ca), ...(cert ? { cert: readFileSync(cert) } : {}), ...(key ? { key: readFileSync(key) } : {}) };
 }
 
 /** A private Redis Cluster, started by the Python test helpers (titan_broker/testing/_local_cluster.py). */

@@ -1,0 +1,481 @@
+"""The ACL rules ``titan acl`` writes, applied to a real Redis 7: each role can do its work and
+nothing else. Service ``a`` is client_log, ``b`` the calculator; ``alice`` and ``bob`` call ``a``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+import redis.exceptions as rexc
+
+from titan_broker import AccessDenied, CallTimeout, Client, DeadlineExceeded
+from titan_broker._wire import acl
+from titan_broker._wire.keys import Keys
+from titan_broker.testing import LocalCluster, LocalRedis
+
+from .conftest import (
+    CALCULATOR,
+    ROOT,
+    SERVICES,
+    RoutedWorkers,
+    Workers,
+    skip_without_cluster_binaries,
+    titan,
+    wait_until,
+)
+from .test_dashboard import dead_letter
+
+A, B = "client_log", "calculator"
+CLIENT_LOG = SERVICES / "client_log.py"
+ADMIN_PASSWORD = "adminpass"
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass(frozen=True)
+class Secured:
+    """A Redis (one node or a cluster) with the generated rules applied for every role."""
+
+    urls: dict[str, str]  # user -> URL with its password
+    admin: Any  # a client of the admin user (a cluster client on a cluster)
+    namespace: str
+    connect_admin: Callable[[], Any]  # another admin client (workers close the ones they read with)
+
+    def admin_ask(self, *command: Any) -> None:
+        """A command as the admin user, on every primary of a cluster."""
+        if isinstance(self.admin, sync_redis.RedisCluster):
+            self.admin.execute_command(*command, target_nodes=sync_redis.RedisCluster.PRIMARIES)
+        else:
+            self.admin.execute_command(*command)
+
+    def workers(self, user: str) -> Workers:
+        """Workers run as ``user``, whose registration is read by an admin client."""
+        return RoutedWorkers(self.urls[user], self.namespace, self.connect_admin)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    def user(self, name: str) -> Any:
+        """A client connected as ``name``."""
+        return type(self.admin).from_url(self.urls[name])
+
+
+def rules(namespace: str) -> list[acl.Rule]:
+    keys = Keys(namespace)
+    return [
+        acl.worker_rule(keys, A, "a-worker"),
+        acl.worker_rule(keys, B, "b-worker"),
+        acl.caller_rule(keys, (A,), "alice"),
+        acl.caller_rule(keys, (A,), "bob"),
+        acl.caller_rule(keys, (B,), "carol"),
+        acl.operator_rule(keys, "operator"),
+        acl.observer_rule(keys, "observer"),
+    ]
+
+
+def apply(ask: Any, namespace: str) -> None:
+    """Set every rule, each user's password its name with ``-pw``."""
+    for rule in rules(namespace):
+        ask(*rule.command(f"{rule.user}-pw"))
+
+
+def denied_log(admin: Any) -> list[str]:
+    """What Redis refused since the last ACL LOG RESET: ``user command key``."""
+    if isinstance(admin, sync_redis.RedisCluster):  # every node's log
+        per_node = admin.execute_command("ACL", "LOG", "128", target_nodes=sync_redis.RedisCluster.ALL_NODES)
+        entries = [e for node in per_node.values() for e in node]
+    else:
+        entries = admin.execute_command("ACL", "LOG", "128")
+    found = []
+    for entry in entries:
+        row = dict(zip(entry[::2], entry[1::2], strict=True)) if isinstance(entry, list) else entry
+        row = {(k.decode() if isinstance(k, bytes) else k): v for k, v in row.items()}
+        found.append(" ".join(str(v.decode() if isinstance(v, bytes) else v) for v in (
+            row["username"], row["context"], row["object"])))  # fmt: skip
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """3 primaries, no replicas, the default user behind a password."""
+    skip_without_cluster_binaries()
+    with LocalCluster(primaries=3, replicas=0, password=ADMIN_PASSWORD) as c:
+        yield c
+
+
+def applied_by_the_cli(url: str, namespace: str) -> None:
+    """Every rule set with ``titan acl ROLE ... --apply`` (on every primary of a cluster)."""
+    try:
+        for rule in rules(namespace):
+            os.environ["TEST_ACL_PASSWORD"] = f"{rule.user}-pw"  # the titan subprocess inherits it
+            what = list(rule.services) if rule.role in ("worker", "caller") else []
+            done = titan(url, namespace, "acl", rule.role, *what, "--user", rule.user,
+                         "--password-env", "TEST_ACL_PASSWORD", "--apply")  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert "-pw" not in done.stdout  # the password is printed as its SHA-256 only
+    finally:
+        os.environ.pop("TEST_ACL_PASSWORD", None)
+
+
+@pytest.fixture(params=["one Redis", "cluster"])
+def secured(request: pytest.FixtureRequest, namespace: str) -> Iterator[Secured]:
+    if request.param == "cluster":
+        c: LocalCluster = request.getfixturevalue("cluster")
+        applied_by_the_cli(c.url, namespace)
+        port = c.nodes[1].port
+        urls = {r.user: f"redis://{r.user}:{r.user}-pw@127.0.0.1:{port}" for r in rules(namespace)}
+        admin = c.client()
+        try:
+            yield Secured(urls, admin, namespace, c.client)
+        finally:
+            admin.close()
+        return
+    with LocalRedis(extra_args=["--requirepass", ADMIN_PASSWORD]) as server:
+        admin = sync_redis.Redis(port=server.port, password=ADMIN_PASSWORD)
+        apply(admin.execute_command, namespace)
+        base = f"127.0.0.1:{server.port}/0"
+        urls = {r.user: f"redis://{r.user}:{r.user}-pw@{base}" for r in rules(namespace)}
+        try:
+            yield Secured(
+                urls, admin, namespace, lambda: sync_redis.Redis(port=server.port, password=ADMIN_PASSWORD)
+            )
+        finally:
+            admin.close()
+
+
+def refused(client: Any, *command: Any) -> None:
+    with pytest.raises(rexc.NoPermissionError):
+        client.execute_command(*command)
+
+
+async def serve_and_call(secured: Secured, workers: Workers) -> None:
+    """Everything the worker of ``a`` and its callers do, under their rules: none of it refused."""
+    a_workers = secured.workers("a-worker")
+    try:
+        worker = a_workers.start(CLIENT_LOG)
+        workers.start(CALCULATOR)
+        a_workers.wait_registered(A, 1)
+        workers.wait_registered(B, 1)
+        async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+            assert alice.client_id.startswith("alice.")
+            svc = alice.proxy(A)
+            assert await svc.run("a") == "a"
+            assert [i async for i in svc.count(40)] == list(range(40))  # credit granted on the way
+            async for _ in svc.count(1000, 0.001):
+                break  # a stream left early: its control hash says cancel
+            with pytest.raises((CallTimeout, DeadlineExceeded)):  # whichever side sees the deadline first
+                await svc.with_options(timeout=0.3).run("slow", 3.0)
+            assert await svc.with_options(wait_for_worker=False, key="k").run("b") == "b"
+            await alice.invalidate_cache(A, "run")
+            job = alice.job(await alice.submit(A, "run", ("job",)))
+            assert await job.result(timeout=10) == "job"
+            later = alice.job(await alice.submit(A, "run", ("later",), delay=60))
+            assert await later.cancel() is True
+            assert await alice.streaming_methods(A) == frozenset({"count"})
+        async with Client(secured.urls["carol"], namespace=secured.namespace) as carol:
+            assert await carol.call(B, "add", (2, 3)) == 5
+        assert b"NOPERM" not in a_workers.output(worker)
+    finally:
+        a_workers.close()
+
+
+@pytest.fixture
+def b_workers(secured: Secured) -> Iterator[Workers]:
+    w = secured.workers("b-worker")
+    yield w
+    w.close()
+
+
+async def test_each_role_does_its_work_without_a_refusal(secured: Secured, b_workers: Workers) -> None:
+    if isinstance(secured.admin, sync_redis.RedisCluster):
+        secured.admin.execute_command("ACL", "LOG", "RESET", target_nodes=sync_redis.RedisCluster.ALL_NODES)
+    else:
+        secured.admin.execute_command("ACL", "LOG", "RESET")
+    await serve_and_call(secured, b_workers)
+    assert denied_log(secured.admin) == []
+
+
+def test_a_worker_cannot_touch_another_services_keys(secured: Secured) -> None:
+    keys, worker = secured.keys, secured.user("a-worker")
+    worker.xgroup_create(keys.calls(A), "workers", "0", mkstream=True)  # its own: allowed
+    for command in forbidden_on_b(keys):
+        refused(worker, *command)
+    worker.close()
+
+
+def forbidden_on_b(keys: Keys) -> list[Sequence[Any]]:
+    """What neither a worker nor a caller of ``a`` may do to ``b``."""
+    return [
+        ("XRANGE", keys.calls(B), "-", "+"),  # read b's calls
+        ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", keys.calls(B), ">"),
+        ("XCLAIM", keys.calls(B), "workers", "w", "0", "0-1"),
+        ("XADD", keys.reply(B, "carol.x"), "*", "reply", "forged"),
+        ("HSET", keys.worker(B, "w1"), "status", "ready"),
+        ("HSET", keys.config(B), "max_backlog", "1"),
+        ("XADD", keys.calls(B), "*", "v", "3"),
+        ("DEL", keys.dead(B)),
+    ]
+
+
+def test_a_caller_cannot_touch_another_service_or_another_users_keys(secured: Secured) -> None:
+    keys, alice = secured.keys, secured.user("alice")
+    bob_id = "bob.0123456789abcdef"
+    secured.admin.xadd(keys.reply(A, bob_id), {"reply": "x"})
+    for command in [
+        *forbidden_on_b(keys),
+        ("DEL", keys.reply(A, bob_id)),
+        ("XREAD", "STREAMS", keys.reply(A, bob_id), "0"),
+        ("XDEL", keys.reply(A, bob_id), "0-1"),
+        ("XADD", keys.reply(A, bob_id), "*", "reply", "forged"),
+        ("SET", keys.gone(A, f"{bob_id}-1"), "1"),
+        ("HSET", keys.stream_control(A, f"{bob_id}-1"), "cancel", "1"),
+        ("XADD", keys.reply(A, "alicex.1"), "*", "reply", "x"),  # a user whose name starts with hers
+        # its own service's machinery
+        ("HSET", keys.config(A), "max_backlog", "1"),
+        ("HSET", keys.worker(A, "w1"), "status", "ready"),
+        ("XGROUP", "DESTROY", keys.calls(A), "workers"),
+        ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", keys.calls(A), ">"),
+        ("DEL", keys.calls(A)),
+        ("HSET", keys.services, A, "{}"),
+        ("GET", "outside-the-namespace"),
+        ("FLUSHALL",),
+    ]:
+        refused(alice, *command)
+    secured.admin.xadd(keys.reply(A, "alice.1"), {"reply": "x"})
+    assert alice.xread({keys.reply(A, "alice.1"): "0"})  # her own reply stream: read, deleted
+    assert alice.delete(keys.reply(A, "alice.1")) == 1
+    alice.close()
+
+
+def registered(secured: Secured) -> None:
+    """``a`` in the directory, as its workers register it, with a dead letter."""
+    entry = {"name": A, "version": "1.0.0", "description": "", "methods": []}
+    secured.admin.hset(secured.keys.services, A, json.dumps(entry))
+    secured.admin.xadd(secured.keys.dead(A), {"entry": "x", "reason": "r"})
+
+
+def test_the_observer_reads_everything_and_changes_nothing(secured: Secured) -> None:
+    ns, keys = secured.namespace, secured.keys
+    registered(secured)
+    url = secured.urls["observer"]
+    for command in (["services"], ["workers"], ["health"], ["queues"], ["stats"], ["jobs", A],
+                    ["schedules"], ["dead-letters", A]):  # fmt: skip
+        done = titan(url, ns, *command, "--json")
+        assert done.returncode in (0, 1), (command, done.stderr)  # 1: health finds no live worker
+        assert "NOPERM" not in done.stderr and "permission" not in done.stderr, (command, done.stderr)
+    observer = secured.user("observer")
+    for command in (
+        ("HSET", keys.services, A, "{}"),
+        ("XADD", keys.calls(A), "*", "v", "3"),
+        ("XDEL", keys.dead(A), "0-1"),
+        ("DEL", keys.dead(A)),
+        ("SET", keys.idle(A), "1"),
+        ("HSET", keys.config(A), "max_backlog", "1"),
+        ("GET", "outside-the-namespace"),
+    ):
+        refused(observer, *command)
+    done = titan(url, ns, "dead-letters", A, "--purge", "--yes")
+    assert done.returncode != 0 and "observer" in done.stderr, done.stderr
+    assert secured.admin.xlen(keys.dead(A)) == 1
+    observer.close()
+
+
+def test_the_operator_replays_and_purges_dead_letters_cancels_jobs_purges_and_forgets(
+    secured: Secured,
+) -> None:
+    ns, keys = secured.namespace, secured.keys
+    url = secured.urls["operator"]
+    registered(secured)
+    done = titan(url, ns, "dead-letters", A, "--purge", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert secured.admin.xlen(keys.dead(A)) == 0
+    dead_letter(secured.admin, keys, A, "c1", 1, 2)
+    done = titan(url, ns, "dead-letters", A, "--replay", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"replayed": 1}, done.stderr
+    assert secured.admin.xlen(keys.calls(A)) == 1
+    submitted = titan(secured.urls["alice"], ns, "submit", A, "run", "later", "--delay", "60")  # a caller's
+    assert submitted.returncode == 0, submitted.stderr
+    done = titan(url, ns, "cancel", submitted.stdout.strip().strip('"'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = titan(url, ns, "purge", A, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert secured.admin.xlen(keys.calls(A)) == 0
+    done = titan(url, ns, "forget", A, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert not secured.admin.hexists(keys.services, A)
+    operator = secured.user("operator")
+    for command in (("GET", "outside-the-namespace"), ("FLUSHALL",), ("CONFIG", "SET", "maxmemory", "1"),
+                    ("KEYS", "*"), ("ACL", "SETUSER", "x")):  # fmt: skip
+        refused(operator, *command)
+    operator.close()
+
+
+async def test_a_refusal_is_an_access_denied_naming_command_key_and_role(secured: Secured) -> None:
+    keys = secured.keys
+    async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+        with pytest.raises(AccessDenied) as info:
+            await alice.call(B, "add", (1, 2), timeout=5)
+    message = str(info.value)
+    assert "alice" in message and "caller" in message, message
+    assert keys.calls(B) in message or B in message, message
+
+
+def test_titan_acl_prints_the_rules_as_text_and_json(namespace: str) -> None:
+    done = titan("redis://127.0.0.1:1", namespace, "acl", "caller", A, B, "--user", "alice", "--json")
+    assert done.returncode == 0, done.stderr
+    [rule] = json.loads(done.stdout)
+    assert rule["role"] == "caller" and rule["user"] == "alice" and rule["services"] == [A, B]
+    assert rule["setuser"][:3] == ["ACL", "SETUSER", "alice"]
+    text = titan("redis://127.0.0.1:1", namespace, "acl", "worker", A, "--user", "w")
+    assert text.returncode == 0 and text.stdout.startswith("ACL SETUSER w on resetkeys"), text.stdout
+    assert f"~{namespace}:{{{A}}}:*" in text.stdout
+
+
+def test_a_worker_refused_by_its_rule_exits_naming_the_worker_role(secured: Secured) -> None:
+    """The worker user of ``a`` serving ``b``: it stops at once with AccessDenied, not a traceback."""
+    wrong = secured.workers("a-worker")
+    try:
+        proc = wrong.start(CALCULATOR)
+        proc.wait(timeout=30)
+        output = wrong.output(proc).decode()
+        assert proc.returncode != 0 and "Traceback" not in output, output
+        assert "worker rule" in output and "a-worker" in output, output
+    finally:
+        wrong.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_examples_serve_and_the_remote_demo_calls_each_under_its_own_user(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """calculator, database and image-processor each under a worker user of its own; the remote demo
+    (examples/remote.py) under one caller user of the three: it works unchanged."""
+    ns, keys = secured.namespace, secured.keys
+    examples = ("calculator", "database", "image-processor")
+    caller = acl.caller_rule(keys, examples, "demo-caller")
+    for rule in (*(acl.worker_rule(keys, s, f"{s}-worker") for s in examples), caller):
+        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+    url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
+    started: list[Workers] = []
+    try:
+        for service, file, args in (
+            ("calculator", "calculator.py", ()),
+            ("database", "database.py", ("--dep", f'config={{"path": "{tmp_path / "u.db"}"}}')),
+            ("image-processor", "image_processor.py", ()),
+        ):
+            w = RoutedWorkers(url.format(user=f"{service}-worker"), ns, secured.connect_admin)
+            started.append(w)
+            w.start(ROOT / "processes" / file, *args)
+        env = {**os.environ, "TITAN_REDIS_URL": url.format(user="demo-caller"), "TITAN_NAMESPACE": ns}
+        result = subprocess.run(
+            [sys.executable, "-m", "examples.remote", "--wait", "30"], cwd=ROOT, env=env, capture_output=True,
+            text=True, timeout=100,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "calculator: 6 * 7 = 42" in result.stdout
+        assert "thumbnail of" in result.stdout and "(96, 72)" in result.stdout
+        for w in started:
+            for proc in w.procs:
+                assert b"NOPERM" not in w.output(proc) and b"AccessDenied" not in w.output(proc)
+    finally:
+        for w in started:
+            w.close()
+
+
+def grant_lines() -> list[str]:
+    """Each grant of each role as PROTOCOL.md lists it (``<ns>``, ``<svc>``, ``<user>`` in the patterns)."""
+    keys = Keys("NS")
+    lines = []
+    for rule in (acl.worker_rule(keys, "SVC", "USER"), acl.caller_rule(keys, ("SVC",), "USER"),
+                 acl.operator_rule(keys, "USER"), acl.observer_rule(keys, "USER")):  # fmt: skip
+        for grant in rule.grants:
+            patterns = " ".join(f"`{k}`" for k in grant.keys) or "no key"
+            patterns = patterns.replace("NS", "<ns>").replace("SVC", "<svc>").replace("USER", "<user>")
+            lines.append(f"- {patterns}: " + ", ".join(f"`{c.upper()}`" for c in grant.commands))
+    return lines
+
+
+def test_the_protocol_lists_every_key_pattern_and_command_of_each_role() -> None:
+    protocol = (ROOT / "PROTOCOL.md").read_text()
+    section = protocol[protocol.index("## ACL rules") : protocol.index("## Compatibility")]
+    missing = [line for line in grant_lines() if line not in section.splitlines()]
+    assert missing == [], "PROTOCOL.md's ACL rules differ from titan_broker/_wire/acl.py:\n" + "\n".join(
+        missing
+    )
+
+
+async def test_a_worker_retries_and_ticks_under_its_rule(secured: Secured, tmp_path: Path) -> None:
+    """@retry (delayed runs queued again, a job marked retrying) and @periodic (tick.lua) need nothing
+    beyond the worker rule of their service; the caller of tasks submits and reads the jobs."""
+    ns, keys = secured.namespace, secured.keys
+    for rule in (
+        acl.worker_rule(keys, "tasks", "tasks-worker"),
+        acl.worker_rule(keys, "ticker", "ticker-worker"),
+        acl.caller_rule(keys, ("tasks",), "tasks-caller"),
+    ):
+        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+    url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
+    secured.admin_ask("ACL", "LOG", "RESET")
+    tasks = RoutedWorkers(url.format(user="tasks-worker"), ns, secured.connect_admin)
+    ticker = RoutedWorkers(url.format(user="ticker-worker"), ns, secured.connect_admin)
+    ticks = tmp_path / "ticks"
+    try:
+        tasks.start(SERVICES / "tasks.py", "--dep", f"log={json.dumps(str(tmp_path / 'runs'))}")
+        ticker.start(SERVICES / "ticker.py", "--dep", f"log={json.dumps(str(ticks))}")
+        tasks.wait_registered("tasks", 1)
+        async with Client(url.format(user="tasks-caller"), namespace=ns) as caller:
+            recovers = caller.job(await caller.submit("tasks", "flaky", (1, "recovers")))
+            assert await recovers.result(timeout=20) == "ok after 2"
+        wait_until(lambda: ticks.exists() and ticks.read_text().strip(), 20, "a periodic tick")
+        assert denied_log(secured.admin) == []
+    finally:
+        tasks.close()
+        ticker.close()
+
+
+async def test_a_call_is_handed_off_to_a_newer_version_under_the_worker_rule(secured: Secured) -> None:
+    """Two versions of one service, both under its worker rule: a call for the method only v2 has,
+    read by v1, is handed to v2 (handoff.lua on v2's own stream), with nothing refused."""
+    ns, keys = secured.namespace, secured.keys
+    for rule in (
+        acl.worker_rule(keys, "edge-upgrade", "edge-worker"),
+        acl.caller_rule(keys, ("edge-upgrade",), "edge-caller"),
+    ):
+        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+    url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
+    secured.admin_ask("ACL", "LOG", "RESET")
+    edge = RoutedWorkers(url.format(user="edge-worker"), ns, secured.connect_admin)
+    try:
+        edge.start(SERVICES / "edge_v1.py")
+        v2 = edge.start(SERVICES / "edge_v2.py")
+        edge.wait_registered("edge-upgrade", 2)
+        async with Client(url.format(user="edge-caller"), namespace=ns) as caller:
+            for i in range(10):
+                assert await caller.call("edge-upgrade", "new_method", (i,), timeout=20) == [i, v2.pid]
+        assert denied_log(secured.admin) == []
+    finally:
+        edge.close()
+
+
+def test_a_read_only_dashboard_runs_under_the_observer_rule(secured: Secured) -> None:
+    """``titan dashboard`` without a token, as the observer: it shows the services and their dead letters."""
+    from .test_dashboard import Dashboard, service
+
+    registered(secured)
+    secured.admin_ask("ACL", "LOG", "RESET")
+    board = Dashboard(secured.urls["observer"], secured.namespace)
+    try:
+        board.wait(lambda snap: service(snap, A) is not None, "client_log on the dashboard")
+        assert len(board.get(f"/api/services/{A}/dead-letters")) == 1
+    finally:
+        board.close()
+    assert [line for line in denied_log(secured.admin) if line.startswith("observer")] == []

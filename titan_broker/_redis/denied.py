@@ -1,0 +1,57 @@
+"""The one place a Redis ACL refusal becomes ``AccessDenied``, naming the command, the key and the role.
+
+Redis says ``NOPERM`` for a command refused outright and, for a command a Lua
+script runs, an error that starts "The user executing the script can't".
+Neither names the key on every Redis version, so the code that ran the command
+says what it ran (``command``, ``key``), and the part of titan-broker acting
+(``acting``: a caller, a worker, the CLI's operator or observer) says which rule
+should have allowed it.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import redis.exceptions as rexc
+
+from .._errors import AccessDenied
+
+
+@dataclass(frozen=True)
+class Acting:
+    """Who is running commands: the ACL user (None: not known) and the role of the rule it should have."""
+
+    role: str
+    user: str | None = None
+
+
+acting: ContextVar[Acting] = ContextVar("titan_acting", default=Acting("caller"))  # noqa: B039 - frozen
+"""Set by the Client (caller), the worker (worker) and the CLI (operator or observer)."""
+
+_SCRIPT_REFUSAL = "the user executing the script can't"
+
+
+def is_denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a command or a key for the user's ACL rules."""
+    if isinstance(exc, rexc.NoPermissionError):
+        return True
+    return isinstance(exc, rexc.ResponseError) and str(exc).lower().startswith(_SCRIPT_REFUSAL)
+
+
+def access_denied(
+    exc: BaseException,
+    doing: str,
+    command: str | None = None,
+    key: str | None = None,
+    who: Acting | None = None,
+) -> AccessDenied:
+    """The AccessDenied for ``exc``, raised while ``doing`` (``command`` on ``key`` when known) by ``who``
+    (default: ``acting``)."""
+    who = who or acting.get()
+    user = f"ACL user {who.user!r}" if who.user else "this ACL user"
+    what = " ".join(part for part in (command and command.upper(), key and f"on key {key!r}") if part)
+    return AccessDenied(
+        f"cannot {doing}: Redis refused {what or 'it'} for {user}, whose ACL rule does not allow it ({exc}); "
+        f"this needs the {who.role} rule (`titan acl {who.role} ...`) for what it is doing"
+    )
