@@ -12,6 +12,7 @@
 import { randomBytes } from "node:crypto";
 
 import { blake2b } from "./blake2b.js";
+import { accessDenied, isDenied, type Acting } from "./denied.js";
 import { pack, packRawMap } from "./codec.js";
 import {
   BacklogFull,
@@ -28,7 +29,7 @@ import {
 import { Job } from "./jobs.js";
 import { Link, READ_BLOCK_MS, type Reply, type Sent } from "./link.js";
 import { defineScripts, type Scripts } from "./scripts.js";
-import { DEFAULT_URL, Topology, redact, type AnyRedis } from "./topology.js";
+import { DEFAULT_URL, Topology, redact, urlUser, type AnyRedis } from "./topology.js";
 
 export const VERSION = "3";
 export const DEFAULT_TIMEOUT = 30;
@@ -157,9 +158,11 @@ function errorText(exc: unknown): string {
   return exc instanceof Error ? exc.message : String(exc);
 }
 
-/** A TitanError for an ioredis failure while `doing`. */
-function titanError(exc: unknown, doing: string): Error {
+/** A TitanError for an ioredis failure while `doing` (`command` on `key`, by `who`): AccessDenied for
+ * an ACL refusal (denied.ts), RedisOutOfMemory for a write refused at maxmemory, else RedisUnavailable. */
+function titanError(exc: unknown, doing: string, who: Acting, command?: string, key?: string): Error {
   if (exc instanceof TitanError) return exc;
+  if (isDenied(exc)) return accessDenied(exc, doing, command, key, who);
   const text = errorText(exc);
   if (text.startsWith("OOM")) {
     return new RedisOutOfMemory(`cannot ${doing}: Redis is out of memory, so it refuses new writes; free memory in Redis, raise maxmemory, or let workers drain the queues`, { cause: exc });
@@ -189,6 +192,8 @@ export class Client {
   private readonly checking = new Set<string>();
   private readonly withdrawals = new Set<Promise<void>>();
   private readonly scripts: Scripts;
+  /** Who runs this client's commands, for AccessDenied: a caller, as its ACL user. */
+  private readonly acting: Acting;
   private closed = false;
   private readonly log: (message: string) => void;
 
@@ -205,6 +210,7 @@ export class Client {
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.log = options.log ?? ((m: string) => console.warn(m));
     this.scripts = defineScripts(redis);
+    this.acting = { role: "caller", user: options.aclUser };
     redis.on("error", () => undefined); // ioredis reconnects by itself; calls report what it means to them
   }
 
@@ -282,7 +288,8 @@ export class Client {
    * Call `service.method(...args, **kwargs)` and return its result. Raises RemoteError (or the
    * subclass of its titan.* type) when the worker answers with an error; CallTimeout
    * (NoLiveWorkers when no worker lives) when the deadline passes, also when Redis does not answer;
-   * BacklogFull when the service refuses new calls; CallLost when Redis lost the request.
+   * BacklogFull when the service refuses new calls; CallLost when Redis lost the request;
+   * AccessDenied when Redis refuses a command for the ACL user's rules (never retried).
    */
   async call(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): Promise<unknown> {
     const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
@@ -290,13 +297,14 @@ export class Client {
     const started = performance.now();
     const deadline = started + timeout * 1000;
     if (options.waitForWorker === false) await this.requireWorker(service, method, deadline);
-    const link = this.links.get(service) ?? (await this.link(service, deadline, method, timeout));
+    const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
     link.lastUsed = started;
     let sent: Sent | null = null;
     let answered = false;
     let timer: NodeJS.Timeout | undefined;
     let probe: NodeJS.Timeout | undefined;
     const reply = new Promise<Reply>((resolve, reject) => {
+      if (link.denied !== null) reject(link.denied); // its reader stopped while the link was opened
       link.calls.set(callId, { resolve, reject });
       timer = setTimeout(() => {
         link.calls.delete(callId);
@@ -337,7 +345,7 @@ export class Client {
     const started = performance.now();
     const deadline = started + timeout * 1000;
     if (options.waitForWorker === false) await this.requireWorker(service, method, deadline);
-    const link = this.links.get(service) ?? (await this.link(service, deadline, method, timeout));
+    const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
     const control = this.key(service, `stream:${callId}`);
     const queue: Array<Reply | Error> = [];
     let wake: (() => void) | null = null;
@@ -347,6 +355,7 @@ export class Client {
         wake?.();
       },
     });
+    if (link.denied !== null) queue.push(link.denied); // its reader stopped while the link was opened
     let sent: Sent | null = null;
     let finished = false;
     const probe = setTimeout(() => this.probe(service), Math.max(0, deadline - started - Math.min(250, (timeout * 1000) / 4)));
@@ -405,7 +414,7 @@ export class Client {
     try {
       await within(write, deadline, () => new CallTimeout(`${service}: Redis did not take the stream's credit before the deadline`));
     } catch (exc) {
-      throw titanError(exc, "grant a stream more items");
+      throw titanError(exc, "grant a stream more items", this.acting, "HSET", control);
     }
   }
 
@@ -463,7 +472,7 @@ export class Client {
           await link.syncClock().catch(() => undefined); // Redis's clock jumped: measure it again
           continue;
         }
-        throw titanError(exc, doing);
+        throw titanError(exc, doing, this.acting, later === undefined ? "EVALSHA submit" : "EVALSHA enqueue", keys[0]);
       }
       const text = id.toString();
       if (text === "delayed") return { keys: where, id: member };
@@ -500,7 +509,12 @@ export class Client {
         try {
           await within(attempt(), performance.now() + 2000, () => new LateError());
           return;
-        } catch {
+        } catch (exc) {
+          if (isDenied(exc)) {
+            // A refusal is not retried: the rules (`titan acl caller`) allow what a caller withdraws.
+            this.log(`titan-broker: ${accessDenied(exc, `withdraw a request of '${link.service}'`, job !== undefined ? "EVALSHA cancel" : "MULTI", job ?? sent.keys[0], this.acting).message}`);
+            return;
+          }
           if (this.closed || performance.now() > deadline + FORGET_GRACE_MS) return;
           await new Promise((r) => setTimeout(r, delay));
           delay = Math.min(1000, delay * 2);
@@ -514,10 +528,22 @@ export class Client {
 
   // --- links ---------------------------------------------------------------------------------------
 
+  /** The open link of `service` that still takes calls, if any. */
+  private liveLink(service: string): Link | undefined {
+    const found = this.links.get(service);
+    return found !== undefined && found.denied === null ? found : undefined;
+  }
+
+  /** The link of `service`, opened by `deadline` unless open; a link Redis refused its reader is
+   * dropped, and a new one opened (which raises AccessDenied while the rules still refuse it). */
   private async link(service: string, deadline: number, method: string, timeout: number): Promise<Link> {
     if (this.closed) throw new TitanError("client is closed");
     const found = this.links.get(service);
-    if (found !== undefined) return found;
+    if (found !== undefined && found.denied === null) return found;
+    if (found !== undefined) {
+      this.links.delete(service);
+      void found.close();
+    }
     let opening = this.opening.get(service);
     if (opening === undefined) {
       opening = this.openLink(service);
@@ -532,12 +558,12 @@ export class Client {
     const reader = this.topology.open({ enableAutoPipelining: false, commandTimeout: undefined });
     reader.on("error", () => undefined);
     if ("on" in reader) reader.on("node error", () => undefined);
-    const link = new Link(service, replyKey, this.redis, reader, this.scripts, this.log);
+    const link = new Link(service, replyKey, this.redis, reader, this.scripts, this.log, this.acting);
     try {
       await link.start();
     } catch (exc) {
       reader.disconnect();
-      throw titanError(exc, `connect to the Redis node that serves '${service}'`);
+      throw titanError(exc, `connect to the Redis node that serves '${service}'`, this.acting);
     }
     if (this.closed) {
       await link.close();
@@ -579,7 +605,7 @@ export class Client {
     try {
       count = await within(this.liveWorkers(service), deadline, () => new CallTimeout(`cannot check the workers of '${service}': Redis did not answer in time`));
     } catch (exc) {
-      throw titanError(exc, `check the workers of '${service}'`);
+      throw titanError(exc, `check the workers of '${service}'`, this.acting, "SMEMBERS", this.key(service, "workers"));
     }
     if (count === 0) {
       throw new NoLiveWorkers(`${service}.${method}() was not sent: service '${service}' has no live worker (waitForWorker: false; start one with 'titan-worker run FILE')`);
@@ -615,7 +641,7 @@ export class Client {
       try {
         workers = await within(read(), deadline, () => new CallTimeout(`cannot route ${service}.${method}(): Redis did not answer in time`));
       } catch (exc) {
-        throw titanError(exc, `route ${service}.${method}()`);
+        throw titanError(exc, `route ${service}.${method}()`, this.acting, "SMEMBERS", this.key(service, "affinity"));
       }
       cached = { until: performance.now() + ROUTE_TTL_MS, workers };
       this.routes.set(service, cached);
@@ -654,18 +680,18 @@ export class Client {
     const ttlMs = options.deadline !== undefined ? options.deadline * 1000 : NO_DEADLINE_MS;
     const { fields } = this.request(service, method, argList, kwargs, ttlMs, token);
     const deadline = performance.now() + timeout * 1000;
-    const link = this.links.get(service) ?? (await this.link(service, deadline, method, timeout));
+    const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
     await this.send(link, service, method, fields, null, deadline, timeout, {
       delayMs: Math.round((options.delay ?? 0) * 1000),
       jobId,
       resultTtlMs: Math.round(resultTtl * 1000),
     });
-    return new Job(this.redis, this.scripts, this.namespace, jobId);
+    return new Job(this.redis, this.scripts, this.namespace, jobId, this.acting);
   }
 
   /** The job with this id (from `submit`, in this process or another). */
   job<T = unknown>(jobId: string): Job<T> {
-    return new Job<T>(this.redis, this.scripts, this.namespace, jobId);
+    return new Job<T>(this.redis, this.scripts, this.namespace, jobId, this.acting);
   }
 
   // --- closing -------------------------------------------------------------------------------------
@@ -721,6 +747,7 @@ export async function connect(url?: string, options: ConnectOptions = {}): Promi
     await within(redis.ping(), performance.now() + 5000, () => new RedisUnavailable(`cannot reach Redis at ${redact(resolved)}: no answer within 5 s`));
   } catch (exc) {
     redis.disconnect();
+    if (isDenied(exc)) throw accessDenied(exc, `reach Redis at ${redact(resolved)}`, "PING", undefined, { role: "caller", user: options.aclUser ?? urlUser(resolved) });
     throw exc instanceof TitanError ? exc : new RedisUnavailable(`cannot reach Redis at ${redact(resolved)}: ${errorText(exc)}`, { cause: exc });
   }
   let aclUser = options.aclUser;

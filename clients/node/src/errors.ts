@@ -17,6 +17,11 @@ export class ConfigError extends TitanError {}
 /** Redis cannot be reached, refused the credentials, or dropped the connection. */
 export class RedisUnavailable extends TitanError {}
 
+/** Redis refused a command for the ACL user's rules (NOPERM): the message names what was being done,
+ * the command, the key when known, the ACL user, and the role whose rule should allow it
+ * (`titan acl caller ...`). A refusal is not an outage: it is not retried. */
+export class AccessDenied extends RedisUnavailable {}
+
 /** Redis refused a write: it reached its maxmemory limit with the noeviction policy. */
 export class RedisOutOfMemory extends RedisUnavailable {}
 

@@ -14,6 +14,7 @@ export type { JobState, JobStatus } from "./jobs.js";
 export { pack, unpack } from "./codec.js";
 export { redact } from "./topology.js";
 export {
+  AccessDenied,
   BacklogFull,
   BadArguments,
   BadRequest,

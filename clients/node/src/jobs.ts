@@ -3,6 +3,7 @@
  * worker writes the outcome into the job's hash `<ns>:{<svc>}:job:<token>`, kept `result_ttl`
  * after it ended. Its id `<service>:<token>` is all another process needs to read it.
  */
+import { accessDenied, isDenied, type Acting } from "./denied.js";
 import { CallTimeout, ConfigError, JobCancelled, JobNotFound, RedisUnavailable, RemoteError, remoteError, TitanError } from "./errors.js";
 import { decodeReply } from "./link.js";
 import type { Scripts } from "./scripts.js";
@@ -50,6 +51,7 @@ export class Job<T = unknown> {
     private readonly scripts: Scripts,
     private readonly namespace: string,
     readonly id: string,
+    private readonly acting: Acting = { role: "caller" },
   ) {
     const at = id.indexOf(":");
     const service = at > 0 ? id.slice(0, at) : "";
@@ -64,7 +66,7 @@ export class Job<T = unknown> {
 
   /** Where the job stands now; raises JobNotFound (never submitted, or expired). */
   async status(): Promise<JobStatus> {
-    const fields = await this.read(() => this.redis.hgetallBuffer(this.key));
+    const fields = await this.read("HGETALL", this.key, () => this.redis.hgetallBuffer(this.key));
     if (Object.keys(fields).length === 0) throw this.notFound();
     const text = (name: string): string | undefined => fields[name]?.toString();
     let error: RemoteError | null = null;
@@ -113,16 +115,16 @@ export class Job<T = unknown> {
   /** Cancel the job if it has not started; true when it was. A job that runs, or has ended, is
    * left as it is (false). Raises JobNotFound. */
   async cancel(): Promise<boolean> {
-    const outcome = await this.read(() =>
-      this.scripts.cancel(3, this.key, `${this.namespace}:{${this.service}}:calls`, `${this.namespace}:{${this.service}}:delayed`, "workers"),
-    );
+    const cancel = (): Promise<unknown> =>
+      this.scripts.cancel(3, this.key, `${this.namespace}:{${this.service}}:calls`, `${this.namespace}:{${this.service}}:delayed`, "workers");
+    const outcome = await this.read("EVALSHA cancel", this.key, cancel, "cancel");
     const text = String(outcome);
     if (text === "unknown") throw this.notFound();
     return text === "cancelled";
   }
 
   private async ended(): Promise<Buffer | null> {
-    const [state, result] = await this.read(() => this.redis.hmgetBuffer(this.key, "status", "result"));
+    const [state, result] = await this.read("HMGET", this.key, () => this.redis.hmgetBuffer(this.key, "status", "result"));
     if (state === null || state === undefined) throw this.notFound();
     const s = state.toString();
     if (s === "cancelled") throw new JobCancelled(`job ${this.id} was cancelled before it started`);
@@ -137,7 +139,8 @@ export class Job<T = unknown> {
     return reply.value as T;
   }
 
-  private async read<R>(fn: () => Promise<R>): Promise<R> {
+  /** Run `fn` (`command` on `key`), bounded; a Redis failure becomes RedisUnavailable, a refusal AccessDenied. */
+  private async read<R>(command: string, key: string, fn: () => Promise<R>, doing = "read"): Promise<R> {
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new RedisUnavailable(`cannot read job ${this.id}: Redis did not answer within ${READ_TIMEOUT_MS / 1000} s`)), READ_TIMEOUT_MS);
@@ -146,6 +149,7 @@ export class Job<T = unknown> {
       return await Promise.race([fn(), late]);
     } catch (exc) {
       if (exc instanceof TitanError) throw exc;
+      if (isDenied(exc)) throw accessDenied(exc, `${doing} job ${this.id}`, command, key, this.acting);
       throw new RedisUnavailable(`cannot read job ${this.id}: ${(exc as Error).message}`, { cause: exc });
     } finally {
       clearTimeout(timer);

@@ -6,8 +6,12 @@
  * seen). While calls wait, it checks about every second (and after any connection trouble)
  * whether the node's run_id changed and the client's canary `<reply key>:alive` is gone: then
  * Redis lost its data, and every waiting call whose request is gone too fails with CallLost.
+ *
+ * A command Redis refuses for the ACL user's rules is not an outage: the reader stops, every call
+ * waiting on it fails with AccessDenied, and the client opens a new link for the next call.
  */
-import { CallLost, TitanError } from "./errors.js";
+import { accessDenied, isDenied, isScriptRefusal, type Acting } from "./denied.js";
+import { AccessDenied, CallLost, TitanError } from "./errors.js";
 import { unpack } from "./codec.js";
 import type { Scripts } from "./scripts.js";
 import type { AnyRedis } from "./topology.js";
@@ -100,6 +104,8 @@ export class Link {
   private closed = false;
   private suspect = false;
   private running: Promise<void> | null = null;
+  /** Why the reader stopped: Redis refused one of its commands. A denied link takes no more calls. */
+  denied: AccessDenied | null = null;
 
   constructor(
     readonly service: string,
@@ -108,6 +114,7 @@ export class Link {
     private readonly reader: AnyRedis,
     private readonly scripts: Scripts,
     private readonly log: (message: string) => void,
+    private readonly acting: Acting = { role: "caller" },
   ) {
     this.canary = `${replyKey}:alive`;
     reader.on("reconnecting", () => {
@@ -122,11 +129,21 @@ export class Link {
     return this.calls.size === 0 && this.streams.size === 0 && this.entries.size === 0;
   }
 
-  /** Note which Redis serves the reply stream (its run_id), write the canary, measure the clock. */
+  /** Note which Redis serves the reply stream (its run_id), write the canary, measure the clock.
+   * Raises AccessDenied when Redis refuses the reply stream's keys to this ACL user. */
   async start(): Promise<void> {
-    await this.probeRestart(true);
+    try {
+      await this.probeRestart(true);
+    } catch (exc) {
+      if (isDenied(exc)) throw this.refused(exc, `connect to the Redis node that serves '${this.service}'`, "EVALSHA", this.canary);
+      throw exc;
+    }
     await this.syncClock();
     this.running = this.run();
+  }
+
+  private refused(exc: unknown, doing: string, command: string, key: string): AccessDenied {
+    return accessDenied(exc, doing, command, key, this.acting);
   }
 
   async syncClock(): Promise<void> {
@@ -140,16 +157,20 @@ export class Link {
     let nextCanary = performance.now() + CANARY_EVERY_MS;
     let nextCheck = performance.now() + RESTART_CHECK_EVERY_MS;
     let delay = 50;
+    let command = "XREAD";
+    let key = this.replyKey;
     while (!this.closed) {
       try {
         const now = performance.now();
         if (this.suspect || (this.entries.size > 0 && now >= nextCheck)) {
           this.suspect = false;
           nextCheck = now + RESTART_CHECK_EVERY_MS;
+          [command, key] = ["EVALSHA", this.canary];
           await this.probeRestart(false);
         }
         if (this.seen.length > 0 && (this.seen.length >= 1024 || now >= nextTrim)) {
           const ids = this.seen.splice(0, 1024);
+          [command, key] = ["XDEL", this.replyKey];
           await this.base.xdel(this.replyKey, ...ids);
           nextTrim = now + TRIM_EVERY_MS;
         }
@@ -157,12 +178,17 @@ export class Link {
           nextCanary = now + CANARY_EVERY_MS;
           await this.writeCanary();
         }
+        [command, key] = ["XREAD", this.replyKey];
         const res = await this.reader.xreadBuffer("COUNT", 256, "BLOCK", READ_BLOCK_MS, "STREAMS", this.replyKey, this.last);
         delay = 50;
         if (res) this.route(res as unknown as Array<[Buffer, Array<[Buffer, Buffer[]]>]>);
       } catch (exc) {
         if (this.closed) return;
         const text = (exc as Error).message ?? String(exc);
+        if (isDenied(exc)) {
+          this.deny(this.refused(exc, `read the replies of '${this.service}'`, command, key));
+          return;
+        }
         if (text.startsWith("WRONGTYPE")) {
           await this.recoverClobbered().catch(() => undefined);
           continue;
@@ -219,8 +245,8 @@ export class Link {
     try {
       answer = (await this.scripts.restartProbe(1, this.canary)) as [Buffer, number];
     } catch (exc) {
-      const text = (exc as Error).message ?? "";
-      if (/NOPERM|not allowed|no permissions/i.test(text)) {
+      // INFO refused inside the script (the canary's key, declared, is checked before it runs).
+      if (isScriptRefusal(exc)) {
         this.restartCheck = false;
         this.log("titan-broker: this Redis user may not run INFO: calls lost by a Redis restart without persistence will time out instead of failing at once with CallLost (allow +info to fix)");
         return;
@@ -291,6 +317,14 @@ export class Link {
 
   failAll(make: () => Error): void {
     for (const callId of [...this.calls.keys(), ...this.streams.keys()]) this.fail(callId, make());
+  }
+
+  /** Stop taking calls: Redis refused the reader a command. Every waiting call fails with `error`. */
+  private deny(error: AccessDenied): void {
+    this.denied = error;
+    this.log(`titan-broker: ${error.message}; the calls waiting on ${this.replyKey} fail with AccessDenied`);
+    this.failAll(() => new AccessDenied(error.message, { cause: error.cause }));
+    this.reader.disconnect();
   }
 
   /** Stop reading; fail what still waits. */

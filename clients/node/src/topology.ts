@@ -7,6 +7,7 @@ import { readFileSync } from "node:fs";
 
 import { Cluster, Redis, type ClusterOptions, type RedisOptions } from "ioredis";
 
+import { accessDenied, isDenied } from "./denied.js";
 import { ConfigError, RedisUnavailable } from "./errors.js";
 
 export type Kind = "single" | "cluster" | "sentinel";
@@ -93,6 +94,15 @@ function tlsOptions(p: Parsed, secure: boolean): RedisOptions["tls"] | undefined
   }
   if (p.query.get("ssl_cert_reqs") === "none") tls.rejectUnauthorized = false;
   return tls;
+}
+
+/** The ACL user a URL names (undefined: none, so Redis's `default` user, or not a URL). */
+export function urlUser(url: string): string | undefined {
+  try {
+    return parse(url).username;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Options every connection of the client shares: commands wait in ioredis's queue while it
@@ -189,13 +199,15 @@ export class Topology {
     probe.on("error", (exc: unknown) => {
       failure ??= exc;
     });
+    let command: string | undefined;
     try {
       await bounded(probe.connect(), `connect to ${redact(this.url)}`).catch((exc: unknown) => {
         throw failure ?? exc;
       });
+      command = "PING";
       await bounded(probe.ping(), `PING ${redact(this.url)}`);
     } catch (exc) {
-      throw unreachable(this.url, exc);
+      throw unreachable(this.url, exc, command);
     } finally {
       probe.disconnect();
     }
@@ -243,9 +255,11 @@ async function bounded<T>(promise: Promise<T>, doing: string): Promise<T> {
   }
 }
 
-/** The error for a first connection to `url` that failed with `exc` (passwords hidden). */
-export function unreachable(url: string, exc: unknown): Error {
+/** The error for a first connection to `url` that failed with `exc` (running `command`, when known;
+ * passwords hidden): AccessDenied when Redis refused a command for the URL's ACL user. */
+export function unreachable(url: string, exc: unknown, command?: string): Error {
   if (exc instanceof ConfigError) return exc;
+  if (isDenied(exc)) return accessDenied(exc, `connect to ${redact(url)}`, command, undefined, { role: "caller", user: urlUser(url) });
   const text = exc instanceof Error ? exc.message : String(exc);
   if (/WRONGPASS|NOAUTH|invalid password|invalid username/i.test(text)) {
     return new RedisUnavailable(`Redis at ${redact(url)} refused the credentials: ${text}`, { cause: exc });

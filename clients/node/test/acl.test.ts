@@ -1,14 +1,15 @@
 /**
  * The Node client under the caller rule `titan acl caller` writes (Redis 7): it calls and submits
  * jobs with nothing refused, its client id starts with its ACL user's name, and it cannot touch
- * another service or another user's replies.
+ * another service or another user's replies. What Redis refuses fails with AccessDenied, naming the
+ * command, the key, the ACL user and the caller rule, and is never retried.
  */
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
-import { Client, RedisUnavailable, connect } from "titan-broker";
+import { AccessDenied, CallTimeout, Client, RedisUnavailable, TitanError, connect } from "titan-broker";
 
-import { PrivateRedis, TITAN, Worker, run } from "./helpers.js";
+import { PrivateRedis, TITAN, Worker, run, waitFor } from "./helpers.js";
 
 const NS = "nodeacl";
 const redis = await PrivateRedis.start();
@@ -41,6 +42,23 @@ async function refusals(): Promise<string[]> {
   }
 }
 
+/** An AccessDenied (so a RedisUnavailable and a TitanError) naming the key, the user and the caller rule. */
+function denied(e: unknown, key: string, user: string): boolean {
+  assert.ok(e instanceof AccessDenied, `not an AccessDenied: ${String(e)}`);
+  assert.ok(e instanceof RedisUnavailable && e instanceof TitanError);
+  assert.equal(e.name, "AccessDenied");
+  assert.match(e.message, /Redis refused [A-Z]+( [a-z_]+)? on key '/);
+  assert.ok(e.message.includes(`on key '${key}`), e.message);
+  assert.ok(e.message.includes(`ACL user '${user}'`), e.message);
+  assert.match(e.message, /needs the caller rule \(`titan acl caller \.\.\.`\)/);
+  return true;
+}
+
+after(async () => {
+  await client?.close();
+  await redis.stop();
+});
+
 describe("the Node client under the caller rule", () => {
   before(async () => {
     await apply("worker", "calculator", "--user", "calc-worker");
@@ -50,9 +68,7 @@ describe("the Node client under the caller rule", () => {
   });
 
   after(async () => {
-    await client?.close();
     await worker?.stop();
-    await redis.stop();
   });
 
   it("calls and submits jobs with nothing refused, as its own user", async () => {
@@ -68,10 +84,12 @@ describe("the Node client under the caller rule", () => {
   });
 
   it("cannot call another service nor touch another user's replies", async () => {
+    const started = performance.now();
     await assert.rejects(
       client.service<{ get_user(id: number): Promise<unknown> }>("database", { timeout: 5 }).get_user(1),
-      (e: unknown) => e instanceof RedisUnavailable && /permission/i.test(e.message),
+      (e: unknown) => denied(e, `${NS}:{database}:reply:node-caller.`, "node-caller"),
     );
+    assert.ok(performance.now() - started < 2000, "refused at once, not at the call's timeout");
     const raw = client.redis;
     for (const command of [
       ["XADD", `${NS}:{calculator}:reply:other.0123`, "*", "reply", "forged"],
@@ -81,5 +99,67 @@ describe("the Node client under the caller rule", () => {
     ]) {
       await assert.rejects(raw.call(command[0] as string, ...command.slice(1)), /NOPERM|permission/i, command.join(" "));
     }
+  });
+});
+
+describe("the Node client refused by Redis", () => {
+  const logged: string[] = [];
+  let idle: Client;
+
+  before(async () => {
+    await apply("caller", "idle", "--user", "node-idle");
+    idle = await connect(userUrl("node-idle"), { namespace: NS, log: (m) => logged.push(m) });
+  });
+
+  after(async () => {
+    await idle?.close();
+  });
+
+  it("fails the calls waiting on a reply stream it may no longer read, at once and without retrying", async () => {
+    const admin = redis.client();
+    try {
+      const started = performance.now();
+      const waiting = idle.service<{ wait(): Promise<unknown> }>("idle", { timeout: 8 }).wait();
+      const outcome = waiting.then(() => null, (e: unknown) => e);
+      // The request is queued (no worker serves 'idle'): the call waits on its reply stream.
+      await waitFor("the call's request in Redis", async () => (await admin.xlen(`${NS}:{idle}:calls`)) === 1, 10_000);
+      await admin.call("ACL", "SETUSER", "node-idle", "clearselectors");
+      const error = await outcome;
+      assert.ok(!(error instanceof CallTimeout), `the call timed out instead: ${String(error)}`);
+      assert.ok(denied(error, `${NS}:{idle}:reply:node-idle.`, "node-idle"));
+      assert.match((error as Error).message, /cannot read the replies of 'idle': Redis refused/);
+      assert.ok(performance.now() - started < 6000, "failed before the call's timeout");
+      assert.deepEqual(logged.filter((m) => /retrying/.test(m)), [], "a refusal is not retried");
+      // The link is dropped: the next call tries again, and is refused again.
+      await assert.rejects(
+        idle.service<{ wait(): Promise<unknown> }>("idle", { timeout: 8 }).wait(),
+        (e: unknown) => denied(e, `${NS}:{idle}:reply:node-idle.`, "node-idle"),
+      );
+    } finally {
+      admin.disconnect();
+    }
+  });
+
+  it("says which command a user may not run when it connects", async () => {
+    const admin = redis.client();
+    try {
+      await admin.call("ACL", "SETUSER", "node-noping", "on", ">node-noping-pw", "-@all", "+info");
+    } finally {
+      admin.disconnect();
+    }
+    await assert.rejects(connect(userUrl("node-noping"), { namespace: NS }), (e: unknown) => {
+      assert.ok(e instanceof AccessDenied && e instanceof RedisUnavailable, String(e));
+      assert.match(e.message, /Redis refused PING for ACL user 'node-noping'/);
+      assert.match(e.message, /needs the caller rule/);
+      assert.ok(!e.message.includes("node-noping-pw"), "the password is hidden");
+      return true;
+    });
+  });
+
+  it("reads no job of a service it has no rule for", async () => {
+    const job = client.job("database:0123abcd");
+    await assert.rejects(job.status(), (e: unknown) => denied(e, `${NS}:{database}:job:0123abcd`, "node-caller") && /HGETALL/.test((e as Error).message));
+    await assert.rejects(job.result({ timeout: 5 }), (e: unknown) => denied(e, `${NS}:{database}:job:0123abcd`, "node-caller") && /HMGET/.test((e as Error).message));
+    await assert.rejects(job.cancel(), (e: unknown) => denied(e, `${NS}:{database}:job:0123abcd`, "node-caller"));
   });
 });
