@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .conftest import (
     SERVICES,
     RoutedWorkers,
     Workers,
+    in_thread,
     skip_without_cluster_binaries,
     titan,
     wait_until,
@@ -327,6 +329,44 @@ async def test_a_refusal_is_an_access_denied_naming_command_key_and_role(secured
     message = str(info.value)
     assert "alice" in message and "caller" in message, message
     assert keys.calls(B) in message or B in message, message
+
+
+def without_reply_rights(admin: Any, user: str) -> list[str]:
+    """ACL SETUSER arguments that keep ``user``'s rule but the selector of its reply streams."""
+    row = admin.execute_command("ACL", "GETUSER", user)
+    row = row if isinstance(row, dict) else next(iter(row.values()))  # a cluster: every node alike
+    kept = [
+        f"({sel[b'keys'].decode()} {sel[b'commands'].decode()})"
+        for sel in row[b"selectors"]
+        if b":reply:" not in sel[b"keys"]
+    ]
+    return ["clearselectors", *kept]
+
+
+async def test_replies_a_caller_may_no_longer_read_fail_its_calls_with_access_denied(
+    secured: Secured, b_workers: Workers
+) -> None:
+    """A refused read of the reply stream is not an outage: the waiting call fails at once, it does
+    not wait for its timeout while the reader retries."""
+    b_workers.start(CALCULATOR)
+    b_workers.wait_registered(B, 1)
+    async with Client(secured.urls["carol"], namespace=secured.namespace) as carol:
+        assert await carol.call(B, "add", (1, 2)) == 3
+        secured.admin_ask("ACL", "LOG", "RESET")
+        secured.admin_ask("ACL", "SETUSER", "carol", *without_reply_rights(secured.admin, "carol"))
+        # A read already blocked keeps the rights it started with: wait for the reader's next one.
+        await in_thread(wait_until, lambda: any(
+            e.startswith("carol ") and e.endswith(" xread") for e in denied_log(secured.admin)
+        ), 10, "carol's reader refused an XREAD")  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(AccessDenied) as info:
+            await carol.call(B, "add", (2, 3), timeout=8)
+        took = time.monotonic() - started
+    message = str(info.value)
+    assert "XREAD" in message and ":reply:carol." in message and "carol" in message and "caller" in message, (
+        message
+    )
+    assert took < 5, f"the call waited {took:.1f} s: the refusal was retried, not reported"
 
 
 def test_titan_acl_prints_the_rules_as_text_and_json(namespace: str) -> None:

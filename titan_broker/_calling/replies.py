@@ -17,6 +17,10 @@ up) is dropped. The dispatcher survives anything on the reply side:
 - The reply key overwritten with another type (WRONGTYPE): it deletes the
   key, fails the calls waiting at that moment with CallLost naming the key
   (their replies may be lost) and carries on; later calls work.
+- A read Redis refuses for the ACL user's rules: not an outage, so the calls
+  waiting at that moment fail with AccessDenied instead of waiting for their
+  timeout; the loop tries again after a backoff (the rule may be granted), and
+  calls made meanwhile fail at its next refusal.
 - Anything else: logged, and the loop goes on after a backoff.
 """
 
@@ -26,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import NamedTuple
 
 import anyio
@@ -36,6 +41,7 @@ from redis import exceptions as rexc
 from .._errors import CallLost, RemoteError, TitanError, WireError, remote_error
 from .._redis.backoff import Backoff
 from .._redis.connection import CONNECTION_ERRORS, Channel, stream_entries, text
+from .._redis.denied import access_denied, is_denied
 from .._wire import protocol
 
 logger = logging.getLogger(__name__)
@@ -169,7 +175,9 @@ class ReplyDispatcher:
         next_trim = time.monotonic() + TRIM_EVERY
         next_canary = time.monotonic() + CANARY_EVERY
         reconnected = False
+        denied = False  # refused by the ACL rules at the last try: said once per spell
         while True:
+            command = "XREAD"
             try:
                 if reconnected:
                     await self._check_restart()
@@ -180,16 +188,19 @@ class ReplyDispatcher:
                 if self._untrimmed and (self._untrimmed >= 1024 or now >= next_trim):
                     # Everything before the last reply read has been read (a stream only grows at
                     # its end): trimming removes whole nodes, where XDEL searches each id.
+                    command = "XTRIM"
                     await self.channel.execute("XTRIM", self.reply_key, "MINID", self._last)
                     self._untrimmed = 0
                     next_trim = now + TRIM_EVERY
                 if now >= next_canary:
                     next_canary = now + CANARY_EVERY
                     await self._write_canary()
+                command = "XREAD"
                 res = await self.channel.execute(
                     "XREAD", "COUNT", 256, "BLOCK", READ_BLOCK_MS, "STREAMS", self.reply_key, self._last
                 )
                 backoff.reset()
+                denied = False
             except CONNECTION_ERRORS as exc:
                 delay = backoff.next()
                 logger.warning("reply dispatcher lost Redis (%s); retrying in %.2f s", exc, delay)
@@ -197,7 +208,14 @@ class ReplyDispatcher:
                 await anyio.sleep(delay)
                 continue
             except rexc.ResponseError as exc:
-                if str(exc).startswith("WRONGTYPE"):
+                if is_denied(exc):
+                    refusal = partial(access_denied, exc, "read the replies", command, self.reply_key)
+                    count = self.fail_all(refusal)
+                    if not denied:
+                        logger.error("%s; failed %d waiting call(s); trying again", refusal(), count)
+                    denied = True
+                    await anyio.sleep(backoff.next())
+                elif str(exc).startswith("WRONGTYPE"):
                     await self._recover_clobbered_key()
                 else:
                     delay = backoff.next()

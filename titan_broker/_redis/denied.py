@@ -1,7 +1,8 @@
 """The one place a Redis ACL refusal becomes ``AccessDenied``, naming the command, the key and the role.
 
 Redis says ``NOPERM`` for a command refused outright and, for a command a Lua
-script runs, an error that starts "The user executing the script can't".
+script runs, an error that starts "The user executing the script can't" (Redis
+7.0) or "ACL failure in script" (later versions).
 Neither names the key on every Redis version, so the code that ran the command
 says what it ran (``command``, ``key``), and the part of titan-broker acting
 (``acting``: a caller, a worker, the CLI's operator or observer) says which rule
@@ -29,14 +30,15 @@ class Acting:
 acting: ContextVar[Acting] = ContextVar("titan_acting", default=Acting("caller"))  # noqa: B039 - frozen
 """Set by the Client (caller), the worker (worker) and the CLI (operator or observer)."""
 
-_SCRIPT_REFUSAL = "the user executing the script can't"
+_SCRIPT_REFUSALS = ("the user executing the script can't", "acl failure in script")
+"""How a refusal inside a Lua script begins: Redis 7.0, then later versions."""
 
 
 def is_denied(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis refusing a command or a key for the user's ACL rules."""
     if isinstance(exc, rexc.NoPermissionError):
         return True
-    return isinstance(exc, rexc.ResponseError) and str(exc).lower().startswith(_SCRIPT_REFUSAL)
+    return isinstance(exc, rexc.ResponseError) and str(exc).lower().startswith(_SCRIPT_REFUSALS)
 
 
 def access_denied(
