@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from titan_broker import ConfigError, ProcessManager, WorkerOptions
+from titan_broker import ConfigError, Event, ProcessManager, WorkerOptions
 from titan_broker._processes.policies import (
     worker_options,
 )
 
-from .conftest import SERVICES, managed_workers
+from .conftest import SERVICES, eventually, managed_workers
 
 POOLED = str(SERVICES / "pooled.py")
 
@@ -63,3 +63,20 @@ async def test_a_pool_closed_by_its_user_leaves_the_manager(pm: ProcessManager) 
     await pool.close(timeout=10)
     assert pm.pools == [] and pm.workers == [] and pool.workers == []
     assert (await pm.health("pooled")).failed == 0
+
+
+async def test_a_worker_stopped_through_the_manager_is_stopped_not_crashed_and_not_restarted(
+    pm: ProcessManager,
+) -> None:
+    await pm.spawn(POOLED)  # the default restart policy restarts a worker that crashes
+    [worker] = pm.workers
+    events: list[Event] = []
+    pm.on_event(events.append)
+    assert await pm.stop_worker(worker, timeout=10) == 0
+
+    async def exit_seen() -> list[str]:
+        mine = [e.kind for e in events if e.worker_id == worker.worker_id]
+        return [kind for kind in mine if kind in ("stopped", "crashed")]
+
+    assert await eventually(exit_seen, 10, "the worker's exit seen by its pool") == ["stopped"]
+    assert pm.workers == [] and [pool.size for pool in pm.pools] == [0]

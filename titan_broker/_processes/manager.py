@@ -313,8 +313,11 @@ class ProcessManager:
                 tg.start_soon(pool.close, timeout)
 
     async def stop_worker(self, worker: WorkerProcess, timeout: float = 30.0) -> int:
-        """Drain and stop one worker process; return its exit code."""
-        return await worker.stop(timeout)
+        """Drain and stop one worker process (not restarted: its pool keeps one fewer); its exit code."""
+        for pool in self.pools:
+            if worker in pool.workers:
+                return await pool.stop_worker(worker, timeout)
+        return await worker.stop(timeout)  # not one of this manager's running workers
 
 
 def _expected_name(cls: type[Any] | None, name: str | None) -> str | None:

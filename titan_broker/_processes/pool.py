@@ -164,6 +164,11 @@ class Pool(Generic[T]):
             if before != n:
                 supervisor.emit("scaled", None, f"{before} -> {n} workers")
 
+    async def stop_worker(self, worker: WorkerProcess, timeout: float = 30.0) -> int:
+        """Drain and stop one of this pool's workers (calls in flight finish, SIGKILL after ``timeout``);
+        it is not restarted and the pool keeps one worker fewer. Its exit code."""
+        return await self._supervisor.stop(worker, timeout)
+
     async def metrics(self) -> PoolMetrics:
         """Workers, busy, backlog, calls, errors, latency percentiles, CPU and RSS of the pool."""
         records = await self._supervisor.records()

@@ -127,10 +127,15 @@ class Supervisor:
 
     # -- stopping on purpose ---------------------------------------------------------------
 
-    async def retire(self, worker: WorkerProcess, reason: str, grace: float | None = None) -> None:
-        """Drain one worker through SIGTERM (calls in flight finish); it is not restarted."""
+    async def retire(self, worker: WorkerProcess, reason: str, grace: float | None = None) -> int:
+        """Drain one worker through SIGTERM (calls in flight finish); it is not restarted. Its exit code."""
         self._retiring[worker.worker_id] = reason
-        await worker.stop(self._grace if grace is None else grace)
+        return await worker.stop(self._grace if grace is None else grace)
+
+    async def stop(self, worker: WorkerProcess, grace: float) -> int:
+        """Stop one worker on its user's word: the pool keeps one fewer. Its exit code."""
+        self.target = max(0, self.target - 1)
+        return await self.retire(worker, "stopped", grace)
 
     async def replace(self, worker: WorkerProcess, kind: EventKind, detail: str) -> None:
         """Start the replacement first, then drain the old worker."""
