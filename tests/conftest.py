@@ -25,6 +25,7 @@ import anyio
 import psutil
 import pytest
 import redis as sync_redis
+import redis.asyncio as aioredis
 from titan_worker.middleware.cache import LocalCache
 from titan_worker.middleware.rate_limit import LocalBucket
 
@@ -32,6 +33,7 @@ from titan_broker import ProcessManager, WorkerOptions
 from titan_broker._calling import breaker as breaker_module
 from titan_broker._errors import TitanError
 from titan_broker._processes.events import Event
+from titan_broker._redis import AutoPipeline, Channel
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, Reply, decode_reply, encode_request
 from titan_broker.testing import LocalRedis
@@ -121,6 +123,24 @@ def private_redis() -> Iterator[LocalRedis]:
     """A Redis of this test's own, without persistence, to stop, restart (losing every key) or fill."""
     with LocalRedis() as server:
         yield server
+
+
+@pytest.fixture
+async def aredis(private_redis: LocalRedis) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client of ``private_redis``."""
+    client = aioredis.Redis.from_url(private_redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pipe(private_redis: LocalRedis) -> AsyncIterator[AutoPipeline]:
+    """The auto-pipeline a client sends its requests and scripts through, on ``private_redis``."""
+    channel = await Channel.open(private_redis.url, "batch")
+    pipeline = AutoPipeline(channel)
+    yield pipeline
+    await pipeline.aclose()
+    await channel.aclose()
 
 
 @pytest.fixture

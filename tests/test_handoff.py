@@ -32,12 +32,8 @@ pytestmark = pytest.mark.anyio
 
 
 # --- a rolling upgrade -----------------------------------------------------------------------
-async def test_rolling_upgrade_serves_the_new_method_from_the_new_version_only(
-    workers: Workers, pm: ProcessManager
-) -> None:
-    workers.start(EDGE_V1)
-    v2 = workers.start(EDGE_V2)
-    await in_thread(workers.wait_registered, "edge-upgrade", 2)
+async def call_new_method(pm: ProcessManager, n: int) -> dict[int, Any]:
+    """``n`` calls at once of the method only the new version has: each call's answer or error."""
     outcomes: dict[int, Any] = {}
 
     async def one(i: int) -> None:
@@ -47,8 +43,18 @@ async def test_rolling_upgrade_serves_the_new_method_from_the_new_version_only(
             outcomes[i] = exc
 
     async with anyio.create_task_group() as tg:
-        for i in range(40):
+        for i in range(n):
             tg.start_soon(one, i)
+    return outcomes
+
+
+async def test_rolling_upgrade_serves_the_new_method_from_the_new_version_only(
+    workers: Workers, pm: ProcessManager
+) -> None:
+    workers.start(EDGE_V1)
+    v2 = workers.start(EDGE_V2)
+    await in_thread(workers.wait_registered, "edge-upgrade", 2)
+    outcomes = await call_new_method(pm, 40)
     failed = {i: repr(o) for i, o in outcomes.items() if isinstance(o, Exception)}
     assert not failed, f"{len(failed)} of 40 calls failed, e.g. {next(iter(failed.values()))}"
     assert outcomes == {i: [i, v2.pid] for i in range(40)}
@@ -69,17 +75,7 @@ async def test_a_call_is_handed_only_to_a_worker_that_has_its_method(
     old = await in_thread(workers.wait_registered, "edge-upgrade", 2)
     v2 = workers.start(EDGE_V2)
     await in_thread(workers.wait_registered, "edge-upgrade", 3)
-    outcomes: dict[int, Any] = {}
-
-    async def one(i: int) -> None:
-        try:
-            outcomes[i] = await pm.client.call("edge-upgrade", "new_method", (i,), timeout=20)
-        except TitanError as exc:
-            outcomes[i] = exc
-
-    async with anyio.create_task_group() as tg:
-        for i in range(30):
-            tg.start_soon(one, i)
+    outcomes = await call_new_method(pm, 30)
     assert outcomes == {i: [i, v2.pid] for i in range(30)}
     # A hand-off writes onto its target's own stream: an old worker's got nothing, ever.
     for worker_id in old:
