@@ -68,7 +68,6 @@ from .conftest import (
 )
 from .test_decorators import until_refused
 from .test_pools import _with_calls
-from .test_redis_access import _make_certs
 
 pytestmark = pytest.mark.anyio
 
@@ -647,8 +646,7 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make certificates")
     folder = tmp_path_factory.mktemp("tls")
-    _make_certs(folder)  # a CA, and a certificate it signed for 127.0.0.1
-    tls = TlsFiles(cert=str(folder / "server.crt"), key=str(folder / "server.key"), ca=str(folder / "ca.crt"))
+    tls = TlsFiles.make(folder)  # a CA, and a certificate it signed for 127.0.0.1
     with LocalCluster(primaries=3, replicas=0, tls=tls) as c:
         yield c
 

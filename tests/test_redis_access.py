@@ -18,7 +18,7 @@ import redis as sync_redis
 
 from processes.calculator import Calculator
 from titan_broker import ProcessManager, RedisUnavailable
-from titan_broker.testing._local_redis import LocalRedis, free_port
+from titan_broker.testing._local_redis import LocalRedis, TlsFiles, free_port
 
 from .conftest import CALCULATOR, Workers, wait_until
 
@@ -144,30 +144,12 @@ async def test_namespaces_on_one_redis_do_not_see_each_other(redis_url: str, nam
         assert await a.client.live_workers("calculator") == 1
 
 
-def _make_certs(folder: Path) -> None:
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=titan-test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
-        "-out", "server.csr")  # fmt: skip
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "1", "-extfile", "san.ext", "-out", "server.crt")  # fmt: skip
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 async def test_tls_with_a_self_signed_ca(tmp_path: Path, namespace: str) -> None:
-    _make_certs(tmp_path)
+    files = TlsFiles.make(tmp_path)
     port = free_port()
-    tls = [
-        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tmp_path / "server.crt"),
-        "--tls-key-file", str(tmp_path / "server.key"), "--tls-ca-cert-file", str(tmp_path / "ca.crt"),
-        "--tls-auth-clients", "no",
-    ]  # fmt: skip
-    with LocalRedis(port=port, extra_args=tls):
-        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}"
+    with LocalRedis(port=port, extra_args=files.server_args(port)):
+        url = f"rediss://127.0.0.1:{port}/0{files.query}"
         async with ProcessManager(url, namespace=namespace) as pm:
             calc = await pm.spawn(CALCULATOR, Calculator)
             assert await calc.subtract(10, 4) == 6

@@ -5,7 +5,6 @@ Workers, callers and the CLI present theirs through the URL: ``rediss://...?ssl_
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -14,7 +13,7 @@ import pytest
 
 from titan_broker import Client, RedisUnavailable
 from titan_broker.testing import LocalRedis
-from titan_broker.testing._local_redis import free_port
+from titan_broker.testing._local_redis import TlsFiles, free_port
 
 from .conftest import CALCULATOR, Workers, titan
 
@@ -26,25 +25,9 @@ pytestmark = [
 ]
 
 
-def make_certs(folder: Path) -> None:
-    """A CA; a server certificate for 127.0.0.1 and a client certificate, both signed by it."""
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=titan-test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr")  # fmt: skip
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "1", "-extfile", "san.ext", "-out", f"{name}.crt")  # fmt: skip
-
-
 @pytest.fixture
 def mtls(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    make_certs(tmp_path)
+    TlsFiles.make(tmp_path, clients=("client",))
     port = free_port()
     args = [
         "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tmp_path / "server.crt"),

@@ -208,6 +208,25 @@ class TlsFiles:
     key: str
     ca: str
 
+    @classmethod
+    def make(cls, folder: Path, clients: tuple[str, ...] = ()) -> TlsFiles:
+        """A fresh CA in ``folder``, and a server certificate for 127.0.0.1 it signed (``server.crt``,
+        ``server.key``, ``ca.crt``), valid one day; with ``clients``, a client certificate for each
+        name, signed by the same CA (``NAME.crt``, ``NAME.key``). Needs the ``openssl`` command."""
+
+        def ssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+        ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=titan-test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+        (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        for name in ("server", *clients):
+            ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")  # fmt: skip
+            ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-extfile", "san.ext", "-out", f"{name}.crt")  # fmt: skip
+        return cls(cert=str(folder / "server.crt"), key=str(folder / "server.key"), ca=str(folder / "ca.crt"))
+
     def server_args(self, port: int) -> list[str]:
         """redis-server flags: TLS only on ``port`` (no plain port), for clients, the bus and replicas."""
         return [

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,31 +37,13 @@ def sentinel() -> None:
                 say(error=f"unknown command {line.strip()!r}")
 
 
-def make_certs(folder: Path) -> TlsFiles:
-    """A CA, and a certificate for 127.0.0.1 it signed (as tests/test_redis_access.py makes them)."""
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=titan-test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
-        "-out", "server.csr")  # fmt: skip
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "1", "-extfile", "san.ext", "-out", "server.crt")  # fmt: skip
-    return TlsFiles(
-        cert=str(folder / "server.crt"), key=str(folder / "server.key"), ca=str(folder / "ca.crt")
-    )
-
-
 def tls() -> None:
     with tempfile.TemporaryDirectory(prefix="titan-node-tls-") as folder:
-        files = make_certs(Path(folder))
+        files = TlsFiles.make(Path(folder))
         # A second CA, which did not sign the server's certificate: the "wrong CA" of the tests.
         other = Path(folder) / "other"
         other.mkdir()
-        wrong = make_certs(other).ca
+        wrong = TlsFiles.make(other).ca
         port = free_port()
         with LocalRedis(port=port, extra_args=files.server_args(port)):
             bare = f"rediss://127.0.0.1:{port}/0"
