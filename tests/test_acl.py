@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis as sync_redis
 import redis.exceptions as rexc
 
-from titan_broker import AccessDenied, CallTimeout, Client, DeadlineExceeded
+from titan_broker import AccessDenied, CallTimeout, Client, ConfigError, DeadlineExceeded
 from titan_broker._wire import acl
 from titan_broker._wire.keys import Keys
 from titan_broker.testing import LocalCluster, LocalRedis
@@ -369,6 +370,29 @@ async def test_replies_a_caller_may_no_longer_read_fail_its_calls_with_access_de
     assert took < 5, f"the call waited {took:.1f} s: the refusal was retried, not reported"
 
 
+async def test_a_caller_whose_rule_lacks_xtrim_still_gets_its_replies(
+    secured: Secured, b_workers: Workers
+) -> None:
+    """A rule written before replies were trimmed: trimming is refused, reading is not, so every
+    call is still answered (a call that ran is never reported as refused)."""
+    b_workers.start(CALCULATOR)
+    b_workers.wait_registered(B, 1)
+    row = secured.admin.execute_command("ACL", "GETUSER", "carol")
+    row = row if isinstance(row, dict) else next(iter(row.values()))
+    selectors = [
+        f"({sel[b'keys'].decode()} {sel[b'commands'].decode().replace('+xtrim', '')})"
+        for sel in row[b"selectors"]
+    ]
+    secured.admin_ask("ACL", "SETUSER", "carol", "clearselectors", *selectors)
+    async with Client(secured.urls["carol"], namespace=secured.namespace) as carol:
+        answers = []
+        for i in range(6):  # over two seconds: the reader tries to trim at least once a second
+            answers.append(await carol.call(B, "add", (i, 1), timeout=5))
+            await anyio.sleep(0.4)
+    assert answers == [i + 1 for i in range(6)]
+    assert any(e.startswith("carol ") and e.endswith(" xtrim") for e in denied_log(secured.admin))
+
+
 def test_titan_acl_prints_the_rules_as_text_and_json(namespace: str) -> None:
     done = titan("redis://127.0.0.1:1", namespace, "acl", "caller", A, B, "--user", "alice", "--json")
     assert done.returncode == 0, done.stderr
@@ -519,3 +543,44 @@ def test_a_read_only_dashboard_runs_under_the_observer_rule(secured: Secured) ->
     finally:
         board.close()
     assert [line for line in denied_log(secured.admin) if line.startswith("observer")] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["worker", "a", "--calls", "*"],
+        ["worker", "a", "--calls", "c}:x"],
+        ["worker", "a?", "--user", "w"],
+        ["worker", "a", "--user", "x*"],
+        ["worker", "a", "--user", ""],
+        ["operator", "--user", "a.b"],
+        ["observer", "--user", "o[1]"],
+        ["caller", "a", "b*", "--user", "alice"],
+        ["caller", "a\n", "--user", "alice"],
+        ["worker", "a", "--namespace", "x*"],
+        ["observer", "--namespace", "a b"],
+    ],
+)
+def test_titan_acl_refuses_a_name_that_would_widen_or_break_a_rule(args: list[str]) -> None:
+    """A glob character in a service, user or namespace name would make a pattern match other keys."""
+    done = titan("redis://127.0.0.1:1", "ns", "acl", *args)
+    assert done.returncode == 2, (args, done.stdout, done.stderr)
+    assert "ACL SETUSER" not in done.stdout and "Traceback" not in done.stderr, done.stderr
+    assert "error:" in done.stderr, done.stderr
+    assert "not valid" in done.stderr or "cannot be used" in done.stderr, done.stderr
+
+
+def test_rules_built_in_python_refuse_the_same_names() -> None:
+    keys = Keys("ns")
+    for build in (
+        lambda: acl.worker_rule(keys, "a", "a-worker", ("*",)),
+        lambda: acl.worker_rule(keys, "a*", "w"),
+        lambda: acl.worker_rule(keys, "a", "w*"),
+        lambda: acl.caller_rule(keys, ("a", "{b}"), "alice"),
+        lambda: acl.observer_rule(keys, "o?"),
+        lambda: acl.operator_rule(Keys("n*"), "op"),
+    ):
+        with pytest.raises((ConfigError, ValueError)):
+            build()
+    # The same service named twice grants once.
+    assert acl.caller_rule(keys, ("a", "a"), "alice") == acl.caller_rule(keys, ("a",), "alice")

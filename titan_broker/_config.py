@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError
+from ._wire.keys import check_name as check_name
 from ._wire.protocol import DEFAULT_MAX_PAYLOAD
 
 ENV_URL = "TITAN_REDIS_URL"
 ENV_NAMESPACE = "TITAN_NAMESPACE"
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_NAMESPACE = "titan"
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 def resolve_url(url: str | None) -> str:
@@ -35,15 +34,6 @@ def resolve_namespace(namespace: str | None) -> str:
     """The namespace to use: the one given, else $TITAN_NAMESPACE, else 'titan'."""
     ns = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
     return check_name(ns, "namespace")
-
-
-def check_name(value: str, what: str) -> str:
-    """Refuse names that would break key names (braces, colons, spaces)."""
-    if not _NAME.match(value):
-        raise ConfigError(
-            f"{what} {value!r} is not valid: use letters, digits, '_', '-' and '.', at most 128"
-        )
-    return value
 
 
 LONGEST = 315_360_000.0

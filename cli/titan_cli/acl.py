@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from typing import Annotated
 
 import anyio
@@ -12,7 +13,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from rich.markup import escape
 
-from titan_broker._config import check_name, redact, resolve_namespace, resolve_url
+from titan_broker._config import redact, resolve_namespace, resolve_url
 from titan_broker._errors import ConfigError, TitanError
 from titan_broker._redis import discover
 from titan_broker._wire import Keys
@@ -80,25 +81,25 @@ async def _apply(url: str, rule: rules.Rule, password: str | None) -> int:
 
 def _emit(
     ctx: typer.Context,
-    rule_of: object,
+    rule_of: Callable[[Keys], rules.Rule],
+    namespace: str | None,
     password_env: str | None,
     apply: bool,
     as_json: bool,
     redis: str | None,
 ) -> None:
     try:
-        rule = rule_of() if callable(rule_of) else rule_of
-        assert isinstance(rule, rules.Rule)
+        found = ctx.find_object(_Settings)
+        rule = rule_of(Keys(resolve_namespace(namespace or (found.namespace if found else None))))
         password = _password(password_env)
         if apply:
-            found = ctx.find_object(_Settings)
             url = resolve_url(redis or (found.url if found else None))
             count = anyio.run(_apply, url, rule, password)
             err.print(
                 f"applied the {rule.role} rule of user {rule.user!r} on {count} node(s)", highlight=False
             )
-    except ValueError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+    except ValueError as exc:  # a user name no rule can be written for
+        err.print(f"[red]error:[/] {escape(str(exc))}; name the user with --user NAME", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
     except ConfigError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
@@ -112,9 +113,9 @@ def _emit(
         out.print(escape(shlex.join(rule.command(password))), highlight=False, soft_wrap=True)
 
 
-def _keys(ctx: typer.Context, namespace: str | None) -> Keys:
-    found = ctx.find_object(_Settings)
-    return Keys(resolve_namespace(namespace or (found.namespace if found else None)))
+def _user(given: str | None, default: str) -> str:
+    """The --user given (an empty one is refused by the rule, not replaced), else the role's default."""
+    return default if given is None else given
 
 
 @acl_app.command(cls=Command)
@@ -133,13 +134,10 @@ def worker(
     namespace: NamespaceOption = None,
 ) -> None:
     """The rule for the workers of SERVICE: every key of SERVICE, nothing of another service."""
-    keys = _keys(ctx, namespace)
     _emit(
         ctx,
-        lambda: rules.worker_rule(
-            keys, check_name(service, "service"), user or f"{service}-worker", tuple(calls or ())
-        ),
-        password_env, apply, as_json, redis,
+        lambda keys: rules.worker_rule(keys, service, _user(user, f"{service}-worker"), tuple(calls or ())),
+        namespace, password_env, apply, as_json, redis,
     )  # fmt: skip
 
 
@@ -155,13 +153,10 @@ def caller(
     namespace: NamespaceOption = None,
 ) -> None:
     """The rule for a caller of SERVICE...: calls, streams, jobs; its own replies only."""
-    keys = _keys(ctx, namespace)
     _emit(
         ctx,
-        lambda: rules.caller_rule(
-            keys, tuple(check_name(s, "service") for s in services), user or "titan-caller"
-        ),
-        password_env, apply, as_json, redis,
+        lambda keys: rules.caller_rule(keys, tuple(services), _user(user, "titan-caller")),
+        namespace, password_env, apply, as_json, redis,
     )  # fmt: skip
 
 
@@ -176,10 +171,11 @@ def operator(
     namespace: NamespaceOption = None,
 ) -> None:
     """The rule for the CLI's and the dashboard's actions: replay and purge dead letters, cancel, purge."""
-    keys = _keys(ctx, namespace)
     _emit(
-        ctx, lambda: rules.operator_rule(keys, user or "titan-operator"), password_env, apply, as_json, redis
-    )
+        ctx,
+        lambda keys: rules.operator_rule(keys, _user(user, "titan-operator")),
+        namespace, password_env, apply, as_json, redis,
+    )  # fmt: skip
 
 
 @acl_app.command(cls=Command)
@@ -193,7 +189,8 @@ def observer(
     namespace: NamespaceOption = None,
 ) -> None:
     """The read-only rule: titan services, workers, health, queues, stats, top, jobs; the dashboard."""
-    keys = _keys(ctx, namespace)
     _emit(
-        ctx, lambda: rules.observer_rule(keys, user or "titan-observer"), password_env, apply, as_json, redis
-    )
+        ctx,
+        lambda keys: rules.observer_rule(keys, _user(user, "titan-observer")),
+        namespace, password_env, apply, as_json, redis,
+    )  # fmt: skip

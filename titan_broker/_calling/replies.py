@@ -50,6 +50,8 @@ READ_BLOCK_MS = 1000
 """How long one XREAD blocks (the channel's socket timeout must exceed it)."""
 TRIM_EVERY = 1.0
 """Seconds between two trims of the replies already read (sooner after 1,024 replies)."""
+TRIM_REFUSED_EVERY = 60.0
+"""Seconds between two tries at trimming while the ACL user's rule refuses it."""
 CANARY_TTL_MS = 600_000
 CANARY_EVERY = 60.0
 """The canary key is rewritten this often (seconds), with CANARY_TTL_MS to live."""
@@ -110,6 +112,8 @@ class ReplyDispatcher:
         self._last = b"0-0"
         self._untrimmed = 0
         """Replies read since the stream was last trimmed."""
+        self._trim_allowed = True
+        """False while Redis refuses XTRIM to this ACL user."""
 
     def expect(self, call_id: str, fut: asyncio.Future[protocol.Reply]) -> None:
         """Route the reply of ``call_id`` to ``fut``."""
@@ -177,7 +181,6 @@ class ReplyDispatcher:
         reconnected = False
         denied = False  # refused by the ACL rules at the last try: said once per spell
         while True:
-            command = "XREAD"
             try:
                 if reconnected:
                     await self._check_restart()
@@ -186,16 +189,11 @@ class ReplyDispatcher:
                         await self.on_reconnect()
                 now = time.monotonic()
                 if self._untrimmed and (self._untrimmed >= 1024 or now >= next_trim):
-                    # Everything before the last reply read has been read (a stream only grows at
-                    # its end): trimming removes whole nodes, where XDEL searches each id.
-                    command = "XTRIM"
-                    await self.channel.execute("XTRIM", self.reply_key, "MINID", self._last)
-                    self._untrimmed = 0
-                    next_trim = now + TRIM_EVERY
+                    await self._trim()
+                    next_trim = now + (TRIM_EVERY if self._trim_allowed else TRIM_REFUSED_EVERY)
                 if now >= next_canary:
                     next_canary = now + CANARY_EVERY
                     await self._write_canary()
-                command = "XREAD"
                 res = await self.channel.execute(
                     "XREAD", "COUNT", 256, "BLOCK", READ_BLOCK_MS, "STREAMS", self.reply_key, self._last
                 )
@@ -209,7 +207,8 @@ class ReplyDispatcher:
                 continue
             except rexc.ResponseError as exc:
                 if is_denied(exc):
-                    refusal = partial(access_denied, exc, "read the replies", command, self.reply_key)
+                    doing = "read the replies (the calls waiting were sent, and may have run)"
+                    refusal = partial(access_denied, exc, doing, "XREAD", self.reply_key)
                     count = self.fail_all(refusal)
                     if not denied:
                         logger.error("%s; failed %d waiting call(s); trying again", refusal(), count)
@@ -230,6 +229,24 @@ class ReplyDispatcher:
             if self._route(res):
                 # Let the callers just answered run (and send their next call) before reading again.
                 await anyio.lowlevel.checkpoint()
+
+    async def _trim(self) -> None:
+        """Remove the replies already read. Everything before the last one read has been read (a
+        stream only grows at its end): trimming removes whole nodes, where XDEL searches each id."""
+        try:
+            await self.channel.execute("XTRIM", self.reply_key, "MINID", self._last)
+        except rexc.ResponseError as exc:
+            if not is_denied(exc):
+                raise
+            # A rule written before replies were trimmed: the replies are still read (a call that
+            # ran is answered); the stream grows until the caller leaves it or the rule is fixed.
+            if self._trim_allowed:
+                refused = access_denied(exc, "trim the replies read", "XTRIM", self.reply_key)
+                logger.error("%s; replies are read but not trimmed until it does", refused)
+            self._trim_allowed = False
+            return
+        self._trim_allowed = True
+        self._untrimmed = 0
 
     def _route(self, res: object) -> bool:
         """Hand each reply in an XREAD answer to its caller; True when there were any."""

@@ -19,14 +19,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .keys import Keys
+from .keys import Keys, check_name
 
 Role = Literal["worker", "caller", "operator", "observer"]
 
 USER_SEPARATOR = "."
 """Between the ACL user's name and the random part of a client id."""
 
-USER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+USER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 """User names a rule can be written for: no glob character and no separator, so that the
 pattern ``<user>.*`` matches this user's keys only."""
 
@@ -144,7 +144,7 @@ class Rule:
 
 def check_user(user: str) -> str:
     """The user name, or ValueError: a rule's patterns need a name without glob characters or dots."""
-    if not USER_NAME.match(user):
+    if not isinstance(user, str) or not USER_NAME.fullmatch(user):
         raise ValueError(
             f"ACL user name {user!r} cannot be used in a rule: use 1-64 of A-Z a-z 0-9 _ - "
             "(no dot: the client id is <user>.<random>)"
@@ -190,32 +190,44 @@ def _directory(keys: Keys) -> Grant:
     return Grant((f"%R~{keys.services}",), ("hget", "hgetall", "hkeys"))
 
 
+def _checked(keys: Keys, services: tuple[str, ...], user: str) -> tuple[str, ...]:
+    """The services, each once and in order, once every name that goes into a pattern is checked:
+    a glob character in any of them would widen the rule to other keys."""
+    check_name(keys.namespace, "namespace")
+    check_user(user)
+    return tuple(dict.fromkeys(check_name(s, "service") for s in services))
+
+
 def worker_rule(keys: Keys, service: str, user: str, calls: tuple[str, ...] = ()) -> Rule:
     """The rule for the workers of ``service``; ``calls``: other services their methods call."""
+    service, *others = _checked(keys, (service, *calls), user)
+    calls = tuple(others)
     grants = [
         Grant((), WORKER_CONNECT),
         Grant((f"~{_service(keys, service)}*",), WORKER),
         Grant((f"~{keys.services}",), DIRECTORY_WRITE),
     ]
     for other in calls:
-        if other != service:
-            grants += _caller_grants(keys, other, check_user(user))
+        grants += _caller_grants(keys, other, user)
     return Rule("worker", user, (service, *calls), tuple(grants))
 
 
 def caller_rule(keys: Keys, services: tuple[str, ...], user: str) -> Rule:
     """The rule for a caller of ``services``, its keys told apart from other users' by ``user``."""
+    services = _checked(keys, services, user)
     grants = [Grant((), CONNECT), _directory(keys)]
     for service in services:
-        grants += _caller_grants(keys, service, check_user(user))
+        grants += _caller_grants(keys, service, user)
     return Rule("caller", user, services, tuple(grants))
 
 
 def observer_rule(keys: Keys, user: str) -> Rule:
     """The read-only rule: the registry, queue lengths, jobs, dead letters and metrics."""
+    _checked(keys, (), user)
     return Rule("observer", user, (), (Grant((), CONNECT), Grant((f"%R~{keys.namespace}:*",), READ)))
 
 
 def operator_rule(keys: Keys, user: str) -> Rule:
     """The observer's reads and the actions of the CLI and the dashboard, on every service."""
+    _checked(keys, (), user)
     return Rule("operator", user, (), (Grant((), CONNECT), Grant((f"~{keys.namespace}:*",), READ + OPERATE)))

@@ -7,7 +7,24 @@ replies to its callers. Only ``<ns>:services`` (the directory) stands alone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from .._errors import ConfigError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+"""Service names and namespaces: parts of key names, and of the ACL rules' key patterns, so no
+braces, colons, spaces or glob characters."""
+
+
+def check_name(value: str, what: str) -> str:
+    """Refuse names that would break key names (braces, colons, spaces) or widen a key pattern (globs)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(
+            f"{what} {value!r} is not valid: use letters, digits, '_', '-' and '.', at most 128"
+        )
+    return value
+
 
 GROUP = "workers"
 
