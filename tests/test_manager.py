@@ -80,3 +80,15 @@ async def test_a_worker_stopped_through_the_manager_is_stopped_not_crashed_and_n
 
     assert await eventually(exit_seen, 10, "the worker's exit seen by its pool") == ["stopped"]
     assert pm.workers == [] and [pool.size for pool in pm.pools] == [0]
+
+
+async def test_a_pool_stops_only_its_own_running_workers(pm: ProcessManager) -> None:
+    pool = await pm.pool(POOLED, size=2)
+    other = await pm.pool(str(SERVICES / "pooled.py"), name="pooled-b")
+    first = pool.workers[0]
+    assert await pool.stop_worker(first, timeout=10) == 0
+    with pytest.raises(ConfigError, match="not a running worker of this pool"):
+        await pool.stop_worker(first, timeout=10)  # stopped already
+    with pytest.raises(ConfigError, match="not a running worker of this pool"):
+        await pool.stop_worker(other.workers[0], timeout=10)  # another pool's
+    assert pool.size == 1 and len(pool.workers) == 1 and other.size == 1 and len(other.workers) == 1

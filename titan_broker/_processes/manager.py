@@ -317,7 +317,7 @@ class ProcessManager:
         for pool in self.pools:
             if worker in pool.workers:
                 return await pool.stop_worker(worker, timeout)
-        return await worker.stop(timeout)  # not one of this manager's running workers
+        raise ConfigError(f"{worker.worker_id} (pid {worker.pid}) is not a running worker of this manager")
 
 
 def _expected_name(cls: type[Any] | None, name: str | None) -> str | None:

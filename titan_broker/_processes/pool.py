@@ -166,7 +166,8 @@ class Pool(Generic[T]):
 
     async def stop_worker(self, worker: WorkerProcess, timeout: float = 30.0) -> int:
         """Drain and stop one of this pool's workers (calls in flight finish, SIGKILL after ``timeout``);
-        it is not restarted and the pool keeps one worker fewer. Its exit code."""
+        it is not restarted and the pool keeps one worker fewer. Its exit code; ConfigError for a
+        worker that is not running in this pool."""
         return await self._supervisor.stop(worker, timeout)
 
     async def metrics(self) -> PoolMetrics:

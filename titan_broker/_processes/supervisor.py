@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 
 from .._calling.client import Client
-from .._errors import SpawnError
+from .._errors import ConfigError, SpawnError
 from .._redis.connection import CONNECTION_ERRORS
 from .._registry.records import WorkerInfo, read_workers, remove_worker
 from .events import Event, EventBus, EventKind
@@ -134,6 +134,11 @@ class Supervisor:
 
     async def stop(self, worker: WorkerProcess, grace: float) -> int:
         """Stop one worker on its user's word: the pool keeps one fewer. Its exit code."""
+        if worker not in self.live():
+            raise ConfigError(
+                f"{worker.worker_id} (pid {worker.pid}) is not a running worker of this pool "
+                f"of {self.service!r}: it stopped already, or belongs to another pool"
+            )
         self.target = max(0, self.target - 1)
         return await self.retire(worker, "stopped", grace)
 
