@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import anyio
@@ -22,6 +23,7 @@ from titan_broker.testing._local_redis import LocalRedis
 from .conftest import (
     CALCULATOR,
     CHAOS,
+    FAST_FAILOVER,
     SERVICES,
     Workers,
     eventually,
@@ -183,3 +185,36 @@ async def test_a_full_redis_raises_redis_out_of_memory_naming_the_limit(namespac
                 later = client.job(await client.submit("client_log", "run", ("later",), delay=60))
                 assert await later.cancel() is True
             admin.close()
+
+
+async def test_workers_and_callers_ride_out_scripts_flushed_over_and_over(
+    private_redis: LocalRedis, namespace: str
+) -> None:
+    """SCRIPT FLUSH (or a failover to a node that never loaded them) between loading a script and
+    running it: the script is loaded again, nothing crashes and every call is answered."""
+    workers = Workers(private_redis.url, namespace)
+    stop = threading.Event()
+
+    def flush_forever() -> None:
+        admin = sync_redis.Redis.from_url(private_redis.url)
+        try:
+            while not stop.is_set():
+                admin.script_flush()
+        finally:
+            admin.close()
+
+    try:
+        procs = [workers.start(CALCULATOR, *FAST_FAILOVER) for _ in range(2)]
+        workers.wait_registered("calculator", 2)
+        flusher = threading.Thread(target=flush_forever, daemon=True)
+        flusher.start()
+        async with Client(private_redis.url, namespace=namespace) as client:
+            with anyio.fail_after(60):
+                for i in range(300):
+                    assert await client.call("calculator", "add", (i, 1), timeout=10) == i + 1
+        stop.set()
+        flusher.join(5)
+        assert all(p.poll() is None for p in procs), [workers.output(p)[-2000:] for p in procs]
+    finally:
+        stop.set()
+        workers.close()

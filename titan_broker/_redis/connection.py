@@ -580,10 +580,13 @@ class AutoPipeline:
         unknown = [i for i, (result, (_, owner)) in enumerate(zip(results, batch, strict=True))
                    if type(owner) is _Merged and isinstance(result, rexc.NoScriptError)]  # fmt: skip
         if unknown and cut is None:  # Redis restarted or SCRIPT FLUSH: load the scripts, send those again
+            # with EVAL (the source itself), which no other flush can beat; later sends use EVALSHA.
             try:
-                sources = {cast(_Merged, batch[i][1]).script.source for i in unknown}
-                await self._results([("SCRIPT", "LOAD", source) for source in sources])
-                again = await self._results([batch[i][0] for i in unknown])
+                scripts = [cast(_Merged, batch[i][1]).script.source for i in unknown]
+                await self._results([("SCRIPT", "LOAD", source) for source in set(scripts)])
+                again = await self._results(
+                    [("EVAL", source, *batch[i][0][2:]) for i, source in zip(unknown, scripts, strict=True)]
+                )
             except BaseException as exc:
                 again, cut = [_as_error(exc)] * len(unknown), exc
             for i, result in zip(unknown, again, strict=True):

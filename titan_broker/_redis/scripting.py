@@ -77,12 +77,17 @@ class Script:
 
     async def __call__(self, via: Target, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
         """Run the script; its errors (ResponseError) and connection errors are raised."""
-        command = self.command(keys, args)
+        return await self._run(via, self.command(keys, args))
+
+    async def _run(self, via: Target, command: Sequence[Any]) -> Any:
+        """Run an EVALSHA of this script. Redis lost it (restarted, failed over, SCRIPT FLUSH): load
+        it for the next calls and run this one with EVAL, which carries the source and so cannot
+        be beaten by another flush between loading and running."""
         try:
             return await execute(via, *command)
         except rexc.NoScriptError:
             await self.load(via)
-            return await execute(via, *command)
+            return await execute(via, "EVAL", self.source, *command[2:])
 
     def run_sync(
         self, client: redis.Redis | redis.cluster.RedisCluster, keys: Sequence[Any], args: Sequence[Any] = ()
@@ -93,7 +98,7 @@ class Script:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
         except rexc.NoScriptError:
             client.script_load(self.source)
-            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+            return client.execute_command("EVAL", self.source, *command[2:])  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
         return f"<Script {self.name} {self.sha[:8]}>"
@@ -122,11 +127,7 @@ class Batch(Script):
         if isinstance(via, AutoPipeline):
             return await self.part(via, keys, args, shared)
         command = ("EVALSHA", self.sha, len(keys), *keys, len(shared), *shared, len(keys), len(args), *args)
-        try:
-            answers = await execute(via, *command)
-        except rexc.NoScriptError:
-            await self.load(via)
-            answers = await execute(via, *command)
+        answers = await self._run(via, command)
         if isinstance(answers[0], Exception):
             raise answers[0]
         return answers[0]

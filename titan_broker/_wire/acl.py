@@ -41,14 +41,15 @@ WORKER_CONNECT = (*CONNECT, "client|id")
 """A worker's connections: the id of the one blocked on the calls stream, to stop it at shutdown."""
 
 WORKER = (
-    "evalsha", "xreadgroup", "xread", "xadd", "xack", "xdel", "xclaim", "xpending", "xrange", "xlen",
+    "evalsha", "eval", "xreadgroup", "xread", "xadd", "xack", "xdel", "xclaim", "xpending", "xrange", "xlen",
     "xgroup|create", "xgroup|createconsumer", "xgroup|delconsumer", "xinfo|groups", "xinfo|consumers",
     "xinfo|stream", "hset", "hget", "hgetall", "hmget", "hdel", "hincrby", "hkeys", "sadd", "srem",
     "smembers", "exists", "del", "pexpire", "get", "set", "incr", "incrby", "zadd", "zrem", "zrange",
     "zrangebyscore", "zcard", "zscore", "zremrangebyrank", "zrevrange", "lpush", "ltrim", "blpop", "type",
 )  # fmt: skip
 """A worker on every key of its own service: serving, settling, retries, schedules, jobs,
-dead letters, registration, heartbeats and hand-off."""
+dead letters, registration, heartbeats and hand-off. EVAL: a script Redis lost is run with its
+source once (then loaded again)."""
 
 DIRECTORY_WRITE = ("hset", "hget", "hgetall", "hkeys")
 """A worker on ``<ns>:services``: it publishes its service's description there."""
@@ -87,7 +88,7 @@ REGISTRY_READ = ("hget", "hgetall", "hkeys", "smembers", "exists", "xlen")
 """A caller on the registry of the services it calls: live workers, config, streaming methods."""
 
 OPERATE = (
-    "evalsha", "xadd", "xdel", "xtrim", "xack", "del", "hset", "hdel", "srem", "zrem", "zadd",
+    "evalsha", "eval", "xadd", "xdel", "xtrim", "xack", "del", "hset", "hdel", "srem", "zrem", "zadd",
     "pexpire", "set", "lpush", "ltrim",
 )  # fmt: skip
 """The operator, besides reading: replaying and purging dead letters, cancelling jobs and calls,
