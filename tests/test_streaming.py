@@ -12,6 +12,7 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import (
+    CallLost,
     CallTimeout,
     DeadlineExceeded,
     PayloadTooLarge,
@@ -22,9 +23,13 @@ from titan_broker import (
 )
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import (
+    F_ID,
+    F_REPLY,
     F_REPLY_VALUE,
     STREAM_WINDOW,
     decode_reply,
+    encode_items,
+    pack,
 )
 
 from .conftest import SERVICES, Workers, eventually, wait_until
@@ -176,3 +181,22 @@ def test_reply_stream_of_an_unread_streaming_call_has_a_ttl(
             if item is not None:
                 sync_client.hset(keys.stream_control("edge", item.call_id), "cancel", 1)
     ping(sync_client, keys)
+
+
+async def test_items_missing_from_the_stream_fail_the_call_with_call_lost(
+    pm: ProcessManager, keys: Keys
+) -> None:
+    """Items lost on the way (a failover that lost the latest writes to the reply stream) must not be
+    skipped: an item past the next one expected fails the call with CallLost, naming the gap."""
+    svc = await pm.spawn(STREAMER)
+    got: list[int] = []
+    with anyio.fail_after(20), pytest.raises(CallLost, match=r"item 5\d\d"):
+        async for tick in svc.ticks():
+            got.append(tick)
+            if len(got) == 1:
+                [(_id, fields)] = await pm.client.redis.xrange(keys.calls("streamer"))
+                call_id, reply_to = fields[F_ID].decode(), fields[F_REPLY]
+                # A message from further on than any seen: the items between were lost.
+                lost = encode_items(call_id, 500, [pack(500)], "elsewhere")
+                await pm.client.redis.xadd(reply_to, {F_REPLY_VALUE: lost})
+    assert got == list(range(len(got))) and all(i < 500 for i in got)
