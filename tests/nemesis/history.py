@@ -13,6 +13,7 @@ process of the host and left alone by the clock-shift fault (FAKETIME_DONT_FAKE_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -44,9 +45,7 @@ def read(folder: Path) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for file in sorted(folder.glob("*.jsonl")):
         for line in file.read_text().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # the last line of a process killed mid-write
                 events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # the last line of a process killed mid-write
     events.sort(key=lambda e: float(e["t"]))
     return events

@@ -9,6 +9,7 @@ on the history the run wrote (tests/nemesis/checker.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -157,8 +158,9 @@ class Env:
         name = f"c{self._ids}"
         folder = self.config.folder
         log = (folder / f"caller-{name}.log").open("wb")
-        cmd = [sys.executable, "-m", "tests.nemesis.workload", "--url", self.url, "--namespace", self.namespace,
-               "--caller", name, "--seed", str(self.config.seed), "--folder", str(folder),
+        cmd = [sys.executable, "-m", "tests.nemesis.workload", "--url", self.url,
+               "--namespace", self.namespace, "--caller", name, "--seed", str(self.config.seed),
+               "--folder", str(folder),
                "--seconds", f"{remaining:.1f}", "--tasks", str(self.config.tasks)]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
         log.close()
@@ -178,10 +180,8 @@ class Env:
     def memory(self) -> dict[str, Any]:
         rss = {}
         for w in self.live_workers():
-            try:
+            with contextlib.suppress(psutil.Error):
                 rss[w.wid] = psutil.Process(w.proc.pid).memory_info().rss
-            except psutil.Error:
-                pass
         used = 0
         try:
             if self.cluster is not None:
@@ -206,7 +206,7 @@ async def _nemesis(env: Env, rng: random.Random, until: float) -> None:
         fault = rng.choices([f for f, _ in menu], weights=[w for _, w in menu])[0]
         try:
             await fault(env, rng)
-        except Exception as exc:  # noqa: BLE001 - the harness's own failure: noted, the checker names it
+        except Exception as exc:
             env.history.record("nemesis_error", fault=fault.__name__, error=f"{type(exc).__name__}: {exc}")
 
 
@@ -220,7 +220,9 @@ async def _watch(env: Env, until: float) -> None:
             if code is not None and w.proc.pid not in env.killed and w.proc.pid not in seen:
                 seen.add(w.proc.pid)
                 w.log.flush()
-                tail = (env.config.folder / f"worker-{w.wid}.log").read_bytes()[-2000:].decode(errors="replace")
+                tail = (
+                    (env.config.folder / f"worker-{w.wid}.log").read_bytes()[-2000:].decode(errors="replace")
+                )
                 env.history.record("worker_exit", worker=w.wid, code=code, by="itself", output=tail)
                 env.start_worker(netns=w.netns)
         if time.monotonic() - last_sample > 2:
@@ -248,10 +250,8 @@ async def _read_jobs(env: Env) -> None:
     for file in env.config.folder.glob("caller-*.jsonl"):
         for line in file.read_text().splitlines():
             if '"job_submit"' in line:
-                try:
+                with contextlib.suppress(json.JSONDecodeError, KeyError):
                     submitted.append(json.loads(line)["job"])
-                except (json.JSONDecodeError, KeyError):
-                    pass
     async with Client(env.url, namespace=env.namespace) as client:
         limit = anyio.Semaphore(32)
 
@@ -276,6 +276,19 @@ async def _read_jobs(env: Env) -> None:
         async with anyio.create_task_group() as tg:
             for job_id in submitted:
                 tg.start_soon(read, job_id)
+
+
+async def _read_ticks(env: Env, pm: ProcessManager) -> None:
+    """Every run of the schedule as Redis counts it: each tick is a job whose attempts count its runs."""
+    statuses = await pm.jobs(SERVICE, count=1_000_000)
+    seconds, micros = await pm.client.redis.time()
+    redis_ms, now = int(seconds) * 1000 + int(micros) // 1000, time.monotonic()
+    for status in statuses:
+        if "periodic-" not in status.id:
+            continue
+        tick_ms = int(status.id.split("periodic-", 1)[1].split("-", 1)[0])
+        env.history.record("tick_job", job=status.id, tick_t=round(now - (redis_ms - tick_ms) / 1000, 3),
+                           attempts=status.attempts, state=str(status.state))  # fmt: skip
 
 
 def _heal(env: Env) -> None:
@@ -315,7 +328,6 @@ def _stop_workers(env: Env) -> None:
 
 async def _main(env: Env) -> None:
     config = env.config
-    rng = random.Random(config.seed)
     started = time.monotonic()
     env.ends_at = started + config.seconds
     env.history.record("phase", name="start", seed=config.seed, topology=config.topology,
@@ -335,7 +347,7 @@ async def _main(env: Env) -> None:
                 tg.start_soon(_nemesis, env, random.Random(f"{config.seed}:{i}"), env.ends_at)
             # Every caller ends by itself when its time is up (a caller still running 60 s later hung).
             with anyio.move_on_after(config.seconds + 60):
-                while any(c.proc.poll() is None for c in env.callers) or time.monotonic() < env.ends_at:
+                while any(c.proc.poll() is None for c in env.callers) or time.monotonic() < env.ends_at:  # noqa: ASYNC110 - processes: no event to wait on
                     await anyio.sleep(0.2)
             hung = [c.name for c in env.callers if c.proc.poll() is None]
             for c in env.callers:
@@ -348,6 +360,7 @@ async def _main(env: Env) -> None:
             env.history.record("phase", name="healed")
             await _read_jobs(env)
             await anyio.sleep(4)  # the schedule must tick again after the faults: the checker looks
+            await _read_ticks(env, pm)
             env.history.record("phase", name="jobs_read")
             tg.cancel_scope.cancel()
         env.history.record("memory", **await anyio.to_thread.run_sync(env.memory))

@@ -10,6 +10,7 @@ delayed calls, a method that @retry runs again, and calls to the pool the run sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -50,11 +51,15 @@ class Caller:
         self.count += 1
         return f"{self.name}:{self.count}"
 
-    def invoke(self, token: str, method: str, args: Any, timeout: float, expect: str, delay: float = 0.0) -> None:
+    def invoke(
+        self, token: str, method: str, args: Any, timeout: float, expect: str, delay: float = 0.0
+    ) -> None:
         self.history.record("invoke", id=token, caller=self.name, method=method, args=digest(args),
                             timeout=timeout, delay=delay, expect=expect)  # fmt: skip
 
-    def outcome(self, token: str, *, value: Any = None, error: BaseException | None = None, **more: Any) -> None:
+    def outcome(
+        self, token: str, *, value: Any = None, error: BaseException | None = None, **more: Any
+    ) -> None:
         if error is None:
             self.history.record("outcome", id=token, ok=True, value=value, **more)
         else:
@@ -142,10 +147,8 @@ class Caller:
                     continue
                 for line in file.read_text().splitlines():
                     if '"job_submit"' in line:
-                        try:
+                        with contextlib.suppress(json.JSONDecodeError, KeyError):
                             self.known_jobs.append(json.loads(line)["job"])
-                        except (json.JSONDecodeError, KeyError):
-                            pass
         if not self.known_jobs:
             return
         job_id = rng.choice(self.known_jobs)

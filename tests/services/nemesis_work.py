@@ -33,7 +33,7 @@ class NemesisWork:
     def _note(self, kind: str, token: str, nonce: str, **more: Any) -> None:
         line = json.dumps({"k": kind, "t": round(time.monotonic(), 4), "token": token, "nonce": nonce,
                            "pid": self.pid, **more})  # fmt: skip
-        with open(self.log, "a") as f:  # noqa: ASYNC230 - one short line, appended whole
+        with open(self.log, "a") as f:
             f.write(line + "\n")
 
     @public
