@@ -92,14 +92,32 @@ def load(folder: Path) -> list[dict[str, Any]]:
     return read(folder)
 
 
+WORKER_FAULTS = {"kill9", "stall", "partition", "clock", "keys_deleted"}
+"""Faults done to one worker: they explain a rerun only of a call that worker ran."""
+
+
 class _Faults:
     def __init__(self, events: list[dict[str, Any]]) -> None:
         self.all = [e for e in events if e["k"] == "fault"]
+        self.pids: dict[str, int] = {e["worker"]: e["pid"] for e in events if e["k"] == "worker_start"}
+        netns = [w for w in self.pids if w.endswith("-ns")]
+        for f in self.all:
+            if f["kind"] == "partition":
+                f.setdefault("pids", [self.pids[w] for w in netns])
 
     def within(self, start: float, end: float, kinds: set[str] | None = None) -> list[dict[str, Any]]:
         """Faults under way (or recovering) at some moment of [start, end]."""
         return [f for f in self.all if (kinds is None or f["kind"] in kinds)
                 and f["start"] <= end and f["end"] + RECOVERY >= start]  # fmt: skip
+
+    def hit(self, fault: dict[str, Any], pids: set[int]) -> bool:
+        """Whether ``fault`` could have cost one of the workers ``pids`` its calls."""
+        if fault["kind"] not in WORKER_FAULTS:
+            return True  # Redis itself: every worker's
+        if "pids" in fault:
+            return bool(pids & set(fault["pids"]))
+        pid = self.pids.get(fault["target"])
+        return pid is None or pid in pids
 
 
 def check(events: list[dict[str, Any]]) -> Verdict:
@@ -192,7 +210,8 @@ def check(events: list[dict[str, Any]]) -> Verdict:
         if extra > 0:
             reruns += extra
             first, last = runs[0]["t"], runs[-1]["t"]
-            why = faults.within(first - RECOVERY, last, RERUN_FAULTS)
+            pids = {r["pid"] for r in runs}  # a stalled worker's stale run may come last
+            why = [f for f in faults.within(first, last, RERUN_FAULTS) if faults.hit(f, pids)]
             if not why:
                 bad.append(f"call {token} ran {len(runs)} times with no fault to explain it")
             else:
@@ -208,6 +227,18 @@ def check(events: list[dict[str, Any]]) -> Verdict:
             if runs[0]["t"] > gave_up + 0.2 and not faults.within(inv["t"], runs[0]["t"], RERUN_FAULTS):
                 bad.append(f"call {token} ran {runs[0]['t'] - gave_up:.2f} s after its caller gave up, "
                            "before any worker took it")  # fmt: skip
+
+    # -- one answer per call on the wire: a second reply only after Redis lost an acknowledgement
+    replies: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if e["k"] == "reply":
+            replies[e["call"]].append(e)
+    for call_id, got in replies.items():
+        if len(got) > 1 and not faults.within(got[0]["t"] - RECOVERY, got[-1]["t"], DATA_LOSS):
+            token = next((r["token"] for r in got if r.get("token")), None)
+            workers = sorted({str(r["worker"]) for r in got})
+            bad.append(f"call {token or call_id} answered {len(got)} times on the wire (by {workers}) "
+                       "with no Redis data loss to explain it")  # fmt: skip
 
     # -- jobs: one final state each, read from another process; once ended, always the same
     submits = {e["job"]: e for e in events if e["k"] == "job_submit"}

@@ -28,6 +28,28 @@ POOL = "nem-pool"
 TIMEOUTS = (2.0, 5.0, 10.0)
 
 
+def tap_replies(history: History) -> None:
+    """Note every reply this process's client reads off its reply stream, duplicates included (the
+    client hands a call the first and drops the rest): one answer per call is checked on the wire."""
+    from titan_broker._calling.replies import ReplyDispatcher
+    from titan_broker._redis import stream_entries
+    from titan_broker._wire import protocol
+
+    route = ReplyDispatcher._route
+
+    def noted(self: ReplyDispatcher, res: object) -> bool:
+        for _stream, _entry_id, fields in stream_entries(res):
+            reply = protocol.decode_reply(fields.get(protocol.F_REPLY_VALUE, b""))
+            if reply is None or reply.seq is not None or reply.end is not None:
+                continue  # stream items: counted by the stream's own checks
+            value = reply.value
+            token = value[0] if isinstance(value, list) and value and isinstance(value[0], str) else None
+            history.record("reply", call=reply.call_id, worker=reply.worker_id, ok=reply.ok, token=token)
+        return route(self, res)
+
+    ReplyDispatcher._route = noted  # type: ignore[method-assign]
+
+
 def error_name(exc: BaseException) -> str:
     """What the history calls an error: the remote type for a RemoteError, else the class name."""
     if isinstance(exc, RemoteError) and type(exc) is RemoteError:
@@ -193,6 +215,7 @@ async def main(argv: list[str] | None = None) -> None:
     until = time.monotonic() + args.seconds
     async with Client(args.url, namespace=args.namespace, default_timeout=10.0) as client:
         caller = Caller(client, args.caller, args.seed, args.folder, until)
+        tap_replies(caller.history)
         caller.history.record("caller_start", caller=args.caller)
         async with anyio.create_task_group() as tg:
             for i in range(args.tasks):
