@@ -181,3 +181,13 @@ def test_a_worker_that_died_by_itself_and_memory_past_its_bounds(by: str) -> Non
     assert any("a worker's RSS reached" in v for v in found) and any(
         "Redis used_memory reached" in v for v in found
     )
+
+
+def test_a_worker_that_could_not_reach_redis_as_it_started_during_an_outage() -> None:
+    start = ev("worker_start", 2.0, worker="nem-5", pid=55)
+    refused = ev("worker_exit", 4.0, worker="nem-5", code=4, by="itself", output="cannot reach Redis")
+    found = violations([*healthy(), start, refused])
+    assert any("worker nem-5 exited with 4 by itself" in v for v in found), found
+    verdict = check(sorted([*healthy(), start, refused, fault("primary_stopped", 1.5, 3.5, "primary:1")],
+                           key=lambda e: e["t"]))  # fmt: skip
+    assert verdict.ok and verdict.stats["workers_refused_at_start"] == 1

@@ -52,6 +52,17 @@ RERUN_FAULTS = {"kill9", "stall", "partition", "clock", "redis_restart", "failov
                 "keys_deleted"}  # fmt: skip
 """Faults that may make a call run again: its worker lost (killed, stalled, cut off, its record
 deleted, its clock shifted) or the acknowledgement lost with Redis."""
+CAUSES = [
+    "kill9",
+    "stall",
+    "partition",
+    "keys_deleted",
+    "failover",
+    "primary_stopped",
+    "redis_restart",
+    "clock",
+]
+"""The likeliest cause first, to say which fault explains a rerun when several could."""
 DATA_LOSS = {"failover", "primary_stopped", "redis_restart"}
 """Faults after which Redis may have lost a job (asynchronous replication)."""
 
@@ -215,7 +226,7 @@ def check(events: list[dict[str, Any]]) -> Verdict:
             if not why:
                 bad.append(f"call {token} ran {len(runs)} times with no fault to explain it")
             else:
-                rerun_faults[why[0]["kind"]] += extra
+                rerun_faults[min(why, key=lambda f: CAUSES.index(f["kind"]))["kind"]] += extra
         out_list = outcomes.get(token)
         if (
             inv is not None
@@ -310,8 +321,17 @@ def check(events: list[dict[str, Any]]) -> Verdict:
     for e in events:
         if e["k"] == "nemesis_error":
             bad.append(f"the nemesis failed to do {e['fault']}: {e['error']}")
+    started_at = {e["worker"]: e["t"] for e in events if e["k"] == "worker_start"}
+    refused = 0
     for e in events:
         if e["k"] == "worker_exit" and e["by"] == "itself":
+            # Exit 4 (Redis unavailable) is documented for a worker that cannot reach Redis as it
+            # starts: allowed for one started while Redis (or its link) was down; the run replaces it.
+            began = started_at.get(e["worker"], e["t"])
+            redis_down = faults.within(began, e["t"], DATA_LOSS | {"partition"})
+            if e["code"] == 4 and e["t"] - began < 30 and redis_down:
+                refused += 1
+                continue
             bad.append(
                 f"worker {e['worker']} exited with {e['code']} by itself: {e.get('output', '')[-300:]!r}"
             )
@@ -336,6 +356,7 @@ def check(events: list[dict[str, Any]]) -> Verdict:
         "rerun_faults": dict(rerun_faults),
         "worst_late": round(worst_late, 3),
         "fault_errors": dict(fault_errors),
+        "workers_refused_at_start": refused,
         "max_rss": max_rss,
         "max_redis": max_redis,
     }

@@ -240,6 +240,8 @@ async def _scale_pool(pm: ProcessManager, rng: random.Random, until: float, hist
             await pool.scale(size)
         except TitanError as exc:  # a worker cannot start while Redis restarts: the next scale will
             history.record("pool_scale", size=size, error=f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # not a TitanError: the library let a raw error out (the checker names it)
+            history.record("nemesis_error", fault="pool.scale", error=f"{type(exc).__name__}: {exc}"[:300])
         else:
             history.record("pool_scale", size=size)
 
