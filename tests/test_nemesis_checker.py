@@ -191,3 +191,13 @@ def test_a_worker_that_could_not_reach_redis_as_it_started_during_an_outage() ->
     verdict = check(sorted([*healthy(), start, refused, fault("primary_stopped", 1.5, 3.5, "primary:1")],
                            key=lambda e: e["t"]))  # fmt: skip
     assert verdict.ok and verdict.stats["workers_refused_at_start"] == 1
+
+
+def test_two_replies_for_one_call_on_the_wire_unless_one_entry_was_read_twice() -> None:
+    first = ev("reply", 1.2, call="default.a-1", worker="nem-1", ok=True, token="c1:1", entry="5-0")
+    again = ev("reply", 1.3, call="default.a-1", worker="nem-1", ok=True, token="c1:1", entry="5-0")
+    assert violations([*healthy(), first, again]) == []
+    other = ev("reply", 1.4, call="default.a-1", worker="nem-2", ok=True, token="c1:1", entry="6-0")
+    [v] = violations([*healthy(), first, other])
+    assert "call c1:1 answered 2 times on the wire (by ['nem-1', 'nem-2'])" in v
+    assert violations([*healthy(), first, other, fault("redis_restart", 1.0, 1.1, "redis")]) == []

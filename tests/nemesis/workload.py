@@ -38,13 +38,20 @@ def tap_replies(history: History) -> None:
     route = ReplyDispatcher._route
 
     def noted(self: ReplyDispatcher, res: object) -> bool:
-        for _stream, _entry_id, fields in stream_entries(res):
+        for _stream, entry_id, fields in stream_entries(res):
             reply = protocol.decode_reply(fields.get(protocol.F_REPLY_VALUE, b""))
             if reply is None or reply.seq is not None or reply.end is not None:
                 continue  # stream items: counted by the stream's own checks
             value = reply.value
             token = value[0] if isinstance(value, list) and value and isinstance(value[0], str) else None
-            history.record("reply", call=reply.call_id, worker=reply.worker_id, ok=reply.ok, token=token)
+            history.record(
+                "reply",
+                call=reply.call_id,
+                worker=reply.worker_id,
+                ok=reply.ok,
+                token=token,
+                entry=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+            )
         return route(self, res)
 
     ReplyDispatcher._route = noted  # type: ignore[method-assign]
