@@ -144,7 +144,7 @@ class Env:
         try:
             client.delete(keys.worker(SERVICE, wid))
             client.srem(keys.workers(SERVICE), wid)
-        except sync_redis.RedisError:
+        except (sync_redis.RedisError, redis.exceptions.RedisClusterException):
             pass  # Redis failing over at the time: the fault did not happen
         finally:
             client.close()
