@@ -165,7 +165,8 @@ async def delete_keys(env: Env, rng: random.Random) -> None:
     if worker is None:
         return
     start = time.monotonic()
-    await anyio.to_thread.run_sync(env.delete_worker_keys, worker.wid)
+    if not await anyio.to_thread.run_sync(env.delete_worker_keys, worker.wid):
+        return
     env.history.record("fault", kind="keys_deleted", target=worker.wid, start=start, end=time.monotonic())
 
 

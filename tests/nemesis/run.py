@@ -138,16 +138,21 @@ class Env:
         worker.proc.wait(timeout=10)
         self.history.record("worker_exit", worker=worker.wid, code=worker.proc.returncode, by="nemesis")
 
-    def delete_worker_keys(self, wid: str) -> None:
+    def delete_worker_keys(self, wid: str) -> bool:
+        """Delete a worker's record and its member of the workers set; False if Redis refused."""
         keys = Keys(self.namespace)
-        client = self.client()
+        try:
+            client = self.client()
+        except (sync_redis.RedisError, redis.exceptions.RedisClusterException):
+            return False  # Redis failing over at the time: the fault did not happen
         try:
             client.delete(keys.worker(SERVICE, wid))
             client.srem(keys.workers(SERVICE), wid)
         except (sync_redis.RedisError, redis.exceptions.RedisClusterException):
-            pass  # Redis failing over at the time: the fault did not happen
+            return False
         finally:
             client.close()
+        return True
 
     # -- callers
     def start_caller(self) -> CallerProc | None:
