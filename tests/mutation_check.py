@@ -81,6 +81,7 @@ PROMOTE_LUA = "titan_broker/_redis/lua/promote.lua"
 RECLAIM_LUA = "titan_broker/_redis/lua/reclaim.lua"
 RENEW_LUA = "titan_broker/_redis/lua/renew.lua"
 SETTLING_LUA = "titan_broker/_redis/lua/settling.lua"
+STARTED_LUA = "titan_broker/_redis/lua/started.lua"
 SUBMITTING_LUA = "titan_broker/_redis/lua/submitting.lua"
 TICK_LUA = "titan_broker/_redis/lua/tick.lua"
 EXECUTION = "worker/titan_worker/execution.py"
@@ -654,9 +655,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a job's attempts count its runs, a rerun after its worker died included",
         (
             Edit(
-                EXECUTION,
-                'runs = ctx.writer.submit("HINCRBY", req.reply_to, "attempts", 1)\n',
-                'runs = ctx.writer.submit("HSET", req.reply_to, "attempts", req.attempt)  # mutated\n',
+                STARTED_LUA,
+                "return redis.call('HINCRBY', KEYS[1], 'attempts', 1)\n",
+                "redis.call('HSET', KEYS[1], 'attempts', 1)  -- mutated: a rerun is not counted\nreturn 1\n",
             ),
         ),
         (KILLED_MID_RUN, KILLED_TWICE),

@@ -81,3 +81,35 @@ def test_faketime_really_shifts_a_worker_clock() -> None:
         check=True,
     )
     assert float(out.stdout) - time.time() > 100
+
+
+def test_a_worker_whose_clock_jumps_while_it_runs_still_serves_fresh_calls(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path
+) -> None:
+    """The host clock jumping two minutes ahead (NTP stepping it, a VM resumed) after the worker
+    measured Redis's clock must not make fresh calls look expired until the next measurement."""
+    log = tmp_path / "runs.log"
+    offset = tmp_path / "faketime"
+    offset.write_text("+0s\n")
+    # Beats far apart: no measurement between the jump and the call corrects the offset.
+    workers.start(EDGE, *run_log_dep(log), "--heartbeat-ttl", "60", "--heartbeat-interval", "20",
+                  env=jumping(offset))  # fmt: skip
+    workers.wait_registered("edge", 1)
+    reply_key, _ = send(sync_client, keys, "edge", "nap", (1, 0.0), deadline_in=10.0)
+    assert first_reply(sync_client, reply_key).ok  # served before the jump
+    offset.write_text("+120s\n")
+    reply_key, _ = send(sync_client, keys, "edge", "nap", (2, 0.0), deadline_in=10.0)
+    reply = first_reply(sync_client, reply_key)
+    assert reply.ok, reply.error  # by the jumped clock, its deadline passed 110 s ago
+    assert len(runs(log, "nap 2")) == 1
+
+
+def jumping(offset: Path) -> dict[str, str]:
+    """The environment of a process whose clock is as far off as the file ``offset`` says, read
+    again at every call (write it to jump the clock; monotonic time is left alone)."""
+    return {
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }

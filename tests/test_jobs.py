@@ -548,3 +548,26 @@ async def test_a_job_result_rides_out_a_redis_outage_shorter_than_its_timeout(
             if aof_redis.process is None:  # the read failed during the outage: end it, for the cleanup
                 aof_redis.start()
         assert got == [1.5]
+
+
+async def test_a_stale_run_starting_after_the_job_ended_leaves_it_ended(
+    pm: ProcessManager, workers: Workers, tmp_path: Path, keys: Keys
+) -> None:
+    """A run of a job's entry that starts after another run finished the job (the entry was
+    reclaimed from a stalled worker, which then resumed) must not move the job back to running."""
+    log = tmp_path / "runs"
+    job = pm.job(await pm.client.submit("tasks", "slow", (1.5, "stale"), timeout=60))  # no worker yet
+    client = sync_redis.Redis.from_url(workers.url)
+    try:
+        [(_id, fields)] = client.xrange(keys.calls("tasks"))  # the request, as a stalled worker held it
+        workers.start(TASKS, "--dep", f"log={json.dumps(str(log))}")
+        assert await job.result(timeout=20) == "stale"
+        client.xadd(keys.calls("tasks"), fields)  # the stale run: the same job's request again
+        wait_until(lambda: len(runs(log, "start", "stale")) == 2, 10, "the stale run to start")
+        status = await job.status()
+        assert status.state is JobState.DONE, status
+        wait_until(lambda: len(runs(log, "end", "stale")) == 2, 10, "the stale run to end")
+        assert (await job.status()).state is JobState.DONE
+        assert await job.result(timeout=5) == "stale"
+    finally:
+        client.close()

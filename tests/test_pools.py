@@ -29,6 +29,7 @@ from titan_broker import (
     WorkerOptions,
 )
 from titan_broker._calling.client import ROUTE_TTL
+from titan_broker.testing import LocalRedis
 
 from .conftest import (
     CALCULATOR,
@@ -451,3 +452,17 @@ async def test_autoscale_adds_a_worker_when_cpu_alone_is_above_target(pm: Proces
         grown.set()
     assert scaled.detail == "1 -> 2 workers"
     assert pool.size == 2 and len(pool.workers) == 2
+
+
+async def test_a_pool_scales_down_while_redis_is_down(aof_redis: LocalRedis) -> None:
+    """Which worker is least busy is read from Redis; with Redis out of reach the pool still
+    shrinks (any worker drains) rather than fail with a raw connection error."""
+    async with ProcessManager(aof_redis.url, namespace="scale-down") as pm:
+        pool = await pm.pool(POOLED, size=2)
+        aof_redis.stop(kill=True)
+        try:
+            with anyio.fail_after(60):
+                await pool.scale(1)
+            assert (pool.size, len(pool.workers)) == (1, 1)
+        finally:
+            aof_redis.start()

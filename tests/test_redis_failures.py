@@ -218,3 +218,26 @@ async def test_workers_and_callers_ride_out_scripts_flushed_over_and_over(
     finally:
         stop.set()
         workers.close()
+
+
+async def test_a_blocking_read_unblocked_by_a_failover_relocates_like_readonly() -> None:
+    """A primary demoted mid-BLOCK answers UNBLOCKED ("the server is now a replica"): the channel
+    must treat it like READONLY (WrongNode, a lost connection; relocate first), not as a bad command."""
+    from titan_broker._redis.connection import Channel, WrongNode
+
+    with LocalRedis() as primary, LocalRedis() as other:
+        channel = await Channel.open(primary.url, "some-stream", socket_timeout=30)
+        admin = sync_redis.Redis.from_url(primary.url)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def demote() -> None:
+                    await eventually(lambda: in_thread(lambda: admin.info("clients")["blocked_clients"] >= 1))
+                    await in_thread(admin.replicaof, "127.0.0.1", other.port)
+
+                tg.start_soon(demote)
+                with anyio.fail_after(10), pytest.raises(WrongNode, match="UNBLOCKED"):
+                    await channel.execute("XREAD", "BLOCK", "8000", "STREAMS", "some-stream", "$")
+        finally:
+            await channel.aclose()
+            admin.close()

@@ -12,8 +12,10 @@ import pytest
 import redis as sync_redis
 
 from titan_broker import (
+    CallLost,
     CallTimeout,
     DeadlineExceeded,
+    InternalError,
     PayloadTooLarge,
     ProcessManager,
     RemoteError,
@@ -22,12 +24,16 @@ from titan_broker import (
 )
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import (
+    F_ID,
+    F_REPLY,
     F_REPLY_VALUE,
     STREAM_WINDOW,
     decode_reply,
+    encode_items,
+    pack,
 )
 
-from .conftest import SERVICES, Workers, eventually, wait_until
+from .conftest import SERVICES, Workers, eventually, managed_workers, wait_until
 from .worker_harness import (
     EDGE,
     ping,
@@ -176,3 +182,52 @@ def test_reply_stream_of_an_unread_streaming_call_has_a_ttl(
             if item is not None:
                 sync_client.hset(keys.stream_control("edge", item.call_id), "cancel", 1)
     ping(sync_client, keys)
+
+
+async def test_items_missing_from_the_stream_fail_the_call_with_call_lost(
+    pm: ProcessManager, keys: Keys
+) -> None:
+    """Items lost on the way (a failover that lost the latest writes to the reply stream) must not be
+    skipped: an item past the next one expected fails the call with CallLost, naming the gap."""
+    svc = await pm.spawn(STREAMER)
+    got: list[int] = []
+    with anyio.fail_after(20), pytest.raises(CallLost, match=r"item 5\d\d"):
+        async for tick in svc.ticks():
+            got.append(tick)
+            if len(got) == 1:
+                [(_id, fields)] = await pm.client.redis.xrange(keys.calls("streamer"))
+                call_id, reply_to = fields[F_ID].decode(), fields[F_REPLY]
+                # A message from further on than any seen: the items between were lost.
+                lost = encode_items(call_id, 500, [pack(500)], "elsewhere")
+                await pm.client.redis.xadd(reply_to, {F_REPLY_VALUE: lost})
+    assert got == list(range(len(got))) and all(i < 500 for i in got)
+
+
+async def test_redis_failing_under_a_stream_is_an_internal_error_not_the_methods(pm: ProcessManager) -> None:
+    """The worker's own Redis traffic for a stream (waiting for credit) failing is the worker's failure
+    (InternalError), never reported as an exception the method raised (a @retry on ConnectionError
+    would take it for the method's own)."""
+    svc = await pm.spawn(STREAMER)
+    admin = pm.client.redis
+
+    [worker] = managed_workers()
+
+    async def blocked_in_blpop() -> set[int]:
+        ports = {f"127.0.0.1:{c.laddr.port}" for c in worker.net_connections("tcp") if c.laddr}
+        clients = await admin.client_list()
+        return {int(c["id"]) for c in clients if c.get("cmd") == "blpop" and c["addr"] in ports}
+
+    before = await blocked_in_blpop()  # the worker's own waits, not the stream's
+
+    async def waiting_for_credit() -> set[int]:
+        return await blocked_in_blpop() - before
+
+    got: list[int] = []
+    with anyio.fail_after(30), pytest.raises(RemoteError) as raised:
+        async for tick in svc.ticks():
+            got.append(tick)
+            if len(got) == 1:  # stop reading: the producer spends its credit, then waits for more
+                for client_id in await eventually(waiting_for_credit, 10, "the producer to wait for credit"):
+                    await admin.client_kill_filter(_id=client_id)
+    assert isinstance(raised.value, InternalError), raised.value
+    assert got == list(range(len(got)))

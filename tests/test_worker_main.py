@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
+
+from titan_broker.testing import LocalRedis
 
 from .conftest import (
     CALCULATOR,
@@ -38,3 +41,16 @@ def test_worker_exits_1_when_it_crashes_on_an_unexpected_error(workers: Workers)
         assert proc.wait(timeout=20) == 1
     out = workers.output(proc)
     assert b"titan-worker: crashed: OSError" in out, out
+
+
+def test_worker_exits_4_when_it_loses_redis_while_starting(private_redis: LocalRedis) -> None:
+    """Redis gone after the worker connected but before it registered: exit 4 (Redis unavailable), as
+    when it is unreachable from the start, never 1 (a crash)."""
+    workers = Workers(private_redis.url, "exit4")
+    try:
+        proc = workers.start(SERVICES / "redis_gone.py", "--dep", f"url={json.dumps(private_redis.url)}")
+        assert proc.wait(timeout=30) == 4, workers.output(proc)
+        out = workers.output(proc)
+        assert b"127.0.0.1" in out and b"crashed" not in out, out
+    finally:
+        workers.close()

@@ -5,7 +5,8 @@ consumed, the caller raises its credit in the call's stream hash and pushes
 it onto the call's wake list, where a worker out of credit waits. Leaving
 the loop early (or any error) tells the worker to stop and deletes the
 request if no worker took it yet. A worker that took the call over replays
-it from the start; items already seen are skipped.
+it from the start; items already seen are skipped. An item past the next one
+expected means Redis lost some (a failover): the call fails with CallLost.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 
-from .._errors import TitanError
+from .._errors import CallLost, TitanError
 from .._wire import protocol
 from .._wire.keys import Keys
 from .replies import Placement, StreamItem, error_of
@@ -83,6 +84,11 @@ async def stream_items(
             if item.seq is None or item.items is None:
                 finished = True
                 raise TitanError(f"{service}.{method}() does not stream: await it instead of iterating")
+            if item.seq > received:  # never skipped silently: the caller would miss items
+                raise CallLost(
+                    f"{service}.{method}() lost stream items {received} to {item.seq - 1}: item {item.seq} "
+                    "came next (Redis lost writes to the reply stream: a failover or a restart)"
+                )
             # Items before ``received`` were replayed from the start by a worker that took the call over.
             for value in item.items[max(0, received - item.seq) :]:
                 received += 1

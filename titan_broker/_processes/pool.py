@@ -21,6 +21,7 @@ import anyio
 from .._calling.breaker import CircuitBreaker
 from .._calling.client import ServiceProxy
 from .._errors import ConfigError, SpawnError
+from .._redis import REDIS_ERRORS
 from .._registry.latency import LatencyHistogram
 from .launcher import WorkerProcess
 from .policies import AutoScale, Autoscaler, PoolSettings, RestartPolicy, replacement_reason
@@ -156,7 +157,10 @@ class Pool(Generic[T]):
                     supervisor.target = len(supervisor.live())
                     raise
             elif n < len(live):
-                busy = {r.worker_id: r.in_flight for r in await supervisor.records()}
+                try:
+                    busy = {r.worker_id: r.in_flight for r in await supervisor.records()}
+                except REDIS_ERRORS:  # Redis out of reach: which is least busy is unknown; any drains
+                    busy = {}
                 ordered = sorted(live, key=lambda w: busy.get(w.worker_id, 0))
                 async with anyio.create_task_group() as tg:
                     for worker in ordered[: len(live) - n]:

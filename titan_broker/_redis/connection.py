@@ -184,6 +184,11 @@ _MOVED_OR_DOWN = (rexc.ReadOnlyError, rexc.ClusterDownError, rexc.TryAgainError,
 (MovedError is an AskError; a MOVED is followed at once, the others relocate before the next command.)"""
 
 
+def _unblocked(exc: rexc.ResponseError) -> bool:
+    """A blocking command ended because its node became a replica (a failover): like READONLY."""
+    return str(exc).startswith("UNBLOCKED")
+
+
 class Channel:
     """One connection of its own for a hot path: commands go straight to the socket.
 
@@ -197,7 +202,7 @@ class Channel:
     A channel serves the keys of one hash slot (``key``'s): on a cluster or
     behind Sentinel it follows that slot's primary. A MOVED reply retargets
     it and the command is sent again at once (it did not run); after a lost
-    connection, a READONLY (the primary became a replica), CLUSTERDOWN,
+    connection, a READONLY or UNBLOCKED (the primary became a replica), CLUSTERDOWN,
     TRYAGAIN or ASK it raises WrongNode (a ConnectionError) and reads the
     topology again before its next command.
 
@@ -336,7 +341,9 @@ class Channel:
                 await self._retarget((exc.host, exc.port))
             except _MOVED_OR_DOWN as exc:
                 raise self._moved(exc) from exc
-            except rexc.ResponseError:
+            except rexc.ResponseError as exc:
+                if _unblocked(exc):
+                    raise self._moved(exc) from exc
                 raise
             except BaseException as exc:
                 await self._failed(conn, exc)
@@ -364,7 +371,9 @@ class Channel:
             for i, result in zip(moved, again, strict=True):
                 results[i] = result
         for i, result in enumerate(results):
-            if isinstance(result, _MOVED_OR_DOWN):
+            if isinstance(result, _MOVED_OR_DOWN) or (
+                isinstance(result, rexc.ResponseError) and _unblocked(result)
+            ):
                 results[i] = self._moved(result)
         return results
 

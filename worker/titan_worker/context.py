@@ -20,25 +20,28 @@ logger = logging.getLogger("titan_worker")
 class Clock:
     """Redis's clock as seen from here: deadlines are in Redis's time, not this host's.
 
-    The heartbeat measures the offset (Redis TIME against the local clock,
-    halfway through the round trip) every beat, so a host whose clock is
-    skewed neither runs stale calls nor drops fresh ones.
+    The heartbeat measures the offset between Redis's TIME and this process's
+    monotonic clock (halfway through the round trip) every beat, so a host whose
+    clock is skewed neither runs stale calls nor drops fresh ones, and a host
+    clock that jumps (NTP stepping it, a VM resumed) changes nothing: the wall
+    clock is never read.
     """
 
     __slots__ = ("offset_ms",)
 
     def __init__(self) -> None:
-        self.offset_ms = 0.0
+        self.offset_ms = time.time() * 1000 - time.monotonic() * 1000
+        """Redis's time minus time.monotonic(), in ms (the host's own until the first measurement)."""
 
     def measured(self, time_reply: tuple[int, int], sent: float, received: float) -> None:
-        """Record Redis's TIME reply (seconds, microseconds), asked at local ``sent`` and answered
-        at ``received``."""
+        """Record Redis's TIME reply (seconds, microseconds), asked at ``sent`` and answered at
+        ``received`` (both time.monotonic())."""
         seconds, micros = time_reply
         self.offset_ms = seconds * 1000 + micros / 1000 - (sent + received) / 2 * 1000
 
     def now_ms(self) -> float:
         """Redis's time now, in milliseconds since the epoch."""
-        return time.time() * 1000 + self.offset_ms
+        return time.monotonic() * 1000 + self.offset_ms
 
     def monotonic_deadline(self, deadline_ms: int) -> float:
         """The time.monotonic() at which ``deadline_ms`` (Redis's clock) passes."""

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from titan_broker._errors import EncodeError, WireError
+from titan_broker._redis import Script
 from titan_broker._service import MethodSpec
 from titan_broker._wire import Mismatch, protocol
 
@@ -28,11 +29,13 @@ from .context import WorkerContext
 from .handoff import Handoff
 from .streaming import run_stream
 
+_STARTED = Script("started")
+
 MARK_PATIENCE = 1.0
 """Seconds a job's run waits at most for its mark (running, one more run) to reach Redis."""
 
 
-def _ignore_failure(fut: asyncio.Future[Any]) -> None:
+def _ignore_failure(fut: asyncio.Future[Any] | asyncio.Task[Any]) -> None:
     """A status mark that did not reach Redis: the job's outcome still will (settlement retries it)."""
     if not fut.cancelled():
         fut.exception()
@@ -90,21 +93,19 @@ class Executor:
 
     async def _started(self, req: protocol.Request) -> None:
         """Mark a job running (its status, one more run, worker) before it runs: a run that kills
-        its worker at once still counts. Redis out of reach does not hold the run up (the mark is
-        then left to the pipeline, ahead of the job's outcome)."""
+        its worker at once still counts. A job that has ended stays ended (a stale run of a
+        reclaimed entry). Redis out of reach does not hold the run up (the mark is then left to
+        the pipeline, ahead of the job's outcome)."""
         ctx = self.ctx
         assert req.reply_to is not None
-        mark = ctx.writer.submit(
-            "HSET", req.reply_to, "status", "running", "worker", ctx.worker_id,
-            "started", int(ctx.clock.now_ms()),
-        )  # fmt: skip
-        mark.add_done_callback(_ignore_failure)
         # Counted here, not taken from the request's @retry attempt: a rerun after its worker died
         # (the entry claimed by another) is a run too, and carries the same attempt number.
-        runs = ctx.writer.submit("HINCRBY", req.reply_to, "attempts", 1)
-        runs.add_done_callback(_ignore_failure)
+        mark = asyncio.ensure_future(
+            _STARTED(ctx.writer, [req.reply_to], [ctx.worker_id, int(ctx.clock.now_ms())])
+        )
+        mark.add_done_callback(_ignore_failure)
         with anyio.move_on_after(MARK_PATIENCE):
-            await asyncio.wait([runs])
+            await asyncio.wait([mark])
 
     def _runner(self, spec: MethodSpec) -> Next:
         """The innermost step of a chain: run the method itself."""

@@ -96,7 +96,9 @@ class Intake:
         """Read and serve until stop(), then let calls in flight finish within ``grace`` seconds."""
         ctx = self.ctx
         self._reader = reader
-        await self._note_reader_id(reader)
+        # Redis may be lost already: the read loop below reconnects and notes the id again.
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self._note_reader_id(reader)
         # An asyncio queue, not an anyio memory stream: a third of the cost per entry. Never more
         # entries in it than free slots (the read asks for no more), and the slots end cancelled.
         queue: asyncio.Queue[tuple[Entry, int]] = asyncio.Queue()

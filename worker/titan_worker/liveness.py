@@ -84,8 +84,8 @@ class Heartbeat:
         Measures Redis's clock first: the worker reads no call before its deadlines make sense.
         """
         ctx = self.ctx
-        sent = time.time()
-        ctx.clock.measured(self._time(), sent, time.time())
+        sent = time.monotonic()
+        ctx.clock.measured(self._time(), sent, time.monotonic())
         definition = ctx.definition
         assert self.record is not None, "the worker publishes its record before registering"
         description = {
@@ -148,8 +148,8 @@ class Heartbeat:
         """Refresh the record and its TTL, re-register if it was lost, renew calls in flight."""
         ctx = self.ctx
         ttl_ms = int(ctx.options.heartbeat_ttl * 1000)
-        sent = time.time()
-        ctx.clock.measured(self._time(), sent, time.time())
+        sent = time.monotonic()
+        ctx.clock.measured(self._time(), sent, time.monotonic())
         pipe = self.client.pipeline(transaction=False)
         pipe.exists(ctx.record_key)
         pipe.hset(ctx.record_key, mapping=self._fields(heartbeat_only=True))  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ logged when it starts and ends, not once per call or per try.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -79,7 +78,8 @@ class Settlement:
     ) -> None:
         """Run a settle step until Redis takes it; errors other than an outage or a full Redis raise."""
         ctx = self.ctx
-        give_up = (deadline_ms / 1000 if deadline_ms else time.time()) + SETTLE_PATIENCE
+        # In Redis's clock, like the deadline.
+        give_up = (deadline_ms if deadline_ms else ctx.clock.now_ms()) / 1000 + SETTLE_PATIENCE
         backoff = Backoff()
         while True:
             try:
@@ -89,7 +89,7 @@ class Settlement:
                 if full and not _out_of_memory(exc):
                     raise
                 kind = "settle-oom" if full else "settle-unreachable"
-                if time.time() > give_up:
+                if ctx.clock.now_ms() / 1000 > give_up:
                     ctx.log.logger.error("worker %s: could not answer %s (%s); leaving it to other workers",
                                          ctx.worker_id, entry.id.decode(), exc)  # fmt: skip
                     return

@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from redis import exceptions as rexc
 
 from titan_broker._config import WorkerOptions, redact, resolve_namespace, resolve_url
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
@@ -172,6 +173,9 @@ def serve_file(
             error = access_denied(error, f"serve {worker.service!r}", who=Acting("worker", user))
         if isinstance(error, RedisUnavailable):
             return ready.fail(EXIT_REDIS, str(error))
+        if isinstance(error, rexc.ConnectionError | rexc.TimeoutError):
+            # Redis went away after the worker connected (while it registered, say): the same exit.
+            return ready.fail(EXIT_REDIS, f"lost Redis at {redact(url)}: {type(error).__name__}: {error}")
         if isinstance(error, InitError):
             return ready.fail(EXIT_INIT, f"{file}: {error}")
         logger.error("worker crashed", exc_info=error)

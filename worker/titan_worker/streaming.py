@@ -14,13 +14,13 @@ for ``cancel`` and for a credit whose token was missed.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 
 from titan_broker._errors import EncodeError, WireError
-from titan_broker._redis import Script
+from titan_broker._redis import REDIS_ERRORS, Script
 from titan_broker._wire import protocol
 
 from .call import Call, Outcome, Reply
@@ -32,6 +32,29 @@ POLL = 0.2
 
 Misfit = Callable[[Call, Any, str, str], "str | None"]
 Raised = Callable[..., Outcome]
+T = TypeVar("T")
+
+
+class _StreamFailed(Exception):
+    """The stream's own Redis traffic (credit, control, items) failed: the worker's failure, which
+    the call reports as an internal error, never as an exception the method raised."""
+
+
+async def _redis(what: str, op: Awaitable[T]) -> T:
+    try:
+        return await op
+    except REDIS_ERRORS as exc:
+        raise _StreamFailed(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _stream_failure(group: BaseExceptionGroup[BaseException]) -> _StreamFailed | None:
+    """The first _StreamFailed inside (nested) task-group errors, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, _StreamFailed):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _stream_failure(exc)) is not None:
+            return found
+    return None
 
 
 async def run_stream(ctx: WorkerContext, call: Call, items: AsyncIterator[Any], misfit: Misfit,
@@ -63,17 +86,17 @@ async def run_stream(ctx: WorkerContext, call: Call, items: AsyncIterator[Any], 
     async def watch() -> None:
         while not cancelled:
             await anyio.sleep(POLL)
-            grant(await ctx.redis.hgetall(control))
+            grant(await _redis("reading the stream's control hash", ctx.redis.hgetall(control)))
         tg.cancel_scope.cancel()
 
     async def await_credit() -> None:
         nonlocal credit
         while produced >= credit and not cancelled:
-            token = await ctx.redis.blpop([wake], timeout=POLL)
+            token = await _redis("waiting for the caller's credit", ctx.redis.blpop([wake], timeout=POLL))
             if token is not None and token[1].isdigit():
                 credit = max(credit, int(token[1]))
             else:
-                grant(await ctx.redis.hgetall(control))
+                grant(await _redis("reading the stream's control hash", ctx.redis.hgetall(control)))
 
     async def send() -> None:
         nonlocal filled
@@ -83,7 +106,8 @@ async def run_stream(ctx: WorkerContext, call: Call, items: AsyncIterator[Any], 
             if buffer:
                 batch = buffer[:]
                 buffer.clear()
-                await _STREAM_ITEMS(ctx.writer, [req.reply_to], [ttl_ms, *messages(batch)])
+                items_sent = _STREAM_ITEMS(ctx.writer, [req.reply_to], [ttl_ms, *messages(batch)])
+                await _redis("sending stream items", items_sent)
                 call.items_sent += len(batch)
             if finished and not buffer:
                 return
@@ -99,44 +123,52 @@ async def run_stream(ctx: WorkerContext, call: Call, items: AsyncIterator[Any], 
         out.append(protocol.encode_items(req.call_id, start + first, batch[first:], ctx.worker_id))
         return out
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        async with anyio.create_task_group() as sending:
-            sending.start_soon(send)
-            try:
-                async for item in items:
-                    await await_credit()
-                    if cancelled:
-                        break
-                    what = f"item {produced} of {req.method}()"
-                    problem = misfit(call, item, what, "item")
-                    if problem is not None:
-                        failure = functools.partial(
-                            call.fail, WireError.BAD_RESULT, problem, {"items": produced}
-                        )
-                        break
-                    try:
-                        encoded = protocol.pack(item)
-                    except EncodeError as exc:
-                        failure = functools.partial(
-                            call.fail, WireError.ENCODE_ERROR, f"{what} {exc.message}"
-                        )
-                        break
-                    if len(encoded) > room:
-                        err = protocol.size_error(what, len(encoded) + overhead, ctx.options.max_payload)
-                        failure = functools.partial(call.fail, err.type, err.message)
-                        break
-                    buffer.append(encoded)
-                    produced += 1
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            async with anyio.create_task_group() as sending:
+                sending.start_soon(send)
+                try:
+                    async for item in items:
+                        await await_credit()
+                        if cancelled:
+                            break
+                        what = f"item {produced} of {req.method}()"
+                        problem = misfit(call, item, what, "item")
+                        if problem is not None:
+                            failure = functools.partial(
+                                call.fail, WireError.BAD_RESULT, problem, {"items": produced}
+                            )
+                            break
+                        try:
+                            encoded = protocol.pack(item)
+                        except EncodeError as exc:
+                            failure = functools.partial(
+                                call.fail, WireError.ENCODE_ERROR, f"{what} {exc.message}"
+                            )
+                            break
+                        if len(encoded) > room:
+                            err = protocol.size_error(what, len(encoded) + overhead, ctx.options.max_payload)
+                            failure = functools.partial(call.fail, err.type, err.message)
+                            break
+                        buffer.append(encoded)
+                        produced += 1
+                        filled.set()
+                except _StreamFailed:
+                    raise
+                except Exception as exc:
+                    failure = functools.partial(raised, call, exc, items=produced)
+                finally:
+                    finished = True
                     filled.set()
-            except Exception as exc:
-                failure = functools.partial(raised, call, exc, items=produced)
-            finally:
-                finished = True
-                filled.set()
-                with anyio.CancelScope(shield=True):
-                    await items.aclose()  # type: ignore[attr-defined]
-        tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await items.aclose()  # type: ignore[attr-defined]
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        failed = _stream_failure(group)
+        if failed is None:
+            raise
+        raise failed from failed.__cause__
     if cancelled:
         ctx.log.logger.info("worker %s: caller stopped %s() after %d item(s)", ctx.worker_id,
                             req.method, call.items_sent)  # fmt: skip
