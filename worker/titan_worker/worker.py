@@ -103,6 +103,8 @@ class Worker:
         self._host = socket.gethostname()
         self._started_at = time.time()
         self._methods = [m.describe() for m in definition.methods.values()]
+        self._odd_limit = (self.ctx.options.max_deliveries or 1) < 1
+        """A max_deliveries option below 1 (not refused when given): every delivery is checked."""
 
     @property
     def definition(self) -> ServiceDefinition:
@@ -218,10 +220,12 @@ class Worker:
     async def _serve(self, entry: Entry, deliveries: int) -> None:
         """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line."""
         assert self._executor is not None
-        poisoned = self.intake.poisoned(entry, deliveries)
-        if poisoned is not None:
-            await self.settlement.settle(entry, poisoned)
-            return
+        # A first delivery never moved is under any limit (each is at least 1): no need to look.
+        if deliveries > 1 or protocol.F_MOVES in entry.fields or self._odd_limit:
+            poisoned = self.intake.poisoned(entry, deliveries)
+            if poisoned is not None:
+                await self.settlement.settle(entry, poisoned)
+                return
         if deliveries > 1 and await self.scheduler.overtaken(entry):
             return  # a periodic run a later tick overtook while nobody ran it: not piled on
         started = time.perf_counter()
