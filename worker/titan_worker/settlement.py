@@ -30,6 +30,9 @@ _FINISH = Batch("finish")
 _DEAD_LETTER = Script("dead_letter")
 _RETRY = Script("retry")
 _RETRYABLE: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable, rexc.ResponseError)
+_SETTLE_TROUBLE = ("settle-oom", "settle-unreachable")
+_NO_BACKOFF = Backoff()
+"""Never slept on: a settle's own backoff is made at its first failure."""
 SETTLE_PATIENCE = 30.0
 """Seconds past a call's deadline that its worker keeps trying to settle it."""
 
@@ -79,8 +82,8 @@ class Settlement:
     ) -> None:
         """Run a settle step until Redis takes it; errors other than an outage or a full Redis raise."""
         ctx = self.ctx
-        give_up = (deadline_ms / 1000 if deadline_ms else time.time()) + SETTLE_PATIENCE
-        backoff = Backoff()
+        give_up: float | None = None  # set at the first failure: most settles take one try
+        backoff = _NO_BACKOFF
         while True:
             try:
                 done = await step(*args)
@@ -88,6 +91,9 @@ class Settlement:
                 full = isinstance(exc, rexc.ResponseError)
                 if full and not _out_of_memory(exc):
                     raise
+                if give_up is None:
+                    give_up = (deadline_ms / 1000 if deadline_ms else time.time()) + SETTLE_PATIENCE
+                    backoff = Backoff()
                 kind = "settle-oom" if full else "settle-unreachable"
                 if time.time() > give_up:
                     ctx.log.logger.error("worker %s: could not answer %s (%s); leaving it to other workers",
@@ -98,8 +104,7 @@ class Settlement:
                             ctx.worker_id, what, protocol.excerpt(str(exc), 200))  # fmt: skip
                 await backoff.sleep()
                 continue
-            ctx.log.over(("settle-oom", "settle-unreachable"), "worker %s: Redis takes answers again",
-                         ctx.worker_id)  # fmt: skip
+            ctx.log.over(_SETTLE_TROUBLE, "worker %s: Redis takes answers again", ctx.worker_id)
             if done == 0:
                 why = await self._why_not_mine(entry, deadline_ms)
                 ctx.log.log(logging.WARNING, "lost", "worker %s: call %s %s; not answering it", ctx.worker_id,
