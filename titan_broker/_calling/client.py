@@ -217,7 +217,8 @@ class Client:
         timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
         loop = asyncio.get_running_loop()
         later = _later(delay, key)
-        deadline = loop.time() + timeout + (later.delay_ms / 1000 if later else 0.0)
+        now = loop.time()
+        deadline = now + timeout + (later.delay_ms / 1000 if later else 0.0)
         if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
             self._connected()
             await self._workers.require_worker(service, method, deadline)
@@ -238,7 +239,7 @@ class Client:
                 # Sent without waiting for Redis's answer: the call waits for its reply at once (one
                 # wake-up a call, not two); the answer registers where the request went, or, when
                 # the submit failed, wakes the call to raise its error or send again.
-                submit = sender.submit(service, fields, worker, deadline)
+                submit = sender.submit(service, fields, worker, deadline, now)
                 submit.tried.add_done_callback(
                     functools.partial(_submitted, sender, dispatcher, call_id, fut, submit)
                 )

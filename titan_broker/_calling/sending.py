@@ -262,12 +262,15 @@ class Sender:
             raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
         raise exc
 
-    def submit(self, service: str, fields: dict[bytes, bytes], worker: str | None, deadline: float) -> Submit:
+    def submit(
+        self, service: str, fields: dict[bytes, bytes], worker: str | None, deadline: float, now: float
+    ) -> Submit:
         """Send an ordinary call's request without waiting for Redis's answer (the first try ``send``
-        makes): its caller waits for the reply at once, and looks at the try only when it failed."""
+        makes): its caller waits for the reply at once, and looks at the try only when it failed.
+        ``now``: the event loop's time, read by the caller at most this long ago."""
         keys, argv, placed = self._call_parts(service, worker)
         not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
-        started = asyncio.get_running_loop().time()
+        started = now
         tried = _SUBMIT.part(self.pipe, keys, [*argv, not_after, *protocol.flat_fields(fields)])
         return Submit(tried, placed, started, keys[0])
 

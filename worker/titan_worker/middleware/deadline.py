@@ -35,7 +35,25 @@ class _Expiry:
             self.task.cancel()
 
 
+class _Loop:
+    """The event loop a method's calls run on (a chain serves one run of a worker), looked up at the
+    first call: on Python 3.11 each look-up costs a getpid() system call."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        return loop
+
+
 def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware:
+    running = _Loop()
+
     async def bound(call: Call, call_next: Next) -> Outcome:
         remaining = call.remaining()
         if remaining <= 0:
@@ -56,11 +74,12 @@ def build(spec: MethodSpec, ctx: WorkerContext) -> Middleware:
         # context manager, a third of its cost on every call. At the deadline itself
         # (time.monotonic(), asyncio's clock), not "remaining" from the loop's time: uvloop's time is
         # the one of the loop's last turn, so that would fire early.
-        task = asyncio.current_task()
+        loop = running.get()
+        task = asyncio.current_task(loop)
         assert task is not None, "a call runs in a task"
         cancelling = task.cancelling()
         expiry = _Expiry(task)
-        handle = asyncio.get_running_loop().call_at(call.deadline, expiry.fire)
+        handle = loop.call_at(call.deadline, expiry.fire)
         try:
             return await call_next(call)
         except asyncio.CancelledError:
