@@ -222,7 +222,7 @@ class Client:
         if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
             self._connected()
             await self._workers.require_worker(service, method, deadline)
-        link = self._links.get(service) if self._links is not None else None
+        link = self._links.get(service, now) if self._links is not None else None
         if link is None:
             link = await self._link(service, deadline)
         dispatcher, sender = link.dispatcher, link.sender
