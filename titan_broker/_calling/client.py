@@ -13,6 +13,7 @@ client; every error out of this module is a TitanError.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -41,10 +42,10 @@ from .jobs import DEFAULT_RESULT_TTL, Job
 from .links import Link, Links
 from .proxy import ServiceProxy as ServiceProxy
 from .proxy import with_options as with_options
-from .replies import Placement, error_of
+from .replies import Placement, ReplyDispatcher, error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
 from .routing import LiveWorkers, probe_margin
-from .sending import DelayOrJob, redis_error
+from .sending import DelayOrJob, Sender, Submit, redis_error, unanswered
 from .streaming import StreamRequest, stream_items
 
 logger = logging.getLogger(__name__)
@@ -216,35 +217,62 @@ class Client:
         timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
         loop = asyncio.get_running_loop()
         later = _later(delay, key)
-        deadline = loop.time() + timeout + (later.delay_ms / 1000 if later else 0.0)
+        now = loop.time()
+        deadline = now + timeout + (later.delay_ms / 1000 if later else 0.0)
         if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
             self._connected()
             await self._workers.require_worker(service, method, deadline)
-        link = self._links.get(service) if self._links is not None else None
+        link = self._links.get(service, now) if self._links is not None else None
         if link is None:
             link = await self._link(service, deadline)
         dispatcher, sender = link.dispatcher, link.sender
         fut: asyncio.Future[protocol.Reply] = loop.create_future()
         dispatcher.expect(call_id, fut)
         sent: Placement | None = None
+        submit: Submit | None = None
         answered = False
         try:
             worker = (
                 await self._workers.worker_for(service, method, key, deadline) if key is not None else None
             )
-            sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
-            dispatcher.placed(call_id, sent)
-            # A timer on the future is much cheaper than a cancel scope on this hot path.
-            timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._workers.probe, service)
-            try:
-                reply = await fut
-            except _Expired:
-                raise self._workers.timeout_error(service, method, timeout, loop.time() - timeout) from None
-            finally:
-                timer.cancel()
+            if later is None:
+                # Sent without waiting for Redis's answer: the call waits for its reply at once (one
+                # wake-up a call, not two); the answer registers where the request went, or, when
+                # the submit failed, wakes the call to raise its error or send again.
+                submit = sender.submit(service, fields, worker, deadline, now)
+                submit.tried.add_done_callback(
+                    functools.partial(_submitted, sender, dispatcher, call_id, fut, submit)
+                )
+            else:
+                sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
+                dispatcher.placed(call_id, sent)
+            while True:
+                # A timer on the future is much cheaper than a cancel scope on this hot path.
+                timer = _CallTimer(loop, fut, deadline, probe_margin(timeout), self._workers.probe, service)
+                try:
+                    reply = await fut
+                    break
+                except _Expired:
+                    if submit is not None and not submit.tried.done():
+                        raise unanswered(f"send {service}.{method}()", timeout) from None
+                    raise self._workers.timeout_error(
+                        service, method, timeout, loop.time() - timeout
+                    ) from None
+                except _SubmitFailed as failed:
+                    assert submit is not None
+                    # Raises its error, or returns for a try again (by send, which waits for Redis).
+                    await sender.refused(failed.error, service, method, "EVALSHA submit_many", submit.key,
+                                         deadline)  # fmt: skip
+                    submit = None
+                    fut = loop.create_future()
+                    dispatcher.expect(call_id, fut)
+                    sent = await sender.send(service, method, fields, worker, deadline, timeout)
+                    dispatcher.placed(call_id, sent)
+                finally:
+                    timer.cancel()
             answered = True
             if reply.seq is not None or reply.end is not None:
-                sender.withdraw(sent, deadline, self.keys.stream_control(service, call_id), call_id)
+                _give_up(sender, submit, sent, deadline, self.keys.stream_control(service, call_id), call_id)
                 raise TitanError(
                     f"{service}.{method}() streams its results: iterate it with 'async for' instead"
                 )
@@ -253,8 +281,8 @@ class Client:
             raise error_of(reply)
         finally:
             dispatcher.forget(call_id)
-            if sent is not None and not answered:
-                sender.withdraw(sent, deadline, call_id=call_id)
+            if not answered:
+                _give_up(sender, submit, sent, deadline, None, call_id)
 
     def stream(
         self,
@@ -425,6 +453,57 @@ def _traceparent() -> str | None:
 
 class _Expired(Exception):
     """Set on a call's future when its timeout passes."""
+
+
+class _SubmitFailed(Exception):
+    """Set on a call's future when its request's submit failed (``error``)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _submitted(
+    sender: Sender,
+    dispatcher: ReplyDispatcher,
+    call_id: str,
+    fut: asyncio.Future[protocol.Reply],
+    submit: Submit,
+    tried: asyncio.Future[Any],
+) -> None:
+    """A call's submit is done: note where the request went, or wake the call with the failure."""
+    if tried.cancelled():
+        return
+    error = tried.exception()
+    if error is not None:
+        if not fut.done():
+            fut.set_exception(_SubmitFailed(cast(Exception, error)))
+        return
+    entry_id = cast(bytes, tried.result())
+    sender.offset_ms = protocol.entry_time_ms(entry_id) + 1 - submit.started * 1000
+    if not fut.done():  # else the call is over (answered, or given up and withdrawn by _give_up)
+        dispatcher.placed(call_id, submit.placed.with_entry(entry_id))
+
+
+def _give_up(
+    sender: Sender,
+    submit: Submit | None,
+    sent: Placement | None,
+    deadline: float,
+    control: str | None,
+    call_id: str,
+) -> None:
+    """Withdraw a request nobody waits for any more, now or once its submit tells where it went."""
+    if submit is not None:
+        if not submit.tried.done():
+            later = functools.partial(
+                sender.withdraw_late, submit.placed, deadline, control=control, call_id=call_id
+            )
+            submit.tried.add_done_callback(later)
+            return
+        sent = submit.placement()
+    if sent is not None:
+        sender.withdraw(sent, deadline, control, call_id=call_id)
 
 
 def _expire(fut: asyncio.Future[protocol.Reply]) -> None:

@@ -110,10 +110,11 @@ class Links:
         self.tg: anyio.abc.TaskGroup | None = None
         """Where dispatchers and withdrawals run; None while the client is closed."""
 
-    def get(self, service: str) -> Link | None:
+    def get(self, service: str, now: float | None = None) -> Link | None:
+        """The open link of ``service``, marked used ``now`` (event-loop time; read when not given)."""
         link = self._links.get(service)
         if link is not None:
-            link.used = anyio.current_time()
+            link.used = anyio.current_time() if now is None else now
         return link
 
     def run_id(self, service: str) -> str | None:

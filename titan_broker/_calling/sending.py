@@ -114,6 +114,39 @@ class DelayOrJob(NamedTuple):
     result_ttl_ms: int = 86_400_000
 
 
+def unanswered(doing: str, timeout: float, job: bool = False) -> RedisUnavailable:
+    """The error for a submit Redis did not answer by the call's deadline."""
+    outcome = (
+        "if the job reached Redis after all, it is cancelled unless a worker had started it"
+        if job
+        else "the request was not queued"
+    )
+    return RedisUnavailable(
+        f"cannot {doing}: Redis did not answer within the timeout of {timeout:g} s "
+        f"(it is stopped, overloaded or unreachable); {outcome}"
+    )
+
+
+class Submit(NamedTuple):
+    """An ordinary call's request on its way (``Sender.submit``)."""
+
+    tried: asyncio.Future[Any]
+    """Gets the entry id, or the error."""
+    placed: Placement
+    """Where it goes (its entry id not yet known)."""
+    started: float
+    """Event-loop time it was queued (for the clock offset)."""
+    key: str
+    """The first key it writes (named in an error)."""
+
+    def placement(self) -> Placement | None:
+        """Where it went, once ``tried`` is done; None when it failed."""
+        tried = self.tried
+        if tried.cancelled() or tried.exception() is not None:
+            return None
+        return self.placed.with_entry(cast(bytes, tried.result()))
+
+
 class Sender:
     """Sends requests over one auto-pipelined channel; withdraws those given up."""
 
@@ -150,13 +183,8 @@ class Sender:
         """
         doing = f"send {service}.{method}()"
         shared = self.keys.calls(service)
-        streams: tuple[str, ...] = (shared,)
-        record = ""
-        if worker is not None:
-            streams = (self.keys.worker_calls(service, worker), shared)
-            record = self.keys.worker(service, worker)
         flat = protocol.flat_fields(fields)
-        keys, argv = list(streams), [self.keys.config(service), record, self.max_backlog]
+        keys, argv, placed = self._call_parts(service, worker)
         member = b""
         if later is not None:
             keys = [shared, self.keys.delayed(service)]
@@ -170,12 +198,11 @@ class Sender:
             # Where it waits (to withdraw it): the delayed set or the stream, and its job's hash.
             delayed = later.delay_ms > 0
             streams = (self.keys.delayed(service) if delayed else shared,)
-        placed = Placement(streams, b"", delayed, job_key) if later is not None else Placement(streams, b"")
+            placed = Placement(streams, b"", delayed, job_key)
         script = "EVALSHA submit_many" if later is None else "EVALSHA enqueue"  # named in an AccessDenied
         loop = asyncio.get_running_loop()
         for _attempt in range(3):  # a NOSCRIPT or a TITANLATE with time left is tried again
             not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
-            redis_full = False
             entry_id: bytes | None = None
             started = loop.time()
             # The auto-pipeline's own task sends the request: the caller's cancellation or its
@@ -189,49 +216,72 @@ class Sender:
             try:
                 entry_id = cast(bytes, await _within(fut, deadline))
             except _Late:
-                fut.add_done_callback(functools.partial(self._withdraw_late, placed, deadline))
+                fut.add_done_callback(functools.partial(self.withdraw_late, placed, deadline))
             except asyncio.CancelledError:
-                fut.add_done_callback(functools.partial(self._withdraw_late, placed, deadline))
+                fut.add_done_callback(functools.partial(self.withdraw_late, placed, deadline))
                 raise
-            except rexc.NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it and send again
-                await _ENQUEUE.load(self.pipe)
-                continue
-            except rexc.OutOfMemoryError:
-                redis_full = True
-            except rexc.ResponseError as exc:
-                message = str(exc)
-                if message.startswith("TITANBACKLOG"):
-                    limit = message.split()[-1]
-                    raise BacklogFull(
-                        f"service {service!r} refused {method}(): its backlog is full "
-                        f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
-                    ) from None
-                if not message.startswith("TITANLATE"):
-                    raise titan_error(exc, doing, command=script, key=keys[0]) from exc
-            except REDIS_ERRORS as exc:
-                raise titan_error(exc, doing, command=script, key=keys[0]) from exc
-            except RedisUnavailable as exc:  # the batch this send shared was cut off
-                raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
-            if redis_full:
-                raise await out_of_memory(self._redis(), doing, deadline)
+            except Exception as exc:
+                await self.refused(exc, service, method, script, keys[0], deadline)
+                if loop.time() < deadline:
+                    continue
             if entry_id == b"delayed":
                 return placed.with_entry(member)
             if entry_id is not None:
                 self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
                 return placed.with_entry(entry_id)
-            if loop.time() >= deadline:
-                outcome = (
-                    "if the job reached Redis after all, it is cancelled unless a worker had started it"
-                    if later is not None and later.job_id is not None
-                    else "the request was not queued"
-                )
-                raise RedisUnavailable(
-                    f"cannot {doing}: Redis did not answer within the timeout of {timeout:g} s "
-                    f"(it is stopped, overloaded or unreachable); {outcome}"
-                )
-            # TITANLATE with time left: Redis's clock jumped; measure it again.
-            await self.sync_clock()
+            raise unanswered(doing, timeout, later is not None and later.job_id is not None)
         raise RedisUnavailable(f"cannot {doing}: Redis's clock disagrees with the call's deadline")
+
+    async def refused(
+        self, exc: Exception, service: str, method: str, script: str, key: str, deadline: float
+    ) -> None:
+        """Raise the error for a submit that failed with ``exc``; return when it is to be sent again
+        (the script was unknown, or Redis's clock said the deadline had passed with time left here)."""
+        doing = f"send {service}.{method}()"
+        if isinstance(exc, rexc.NoScriptError):  # Redis restarted, or SCRIPT FLUSH: load it, send again
+            await _ENQUEUE.load(self.pipe)
+            return
+        if isinstance(exc, rexc.OutOfMemoryError):
+            raise await out_of_memory(self._redis(), doing, deadline) from None
+        if isinstance(exc, rexc.ResponseError):
+            message = str(exc)
+            if message.startswith("TITANBACKLOG"):
+                limit = message.split()[-1]
+                raise BacklogFull(
+                    f"service {service!r} refused {method}(): its backlog is full "
+                    f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
+                ) from None
+            if not message.startswith("TITANLATE"):
+                raise titan_error(exc, doing, command=script, key=key) from exc
+            if asyncio.get_running_loop().time() < deadline:
+                await self.sync_clock()  # TITANLATE with time left: Redis's clock jumped; measure it again
+            return
+        if isinstance(exc, REDIS_ERRORS):
+            raise titan_error(exc, doing, command=script, key=key) from exc
+        if isinstance(exc, RedisUnavailable):  # the batch this send shared was cut off
+            raise RedisUnavailable(f"cannot {doing}: {exc or 'the connection was lost'}") from exc
+        raise exc
+
+    def submit(
+        self, service: str, fields: dict[bytes, bytes], worker: str | None, deadline: float, now: float
+    ) -> Submit:
+        """Send an ordinary call's request without waiting for Redis's answer (the first try ``send``
+        makes): its caller waits for the reply at once, and looks at the try only when it failed.
+        ``now``: the event loop's time, read by the caller at most this long ago."""
+        keys, argv, placed = self._call_parts(service, worker)
+        not_after = int(deadline * 1000 + self.offset_ms) + DEADLINE_SLACK_MS
+        started = now
+        tried = _SUBMIT.part(self.pipe, keys, [*argv, not_after, *protocol.flat_fields(fields)])
+        return Submit(tried, placed, started, keys[0])
+
+    def _call_parts(self, service: str, worker: str | None) -> tuple[list[str], list[Any], Placement]:
+        """An ordinary call's keys and arguments for submit.lua, and where it goes."""
+        shared = self.keys.calls(service)
+        if worker is None:
+            return [shared], [self.keys.config(service), "", self.max_backlog], Placement((shared,), b"")
+        streams = (self.keys.worker_calls(service, worker), shared)
+        argv = [self.keys.config(service), self.keys.worker(service, worker), self.max_backlog]
+        return list(streams), argv, Placement(streams, b"")
 
     async def sync_clock(self) -> None:
         """Measure the offset between Redis's clock and the event loop's (an upper bound)."""
@@ -239,11 +289,19 @@ class Sender:
         seconds, micros = await self.pipe.execute("TIME")
         self.offset_ms = int(seconds) * 1000 + int(micros) / 1000 + 1 - started * 1000
 
-    def _withdraw_late(self, placed: Placement, deadline: float, fut: asyncio.Future[Any]) -> None:
+    def withdraw_late(
+        self,
+        placed: Placement,
+        deadline: float,
+        fut: asyncio.Future[Any],
+        *,
+        control: str | None = None,
+        call_id: str | None = None,
+    ) -> None:
         """A submit nobody waits for ended: if it queued the request after all, delete it."""
         if fut.cancelled() or fut.exception() is not None:
             return
-        self.withdraw(placed.with_entry(cast(bytes, fut.result())), deadline)
+        self.withdraw(placed.with_entry(cast(bytes, fut.result())), deadline, control, call_id)
 
     def withdraw(
         self, sent: Placement, deadline: float, control: str | None = None, call_id: str | None = None

@@ -502,9 +502,14 @@ class AutoPipeline:
         self._busy = False
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _queued(self, item: tuple[Any, ...] | _Part) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        # The loop is looked up once: the flusher task and the connection belong to it anyway, and
+        # on Python 3.11 each look-up costs a getpid() system call.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append((item, fut))
         if self._task is None or self._task.done():
@@ -533,9 +538,10 @@ class AutoPipeline:
         return self._channel.address
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                self._wake = asyncio.get_running_loop().create_future()
+                self._wake = loop.create_future()
                 await self._wake
                 self._wake = None
             queue, self._queue = self._queue, []

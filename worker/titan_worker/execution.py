@@ -48,6 +48,8 @@ class Executor:
         self.ctx = ctx
         self.instance = instance
         self.handoff = Handoff(ctx)
+        self._reply_prefix = ctx.keys.reply_prefix(ctx.service)
+        self._max_payload = ctx.options.max_payload
         self._chains: dict[str, Next] = {
             spec.name: middleware.chain(spec, ctx, self._runner(spec))
             for spec in ctx.definition.methods.values()
@@ -58,10 +60,7 @@ class Executor:
         ctx = self.ctx
         try:
             req = protocol.decode_request(
-                entry.fields,
-                entry.id,
-                reply_prefix=ctx.keys.reply_prefix(ctx.service),
-                max_payload=ctx.options.max_payload,
+                entry.fields, entry.id, reply_prefix=self._reply_prefix, max_payload=self._max_payload
             )
         except protocol.BadEntry as bad:
             ctx.log.log(logging.WARNING, "bad-entry", "worker %s: bad request entry %s: %s",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -28,9 +29,11 @@ from titan_broker._wire import GROUP, protocol
 from .call import DeadLetter, Entry
 from .context import WorkerContext
 from .housekeeping import Housekeeping
+from .settlement import Settling
 
-Serve = Callable[[Entry, int], Awaitable[None]]
-"""Runs and settles one entry, given its delivery count; must not raise."""
+Serve = Callable[[Entry, int], Awaitable[Settling | None]]
+"""Runs and settles one entry, given its delivery count; must not raise. A settle it returns is on its
+way: the entry stays in flight until it is done."""
 
 
 class Intake:
@@ -49,6 +52,7 @@ class Intake:
         self._stop_requested = anyio.Event()
         self._reading = False
         self._reader: Channel | None = None
+        self._slots: anyio.abc.TaskGroup | None = None
         self._reader_id: int | None = None
         self._reader_at: tuple[str, int] | None = None
 
@@ -103,6 +107,7 @@ class Intake:
         # entries in it than free slots (the read asks for no more), and the slots end cancelled.
         queue: asyncio.Queue[tuple[Entry, int]] = asyncio.Queue()
         async with anyio.create_task_group() as slots:
+            self._slots = slots
             for _ in range(ctx.options.concurrency):
                 slots.start_soon(self._slot, queue)
             async with anyio.create_task_group() as helpers:
@@ -123,6 +128,7 @@ class Intake:
                     ctx.worker_id, grace, self.in_flight,
                 )  # fmt: skip
             slots.cancel_scope.cancel()
+        self._slots = None
 
     async def _wait_freed(self) -> None:
         await self._freed.wait()
@@ -131,13 +137,41 @@ class Intake:
     async def _slot(self, queue: asyncio.Queue[tuple[Entry, int]]) -> None:
         while True:
             entry, deliveries = await queue.get()
+            settling = None
             try:
-                await self.serve(entry, deliveries)
+                settling = await self.serve(entry, deliveries)
             except Exception:  # serve() answers every failure itself; this is a last resort
                 self.ctx.log.logger.exception("worker %s: failed to serve %s", self.ctx.worker_id,
                                               entry.id.decode())  # fmt: skip
             finally:
-                self._done(entry)
+                if settling is None:
+                    self._done(entry)
+                else:
+                    # The slot takes the next entry meanwhile: no task wakes per call to see the
+                    # settle done, and the entry stays in flight (reads count it) until it is.
+                    settling.tried.add_done_callback(functools.partial(self._settled, settling))
+
+    def _settled(self, settling: Settling, _: object) -> None:
+        if settling.settled():
+            self._done(settling.entry)
+            return
+        slots = self._slots
+        if slots is not None:
+            try:
+                slots.start_soon(self._finish, settling)
+                return
+            except RuntimeError:  # the slots are closed: the worker stops
+                pass
+        self._done(settling.entry)
+
+    async def _finish(self, settling: Settling) -> None:
+        try:
+            await settling.finish()
+        except Exception:
+            self.ctx.log.logger.exception("worker %s: failed to settle %s", self.ctx.worker_id,
+                                          settling.entry.id.decode())  # fmt: skip
+        finally:
+            self._done(settling.entry)
 
     def _take(self, entry: Entry) -> None:
         self.in_flight += 1

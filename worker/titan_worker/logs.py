@@ -53,7 +53,12 @@ class ThrottledLog:
     def over(self, kinds: tuple[str, ...], message: str, *args: Any) -> None:
         """The condition these kinds report is over: say so once (if any was logged), and log the
         next occurrence of each at once."""
-        if any(self._kinds.pop(kind, None) is not None for kind in kinds):
+        over = False
+        for kind in kinds:  # a loop, not any(generator): this runs once per settled call
+            if kind in self._kinds:
+                del self._kinds[kind]
+                over = True
+        if over:
             self.logger.warning(message, *args)
 
 

@@ -12,6 +12,7 @@ logged when it starts and ends, not once per call or per try.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +30,9 @@ _FINISH = Batch("finish")
 _DEAD_LETTER = Script("dead_letter")
 _RETRY = Script("retry")
 _RETRYABLE: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, RedisUnavailable, rexc.ResponseError)
+_SETTLE_TROUBLE = ("settle-oom", "settle-unreachable")
+_NO_BACKOFF = Backoff()
+"""Never slept on: a settle's own backoff is made at its first failure."""
 SETTLE_PATIENCE = 30.0
 """Seconds past a call's deadline that its worker keeps trying to settle it."""
 
@@ -50,13 +54,23 @@ class Settlement:
                 await self.dead_letter(entry, reason, deliveries, deadline_ms)
             case Retry(failure=failure):
                 await self._retrying(entry, failure.deadline_ms, self._retry, entry, outcome)
-            case Reply(deadline_ms=deadline_ms):
-                try:
-                    await self._retrying(entry, deadline_ms, self._finish, entry, outcome)
-                except rexc.ResponseError as exc:
-                    # The reply key cannot take a reply (a key of another type, say): keep the call.
-                    reason = f"its reply could not be written: {protocol.excerpt(str(exc), 200)}"
-                    await self.dead_letter(entry, reason, 1, deadline_ms, answer=False)
+            case Reply():
+                await self._answer(entry, outcome)
+
+    def answer_soon(self, entry: Entry, outcome: Reply) -> Settling:
+        """Send a reply's answer and acknowledgement (one try, in the script call other settles share)
+        without waiting for it: whoever holds the entry waits on the try and, when it did not settle
+        the call, on ``Settling.finish``, which ends it as ``settle`` would have."""
+        return Settling(self, entry, outcome, self._finish_part(entry, outcome))
+
+    async def _answer(self, entry: Entry, outcome: Reply, first: asyncio.Future[Any] | None = None) -> None:
+        deadline_ms = outcome.deadline_ms
+        try:
+            await self._retrying(entry, deadline_ms, self._finish, entry, outcome, first=first)
+        except rexc.ResponseError as exc:
+            # The reply key cannot take a reply (a key of another type, say): keep the call.
+            reason = f"its reply could not be written: {protocol.excerpt(str(exc), 200)}"
+            await self.dead_letter(entry, reason, 1, deadline_ms, answer=False)
 
     async def dead_letter(
         self, entry: Entry, reason: str, deliveries: int, deadline_ms: int | None, *, answer: bool = True
@@ -74,20 +88,32 @@ class Settlement:
             await self._retrying(entry, deadline_ms, self._dead_letter, entry, reason, deliveries, False)
 
     async def _retrying(
-        self, entry: Entry, deadline_ms: int | None, step: Callable[..., Awaitable[int]], *args: Any
+        self,
+        entry: Entry,
+        deadline_ms: int | None,
+        step: Callable[..., Awaitable[int]],
+        *args: Any,
+        first: asyncio.Future[Any] | None = None,
     ) -> None:
-        """Run a settle step until Redis takes it; errors other than an outage or a full Redis raise."""
+        """Run a settle step until Redis takes it; errors other than an outage or a full Redis raise.
+        ``first``: the step's first try, already sent and done (``answer_soon``)."""
         ctx = self.ctx
-        # In Redis's clock, like the deadline.
-        give_up = (deadline_ms if deadline_ms else ctx.clock.now_ms()) / 1000 + SETTLE_PATIENCE
-        backoff = Backoff()
+        give_up: float | None = None  # set at the first failure: most settles take one try
+        backoff = _NO_BACKOFF
         while True:
             try:
-                done = await step(*args)
+                if first is not None:
+                    tried, first = first, None
+                    done = int(tried.result())
+                else:
+                    done = await step(*args)
             except _RETRYABLE as exc:
                 full = isinstance(exc, rexc.ResponseError)
                 if full and not _out_of_memory(exc):
                     raise
+                if give_up is None:  # in Redis's clock, like the deadline
+                    give_up = (deadline_ms if deadline_ms else ctx.clock.now_ms()) / 1000 + SETTLE_PATIENCE
+                    backoff = Backoff()
                 kind = "settle-oom" if full else "settle-unreachable"
                 if ctx.clock.now_ms() / 1000 > give_up:
                     ctx.log.logger.error("worker %s: could not answer %s (%s); leaving it to other workers",
@@ -98,8 +124,7 @@ class Settlement:
                             ctx.worker_id, what, protocol.excerpt(str(exc), 200))  # fmt: skip
                 await backoff.sleep()
                 continue
-            ctx.log.over(("settle-oom", "settle-unreachable"), "worker %s: Redis takes answers again",
-                         ctx.worker_id)  # fmt: skip
+            ctx.log.over(_SETTLE_TROUBLE, "worker %s: Redis takes answers again", ctx.worker_id)
             if done == 0:
                 why = await self._why_not_mine(entry, deadline_ms)
                 ctx.log.log(logging.WARNING, "lost", "worker %s: call %s %s; not answering it", ctx.worker_id,
@@ -136,6 +161,9 @@ class Settlement:
 
     async def _finish(self, entry: Entry, outcome: Reply) -> int:
         """Answer and acknowledge, in one script with the settles other calls have ready (finish.lua)."""
+        return int(await self._finish_part(entry, outcome))
+
+    def _finish_part(self, entry: Entry, outcome: Reply) -> asyncio.Future[Any]:
         ctx = self.ctx
         keys = [entry.stream]
         args: list[Any] = [entry.id, outcome.payload or b""]
@@ -144,7 +172,7 @@ class Settlement:
             if outcome.job:
                 args.append("done" if outcome.ok else "failed")
         shared = (GROUP, ctx.worker_id, int(ctx.options.reply_ttl * 1000))
-        return int(await _FINISH.part(ctx.writer, keys, args, shared))
+        return _FINISH.part(ctx.writer, keys, args, shared)
 
     async def _retry(self, entry: Entry, retry: Retry) -> int:
         """Put the call in the delayed set for its next attempt (@retry) and acknowledge it."""
@@ -192,3 +220,33 @@ class Settlement:
                            int(ctx.options.reply_ttl * 1000), job_status]  # fmt: skip
         args += protocol.flat_fields(dead)
         return int(await _DEAD_LETTER(ctx.redis, keys, args))
+
+
+class Settling:
+    """A reply's settle on its way (``Settlement.answer_soon``): its one try, and the rest when that
+    try did not settle the call."""
+
+    __slots__ = ("entry", "outcome", "settlement", "tried")
+
+    def __init__(
+        self, settlement: Settlement, entry: Entry, outcome: Reply, tried: asyncio.Future[Any]
+    ) -> None:
+        self.settlement = settlement
+        self.entry = entry
+        self.outcome = outcome
+        self.tried = tried
+
+    def settled(self) -> bool:
+        """Once ``tried`` is done: True when it answered and acknowledged the call (nothing more to do)."""
+        tried = self.tried
+        if tried.cancelled() or tried.exception() is not None or not tried.result():
+            return False
+        ctx = self.settlement.ctx
+        ctx.log.over(_SETTLE_TROUBLE, "worker %s: Redis takes answers again", ctx.worker_id)
+        return True
+
+    async def finish(self) -> None:
+        """Once ``tried`` is done and did not settle the call: retry it (Redis out of reach or full),
+        dead-letter it (its reply cannot be written) or log why it is no longer this worker's."""
+        if not self.tried.cancelled():
+            await self.settlement._answer(self.entry, self.outcome, first=self.tried)

@@ -36,7 +36,7 @@ from titan_broker._registry import LatencyHistogram, WorkerInfo
 from titan_broker._service import Health, ServiceDefinition
 from titan_broker._wire import Keys, protocol
 
-from .call import Entry
+from .call import Entry, Reply
 from .context import WorkerContext
 from .execution import Executor
 from .housekeeping import Housekeeping
@@ -44,7 +44,7 @@ from .intake import Intake
 from .liveness import Heartbeat
 from .metrics import Metrics
 from .scheduling import Scheduler
-from .settlement import Settlement
+from .settlement import Settlement, Settling
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ class Worker:
         self._host = socket.gethostname()
         self._started_at = time.time()
         self._methods = [m.describe() for m in definition.methods.values()]
+        self._odd_limit = (self.ctx.options.max_deliveries or 1) < 1
+        """A max_deliveries option below 1 (not refused when given): every delivery is checked."""
 
     @property
     def definition(self) -> ServiceDefinition:
@@ -215,22 +217,28 @@ class Worker:
                 await ctx.redis.aclose()
                 ctx.redis_ = None
 
-    async def _serve(self, entry: Entry, deliveries: int) -> None:
-        """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line."""
+    async def _serve(self, entry: Entry, deliveries: int) -> Settling | None:
+        """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line.
+        A reply's settle is returned on its way (the intake frees the slot once it is done)."""
         assert self._executor is not None
-        poisoned = self.intake.poisoned(entry, deliveries)
-        if poisoned is not None:
-            await self.settlement.settle(entry, poisoned)
-            return
+        # A first delivery never moved is under any limit (each is at least 1): no need to look.
+        if deliveries > 1 or protocol.F_MOVES in entry.fields or self._odd_limit:
+            poisoned = self.intake.poisoned(entry, deliveries)
+            if poisoned is not None:
+                await self.settlement.settle(entry, poisoned)
+                return None
         if deliveries > 1 and await self.scheduler.overtaken(entry):
-            return  # a periodic run a later tick overtook while nobody ran it: not piled on
+            return None  # a periodic run a later tick overtook while nobody ran it: not piled on
         started = time.perf_counter()
         outcome = await self._executor.execute(entry)
         self.latency.observe(time.perf_counter() - started)
         self.calls += 1
         if not outcome.ok:
             self.errors += 1
+        if type(outcome) is Reply:
+            return self.settlement.answer_soon(entry, outcome)
         await self.settlement.settle(entry, outcome)
+        return None
 
     def _publish(self) -> None:
         """Hand the heartbeat a fresh record (it writes it from its thread, with its own time)."""
