@@ -186,5 +186,15 @@ def test_booleans_are_not_seconds() -> None:
 async def test_a_boolean_delay_or_timeout_is_refused(pm: ProcessManager) -> None:
     with pytest.raises(ConfigError, match=r"delay must be a number of seconds .* got True"):
         await pm.client.call("promised", "slow", (0,), delay=True)
-    with pytest.raises(ConfigError, match=r"timeout must be a positive number of seconds, got True"):
+    with pytest.raises(ConfigError, match=r"timeout must be a number of seconds .* got True"):
         await pm.client.call("promised", "slow", (0,), timeout=True)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e30, 0, -1, "5"])
+async def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_refused_before_sending(
+    pm: ProcessManager, timeout: object
+) -> None:
+    with pytest.raises(ConfigError, match=r"timeout must be a number of seconds"):
+        await pm.client.call("promised", "slow", (0,), timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"timeout must be a number of seconds"):
+        pm.client.proxy("promised").with_options(timeout=timeout)  # type: ignore[arg-type]

@@ -318,8 +318,7 @@ class Client:
     ) -> tuple[float, str, dict[bytes, bytes]]:
         """The timeout to use, a new call id, and the request entry's fields (timeout included)."""
         timeout = self.default_timeout if timeout is None else timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = check_seconds("timeout", timeout)
         call_id = f"{self.client_id}-{next(self._ids)}"
         reply_key = self._reply_keys.get(service)
         if reply_key is None:

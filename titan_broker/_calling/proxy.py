@@ -154,8 +154,8 @@ class ServiceProxy:
         (default none), and ``result_ttl``, seconds its outcome is kept.
         """
         timeout, key, wait = options.get("timeout"), options.get("key"), options.get("wait_for_worker")
-        if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None:
+            check_seconds("timeout", timeout)
         timing = self._timing.with_options(
             delay=options.get("delay"), at=options.get("at"), deadline=options.get("deadline"),
             result_ttl=options.get("result_ttl"),
