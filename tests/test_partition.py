@@ -14,9 +14,6 @@ Needs root and iproute2 (skipped otherwise).
 from __future__ import annotations
 
 import json
-import os
-import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +21,6 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +31,7 @@ from titan_broker._wire.protocol import F_REPLY_VALUE, decode_reply, encode_requ
 from titan_broker.testing._local_redis import LocalRedis
 
 from .conftest import FAST_FAILOVER, SERVICES, Workers, wait_until
+from .netns import Link
 
 pytestmark = pytest.mark.slow
 
@@ -47,66 +44,15 @@ CUT_SLOTS, ROOT_SLOTS = 4, 8
 CUT_AT_LEAST = 4.0
 
 
-def ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-
-
-def must(*args: str) -> None:
-    done = ip(*args)
-    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
-
-
-@dataclass
-class Link:
-    """A network namespace joined to the root namespace by a veth pair on a private /30."""
-
-    netns: str
-    host_if: str
-    host_ip: str
-    ns_ip: str
-
-    def set(self, *, up: bool) -> None:
-        """Cut (or restore) the link: the root-side end goes down, so the namespace hears nothing."""
-        must("link", "set", self.host_if, "up" if up else "down")
-
-
-def free_subnet() -> tuple[str, str]:
-    """Two addresses of a /30 under 10.77.0.0/16 that no interface here uses."""
-    used = ip("-o", "-4", "addr", "show").stdout
-    while True:
-        a, b = random.randrange(256), random.randrange(0, 256, 4)
-        host, peer = f"10.77.{a}.{b + 1}", f"10.77.{a}.{b + 2}"
-        if f"10.77.{a}.{b}" not in used and f" {host}/" not in used and f" {peer}/" not in used:
-            return host, peer
-
-
 @pytest.fixture
 def link() -> Iterator[Link]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (ip netns add)")
-    if shutil.which("ip") is None:
-        pytest.skip("no `ip` command (iproute2) to make a network namespace")
-    tag = uuid.uuid4().hex[:6]
-    host_ip, ns_ip = free_subnet()
-    link = Link(f"titan-part-{tag}", f"tp{tag}h", host_ip, ns_ip)
-    ns_if = f"tp{tag}n"
-    added = ip("netns", "add", link.netns)
-    if added.returncode != 0:
-        pytest.skip(f"network namespaces unavailable: ip netns add: {added.stderr.strip()}")
+    made = Link.make("titan-part")
+    if made is None:
+        pytest.skip("network namespaces unavailable (they need root, iproute2 and veth pairs)")
     try:
-        veth = ip("link", "add", link.host_if, "type", "veth", "peer", "name", ns_if, "netns", link.netns)
-        if veth.returncode != 0:
-            pytest.skip(f"veth pairs unavailable: ip link add: {veth.stderr.strip()}")
-        must("addr", "add", f"{host_ip}/30", "dev", link.host_if)
-        must("link", "set", link.host_if, "up")
-        must("-n", link.netns, "addr", "add", f"{ns_ip}/30", "dev", ns_if)
-        must("-n", link.netns, "link", "set", ns_if, "up")
-        must("-n", link.netns, "link", "set", "lo", "up")
-        yield link
+        yield made
     finally:
-        # Deleting one end removes both; the namespace itself goes once nothing runs in it.
-        ip("link", "del", link.host_if)
-        ip("netns", "del", link.netns)
+        made.remove()
 
 
 @pytest.fixture

@@ -8,14 +8,9 @@ namespaces need root and iproute2; clock shifts need libfaketime).
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import signal
-import subprocess
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,58 +42,6 @@ def faketime_env(offset: Path) -> dict[str, str]:
 
 
 # -- a network namespace for a worker that can be cut off ------------------------------------------
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-
-
-@dataclass
-class Link:
-    """A network namespace joined to the root one by a veth pair: the cut-off worker's host."""
-
-    netns: str
-    host_if: str
-    host_ip: str
-    ns_ip: str
-
-    @classmethod
-    def make(cls) -> Link | None:
-        """A new link, or None where namespaces cannot be made (not root, no iproute2)."""
-        if os.geteuid() != 0 or shutil.which("ip") is None:
-            return None
-        tag = uuid.uuid4().hex[:6]
-        used = _ip("-o", "-4", "addr", "show").stdout
-        rng = random.Random()
-        while True:
-            a, b = rng.randrange(256), rng.randrange(0, 256, 4)
-            host_ip, ns_ip = f"10.78.{a}.{b + 1}", f"10.78.{a}.{b + 2}"
-            if f" {host_ip}/" not in used and f" {ns_ip}/" not in used:
-                break
-        link = cls(f"titan-nem-{tag}", f"tn{tag}h", host_ip, ns_ip)
-        ns_if = f"tn{tag}n"
-        if _ip("netns", "add", link.netns).returncode != 0:
-            return None
-        steps = [
-            ("link", "add", link.host_if, "type", "veth", "peer", "name", ns_if, "netns", link.netns),
-            ("addr", "add", f"{host_ip}/30", "dev", link.host_if),
-            ("link", "set", link.host_if, "up"),
-            ("-n", link.netns, "addr", "add", f"{ns_ip}/30", "dev", ns_if),
-            ("-n", link.netns, "link", "set", ns_if, "up"),
-            ("-n", link.netns, "link", "set", "lo", "up"),
-        ]
-        for step in steps:
-            if _ip(*step).returncode != 0:
-                link.remove()
-                return None
-        return link
-
-    def set(self, *, up: bool) -> None:
-        _ip("link", "set", self.host_if, "up" if up else "down")
-
-    def remove(self) -> None:
-        _ip("link", "del", self.host_if)
-        _ip("netns", "del", self.netns)
 
 
 # -- the faults -------------------------------------------------------------------------------------

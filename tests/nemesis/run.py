@@ -31,6 +31,7 @@ from titan_broker._wire.keys import Keys
 from titan_broker.testing._local_cluster import LocalCluster
 from titan_broker.testing._local_redis import LocalRedis, wait_for
 
+from ..netns import Link
 from . import checker, faults
 from .history import History
 
@@ -84,7 +85,7 @@ class Env:
     namespace: str
     single: LocalRedis | None = None
     cluster: LocalCluster | None = None
-    link: faults.Link | None = None
+    link: Link | None = None
     workers: list[WorkerProc] = field(default_factory=list)
     callers: list[CallerProc] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)
@@ -395,7 +396,7 @@ def run(config: RunConfig) -> checker.Verdict:
     config.folder.mkdir(parents=True, exist_ok=True)
     history = History(config.folder / "nemesis.jsonl")
     namespace = f"nem{config.seed}"
-    link = faults.Link.make() if config.partition and config.topology == "single" else None
+    link = Link.make() if config.partition and config.topology == "single" else None
     single: LocalRedis | None = None
     cluster: LocalCluster | None = None
     try:
