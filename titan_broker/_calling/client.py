@@ -479,7 +479,7 @@ def _submitted(
             fut.set_exception(_SubmitFailed(cast(Exception, error)))
         return
     entry_id = cast(bytes, tried.result())
-    sender.offset_ms = protocol.entry_time_ms(entry_id) + 1 - submit.started * 1000
+    sender.note_entry(entry_id, submit.started)
     if not fut.done():  # else the call is over (answered, or given up and withdrawn by _give_up)
         dispatcher.placed(call_id, submit.placed.with_entry(entry_id))
 

@@ -227,7 +227,7 @@ class Sender:
             if entry_id == b"delayed":
                 return placed.with_entry(member)
             if entry_id is not None:
-                self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
+                self.note_entry(entry_id, started)
                 return placed.with_entry(entry_id)
             raise unanswered(doing, timeout, later is not None and later.job_id is not None)
         raise RedisUnavailable(f"cannot {doing}: Redis's clock disagrees with the call's deadline")
@@ -282,6 +282,11 @@ class Sender:
         streams = (self.keys.worker_calls(service, worker), shared)
         argv = [self.keys.config(service), self.keys.worker(service, worker), self.max_backlog]
         return list(streams), argv, Placement(streams, b"")
+
+    def note_entry(self, entry_id: bytes, started: float) -> None:
+        """A request sent at loop time ``started`` got ``entry_id``, stamped by Redis's clock: the
+        offset between the two clocks is at most this (an upper bound, kept for the next deadline)."""
+        self.offset_ms = protocol.entry_time_ms(entry_id) + 1 - started * 1000
 
     async def sync_clock(self) -> None:
         """Measure the offset between Redis's clock and the event loop's (an upper bound)."""
