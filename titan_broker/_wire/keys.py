@@ -3,10 +3,20 @@
 Keys of one service share the Redis Cluster hash tag ``{<service>}`` so that
 every script touches one slot: its streams, its worker records and the
 replies to its callers. Only ``<ns>:services`` (the directory) stands alone.
+
+A service sharded over K slots (``@process(shards=K)``) keeps that layout for
+its first shard and gives shard k (1 to K-1) the tag ``{<service>#k}``: the
+keys a call's scripts touch together (its stream, its reply stream, the
+delayed set its retries wait in, its dead letters, the limits its submit
+reads) exist once per shard, under the shard's *scope*, and the shards spread
+over a cluster's primaries. The registry, affinity streams, jobs and schedules
+stay in the first shard, under the service's own tag. ``#`` is not allowed in
+a name, so no service's keys can be mistaken for another's shard.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -27,6 +37,42 @@ def check_name(value: str, what: str) -> str:
 
 
 GROUP = "workers"
+
+MAX_SHARDS = 256
+"""The most slots one service may be sharded over (each worker reads every shard)."""
+
+
+def shard_scope(service: str, shard: int) -> str:
+    """The name inside the hash tag of shard ``shard``'s keys: the service's own for the first
+    (so one shard is the unsharded layout, byte for byte), ``<service>#<k>`` for the others."""
+    return service if shard == 0 else f"{service}#{shard}"
+
+
+def shard_scopes(service: str, shards: int) -> list[str]:
+    """The scopes of every shard of a service sharded ``shards`` ways, the first shard first."""
+    return [shard_scope(service, k) for k in range(shards)]
+
+
+def scope_service(scope: str) -> str:
+    """The service a shard's scope belongs to."""
+    return scope.partition("#")[0]
+
+
+def shards_of(entry: bytes | str | None) -> int:
+    """The shard count in a service's directory entry (its JSON description): 1 when absent, or
+    when the entry cannot be read (the registration that wrote it rewrites it)."""
+    try:
+        found = json.loads(entry).get("shards", 1) if entry else 1
+    except (ValueError, AttributeError):
+        return 1
+    return found if isinstance(found, int) and 1 <= found <= MAX_SHARDS else 1
+
+
+def check_shards(value: object, what: str) -> int:
+    """A shard count: a whole number from 1 to MAX_SHARDS."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ConfigError(f"{what} must be a whole number from 1 to {MAX_SHARDS}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -129,9 +175,15 @@ class Keys:
         return f"{self.namespace}:{{{service}}}:schedule"
 
     @staticmethod
-    def service_of(key: str) -> str:
-        """The service of one of its keys (``<ns>:{<svc>}:...``)."""
+    def scope_of(key: str) -> str:
+        """The scope of one of a service's keys (``<ns>:{<scope>}:...``): the service, or one of
+        its shards (``<svc>#<k>``)."""
         return key.split("{", 1)[1].split("}", 1)[0]
+
+    @staticmethod
+    def service_of(key: str) -> str:
+        """The service of one of its keys, whichever shard it belongs to."""
+        return scope_service(Keys.scope_of(key))
 
     def reply_prefix(self, service: str) -> str:
         """Every reply key of a service's calls starts with this; its workers write nowhere else."""

@@ -32,16 +32,17 @@ from .context import WorkerContext
 
 _RENEW = Script("renew")
 _RESCUE = Script("rescue")
+_DELETE_CONSUMER = Script("delete_consumer")
 
 
 class Heartbeat:
     """The worker's registry record and the renewal of its calls, kept from a thread.
 
     ``record`` (set by the loop) is the worker's latest record; ``active``
-    returns the ids of the shared stream's entries in flight.
+    returns the ids of the entries in flight, per shard's stream.
     """
 
-    def __init__(self, ctx: WorkerContext, active: Callable[[], list[bytes]]) -> None:
+    def __init__(self, ctx: WorkerContext, active: Callable[[], dict[str, list[bytes]]]) -> None:
         self.ctx = ctx
         self.active = active
         self.record: WorkerInfo | None = None
@@ -88,14 +89,17 @@ class Heartbeat:
         ctx.clock.measured(self._time(), sent, time.monotonic())
         definition = ctx.definition
         assert self.record is not None, "the worker publishes its record before registering"
-        description = {
+        description: dict[str, Any] = {
             "name": ctx.service,
             "version": definition.version,
             "description": definition.info.description.strip(),
             "methods": self.record.methods,
         }
+        if ctx.shards > 1:  # absent for one shard: the unsharded entry, unchanged
+            description["shards"] = ctx.shards
         limits = {
-            "max_backlog": definition.info.max_backlog,
+            # A sharded service's limit is shared evenly: each shard's submit counts its own stream.
+            "max_backlog": -(-definition.info.max_backlog // ctx.shards),
             "max_deliveries": ctx.options.max_deliveries or definition.info.max_deliveries,
         }
         # The directory first (its own key, maybe on another cluster node): a record is only
@@ -111,6 +115,8 @@ class Heartbeat:
         pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
         pipe.delete(ctx.keys.idle(ctx.service))  # served again: not idle, never retired
         pipe.execute()
+        for scope in ctx.scopes[1:]:  # each shard's submit reads the limits in its own slot
+            self.client.hset(ctx.keys.config(scope), mapping=limits)  # type: ignore[arg-type]
 
     def _fields(self, *, heartbeat_only: bool) -> dict[str, str]:
         assert self.record is not None, "the worker publishes its record before registering"
@@ -165,13 +171,13 @@ class Heartbeat:
             # was deleted (a restart without persistence, a FLUSHALL): register anew, whole.
             ctx.log.logger.warning("worker %s: its registry record was gone; registering anew", ctx.worker_id)
             self.register()
-        ids = self.active()
-        if ids:
-            _renewed, lost = _RENEW.run_sync(self.client, [ctx.stream], [GROUP, ctx.worker_id, *ids])
-            if lost:
-                ctx.log.log(logging.WARNING, "renew-lost",
-                            "worker %s: %d call(s) in flight were taken over by another worker; "
-                            "their results will not be sent from here", ctx.worker_id, lost)  # fmt: skip
+        lost = 0
+        for stream, ids in self.active().items():
+            lost += _RENEW.run_sync(self.client, [stream], [GROUP, ctx.worker_id, *ids])[1]
+        if lost:
+            ctx.log.log(logging.WARNING, "renew-lost",
+                        "worker %s: %d call(s) in flight were taken over by another worker; "
+                        "their results will not be sent from here", ctx.worker_id, lost)  # fmt: skip
         if failures:
             raise failures[0]
 
@@ -191,6 +197,8 @@ class Heartbeat:
             if not pending:
                 # Only a consumer with nothing pending may go: DELCONSUMER drops its entries.
                 self.client.xgroup_delconsumer(ctx.stream, GROUP, ctx.worker_id)
+            for stream in ctx.streams[1:]:  # each other shard: its check made in one script
+                _DELETE_CONSUMER.run_sync(self.client, [stream], [GROUP, ctx.worker_id])
         except redis.RedisError as exc:
             ctx.log.logger.warning("worker %s: could not deregister (%s); the record expires by itself",
                                    ctx.worker_id, exc)  # fmt: skip

@@ -1,0 +1,226 @@
+"""A service sharded over several slots: its calls spread over K streams, every worker reads them all.
+
+Real redis-servers, real worker processes. The single-Redis tests show the behaviour (spreading,
+every kind of call on a sharded service, a worker killed on a shard, a refused mismatch); the
+cluster test shows the point of it: the shards of one service on three primaries.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+import redis as sync_redis
+
+from titan_broker import Client, ConfigError, ProcessManager, RemoteError, WorkerOptions, process
+from titan_broker._wire.keys import GROUP, Keys, shard_scope, shard_scopes
+from titan_broker.testing._local_cluster import LocalCluster
+
+from .conftest import SERVICES, eventually, managed_workers, run_log, skip_without_cluster_binaries
+
+pytestmark = pytest.mark.anyio
+
+TASKS = SERVICES / "tasks.py"
+STREAMER = SERVICES / "streamer.py"
+K = 3
+
+
+def added(client: Any, stream: str) -> int:
+    """How many entries were ever added to ``stream`` (acknowledged entries are deleted)."""
+    if not client.exists(stream):
+        return 0
+    return int(client.xinfo_stream(stream)["entries-added"])
+
+
+@pytest.fixture
+def sync(redis_url: str) -> Iterator[sync_redis.Redis]:
+    client = sync_redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_shard_scopes_keep_the_first_shard_as_the_unsharded_layout() -> None:
+    keys = Keys("t")
+    assert shard_scopes("ingest", 1) == ["ingest"]
+    assert shard_scopes("ingest", 3) == ["ingest", "ingest#1", "ingest#2"]
+    assert keys.calls(shard_scope("ingest", 0)) == "t:{ingest}:calls"
+    assert keys.calls(shard_scope("ingest", 2)) == "t:{ingest#2}:calls"
+    assert Keys.service_of(keys.reply("ingest#2", "c1")) == "ingest"
+    assert Keys.scope_of(keys.reply("ingest#2", "c1")) == "ingest#2"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 257, 2.5, "3", True])
+def test_a_bad_shard_count_is_refused_naming_it(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="shards must be a whole number from 1 to 256"):
+        process(name="x", shards=bad)
+    with pytest.raises(ConfigError, match="shards must be a whole number from 1 to 256"):
+        WorkerOptions(shards=bad)
+
+
+def test_concurrency_below_the_shard_count_is_refused() -> None:
+    from titan_worker.worker import Worker
+
+    from titan_broker._service.definition import describe
+
+    from .services.tasks import Tasks
+
+    with pytest.raises(ConfigError, match=r"concurrency \(2\) must be at least the shards of 'tasks' \(3\)"):
+        Worker(
+            describe(Tasks), url="redis://x", namespace="t", options=WorkerOptions(concurrency=2, shards=3)
+        )
+
+
+async def test_calls_spread_over_every_shard_and_each_is_answered_once(
+    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs.log"
+    options = WorkerOptions(shards=K, concurrency=8)
+    for _ in range(2):
+        await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options)
+    # The directory tells callers the count; the limits are in every shard's own slot.
+    assert '"shards": 3' in sync.hget(keys.services, "tasks").decode()
+    for scope in shard_scopes("tasks", K):
+        assert sync.hget(keys.config(scope), "max_backlog") == b"3334"  # 10,000 shared evenly
+    client = pm.client
+    await client.call("tasks", "add", (0, 0))
+    await eventually(lambda: _knows_shards(client), what="the client to learn the shard count")
+
+    results: dict[int, float] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await client.call("tasks", "add", (i, 1), {"tag": f"t{i}"})
+
+    async with anyio.create_task_group() as tg:
+        for i in range(300):
+            tg.start_soon(one, i)
+    assert results == {i: i + 1 for i in range(300)}
+    per_shard = [added(sync, keys.calls(scope)) for scope in shard_scopes("tasks", K)]
+    assert sum(per_shard) >= 300 and min(per_shard) >= 95, per_shard  # round-robin: ~100 each
+    runs = [line[1] for line in run_log(log) if line[0] == "add" and line[1] != "-"]
+    assert sorted(runs) == sorted(f"t{i}" for i in range(300)), "a call ran twice, or not at all"
+    # Both workers read every shard: each served some of each.
+    pending = [sync.xinfo_consumers(keys.calls(scope), GROUP) for scope in shard_scopes("tasks", K)]
+    assert all(len(consumers) == 2 for consumers in pending), pending
+
+
+async def _knows_shards(client: Client) -> bool:
+    return {client._shards.next_scope("tasks") for _ in range(K)} == set(shard_scopes("tasks", K))
+
+
+async def test_every_kind_of_call_works_on_a_sharded_service(
+    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs.log"
+    options = WorkerOptions(shards=K, concurrency=8)
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options)
+    await pm.spawn(STREAMER, options=options)
+    client = pm.client
+    await eventually(lambda: _knows_shards(client), what="the client to learn the shard count")
+    # Each kind a few times, so that round-robin sends it to every shard.
+    for i in range(K):
+        assert [n async for n in client.stream("streamer", "numbers", (40,))] == list(range(40))
+        assert await client.call("tasks", "flaky", (1, f"f{i}")) == "ok after 2"  # @retry: on its shard
+        with pytest.raises(RemoteError, match="not a ConnectionError"):
+            await client.call("tasks", "wrong_error", (f"w{i}",))
+        assert await client.call("tasks", "add", (i, 2), key=f"user-{i}") == i + 2  # affinity
+        assert await client.call("tasks", "add", (i, 3), delay=0.05) == i + 3
+        job_id = await client.submit("tasks", "add", (i, 4))
+        assert await client.job(job_id).result(timeout=10) == i + 4
+    # The retries waited in their own shard's delayed set: every shard had one.
+    for scope in shard_scopes("tasks", K):
+        assert added(sync, keys.calls(scope)) >= 3, scope
+    # An abandoned stream stops its producer whatever its shard.
+    for _ in range(K):
+        async with aclosing(client.stream("streamer", "ticks")) as ticks:
+            async for n in ticks:
+                if n >= 3:
+                    break
+
+
+async def test_a_worker_killed_mid_call_on_a_shard_leaves_its_calls_to_another(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs.log"
+    options = WorkerOptions(shards=K, concurrency=8, heartbeat_interval=0.2, heartbeat_ttl=1.0)
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options, restart=None)
+    client = pm.client
+    await eventually(lambda: _knows_shards(client), what="the client to learn the shard count")
+    first = next(w for w in pm.workers if w.service == "tasks")
+    outcomes: dict[str, str] = {}
+
+    async def one(i: int) -> None:
+        outcomes[f"s{i}"] = await client.call("tasks", "slow", (1.0, f"s{i}"), timeout=20)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(2 * K):  # every shard holds some
+            tg.start_soon(one, i)
+        await eventually(lambda: _started(log, 2 * K), what="every call to start")
+        await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options, restart=None)
+        os.kill(first.pid, signal.SIGKILL)
+    assert outcomes == {f"s{i}": f"s{i}" for i in range(2 * K)}
+    ends = [line[1] for line in run_log(log) if line[0] == "end"]
+    assert sorted(ends) == sorted(outcomes), "each call ended once, on the surviving worker"
+
+
+async def _started(log: Path, count: int) -> bool:
+    lines = await anyio.to_thread.run_sync(lambda: run_log(log) if log.exists() else [])
+    return sum(1 for line in lines if line[0] == "start") >= count
+
+
+async def test_a_worker_with_another_shard_count_is_refused(pm: ProcessManager, tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=WorkerOptions(shards=K, concurrency=8))
+    with pytest.raises(Exception, match=r"served with shards=3 by 1 live worker.*this worker has shards=2"):
+        await pm.spawn(
+            TASKS,
+            dependencies={"log": str(log)},
+            options=WorkerOptions(shards=2, concurrency=8),
+            restart=None,
+        )
+    assert await pm.client.call("tasks", "add", (1, 1)) == 2
+
+
+async def test_the_shards_of_one_service_spread_over_three_primaries(namespace: str, tmp_path: Path) -> None:
+    """The point of sharding: one service's calls on three primaries, each doing about a third."""
+    skip_without_cluster_binaries()
+    with LocalCluster(primaries=3, replicas=0) as cluster:
+        keys = Keys(namespace)
+        name = next(
+            f"hot-{n}"
+            for n in range(1000)
+            if len({cluster.primary_for(keys.calls(s)).port for s in shard_scopes(f"hot-{n}", K)}) == K
+        )
+        log = tmp_path / "runs.log"
+        options = WorkerOptions(shards=K, concurrency=8)
+        async with ProcessManager(cluster.url, namespace=namespace, default_timeout=15.0) as cpm:
+            for _ in range(2):
+                await cpm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options)
+            client = cpm.client
+
+            async def knows() -> bool:
+                return len({client._shards.next_scope(name) for _ in range(K)}) == K
+
+            await eventually(knows, what="the client to learn the shard count")
+            results: list[float] = []
+
+            async def one(i: int) -> None:
+                results.append(await client.call(name, "add", (i, 1)))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(300):
+                    tg.start_soon(one, i)
+            assert sorted(results) == [i + 1 for i in range(300)]
+            for scope in shard_scopes(name, K):
+                node = cluster.primary_for(keys.calls(scope)).client()
+                try:
+                    assert added(node, keys.calls(scope)) >= 95, scope
+                finally:
+                    node.close()
+        assert managed_workers() == []
