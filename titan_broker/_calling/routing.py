@@ -40,7 +40,9 @@ def probe_margin(timeout: float) -> float:
 class Shards:
     """Per service, the scopes of its shards as its workers registered them (the directory's
     ``shards``), and which one the next call goes to: round-robin, so that a busy service's calls
-    spread over the slots (and a cluster's primaries) it is sharded over.
+    spread over the slots (and a cluster's primaries) it is sharded over. The calls made in one
+    turn of the event loop go to the same shard, so that they still go out as one batch (one
+    script call), as they would to a service of one shard.
 
     A service is read in the background at its first call (which goes to the first shard, as
     every call does until the count is known), then again every SHARDS_TTL: a client that read
@@ -54,8 +56,15 @@ class Shards:
         self._known: dict[str, tuple[float, list[str]]] = {}
         """service -> (event loop time to read it again, its shards' scopes)."""
         self._turn: dict[str, int] = {}
+        self._this_turn: dict[str, str] = {}
+        """service -> the shard of the calls made in this turn of the event loop."""
         self._reading: set[str] = set()
         self.tg: anyio.abc.TaskGroup | None = None
+
+    def known(self, service: str) -> list[str]:
+        """The scopes of the service's shards as last read (its own only, until read)."""
+        known = self._known.get(service)
+        return known[1] if known is not None else [service]
 
     def next_scope(self, service: str) -> str:
         """The scope of the shard for a new call (the service's own for one shard)."""
@@ -67,8 +76,13 @@ class Shards:
         scopes = known[1]
         if len(scopes) == 1:
             return scopes[0]
-        turn = self._turn[service] = (self._turn.get(service, -1) + 1) % len(scopes)
-        return scopes[turn]
+        scope = self._this_turn.get(service)
+        if scope is None:
+            turn = self._turn[service] = (self._turn.get(service, -1) + 1) % len(scopes)
+            scope = self._this_turn[service] = scopes[turn]
+            # Run at the next turn of the loop, after every task this turn resumes.
+            asyncio.get_running_loop().call_soon(self._this_turn.pop, service, None)
+        return scope
 
     async def read(self, service: str) -> None:
         """Read the service's shard count from the directory (one shard when not registered)."""

@@ -20,7 +20,7 @@ from typing import Any
 from redis import exceptions as rexc
 
 from .._redis.connection import Redis, text
-from .._wire.keys import GROUP, Keys
+from .._wire.keys import GROUP, Keys, shard_scopes, shards_of
 from .health import ServiceHealth, aggregate
 from .records import QueueInfo, ServiceInfo, WorkerInfo, serving_versions
 
@@ -72,21 +72,27 @@ class RegistryReader:
         keys = self.keys
         described = {text(k): _json(v) for k, v in (await redis.hgetall(keys.services)).items()}
         names = sorted(described)
+        scopes = {name: shard_scopes(name, shards_of(described[name])) for name in names}
         commands = 1
-        per_service = 6
         async with redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.smembers(keys.workers(name))
-                pipe.xlen(keys.calls(name))
-                pipe.xlen(keys.dead(name))
-                pipe.xpending(keys.calls(name), GROUP)  # no stream or group yet: an error, read as 0
                 pipe.zcard(keys.jobs(name))
-                pipe.zcard(keys.delayed(name))
-            queues: list[Any] = await pipe.execute(raise_on_error=False) if names else []
-        commands += per_service * len(names)
+                for scope in scopes[name]:
+                    pipe.xlen(keys.calls(scope))
+                    pipe.xlen(keys.dead(scope))
+                    pipe.xpending(keys.calls(scope), GROUP)  # no stream or group yet: an error, read as 0
+                    pipe.zcard(keys.delayed(scope))
+            replies: list[Any] = await pipe.execute(raise_on_error=False) if names else []
+        commands += len(replies)
+        # Each service's replies: its workers and jobs, then four per shard.
+        rows: dict[str, list[Any]] = {}
+        at = 0
+        for name in names:
+            rows[name], at = replies[at : at + 2 + 4 * len(scopes[name])], at + 2 + 4 * len(scopes[name])
         wanted: list[tuple[str, str]] = []
-        for i, name in enumerate(names):
-            members = queues[i * per_service]
+        for name in names:
+            members = rows[name][0]
             if isinstance(members, (set, list)):
                 wanted.extend((name, text(w)) for w in sorted(members, key=text))
         records: list[Any] = []
@@ -124,8 +130,8 @@ class RegistryReader:
                     await pipe.execute(raise_on_error=False)
             commands += len(dead)
         services = []
-        for i, name in enumerate(names):
-            row = queues[i * per_service : (i + 1) * per_service]
+        for name in names:
+            row = rows[name]
             desc = described[name]
             workers = live[name]
             described_service = ServiceInfo(
@@ -135,13 +141,17 @@ class RegistryReader:
                 methods=list(desc.get("methods", [])),
                 workers=workers,
                 versions=serving_versions(workers),
+                shards=len(scopes[name]),
             )
-            pending = int(row[3]["pending"]) if isinstance(row[3], dict) else 0
-            queue = QueueInfo(name, _int(row[1]), pending, _int(row[2]))
+            shards, delayed = [], 0
+            for k, scope in enumerate(scopes[name]):
+                calls, dead_letters, summary, waiting = row[2 + 4 * k : 6 + 4 * k]
+                pending = int(summary["pending"]) if isinstance(summary, dict) else 0
+                shards.append(QueueInfo(scope, _int(calls), pending, _int(dead_letters)))
+                delayed += _int(waiting)
+            queue = QueueInfo.summed(name, shards)
             services.append(
-                ServiceOverview(
-                    described_service, queue, aggregate(name, workers), _int(row[4]), _int(row[5])
-                )
+                ServiceOverview(described_service, queue, aggregate(name, workers), _int(row[1]), delayed)
             )
         rounds = 1 + (1 if names else 0) + (1 if wanted else 0) + (1 if dead else 0)
         return Overview(services, commands, rounds, time.perf_counter() - started)

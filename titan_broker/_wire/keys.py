@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .._errors import ConfigError
 
@@ -58,11 +59,11 @@ def scope_service(scope: str) -> str:
     return scope.partition("#")[0]
 
 
-def shards_of(entry: bytes | str | None) -> int:
-    """The shard count in a service's directory entry (its JSON description): 1 when absent, or
-    when the entry cannot be read (the registration that wrote it rewrites it)."""
+def shards_of(entry: bytes | str | dict[str, Any] | None) -> int:
+    """The shard count in a service's directory entry (its JSON description, or that parsed): 1
+    when absent, or when the entry cannot be read (the registration that wrote it rewrites it)."""
     try:
-        found = json.loads(entry).get("shards", 1) if entry else 1
+        found = (entry if isinstance(entry, dict) else json.loads(entry)).get("shards", 1) if entry else 1
     except (ValueError, AttributeError):
         return 1
     return found if isinstance(found, int) and 1 <= found <= MAX_SHARDS else 1
