@@ -8,6 +8,7 @@ cluster test shows the point of it: the shards of one service on three primaries
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -20,11 +21,31 @@ import anyio.to_thread
 import pytest
 import redis as sync_redis
 
-from titan_broker import Client, ConfigError, ProcessManager, RemoteError, WorkerOptions, process
+from titan_broker import (
+    Client,
+    ConfigError,
+    DeadLettered,
+    ProcessManager,
+    RemoteError,
+    WorkerOptions,
+    process,
+)
 from titan_broker._wire.keys import GROUP, Keys, shard_scope, shard_scopes
 from titan_broker.testing._local_cluster import LocalCluster
 
-from .conftest import SERVICES, eventually, managed_workers, run_log, skip_without_cluster_binaries
+from .conftest import (
+    CHAOS,
+    FAST_FAILOVER,
+    SERVICES,
+    Workers,
+    eventually,
+    in_thread,
+    managed_workers,
+    run_log,
+    skip_without_cluster_binaries,
+    titan,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -237,3 +258,49 @@ async def test_the_shards_of_one_service_spread_over_three_primaries(namespace: 
                 finally:
                     node.close()
         assert managed_workers() == []
+
+
+async def test_dead_letters_of_a_shard_are_listed_replayed_to_it_and_purged(
+    workers: Workers, pm: ProcessManager, keys: Keys, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    client = pm.client
+    markers = [tmp_path / f"allowed-{i}" for i in range(K)]
+    for i, marker in enumerate(markers):  # K calls in a row: one per shard, each killing two workers
+        for _ in range(2 if i else 3):
+            workers.start(CHAOS, *FAST_FAILOVER, "--shards", str(K))
+        await in_thread(workers.wait_registered, "chaos", 3)
+        await eventually(functools.partial(_knows_shards, client, "chaos"), what="the shard count")
+        with pytest.raises(DeadLettered):
+            await client.call("chaos", "crash_unless", (str(marker),), timeout=30)
+        workers.killed.update(proc.pid for proc in workers.procs if proc.poll() is not None)  # by the call
+    letters = await pm.dead_letters("chaos")
+    assert sorted(letter.arguments[0][0] for letter in letters) == sorted(map(str, markers))
+    # Each in its own shard's dead letters, its id naming the shard after the first.
+    for scope in shard_scopes("chaos", K):
+        assert await client.redis.xlen(keys.dead(scope)) == 1, scope
+    assert sorted(letter.id.partition("#")[2] for letter in letters) == ["", "1", "2"]
+    shown = json.loads(titan(redis_url, namespace, "queues", "--json").stdout)
+    [row] = [r for r in shown if r["service"] == "chaos"]
+    assert row["dead_letters"] == K and [s["dead_letters"] for s in row["shards"]] == [1] * K
+    assert [s["service"] for s in row["shards"]] == shard_scopes("chaos", K)
+    # Replayed, each goes back to its own shard's stream (its reply key is in that slot) and runs.
+    for marker in markers:
+        marker.write_text("")
+    chosen = [letter.id for letter in letters if letter.id.endswith("#2")]
+    assert await pm.replay_dead_letters("chaos", chosen) == 1
+    await in_thread(wait_until, lambda: markers_ran(markers) == 1, 15, "the replayed call to run")
+    assert await pm.replay_dead_letters("chaos") == K - 1
+    await in_thread(wait_until, lambda: markers_ran(markers) == K, 15, "the replayed calls to run")
+    assert await pm.dead_letters("chaos") == []
+    # Purged by id, on the right shard.
+    await client.redis.xadd(keys.calls("chaos#1"), {b"junk": b"\xff"})
+    [junk] = await in_thread(
+        wait_until, lambda: anyio.from_thread.run(pm.dead_letters, "chaos"), 10, "a letter"
+    )
+    assert junk.id.endswith("#1") and "unanswerable request" in junk.reason
+    assert await pm.purge_dead_letters("chaos", [junk.id]) == 1
+    assert await pm.dead_letters("chaos") == []
+
+
+def markers_ran(markers: list[Path]) -> int:
+    return sum(1 for marker in markers if marker.read_text() == "ran\n")
