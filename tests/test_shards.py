@@ -8,15 +8,18 @@ cluster test shows the point of it: the shards of one service on three primaries
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 import redis as sync_redis
@@ -27,6 +30,7 @@ from titan_broker import (
     DeadLettered,
     ProcessManager,
     RemoteError,
+    TitanError,
     WorkerOptions,
     process,
 )
@@ -51,6 +55,7 @@ pytestmark = pytest.mark.anyio
 
 TASKS = SERVICES / "tasks.py"
 STREAMER = SERVICES / "streamer.py"
+TICKER = SERVICES / "ticker.py"
 K = 3
 
 
@@ -66,6 +71,47 @@ def sync(redis_url: str) -> Iterator[sync_redis.Redis]:
     client = sync_redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """3 primaries, each with a replica, for the module's cluster cases."""
+    skip_without_cluster_binaries()
+    with LocalCluster(primaries=3, replicas=1) as c:
+        yield c
+
+
+@dataclass
+class Deployment:
+    """Where a case runs: a manager, a sync client that reads any key, and the service's name."""
+
+    pm: ProcessManager
+    sync: Any
+    name: str
+    cluster: LocalCluster | None
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def where(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> AsyncIterator[Deployment]:
+    """One Redis, or the cluster with the service named so that its K shards are on K primaries."""
+    keys = Keys(namespace)
+    cluster: LocalCluster | None = None
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("cluster")
+        url, sync = cluster.url, cluster.client()
+        name = next(
+            f"tasks-{n}"
+            for n in range(1000)
+            if len({cluster.primary_for(keys.calls(s)).port for s in shard_scopes(f"tasks-{n}", K)}) == K
+        )
+    else:
+        url, sync, name = redis_url, sync_redis.Redis.from_url(redis_url), "tasks"
+    try:
+        async with ProcessManager(url, namespace=namespace, default_timeout=15.0) as pm:
+            yield Deployment(pm, sync, name, cluster)
+        assert managed_workers() == [], "a worker outlived its ProcessManager"
+    finally:
+        sync.close()
 
 
 def test_shard_scopes_keep_the_first_shard_as_the_unsharded_layout() -> None:
@@ -100,24 +146,25 @@ def test_concurrency_below_the_shard_count_is_refused() -> None:
 
 
 async def test_calls_spread_over_every_shard_and_each_is_answered_once(
-    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis, tmp_path: Path
+    where: Deployment, keys: Keys, tmp_path: Path
 ) -> None:
+    pm, sync, name = where.pm, where.sync, where.name
     log = tmp_path / "runs.log"
     options = WorkerOptions(shards=K, concurrency=8)
     for _ in range(2):
-        await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options)
+        await pm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options)
     # The directory tells callers the count; the limits are in every shard's own slot.
-    assert '"shards": 3' in sync.hget(keys.services, "tasks").decode()
-    for scope in shard_scopes("tasks", K):
+    assert '"shards": 3' in sync.hget(keys.services, name).decode()
+    for scope in shard_scopes(name, K):
         assert sync.hget(keys.config(scope), "max_backlog") == b"3334"  # 10,000 shared evenly
     client = pm.client
-    await client.call("tasks", "add", (0, 0))
-    await eventually(lambda: _knows_shards(client), what="the client to learn the shard count")
+    await client.call(name, "add", (0, 0))
+    await eventually(functools.partial(_knows_shards, client, name), what="the shard count")
 
     results: dict[int, float] = {}
 
     async def one(i: int) -> None:
-        results[i] = await client.call("tasks", "add", (i, 1), {"tag": f"t{i}"})
+        results[i] = await client.call(name, "add", (i, 1), {"tag": f"t{i}"})
 
     # 30 waves of 10: the calls of one turn of the event loop go to one shard (one batch), and
     # the next turn's to the next shard.
@@ -126,13 +173,16 @@ async def test_calls_spread_over_every_shard_and_each_is_answered_once(
             for i in range(wave * 10, wave * 10 + 10):
                 tg.start_soon(one, i)
     assert results == {i: i + 1 for i in range(300)}
-    per_shard = [added(sync, keys.calls(scope)) for scope in shard_scopes("tasks", K)]
+    per_shard = [added(sync, keys.calls(scope)) for scope in shard_scopes(name, K)]
     assert sum(per_shard) >= 300 and min(per_shard) >= 90, per_shard  # round-robin: ~100 each
     runs = [line[1] for line in run_log(log) if line[0] == "add" and line[1] != "-"]
     assert sorted(runs) == sorted(f"t{i}" for i in range(300)), "a call ran twice, or not at all"
     # Both workers read every shard: each served some of each.
-    pending = [sync.xinfo_consumers(keys.calls(scope), GROUP) for scope in shard_scopes("tasks", K)]
-    assert all(len(consumers) == 2 for consumers in pending), pending
+    consumers = [sync.xinfo_consumers(keys.calls(scope), GROUP) for scope in shard_scopes(name, K)]
+    assert all(len(found) == 2 for found in consumers), consumers
+    if where.cluster is not None:  # the point of it: one service's calls on three primaries
+        primaries = {where.cluster.primary_for(keys.calls(scope)).port for scope in shard_scopes(name, K)}
+        assert len(primaries) == K
 
 
 async def _knows_shards(client: Client, service: str = "tasks") -> bool:
@@ -143,12 +193,14 @@ async def _knows_shards(client: Client, service: str = "tasks") -> bool:
 
 
 async def test_every_kind_of_call_works_on_a_sharded_service(
-    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis, tmp_path: Path
+    where: Deployment, keys: Keys, tmp_path: Path
 ) -> None:
+    pm, sync = where.pm, where.sync
     log = tmp_path / "runs.log"
     options = WorkerOptions(shards=K, concurrency=8)
     await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options)
     await pm.spawn(STREAMER, options=options)
+    await pm.spawn(TICKER, dependencies={"log": str(log)}, options=options)
     client = pm.client
     for service in ("tasks", "streamer"):
         await eventually(functools.partial(_knows_shards, client, service), what="the shard count")
@@ -172,6 +224,9 @@ async def test_every_kind_of_call_works_on_a_sharded_service(
         assert added(sync, keys.calls(scope)) >= 3, scope
         assert added(sync, keys.calls(scope.replace("tasks", "streamer"))) >= 1, scope
         assert sync.exists(keys.delayed(scope)) == 0  # each retry was moved back onto its stream
+    # A periodic method's ticks run on the first shard, once each.
+    ticks = sorted(float(t) for t in await eventually(lambda: _runs(log, "tick", 2), what="two ticks"))
+    assert all(b - a > 0.5 for a, b in itertools.pairwise(ticks)), f"a tick ran twice: {ticks}"
     # An abandoned stream stops its producer whatever its shard.
     for _ in range(K):
         async with aclosing(client.stream("streamer", "ticks")) as ticks:
@@ -181,28 +236,37 @@ async def test_every_kind_of_call_works_on_a_sharded_service(
 
 
 async def test_a_worker_killed_mid_call_on_a_shard_leaves_its_calls_to_another(
-    pm: ProcessManager, tmp_path: Path
+    where: Deployment, tmp_path: Path
 ) -> None:
+    pm, name = where.pm, where.name
     log = tmp_path / "runs.log"
     options = WorkerOptions(shards=K, concurrency=8, heartbeat_interval=0.2, heartbeat_ttl=1.0)
-    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options, restart=None)
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options, restart=None)
     client = pm.client
-    await eventually(lambda: _knows_shards(client), what="the client to learn the shard count")
-    first = next(w for w in pm.workers if w.service == "tasks")
+    await eventually(functools.partial(_knows_shards, client, name), what="the shard count")
+    first = next(w for w in pm.workers if w.service == name)
     outcomes: dict[str, str] = {}
 
     async def one(i: int) -> None:
-        outcomes[f"s{i}"] = await client.call("tasks", "slow", (1.0, f"s{i}"), timeout=20)
+        outcomes[f"s{i}"] = await client.call(name, "slow", (1.0, f"s{i}"), timeout=20)
 
     async with anyio.create_task_group() as tg:
-        for i in range(2 * K):  # every shard holds some
+        for i in range(2 * K):  # one at a time (each in a turn of its own): every shard holds two
             tg.start_soon(one, i)
+            await anyio.lowlevel.checkpoint()
         await eventually(lambda: _started(log, 2 * K), what="every call to start")
-        await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options, restart=None)
+        await pm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options, restart=None)
         os.kill(first.pid, signal.SIGKILL)
     assert outcomes == {f"s{i}": f"s{i}" for i in range(2 * K)}
     ends = [line[1] for line in run_log(log) if line[0] == "end"]
     assert sorted(ends) == sorted(outcomes), "each call ended once, on the surviving worker"
+
+
+async def _runs(log: Path, what: str, count: int) -> list[str] | None:
+    """The times of the runs of ``what`` in the log, once there are ``count``."""
+    lines = await anyio.to_thread.run_sync(lambda: run_log(log) if log.exists() else [])
+    runs = [line[3] for line in lines if line[0] == what]
+    return runs if len(runs) >= count else None
 
 
 async def _started(log: Path, count: int) -> bool:
@@ -221,43 +285,6 @@ async def test_a_worker_with_another_shard_count_is_refused(pm: ProcessManager, 
             restart=None,
         )
     assert await pm.client.call("tasks", "add", (1, 1)) == 2
-
-
-async def test_the_shards_of_one_service_spread_over_three_primaries(namespace: str, tmp_path: Path) -> None:
-    """The point of sharding: one service's calls on three primaries, each doing about a third."""
-    skip_without_cluster_binaries()
-    with LocalCluster(primaries=3, replicas=0) as cluster:
-        keys = Keys(namespace)
-        name = next(
-            f"hot-{n}"
-            for n in range(1000)
-            if len({cluster.primary_for(keys.calls(s)).port for s in shard_scopes(f"hot-{n}", K)}) == K
-        )
-        log = tmp_path / "runs.log"
-        options = WorkerOptions(shards=K, concurrency=8)
-        async with ProcessManager(cluster.url, namespace=namespace, default_timeout=15.0) as cpm:
-            for _ in range(2):
-                await cpm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options)
-            client = cpm.client
-
-            await eventually(lambda: _knows_shards(client, name), what="the client to learn the shard count")
-            results: list[float] = []
-
-            async def one(i: int) -> None:
-                results.append(await client.call(name, "add", (i, 1)))
-
-            for wave in range(30):  # the calls of one turn of the event loop go to one shard
-                async with anyio.create_task_group() as tg:
-                    for i in range(wave * 10, wave * 10 + 10):
-                        tg.start_soon(one, i)
-            assert sorted(results) == [i + 1 for i in range(300)]
-            for scope in shard_scopes(name, K):
-                node = cluster.primary_for(keys.calls(scope)).client()
-                try:
-                    assert added(node, keys.calls(scope)) >= 95, scope
-                finally:
-                    node.close()
-        assert managed_workers() == []
 
 
 async def test_dead_letters_of_a_shard_are_listed_replayed_to_it_and_purged(
@@ -304,3 +331,70 @@ async def test_dead_letters_of_a_shard_are_listed_replayed_to_it_and_purged(
 
 def markers_ran(markers: list[Path]) -> int:
     return sum(1 for marker in markers if marker.read_text() == "ran\n")
+
+
+async def test_calls_to_the_other_shards_go_on_while_one_primary_fails_over(
+    cluster: LocalCluster, namespace: str, tmp_path: Path
+) -> None:
+    """One shard's primary killed under load: its calls wait for the promotion (or time out), the
+    other shards' calls never stop (on a cluster that serves the slots it still covers:
+    ``cluster-require-full-coverage no``; under Redis's default every node refuses commands until
+    the promotion, the shards of every service alike)."""
+    for node in cluster.nodes:
+        node.ask("CONFIG", "SET", "cluster-require-full-coverage", "no")
+    keys = Keys(namespace)
+    name = next(
+        f"hot-{n}"
+        for n in range(1000)
+        if len({cluster.primary_for(keys.calls(s)).port for s in shard_scopes(f"hot-{n}", K)}) == K
+    )
+    log = tmp_path / "runs.log"
+    options = WorkerOptions(shards=K, concurrency=8)
+    async with ProcessManager(cluster.url, namespace=namespace, default_timeout=15.0) as pm:
+        for _ in range(2):
+            await pm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options)
+        client = pm.client
+        await eventually(functools.partial(_knows_shards, client, name), what="the shard count")
+        victim = cluster.primary_for(keys.calls(shard_scope(name, 1)))
+        answered: list[float] = []  # when each call was answered (event loop time)
+        failed: list[str] = []
+        stop = anyio.Event()
+
+        async def caller(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    await client.call(name, "add", (i, n), timeout=2.0)
+                    answered.append(anyio.current_time())
+                except TitanError as exc:  # that shard's calls: CallTimeout, RedisUnavailable, CallLost
+                    failed.append(type(exc).__name__)
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(caller, i)
+            await eventually(lambda: _at_least(answered, 100), what="calls before the fault")
+            killed_at = anyio.current_time()
+            await anyio.to_thread.run_sync(cluster.kill, victim)
+            await anyio.to_thread.run_sync(cluster.wait_promoted, victim)
+            promoted_at = anyio.current_time()
+            await eventually(lambda: _at_least([t for t in answered if t > promoted_at], 100), what="after")
+            stop.set()
+        try:
+            # While the shard's primary was down and until its replica took over, calls to the two
+            # other shards were answered all along: no gap of more than a second without an answer.
+            during = sorted(t for t in answered if killed_at <= t <= promoted_at)
+            marks = [killed_at, *during, promoted_at]
+            gaps = [b - a for a, b in itertools.pairwise(marks)]
+            assert max(gaps) < 1.0, (
+                f"no answer for {max(gaps):.1f} s during the failover ({len(during)} answered)"
+            )
+        finally:
+            await anyio.to_thread.run_sync(cluster.heal)
+            for node in cluster.nodes:
+                node.ask("CONFIG", "SET", "cluster-require-full-coverage", "yes")
+
+
+async def _at_least(values: list[float], count: int) -> bool:
+    return len(values) >= count
