@@ -1,9 +1,9 @@
 """One busy service on a Redis Cluster: its Redis work on one primary (1 shard), or spread over all.
 
-bench_core's B workload (64 calls in flight from one process, ``add``) to ONE service on a local
-cluster of P primaries (no replicas), served by W worker processes, with the service on 1 shard
-and on P shards whose hash tags land on P different primaries. The rounds alternate between the
-two. Per round and per primary: the commands' time from ``INFO commandstats`` (reset before the
+bench_core's B workload (64 calls in flight from one process, ``add``; ``--in-flight`` for more)
+to ONE service on a local cluster of P primaries (no replicas), served by W worker processes,
+with the service on 1 shard and on P shards whose hash tags land on P different primaries. The
+rounds alternate between the two. Per round and per primary: the commands' time from ``INFO commandstats`` (reset before the
 round; the scripts' own rows left out, their time holds the commands they run) and the
 redis-server process's CPU time. Printed: calls/s, Redis µs per call (all primaries), the
 busiest primary's share of the Redis CPU, and what one service could reach with 3 to 24
@@ -12,7 +12,8 @@ primaries of one core each at the measured cost per call.
 On a 2-core machine the callers and workers, not Redis, bound the calls/s of both layouts: the
 point measured here is where Redis does the work.
 
-Run: `python -m bench.bench_shards [--primaries 3] [--workers 2] [--calls 20000] [--rounds 3]`.
+Run: `python -m bench.bench_shards [--primaries 3] [--workers 2] [--calls 20000] [--rounds 3]
+[--in-flight 64]`.
 """
 
 from __future__ import annotations
@@ -115,15 +116,15 @@ def node_cpu(node: ClusterNode) -> float:
     return float(times.user + times.system)
 
 
-async def one_round(call: Call, primaries: list[ClusterNode], calls: int) -> dict[str, Any]:
+async def one_round(call: Call, primaries: list[ClusterNode], calls: int, in_flight: int) -> dict[str, Any]:
     for node in primaries:
         await reset(node)
     cpu_before = [node_cpu(node) for node in primaries]
-    rate = await throughput([call] * IN_FLIGHT, calls)
+    rate = await throughput([call] * in_flight, calls)
     cpu = [node_cpu(node) - before for node, before in zip(primaries, cpu_before, strict=True)]
     usec = [await node_usec(node) for node in primaries]
     commands = [await node_commands(node) for node in primaries]
-    n = calls // IN_FLIGHT * IN_FLIGHT
+    n = calls // in_flight * in_flight
     return {
         "calls_per_s": rate,
         "commands_per_call": sum(commands) / n,
@@ -146,10 +147,12 @@ async def run(args: argparse.Namespace) -> dict[int, list[dict[str, Any]]]:
                 for k, name in layouts.items()
             }
             for call in callers.values():
-                await throughput([call] * IN_FLIGHT, IN_FLIGHT * 10)  # warm-up
+                await throughput([call] * args.in_flight, args.in_flight * 10)  # warm-up
             for _ in range(args.rounds):
                 for k, call in callers.items():
-                    results[k].append(await one_round(call, primaries, args.calls // args.rounds))
+                    results[k].append(
+                        await one_round(call, primaries, args.calls // args.rounds, args.in_flight)
+                    )
         return results
 
 
@@ -165,10 +168,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the service")
     parser.add_argument("--calls", type=int, default=20_000, help="calls per layout, over all rounds")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--in-flight", type=int, default=IN_FLIGHT, help="calls in flight (bench_core's B: 64)"
+    )
     args = parser.parse_args()
     results = anyio.run(run, args)
     p = args.primaries
-    print(f"one service, B ({IN_FLIGHT} in flight), {args.workers} workers, a cluster of {p} primaries")
+    print(
+        f"one service, {args.in_flight} calls in flight, {args.workers} workers, a cluster of {p} primaries"
+    )
     print(f"{'shards':>6}  {'calls/s':>22}  {'Redis CPU µs/call':>20}  {'command µs/call':>18}  "
           f"{'busiest primary (CPU)':>22}  {'commands/call':>14}  per primary (CPU, median)")  # fmt: skip
     for k, rounds in results.items():
