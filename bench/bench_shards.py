@@ -1,13 +1,13 @@
 """One busy service on a Redis Cluster: its Redis work on one primary (1 shard), or spread over all.
 
-bench_core's B workload (64 calls in flight from one process, ``add``; ``--in-flight`` for more)
-to ONE service on a local cluster of P primaries (no replicas), served by W worker processes,
-with the service on 1 shard and on P shards whose hash tags land on P different primaries. The
-rounds alternate between the two. Per round and per primary: the commands' time from ``INFO commandstats`` (reset before the
-round; the scripts' own rows left out, their time holds the commands they run) and the
-redis-server process's CPU time. Printed: calls/s, Redis µs per call (all primaries), the
-busiest primary's share of the Redis CPU, and what one service could reach with 3 to 24
-primaries of one core each at the measured cost per call.
+bench_core's B workload (64 calls in flight from one process, ``add``; ``--in-flight`` for more) to
+ONE service on a local cluster of P primaries (no replicas), served by W worker processes, with the
+service on 1 shard and on P shards whose hash tags land on P different primaries. The rounds
+alternate between the two. Per round and per primary: the commands' time from ``INFO commandstats``
+(reset before the round; the scripts' own rows left out, their time holds the commands they run) and
+the redis-server process's CPU time. Printed: calls/s, Redis µs per call (all primaries), the
+busiest primary's share of the Redis CPU, and what one service could reach with 3 to 24 primaries of
+one core each at the measured cost per call.
 
 On a 2-core machine the callers and workers, not Redis, bound the calls/s of both layouts: the
 point measured here is where Redis does the work.
