@@ -398,3 +398,20 @@ async def test_calls_to_the_other_shards_go_on_while_one_primary_fails_over(
 
 async def _at_least(values: list[float], count: int) -> bool:
     return len(values) >= count
+
+
+async def test_a_call_to_one_shard_never_waits_behind_another_shards_read(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    """Each shard's read loop always holds a slot of its own: a call to any shard is taken at once,
+    not when another shard's blocked read ends (read_block, 1 s)."""
+    log = tmp_path / "runs.log"
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=WorkerOptions(shards=K, concurrency=K))
+    client = pm.client
+    await eventually(functools.partial(_knows_shards, client, "tasks"), what="the shard count")
+    took = []
+    for i in range(4 * K):  # one at a time, each in a turn of its own: every shard in turn
+        started = anyio.current_time()
+        assert await client.call("tasks", "add", (i, 1)) == i + 1
+        took.append(anyio.current_time() - started)
+    assert max(took) < 0.5, [round(t, 3) for t in took]

@@ -11,8 +11,10 @@ FLUSHALL, a DEL), they are made again and the worker carries on.
 A sharded service's streams are read by one XREADGROUP on a single Redis,
 and by one read loop per shard on a cluster (which refuses a read across
 slots). The loops share the slots: each reserves what it asks for while it
-blocks, a loop whose shard had nothing last time asks for one entry only,
-so an idle shard's wait holds one slot and a busy shard gets the rest.
+blocks. A loop whose shard had nothing last time asks for one entry only, and
+a busy one leaves a slot for each loop not reading, so an idle shard's wait
+holds one slot, a busy shard gets the rest, and no shard's calls wait behind
+another shard's blocked read.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class Lane:
     def __init__(self, channel: Channel, streams: list[str]) -> None:
         self.channel = channel
         self.streams = streams
-        self.busy = True
-        """Whether its last read found entries (it then asks for every free slot)."""
+        self.busy = False
+        """Whether its last read found entries (it then asks for every free slot but one for each
+        other loop not reading)."""
         self.reader_id: int | None = None
         self.reader_at: tuple[str, int] | None = None
 
@@ -69,6 +72,8 @@ class Intake:
         """Per shard's stream, the ids of its entries in flight (read by the heartbeat thread)."""
         self._reserved = 0
         """Slots the read loops blocked in a read hold for what it may return."""
+        self._reading_lanes = 0
+        """Read loops holding a reservation now."""
         self._lock = threading.Lock()
         self._freed = anyio.Event()
         self._stopping = False
@@ -237,8 +242,15 @@ class Intake:
                 await self._wait_freed()
                 continue
             # One loop: every free slot. Several: an idle shard's loop waits holding one slot.
-            ask = free if lane.busy or len(self._lanes) == 1 else 1
+            lanes = len(self._lanes)
+            if lanes == 1:
+                ask = free
+            elif lane.busy:  # a slot left for each other loop that is not reading now
+                ask = max(1, free - (lanes - 1 - self._reading_lanes))
+            else:
+                ask = 1
             self._reserved += ask
+            self._reading_lanes += 1
             try:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + ctx.options.heartbeat_interval
@@ -282,6 +294,7 @@ class Intake:
                 continue
             finally:
                 self._reserved -= ask
+                self._reading_lanes -= 1
             lane.busy = False
             for stream, entry_id, fields in stream_entries(response):
                 entry = Entry(stream.decode(), entry_id, fields)
