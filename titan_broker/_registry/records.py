@@ -299,8 +299,11 @@ class QueueInfo:
         return max(0, self.backlog - self.pending)
 
     def to_dict(self) -> dict[str, Any]:
-        shards = [shard.to_dict() for shard in self.shards]
-        return {**asdict(self), "waiting": self.waiting, "shards": shards}
+        found = {**asdict(self), "waiting": self.waiting}
+        del found["shards"]
+        if self.shards:  # a sharded service's: each shard's after the totals
+            found["shards"] = [shard.to_dict() for shard in self.shards]
+        return found
 
     @classmethod
     def summed(cls, service: str, shards: list[QueueInfo]) -> QueueInfo:
