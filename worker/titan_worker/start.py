@@ -173,6 +173,8 @@ def serve_file(
             error = access_denied(error, f"serve {worker.service!r}", who=Acting("worker", user))
         if isinstance(error, RedisUnavailable):
             return ready.fail(EXIT_REDIS, str(error))
+        if isinstance(error, ConfigError):  # found on connecting: a TLS file that cannot be read
+            return ready.fail(EXIT_USAGE, str(error))
         if isinstance(error, rexc.ConnectionError | rexc.TimeoutError):
             # Redis went away after the worker connected (while it registered, say): the same exit.
             return ready.fail(EXIT_REDIS, f"lost Redis at {redact(url)}: {type(error).__name__}: {error}")
