@@ -332,6 +332,18 @@ async def test_a_refusal_is_an_access_denied_naming_command_key_and_role(secured
     assert keys.calls(B) in message or B in message, message
 
 
+def test_a_refused_multi_is_an_access_denied_naming_multi_and_the_role(secured: Secured) -> None:
+    """redis-py sends MULTI, the commands and EXEC in one write: a refused MULTI shows as EXEC's
+    "EXEC without MULTI", which must not be what the user reads."""
+    registered(secured)
+    secured.admin_ask("ACL", "SETUSER", "operator", "-multi")
+    done = titan(secured.urls["operator"], secured.namespace, "dead-letters", A, "--purge", "--yes")
+    assert done.returncode == 4, done.stderr  # AccessDenied is a RedisUnavailable
+    message = " ".join(done.stderr.split())
+    assert "refused MULTI" in message and "'operator'" in message and "titan acl operator" in message, message
+    assert "EXEC without MULTI" not in message, message
+
+
 def without_reply_rights(admin: Any, user: str) -> list[str]:
     """ACL SETUSER arguments that keep ``user``'s rule but the selector of its reply streams."""
     row = admin.execute_command("ACL", "GETUSER", user)
