@@ -3,6 +3,8 @@ nothing else. Service ``a`` is client_log, ``b`` the calculator; ``alice`` and `
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis as sync_redis
 import redis.exceptions as rexc
@@ -342,6 +345,42 @@ def test_a_refused_multi_is_an_access_denied_naming_multi_and_the_role(secured: 
     message = " ".join(done.stderr.split())
     assert "refused MULTI" in message and "'operator'" in message and "titan acl operator" in message, message
     assert "EXEC without MULTI" not in message, message
+
+
+async def test_calls_refused_both_their_send_and_their_reply_read_leave_no_error_unretrieved(
+    secured: Secured,
+) -> None:
+    """alice may neither send to ``b`` nor read her replies from it: the reader's refusals fail the
+    calls waiting at that moment, some of them still sending (a delayed call, an affinity call
+    looking up its worker). Each call raises one AccessDenied; no error is left on a future nobody
+    reads ("Future exception was never retrieved")."""
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    raised: list[type[BaseException]] = []  # not the errors: their tracebacks would keep the futures
+    try:
+        async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+
+            async def calls(options: dict[str, Any]) -> None:
+                until = anyio.current_time() + 2.0  # past several of the reader's refusals (backoff)
+                while anyio.current_time() < until:
+                    try:
+                        await alice.call(B, "add", (1, 2), timeout=5, **options)
+                    except Exception as exc:
+                        raised.append(type(exc))
+                        # Its own error: the send's refusal, not the reply read's ("were sent, may have run").
+                        assert str(exc).startswith((f"cannot send {B}.add()", f"cannot route {B}.add()")), exc
+
+            async with anyio.create_task_group() as tg:
+                for options in [{}, {"delay": 0.01}, {"key": "k"}] * 6:
+                    tg.start_soon(calls, options)
+        gc.collect()  # an unretrieved error is reported when its future is collected
+        await anyio.lowlevel.checkpoint()
+    finally:
+        loop.set_exception_handler(previous)
+    assert raised and set(raised) == {AccessDenied}, set(raised)
+    assert not unretrieved, unretrieved[:3]
 
 
 def without_reply_rights(admin: Any, user: str) -> list[str]:

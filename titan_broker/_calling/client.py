@@ -30,9 +30,9 @@ from opentelemetry import propagate
 from opentelemetry import trace as otel
 
 from .._config import check_seconds, redact, resolve_namespace, resolve_url
-from .._errors import ConfigError, TitanError
+from .._errors import AccessDenied, ConfigError, TitanError
 from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
-from .._redis.denied import acting
+from .._redis.denied import acting, is_denied
 from .._redis.topology import discover
 from .._wire import protocol
 from .._wire.acl import USER_NAME, USER_SEPARATOR
@@ -258,10 +258,22 @@ class Client:
                     raise self._workers.timeout_error(
                         service, method, timeout, loop.time() - timeout
                     ) from None
+                except AccessDenied:
+                    # The reply read was refused: when this call's send was refused too, that is its
+                    # error (it was not sent, so it did not run), whichever Redis answered first.
+                    if submit is not None:
+                        tried = submit.tried
+                        if not tried.done():
+                            await asyncio.wait((tried,), timeout=max(0.0, deadline - loop.time()))
+                        error = tried.exception() if tried.done() and not tried.cancelled() else None
+                        if isinstance(error, Exception) and is_denied(error):
+                            await sender.refused(error, service, method, _SUBMIT_COMMAND, submit.key,
+                                                 deadline)  # fmt: skip
+                    raise
                 except _SubmitFailed as failed:
                     assert submit is not None
                     # Raises its error, or returns for a try again (by send, which waits for Redis).
-                    await sender.refused(failed.error, service, method, "EVALSHA submit_many", submit.key,
+                    await sender.refused(failed.error, service, method, _SUBMIT_COMMAND, submit.key,
                                          deadline)  # fmt: skip
                     submit = None
                     fut = loop.create_future()
@@ -283,6 +295,10 @@ class Client:
             dispatcher.forget(call_id)
             if not answered:
                 _give_up(sender, submit, sent, deadline, None, call_id)
+                if fut.done() and not fut.cancelled():
+                    # The reply reader failed it while this call was not waiting on it (sending, or
+                    # routing): the call raised its own error, this one is not to be logged as lost.
+                    fut.exception()
 
     def stream(
         self,
@@ -448,6 +464,10 @@ def _traceparent() -> str | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent")
+
+
+_SUBMIT_COMMAND = "EVALSHA submit_many"
+"""What an ordinary call's send runs, as an AccessDenied names it."""
 
 
 class _Expired(Exception):
