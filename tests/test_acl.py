@@ -383,6 +383,20 @@ async def test_calls_refused_both_their_send_and_their_reply_read_leave_no_error
     assert not unretrieved, unretrieved[:3]
 
 
+async def test_a_caller_whose_rule_refuses_acl_whoami_takes_its_user_name_from_the_url(
+    secured: Secured,
+) -> None:
+    """Without its user's name the client id would not match the rule's reply keys (``<user>.*``),
+    and every call would fail with an AccessDenied on its reply stream that WHOAMI caused."""
+    secured.admin_ask("ACL", "SETUSER", "alice", "-acl|whoami")
+    secured.admin_ask("ACL", "LOG", "RESET")
+    async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+        assert alice.client_id.startswith("alice."), alice.client_id
+        with pytest.raises(CallTimeout):  # no worker serves it: waited for, not refused
+            await alice.call(A, "run", ("x",), timeout=0.5)
+    assert not [e for e in denied_log(secured.admin) if e.startswith("alice ") and "whoami" not in e]
+
+
 def without_reply_rights(admin: Any, user: str) -> list[str]:
     """ACL SETUSER arguments that keep ``user``'s rule but the selector of its reply streams."""
     row = admin.execute_command("ACL", "GETUSER", user)

@@ -6,7 +6,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from ._errors import ConfigError
 from ._wire.keys import check_name as check_name
@@ -29,6 +29,15 @@ def resolve_url(url: str | None) -> str:
         )
     tls_options(url)
     return url
+
+
+def url_user(url: str) -> str | None:
+    """The ACL user a connection to ``url`` logs in as, when the URL names one (``user:pass@``, or
+    ``?username=`` as redis-py reads it too); None: the ``default`` user."""
+    parts = urlsplit(url)
+    if parts.username:
+        return unquote(parts.username)
+    return dict(parse_qsl(parts.query)).get("username") or None
 
 
 _TLS_INSTEAD = {"redis": "rediss", "redis+sentinel": "redis+sentinels"}

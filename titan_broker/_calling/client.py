@@ -29,7 +29,7 @@ import redis.exceptions as rexc
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
-from .._config import check_seconds, redact, resolve_namespace, resolve_url
+from .._config import check_seconds, redact, resolve_namespace, resolve_url, url_user
 from .._errors import AccessDenied, ConfigError, TitanError
 from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
 from .._redis.denied import acting, is_denied
@@ -72,8 +72,9 @@ class Client:
 
     The constructor does no I/O; ``async with Client(...)`` connects and starts
     the reply dispatcher, leaving the block stops it. Its client id starts with
-    the ACL user's name (``acl_user``, else ``ACL WHOAMI`` at connect), which
-    the rules of ``titan acl caller`` match to keep users' replies apart.
+    the ACL user's name (``acl_user``, else ``ACL WHOAMI`` at connect, else the
+    URL's user when the rule refuses WHOAMI), which the rules of ``titan acl
+    caller`` match to keep users' replies apart.
     """
 
     def __init__(
@@ -136,12 +137,17 @@ class Client:
         return self
 
     async def _whoami(self) -> str | None:
-        """The ACL user this client is: the one given, else ``ACL WHOAMI`` (None when denied)."""
+        """The ACL user this client is: the one given, else ``ACL WHOAMI``, else (a rule without
+        ``+acl|whoami``) the one the URL logs in as; None on a Redis without ACLs."""
         if self.acl_user is not None:
             return self.acl_user
         try:
             return text(await self.redis.execute_command("ACL", "WHOAMI"))
-        except rexc.ResponseError:  # denied, or a Redis without ACLs
+        except rexc.NoPermissionError:
+            # The connection logged in as the URL's user (no user: "default"); without its name the
+            # client id would not match the rule's reply keys, and every call would be refused.
+            return url_user(self.url) or "default"
+        except rexc.ResponseError:  # a Redis without ACLs: no rule to match
             return None
 
     async def __aexit__(
