@@ -515,7 +515,8 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 EXECUTION,
                 "            req = dataclasses.replace(req, reply_to=ctx.keys.job(scope, req.job))\n",
-                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(scope, req.call_id))  # mutated\n",
+                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(scope, req.call_id))"
+                "  # mutated\n",
             ),
         ),
         (JOB_OUTCOMES,),
