@@ -50,6 +50,7 @@ from .conftest import (
     titan,
     wait_until,
 )
+from .worker_harness import EDGE_V1, EDGE_V2
 
 pytestmark = pytest.mark.anyio
 
@@ -415,3 +416,28 @@ async def test_a_call_to_one_shard_never_waits_behind_another_shards_read(
         assert await client.call("tasks", "add", (i, 1)) == i + 1
         took.append(anyio.current_time() - started)
     assert max(took) < 0.5, [round(t, 3) for t in took]
+
+
+async def test_a_rolling_upgrade_hands_each_shards_calls_to_the_new_version(
+    workers: Workers, pm: ProcessManager
+) -> None:
+    """A call for a method only the new version has, read by an old worker on any shard, is handed
+    to a new worker in that shard (its reply key is there) and answered by it."""
+    workers.start(EDGE_V1, "--shards", str(K))
+    v2 = workers.start(EDGE_V2, "--shards", str(K))
+    await in_thread(workers.wait_registered, "edge-upgrade", 2)
+    client = pm.client
+    await eventually(functools.partial(_knows_shards, client, "edge-upgrade"), what="the shard count")
+    outcomes: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        try:
+            outcomes[i] = await client.call("edge-upgrade", "new_method", (i,), timeout=20)
+        except TitanError as exc:
+            outcomes[i] = exc
+
+    for wave in range(4 * K):  # each wave to the next shard, read by either worker
+        async with anyio.create_task_group() as tg:
+            for i in range(wave * 5, wave * 5 + 5):
+                tg.start_soon(one, i)
+    assert outcomes == {i: [i, v2.pid] for i in range(20 * K)}

@@ -338,13 +338,11 @@ class Served(Generic[T]):
 
     async def _left(self) -> str | None:
         """What the service still has to do, in words, or None when nothing."""
-        keys, service = self.client.keys, self.service
+        keys = self.client.keys
         running = sum(worker.in_flight for worker in self.workers)
         queued, delayed, first = 0, 0, None
         for scope in self._scopes():
-            streams = [keys.calls(scope)]
-            if scope == service:
-                streams += [keys.worker_calls(service, w.worker_id) for w in self.workers]
+            streams = [keys.calls(scope)] + [keys.worker_calls(scope, w.worker_id) for w in self.workers]
             # One transaction per shard (all its keys in one slot): a retry leaves the queue for the
             # delayed set, and a due call the other way, in one step; read apart, both could look empty.
             async with self.client.redis.pipeline(transaction=True) as pipe:

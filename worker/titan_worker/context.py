@@ -90,6 +90,11 @@ class WorkerContext:
         """The writer for the keys of one shard's scope (see ``writers_``)."""
         return self.writers_.get(scope) or self.writer
 
+    def own_stream_of(self, scope: str) -> str:
+        """This worker's own stream in one shard's scope: calls handed to it there (the first
+        shard's also takes the calls whose affinity key maps to it)."""
+        return self.keys.worker_calls(scope, self.worker_id)
+
     @property
     def own_stream(self) -> str:
         """Calls whose affinity key maps to this worker (or handed to it by another)."""

@@ -80,8 +80,17 @@ class Housekeeping:
                         ctx.worker_id, exc)  # fmt: skip
 
     async def rescue(self, worker_id: str) -> None:
-        """Move the calls waiting on a dead worker's own stream onto the shared stream."""
+        """Move the calls waiting on a dead worker's own streams onto the shared streams: every other
+        shard's first, while its id is still in the affinity set (the first shard's rescue takes
+        it out, and with it the worker from the next sweeps)."""
         ctx = self.ctx
+        if len(ctx.scopes) > 1 and not await ctx.redis.exists(ctx.keys.worker(ctx.service, worker_id)):
+            for scope in ctx.scopes[1:]:
+                keys = [ctx.keys.worker_calls(scope, worker_id), ctx.keys.calls(scope)]
+                moved = await _RESCUE(ctx.redis, keys, [worker_id])
+                if moved and moved > 0:
+                    ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to the stream "
+                                           "of shard %s", ctx.worker_id, moved, worker_id, scope)  # fmt: skip
         keys = [
             ctx.keys.worker_calls(ctx.service, worker_id),
             ctx.stream,

@@ -119,7 +119,7 @@ class Intake:
     async def ensure_groups(self) -> None:
         """Make the streams and their consumer group (id 0: calls queued before are seen)."""
         ctx = self.ctx
-        for stream in (*ctx.streams, ctx.own_stream):
+        for stream in (*ctx.streams, *(ctx.own_stream_of(scope) for scope in ctx.scopes)):
             try:
                 await ctx.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:

@@ -189,6 +189,9 @@ class Heartbeat:
             pipe.delete(ctx.record_key)
             pipe.srem(ctx.keys.workers(ctx.service), ctx.worker_id)
             pipe.execute()
+            for scope in ctx.scopes[1:]:  # its record is gone (above): each shard's own stream
+                own = [ctx.own_stream_of(scope), ctx.keys.calls(scope)]
+                _RESCUE.run_sync(self.client, own, [ctx.worker_id])
             keys = [ctx.own_stream, ctx.stream, ctx.record_key, ctx.keys.affinity(ctx.service)]
             _RESCUE.run_sync(self.client, keys, [ctx.worker_id])
             pending: Any = self.client.xpending_range(

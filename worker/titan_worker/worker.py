@@ -245,7 +245,7 @@ class Worker:
                 channels.append(writer)
                 ctx.writer_ = AutoPipeline(writer)
                 continue
-            lanes.append(Lane(reader, [stream]))
+            lanes.append(Lane(reader, [stream, ctx.own_stream_of(scope)]))
             if topology.kind == "cluster":  # a script's keys must be in one slot: settles batched per shard
                 writer = await Channel.open(topology, stream)
                 channels.append(writer)
