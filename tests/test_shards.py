@@ -133,19 +133,6 @@ def test_a_bad_shard_count_is_refused_naming_it(bad: Any) -> None:
         WorkerOptions(shards=bad)
 
 
-def test_concurrency_below_the_shard_count_is_refused() -> None:
-    from titan_worker.worker import Worker
-
-    from titan_broker._service.definition import describe
-
-    from .services.tasks import Tasks
-
-    with pytest.raises(ConfigError, match=r"concurrency \(2\) must be at least the shards of 'tasks' \(3\)"):
-        Worker(
-            describe(Tasks), url="redis://x", namespace="t", options=WorkerOptions(concurrency=2, shards=3)
-        )
-
-
 async def test_calls_spread_over_every_shard_and_each_is_answered_once(
     where: Deployment, keys: Keys, tmp_path: Path
 ) -> None:
@@ -186,11 +173,11 @@ async def test_calls_spread_over_every_shard_and_each_is_answered_once(
         assert len(primaries) == K
 
 
-async def _knows_shards(client: Client, service: str = "tasks") -> bool:
+async def _knows_shards(client: Client, service: str = "tasks", shards: int = K) -> bool:
     """Whether the client has read the service's shard count (each call looks, in the background,
     when it has not or read it long enough ago: so does this)."""
     client._shards.next_scope(service)
-    return client._shards.known(service) == shard_scopes(service, K)
+    return client._shards.known(service) == shard_scopes(service, shards)
 
 
 async def test_every_kind_of_call_works_on_a_sharded_service(
@@ -441,3 +428,47 @@ async def test_a_rolling_upgrade_hands_each_shards_calls_to_the_new_version(
             for i in range(wave * 5, wave * 5 + 5):
                 tg.start_soon(one, i)
     assert outcomes == {i: [i, v2.pid] for i in range(20 * K)}
+
+
+async def test_a_burst_to_one_shard_runs_on_every_slot(pm: ProcessManager, tmp_path: Path) -> None:
+    """The calls of one turn of the event loop go to one shard: the other shards' idle reads hold no
+    slot, so the burst runs on every slot of the worker at once."""
+    log = tmp_path / "runs.log"
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=WorkerOptions(shards=4, concurrency=4))
+    client = pm.client
+    await eventually(functools.partial(_knows_shards, client, "tasks", 4), what="the shard count")
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for i in range(8):  # two rounds of 1 s on 4 slots
+            tg.start_soon(functools.partial(client.call, "tasks", "slow", (1.0, f"b{i}"), timeout=20))
+    took = anyio.current_time() - started
+    assert took < 3.5, f"8 calls of 1 s on 4 slots took {took:.1f} s"
+
+
+async def test_a_dead_workers_calls_on_a_shard_are_taken_over_together(
+    pm: ProcessManager, tmp_path: Path
+) -> None:
+    """Reclaiming takes as many calls as there are free slots, whatever the shard's read asks for."""
+    log = tmp_path / "runs.log"
+    options = WorkerOptions(shards=4, concurrency=8, heartbeat_interval=0.5, heartbeat_ttl=1.0)
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options, restart=None)
+    client = pm.client
+    await eventually(functools.partial(_knows_shards, client, "tasks", 4), what="the shard count")
+    first = next(w for w in pm.workers if w.service == "tasks")
+    ended: dict[str, float] = {}
+
+    async def one(i: int) -> None:
+        await client.call("tasks", "slow", (2.0, f"r{i}"), timeout=30)
+        ended[f"r{i}"] = anyio.current_time()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):  # one turn: one shard
+            tg.start_soon(one, i)
+        await eventually(lambda: _started(log, 8), what="every call to start")
+        os.kill(first.pid, signal.SIGKILL)
+        killed = anyio.current_time()
+        await pm.spawn(TASKS, dependencies={"log": str(log)}, options=options, restart=None)
+    after = sorted(round(t - killed, 2) for t in ended.values())
+    # Dead after 1 s (its TTL) while the next worker starts, all claimed at its first look, run
+    # again for 2 s; claimed one per look (0.5 s), the last would end 3.5 s later.
+    assert after[-1] - after[0] < 1.5, f"the 8 calls taken over ended at {after} s after the kill"

@@ -8,13 +8,13 @@ it first claims calls that dead workers left pending. If Redis loses the
 stream or its group under the worker (a restart without persistence, a
 FLUSHALL, a DEL), they are made again and the worker carries on.
 
-A sharded service's streams are read by one XREADGROUP on a single Redis,
-and by one read loop per shard on a cluster (which refuses a read across
-slots). The loops share the slots: each reserves what it asks for while it
-blocks. A loop whose shard had nothing last time asks for one entry only, and
-a busy one leaves a slot for each loop not reading, so an idle shard's wait
-holds one slot, a busy shard gets the rest, and no shard's calls wait behind
-another shard's blocked read.
+A sharded service's streams are read by one read loop per shard, each on a
+connection to its slot's node (a cluster refuses a read across slots). The
+loops share the slots: a busy shard's loop reserves every free slot while it
+blocks; a loop whose shard had nothing last time asks for one entry and
+holds no slot, so no shard's calls wait behind another shard's blocked read,
+and a worker holds at most one entry per idle shard more than its slots (it
+runs no more than its slots at once).
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ class Lane:
         self.channel = channel
         self.streams = streams
         self.busy = False
-        """Whether its last read found entries (it then asks for every free slot but one for each
-        other loop not reading)."""
+        """Whether its last read found entries (it then reserves every free slot for its next)."""
         self.reader_id: int | None = None
         self.reader_at: tuple[str, int] | None = None
 
@@ -72,8 +71,6 @@ class Intake:
         """Per shard's stream, the ids of its entries in flight (read by the heartbeat thread)."""
         self._reserved = 0
         """Slots the read loops blocked in a read hold for what it may return."""
-        self._reading_lanes = 0
-        """Read loops holding a reservation now."""
         self._lock = threading.Lock()
         self._freed = anyio.Event()
         self._stopping = False
@@ -236,30 +233,33 @@ class Intake:
         shards = [stream for stream in lane.streams if stream in self._active]
         read = ["XREADGROUP", "GROUP", GROUP, ctx.worker_id, "COUNT", 0, "BLOCK", block_ms, "STREAMS",
                 *lane.streams, *[">"] * len(lane.streams)]  # fmt: skip
+        concurrency = ctx.options.concurrency
+        several = len(self._lanes) > 1
         while not self._stopping:
-            free = ctx.options.concurrency - self.in_flight - self._reserved
-            if free <= 0:
+            free = concurrency - self.in_flight - self._reserved
+            # An idle shard's loop (several loops, its last read found nothing) asks for one entry
+            # and holds no slot meanwhile: it may take one more than the slots (the slot tasks still
+            # run no more than ``concurrency`` at once), and a busy shard gets every slot.
+            idle = several and not lane.busy
+            if free <= 0 and not idle:
                 await self._wait_freed()
                 continue
-            # One loop: every free slot. Several: an idle shard's loop waits holding one slot.
-            lanes = len(self._lanes)
-            if lanes == 1:
-                ask = free
-            elif lane.busy:  # a slot left for each other loop that is not reading now
-                ask = max(1, free - (lanes - 1 - self._reading_lanes))
-            else:
-                ask = 1
-            self._reserved += ask
-            self._reading_lanes += 1
+            ask = 1 if idle else free
+            held = 0 if idle else ask
+            self._reserved += held
             try:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + ctx.options.heartbeat_interval
+                    # Up to every free slot, this loop's own included, whatever it asks to read.
+                    quota = max(0, concurrency - self.in_flight - self._reserved + held)
                     claimed: list[tuple[Entry, int]] = []
                     for shard in shards:
-                        left = ask - len(claimed)
+                        left = quota - len(claimed)
                         if left > 0:
                             running = self._running(shard)
                             claimed += await self.housekeeping.reclaim(reader, shard, left, running)
+                    if quota and len(claimed) >= quota:
+                        next_reclaim = 0.0  # more may be left: look again once slots free up
                     if ctx.stream in shards and self.housekeeping.sweep_due:
                         slots.start_soon(self.housekeeping.sweep)
                     for entry, deliveries in claimed:
@@ -293,16 +293,15 @@ class Intake:
                     await self._note_reader_id(lane)
                 continue
             finally:
-                self._reserved -= ask
-                self._reading_lanes -= 1
+                self._reserved -= held
+                if several:
+                    self._freed.set()  # the slots this read held and did not fill are free again
             lane.busy = False
             for stream, entry_id, fields in stream_entries(response):
                 entry = Entry(stream.decode(), entry_id, fields)
                 self._take(entry)
                 dispatch((entry, 1))
                 lane.busy = True
-            if len(self._lanes) > 1:
-                self._freed.set()  # the slots this read held and did not fill are free again
             # Let the new calls run (and a quick one reply) before the next read is sent.
             await anyio.lowlevel.checkpoint()
 

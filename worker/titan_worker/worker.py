@@ -95,11 +95,6 @@ class Worker:
             metrics=Metrics(service),
             shards=options.shards or definition.info.shards,
         )
-        if options.concurrency < self.ctx.shards:
-            raise ConfigError(
-                f"concurrency ({options.concurrency}) must be at least the shards of {service!r} "
-                f"({self.ctx.shards}): each shard's read holds a slot while it waits for calls"
-            )
         self.instance: Any = None
         self.status = "starting"
         self.calls = 0
@@ -169,7 +164,8 @@ class Worker:
         ctx = self.ctx
         acting.set(Acting("worker"))
         topology = await discover(self.url)
-        ctx.redis_ = await open_redis(topology, max_connections=ctx.options.concurrency + 4)
+        # The slots, the housekeeping, and a wait on each shard's list of delayed calls due soon.
+        ctx.redis_ = await open_redis(topology, max_connections=ctx.options.concurrency + 4 + ctx.shards)
         channels: list[Channel] = []
         http: Any = None
         try:
