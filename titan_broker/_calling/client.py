@@ -224,14 +224,15 @@ class Client:
         loop = asyncio.get_running_loop()
         later = _later(delay, key)
         now = loop.time()
+        if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
+            self._connected()
+            timeout = check_seconds("timeout", self.default_timeout if timeout is None else timeout)
+            await self._workers.require_worker(service, method, now + timeout)
         # The shard the call goes to: its stream, its reply stream and its link. Calls with a key
         # or a delay go to the first shard, where the workers' own streams and the delayed set are.
         scope = self._shards.next_scope(service) if later is None and key is None else service
         timeout, call_id, fields = self._request(scope, method, args, kwargs, timeout)
         deadline = now + timeout + (later.delay_ms / 1000 if later else 0.0)
-        if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
-            self._connected()
-            await self._workers.require_worker(service, method, deadline)
         link = self._links.get(scope, now) if self._links is not None else None
         if link is None:
             link = await self._link(scope, deadline)
