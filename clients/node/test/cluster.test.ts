@@ -8,14 +8,14 @@ import { after, before, describe, it } from "node:test";
 
 import { BadArguments, CallTimeout, type Client, RemoteError, connect } from "titan-broker";
 
-import { PythonCluster, Worker, connectAny, waitFor } from "./helpers.js";
+import { PythonCluster, Worker, connectAny, entriesAdded, shardScopes, waitFor } from "./helpers.js";
 
 const K = 3;
 
 type Plain = Awaited<ReturnType<typeof connectAny>>;
 
 function scopes(service: string): string[] {
-  return Array.from({ length: K }, (_, k) => (k === 0 ? service : `${service}#${k}`));
+  return shardScopes(service, K);
 }
 
 /** The primary ("host:port") that serves `key`, from the cluster's slot map. */
@@ -37,12 +37,9 @@ async function spreadName(redis: Plain, base: string): Promise<string> {
   throw new Error(`no name ${base}-<n> puts its ${K} shards on ${K} primaries`);
 }
 
-/** How many entries were ever added to the calls stream of `scope`. */
-async function added(redis: Plain, scope: string): Promise<number> {
-  const key = `titan:{${scope}}:calls`;
-  if ((await redis.exists(key)) === 0) return 0;
-  const info = (await redis.call("XINFO", "STREAM", key)) as unknown[];
-  return Number(info[info.indexOf("entries-added") + 1]);
+/** How many calls were ever added to the stream of the shard `scope`. */
+function added(redis: Plain, scope: string): Promise<number> {
+  return entriesAdded(redis, `titan:{${scope}}:calls`);
 }
 
 interface Calculator {

@@ -11,7 +11,7 @@ import { after, before, describe, it } from "node:test";
 
 import { type Client, connect } from "titan-broker";
 
-import { PrivateRedis, Worker, waitFor } from "./helpers.js";
+import { PrivateRedis, Worker, entriesAdded, shardScopes, waitFor } from "./helpers.js";
 
 const K = 3;
 const NS = "titan";
@@ -25,10 +25,6 @@ interface Streamer {
   ticks(): AsyncIterable<number>;
 }
 
-function scopes(service: string): string[] {
-  return Array.from({ length: K }, (_, k) => (k === 0 ? service : `${service}#${k}`));
-}
-
 describe("a sharded service called from Node", () => {
   let redis: PrivateRedis;
   let plain: ReturnType<PrivateRedis["client"]>;
@@ -38,17 +34,13 @@ describe("a sharded service called from Node", () => {
   const log = join(dir, "runs.log");
   const marker = join(dir, "stopped");
 
-  /** How many entries were ever added to the calls stream of `scope` (acknowledged ones are deleted). */
-  async function added(scope: string): Promise<number> {
-    const key = `${NS}:{${scope}}:calls`;
-    if ((await plain.exists(key)) === 0) return 0;
-    const info = (await plain.call("XINFO", "STREAM", key)) as unknown[];
-    const at = info.indexOf("entries-added");
-    return Number(info[at + 1]);
+  /** How many calls were ever added to the stream of the shard `scope`. */
+  function added(scope: string): Promise<number> {
+    return entriesAdded(plain, `${NS}:{${scope}}:calls`);
   }
 
-  async function perShard(service: string): Promise<number[]> {
-    return Promise.all(scopes(service).map((s) => added(s)));
+  function perShard(service: string): Promise<number[]> {
+    return Promise.all(shardScopes(service, K).map((s) => added(s)));
   }
 
   before(async () => {
@@ -98,7 +90,7 @@ describe("a sharded service called from Node", () => {
     const runs = readFileSync(log, "utf8").split("\n").map((l) => l.split(" ")).filter((w) => w[0] === "add" && w[1] !== "-" && w[1] !== undefined);
     assert.deepEqual(runs.map((w) => w[1]).sort(), Array.from({ length: 300 }, (_, i) => `t${i}`).sort(), "a call ran twice, or not at all");
     // Every reply came back on the reply stream of its own shard (one per shard for this client).
-    for (const scope of scopes("tasks")) {
+    for (const scope of shardScopes("tasks", K)) {
       assert.equal(await plain.exists(`${NS}:{${scope}}:reply:${client.clientId}:alive`), 1, scope);
     }
   });
