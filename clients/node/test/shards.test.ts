@@ -95,6 +95,34 @@ describe("a sharded service called from Node", () => {
     }
   });
 
+  it("keeps the shard count it knew when it cannot read it again", async () => {
+    await plain.call("ACL", "SETUSER", "spreader", "on", ">pw", `~${NS}:{*`, `~${NS}:services`, "+@all");
+    const other = await connect(`redis://spreader:pw@127.0.0.1:${redis.port}`, { namespace: NS });
+    try {
+      const tasks = other.service<Tasks>("tasks");
+      let n = 0;
+      await waitFor("the second client to send to a shard other than the first", async () => {
+        const before = (await added("tasks#1")) + (await added("tasks#2"));
+        await tasks.add(n++, 0);
+        return (await added("tasks#1")) + (await added("tasks#2")) > before;
+      }, 10_000);
+      // From now on every read of the count is refused (the next one comes 5 s after the last).
+      await plain.call("ACL", "SETUSER", "spreader", "resetkeys", `~${NS}:{*`);
+      await plain.call("ACL", "LOG", "RESET");
+      await waitFor("the client to read the count again, refused", async () => {
+        await tasks.add(n++, 0);
+        const log = (await plain.call("ACL", "LOG")) as unknown[][];
+        return log.some((entry) => entry.includes("spreader") && entry.includes(`${NS}:services`));
+      }, 15_000);
+      const before = await perShard("tasks");
+      for (let i = 0; i < K; i++) assert.equal(await tasks.add(i, 1), i + 1);
+      const now = await perShard("tasks");
+      assert.deepEqual(now.map((v, k) => v - before[k]!), [1, 1, 1], "the calls after a refused read stopped spreading");
+    } finally {
+      await other.close();
+    }
+  });
+
   it("keeps calls with a key, delayed jobs and jobs on the first shard", async () => {
     const tasks = client.service<Tasks>("tasks");
     const before = await perShard("tasks");
