@@ -125,11 +125,11 @@ def test_shard_scopes_keep_the_first_shard_as_the_unsharded_layout() -> None:
     assert Keys.scope_of(keys.reply("ingest#2", "c1")) == "ingest#2"
 
 
-@pytest.mark.parametrize("bad", [0, -1, 257, 2.5, "3", True])
+@pytest.mark.parametrize("bad", [0, -1, 65, 2.5, "3", True])
 def test_a_bad_shard_count_is_refused_naming_it(bad: Any) -> None:
-    with pytest.raises(ConfigError, match="shards must be a whole number from 1 to 256"):
+    with pytest.raises(ConfigError, match="shards must be a whole number from 1 to 64"):
         process(name="x", shards=bad)
-    with pytest.raises(ConfigError, match="shards must be a whole number from 1 to 256"):
+    with pytest.raises(ConfigError, match="shards must be a whole number from 1 to 64"):
         WorkerOptions(shards=bad)
 
 
@@ -141,8 +141,9 @@ async def test_calls_spread_over_every_shard_and_each_is_answered_once(
     options = WorkerOptions(shards=K, concurrency=8)
     for _ in range(2):
         await pm.spawn(TASKS, dependencies={"log": str(log)}, name=name, options=options)
-    # The directory tells callers the count; the limits are in every shard's own slot.
-    assert '"shards": 3' in sync.hget(keys.services, name).decode()
+    # The first shard's config tells callers the count; the limits are in every shard's own slot.
+    assert sync.hget(keys.config(name), "shards") == b"3"
+    assert "shards" not in sync.hget(keys.services, name).decode()
     for scope in shard_scopes(name, K):
         assert sync.hget(keys.config(scope), "max_backlog") == b"3334"  # 10,000 shared evenly
     client = pm.client
@@ -474,3 +475,46 @@ async def test_a_dead_workers_calls_on_a_shard_are_taken_over_together(
     # Dead after 1 s (its TTL) while the next worker starts, all claimed at its first look, run
     # again for 2 s; claimed one per look (0.5 s), the last would end 3.5 s later.
     assert after[-1] - after[0] < 1.5, f"the 8 calls taken over ended at {after} s after the kill"
+
+
+async def test_the_shard_count_is_checked_and_registered_in_one_step(
+    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis
+) -> None:
+    """register.lua refuses a count other than the live workers' (two workers starting together,
+    or one whose record lapsed coming back), and nothing outside the service's slot can change what
+    callers read."""
+    from titan_worker.liveness import _REGISTER
+
+    record = keys.worker("tasks", "a")
+    sync.hset(record, "status", "ready")  # a live worker of the service...
+    sync.sadd(keys.workers("tasks"), "a")
+    sync.hset(keys.config("tasks"), "shards", "3")  # ...registered with 3 shards
+    registry = [keys.worker("tasks", "b"), keys.workers("tasks"), keys.affinity("tasks"),
+                keys.config("tasks"), keys.idle("tasks")]  # fmt: skip
+    args = ["b", 5000, keys.worker("tasks", ""), 100, 3, "status", "ready"]
+    with pytest.raises(sync_redis.ResponseError, match="TITANSHARDS 3 a"):
+        _REGISTER.run_sync(sync, registry, [2, *args])
+    assert sync.exists(keys.worker("tasks", "b")) == 0 and sync.hget(keys.config("tasks"), "shards") == b"3"
+    assert _REGISTER.run_sync(sync, registry, [3, *args]) == 1  # the same count: registered
+    sync.delete(record, keys.worker("tasks", "b"))  # no live worker: a new count is taken
+    assert _REGISTER.run_sync(sync, registry, [1, *args]) == 1
+    assert sync.hget(keys.config("tasks"), "shards") is None  # one shard: the unsharded layout
+    # Callers read the count in the service's own slot: the directory, which every service's
+    # workers write, cannot send them to shards nobody reads.
+    sync.hset(keys.config("tasks"), "shards", "3")
+    sync.hset(keys.services, "tasks", '{"name": "tasks", "shards": 256}')
+    await pm.client._shards.read("tasks")
+    assert pm.client._shards.known("tasks") == shard_scopes("tasks", 3)
+
+
+async def test_fewer_shards_are_refused_while_the_dropped_ones_hold_calls(
+    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis, tmp_path: Path
+) -> None:
+    sync.hset(keys.config("tasks"), "shards", "3")
+    sync.xadd(keys.calls("tasks#2"), {"left": "behind"})
+    log = tmp_path / "runs.log"
+    with pytest.raises(Exception, match=r"had shards=3: its shard 2 still hold 1 call"):
+        await pm.spawn(TASKS, dependencies={"log": str(log)}, options=WorkerOptions(shards=2), restart=None)
+    sync.delete(keys.calls("tasks#2"))
+    await pm.spawn(TASKS, dependencies={"log": str(log)}, options=WorkerOptions(shards=2))
+    assert sync.hget(keys.config("tasks"), "shards") == b"2"

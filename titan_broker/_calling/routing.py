@@ -38,8 +38,8 @@ def probe_margin(timeout: float) -> float:
 
 
 class Shards:
-    """Per service, the scopes of its shards as its workers registered them (the directory's
-    ``shards``), and which one the next call goes to: round-robin, so that a busy service's calls
+    """Per service, the scopes of its shards as its workers registered them (the ``shards`` of its
+    config hash), and which one the next call goes to: round-robin, so that a busy service's calls
     spread over the slots (and a cluster's primaries) it is sharded over. The calls made in one
     turn of the event loop go to the same shard, so that they still go out as one batch (one
     script call), as they would to a service of one shard.
@@ -87,7 +87,7 @@ class Shards:
     async def read(self, service: str) -> None:
         """Read the service's shard count from the directory (one shard when not registered)."""
         try:
-            raw = await self._redis().hget(self.keys.services, service)
+            raw = await self._redis().hget(self.keys.config(service), "shards")
         except REDIS_ERRORS as exc:
             logger.debug("cannot read the shards of %r (%s); as before for now", service, exc)
             raw = None

@@ -1,9 +1,10 @@
 """The whole namespace at once, read again and again at a bounded cost: what a dashboard shows.
 
 ``RegistryReader.read`` takes three round trips whatever the size of the
-namespace, and no SCAN or KEYS: the services hash; one pipeline with each
-service's worker set, queue lengths, pending summary and job count; one
-pipeline with each worker's record. A worker's fields that never change
+namespace (four when a service is sharded), and no SCAN or KEYS: the
+services hash; one pipeline with each service's worker set, shard count,
+queue lengths, pending summary and job count (then one with the other
+shards' of the sharded services); one pipeline with each worker's record. A worker's fields that never change
 (host, pid, methods...) are read once with HGETALL, then only the fields its
 heartbeat refreshes (HMGET), so the bytes per read stay small too. Ids of
 workers whose record expired are pruned from their set, as ``list_workers`` does.
@@ -72,24 +73,31 @@ class RegistryReader:
         keys = self.keys
         described = {text(k): _json(v) for k, v in (await redis.hgetall(keys.services)).items()}
         names = sorted(described)
-        scopes = {name: shard_scopes(name, shards_of(described[name])) for name in names}
         commands = 1
         async with redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.smembers(keys.workers(name))
                 pipe.zcard(keys.jobs(name))
-                for scope in scopes[name]:
-                    pipe.xlen(keys.calls(scope))
-                    pipe.xlen(keys.dead(scope))
-                    pipe.xpending(keys.calls(scope), GROUP)  # no stream or group yet: an error, read as 0
-                    pipe.zcard(keys.delayed(scope))
+                pipe.hget(keys.config(name), "shards")
+                _shard_figures(pipe, keys, name)
             replies: list[Any] = await pipe.execute(raise_on_error=False) if names else []
         commands += len(replies)
-        # Each service's replies: its workers and jobs, then four per shard.
-        rows: dict[str, list[Any]] = {}
-        at = 0
-        for name in names:
-            rows[name], at = replies[at : at + 2 + 4 * len(scopes[name])], at + 2 + 4 * len(scopes[name])
+        # Each service's replies: its workers, jobs and shard count, then four per shard: the first
+        # shard's here, a sharded service's others in one more round trip.
+        rows = {name: replies[i * 7 : i * 7 + 7] for i, name in enumerate(names)}
+        scopes = {name: shard_scopes(name, shards_of(_raw(rows[name][2]))) for name in names}
+        sharded = [name for name in names if len(scopes[name]) > 1]
+        if sharded:
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in sharded:
+                    for scope in scopes[name][1:]:
+                        _shard_figures(pipe, keys, scope)
+                more: list[Any] = await pipe.execute(raise_on_error=False)
+            commands += len(more)
+            at = 0
+            for name in sharded:
+                count = 4 * (len(scopes[name]) - 1)
+                rows[name], at = rows[name] + more[at : at + count], at + count
         wanted: list[tuple[str, str]] = []
         for name in names:
             members = rows[name][0]
@@ -145,7 +153,7 @@ class RegistryReader:
             )
             shards, delayed = [], 0
             for k, scope in enumerate(scopes[name]):
-                calls, dead_letters, summary, waiting = row[2 + 4 * k : 6 + 4 * k]
+                calls, dead_letters, summary, waiting = row[3 + 4 * k : 7 + 4 * k]
                 pending = int(summary["pending"]) if isinstance(summary, dict) else 0
                 shards.append(QueueInfo(scope, _int(calls), pending, _int(dead_letters)))
                 delayed += _int(waiting)
@@ -153,7 +161,7 @@ class RegistryReader:
             services.append(
                 ServiceOverview(described_service, queue, aggregate(name, workers), _int(row[1]), delayed)
             )
-        rounds = 1 + (1 if names else 0) + (1 if wanted else 0) + (1 if dead else 0)
+        rounds = 1 + (1 if names else 0) + (1 if sharded else 0) + (1 if wanted else 0) + (1 if dead else 0)
         return Overview(services, commands, rounds, time.perf_counter() - started)
 
     def _worker(self, service: str, wid: str, record: Any) -> WorkerInfo | None:
@@ -176,6 +184,19 @@ class RegistryReader:
             unhealthy_streak=fresh.unhealthy_streak, metrics=fresh.metrics, health=fresh.health,
             cpu_percent=fresh.cpu_percent, rss=fresh.rss,
         )  # fmt: skip
+
+
+def _shard_figures(pipe: Any, keys: Keys, scope: str) -> None:
+    """Queue the four figures of one shard: its calls, its dead letters, its pending summary, its
+    delayed calls."""
+    pipe.xlen(keys.calls(scope))
+    pipe.xlen(keys.dead(scope))
+    pipe.xpending(keys.calls(scope), GROUP)  # no stream or group yet: an error, read as 0
+    pipe.zcard(keys.delayed(scope))
+
+
+def _raw(value: Any) -> bytes | None:
+    return value if isinstance(value, bytes) else None
 
 
 def _json(raw: bytes | str) -> dict[str, Any]:

@@ -275,7 +275,7 @@ async def list_services(redis: Redis, keys: Keys, *, live_only: bool = True) -> 
                 methods=list(desc.get("methods", [])),
                 workers=workers,
                 versions=serving_versions(workers),
-                shards=shards_of(desc),
+                shards=await shard_count(redis, keys, name),
             )
         )
     return services
@@ -319,10 +319,14 @@ class QueueInfo:
         )
 
 
+async def shard_count(redis: Redis, keys: Keys, service: str) -> int:
+    """How many shards ``service``'s workers registered (1 for a service not sharded or not known)."""
+    return shards_of(await redis.hget(keys.config(service), "shards"))
+
+
 async def service_scopes(redis: Redis, keys: Keys, service: str) -> list[str]:
-    """The scopes of ``service``'s shards, as its directory entry gives their count (its own only,
-    for a service that is not sharded or not registered)."""
-    return shard_scopes(service, shards_of(await redis.hget(keys.services, service)))
+    """The scopes of ``service``'s shards (its own only, for a service not sharded or not known)."""
+    return shard_scopes(service, await shard_count(redis, keys, service))
 
 
 async def backlog(redis: Redis, keys: Keys, service: str) -> int:

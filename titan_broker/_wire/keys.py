@@ -16,10 +16,8 @@ a name, so no service's keys can be mistaken for another's shard.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from .._errors import ConfigError
 
@@ -39,8 +37,9 @@ def check_name(value: str, what: str) -> str:
 
 GROUP = "workers"
 
-MAX_SHARDS = 256
-"""The most slots one service may be sharded over (each worker reads every shard)."""
+MAX_SHARDS = 64
+"""The most slots one service may be sharded over: each worker reads every shard (a connection and a
+read loop each), and a client keeps a link per shard it calls (at most 64 links)."""
 
 
 def shard_scope(service: str, shard: int) -> str:
@@ -59,14 +58,14 @@ def scope_service(scope: str) -> str:
     return scope.partition("#")[0]
 
 
-def shards_of(entry: bytes | str | dict[str, Any] | None) -> int:
-    """The shard count in a service's directory entry (its JSON description, or that parsed): 1
-    when absent, or when the entry cannot be read (the registration that wrote it rewrites it)."""
+def shards_of(raw: bytes | str | None) -> int:
+    """The shard count as the config hash's ``shards`` field holds it (written by ``register.lua``):
+    1 when absent, or when it cannot be read (the next registration rewrites it)."""
     try:
-        found = (entry if isinstance(entry, dict) else json.loads(entry)).get("shards", 1) if entry else 1
-    except (ValueError, AttributeError):
+        found = int(raw) if raw is not None else 1
+    except ValueError:
         return 1
-    return found if isinstance(found, int) and 1 <= found <= MAX_SHARDS else 1
+    return found if 1 <= found <= MAX_SHARDS else 1
 
 
 def check_shards(value: object, what: str) -> int:
@@ -109,7 +108,8 @@ class Keys:
         return f"{self.namespace}:{{{service}}}:stream:{call_id}:wake"
 
     def config(self, service: str) -> str:
-        """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
+        """Hash: limits a service's workers publish (max_backlog, max_deliveries) and, in the first
+        shard's, its shard count (``shards``, absent for one): callers and tools read it there."""
         return f"{self.namespace}:{{{service}}}:config"
 
     def cache_generation(self, service: str, method: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import redis
 import redis.cluster
 
+from titan_broker._errors import ConfigError
 from titan_broker._redis import Script, Topology
 from titan_broker._registry import WorkerInfo
 from titan_broker._wire import GROUP
@@ -31,6 +32,7 @@ from titan_broker._wire import GROUP
 from .context import WorkerContext
 
 _RENEW = Script("renew")
+_REGISTER = Script("register")
 _RESCUE = Script("rescue")
 _DELETE_CONSUMER = Script("delete_consumer")
 
@@ -89,32 +91,33 @@ class Heartbeat:
         ctx.clock.measured(self._time(), sent, time.monotonic())
         definition = ctx.definition
         assert self.record is not None, "the worker publishes its record before registering"
-        description: dict[str, Any] = {
+        description = {
             "name": ctx.service,
             "version": definition.version,
             "description": definition.info.description.strip(),
             "methods": self.record.methods,
         }
-        if ctx.shards > 1:  # absent for one shard: the unsharded entry, unchanged
-            description["shards"] = ctx.shards
-        limits = {
-            # A sharded service's limit is shared evenly: each shard's submit counts its own stream.
-            "max_backlog": -(-definition.info.max_backlog // ctx.shards),
-            "max_deliveries": ctx.options.max_deliveries or definition.info.max_deliveries,
-        }
+        # A sharded service's limit is shared evenly: each shard's submit counts its own stream.
+        max_backlog = -(-definition.info.max_backlog // ctx.shards)
+        max_deliveries = ctx.options.max_deliveries or definition.info.max_deliveries
         # The directory first (its own key, maybe on another cluster node): a record is only
         # written for a service the directory lists, and a failure here leaves no record, so
         # the next beat registers again.
         self.client.hset(ctx.keys.services, ctx.service, json.dumps(description))
-        pipe = self.client.pipeline(transaction=True)  # the service's keys: one slot
-        record: dict[Any, Any] = self._fields(heartbeat_only=False)
-        pipe.hset(ctx.record_key, mapping=record)
-        pipe.pexpire(ctx.record_key, int(ctx.options.heartbeat_ttl * 1000))
-        pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
-        pipe.sadd(ctx.keys.affinity(ctx.service), ctx.worker_id)
-        pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
-        pipe.delete(ctx.keys.idle(ctx.service))  # served again: not idle, never retired
-        pipe.execute()
+        keys = [ctx.record_key, ctx.keys.workers(ctx.service), ctx.keys.affinity(ctx.service),
+                ctx.keys.config(ctx.service), ctx.keys.idle(ctx.service)]  # fmt: skip
+        args: list[Any] = [ctx.shards, ctx.worker_id, int(ctx.options.heartbeat_ttl * 1000),
+                           ctx.keys.worker(ctx.service, ""), max_backlog, max_deliveries]  # fmt: skip
+        for name, value in self._fields(heartbeat_only=False).items():
+            args += [name, value]
+        try:
+            _REGISTER.run_sync(self.client, keys, args)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("TITANSHARDS"):
+                raise
+            _, count, *live = str(exc).split()
+            raise ConfigError(mismatch(ctx.service, int(count), live, ctx.shards)) from None
+        limits = {"max_backlog": max_backlog, "max_deliveries": max_deliveries}
         for scope in ctx.scopes[1:]:  # each shard's submit reads the limits in its own slot
             self.client.hset(ctx.keys.config(scope), mapping=limits)  # type: ignore[arg-type]
 
@@ -205,3 +208,14 @@ class Heartbeat:
         except redis.RedisError as exc:
             ctx.log.logger.warning("worker %s: could not deregister (%s); the record expires by itself",
                                    ctx.worker_id, exc)  # fmt: skip
+
+
+def mismatch(service: str, registered: int, live: list[str], shards: int) -> str:
+    """Why a worker with ``shards`` may not serve ``service``, which its live workers serve with another
+    count, and how to change it."""
+    return (
+        f"service {service!r} is served with shards={registered} by {len(live)} live worker(s) "
+        f"({', '.join(sorted(live)[:3])}); this worker has shards={shards}. Every worker of a service "
+        "must use the same shard count: to change it, stop every worker, let each shard's backlog "
+        "drain (titan queues), then start them with the new count"
+    )

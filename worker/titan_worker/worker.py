@@ -44,15 +44,16 @@ from titan_broker._redis import (
     text,
 )
 from titan_broker._registry import LatencyHistogram, WorkerInfo
+from titan_broker._registry.records import shard_count
 from titan_broker._service import Health, ServiceDefinition
-from titan_broker._wire import Keys, protocol, shards_of
+from titan_broker._wire import Keys, protocol, shard_scopes
 
 from .call import Entry, Reply
 from .context import WorkerContext
 from .execution import Executor
 from .housekeeping import Housekeeping
 from .intake import Intake, Lane
-from .liveness import Heartbeat
+from .liveness import Heartbeat, mismatch
 from .metrics import Metrics
 from .scheduling import Scheduler
 from .settlement import Settlement, Settling
@@ -249,22 +250,27 @@ class Worker:
         return lanes
 
     async def _check_shards(self) -> None:
-        """Refuse to serve with a shard count other than the one live workers of the service use:
-        calls on a shard some workers do not read would wait for the others alone, or for nobody."""
+        """Refuse early (before ``init()``) a shard count other than the one live workers of the service
+        registered (``register.lua`` checks it again, in one step with the registration), and fewer
+        shards than before while the shards dropped still hold calls, which nobody would read."""
         ctx = self.ctx
-        raw = await ctx.redis.hget(ctx.keys.services, ctx.service)
-        registered = shards_of(raw) if raw else ctx.shards
+        registered = await shard_count(ctx.redis, ctx.keys, ctx.service)
         if registered == ctx.shards:
             return
         others = [text(w) for w in await ctx.redis.smembers(ctx.keys.workers(ctx.service))]
         record = functools.partial(ctx.keys.worker, ctx.service)
         live = [w for w in others if w != ctx.worker_id and await ctx.redis.exists(record(w))]
         if live:
+            raise ConfigError(mismatch(ctx.service, registered, live, ctx.shards))
+        dropped = shard_scopes(ctx.service, registered)[ctx.shards :]
+        left = sum([int(await ctx.redis.xlen(ctx.keys.calls(scope))) for scope in dropped])
+        if left:
+            which = f"shard {ctx.shards}" if len(dropped) == 1 else f"shards {ctx.shards} to {registered - 1}"
             raise ConfigError(
-                f"service {ctx.service!r} is served with shards={registered} by {len(live)} live "
-                f"worker(s) ({', '.join(sorted(live)[:3])}); this worker has shards={ctx.shards}. "
-                "Every worker of a service must use the same shard count: to change it, stop every "
-                "worker, let each shard's backlog drain (titan queues), then start them with the new count"
+                f"service {ctx.service!r} had shards={registered}: its {which} still hold {left} "
+                f"call(s), which a worker with shards={ctx.shards} would never read; run its workers "
+                f"with shards={registered} until titan queues shows them empty (or titan purge them), "
+                f"then start them with shards={ctx.shards}"
             )
 
     async def _serve(self, entry: Entry, deliveries: int) -> Settling | None:

@@ -198,7 +198,7 @@ export class Client {
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.log = options.log ?? ((m: string) => console.warn(m));
     this.scripts = defineScripts(redis);
-    this.shards = new Shards(redis, `${this.namespace}:services`);
+    this.shards = new Shards(redis, (service) => this.key(service, "config"));
     this.acting = { role: "caller", user: options.aclUser };
     redis.on("error", () => undefined); // ioredis reconnects by itself; calls report what it means to them
   }

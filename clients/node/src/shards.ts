@@ -4,7 +4,8 @@
  *
  * Shard k's keys carry the scope `<service>#<k>` in their hash tag (shard 0: the service's own
  * name, the unsharded layout), so a busy service's calls spread over several slots, and a
- * cluster's primaries. The count is in the service's directory entry (`"shards": K`).
+ * cluster's primaries. The count is the `shards` field of the service's config hash, in its own
+ * slot (written by its workers' registration, absent for one shard).
  */
 import type { AnyRedis } from "./topology.js";
 import { within } from "./within.js";
@@ -12,7 +13,7 @@ import { within } from "./within.js";
 /** Milliseconds a client trusts the shard count it read (then it reads it again in the background). */
 export const SHARDS_TTL_MS = 5000;
 /** The most slots one service may be sharded over (as the workers check it). */
-export const MAX_SHARDS = 256;
+export const MAX_SHARDS = 64;
 /** Milliseconds one background read of a count may take (the last known count stays meanwhile). */
 const READ_BUDGET_MS = 1000;
 /** The most services whose count is kept, whatever names callers use. */
@@ -29,18 +30,12 @@ export function scopeService(scope: string): string {
   return at < 0 ? scope : scope.slice(0, at);
 }
 
-/** The shard count in a service's directory entry (its JSON): 1 when absent or unreadable (the
- * registration that wrote it rewrites it). */
-export function shardsOf(entry: string | null): number {
-  if (!entry) return 1;
-  let found: unknown;
-  try {
-    const parsed: unknown = JSON.parse(entry);
-    found = parsed !== null && typeof parsed === "object" ? (parsed as Record<string, unknown>)["shards"] ?? 1 : 1;
-  } catch {
-    return 1;
-  }
-  return typeof found === "number" && Number.isInteger(found) && found >= 1 && found <= MAX_SHARDS ? found : 1;
+/** The shard count as the config hash's `shards` field holds it: 1 when absent or unreadable (the
+ * next registration rewrites it). */
+export function shardsOf(raw: string | null): number {
+  if (raw === null || !/^[0-9]{1,3}$/.test(raw)) return 1;
+  const found = Number(raw);
+  return found >= 1 && found <= MAX_SHARDS ? found : 1;
 }
 
 export class Shards {
@@ -54,7 +49,8 @@ export class Shards {
 
   constructor(
     private readonly redis: AnyRedis,
-    private readonly directory: string,
+    /** The key of a service's config hash (shard 0's). */
+    private readonly configOf: (service: string) => string,
   ) {}
 
   /** The scopes of the service's shards as last read (its own only, until read). */
@@ -85,12 +81,12 @@ export class Shards {
     return scope;
   }
 
-  /** Read the service's shard count from the directory (one shard when not registered). A failed
+  /** Read the service's shard count from its config hash (one shard when not registered). A failed
    * read keeps the count known before, if any. */
   async read(service: string): Promise<void> {
     let raw: string | null = null;
     try {
-      raw = await within(this.redis.hget(this.directory, service), performance.now() + READ_BUDGET_MS, () => new Error("no answer in time"));
+      raw = await within(this.redis.hget(this.configOf(service), "shards"), performance.now() + READ_BUDGET_MS, () => new Error("no answer in time"));
     } catch {
       if (this.known.has(service)) return;
     }
