@@ -518,3 +518,50 @@ async def test_fewer_shards_are_refused_while_the_dropped_ones_hold_calls(
     sync.delete(keys.calls("tasks#2"))
     await pm.spawn(TASKS, dependencies={"log": str(log)}, options=WorkerOptions(shards=2))
     assert sync.hget(keys.config("tasks"), "shards") == b"2"
+
+
+@pytest.mark.parametrize("name", ["tasks#1", "a}b{c", "x*", ""])
+async def test_a_call_to_a_name_that_cannot_be_a_service_is_refused_before_anything_is_sent(
+    pm: ProcessManager, sync: sync_redis.Redis, keys: Keys, name: str
+) -> None:
+    before = set(sync.keys(f"{keys.namespace}:*"))
+    for attempt in (
+        pm.client.call(name, "add", (1, 2), timeout=1),
+        pm.client.submit(name, "add", (1, 2), timeout=1),
+    ):
+        with pytest.raises(ConfigError, match="service name"):
+            await attempt
+    with pytest.raises(ConfigError, match="service name"):
+        [n async for n in pm.client.stream(name, "numbers", (3,), timeout=1)]
+    assert set(sync.keys(f"{keys.namespace}:*")) == before
+
+
+async def test_a_call_is_never_handed_to_a_shard_stream_nobody_reads(
+    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis
+) -> None:
+    """On a shard after the first the target's record is in another slot: handoff.lua hands over
+    only while the target's own stream in that shard exists (a dead worker's is deleted by its
+    rescue, which no later sweep would find again)."""
+    from titan_worker.handoff import _HANDOFF
+
+    stream, own = keys.calls("tasks#1"), keys.worker_calls("tasks#1", "b")
+    sync.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    entry = sync.xadd(stream, {"m": "new_method"})
+    sync.xreadgroup(GROUP, "a", {stream: ">"})  # worker a holds it
+    assert _HANDOFF.run_sync(sync, [stream, own], [entry, GROUP, "a"]) == -1  # b's stream is gone
+    assert sync.xpending(stream, GROUP)["pending"] == 1 and sync.exists(own) == 0
+    sync.xgroup_create(own, GROUP, id="0", mkstream=True)  # b started: its stream is there
+    assert _HANDOFF.run_sync(sync, [stream, own], [entry, GROUP, "a"]) == 1
+    assert sync.xlen(own) == 1 and sync.xpending(stream, GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("bad", ["5-0#1x", "5-0#²", "5-0#0", "junk", "5-0 "])
+async def test_a_dead_letter_id_that_is_not_one_is_refused_naming_it(
+    pm: ProcessManager, keys: Keys, sync: sync_redis.Redis, bad: str
+) -> None:
+    sync.xadd(keys.dead("tasks"), {"reason": "x"}, id="5-0")
+    with pytest.raises(TitanError, match="is not a dead letter id of 'tasks'"):
+        await pm.purge_dead_letters("tasks", [bad])
+    with pytest.raises(TitanError, match="is not a dead letter id of 'tasks'"):
+        await pm.replay_dead_letters("tasks", [bad])
+    assert sync.xlen(keys.dead("tasks")) == 1

@@ -29,7 +29,7 @@ import redis.exceptions as rexc
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
-from .._config import check_seconds, redact, resolve_namespace, resolve_url, url_user
+from .._config import check_name, check_seconds, redact, resolve_namespace, resolve_url, url_user
 from .._errors import AccessDenied, ConfigError, TitanError
 from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
 from .._redis.denied import acting, is_denied
@@ -102,6 +102,8 @@ class Client:
         self._reply_keys: dict[str, str] = {}
         self._workers = LiveWorkers(self.keys, lambda: self.redis)
         self._shards = Shards(self.keys, lambda: self.redis)
+        self._names: set[str] = set()
+        """Service names checked already (a name goes into key names: no braces, globs or ``#``)."""
 
     @property
     def redis(self) -> Redis:
@@ -221,6 +223,7 @@ class Client:
         Redis cannot be reached or does not answer in time (RedisOutOfMemory
         when it is full).
         """
+        self._check_name(service)
         loop = asyncio.get_running_loop()
         later = _later(delay, key)
         now = loop.time()
@@ -330,11 +333,20 @@ class Client:
         after the items it sent. ``timeout`` bounds the whole stream. Raises
         like ``call``.
         """
+        self._check_name(service)
         self._connected()
         scope = self._shards.next_scope(service) if key is None else service
         timeout, call_id, fields = self._request(scope, method, args, kwargs, timeout)
         request = StreamRequest(service, scope, method, call_id, fields, timeout, key, wait_for_worker)
         return stream_items(request, self._link, self._workers, self.keys)
+
+    def _check_name(self, service: str) -> None:
+        """ConfigError for a service name that cannot be one (checked once per name)."""
+        if service not in self._names:
+            check_name(service, "service name")
+            if len(self._names) > 4096:  # bounded whatever names callers use
+                self._names.clear()
+            self._names.add(service)
 
     def _request(
         self,
@@ -384,6 +396,7 @@ class Client:
             check_seconds("deadline", deadline)
         check_seconds("result_ttl", result_ttl)
         timeout = self.default_timeout if timeout is None else timeout
+        self._check_name(service)
         later = _later(delay, None) or DelayOrJob()
         token = uuid.uuid4().hex
         job_id = f"{service}:{token}"

@@ -11,10 +11,12 @@ is). The id of a dead letter of shard k > 0 is its entry id and ``#k``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+from .._errors import TitanError
 from .._redis.connection import Redis
 from .._wire import protocol
 from .._wire.keys import Keys, shard_scope
@@ -82,7 +84,7 @@ class DeadLetter:
 
 
 async def list_dead_letters(redis: Redis, keys: Keys, service: str, *, count: int = 100) -> list[DeadLetter]:
-    """The oldest ``count`` dead letters of ``service`` (of each shard, the first shard's first)."""
+    """The oldest ``count`` dead letters of ``service``, every shard's (their ids are times)."""
     letters = []
     for k, scope in enumerate(await service_scopes(redis, keys, service)):
         raw = await redis.xrange(keys.dead(scope), count=count)
@@ -90,13 +92,25 @@ async def list_dead_letters(redis: Redis, keys: Keys, service: str, *, count: in
         for eid, fields in entries:
             letter = DeadLetter.from_entry(service, eid, fields)
             letters.append(replace(letter, id=f"{letter.id}#{k}") if k else letter)
-    return letters[:count] if count else letters
+    if len(letters) > count:
+        letters.sort(key=lambda d: tuple(int(part) for part in d.id.partition("#")[0].split("-")))
+    return letters[:count]
+
+
+_LETTER_ID = re.compile(r"([0-9]{1,20}-[0-9]{1,20})(?:#([1-9][0-9]{0,2}))?")
 
 
 def _where(keys: Keys, service: str, letter_id: str) -> tuple[str, str]:
-    """The scope of a dead letter's shard, and its entry id there (see the module's doc)."""
-    entry_id, _, shard = letter_id.partition("#")
-    return shard_scope(service, int(shard) if shard.isdigit() else 0), entry_id
+    """The scope of a dead letter's shard, and its entry id there (see the module's doc); a
+    TitanError for an id that is not one."""
+    found = _LETTER_ID.fullmatch(letter_id) if isinstance(letter_id, str) else None
+    if found is None:
+        raise TitanError(
+            f"{letter_id!r} is not a dead letter id of {service!r}: <ms>-<seq>, and #<shard> for a shard "
+            "after the first (as titan dead-letters lists them)"
+        )
+    entry_id, shard = found.groups()
+    return shard_scope(service, int(shard or 0)), entry_id
 
 
 async def replay_dead_letters(
@@ -114,6 +128,8 @@ async def replay_dead_letters(
     lands on its reply stream and expires. ``progress(done, total)`` is
     called after each one. Returns how many were replayed.
     """
+    for letter_id in ids or ():
+        _where(keys, service, letter_id)  # an id that cannot be one is refused, naming it
     letters = await list_dead_letters(redis, keys, service, count=100_000)
     chosen = [d for d in letters if ids is None or d.id in ids]
     # The timeout counts from the new entry's id: a replayed call gets a whole new deadline.
