@@ -35,10 +35,43 @@ async def test_an_idle_worker_has_not_imported_what_its_service_does_not_use(pm:
     modules = set(await probe.modules())
     assert "titan_worker.main" not in modules  # the manager's entry point, not titan-worker run
     assert [m for m in NOT_FOR_AN_IDLE_WORKER if m in modules] == []
+    # Installed or not (the dev extras install it), the OpenTelemetry SDK is kept out of redis-py's
+    # import, and psutil with it.
+    assert [m for m in modules if m.startswith("opentelemetry.sdk") or m == "psutil"] == []
     if importlib.util.find_spec("opentelemetry.sdk") is None:
-        # With the OpenTelemetry SDK installed, redis-py itself imports it (and psutil through it).
-        assert [m for m in ("opentelemetry.trace", "psutil") if m in modules] == []
+        assert "opentelemetry.trace" not in modules
     assert await probe.add(2, 3) == 5
+
+
+# redis-py's own metrics, turned on the way its documentation says, in a process that imported
+# the worker's package first: the SDK kept out of redis-py's import is there when a program wants it.
+REDIS_METRICS = """
+import sys
+import titan_worker
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+import redis
+from redis.observability.config import OTelConfig
+from redis.observability.providers import get_observability_instance
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+get_observability_instance().init(OTelConfig())
+client = redis.Redis.from_url(sys.argv[1])
+client.ping()
+client.close()
+data = reader.get_metrics_data()
+print(sorted({m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("opentelemetry.sdk") is None, reason="needs the SDK")
+def test_redis_py_metrics_still_work_in_a_worker_process(redis_url: str) -> None:
+    run = subprocess.run([sys.executable, "-c", REDIS_METRICS, redis_url], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "db.client.connection" in run.stdout, run.stdout
 
 
 def test_the_entry_point_reports_a_missing_file_with_exit_3(redis_url: str, namespace: str) -> None:
