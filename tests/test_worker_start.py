@@ -96,3 +96,33 @@ def test_the_entry_point_refuses_dependencies_that_are_not_a_json_object(redis_u
     )
     assert run.returncode == 2, run.stderr
     assert "must be a JSON object" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--worker-idd", "w1"], "--worker-idd"),  # a misspelt option
+        (["--ready-fd", "three"], "--ready-fd"),  # not a number
+        (["--name"], "--name"),  # no value
+        ([], "FILE"),  # no service file
+        ([str(PROBE), "other.py"], "other.py"),  # two files
+    ],
+)
+def test_the_entry_point_names_what_is_wrong_on_its_command_line(args: list[str], named: str) -> None:
+    env = {"TITAN_REDIS_URL": "redis://127.0.0.1:1/0", "PATH": ""}
+    run = subprocess.run([sys.executable, "-m", "titan_worker.start", *args], capture_output=True, text=True,
+                         timeout=60, env=env)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert named.lower() in run.stderr.lower()
+
+
+def test_the_entry_point_takes_its_options_in_either_form(redis_url: str, namespace: str) -> None:
+    # --opt=value as well as --opt value: a missing file is reported (exit 3) only once they parsed.
+    missing = str(SERVICES / "no.py")
+    run = subprocess.run(
+        [sys.executable, "-m", "titan_worker.start", "--worker-id=w1", "--name", "p2", missing],
+        capture_output=True, text=True, timeout=60,
+        env={"TITAN_REDIS_URL": redis_url, "TITAN_NAMESPACE": namespace, "PATH": ""},
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr
+    assert "no.py" in run.stderr
