@@ -4,7 +4,8 @@ Run: `python -m bench.bench_lean [--rounds 3] [--against PATH]`.
 
 Each round measures this checkout in a fresh process; with `--against`, another checkout
 (its own `.venv`, say the main branch) is measured in the same round, alternating, on the same
-Redis, and the ratios are printed.
+Redis, and the ratios are printed. Each checkout's bytecode is written first, as an installed
+package has it (`bench/bytecode.py`; `--no-compile` leaves the checkouts as they are).
 """
 
 from __future__ import annotations
@@ -87,12 +88,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--against", type=Path, help="another checkout to measure in the same rounds")
+    parser.add_argument("--no-compile", action="store_true", help="leave the checkouts' bytecode as it is")
     args = parser.parse_args()
     from titan_broker.testing._local_redis import LocalRedis
+
+    from .bytecode import compile_checkout
 
     here = Path(__file__).resolve().parent.parent
     checkouts = {"this": here} | ({"against": args.against.resolve()} if args.against else {})
     results: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
+    if not args.no_compile:
+        for path in checkouts.values():
+            compile_checkout(path, path / ".venv" / "bin" / "python")
     with LocalRedis() as server:
         for r in range(args.rounds):
             order = list(checkouts.items())
