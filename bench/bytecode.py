@@ -14,13 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The packages as ``python`` imports them from the checkout (an editable install may link them from
-# elsewhere), then the services and the loop the benchmarks start.
-_CODE = (
-    "import compileall, sys, titan_broker, titan_worker; "
-    "dirs = [*titan_broker.__path__, *titan_worker.__path__, *sys.argv[1:]]; "
-    "sys.exit(0 if all(compileall.compile_dir(d, quiet=1) for d in dirs) else 1)"
-)
+# The packages wherever ``python`` may import them from: the checkout itself (a worker started with
+# ``-m`` in it puts it first on sys.path) and the install (an editable one may link them from
+# elsewhere); then the services and the loop the benchmarks start.
+_CODE = """
+import compileall, importlib.machinery, os, sys
+found = [importlib.machinery.PathFinder.find_spec(name, path)
+         for name in ("titan_broker", "titan_worker") for path in ([os.getcwd()], sys.path[1:])]
+dirs = {d for spec in found if spec is not None for d in spec.submodule_search_locations or ()}
+sys.exit(0 if all(compileall.compile_dir(d, quiet=1) for d in [*sorted(dirs), *sys.argv[1:]]) else 1)
+"""
 
 
 def compile_checkout(checkout: Path, python: Path | str = sys.executable) -> None:
