@@ -43,6 +43,15 @@ async def test_an_idle_worker_has_not_imported_what_its_service_does_not_use(pm:
     assert await probe.add(2, 3) == 5
 
 
+async def test_an_idle_worker_runs_no_thread_but_its_heartbeat(pm: ProcessManager) -> None:
+    # Each thread holds a stack and a malloc arena for the worker's life: the registration runs on
+    # the heartbeat's own thread, not on a thread left idle after it.
+    probe = await pm.spawn(PROBE)
+    names = await probe.threads()
+    assert len(names) == 2, names
+    assert names[0] == "MainThread" and names[1].startswith("heartbeat-"), names
+
+
 # redis-py's own metrics, turned on the way its documentation says, in a process that imported
 # the worker's package first: the SDK kept out of redis-py's import is there when a program wants it.
 REDIS_METRICS = """
