@@ -8,7 +8,8 @@ Both sides run side by side and are measured in alternating rounds, so that drif
 noisy machine hits both alike; each round gives one titan ÷ loop ratio.
 titan-broker only: streaming (an async generator of 2,000 small ints), idle RSS of a `titan-worker`
 serving the calculator example, and `pm.spawn()` to the first answered call; the loop's own worker
-RSS and start-to-first-answer are printed beside them as the floor's.
+RSS and start-to-first-answer are printed beside them as the floor's. The bytecode of what the
+workers import is written first, as an installed package has it (`bench/bytecode.py`).
 Run: `make bench` or `python -m bench.bench_core [--rounds 3] [--workers 2,4,8] [--quick] [--json]`.
 """
 
@@ -25,12 +26,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import psutil
 import redis.asyncio as aioredis
 
+from bench.bytecode import compile_checkout
 from bench.loop import loop_client, ready_key
 from bench.services.numbers import Numbers
 from processes.calculator import Calculator
@@ -372,6 +375,7 @@ def main() -> None:
     args.workers = sorted({int(w) for w in args.workers.split(",")})
     if args.quick:
         args.calls_a, args.calls_b, args.rounds, args.spawns = 100, IN_FLIGHT * 20, 1, 1
+    compile_checkout(Path(__file__).resolve().parent.parent)
     with LocalRedis() as server:
         assert server.process is not None
         results = anyio.run(run, server.url, server.process.pid, args)

@@ -351,8 +351,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 WORKER,
-                "            self.heartbeat.start()\n",
-                "            pass  # mutated: no heartbeat thread\n",
+                "            await self.heartbeat.start(topology)\n",
+                "            self.heartbeat.connect(topology)  # mutated: no heartbeat thread\n"
+                "            self.heartbeat.register()\n",
             ),
             Edit(
                 WORKER,

@@ -63,6 +63,7 @@ LAYERS = (
     "_errors",
     "_wire",
     "_config",
+    "_redis_import",
     "_redis",
     "_service",
     "_registry",

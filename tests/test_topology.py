@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import pytest
 
 from titan_broker._config import redact, url_user
 from titan_broker._errors import ConfigError, RedisUnavailable
-from titan_broker._redis.topology import Cluster, _sentinel_topology, discover
+from titan_broker._redis.topology import Cluster, _sentinel_topology, check_tls_files, discover
 
 pytestmark = pytest.mark.anyio
 
@@ -87,3 +90,14 @@ def test_a_tls_sentinel_url_gives_the_primary_its_ca_like_the_channels() -> None
 )
 def test_the_acl_user_a_url_logs_in_as(url: str, user: str | None) -> None:
     assert url_user(url) == user
+
+
+def test_a_url_that_names_no_tls_file_makes_no_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every worker checks its URL at start: a TLS context there costs OpenSSL's set-up (a MiB of memory
+    # and milliseconds), for nothing to load when the URL names no certificate, key or CA file.
+    def refuse(*args: Any) -> ssl.SSLContext:
+        raise AssertionError("a TLS context was made")
+
+    monkeypatch.setattr(ssl, "SSLContext", refuse)
+    check_tls_files("redis://127.0.0.1:6379/0")
+    check_tls_files("rediss://user:pw@127.0.0.1:6380/0?ssl_cert_reqs=none")

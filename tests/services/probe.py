@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 from titan_broker import process, public
 
@@ -13,6 +14,11 @@ class Probe:
     async def modules(self) -> list[str]:
         """The names of the modules imported in this process."""
         return sorted(sys.modules)
+
+    @public
+    async def threads(self) -> list[str]:
+        """The names of the threads running in this process."""
+        return sorted(t.name for t in threading.enumerate())
 
     @public
     async def add(self, a: int, b: int) -> int:

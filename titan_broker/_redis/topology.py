@@ -319,8 +319,10 @@ def check_tls_files(url: str) -> None:
             raise ConfigError(
                 f"cannot read the TLS {holds} file {name}={path} of {redact(url)}: {exc.strerror or exc}"
             ) from None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ca, cert, key = (options.get(name) for name in TLS_FILES)
+    if ca is None and cert is None and key is None:
+        return  # nothing to load: no context (OpenSSL's set-up costs every worker a MiB otherwise)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca is not None:
         try:
             context.load_verify_locations(cafile=ca)

@@ -13,6 +13,8 @@ a loop that misses its ticks is reported in the log, once.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import threading
@@ -125,9 +127,19 @@ class Heartbeat:
         assert self.record is not None, "the worker publishes its record before registering"
         return replace(self.record, heartbeat_at=time.time()).to_fields(heartbeat_only=heartbeat_only)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.ctx.worker_id}", daemon=True)
+    async def start(self, topology: Topology) -> None:
+        """Connect, register, then beat, all on the heartbeat's own thread; return once registered.
+
+        Raises what connecting or registering raised (the thread then ends). One thread for all of
+        it: registering on another one would leave that thread, with its stack and malloc arena,
+        idle for the worker's life.
+        """
+        registered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(topology, registered), name=f"heartbeat-{self.ctx.worker_id}", daemon=True
+        )
         self._thread.start()
+        await asyncio.wrap_future(registered)
 
     def stop(self) -> None:
         """Stop beating (sync: joins the thread; run it off the loop)."""
@@ -135,7 +147,16 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=self._timeout * 4 + 1)
 
-    def _run(self) -> None:
+    def _run(self, topology: Topology, registered: concurrent.futures.Future[None]) -> None:
+        if not registered.set_running_or_notify_cancel():
+            return  # the start was cancelled before this thread ran; from here on, stop() ends it
+        try:
+            self.connect(topology)
+            self.register()
+        except Exception as exc:
+            registered.set_exception(exc)
+            return
+        registered.set_result(None)
         ctx = self.ctx
         interval = ctx.options.heartbeat_interval
         while not self._stop.wait(interval):

@@ -192,9 +192,7 @@ class Worker:
             self.status = "ready"
             self._health = await self._check_health()
             self._publish()
-            await anyio.to_thread.run_sync(self.heartbeat.connect, topology)
-            await anyio.to_thread.run_sync(self.heartbeat.register)
-            self.heartbeat.start()
+            await self.heartbeat.start(topology)
             logger.info(
                 "worker %s serving %r (v%s) on %s, concurrency %d",
                 self.worker_id, self.service, self.definition.version, redact(self.url),
