@@ -11,8 +11,7 @@ from titan_broker._calling import Client, split_id
 from titan_broker._calling import cancel as cancel_job
 from titan_broker._errors import CallError
 from titan_broker._redis import text
-from titan_broker._registry import forget_service, list_workers
-from titan_broker._registry.records import service_scopes
+from titan_broker._registry import forget_service, list_workers, service_scopes
 from titan_broker._wire import GROUP, protocol
 
 from .common import (

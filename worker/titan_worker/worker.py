@@ -43,8 +43,7 @@ from titan_broker._redis import (
     open_redis,
     text,
 )
-from titan_broker._registry import LatencyHistogram, WorkerInfo
-from titan_broker._registry.records import shard_count
+from titan_broker._registry import LatencyHistogram, WorkerInfo, shard_count
 from titan_broker._service import Health, ServiceDefinition
 from titan_broker._wire import Keys, protocol, shard_scopes
 
