@@ -72,6 +72,7 @@ bench: install
 	$(BIN)/python -m bench.bench_core $(BENCH_CORE_ARGS)
 	$(BIN)/python -m bench.bench_pool
 	$(BIN)/python -m bench.bench_cluster
+	$(BIN)/python -m bench.bench_shards
 	$(BIN)/python -m bench.bench_jobs
 	$(BIN)/python -m bench.bench_serve
 	$(BIN)/python -m bench.bench_lean

@@ -515,8 +515,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 EXECUTION,
-                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.job))\n",
-                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.call_id))"
+                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(scope, req.job))\n",
+                "            req = dataclasses.replace(req, reply_to=ctx.keys.job(scope, req.call_id))"
                 "  # mutated\n",
             ),
         ),

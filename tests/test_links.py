@@ -107,7 +107,9 @@ async def test_many_service_names_keep_the_connections_bounded(server: LocalRedi
             assert len(list(client._connected())) <= MAX_LINKS
 
             async def server_side_bounded() -> bool:  # a link just closed: Redis sees its FIN soon after
-                return int(admin.info("clients")["connected_clients"]) <= baseline + 2 * MAX_LINKS
+                # Two per link, and a few in the pool: one call at a time has at most its probe for
+                # live workers and its service's shard count, read in the background, in flight.
+                return int(admin.info("clients")["connected_clients"]) <= baseline + 2 * MAX_LINKS + 4
 
             await eventually(server_side_bounded, 5, "Redis's count of connections within the bound")
     finally:

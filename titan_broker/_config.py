@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from ._errors import ConfigError
 from ._wire.keys import check_name as check_name
+from ._wire.keys import check_shards
 from ._wire.protocol import DEFAULT_MAX_PAYLOAD
 
 ENV_URL = "TITAN_REDIS_URL"
@@ -127,6 +128,8 @@ class WorkerOptions:
     """A reply stream nobody reads expires this long after the last reply written to it."""
     max_deliveries: int | None = None
     """Overrides the service's @process(max_deliveries=...) when set."""
+    shards: int | None = None
+    """Overrides the service's @process(shards=...) when set (``titan-worker run --shards``)."""
     health_interval: float = 5.0
     """How often the @health_check runs."""
     health_timeout: float = 2.0
@@ -149,5 +152,7 @@ class WorkerOptions:
                 f"heartbeat_ttl ({self.heartbeat_ttl}) must exceed heartbeat_interval "
                 f"({self.heartbeat_interval}), and both be positive"
             )
+        if self.shards is not None:
+            check_shards(self.shards, "shards")
         if self.grace_period < 0 or self.read_block <= 0:
             raise ConfigError("grace_period must be >= 0 and read_block > 0")

@@ -78,6 +78,7 @@ def _service_row(s: ServiceInfo) -> dict[str, Any]:
     return {
         "service": s.name,
         "description": s.description,
+        "shards": s.shards,
         "versions": [
             {
                 "version": v.version,
@@ -114,7 +115,7 @@ def services(
         # One row per version serving (several during a rolling upgrade), each with its own methods.
         for i, v in enumerate(_service_row(s)["versions"]):
             table.add_row(
-                s.name if i == 0 else "",
+                (s.name + (f" ({s.shards} shards)" if s.shards > 1 else "")) if i == 0 else "",
                 v["version"],
                 str(len(v["workers"])),
                 str(v["in_flight"]),
@@ -326,7 +327,12 @@ def _health_row(h: ServiceHealth) -> dict[str, Any]:
 
 
 def _queue_row(q: QueueInfo) -> dict[str, Any]:
-    return {"service": q.service, "waiting": q.waiting, "running": q.pending, "dead_letters": q.dead_letters}
+    row: dict[str, Any] = {
+        "service": q.service, "waiting": q.waiting, "running": q.pending, "dead_letters": q.dead_letters
+    }  # fmt: skip
+    if q.shards:  # a sharded service: the totals first, then each shard's
+        row["shards"] = [_queue_row(shard) for shard in q.shards]
+    return row
 
 
 @app.command(cls=Command)
@@ -350,6 +356,9 @@ def queues(
         table.add_column(col)
     for q in found:
         table.add_row(q["service"], str(q["waiting"]), str(q["running"]), str(q["dead_letters"]))
+        for shard in q.get("shards", []):
+            table.add_row(f"  {shard['service']}", str(shard["waiting"]), str(shard["running"]),
+                          str(shard["dead_letters"]), style="dim")  # fmt: skip
     out.print(table if found else "no services")
 
 

@@ -29,7 +29,7 @@ import redis.exceptions as rexc
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
-from .._config import check_seconds, redact, resolve_namespace, resolve_url, url_user
+from .._config import check_name, check_seconds, redact, resolve_namespace, resolve_url, url_user
 from .._errors import AccessDenied, ConfigError, TitanError
 from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
 from .._redis.denied import acting, is_denied
@@ -44,7 +44,7 @@ from .proxy import ServiceProxy as ServiceProxy
 from .proxy import with_options as with_options
 from .replies import Placement, ReplyDispatcher, error_of
 from .routing import ROUTE_TTL as ROUTE_TTL
-from .routing import LiveWorkers, probe_margin
+from .routing import LiveWorkers, Shards, probe_margin
 from .sending import DelayOrJob, Sender, Submit, redis_error, unanswered
 from .streaming import StreamRequest, stream_items
 
@@ -101,6 +101,9 @@ class Client:
         self._links: Links | None = None
         self._reply_keys: dict[str, str] = {}
         self._workers = LiveWorkers(self.keys, lambda: self.redis)
+        self._shards = Shards(self.keys, lambda: self.redis)
+        self._names: set[str] = set()
+        """Service names checked already (a name goes into key names: no braces, globs or ``#``)."""
 
     @property
     def redis(self) -> Redis:
@@ -133,7 +136,7 @@ class Client:
         self._links = Links(topology, self.keys, self.client_id, self.max_backlog, lambda: self.redis)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._links.tg = self._workers.tg = self._tg
+        self._links.tg = self._workers.tg = self._shards.tg = self._tg
         return self
 
     async def _whoami(self) -> str | None:
@@ -220,17 +223,22 @@ class Client:
         Redis cannot be reached or does not answer in time (RedisOutOfMemory
         when it is full).
         """
-        timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
+        self._check_name(service)
         loop = asyncio.get_running_loop()
         later = _later(delay, key)
         now = loop.time()
-        deadline = now + timeout + (later.delay_ms / 1000 if later else 0.0)
         if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
             self._connected()
-            await self._workers.require_worker(service, method, deadline)
-        link = self._links.get(service, now) if self._links is not None else None
+            timeout = check_seconds("timeout", self.default_timeout if timeout is None else timeout)
+            await self._workers.require_worker(service, method, now + timeout)
+        # The shard the call goes to: its stream, its reply stream and its link. Calls with a key
+        # or a delay go to the first shard, where the workers' own streams and the delayed set are.
+        scope = self._shards.next_scope(service) if later is None and key is None else service
+        timeout, call_id, fields = self._request(scope, method, args, kwargs, timeout)
+        deadline = now + timeout + (later.delay_ms / 1000 if later else 0.0)
+        link = self._links.get(scope, now) if self._links is not None else None
         if link is None:
-            link = await self._link(service, deadline)
+            link = await self._link(scope, deadline)
         dispatcher, sender = link.dispatcher, link.sender
         fut: asyncio.Future[protocol.Reply] = loop.create_future()
         dispatcher.expect(call_id, fut)
@@ -245,12 +253,12 @@ class Client:
                 # Sent without waiting for Redis's answer: the call waits for its reply at once (one
                 # wake-up a call, not two); the answer registers where the request went, or, when
                 # the submit failed, wakes the call to raise its error or send again.
-                submit = sender.submit(service, fields, worker, deadline, now)
+                submit = sender.submit(scope, fields, worker, deadline, now)
                 submit.tried.add_done_callback(
                     functools.partial(_submitted, sender, dispatcher, call_id, fut, submit)
                 )
             else:
-                sent = await sender.send(service, method, fields, worker, deadline, timeout, later)
+                sent = await sender.send(scope, method, fields, worker, deadline, timeout, later)
                 dispatcher.placed(call_id, sent)
             while True:
                 # A timer on the future is much cheaper than a cancel scope on this hot path.
@@ -284,13 +292,13 @@ class Client:
                     submit = None
                     fut = loop.create_future()
                     dispatcher.expect(call_id, fut)
-                    sent = await sender.send(service, method, fields, worker, deadline, timeout)
+                    sent = await sender.send(scope, method, fields, worker, deadline, timeout)
                     dispatcher.placed(call_id, sent)
                 finally:
                     timer.cancel()
             answered = True
             if reply.seq is not None or reply.end is not None:
-                _give_up(sender, submit, sent, deadline, self.keys.stream_control(service, call_id), call_id)
+                _give_up(sender, submit, sent, deadline, self.keys.stream_control(scope, call_id), call_id)
                 raise TitanError(
                     f"{service}.{method}() streams its results: iterate it with 'async for' instead"
                 )
@@ -325,10 +333,20 @@ class Client:
         after the items it sent. ``timeout`` bounds the whole stream. Raises
         like ``call``.
         """
-        timeout, call_id, fields = self._request(service, method, args, kwargs, timeout)
+        self._check_name(service)
         self._connected()
-        request = StreamRequest(service, method, call_id, fields, timeout, key, wait_for_worker)
+        scope = self._shards.next_scope(service) if key is None else service
+        timeout, call_id, fields = self._request(scope, method, args, kwargs, timeout)
+        request = StreamRequest(service, scope, method, call_id, fields, timeout, key, wait_for_worker)
         return stream_items(request, self._link, self._workers, self.keys)
+
+    def _check_name(self, service: str) -> None:
+        """ConfigError for a service name that cannot be one (checked once per name)."""
+        if service not in self._names:
+            check_name(service, "service name")
+            if len(self._names) > 4096:  # bounded whatever names callers use
+                self._names.clear()
+            self._names.add(service)
 
     def _request(
         self,
@@ -378,6 +396,7 @@ class Client:
             check_seconds("deadline", deadline)
         check_seconds("result_ttl", result_ttl)
         timeout = self.default_timeout if timeout is None else timeout
+        self._check_name(service)
         later = _later(delay, None) or DelayOrJob()
         token = uuid.uuid4().hex
         job_id = f"{service}:{token}"

@@ -1,6 +1,7 @@
-"""What a client knows of a service's workers: where an affinity key goes, and whether any worker lives.
+"""What a client knows of a service's workers: where an affinity key goes, whether any worker lives,
+and over how many shards its calls spread.
 
-Both are read from the registry and trusted for ROUTE_TTL. Shortly before a
+The first two are read from the registry and trusted for ROUTE_TTL. Shortly before a
 call's deadline the client checks, in the background, whether the service
 has a live worker at all, so that its timeout error can say "no live worker"
 without a round trip after the deadline.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Callable
 
 import anyio
@@ -18,10 +20,14 @@ import anyio.abc
 from .._errors import CallTimeout, NoLiveWorkers, RedisUnavailable
 from .._redis.connection import REDIS_ERRORS, Redis, text, titan_error
 from .._wire import protocol
-from .._wire.keys import Keys
+from .._wire.keys import Keys, shard_scopes, shards_of
+
+logger = logging.getLogger("titan_broker")
 
 ROUTE_TTL = 1.0
 """Seconds a client trusts what it learnt of a service's workers (affinity routing, fail-fast)."""
+SHARDS_TTL = 5.0
+"""Seconds a client trusts the shard count it read for a service (then read again in the background)."""
 PROBE_BUDGET = 1.0
 """Seconds the background check for live workers may take."""
 
@@ -29,6 +35,81 @@ PROBE_BUDGET = 1.0
 def probe_margin(timeout: float) -> float:
     """How long before a call's deadline the client checks for live workers."""
     return min(0.25, timeout / 4)
+
+
+class Shards:
+    """Per service, the scopes of its shards as its workers registered them (the ``shards`` of its
+    config hash), and which one the next call goes to: round-robin, so that a busy service's calls
+    spread over the slots (and a cluster's primaries) it is sharded over. The calls made in one
+    turn of the event loop go to the same shard, so that they still go out as one batch (one
+    script call), as they would to a service of one shard.
+
+    A service is read in the background at its first call (which goes to the first shard, as
+    every call does until the count is known), then again every SHARDS_TTL: a client that read
+    an older count sends to the shards that count names, which the workers of a service always
+    read as long as the count is unchanged (changing it is a stop-and-drain).
+    """
+
+    def __init__(self, keys: Keys, redis: Callable[[], Redis]) -> None:
+        self.keys = keys
+        self._redis = redis
+        self._known: dict[str, tuple[float, list[str]]] = {}
+        """service -> (event loop time to read it again, its shards' scopes)."""
+        self._turn: dict[str, int] = {}
+        self._this_turn: dict[str, str] = {}
+        """service -> the shard of the calls made in this turn of the event loop."""
+        self._reading: set[str] = set()
+        self.tg: anyio.abc.TaskGroup | None = None
+
+    def known(self, service: str) -> list[str]:
+        """The scopes of the service's shards as last read (its own only, until read)."""
+        known = self._known.get(service)
+        return known[1] if known is not None else [service]
+
+    def next_scope(self, service: str) -> str:
+        """The scope of the shard for a new call (the service's own for one shard)."""
+        known = self._known.get(service)
+        if known is None or known[0] < anyio.current_time():
+            self._read_soon(service)
+        if known is None:
+            return service
+        scopes = known[1]
+        if len(scopes) == 1:
+            return scopes[0]
+        scope = self._this_turn.get(service)
+        if scope is None:
+            turn = self._turn[service] = (self._turn.get(service, -1) + 1) % len(scopes)
+            scope = self._this_turn[service] = scopes[turn]
+            # Run at the next turn of the loop, after every task this turn resumes.
+            asyncio.get_running_loop().call_soon(self._this_turn.pop, service, None)
+        return scope
+
+    async def read(self, service: str) -> None:
+        """Read the service's shard count from the directory (one shard when not registered)."""
+        try:
+            raw = await self._redis().hget(self.keys.config(service), "shards")
+        except REDIS_ERRORS as exc:
+            logger.debug("cannot read the shards of %r (%s); as before for now", service, exc)
+            raw = None
+            if service in self._known:
+                return  # keep what was known
+        shards = shards_of(raw)
+        if len(self._known) > 4096:  # bounded whatever names callers use
+            self._known.clear()
+        self._known[service] = (anyio.current_time() + SHARDS_TTL, shard_scopes(service, shards))
+
+    def _read_soon(self, service: str) -> None:
+        if self.tg is None or service in self._reading:
+            return
+        self._reading.add(service)
+
+        async def read() -> None:
+            try:
+                await self.read(service)
+            finally:
+                self._reading.discard(service)
+
+        self.tg.start_soon(read)
 
 
 class LiveWorkers:

@@ -27,7 +27,7 @@ from .._redis.backoff import Backoff
 from .._redis.connection import REDIS_ERRORS, AutoPipeline, Redis, titan_error
 from .._redis.scripting import Batch, Script
 from .._wire import protocol
-from .._wire.keys import Keys
+from .._wire.keys import Keys, scope_service
 from .jobs import cancel
 from .replies import Placement
 
@@ -172,7 +172,8 @@ class Sender:
         timeout: float,
         later: DelayOrJob | None = None,
     ) -> Placement:
-        """Queue a request by ``deadline`` (event loop time); return where it went.
+        """Queue a request by ``deadline`` (event loop time); return where it went. ``service``: the
+        service, or the scope of the shard the request goes to.
 
         The request is sent whatever happens to its caller: cancelled, or past
         the deadline, the caller stops waiting, and a request that still
@@ -181,7 +182,7 @@ class Sender:
         RedisOutOfMemory, RedisUnavailable (also when Redis does not answer by
         the deadline).
         """
-        doing = f"send {service}.{method}()"
+        doing = f"send {scope_service(service)}.{method}()"
         shared = self.keys.calls(service)
         flat = protocol.flat_fields(fields)
         keys, argv, placed = self._call_parts(service, worker)
@@ -237,7 +238,7 @@ class Sender:
     ) -> None:
         """Raise the error for a submit that failed with ``exc``; return when it is to be sent again
         (the script was unknown, or Redis's clock said the deadline had passed with time left here)."""
-        doing = f"send {service}.{method}()"
+        doing = f"send {scope_service(service)}.{method}()"
         if isinstance(exc, rexc.NoScriptError):  # Redis restarted, or SCRIPT FLUSH: load it, send again
             await _ENQUEUE.load(self.pipe)
             return
@@ -248,7 +249,7 @@ class Sender:
             if message.startswith("TITANBACKLOG"):
                 limit = message.split()[-1]
                 raise BacklogFull(
-                    f"service {service!r} refused {method}(): its backlog is full "
+                    f"service {scope_service(service)!r} refused {method}(): its backlog is full "
                     f"({limit} calls waiting, max_backlog={limit}); add workers or retry later"
                 ) from None
             if not message.startswith("TITANLATE"):
@@ -365,7 +366,7 @@ class Sender:
                 pipe.hset(control, "cancel", 1)
                 pipe.pexpire(control, CONTROL_TTL_MS)
             if call_id is not None:
-                pipe.set(self.keys.gone(Keys.service_of(streams[0]), call_id), 1, px=GONE_TTL_MS)
+                pipe.set(self.keys.gone(Keys.scope_of(streams[0]), call_id), 1, px=GONE_TTL_MS)
             await pipe.execute()
 
     async def grant(self, control: str, wake: str, credit: int, deadline: float) -> None:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 class StreamRequest(NamedTuple):
     service: str
+    scope: str
+    """The scope of the shard the call goes to (the service's own for one shard, or with a key)."""
     method: str
     call_id: str
     fields: dict[bytes, bytes]
@@ -44,14 +46,14 @@ async def stream_items(
     keys: Keys,
 ) -> AsyncGenerator[Any, None]:
     """The items of a streaming call, as they come (see ``Client.stream``)."""
-    service, method, call_id, fields, timeout, key, wait_for_worker = request
+    service, scope, method, call_id, fields, timeout, key, wait_for_worker = request
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     if not wait_for_worker:  # before a link opens: no connections for a service nobody serves
         await workers.require_worker(service, method, deadline)
-    link = await link_for(service, deadline)
+    link = await link_for(scope, deadline)
     dispatcher, sender = link.dispatcher, link.sender
-    control, wake = keys.stream_control(service, call_id), keys.stream_wake(service, call_id)
+    control, wake = keys.stream_control(scope, call_id), keys.stream_wake(scope, call_id)
     window = protocol.STREAM_WINDOW
     send, receive = anyio.create_memory_object_stream[StreamItem](window * 2 + 8)
     dispatcher.expect_stream(call_id, send)
@@ -60,7 +62,7 @@ async def stream_items(
     probe: asyncio.TimerHandle | None = None
     try:
         worker = await workers.worker_for(service, method, key, deadline) if key is not None else None
-        sent = await sender.send(service, method, fields, worker, deadline, timeout)
+        sent = await sender.send(scope, method, fields, worker, deadline, timeout)
         dispatcher.placed(call_id, sent)
         probe = loop.call_at(deadline - probe_margin(timeout), workers.probe, None, service)
         received = 0

@@ -23,6 +23,7 @@ from .._calling.client import ServiceProxy
 from .._errors import ConfigError, SpawnError
 from .._redis import REDIS_ERRORS
 from .._registry.latency import LatencyHistogram
+from .._registry.records import backlog
 from .launcher import WorkerProcess
 from .policies import AutoScale, Autoscaler, PoolSettings, RestartPolicy, replacement_reason
 from .supervisor import PoolContext, Supervisor
@@ -195,9 +196,9 @@ class Pool(Generic[T]):
         )
 
     async def _backlog(self) -> int:
-        """Calls waiting or running in the service's stream (all hosts)."""
+        """Calls waiting or running in the service's streams (all hosts, every shard)."""
         client = self._supervisor.context.client
-        return int(await client.redis.xlen(client.keys.calls(self.service)))
+        return await backlog(client.redis, client.keys, self.service)
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """Wait until no call is waiting or running in the service's stream; False on timeout."""

@@ -23,6 +23,8 @@ from .records import list_services as list_services
 from .records import list_workers as list_workers
 from .records import queue_info as queue_info
 from .records import read_workers as read_workers
+from .records import service_scopes as service_scopes
+from .records import shard_count as shard_count
 
 __all__ = (
     "RETIRED_AFTER",
@@ -46,4 +48,6 @@ __all__ = (
     "queue_info",
     "read_workers",
     "replay_dead_letters",
+    "service_scopes",
+    "shard_count",
 )

@@ -3,17 +3,24 @@
 A dead letter is a request that could not be served: delivered more than its
 max_deliveries (its workers kept dying on it), or unreadable with no reply
 key to answer. Each keeps the original entry whole (see PROTOCOL.md).
+
+A sharded service keeps the dead letters of each shard in that shard's slot,
+and a replayed one goes back to its own shard's stream (where its reply key
+is). The id of a dead letter of shard k > 0 is its entry id and ``#k``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
+from .._errors import TitanError
 from .._redis.connection import Redis
 from .._wire import protocol
-from .._wire.keys import Keys
+from .._wire.keys import Keys, shard_scope
+from .records import service_scopes
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,33 @@ class DeadLetter:
 
 
 async def list_dead_letters(redis: Redis, keys: Keys, service: str, *, count: int = 100) -> list[DeadLetter]:
-    """The oldest ``count`` dead letters of ``service``."""
-    raw = await redis.xrange(keys.dead(service), count=count)
-    entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw)
-    return [DeadLetter.from_entry(service, eid, fields) for eid, fields in entries]
+    """The oldest ``count`` dead letters of ``service``, every shard's (their ids are times)."""
+    letters = []
+    for k, scope in enumerate(await service_scopes(redis, keys, service)):
+        raw = await redis.xrange(keys.dead(scope), count=count)
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw)
+        for eid, fields in entries:
+            letter = DeadLetter.from_entry(service, eid, fields)
+            letters.append(replace(letter, id=f"{letter.id}#{k}") if k else letter)
+    if len(letters) > count:
+        letters.sort(key=lambda d: tuple(int(part) for part in d.id.partition("#")[0].split("-")))
+    return letters[:count]
+
+
+_LETTER_ID = re.compile(r"([0-9]{1,20}-[0-9]{1,20})(?:#([1-9][0-9]{0,2}))?")
+
+
+def _where(keys: Keys, service: str, letter_id: str) -> tuple[str, str]:
+    """The scope of a dead letter's shard, and its entry id there (see the module's doc); a
+    TitanError for an id that is not one."""
+    found = _LETTER_ID.fullmatch(letter_id) if isinstance(letter_id, str) else None
+    if found is None:
+        raise TitanError(
+            f"{letter_id!r} is not a dead letter id of {service!r}: <ms>-<seq>, and #<shard> for a shard "
+            "after the first (as titan dead-letters lists them)"
+        )
+    entry_id, shard = found.groups()
+    return shard_scope(service, int(shard or 0)), entry_id
 
 
 async def replay_dead_letters(
@@ -98,6 +128,8 @@ async def replay_dead_letters(
     lands on its reply stream and expires. ``progress(done, total)`` is
     called after each one. Returns how many were replayed.
     """
+    for letter_id in ids or ():
+        _where(keys, service, letter_id)  # an id that cannot be one is refused, naming it
     letters = await list_dead_letters(redis, keys, service, count=100_000)
     chosen = [d for d in letters if ids is None or d.id in ids]
     # The timeout counts from the new entry's id: a replayed call gets a whole new deadline.
@@ -105,9 +137,10 @@ async def replay_dead_letters(
     for done, letter in enumerate(chosen, 1):
         fields: dict[Any, Any] = {**letter.entry, protocol.F_TIMEOUT: ttl}
         fields.pop(protocol.F_MOVES, None)  # moves off dead workers' streams start again from 0
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.calls(service), fields)
-            pipe.xdel(keys.dead(service), letter.id)
+        scope, entry_id = _where(keys, service, letter.id)
+        async with redis.pipeline(transaction=True) as pipe:  # one shard's keys: one slot
+            pipe.xadd(keys.calls(scope), fields)
+            pipe.xdel(keys.dead(scope), entry_id)
             await pipe.execute()
         if progress is not None:
             progress(done, len(chosen))
@@ -117,11 +150,16 @@ async def replay_dead_letters(
 async def purge_dead_letters(redis: Redis, keys: Keys, service: str, ids: list[str] | None = None) -> int:
     """Delete dead letters (all of them when ``ids`` is None); return how many went."""
     if ids is None:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xlen(keys.dead(service))
-            pipe.delete(keys.dead(service))
-            count, _ = await pipe.execute()
-        return int(count)
-    if not ids:
-        return 0
-    return int(await redis.xdel(keys.dead(service), *ids))
+        count = 0
+        for scope in await service_scopes(redis, keys, service):
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.xlen(keys.dead(scope))
+                pipe.delete(keys.dead(scope))
+                deleted, _ = await pipe.execute()
+            count += int(deleted)
+        return count
+    by_scope: dict[str, list[str]] = {}
+    for letter_id in ids:
+        scope, entry_id = _where(keys, service, letter_id)
+        by_scope.setdefault(scope, []).append(entry_id)
+    return sum([int(await redis.xdel(keys.dead(scope), *entries)) for scope, entries in by_scope.items()])

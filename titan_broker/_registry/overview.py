@@ -1,9 +1,10 @@
 """The whole namespace at once, read again and again at a bounded cost: what a dashboard shows.
 
 ``RegistryReader.read`` takes three round trips whatever the size of the
-namespace, and no SCAN or KEYS: the services hash; one pipeline with each
-service's worker set, queue lengths, pending summary and job count; one
-pipeline with each worker's record. A worker's fields that never change
+namespace (four when a service is sharded), and no SCAN or KEYS: the
+services hash; one pipeline with each service's worker set, shard count,
+queue lengths, pending summary and job count (then one with the other
+shards' of the sharded services); one pipeline with each worker's record. A worker's fields that never change
 (host, pid, methods...) are read once with HGETALL, then only the fields its
 heartbeat refreshes (HMGET), so the bytes per read stay small too. Ids of
 workers whose record expired are pruned from their set, as ``list_workers`` does.
@@ -20,7 +21,7 @@ from typing import Any
 from redis import exceptions as rexc
 
 from .._redis.connection import Redis, text
-from .._wire.keys import GROUP, Keys
+from .._wire.keys import GROUP, Keys, shard_scopes, shards_of
 from .health import ServiceHealth, aggregate
 from .records import QueueInfo, ServiceInfo, WorkerInfo, serving_versions
 
@@ -73,20 +74,33 @@ class RegistryReader:
         described = {text(k): _json(v) for k, v in (await redis.hgetall(keys.services)).items()}
         names = sorted(described)
         commands = 1
-        per_service = 6
         async with redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.smembers(keys.workers(name))
-                pipe.xlen(keys.calls(name))
-                pipe.xlen(keys.dead(name))
-                pipe.xpending(keys.calls(name), GROUP)  # no stream or group yet: an error, read as 0
                 pipe.zcard(keys.jobs(name))
-                pipe.zcard(keys.delayed(name))
-            queues: list[Any] = await pipe.execute(raise_on_error=False) if names else []
-        commands += per_service * len(names)
+                pipe.hget(keys.config(name), "shards")
+                _shard_figures(pipe, keys, name)
+            replies: list[Any] = await pipe.execute(raise_on_error=False) if names else []
+        commands += len(replies)
+        # Each service's replies: its workers, jobs and shard count, then four per shard: the first
+        # shard's here, a sharded service's others in one more round trip.
+        rows = {name: replies[i * 7 : i * 7 + 7] for i, name in enumerate(names)}
+        scopes = {name: shard_scopes(name, shards_of(_raw(rows[name][2]))) for name in names}
+        sharded = [name for name in names if len(scopes[name]) > 1]
+        if sharded:
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in sharded:
+                    for scope in scopes[name][1:]:
+                        _shard_figures(pipe, keys, scope)
+                more: list[Any] = await pipe.execute(raise_on_error=False)
+            commands += len(more)
+            at = 0
+            for name in sharded:
+                count = 4 * (len(scopes[name]) - 1)
+                rows[name], at = rows[name] + more[at : at + count], at + count
         wanted: list[tuple[str, str]] = []
-        for i, name in enumerate(names):
-            members = queues[i * per_service]
+        for name in names:
+            members = rows[name][0]
             if isinstance(members, (set, list)):
                 wanted.extend((name, text(w)) for w in sorted(members, key=text))
         records: list[Any] = []
@@ -124,8 +138,8 @@ class RegistryReader:
                     await pipe.execute(raise_on_error=False)
             commands += len(dead)
         services = []
-        for i, name in enumerate(names):
-            row = queues[i * per_service : (i + 1) * per_service]
+        for name in names:
+            row = rows[name]
             desc = described[name]
             workers = live[name]
             described_service = ServiceInfo(
@@ -135,15 +149,19 @@ class RegistryReader:
                 methods=list(desc.get("methods", [])),
                 workers=workers,
                 versions=serving_versions(workers),
+                shards=len(scopes[name]),
             )
-            pending = int(row[3]["pending"]) if isinstance(row[3], dict) else 0
-            queue = QueueInfo(name, _int(row[1]), pending, _int(row[2]))
+            shards, delayed = [], 0
+            for k, scope in enumerate(scopes[name]):
+                calls, dead_letters, summary, waiting = row[3 + 4 * k : 7 + 4 * k]
+                pending = int(summary["pending"]) if isinstance(summary, dict) else 0
+                shards.append(QueueInfo(scope, _int(calls), pending, _int(dead_letters)))
+                delayed += _int(waiting)
+            queue = QueueInfo.summed(name, shards)
             services.append(
-                ServiceOverview(
-                    described_service, queue, aggregate(name, workers), _int(row[4]), _int(row[5])
-                )
+                ServiceOverview(described_service, queue, aggregate(name, workers), _int(row[1]), delayed)
             )
-        rounds = 1 + (1 if names else 0) + (1 if wanted else 0) + (1 if dead else 0)
+        rounds = 1 + (1 if names else 0) + (1 if sharded else 0) + (1 if wanted else 0) + (1 if dead else 0)
         return Overview(services, commands, rounds, time.perf_counter() - started)
 
     def _worker(self, service: str, wid: str, record: Any) -> WorkerInfo | None:
@@ -166,6 +184,19 @@ class RegistryReader:
             unhealthy_streak=fresh.unhealthy_streak, metrics=fresh.metrics, health=fresh.health,
             cpu_percent=fresh.cpu_percent, rss=fresh.rss,
         )  # fmt: skip
+
+
+def _shard_figures(pipe: Any, keys: Keys, scope: str) -> None:
+    """Queue the four figures of one shard: its calls, its dead letters, its pending summary, its
+    delayed calls."""
+    pipe.xlen(keys.calls(scope))
+    pipe.xlen(keys.dead(scope))
+    pipe.xpending(keys.calls(scope), GROUP)  # no stream or group yet: an error, read as 0
+    pipe.zcard(keys.delayed(scope))
+
+
+def _raw(value: Any) -> bytes | None:
+    return value if isinstance(value, bytes) else None
 
 
 def _json(raw: bytes | str) -> dict[str, Any]:

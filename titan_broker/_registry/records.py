@@ -20,7 +20,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
 from .._redis.connection import Redis, text
-from .._wire.keys import Keys
+from .._wire.keys import Keys, shard_scopes, shards_of
 from .latency import LatencyHistogram
 
 
@@ -199,6 +199,8 @@ class ServiceInfo:
     methods: list[dict[str, Any]]
     workers: list[WorkerInfo] = field(default_factory=list)
     versions: list[VersionInfo] = field(default_factory=list)
+    shards: int = 1
+    """The slots its calls spread over (``@process(shards=...)``)."""
 
     @property
     def hosts(self) -> dict[str, int]:
@@ -214,6 +216,7 @@ class ServiceInfo:
             "version": self.version,
             "description": self.description,
             "methods": self.methods,
+            "shards": self.shards,
             "hosts": self.hosts,
             "workers": [w.to_dict() for w in self.workers],
             "versions": [v.to_dict() for v in self.versions],
@@ -272,6 +275,7 @@ async def list_services(redis: Redis, keys: Keys, *, live_only: bool = True) -> 
                 methods=list(desc.get("methods", [])),
                 workers=workers,
                 versions=serving_versions(workers),
+                shards=await shard_count(redis, keys, name),
             )
         )
     return services
@@ -279,35 +283,73 @@ async def list_services(redis: Redis, keys: Keys, *, live_only: bool = True) -> 
 
 @dataclass(frozen=True)
 class QueueInfo:
-    """The calls of one service: waiting, running, dead-lettered."""
+    """The calls of one service: waiting, running, dead-lettered (over all its shards)."""
 
     service: str
     backlog: int
-    """Entries in the service's stream: waiting plus running."""
+    """Entries in the service's streams: waiting plus running."""
     pending: int
     """Delivered to a worker and not yet acknowledged (running, or held by a dead worker)."""
     dead_letters: int
+    shards: tuple[QueueInfo, ...] = ()
+    """A sharded service's queue per shard, the first shard first (empty for one shard)."""
 
     @property
     def waiting(self) -> int:
         return max(0, self.backlog - self.pending)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "waiting": self.waiting}
+        found = {**asdict(self), "waiting": self.waiting}
+        del found["shards"]
+        if self.shards:  # a sharded service's: each shard's after the totals
+            found["shards"] = [shard.to_dict() for shard in self.shards]
+        return found
+
+    @classmethod
+    def summed(cls, service: str, shards: list[QueueInfo]) -> QueueInfo:
+        """A service's queue from its shards' (one shard: that shard's)."""
+        if len(shards) == 1:
+            return shards[0]
+        return cls(
+            service,
+            sum(s.backlog for s in shards),
+            sum(s.pending for s in shards),
+            sum(s.dead_letters for s in shards),
+            tuple(shards),
+        )
+
+
+async def shard_count(redis: Redis, keys: Keys, service: str) -> int:
+    """How many shards ``service``'s workers registered (1 for a service not sharded or not known)."""
+    return shards_of(await redis.hget(keys.config(service), "shards"))
+
+
+async def service_scopes(redis: Redis, keys: Keys, service: str) -> list[str]:
+    """The scopes of ``service``'s shards (its own only, for a service not sharded or not known)."""
+    return shard_scopes(service, await shard_count(redis, keys, service))
+
+
+async def backlog(redis: Redis, keys: Keys, service: str) -> int:
+    """Calls waiting or running in ``service``'s streams, every shard's."""
+    scopes = await service_scopes(redis, keys, service)
+    return sum([int(await redis.xlen(keys.calls(scope))) for scope in scopes])
 
 
 async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
-    """Backlog, pending and dead letters of ``service``."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.calls(service))
-        pipe.xlen(keys.dead(service))
-        backlog, dead = await pipe.execute()
-    try:
-        summary = await redis.xpending(keys.calls(service), "workers")
-        pending = int(summary["pending"])
-    except Exception:  # no stream or no group yet
-        pending = 0
-    return QueueInfo(service, int(backlog), pending, int(dead))
+    """Backlog, pending and dead letters of ``service``, per shard and in all."""
+    shards = []
+    for scope in await service_scopes(redis, keys, service):
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.calls(scope))
+            pipe.xlen(keys.dead(scope))
+            backlog, dead = await pipe.execute()
+        try:
+            summary = await redis.xpending(keys.calls(scope), "workers")
+            pending = int(summary["pending"])
+        except Exception:  # no stream or no group yet
+            pending = 0
+        shards.append(QueueInfo(scope, int(backlog), pending, int(dead)))
+    return QueueInfo.summed(service, shards)
 
 
 RETIRED_AFTER = 3600.0
@@ -340,11 +382,14 @@ async def idle_since(redis: Redis, keys: Keys, service: str) -> tuple[float, flo
 async def forget_service(redis: Redis, keys: Keys, service: str) -> None:
     """Remove a service with no live worker from the registry: its directory entry, worker set, idle
     mark, calls, dead letters, delayed calls and schedule. Its jobs expire as they would."""
+    scopes = await service_scopes(redis, keys, service)
     await redis.hdel(keys.services, service)
     async with redis.pipeline(transaction=True) as pipe:  # the service's keys: one slot
         pipe.delete(keys.workers(service), keys.idle(service), keys.affinity(service), keys.config(service))
         pipe.delete(keys.calls(service), keys.dead(service), keys.delayed(service), keys.schedule(service))
         await pipe.execute()
+    for scope in scopes[1:]:  # each other shard: a slot of its own
+        await redis.delete(keys.calls(scope), keys.dead(scope), keys.delayed(scope), keys.config(scope))
 
 
 async def known_services(redis: Redis, keys: Keys) -> list[str]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from .._config import check_name
 from .._errors import ConfigError
+from .._wire.keys import check_shards
 
 C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,6 +43,7 @@ class ProcessInfo:
     description: str = ""
     max_deliveries: int = 3
     max_backlog: int = 10_000
+    shards: int = 1
 
 
 def process(
@@ -51,20 +53,27 @@ def process(
     description: str = "",
     max_deliveries: int = 3,
     max_backlog: int = 10_000,
+    shards: int = 1,
 ) -> Callable[[C], C]:
     """Mark a class as a service called ``name``; a service file holds exactly one.
 
     ``max_deliveries``: a call delivered more often than this (its workers kept
     dying on it) goes to the dead letters. ``max_backlog``: calls waiting beyond
-    this are refused with BacklogFull. Raises ConfigError for a name that cannot
-    be used in Redis keys or limits below 1.
+    this are refused with BacklogFull (a sharded service: an even share per shard). ``shards``: the slots the
+    service's calls are spread over, so that one busy service uses several
+    primaries of a Redis Cluster (``titan-worker run --shards`` overrides it;
+    every worker of the service must use the same count). Raises ConfigError
+    for a name that cannot be used in Redis keys or limits below 1.
     """
     check_name(name, "@process name")
     _check_limit("max_deliveries", max_deliveries)
     _check_limit("max_backlog", max_backlog)
+    check_shards(shards, "@process shards")
 
     def mark(cls: C) -> C:
-        info = ProcessInfo(name, version, description or (cls.__doc__ or ""), max_deliveries, max_backlog)
+        info = ProcessInfo(
+            name, version, description or (cls.__doc__ or ""), max_deliveries, max_backlog, shards
+        )
         setattr(cls, PROCESS_ATTR, info)
         return cls
 

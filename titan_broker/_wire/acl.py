@@ -158,29 +158,36 @@ def _service(keys: Keys, service: str) -> str:
     return keys.reply_prefix(service).removesuffix("reply:")
 
 
+def _shards(service: str) -> tuple[str, str]:
+    """The scopes of a service's keys in a pattern: its own tag (the first shard, the registry) and
+    any other shard's (``<svc>#<k>``; ``#`` is in no name, so no other service's keys match)."""
+    return service, f"{service}#*"
+
+
 def _caller_grants(keys: Keys, service: str, user: str) -> list[Grant]:
     svc = _service(keys, service)
     own = f"{user}{USER_SEPARATOR}*"
+    shards = _shards(service)
     return [
-        Grant((f"~{keys.reply_prefix(service)}{own}",), CALLER_REPLIES),
+        Grant(tuple(f"~{keys.reply_prefix(s)}{own}" for s in shards), CALLER_REPLIES),
         Grant(
             (
-                f"~{keys.calls(service)}*",
-                f"~{keys.delayed(service)}*",
+                *(f"~{keys.calls(s)}*" for s in shards),
+                f"~{keys.delayed(service)}*",  # delayed calls and jobs go to the first shard
                 f"~{keys.job_prefix(service)}*",
                 f"~{keys.jobs(service)}",
             ),
             CALLER_CALLS,
         ),
-        Grant((f"~{keys.gone_prefix(service)}{own}",), CALLER_GONE),
-        Grant((f"~{keys.stream_control(service, own)}",), CALLER_STREAM_CONTROL),
+        Grant(tuple(f"~{keys.gone_prefix(s)}{own}" for s in shards), CALLER_GONE),
+        Grant(tuple(f"~{keys.stream_control(s, own)}" for s in shards), CALLER_STREAM_CONTROL),
         Grant((f"~{svc}cache-gen:*",), CALLER_CACHE),
         Grant(
             (
                 f"%R~{keys.workers(service)}",
                 f"%R~{keys.worker(service, '*')}",
                 f"%R~{keys.affinity(service)}",
-                f"%R~{keys.config(service)}",
+                *(f"%R~{keys.config(s)}" for s in shards),
             ),
             REGISTRY_READ,
         ),
@@ -205,7 +212,7 @@ def worker_rule(keys: Keys, service: str, user: str, calls: tuple[str, ...] = ()
     calls = tuple(others)
     grants = [
         Grant((), WORKER_CONNECT),
-        Grant((f"~{_service(keys, service)}*",), WORKER),
+        Grant(tuple(f"~{_service(keys, s)}*" for s in _shards(service)), WORKER),
         Grant((f"~{keys.services}",), DIRECTORY_WRITE),
     ]
     for other in calls:

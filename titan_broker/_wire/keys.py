@@ -3,6 +3,15 @@
 Keys of one service share the Redis Cluster hash tag ``{<service>}`` so that
 every script touches one slot: its streams, its worker records and the
 replies to its callers. Only ``<ns>:services`` (the directory) stands alone.
+
+A service sharded over K slots (``@process(shards=K)``) keeps that layout for
+its first shard and gives shard k (1 to K-1) the tag ``{<service>#k}``: the
+keys a call's scripts touch together (its stream, its reply stream, the
+delayed set its retries wait in, its dead letters, the limits its submit
+reads) exist once per shard, under the shard's *scope*, and the shards spread
+over a cluster's primaries. The registry, affinity streams, jobs and schedules
+stay in the first shard, under the service's own tag. ``#`` is not allowed in
+a name, so no service's keys can be mistaken for another's shard.
 """
 
 from __future__ import annotations
@@ -27,6 +36,43 @@ def check_name(value: str, what: str) -> str:
 
 
 GROUP = "workers"
+
+MAX_SHARDS = 64
+"""The most slots one service may be sharded over: each worker reads every shard (a connection and a
+read loop each), and a client keeps a link per shard it calls (at most 64 links)."""
+
+
+def shard_scope(service: str, shard: int) -> str:
+    """The name inside the hash tag of shard ``shard``'s keys: the service's own for the first
+    (so one shard is the unsharded layout, byte for byte), ``<service>#<k>`` for the others."""
+    return service if shard == 0 else f"{service}#{shard}"
+
+
+def shard_scopes(service: str, shards: int) -> list[str]:
+    """The scopes of every shard of a service sharded ``shards`` ways, the first shard first."""
+    return [shard_scope(service, k) for k in range(shards)]
+
+
+def scope_service(scope: str) -> str:
+    """The service a shard's scope belongs to."""
+    return scope.partition("#")[0]
+
+
+def shards_of(raw: bytes | str | None) -> int:
+    """The shard count as the config hash's ``shards`` field holds it (written by ``register.lua``):
+    1 when absent, or when it cannot be read (the next registration rewrites it)."""
+    try:
+        found = int(raw) if raw is not None else 1
+    except ValueError:
+        return 1
+    return found if 1 <= found <= MAX_SHARDS else 1
+
+
+def check_shards(value: object, what: str) -> int:
+    """A shard count: a whole number from 1 to MAX_SHARDS."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ConfigError(f"{what} must be a whole number from 1 to {MAX_SHARDS}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,7 +108,8 @@ class Keys:
         return f"{self.namespace}:{{{service}}}:stream:{call_id}:wake"
 
     def config(self, service: str) -> str:
-        """Hash: limits a service's workers publish (max_backlog, max_deliveries)."""
+        """Hash: limits a service's workers publish (max_backlog, max_deliveries) and, in the first
+        shard's, its shard count (``shards``, absent for one): callers and tools read it there."""
         return f"{self.namespace}:{{{service}}}:config"
 
     def cache_generation(self, service: str, method: str) -> str:
@@ -129,9 +176,15 @@ class Keys:
         return f"{self.namespace}:{{{service}}}:schedule"
 
     @staticmethod
-    def service_of(key: str) -> str:
-        """The service of one of its keys (``<ns>:{<svc>}:...``)."""
+    def scope_of(key: str) -> str:
+        """The scope of one of a service's keys (``<ns>:{<scope>}:...``): the service, or one of
+        its shards (``<svc>#<k>``)."""
         return key.split("{", 1)[1].split("}", 1)[0]
+
+    @staticmethod
+    def service_of(key: str) -> str:
+        """The service of one of its keys, whichever shard it belongs to."""
+        return scope_service(Keys.scope_of(key))
 
     def reply_prefix(self, service: str) -> str:
         """Every reply key of a service's calls starts with this; its workers write nowhere else."""

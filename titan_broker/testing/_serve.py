@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
@@ -28,6 +29,7 @@ from .._errors import TitanError
 from .._processes.policies import worker_options
 from .._registry.dead_letters import DeadLetter, list_dead_letters
 from .._service.definition import ServiceDefinition, describe, load_service_file
+from .._wire.keys import Keys
 from ._shared_redis import local_redis_url
 
 if TYPE_CHECKING:
@@ -79,7 +81,9 @@ class Served(Generic[T]):
         self._dependencies = dict(dependencies or {})
         self._name = check_name(name, "service name") if name is not None else None
         self._count = workers
-        self._options = worker_options(options, concurrency)
+        # One shard unless the options say otherwise: sharding changes where calls wait, not what
+        # they do, and a test's service needs no more than one slot.
+        self._options = replace(worker_options(options, concurrency), shards=options.shards if options else 1)
         self._schedules = schedules
         self.timeout = timeout
         """Seconds start-up and each helper wait at most by default."""
@@ -209,7 +213,8 @@ class Served(Generic[T]):
         with anyio.move_on_after(timeout):
             while True:
                 if due_now:
-                    await self._make_due()
+                    for scope in self._scopes():
+                        await self._make_due(self.client.keys.delayed(scope))
                 left = await self._left()
                 if not left:
                     return
@@ -225,23 +230,26 @@ class Served(Generic[T]):
         ``timeout`` seconds (default: the serve's ``timeout``).
         """
         timeout = self.timeout if timeout is None else timeout
-        redis, delayed = self.client.redis, self.client.keys.delayed(self.service)
-        made: set[bytes] = set()
+        redis = self.client.redis
+        delayed = [self.client.keys.delayed(scope) for scope in self._scopes()]
+        made: dict[str, set[bytes]] = {}
         waiting = 0
         with anyio.move_on_after(timeout):
-            while (waiting := int(await redis.zcard(delayed))) < at_least:  # noqa: ASYNC110 - in Redis
+            while (waiting := sum([int(await redis.zcard(key)) for key in delayed])) < at_least:  # noqa: ASYNC110 - in Redis
                 await anyio.sleep(POLL)
-            made = await self._make_due()
-            while made and await _any_member(redis, delayed, made):  # noqa: ASYNC110 - in Redis
-                await anyio.sleep(POLL)
-            return len(made)
+            made = {key: await self._make_due(key) for key in delayed}
+            for key, members in made.items():
+                while members and await _any_member(redis, key, members):  # noqa: ASYNC110 - in Redis
+                    await anyio.sleep(POLL)
+            return sum(len(members) for members in made.values())
         if waiting < at_least:
             raise TitanError(
                 f"{self._shown()}.due_now(at_least={at_least}): {waiting} delayed call(s) of "
                 f"{self.service!r} after {timeout:g} s"
             )
         raise TitanError(
-            f"{self._shown()}.due_now(): {len(made)} call(s) made due but not moved onto the queue "
+            f"{self._shown()}.due_now(): {sum(len(m) for m in made.values())} call(s) made due but not "
+            "moved onto the queue "
             f"within {timeout:g} s (are the workers running?)"
         )
 
@@ -309,36 +317,44 @@ class Served(Generic[T]):
             return describe(target)
         return load_service_file(os.fspath(target))
 
-    async def _make_due(self) -> set[bytes]:
-        """Rescore every delayed call of the service to Redis's now; wake a worker. Returns them."""
+    def _scopes(self) -> list[str]:
+        """The scope of each shard the workers read (the service's own only, unless sharded)."""
+        return self.workers[0].ctx.scopes if self.workers else [self.service]
+
+    async def _make_due(self, delayed: str) -> set[bytes]:
+        """Rescore every call of one delayed set to Redis's now; wake a worker. Returns them."""
         redis, keys = self.client.redis, self.client.keys
-        delayed = keys.delayed(self.service)
+        scope = Keys.scope_of(delayed)
         members = cast(list[bytes], await redis.zrange(delayed, 0, -1))
         if not members:
             return set()
         seconds, micros = await redis.time()
         now_ms = seconds * 1000 + micros // 1000
         await redis.zadd(delayed, dict.fromkeys(members, now_ms), xx=True)  # moved meanwhile: left alone
-        await redis.lpush(keys.delayed_wake(self.service), b"1")  # the worker that pops it looks at once
-        await redis.ltrim(keys.delayed_wake(self.service), 0, 0)
-        await redis.pexpire(keys.delayed_wake(self.service), 1000)
+        await redis.lpush(keys.delayed_wake(scope), b"1")  # the worker that pops it looks at once
+        await redis.ltrim(keys.delayed_wake(scope), 0, 0)
+        await redis.pexpire(keys.delayed_wake(scope), 1000)
         return set(members)
 
     async def _left(self) -> str | None:
         """What the service still has to do, in words, or None when nothing."""
-        keys, service = self.client.keys, self.service
+        keys = self.client.keys
         running = sum(worker.in_flight for worker in self.workers)
-        streams = [keys.calls(service)] + [keys.worker_calls(service, w.worker_id) for w in self.workers]
-        # One transaction (all keys in the service's slot): a retry leaves the queue for the delayed
-        # set, and a due call the other way, in one step; read apart, both could look empty.
-        async with self.client.redis.pipeline(transaction=True) as pipe:
-            for stream in streams:
-                pipe.xlen(stream)
-            pipe.zrange(keys.delayed(service), 0, 0, withscores=True)
-            pipe.zcard(keys.delayed(service))
-            replies = await pipe.execute()
-        queued = sum(int(n) for n in replies[: len(streams)])
-        first, delayed = replies[-2], int(replies[-1])
+        queued, delayed, first = 0, 0, None
+        for scope in self._scopes():
+            streams = [keys.calls(scope)] + [keys.worker_calls(scope, w.worker_id) for w in self.workers]
+            # One transaction per shard (all its keys in one slot): a retry leaves the queue for the
+            # delayed set, and a due call the other way, in one step; read apart, both could look empty.
+            async with self.client.redis.pipeline(transaction=True) as pipe:
+                for stream in streams:
+                    pipe.xlen(stream)
+                pipe.zrange(keys.delayed(scope), 0, 0, withscores=True)
+                pipe.zcard(keys.delayed(scope))
+                replies = await pipe.execute()
+            queued += sum(int(n) for n in replies[: len(streams)])
+            delayed += int(replies[-1])
+            if replies[-2] and (first is None or float(replies[-2][0][1]) < float(first[0][1])):
+                first = replies[-2]
         parts = []
         if queued:
             parts.append(f"{queued} call(s) queued or running")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from titan_broker._config import WorkerOptions
 from titan_broker._redis import AutoPipeline, Redis
 from titan_broker._service import ServiceDefinition
-from titan_broker._wire import Keys
+from titan_broker._wire import Keys, shard_scopes
 
 from .logs import ThrottledLog
 from .metrics import Metrics
@@ -62,6 +62,11 @@ class WorkerContext:
     log: ThrottledLog = field(default_factory=lambda: ThrottledLog(logger))
     redis_: Redis | None = None
     writer_: AutoPipeline | None = None
+    shards: int = 1
+    """Slots the service's calls are spread over (``@process(shards=...)``); every worker reads all."""
+    writers_: dict[str, AutoPipeline] = field(default_factory=dict)
+    """The writer of each shard after the first, by scope (a cluster runs each shard's scripts on
+    the node of its slot, batched apart)."""
     streams_lost_at_ms: float = 0.0
     """Redis's time when the worker last found the service's stream or group gone (Redis lost its
     data): the entries it held from before are gone with them, not taken over."""
@@ -70,6 +75,25 @@ class WorkerContext:
     def stream(self) -> str:
         """The service's shared calls stream."""
         return self.keys.calls(self.service)
+
+    @property
+    def scopes(self) -> list[str]:
+        """The scope of each shard's keys, the first shard (the service's own tag) first."""
+        return shard_scopes(self.service, self.shards)
+
+    @property
+    def streams(self) -> list[str]:
+        """Each shard's calls stream, the first shard's (``stream``) first."""
+        return [self.keys.calls(scope) for scope in self.scopes]
+
+    def writer_for(self, scope: str) -> AutoPipeline:
+        """The writer for the keys of one shard's scope (see ``writers_``)."""
+        return self.writers_.get(scope) or self.writer
+
+    def own_stream_of(self, scope: str) -> str:
+        """This worker's own stream in one shard's scope: calls handed to it there (the first
+        shard's also takes the calls whose affinity key maps to it)."""
+        return self.keys.worker_calls(scope, self.worker_id)
 
     @property
     def own_stream(self) -> str:

@@ -21,7 +21,7 @@ import anyio
 from titan_broker._errors import EncodeError, WireError
 from titan_broker._redis import Script
 from titan_broker._service import MethodSpec
-from titan_broker._wire import Mismatch, protocol
+from titan_broker._wire import Keys, Mismatch, protocol
 
 from . import middleware
 from .call import Call, DeadLetter, Entry, Next, Outcome, Reply
@@ -48,7 +48,8 @@ class Executor:
         self.ctx = ctx
         self.instance = instance
         self.handoff = Handoff(ctx)
-        self._reply_prefix = ctx.keys.reply_prefix(ctx.service)
+        self._reply_prefixes = {scope: ctx.keys.reply_prefix(scope) for scope in ctx.scopes}
+        """Per shard: its calls' replies go to its own slot, where their settle runs."""
         self._max_payload = ctx.options.max_payload
         self._chains: dict[str, Next] = {
             spec.name: middleware.chain(spec, ctx, self._runner(spec))
@@ -58,9 +59,11 @@ class Executor:
     async def execute(self, entry: Entry) -> Outcome:
         """The outcome of an entry."""
         ctx = self.ctx
+        scope = Keys.scope_of(entry.stream)
+        prefix = self._reply_prefixes[scope]
         try:
             req = protocol.decode_request(
-                entry.fields, entry.id, reply_prefix=self._reply_prefix, max_payload=self._max_payload
+                entry.fields, entry.id, reply_prefix=prefix, max_payload=self._max_payload
             )
         except protocol.BadEntry as bad:
             ctx.log.log(logging.WARNING, "bad-entry", "worker %s: bad request entry %s: %s",
@@ -70,8 +73,8 @@ class Executor:
                 return Reply(False, None, bad.reply_to, payload)
             return DeadLetter(f"unanswerable request: {bad}")
         if req.job is not None:  # its outcome goes to the job's hash
-            req = dataclasses.replace(req, reply_to=ctx.keys.job(ctx.service, req.job))
-            await self._started(req)
+            req = dataclasses.replace(req, reply_to=ctx.keys.job(scope, req.job))
+            await self._started(req, scope)
         spec = ctx.definition.methods.get(req.method)
         if spec is None:
             return await self.handoff.unknown_method(entry, req)
@@ -90,7 +93,7 @@ class Executor:
                 self._folded(logging.ERROR, call, exc)
             return outcome
 
-    async def _started(self, req: protocol.Request) -> None:
+    async def _started(self, req: protocol.Request, scope: str) -> None:
         """Mark a job running (its status, one more run, worker) before it runs: a run that kills
         its worker at once still counts. A job that has ended stays ended (a stale run of a
         reclaimed entry). Redis out of reach does not hold the run up (the mark is then left to
@@ -100,7 +103,7 @@ class Executor:
         # Counted here, not taken from the request's @retry attempt: a rerun after its worker died
         # (the entry claimed by another) is a run too, and carries the same attempt number.
         mark = asyncio.ensure_future(
-            _STARTED(ctx.writer, [req.reply_to], [ctx.worker_id, int(ctx.clock.now_ms())])
+            _STARTED(ctx.writer_for(scope), [req.reply_to], [ctx.worker_id, int(ctx.clock.now_ms())])
         )
         mark.add_done_callback(_ignore_failure)
         with anyio.move_on_after(MARK_PATIENCE):

@@ -17,7 +17,7 @@ import time
 from titan_broker._errors import WireError
 from titan_broker._redis import Script, text
 from titan_broker._registry import read_workers
-from titan_broker._wire import GROUP, protocol
+from titan_broker._wire import GROUP, Keys, protocol
 
 from .call import Entry, HandedOff, Outcome, Reply
 from .context import WorkerContext
@@ -42,9 +42,13 @@ class Handoff:
         moves = protocol.moves(entry.fields)
         if moves < MAX_MOVES:
             try:
+                scope = Keys.scope_of(entry.stream)  # the entry's shard: its reply key is there
                 for target in await self._workers_with(req.method):
-                    keys = [entry.stream, ctx.keys.worker_calls(ctx.service, target),
-                            ctx.keys.worker(ctx.service, target)]  # fmt: skip
+                    keys = [entry.stream, ctx.keys.worker_calls(scope, target)]
+                    if scope == ctx.service:
+                        keys.append(ctx.keys.worker(ctx.service, target))  # checked in the script
+                    elif not await ctx.redis.exists(ctx.keys.worker(ctx.service, target)):
+                        continue  # the record is in another slot: checked before (see rescue)
                     done = await _HANDOFF(ctx.redis, keys, [entry.id, GROUP, ctx.worker_id])
                     if done == 1:
                         ctx.log.log(logging.INFO, "handoff", "worker %s: handed %s() to worker %s",

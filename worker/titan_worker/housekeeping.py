@@ -27,7 +27,8 @@ SWEEP_EVERY = 5
 class Housekeeping:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
-        self._cursor = "-"
+        self._cursors: dict[str, str] = {}
+        """Per shard's stream: where the walk of its pending list goes on."""
         self._reclaims = 0
 
     @property
@@ -35,21 +36,25 @@ class Housekeeping:
         """Whether the last reclaim was one after which dead streams and consumers are swept."""
         return self._reclaims % SWEEP_EVERY == 0
 
-    async def reclaim(self, via: Channel, count: int, running: list[bytes]) -> list[tuple[Entry, int]]:
-        """Claim up to ``count`` calls left pending by dead workers, each with its delivery count.
+    async def reclaim(
+        self, via: Channel, stream: str, count: int, running: list[bytes]
+    ) -> list[tuple[Entry, int]]:
+        """Claim up to ``count`` calls of ``stream`` (a shard's) left pending by dead workers, each
+        with its delivery count.
 
-        ``running``: the shared stream's entries this worker runs now, never claimed again.
+        ``running``: that stream's entries this worker runs now, never claimed again.
         """
         ctx = self.ctx
         min_idle = int(ctx.options.heartbeat_ttl * 1000)
         cursor, entries, counts = await _RECLAIM(
-            via, [ctx.stream], [GROUP, ctx.worker_id, min_idle, self._cursor, count, *running]
+            via, [stream], [GROUP, ctx.worker_id, min_idle, self._cursors.get(stream, "-"), count, *running]
         )
-        self._cursor = text(cursor)
-        self._reclaims += 1
+        self._cursors[stream] = text(cursor)
+        if stream == ctx.stream:
+            self._reclaims += 1
         claimed = []
         for (entry_id, raw), deliveries in zip(entries, counts, strict=True):
-            entry = Entry(ctx.stream, entry_id, dict(zip(raw[::2], raw[1::2], strict=True)))
+            entry = Entry(stream, entry_id, dict(zip(raw[::2], raw[1::2], strict=True)))
             ctx.log.log(logging.WARNING, "claimed", "worker %s claimed %s of a dead worker (delivery %d)",
                         ctx.worker_id, entry_id.decode(), int(deliveries))  # fmt: skip
             claimed.append((entry, int(deliveries)))
@@ -69,13 +74,23 @@ class Housekeeping:
                 keys = [ctx.stream, ctx.keys.worker(ctx.service, name)]
                 if await _DELETE_CONSUMER(ctx.redis, keys, [GROUP, name]) == 1:
                     ctx.log.logger.info("worker %s removed the dead consumer %s", ctx.worker_id, name)
+            await self._sweep_shards()
         except Exception as exc:  # housekeeping must never take the worker down
             ctx.log.log(logging.WARNING, "sweep", "worker %s: could not sweep dead workers (%s)",
                         ctx.worker_id, exc)  # fmt: skip
 
     async def rescue(self, worker_id: str) -> None:
-        """Move the calls waiting on a dead worker's own stream onto the shared stream."""
+        """Move the calls waiting on a dead worker's own streams onto the shared streams: every other
+        shard's first, while its id is still in the affinity set (the first shard's rescue takes
+        it out, and with it the worker from the next sweeps)."""
         ctx = self.ctx
+        if len(ctx.scopes) > 1 and not await ctx.redis.exists(ctx.keys.worker(ctx.service, worker_id)):
+            for scope in ctx.scopes[1:]:
+                keys = [ctx.keys.worker_calls(scope, worker_id), ctx.keys.calls(scope)]
+                moved = await _RESCUE(ctx.redis, keys, [worker_id])
+                if moved and moved > 0:
+                    ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to the stream "
+                                           "of shard %s", ctx.worker_id, moved, worker_id, scope)  # fmt: skip
         keys = [
             ctx.keys.worker_calls(ctx.service, worker_id),
             ctx.stream,
@@ -86,3 +101,16 @@ class Housekeeping:
         if moved and moved > 0:
             ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to the shared stream",
                                    ctx.worker_id, moved, worker_id)  # fmt: skip
+
+    async def _sweep_shards(self) -> None:
+        """Remove the consumers of the other shards' streams whose worker is gone (no registry
+        record) and that hold nothing: delete_consumer.lua's check, made from here because a
+        shard's stream and the worker records are in different slots."""
+        ctx = self.ctx
+        for stream in ctx.streams[1:]:
+            for consumer in await ctx.redis.xinfo_consumers(stream, GROUP):
+                name = text(consumer["name"])
+                if name == ctx.worker_id or int(consumer.get("pending", 0)):
+                    continue
+                if not await ctx.redis.exists(ctx.keys.worker(ctx.service, name)):
+                    await _DELETE_CONSUMER(ctx.redis, [stream], [GROUP, name])

@@ -7,6 +7,14 @@ own, so that stopping can end a blocked XREADGROUP with CLIENT UNBLOCK
 it first claims calls that dead workers left pending. If Redis loses the
 stream or its group under the worker (a restart without persistence, a
 FLUSHALL, a DEL), they are made again and the worker carries on.
+
+A sharded service's streams are read by one read loop per shard, each on a
+connection to its slot's node (a cluster refuses a read across slots). The
+loops share the slots: a busy shard's loop reserves every free slot while it
+blocks; a loop whose shard had nothing last time asks for one entry and
+holds no slot, so no shard's calls wait behind another shard's blocked read,
+and a worker holds at most one entry per idle shard more than its slots (it
+runs no more than its slots at once).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import anyio.lowlevel
 from redis import exceptions as rexc
 
 from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries
-from titan_broker._wire import GROUP, protocol
+from titan_broker._wire import GROUP, Keys, protocol
 
 from .call import DeadLetter, Entry
 from .context import WorkerContext
@@ -36,25 +44,40 @@ Serve = Callable[[Entry, int], Awaitable[Settling | None]]
 way: the entry stays in flight until it is done."""
 
 
+class Lane:
+    """One read loop: its connection, and the streams one XREADGROUP of it reads."""
+
+    __slots__ = ("busy", "channel", "reader_at", "reader_id", "streams")
+
+    def __init__(self, channel: Channel, streams: list[str]) -> None:
+        self.channel = channel
+        self.streams = streams
+        self.busy = False
+        """Whether its last read found entries (it then reserves every free slot for its next)."""
+        self.reader_id: int | None = None
+        self.reader_at: tuple[str, int] | None = None
+
+
 class Intake:
-    """Reads the service's stream and this worker's own stream into ``concurrency`` slots."""
+    """Reads the service's streams (one per shard) and this worker's own stream into
+    ``concurrency`` slots."""
 
     def __init__(self, ctx: WorkerContext, housekeeping: Housekeeping, serve: Serve) -> None:
         self.ctx = ctx
         self.housekeeping = housekeeping
         self.serve = serve
         self.in_flight = 0
-        self._active: set[bytes] = set()
-        """Ids of the shared stream's entries in flight (read by the heartbeat thread)."""
+        self._active: dict[str, set[bytes]] = {stream: set() for stream in ctx.streams}
+        """Per shard's stream, the ids of its entries in flight (read by the heartbeat thread)."""
+        self._reserved = 0
+        """Slots the read loops blocked in a read hold for what it may return."""
         self._lock = threading.Lock()
         self._freed = anyio.Event()
         self._stopping = False
         self._stop_requested = anyio.Event()
         self._reading = False
-        self._reader: Channel | None = None
+        self._lanes: list[Lane] = []
         self._slots: anyio.abc.TaskGroup | None = None
-        self._reader_id: int | None = None
-        self._reader_at: tuple[str, int] | None = None
 
     def poisoned(self, entry: Entry, deliveries: int) -> DeadLetter | None:
         """An entry delivered more often than its method's ``max_deliveries`` (each worker running it
@@ -75,10 +98,14 @@ class Intake:
             return DeadLetter(reason, deliveries=count)
         return None
 
-    def active_ids(self) -> list[bytes]:
-        """The shared stream's entries in flight (thread-safe: for the heartbeat)."""
+    def active_ids(self) -> dict[str, list[bytes]]:
+        """Per shard's stream, its entries in flight (thread-safe: for the heartbeat)."""
         with self._lock:
-            return list(self._active)
+            return {stream: list(ids) for stream, ids in self._active.items() if ids}
+
+    def _running(self, stream: str) -> list[bytes]:
+        with self._lock:
+            return list(self._active.get(stream, ()))
 
     def stop(self) -> None:
         """Stop reading (the calls in flight go on)."""
@@ -89,20 +116,21 @@ class Intake:
     async def ensure_groups(self) -> None:
         """Make the streams and their consumer group (id 0: calls queued before are seen)."""
         ctx = self.ctx
-        for stream in (ctx.stream, ctx.own_stream):
+        for stream in (*ctx.streams, *(ctx.own_stream_of(scope) for scope in ctx.scopes)):
             try:
                 await ctx.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def run(self, reader: Channel, grace: float) -> None:
+    async def run(self, lanes: list[Lane], grace: float) -> None:
         """Read and serve until stop(), then let calls in flight finish within ``grace`` seconds."""
         ctx = self.ctx
-        self._reader = reader
-        # Redis may be lost already: the read loop below reconnects and notes the id again.
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            await self._note_reader_id(reader)
+        self._lanes = lanes
+        for lane in lanes:
+            # Redis may be lost already: the read loop below reconnects and notes the id again.
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self._note_reader_id(lane)
         # An asyncio queue, not an anyio memory stream: a third of the cost per entry. Never more
         # entries in it than free slots (the read asks for no more), and the slots end cancelled.
         queue: asyncio.Queue[tuple[Entry, int]] = asyncio.Queue()
@@ -114,7 +142,9 @@ class Intake:
                 helpers.start_soon(self._unblock_on_stop)
                 self._reading = True
                 try:
-                    await self._read(queue.put_nowait, slots)
+                    async with anyio.create_task_group() as reads:
+                        for lane in lanes:
+                            reads.start_soon(self._read, lane, queue.put_nowait, slots)
                 finally:
                     self._reading = False
                 helpers.cancel_scope.cancel()
@@ -131,8 +161,12 @@ class Intake:
         self._slots = None
 
     async def _wait_freed(self) -> None:
-        await self._freed.wait()
-        self._freed = anyio.Event()
+        freed = self._freed
+        await freed.wait()
+        # Only the first of several waiters (a sharded service's read loops) makes a new event: the
+        # others would put theirs in its place, and a loop waiting on a replaced one waits forever.
+        if self._freed is freed:
+            self._freed = anyio.Event()
 
     async def _slot(self, queue: asyncio.Queue[tuple[Entry, int]]) -> None:
         while True:
@@ -175,43 +209,66 @@ class Intake:
 
     def _take(self, entry: Entry) -> None:
         self.in_flight += 1
-        if entry.stream == self.ctx.stream:
+        active = self._active.get(entry.stream)
+        if active is not None:  # a shard's stream, not this worker's own (nobody claims from that)
             with self._lock:
-                self._active.add(entry.id)
+                active.add(entry.id)
 
     def _done(self, entry: Entry) -> None:
-        with self._lock:
-            self._active.discard(entry.id)
+        active = self._active.get(entry.stream)
+        if active is not None:
+            with self._lock:
+                active.discard(entry.id)
         self.in_flight -= 1
         self._freed.set()
 
-    async def _read(self, dispatch: Callable[[tuple[Entry, int]], None], slots: anyio.abc.TaskGroup) -> None:
+    async def _read(
+        self, lane: Lane, dispatch: Callable[[tuple[Entry, int]], None], slots: anyio.abc.TaskGroup
+    ) -> None:
         ctx = self.ctx
-        reader = self._reader
-        assert reader is not None
+        reader = lane.channel
         block_ms = max(1, int(ctx.options.read_block * 1000))
         backoff = Backoff()
         next_reclaim = 0.0
+        shards = [stream for stream in lane.streams if stream in self._active]
+        read = ["XREADGROUP", "GROUP", GROUP, ctx.worker_id, "COUNT", 0, "BLOCK", block_ms, "STREAMS",
+                *lane.streams, *[">"] * len(lane.streams)]  # fmt: skip
+        concurrency = ctx.options.concurrency
+        several = len(self._lanes) > 1
         while not self._stopping:
-            free = ctx.options.concurrency - self.in_flight
-            if free <= 0:
+            free = concurrency - self.in_flight - self._reserved
+            # An idle shard's loop (several loops, its last read found nothing) asks for one entry
+            # and holds no slot meanwhile: it may take one more than the slots (the slot tasks still
+            # run no more than ``concurrency`` at once), and a busy shard gets every slot.
+            idle = several and not lane.busy
+            if free <= 0 and not idle:
                 await self._wait_freed()
                 continue
+            ask = 1 if idle else free
+            held = 0 if idle else ask
+            self._reserved += held
             try:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + ctx.options.heartbeat_interval
-                    claimed = await self.housekeeping.reclaim(reader, free, self.active_ids())
-                    if self.housekeeping.sweep_due:
+                    # Up to every free slot, this loop's own included, whatever it asks to read.
+                    quota = max(0, concurrency - self.in_flight - self._reserved + held)
+                    claimed: list[tuple[Entry, int]] = []
+                    for shard in shards:
+                        left = quota - len(claimed)
+                        if left > 0:
+                            running = self._running(shard)
+                            claimed += await self.housekeeping.reclaim(reader, shard, left, running)
+                    if quota and len(claimed) >= quota:
+                        next_reclaim = 0.0  # more may be left: look again once slots free up
+                    if ctx.stream in shards and self.housekeeping.sweep_due:
                         slots.start_soon(self.housekeeping.sweep)
                     for entry, deliveries in claimed:
                         self._take(entry)
                         dispatch((entry, deliveries))
                     if claimed:
                         continue  # slots changed; recount before reading
-                response = await reader.execute(
-                    "XREADGROUP", "GROUP", GROUP, ctx.worker_id, "COUNT", free, "BLOCK", block_ms,
-                    "STREAMS", ctx.stream, ctx.own_stream, ">", ">",
-                )  # fmt: skip
+                read[5] = ask
+                response = await reader.execute(*read)
                 backoff.reset()
             except rexc.ResponseError as exc:
                 message = str(exc)
@@ -230,37 +287,41 @@ class Intake:
             except CONNECTION_ERRORS as exc:
                 ctx.log.log(logging.WARNING, "read-unreachable", "worker %s lost Redis (%s); reconnecting",
                             ctx.worker_id, exc)  # fmt: skip
-                self._reader_id = None
+                lane.reader_id = None
                 await backoff.sleep()
                 with contextlib.suppress(*CONNECTION_ERRORS):
-                    await self._note_reader_id(reader)
+                    await self._note_reader_id(lane)
                 continue
+            finally:
+                self._reserved -= held
+                if several:
+                    self._freed.set()  # the slots this read held and did not fill are free again
+            lane.busy = False
             for stream, entry_id, fields in stream_entries(response):
                 entry = Entry(stream.decode(), entry_id, fields)
                 self._take(entry)
                 dispatch((entry, 1))
+                lane.busy = True
             # Let the new calls run (and a quick one reply) before the next read is sent.
             await anyio.lowlevel.checkpoint()
 
-    async def _note_reader_id(self, reader: Channel) -> None:
-        """Note the reader's connection id, and on which node it holds (for CLIENT UNBLOCK)."""
-        self._reader_id = await reader.execute("CLIENT", "ID")
-        self._reader_at = reader.address
+    async def _note_reader_id(self, lane: Lane) -> None:
+        """Note the lane's connection id, and on which node it holds (for CLIENT UNBLOCK)."""
+        lane.reader_id = await lane.channel.execute("CLIENT", "ID")
+        lane.reader_at = lane.channel.address
 
     async def _unblock_on_stop(self) -> None:
         await self._stop_requested.wait()
-        # Repeat: the reader may be between two reads when the first unblock lands.
+        # Repeat: a reader may be between two reads when the first unblock lands.
         while self._reading:
-            reader, writer = self._reader, self.ctx.writer
-            # Through the writer, which follows the same slot as the reader (a cluster's pooled
-            # client would pick a node of its own), and only while both speak to the node the id
-            # was read on: a connection id means another client on another node. Otherwise the
-            # read ends by itself within its block.
-            if (
-                self._reader_id is not None
-                and reader is not None
-                and self._reader_at == reader.address == writer.address
-            ):
-                with contextlib.suppress(*CONNECTION_ERRORS, rexc.ResponseError):
-                    await writer.execute("CLIENT", "UNBLOCK", self._reader_id)
+            for lane in self._lanes:
+                reader = lane.channel
+                writer = self.ctx.writer_for(Keys.scope_of(lane.streams[0]))
+                # Through the writer of the lane's shard, which follows the same slot as the reader
+                # (a cluster's pooled client would pick a node of its own), and only while both speak
+                # to the node the id was read on: a connection id means another client on another
+                # node. Otherwise the read ends by itself within its block.
+                if lane.reader_id is not None and lane.reader_at == reader.address == writer.address:
+                    with contextlib.suppress(*CONNECTION_ERRORS, rexc.ResponseError):
+                        await writer.execute("CLIENT", "UNBLOCK", lane.reader_id)
             await anyio.sleep(0.05)

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 import redis.cluster
 
+from titan_broker._errors import ConfigError
 from titan_broker._redis import Script, Topology
 from titan_broker._registry import WorkerInfo
 from titan_broker._wire import GROUP
@@ -33,17 +34,19 @@ from titan_broker._wire import GROUP
 from .context import WorkerContext
 
 _RENEW = Script("renew")
+_REGISTER = Script("register")
 _RESCUE = Script("rescue")
+_DELETE_CONSUMER = Script("delete_consumer")
 
 
 class Heartbeat:
     """The worker's registry record and the renewal of its calls, kept from a thread.
 
     ``record`` (set by the loop) is the worker's latest record; ``active``
-    returns the ids of the shared stream's entries in flight.
+    returns the ids of the entries in flight, per shard's stream.
     """
 
-    def __init__(self, ctx: WorkerContext, active: Callable[[], list[bytes]]) -> None:
+    def __init__(self, ctx: WorkerContext, active: Callable[[], dict[str, list[bytes]]]) -> None:
         self.ctx = ctx
         self.active = active
         self.record: WorkerInfo | None = None
@@ -96,23 +99,29 @@ class Heartbeat:
             "description": definition.info.description.strip(),
             "methods": self.record.methods,
         }
-        limits = {
-            "max_backlog": definition.info.max_backlog,
-            "max_deliveries": ctx.options.max_deliveries or definition.info.max_deliveries,
-        }
+        # A sharded service's limit is shared evenly: each shard's submit counts its own stream.
+        max_backlog = -(-definition.info.max_backlog // ctx.shards)
+        max_deliveries = ctx.options.max_deliveries or definition.info.max_deliveries
         # The directory first (its own key, maybe on another cluster node): a record is only
         # written for a service the directory lists, and a failure here leaves no record, so
         # the next beat registers again.
         self.client.hset(ctx.keys.services, ctx.service, json.dumps(description))
-        pipe = self.client.pipeline(transaction=True)  # the service's keys: one slot
-        record: dict[Any, Any] = self._fields(heartbeat_only=False)
-        pipe.hset(ctx.record_key, mapping=record)
-        pipe.pexpire(ctx.record_key, int(ctx.options.heartbeat_ttl * 1000))
-        pipe.sadd(ctx.keys.workers(ctx.service), ctx.worker_id)
-        pipe.sadd(ctx.keys.affinity(ctx.service), ctx.worker_id)
-        pipe.hset(ctx.keys.config(ctx.service), mapping=limits)  # type: ignore[arg-type]
-        pipe.delete(ctx.keys.idle(ctx.service))  # served again: not idle, never retired
-        pipe.execute()
+        keys = [ctx.record_key, ctx.keys.workers(ctx.service), ctx.keys.affinity(ctx.service),
+                ctx.keys.config(ctx.service), ctx.keys.idle(ctx.service)]  # fmt: skip
+        args: list[Any] = [ctx.shards, ctx.worker_id, int(ctx.options.heartbeat_ttl * 1000),
+                           ctx.keys.worker(ctx.service, ""), max_backlog, max_deliveries]  # fmt: skip
+        for name, value in self._fields(heartbeat_only=False).items():
+            args += [name, value]
+        try:
+            _REGISTER.run_sync(self.client, keys, args)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("TITANSHARDS"):
+                raise
+            _, count, *live = str(exc).split()
+            raise ConfigError(mismatch(ctx.service, int(count), live, ctx.shards)) from None
+        limits = {"max_backlog": max_backlog, "max_deliveries": max_deliveries}
+        for scope in ctx.scopes[1:]:  # each shard's submit reads the limits in its own slot
+            self.client.hset(ctx.keys.config(scope), mapping=limits)  # type: ignore[arg-type]
 
     def _fields(self, *, heartbeat_only: bool) -> dict[str, str]:
         assert self.record is not None, "the worker publishes its record before registering"
@@ -186,13 +195,13 @@ class Heartbeat:
             # was deleted (a restart without persistence, a FLUSHALL): register anew, whole.
             ctx.log.logger.warning("worker %s: its registry record was gone; registering anew", ctx.worker_id)
             self.register()
-        ids = self.active()
-        if ids:
-            _renewed, lost = _RENEW.run_sync(self.client, [ctx.stream], [GROUP, ctx.worker_id, *ids])
-            if lost:
-                ctx.log.log(logging.WARNING, "renew-lost",
-                            "worker %s: %d call(s) in flight were taken over by another worker; "
-                            "their results will not be sent from here", ctx.worker_id, lost)  # fmt: skip
+        lost = 0
+        for stream, ids in self.active().items():
+            lost += _RENEW.run_sync(self.client, [stream], [GROUP, ctx.worker_id, *ids])[1]
+        if lost:
+            ctx.log.log(logging.WARNING, "renew-lost",
+                        "worker %s: %d call(s) in flight were taken over by another worker; "
+                        "their results will not be sent from here", ctx.worker_id, lost)  # fmt: skip
         if failures:
             raise failures[0]
 
@@ -204,6 +213,9 @@ class Heartbeat:
             pipe.delete(ctx.record_key)
             pipe.srem(ctx.keys.workers(ctx.service), ctx.worker_id)
             pipe.execute()
+            for scope in ctx.scopes[1:]:  # its record is gone (above): each shard's own stream
+                own = [ctx.own_stream_of(scope), ctx.keys.calls(scope)]
+                _RESCUE.run_sync(self.client, own, [ctx.worker_id])
             keys = [ctx.own_stream, ctx.stream, ctx.record_key, ctx.keys.affinity(ctx.service)]
             _RESCUE.run_sync(self.client, keys, [ctx.worker_id])
             pending: Any = self.client.xpending_range(
@@ -212,6 +224,19 @@ class Heartbeat:
             if not pending:
                 # Only a consumer with nothing pending may go: DELCONSUMER drops its entries.
                 self.client.xgroup_delconsumer(ctx.stream, GROUP, ctx.worker_id)
+            for stream in ctx.streams[1:]:  # each other shard: its check made in one script
+                _DELETE_CONSUMER.run_sync(self.client, [stream], [GROUP, ctx.worker_id])
         except redis.RedisError as exc:
             ctx.log.logger.warning("worker %s: could not deregister (%s); the record expires by itself",
                                    ctx.worker_id, exc)  # fmt: skip
+
+
+def mismatch(service: str, registered: int, live: list[str], shards: int) -> str:
+    """Why a worker with ``shards`` may not serve ``service``, which its live workers serve with another
+    count, and how to change it."""
+    return (
+        f"service {service!r} is served with shards={registered} by {len(live)} live worker(s) "
+        f"({', '.join(sorted(live)[:3])}); this worker has shards={shards}. Every worker of a service "
+        "must use the same shard count: to change it, stop every worker, let each shard's backlog "
+        "drain (titan queues), then start them with the new count"
+    )

@@ -142,6 +142,14 @@ def run(
     max_payload: Annotated[
         int, typer.Option(metavar="BYTES", help="Largest request or reply, in bytes.")
     ] = 1024 * 1024,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            metavar="K",
+            help="Spread the service's calls over K slots (default: the service's @process(shards=...)); "
+            "every worker of a service must use the same K.",
+        ),
+    ] = None,
     health_interval: Annotated[
         float, typer.Option(metavar="SECONDS", help="Seconds between @health_check runs.")
     ] = 5.0,
@@ -193,6 +201,7 @@ def run(
                 heartbeat_interval=heartbeat_interval,
                 max_deliveries=max_deliveries,
                 max_payload=max_payload,
+                shards=shards,
                 health_interval=health_interval,
                 health_timeout=health_timeout,
                 parent_pid=parent_pid,

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 
 import anyio
+import anyio.abc
 
 from titan_broker._redis import Script
 from titan_broker._service import PeriodicOptions
@@ -90,15 +91,34 @@ class Scheduler:
         """Wake the loop when a caller adds a delayed call due before its next look (a token on the
         wake list: one worker of the service pops it, and any worker may move the call)."""
         ctx = self.ctx
-        key = ctx.keys.delayed_wake(ctx.service)
+        # One list per shard: a cluster would refuse one BLPOP on keys of several slots.
+        keys = [ctx.keys.delayed_wake(scope) for scope in ctx.scopes]
         while True:
             try:
-                if await ctx.redis.blpop([key], timeout=WAKE_BLOCK):
+                if await self._pop_any(keys):
                     self._wake.set()
             except Exception as exc:  # Redis away: the loop's regular looks go on meanwhile
                 ctx.log.log(logging.WARNING, "wake", "worker %s: cannot wait for delayed calls due soon "
                             "(%s); still trying", ctx.worker_id, exc)  # fmt: skip
                 await anyio.sleep(1.0)
+
+    async def _pop_any(self, keys: list[str]) -> bool:
+        """Wait up to WAKE_BLOCK for a token on any of the wake lists (one BLPOP per slot)."""
+        redis = self.ctx.redis
+        if len(keys) == 1:
+            return bool(await redis.blpop(keys, timeout=WAKE_BLOCK))
+        woken = False
+
+        async def pop(key: str, tg: anyio.abc.TaskGroup) -> None:
+            nonlocal woken
+            if await redis.blpop([key], timeout=WAKE_BLOCK):
+                woken = True
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(pop, key, tg)
+        return woken
 
     async def _loop(self) -> None:
         ctx = self.ctx
@@ -106,15 +126,17 @@ class Scheduler:
             wait = PROMOTE_EVERY
             self._wake = anyio.Event()  # before the look: a wake during it means look again
             try:
-                moved, next_in = await _PROMOTE(
-                    ctx.writer, [ctx.keys.delayed(ctx.service), ctx.stream, ctx.keys.dead(ctx.service)],
-                    [PROMOTE_BATCH, ctx.keys.job_prefix(ctx.service), ctx.options.dead_letter_maxlen,
-                     ctx.keys.gone_prefix(ctx.service)],
-                )  # fmt: skip
-                if moved >= PROMOTE_BATCH:
-                    wait = 0.0
-                elif next_in >= 0:
-                    wait = min(wait, next_in / 1000)
+                for scope in ctx.scopes:  # each shard's delayed set onto its own stream (one slot)
+                    moved, next_in = await _PROMOTE(
+                        ctx.writer_for(scope),
+                        [ctx.keys.delayed(scope), ctx.keys.calls(scope), ctx.keys.dead(scope)],
+                        [PROMOTE_BATCH, ctx.keys.job_prefix(scope), ctx.options.dead_letter_maxlen,
+                         ctx.keys.gone_prefix(scope)],
+                    )  # fmt: skip
+                    if moved >= PROMOTE_BATCH:
+                        wait = 0.0
+                    elif next_in >= 0:
+                        wait = min(wait, next_in / 1000)
                 ctx.log.over(("schedule",), "worker %s: delayed calls reach Redis again", ctx.worker_id)
             except Exception as exc:  # the loop outlives any trouble with Redis
                 ctx.log.log(logging.WARNING, "schedule", "worker %s: cannot run delayed calls "
@@ -144,8 +166,8 @@ class Scheduler:
         ctx = self.ctx
         method = protocol.field_text(entry.fields, protocol.F_METHOD)
         token = protocol.field_text(entry.fields, protocol.F_JOB)
-        if method is None or token is None or method not in self.methods:
-            return False
+        if method is None or token is None or method not in self.methods or entry.stream != ctx.stream:
+            return False  # ticks are queued on the first shard's stream only
         tick = token.split("-")[1] if token.count("-") == 2 else ""
         if not tick.isdigit() or token != _token(method, int(tick)):
             return False  # a job submitted by a caller, not a tick's run

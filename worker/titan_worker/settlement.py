@@ -21,7 +21,7 @@ from redis import exceptions as rexc
 
 from titan_broker._errors import RedisUnavailable, WireError
 from titan_broker._redis import CONNECTION_ERRORS, Backoff, Batch, Script
-from titan_broker._wire import GROUP, protocol
+from titan_broker._wire import GROUP, Keys, protocol
 
 from .call import DeadLetter, Entry, HandedOff, Outcome, Reply, Retry
 from .context import WorkerContext
@@ -138,7 +138,7 @@ class Settlement:
         call_id = protocol.field_text(entry.fields, protocol.F_ID) or ""
         try:
             async with ctx.redis.pipeline(transaction=False) as pipe:
-                pipe.exists(ctx.keys.gone(ctx.service, call_id))
+                pipe.exists(ctx.keys.gone(Keys.scope_of(entry.stream), call_id))
                 pipe.xpending_range(entry.stream, GROUP, min=entry.id, max=entry.id, count=1)
                 gone, holders = await pipe.execute(raise_on_error=False)
         except _RETRYABLE:
@@ -172,7 +172,7 @@ class Settlement:
             if outcome.job:
                 args.append("done" if outcome.ok else "failed")
         shared = (GROUP, ctx.worker_id, int(ctx.options.reply_ttl * 1000))
-        return _FINISH.part(ctx.writer, keys, args, shared)
+        return _FINISH.part(ctx.writer_for(Keys.scope_of(entry.stream)), keys, args, shared)
 
     async def _retry(self, entry: Entry, retry: Retry) -> int:
         """Put the call in the delayed set for its next attempt (@retry) and acknowledge it."""
@@ -182,15 +182,16 @@ class Settlement:
         delay_ms = int(retry.delay * 1000)
         # The new run keeps the call's deadline: its ttl counts from its due time.
         fields = protocol.next_attempt(entry.fields, deadline_ms - int(ctx.clock.now_ms()) - delay_ms)
-        keys = [entry.stream, ctx.keys.delayed(ctx.service)]
+        scope = Keys.scope_of(entry.stream)  # the next run waits in the delayed set of the entry's shard
+        keys = [entry.stream, ctx.keys.delayed(scope)]
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, delay_ms, protocol.pack_fields(fields)]
         if outcome.job and outcome.reply_to is not None:
             keys.append(outcome.reply_to)
             args.append(outcome.payload or b"")
         else:  # a call: not again if its caller gave up
-            keys.append(ctx.keys.gone(ctx.service, protocol.field_text(fields, protocol.F_ID) or ""))
+            keys.append(ctx.keys.gone(scope, protocol.field_text(fields, protocol.F_ID) or ""))
             args.append("")
-        return int(await _RETRY(ctx.writer, keys, args))
+        return int(await _RETRY(ctx.writer_for(scope), keys, args))
 
     async def _dead_letter(self, entry: Entry, reason: str, deliveries: int, answer: bool) -> int:
         ctx = self.ctx
@@ -198,15 +199,16 @@ class Settlement:
         call_id = protocol.field_text(fields, protocol.F_ID)
         reply_to = protocol.field_text(fields, protocol.F_REPLY)
         job = protocol.job_token(fields)
+        scope = Keys.scope_of(entry.stream)  # the entry's shard: its dead letters and replies
         if job is not None:  # a job's outcome goes to its hash, whatever its fields say of a reply
-            reply_to = ctx.keys.job(ctx.service, job)
-        keys = [entry.stream, ctx.keys.dead(ctx.service)]
+            reply_to = ctx.keys.job(scope, job)
+        keys = [entry.stream, ctx.keys.dead(scope)]
         payload = b""
         if (
             answer
             and call_id
             and reply_to
-            and (job is not None or reply_to.startswith(ctx.keys.reply_prefix(ctx.service)))
+            and (job is not None or reply_to.startswith(ctx.keys.reply_prefix(scope)))
             and len(reply_to) < 256
         ):
             keys.append(reply_to)

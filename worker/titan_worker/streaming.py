@@ -21,7 +21,7 @@ import anyio
 
 from titan_broker._errors import EncodeError, WireError
 from titan_broker._redis import REDIS_ERRORS, Script
-from titan_broker._wire import protocol
+from titan_broker._wire import Keys, protocol
 
 from .call import Call, Outcome, Reply
 from .context import WorkerContext
@@ -66,8 +66,10 @@ async def run_stream(ctx: WorkerContext, call: Call, items: AsyncIterator[Any], 
     deadline (a caller that vanished stops granting credit).
     """
     req = call.request
-    control = ctx.keys.stream_control(ctx.service, req.call_id)
-    wake = ctx.keys.stream_wake(ctx.service, req.call_id)
+    scope = Keys.scope_of(call.entry.stream)  # the call's shard: its reply stream's slot
+    control = ctx.keys.stream_control(scope, req.call_id)
+    wake = ctx.keys.stream_wake(scope, req.call_id)
+    writer = ctx.writer_for(scope)
     ttl_ms = int(ctx.options.reply_ttl * 1000)
     # Room for a message's own fields around its items (call id, worker id, positions, framing).
     overhead = len(req.call_id.encode()) + len(ctx.worker_id.encode()) + 64
@@ -106,7 +108,7 @@ async def run_stream(ctx: WorkerContext, call: Call, items: AsyncIterator[Any], 
             if buffer:
                 batch = buffer[:]
                 buffer.clear()
-                items_sent = _STREAM_ITEMS(ctx.writer, [req.reply_to], [ttl_ms, *messages(batch)])
+                items_sent = _STREAM_ITEMS(writer, [req.reply_to], [ttl_ms, *messages(batch)])
                 await _redis("sending stream items", items_sent)
                 call.items_sent += len(batch)
             if finished and not buffer:

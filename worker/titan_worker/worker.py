@@ -17,6 +17,7 @@ The constructor does no I/O, so a worker can also run in-process:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -30,18 +31,28 @@ import anyio
 import anyio.abc
 
 from titan_broker._config import WorkerOptions, check_name, redact
-from titan_broker._errors import TitanError
-from titan_broker._redis import SOCKET_TIMEOUT, Acting, AutoPipeline, Channel, acting, discover, open_redis
-from titan_broker._registry import LatencyHistogram, WorkerInfo
+from titan_broker._errors import ConfigError, TitanError
+from titan_broker._redis import (
+    SOCKET_TIMEOUT,
+    Acting,
+    AutoPipeline,
+    Channel,
+    Topology,
+    acting,
+    discover,
+    open_redis,
+    text,
+)
+from titan_broker._registry import LatencyHistogram, WorkerInfo, shard_count
 from titan_broker._service import Health, ServiceDefinition
-from titan_broker._wire import Keys, protocol
+from titan_broker._wire import Keys, protocol, shard_scopes
 
 from .call import Entry, Reply
 from .context import WorkerContext
 from .execution import Executor
 from .housekeeping import Housekeeping
-from .intake import Intake
-from .liveness import Heartbeat
+from .intake import Intake, Lane
+from .liveness import Heartbeat, mismatch
 from .metrics import Metrics
 from .scheduling import Scheduler
 from .settlement import Settlement, Settling
@@ -82,6 +93,7 @@ class Worker:
             service=service,
             worker_id=worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
             metrics=Metrics(service),
+            shards=options.shards or definition.info.shards,
         )
         self.instance: Any = None
         self.status = "starting"
@@ -152,18 +164,13 @@ class Worker:
         ctx = self.ctx
         acting.set(Acting("worker"))
         topology = await discover(self.url)
-        ctx.redis_ = await open_redis(topology, max_connections=ctx.options.concurrency + 4)
-        reader: Channel | None = None
-        writer: Channel | None = None
+        # The slots, the housekeeping, and a wait on each shard's list of delayed calls due soon.
+        ctx.redis_ = await open_redis(topology, max_connections=ctx.options.concurrency + 4 + ctx.shards)
+        channels: list[Channel] = []
         http: Any = None
         try:
-            # Both channels speak to the node of the service's slot, where all its keys live.
-            # A blocked read waits up to read_block for calls: its socket may wait that much longer.
-            reader = await Channel.open(
-                topology, ctx.stream, socket_timeout=SOCKET_TIMEOUT + ctx.options.read_block
-            )
-            writer = await Channel.open(topology, ctx.stream)
-            ctx.writer_ = AutoPipeline(writer)
+            await self._check_shards()
+            lanes = await self._open_lanes(topology, channels)
             self.instance = self.definition.cls()
             if self.definition.has_init:
                 try:
@@ -194,7 +201,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._publish_loop)
                 tg.start_soon(self.scheduler.run)
-                await self.intake.run(reader, ctx.options.grace_period)
+                await self.intake.run(lanes, ctx.options.grace_period)
                 tg.cancel_scope.cancel()
             await self._run_shutdown_hooks()
             await anyio.to_thread.run_sync(self.heartbeat.stop)
@@ -206,14 +213,62 @@ class Worker:
                 self.heartbeat.close()
                 if http is not None:
                     http.shutdown()
-                if ctx.writer_ is not None:
-                    await ctx.writer_.aclose()
-                for channel in (writer, reader):
-                    if channel is not None:
-                        await channel.aclose()
+                for pipe in (ctx.writer_, *ctx.writers_.values()):
+                    if pipe is not None:
+                        await pipe.aclose()
+                for channel in channels:
+                    await channel.aclose()
                 ctx.writer_ = None
+                ctx.writers_.clear()
                 await ctx.redis.aclose()
                 ctx.redis_ = None
+
+    async def _open_lanes(self, topology: Topology, channels: list[Channel]) -> list[Lane]:
+        """A reader and a writer per shard, on the node of its slot (one writer for all on a single
+        Redis); the first shard's reader also reads this worker's own stream."""
+        ctx = self.ctx
+        lanes = []
+        for scope, stream in zip(ctx.scopes, ctx.streams, strict=True):
+            # A blocked read waits up to read_block for calls: its socket may wait that much longer.
+            timeout = SOCKET_TIMEOUT + ctx.options.read_block
+            reader = await Channel.open(topology, stream, socket_timeout=timeout)
+            channels.append(reader)
+            if stream == ctx.stream:
+                lanes.append(Lane(reader, [stream, ctx.own_stream]))
+                writer = await Channel.open(topology, stream)
+                channels.append(writer)
+                ctx.writer_ = AutoPipeline(writer)
+                continue
+            lanes.append(Lane(reader, [stream, ctx.own_stream_of(scope)]))
+            if topology.kind == "cluster":  # a script's keys must be in one slot: settles batched per shard
+                writer = await Channel.open(topology, stream)
+                channels.append(writer)
+                ctx.writers_[scope] = AutoPipeline(writer)
+        return lanes
+
+    async def _check_shards(self) -> None:
+        """Refuse early (before ``init()``) a shard count other than the one live workers of the service
+        registered (``register.lua`` checks it again, in one step with the registration), and fewer
+        shards than before while the shards dropped still hold calls, which nobody would read."""
+        ctx = self.ctx
+        registered = await shard_count(ctx.redis, ctx.keys, ctx.service)
+        if registered == ctx.shards:
+            return
+        others = [text(w) for w in await ctx.redis.smembers(ctx.keys.workers(ctx.service))]
+        record = functools.partial(ctx.keys.worker, ctx.service)
+        live = [w for w in others if w != ctx.worker_id and await ctx.redis.exists(record(w))]
+        if live:
+            raise ConfigError(mismatch(ctx.service, registered, live, ctx.shards))
+        dropped = shard_scopes(ctx.service, registered)[ctx.shards :]
+        left = sum([int(await ctx.redis.xlen(ctx.keys.calls(scope))) for scope in dropped])
+        if left:
+            which = f"shard {ctx.shards}" if len(dropped) == 1 else f"shards {ctx.shards} to {registered - 1}"
+            raise ConfigError(
+                f"service {ctx.service!r} had shards={registered}: its {which} still hold {left} "
+                f"call(s), which a worker with shards={ctx.shards} would never read; run its workers "
+                f"with shards={registered} until titan queues shows them empty (or titan purge them), "
+                f"then start them with shards={ctx.shards}"
+            )
 
     async def _serve(self, entry: Entry, deliveries: int) -> Settling | None:
         """Run one entry and settle it; every failure ends as an answer, a dead letter or a log line.

@@ -369,6 +369,7 @@ def _service_row(service: ServiceOverview, rates: dict[str, float | None]) -> di
         "concurrency": sum(w.concurrency for w in info.workers),
         "health": _health(service),
         "queue": service.queue.to_dict(),
+        "shards": info.shards,
         "delayed": service.delayed,
         "jobs": service.jobs,
         "breaker": None,  # a circuit breaker lives in each caller's process: the registry does not know it

@@ -1,7 +1,8 @@
 /**
  * The calling side, as PROTOCOL.md specifies it and the Python client (titan_broker/_calling/client.py)
  * implements it: a call is one stream entry added by submit.lua; its reply comes back on the
- * client's reply stream in the service's slot (link.ts).
+ * client's reply stream in the service's slot (link.ts). A sharded service's calls go to its
+ * shards in turn, each shard with its own stream, reply stream and link (shards.ts).
  *
  * A call is bounded by its timeout from start to finish, whatever Redis does: connecting, routing,
  * sending and waiting all end at its deadline. A call given up (timeout, an error, a stream left
@@ -29,7 +30,9 @@ import {
 import { Job } from "./jobs.js";
 import { Link, READ_BLOCK_MS, type Reply, type Sent } from "./link.js";
 import { defineScripts, type Scripts } from "./scripts.js";
+import { Shards, scopeService } from "./shards.js";
 import { DEFAULT_URL, Topology, redact, urlUser, type AnyRedis } from "./topology.js";
+import { within } from "./within.js";
 
 export const VERSION = "3";
 export const DEFAULT_TIMEOUT = 30;
@@ -138,23 +141,6 @@ function entryMs(id: Buffer | string): number {
   return Number(text.slice(0, text.indexOf("-")));
 }
 
-/** Rejects with `make()` at `deadline` (performance.now() ms) unless settled before. */
-function within<T>(promise: Promise<T>, deadline: number, make: () => Error): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const timer = setTimeout(() => reject(make()), Math.max(0, deadline - performance.now()));
-    promise.then(
-      (v) => {
-        clearTimeout(timer);
-        resolve(v);
-      },
-      (e: unknown) => {
-        clearTimeout(timer);
-        reject(e);
-      },
-    );
-  });
-}
-
 function errorText(exc: unknown): string {
   return exc instanceof Error ? exc.message : String(exc);
 }
@@ -193,6 +179,7 @@ export class Client {
   private readonly checking = new Set<string>();
   private readonly withdrawals = new Set<Promise<void>>();
   private readonly scripts: Scripts;
+  private readonly shards: Shards;
   /** Who runs this client's commands, for AccessDenied: a caller, as its ACL user. */
   private readonly acting: Acting;
   private closed = false;
@@ -211,14 +198,23 @@ export class Client {
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.log = options.log ?? ((m: string) => console.warn(m));
     this.scripts = defineScripts(redis);
+    this.shards = new Shards(redis, (service) => this.key(service, "config"));
     this.acting = { role: "caller", user: options.aclUser };
     redis.on("error", () => undefined); // ioredis reconnects by itself; calls report what it means to them
   }
 
   // --- keys (PROTOCOL.md, Keys) ------------------------------------------------------------------
 
-  key(service: string, rest: string): string {
-    return `${this.namespace}:{${service}}:${rest}`;
+  /** A key of a service, or of one of its shards (`scope`: `<service>#<k>`). */
+  key(scope: string, rest: string): string {
+    return `${this.namespace}:{${scope}}:${rest}`;
+  }
+
+  /** The scope of the shard a call goes to: the next one in turn for an ordinary call, the first
+   * (the service's own) for a call with an affinity key, as the workers' own streams are there. */
+  private scopeFor(service: string, key: string | undefined): string {
+    checkName(service, "service");
+    return key === undefined ? this.shards.nextScope(service) : service;
   }
 
   // --- proxies -------------------------------------------------------------------------------------
@@ -260,7 +256,8 @@ export class Client {
 
   // --- calls ---------------------------------------------------------------------------------------
 
-  private request(service: string, method: string, args: unknown[], kwargs: Record<string, unknown>, ttlMs: number, job?: string): { callId: string; fields: Array<[string, Buffer]> } {
+  /** A request of `service`'s shard `scope` (where its reply comes back), or of a job. */
+  private request(service: string, scope: string, method: string, args: unknown[], kwargs: Record<string, unknown>, ttlMs: number, job?: string): { callId: string; fields: Array<[string, Buffer]> } {
     checkName(service, "service");
     const callId = `${this.clientId}-${this.nextId++}`;
     let payload: Uint8Array;
@@ -280,7 +277,7 @@ export class Client {
       ["a", Buffer.from(payload.buffer, payload.byteOffset, payload.length)],
       ["ttl", Buffer.from(String(Math.max(0, Math.floor(ttlMs))))],
     ];
-    if (job === undefined) fields.push(["r", Buffer.from(this.key(service, `reply:${this.clientId}`))]);
+    if (job === undefined) fields.push(["r", Buffer.from(this.key(scope, `reply:${this.clientId}`))]);
     else fields.push(["j", Buffer.from(job)]);
     return { callId, fields };
   }
@@ -294,11 +291,12 @@ export class Client {
    */
   async call(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): Promise<unknown> {
     const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
-    const { callId, fields } = this.request(service, method, args, kwargs, timeout * 1000);
+    const scope = this.scopeFor(service, options.key);
+    const { callId, fields } = this.request(service, scope, method, args, kwargs, timeout * 1000);
     const started = performance.now();
     const deadline = started + timeout * 1000;
     if (options.waitForWorker === false) await this.requireWorker(service, method, deadline);
-    const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
+    const link = this.liveLink(scope) ?? (await this.link(scope, deadline, method, timeout));
     link.lastUsed = started;
     let sent: Sent | null = null;
     let answered = false;
@@ -321,7 +319,7 @@ export class Client {
       const answer = await reply;
       answered = true;
       if (answer.seq !== null || answer.end !== null) {
-        this.withdraw(link, sent, deadline, this.key(service, `stream:${callId}`), callId);
+        this.withdraw(link, sent, deadline, this.key(scope, `stream:${callId}`), callId);
         throw new TitanError(`${service}.${method}() streams its results: iterate it with 'for await' instead`);
       }
       if (answer.ok) return answer.value;
@@ -342,12 +340,13 @@ export class Client {
    */
   async *stream(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): AsyncGenerator<unknown, void, undefined> {
     const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
-    const { callId, fields } = this.request(service, method, args, kwargs, timeout * 1000);
+    const scope = this.scopeFor(service, options.key);
+    const { callId, fields } = this.request(service, scope, method, args, kwargs, timeout * 1000);
     const started = performance.now();
     const deadline = started + timeout * 1000;
     if (options.waitForWorker === false) await this.requireWorker(service, method, deadline);
-    const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
-    const control = this.key(service, `stream:${callId}`);
+    const link = this.liveLink(scope) ?? (await this.link(scope, deadline, method, timeout));
+    const control = this.key(scope, `stream:${callId}`);
     const queue: Array<Reply | Error> = [];
     let wake: (() => void) | null = null;
     link.streams.set(callId, {
@@ -421,11 +420,13 @@ export class Client {
 
   // --- sending -------------------------------------------------------------------------------------
 
-  /** Queue a request by `deadline` through submit.lua (or enqueue.lua for a job or a delay). */
+  /** Queue a request by `deadline` through submit.lua (or enqueue.lua for a job or a delay), on the
+   * stream of the link's shard (the first, for a job or a worker's own stream). */
   private async send(link: Link, service: string, method: string, fields: Array<[string, Buffer]>, worker: string | null, deadline: number, timeout: number, later?: { delayMs: number; jobId: string | null; resultTtlMs: number }): Promise<Sent> {
     const doing = `send ${service}.${method}()`;
-    const shared = this.key(service, "calls");
-    const delayed = this.key(service, "delayed");
+    const scope = link.scope;
+    const shared = this.key(scope, "calls");
+    const delayed = this.key(scope, "delayed");
     const flat: Buffer[] = [];
     for (const [name, value] of fields) flat.push(Buffer.from(name), value);
     let keys: string[] = worker !== null ? [this.key(service, `calls:${worker}`), shared] : [shared];
@@ -443,8 +444,8 @@ export class Client {
       const notAfter = Math.floor(deadline + link.offsetMs) + DEADLINE_SLACK_MS;
       const started = performance.now();
       const pending = later === undefined
-        ? this.scripts.submit(keys.length, ...keys, this.key(service, "config"), worker !== null ? this.key(service, `worker:${worker}`) : "", this.maxBacklog, notAfter, ...flat)
-        : this.scripts.enqueue(keys.length, ...keys, this.key(service, "config"), this.maxBacklog, notAfter, later.delayMs, member, later.jobId ?? "", later.resultTtlMs, method, ...flat);
+        ? this.scripts.submit(keys.length, ...keys, this.key(scope, "config"), worker !== null ? this.key(service, `worker:${worker}`) : "", this.maxBacklog, notAfter, ...flat)
+        : this.scripts.enqueue(keys.length, ...keys, this.key(scope, "config"), this.maxBacklog, notAfter, later.delayMs, member, later.jobId ?? "", later.resultTtlMs, method, ...flat);
       let id: Buffer;
       try {
         id = (await within(pending, deadline, () => new LateError())) as Buffer;
@@ -492,7 +493,7 @@ export class Client {
     const job = sent.keys.find((k) => kindOf(k) === "job");
     const attempt = async (): Promise<void> => {
       if (job !== undefined) {
-        await this.scripts.cancel(3, job, this.key(link.service, "calls"), this.key(link.service, "delayed"), "workers");
+        await this.scripts.cancel(3, job, this.key(link.scope, "calls"), this.key(link.scope, "delayed"), "workers");
         return;
       }
       const tx = this.redis.multi();
@@ -501,7 +502,7 @@ export class Client {
         else tx.xdel(key, sent.id.toString());
       }
       if (control !== null) tx.hset(control, "cancel", 1).pexpire(control, CONTROL_TTL_MS);
-      if (callId !== null) tx.set(this.key(link.service, `gone:${callId}`), 1, "PX", GONE_TTL_MS);
+      if (callId !== null) tx.set(this.key(link.scope, `gone:${callId}`), 1, "PX", GONE_TTL_MS);
       await tx.exec();
     };
     const run = async (): Promise<void> => {
@@ -529,48 +530,49 @@ export class Client {
 
   // --- links ---------------------------------------------------------------------------------------
 
-  /** The open link of `service` that still takes calls, if any. */
-  private liveLink(service: string): Link | undefined {
-    const found = this.links.get(service);
+  /** The open link of the shard `scope` (a service, or `<service>#<k>`) that still takes calls, if any. */
+  private liveLink(scope: string): Link | undefined {
+    const found = this.links.get(scope);
     return found !== undefined && found.denied === null ? found : undefined;
   }
 
-  /** The link of `service`, opened by `deadline` unless open; a link Redis refused its reader is
-   * dropped, and a new one opened (which raises AccessDenied while the rules still refuse it). */
-  private async link(service: string, deadline: number, method: string, timeout: number): Promise<Link> {
+  /** The link of the shard `scope`, opened by `deadline` unless open; a link Redis refused its reader
+   * is dropped, and a new one opened (which raises AccessDenied while the rules still refuse it). */
+  private async link(scope: string, deadline: number, method: string, timeout: number): Promise<Link> {
     if (this.closed) throw new TitanError("client is closed");
-    const found = this.links.get(service);
+    const found = this.links.get(scope);
     if (found !== undefined && found.denied === null) return found;
     if (found !== undefined) {
-      this.links.delete(service);
+      this.links.delete(scope);
       void found.close();
     }
-    let opening = this.opening.get(service);
+    let opening = this.opening.get(scope);
     if (opening === undefined) {
-      opening = this.openLink(service);
-      this.opening.set(service, opening);
-      void opening.then(() => this.opening.delete(service), () => this.opening.delete(service));
+      opening = this.openLink(scope);
+      this.opening.set(scope, opening);
+      void opening.then(() => this.opening.delete(scope), () => this.opening.delete(scope));
     }
-    return within(opening, deadline, () => new CallTimeout(`${service}.${method}() got no answer within ${timeout} s: the Redis node that serves '${service}' did not answer in time`));
+    const service = scopeService(scope);
+    return within(opening, deadline, () => new CallTimeout(`${service}.${method}() got no answer within ${timeout} s: the Redis node that serves '${scope}' did not answer in time`));
   }
 
-  private async openLink(service: string): Promise<Link> {
-    const replyKey = this.key(service, `reply:${this.clientId}`);
+  private async openLink(scope: string): Promise<Link> {
+    const replyKey = this.key(scope, `reply:${this.clientId}`);
     const reader = this.topology.open({ enableAutoPipelining: false, commandTimeout: undefined });
     reader.on("error", () => undefined);
     if ("on" in reader) reader.on("node error", () => undefined);
-    const link = new Link(service, replyKey, this.redis, reader, this.scripts, this.log, this.acting);
+    const link = new Link(scope, replyKey, this.redis, reader, this.scripts, this.log, this.acting);
     try {
       await link.start();
     } catch (exc) {
       reader.disconnect();
-      throw titanError(exc, `connect to the Redis node that serves '${service}'`, this.acting);
+      throw titanError(exc, `connect to the Redis node that serves '${scope}'`, this.acting);
     }
     if (this.closed) {
       await link.close();
       throw new TitanError("client closed while connecting");
     }
-    this.links.set(service, link);
+    this.links.set(scope, link);
     await this.evict();
     return link;
   }
@@ -579,7 +581,7 @@ export class Client {
     if (this.links.size <= MAX_LINKS) return;
     const idle = [...this.links.values()].filter((l) => l.idle).sort((a, b) => a.lastUsed - b.lastUsed);
     for (const link of idle.slice(0, this.links.size - MAX_LINKS)) {
-      this.links.delete(link.service);
+      this.links.delete(link.scope);
       await link.close();
       await this.redis.del(link.replyKey, link.canary).catch(() => undefined);
     }
@@ -679,7 +681,7 @@ export class Client {
     const token = randomBytes(16).toString("hex");
     const jobId = `${service}:${token}`;
     const ttlMs = options.deadline !== undefined ? options.deadline * 1000 : NO_DEADLINE_MS;
-    const { fields } = this.request(service, method, argList, kwargs, ttlMs, token);
+    const { fields } = this.request(service, service, method, argList, kwargs, ttlMs, token);
     const deadline = performance.now() + timeout * 1000;
     const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
     await this.send(link, service, method, fields, null, deadline, timeout, {
@@ -701,6 +703,7 @@ export class Client {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.shards.closed = true;
     const links = [...this.links.values()];
     this.links.clear();
     for (const link of links) await link.close();

@@ -1,6 +1,7 @@
 /**
- * A client's link to one service: its reply stream `<ns>:{<svc>}:reply:<client>` (in the service's
- * slot), read by a blocking XREAD on a connection of its own, and the calls waiting for replies.
+ * A client's link to one service, or to one shard of a sharded service: its reply stream
+ * `<ns>:{<scope>}:reply:<client>` (in the slot of the service, or of the shard `<svc>#<k>`), read
+ * by a blocking XREAD on a connection of its own, and the calls waiting for replies.
  *
  * The reader survives Redis going away (ioredis reconnects; the read goes on from the last id
  * seen). While calls wait, it checks about every second (and after any connection trouble)
@@ -14,6 +15,7 @@ import { accessDenied, isDenied, isScriptRefusal, type Acting } from "./denied.j
 import { AccessDenied, CallLost, TitanError } from "./errors.js";
 import { unpack } from "./codec.js";
 import type { Scripts } from "./scripts.js";
+import { scopeService } from "./shards.js";
 import type { AnyRedis } from "./topology.js";
 
 export const READ_BLOCK_MS = 1000;
@@ -107,8 +109,12 @@ export class Link {
   /** Why the reader stopped: Redis refused one of its commands. A denied link takes no more calls. */
   denied: AccessDenied | null = null;
 
+  /** The service whose replies it reads (of its shard `scope`). */
+  readonly service: string;
+
   constructor(
-    readonly service: string,
+    /** The scope of the keys it serves: the service's, or one of its shards' (`<service>#<k>`). */
+    readonly scope: string,
     readonly replyKey: string,
     private readonly base: AnyRedis,
     private readonly reader: AnyRedis,
@@ -116,6 +122,7 @@ export class Link {
     private readonly log: (message: string) => void,
     private readonly acting: Acting = { role: "caller" },
   ) {
+    this.service = scopeService(scope);
     this.canary = `${replyKey}:alive`;
     reader.on("reconnecting", () => {
       this.suspect = true;

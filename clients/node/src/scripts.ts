@@ -55,6 +55,14 @@ export function defineScripts(redis: AnyRedis): Scripts {
   const out: Partial<Scripts> = {};
   for (const [name, lua] of Object.entries(sources) as Array<[keyof Scripts, string]>) {
     const command = `titan_${name}`;
+    if (redis.isCluster) {
+      // On a cluster, ioredis's automatic pipelining files a script call under the node of its
+      // first argument (numkeys, not a key), so script calls and commands of one tick whose keys
+      // are on different nodes land in one pipeline that it then refuses ("All keys in the
+      // pipeline should belong to the same slots allocation group"): calls to two services, or two
+      // shards of one, in the same turn. Sent on their own, they go to the node of their keys.
+      (redis.options.autoPipeliningIgnoredCommands ??= []).push(command);
+    }
     redis.defineCommand(command, { lua });
     const fn = (redis as unknown as Record<string, ScriptCall>)[`${command}Buffer`];
     if (fn === undefined) throw new Error(`ioredis did not define ${command}Buffer`);

@@ -339,3 +339,16 @@ export class PythonServers {
     await stopChild(this.child, "SIGTERM", 30_000).catch(() => undefined);
   }
 }
+
+/** The scopes of a service's `shards` shards (PROTOCOL.md, Shards): the service's own, then `<svc>#<k>`. */
+export function shardScopes(service: string, shards: number): string[] {
+  return Array.from({ length: shards }, (_, k) => (k === 0 ? service : `${service}#${k}`));
+}
+
+/** How many entries were ever added to the stream `key` (0 when it does not exist): acknowledged
+ * calls are deleted from a calls stream, so its length does not tell. */
+export async function entriesAdded(redis: Redis, key: string): Promise<number> {
+  if ((await redis.exists(key)) === 0) return 0;
+  const info = (await redis.call("XINFO", "STREAM", key)) as unknown[];
+  return Number(info[info.indexOf("entries-added") + 1]);
+}

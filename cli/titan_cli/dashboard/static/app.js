@@ -156,6 +156,7 @@
     put("#detail", `
       <dl class="kv"><dt>description</dt><dd>${esc(x.description) || "–"}</dd>
       <dt>queue</dt><dd>${x.queue.waiting} waiting · ${x.queue.pending} running · ${x.delayed} delayed · ${x.queue.dead_letters} dead-lettered</dd>
+      ${x.shards > 1 ? `<dt>shards</dt><dd>${x.queue.shards.map((s, k) => `#${k}: ${s.waiting} waiting · ${s.pending} running · ${s.dead_letters} dead`).join("<br>")}</dd>` : ""}
       <dt>breaker</dt><dd class="muted">not in the registry (each caller keeps its own)</dd></dl>
       ${versions}
       <h3>health</h3><table><tbody>${checks || `<tr><td class="muted">no live worker</td></tr>`}</tbody></table>
