@@ -41,6 +41,7 @@ from .conftest import (
     CHAOS,
     FAST_FAILOVER,
     SERVICES,
+    RoutedWorkers,
     Workers,
     eventually,
     in_thread,
@@ -90,6 +91,13 @@ class Deployment:
     sync: Any
     name: str
     cluster: LocalCluster | None
+    url: str
+
+    def workers(self) -> Workers:
+        """``titan-worker run`` processes for this deployment (close them)."""
+        if self.cluster is None:
+            return Workers(self.url, self.pm.client.namespace)
+        return RoutedWorkers(self.url, self.pm.client.namespace, self.cluster.client)
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -109,7 +117,7 @@ async def where(request: pytest.FixtureRequest, redis_url: str, namespace: str) 
         url, sync, name = redis_url, sync_redis.Redis.from_url(redis_url), "tasks"
     try:
         async with ProcessManager(url, namespace=namespace, default_timeout=15.0) as pm:
-            yield Deployment(pm, sync, name, cluster)
+            yield Deployment(pm, sync, name, cluster, url)
         assert managed_workers() == [], "a worker outlived its ProcessManager"
     finally:
         sync.close()
@@ -279,8 +287,19 @@ async def test_a_worker_with_another_shard_count_is_refused(pm: ProcessManager, 
 
 
 async def test_dead_letters_of_a_shard_are_listed_replayed_to_it_and_purged(
-    workers: Workers, pm: ProcessManager, keys: Keys, redis_url: str, namespace: str, tmp_path: Path
+    where: Deployment, keys: Keys, namespace: str, tmp_path: Path
 ) -> None:
+    workers = where.workers()
+    try:
+        await _dead_letters_of_shards(where, workers, keys, namespace, tmp_path)
+    finally:
+        workers.close()
+
+
+async def _dead_letters_of_shards(
+    where: Deployment, workers: Workers, keys: Keys, namespace: str, tmp_path: Path
+) -> None:
+    pm, redis_url = where.pm, where.url
     client = pm.client
     markers = [tmp_path / f"allowed-{i}" for i in range(K)]
     for i, marker in enumerate(markers):  # K calls in a row: one per shard, each killing two workers
