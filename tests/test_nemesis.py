@@ -1,4 +1,5 @@
-"""The nemesis run's short form: a fixed seed, about 90 s per topology, every invariant checked.
+"""The nemesis run's short form: a fixed seed, about 90 s per topology (a single Redis with AOF, a
+Cluster with replicas, a primary and a replica behind three Sentinels), every invariant checked.
 
 A mixed workload from caller processes while faults drawn from the seed hit workers, callers and
 Redis (tests/nemesis/); the checker reads the history and names any broken invariant with the
@@ -55,3 +56,9 @@ def test_nemesis_on_a_single_redis_with_aof(tmp_path: Path) -> None:
 def test_nemesis_on_a_cluster_with_replicas(tmp_path: Path) -> None:
     skip_without_cluster_binaries()
     _short_form("cluster", 777, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_nemesis_behind_sentinel(tmp_path: Path) -> None:
+    skip_without_cluster_binaries()
+    _short_form("sentinel", 5, tmp_path)

@@ -178,6 +178,45 @@ async def stop_primary(env: Env, rng: random.Random) -> None:
                            end=time.monotonic())  # fmt: skip
 
 
+async def kill_sentinel_primary(env: Env, rng: random.Random) -> None:
+    """SIGKILL the primary behind Sentinel; the sentinels promote the replica; the old primary
+    comes back as its replica (it lost what it had not replicated)."""
+    sentinel = env.sentinel
+    if sentinel is None:
+        return
+    async with env.redis_lock:
+        start = time.monotonic()
+        old = await anyio.to_thread.run_sync(sentinel.kill_primary)
+        try:
+            await anyio.to_thread.run_sync(sentinel.wait_failover, old, 30.0)
+        finally:
+            await anyio.sleep(rng.uniform(0.5, 2.0))
+            await anyio.to_thread.run_sync(sentinel.heal, 60.0)
+        env.history.record("fault", kind="failover", target=f"primary:{old.port}", start=start,
+                           end=time.monotonic())  # fmt: skip
+
+
+async def stop_sentinel_primary(env: Env, rng: random.Random) -> None:
+    """SIGSTOP the primary behind Sentinel until the sentinels have promoted the replica, then
+    SIGCONT it: it takes writes as a primary until the sentinels make it a replica."""
+    sentinel = env.sentinel
+    if sentinel is None:
+        return
+    async with env.redis_lock:
+        start = time.monotonic()
+        old = await anyio.to_thread.run_sync(sentinel.primary)
+        assert old.process is not None
+        old.process.send_signal(signal.SIGSTOP)
+        try:
+            await anyio.to_thread.run_sync(sentinel.wait_failover, old, 30.0)
+            await anyio.sleep(rng.uniform(0.0, 1.0))
+        finally:
+            old.process.send_signal(signal.SIGCONT)
+        await anyio.to_thread.run_sync(env.wait_sentinel_whole)
+        env.history.record("fault", kind="primary_stopped", target=f"primary:{old.port}", start=start,
+                           end=time.monotonic())  # fmt: skip
+
+
 WORKER_FAULTS: list[tuple[Any, int]] = [
     (kill_worker, 4),
     (stall_worker, 3),
@@ -189,5 +228,6 @@ WORKER_FAULTS: list[tuple[Any, int]] = [
 FAULTS: dict[str, list[tuple[Any, int]]] = {
     "single": [*WORKER_FAULTS, (restart_redis, 2)],
     "cluster": [*WORKER_FAULTS, (kill_primary, 1), (stop_primary, 1)],
+    "sentinel": [*WORKER_FAULTS, (kill_sentinel_primary, 1), (stop_sentinel_primary, 1)],
 }
 """The faults each topology draws from, with their weights."""

@@ -1,4 +1,5 @@
-"""A nemesis run: Redis (single with AOF, or a Cluster with replicas), workers, callers, faults.
+"""A nemesis run: Redis (single with AOF, a Cluster with replicas, or a primary and a replica behind
+three Sentinels), workers, callers, faults.
 
 ``run(RunConfig(...))`` starts everything in a folder of its own, lets the callers
 (tests/nemesis/workload.py, processes of their own) run their mixed workload while the
@@ -27,9 +28,10 @@ import redis as sync_redis
 import redis.cluster
 
 from titan_broker import Client, ProcessManager, TitanError
-from titan_broker._wire.keys import Keys
+from titan_broker._wire.keys import GROUP, Keys
 from titan_broker.testing._local_cluster import LocalCluster
 from titan_broker.testing._local_redis import LocalRedis, wait_for
+from titan_broker.testing._local_sentinel import LocalSentinel
 
 from ..netns import Link
 from . import checker, faults
@@ -85,6 +87,7 @@ class Env:
     namespace: str
     single: LocalRedis | None = None
     cluster: LocalCluster | None = None
+    sentinel: LocalSentinel | None = None
     link: Link | None = None
     workers: list[WorkerProc] = field(default_factory=list)
     callers: list[CallerProc] = field(default_factory=list)
@@ -100,6 +103,8 @@ class Env:
     def client(self) -> Any:
         if self.cluster is not None:
             return redis.cluster.RedisCluster.from_url(self.url, socket_timeout=5)
+        if self.sentinel is not None:
+            return self.sentinel.client()
         return sync_redis.Redis.from_url(self.url, socket_timeout=5)
 
     # -- workers
@@ -182,6 +187,30 @@ class Env:
         assert self.cluster is not None
         wait_for(self.cluster.ready_problem, 60.0, "the cluster whole again")
 
+    def wait_sentinel_whole(self) -> None:
+        assert self.sentinel is not None
+        wait_for(self.sentinel.ready_problem, 60.0, "the sentinels' set-up whole again")
+
+    def job_evidence(self, job_id: str) -> dict[str, Any]:
+        """What Redis holds of a job that did not end: its hash, and its entry (the request it
+        waits in) with who holds it, to tell a lost end from a run still owed."""
+        keys = Keys(self.namespace)
+        client = self.client()
+        try:
+            fields = {k.decode(): v.decode(errors="replace") for k, v in client.hgetall(
+                keys.job(SERVICE, job_id)).items() if k != b"result"}  # fmt: skip
+            entry = fields.get("entry")
+            found: dict[str, Any] = {"hash": fields}
+            if entry:
+                found["entry_exists"] = bool(client.xrange(self.stream_key, entry, entry))
+                found["pending"] = [{k: str(v) for k, v in p.items()} for p in client.xpending_range(
+                    self.stream_key, GROUP, min=entry, max=entry, count=1)]  # fmt: skip
+            return found
+        except (sync_redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            client.close()
+
     # -- memory
     def memory(self) -> dict[str, Any]:
         rss = {}
@@ -195,6 +224,10 @@ class Env:
                     used += int(node.info("memory").get("used_memory", 0))
             elif self.single is not None:
                 client = sync_redis.Redis.from_url(self.url, socket_timeout=2)
+                used = int(client.info("memory")["used_memory"])
+                client.close()
+            elif self.sentinel is not None:
+                client = self.sentinel.client()
                 used = int(client.info("memory")["used_memory"])
                 client.close()
         except (sync_redis.RedisError, TitanError, OSError, ValueError):
@@ -280,6 +313,9 @@ async def _read_jobs(env: Env) -> None:
                     state = f"error:{type(exc).__name__}"
                 env.history.record("job_final", job=job_id, state=state, value=value, error=error,
                                    message=message)  # fmt: skip
+                if state in ("queued", "running", "retrying"):
+                    evidence = await anyio.to_thread.run_sync(env.job_evidence, job_id)
+                    env.history.record("job_unended", job=job_id, **evidence)
 
         async with anyio.create_task_group() as tg:
             for job_id in submitted:
@@ -314,6 +350,11 @@ def _heal(env: Env) -> None:
             if node.process is not None and node.process.poll() is None:
                 node.process.send_signal(signal.SIGCONT)
         env.cluster.heal(60.0)
+    if env.sentinel is not None:
+        for server in env.sentinel.servers:
+            if server.process is not None and server.process.poll() is None:
+                server.process.send_signal(signal.SIGCONT)
+        env.sentinel.heal(60.0)
 
 
 def _stop_workers(env: Env) -> None:
@@ -399,6 +440,7 @@ def run(config: RunConfig) -> checker.Verdict:
     link = Link.make() if config.partition and config.topology == "single" else None
     single: LocalRedis | None = None
     cluster: LocalCluster | None = None
+    sentinel: LocalSentinel | None = None
     try:
         if config.topology == "single":
             bind = ["--bind", "127.0.0.1", link.host_ip, "--protected-mode", "no"] if link else []
@@ -407,9 +449,13 @@ def run(config: RunConfig) -> checker.Verdict:
         elif config.topology == "cluster":
             cluster = LocalCluster(primaries=3, replicas=1).start()
             url = cluster.url
+        elif config.topology == "sentinel":
+            sentinel = LocalSentinel(sentinels=3).start()
+            url = sentinel.url
         else:
-            raise TitanError(f"no topology {config.topology!r}: single or cluster")
-        env = Env(config, history, url, namespace, single=single, cluster=cluster, link=link)
+            raise TitanError(f"no topology {config.topology!r}: single, cluster or sentinel")
+        env = Env(config, history, url, namespace, single=single, cluster=cluster, sentinel=sentinel,
+                  link=link)  # fmt: skip
         try:
             anyio.run(_main, env)
         finally:
@@ -429,6 +475,8 @@ def run(config: RunConfig) -> checker.Verdict:
             single.close()
         if cluster is not None:
             cluster.close()
+        if sentinel is not None:
+            sentinel.close()
         if link is not None:
             link.remove()
     verdict = checker.check(checker.load(config.folder))
