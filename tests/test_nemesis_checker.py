@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .nemesis.checker import LATE_BOUND, REDIS_BOUND, RSS_BOUND, check
+from .nemesis.checker import LATE_BOUND, REDIS_BOUND, RSS_BOUND, check, load
 
 
 def ev(event: str, t: float, /, **fields: Any) -> dict[str, Any]:
@@ -128,6 +131,36 @@ def test_a_rerun_needs_a_fault_to_explain_it() -> None:
     # Not every fault explains a rerun: a caller killed elsewhere does not.
     [v] = violations([*healthy(), *twice, fault("caller_kill", 1.2, 1.3, target="c7")])
     assert "call c1:9 ran 2 times" in v
+
+
+def test_a_rerun_explained_by_a_heartbeat_lapse_its_first_worker_logged(tmp_path: Path) -> None:
+    """A worker whose heartbeat lapsed past its TTL with no fault done to it (starved of CPU, Redis
+    slow) may lose a call it runs to another worker's claim: the lapse, read from that worker's
+    log, explains the rerun; the lapse of a worker that did not run it does not."""
+    wall = 1_000_000.0  # the wall clock when the monotonic one read 0.5
+
+    def lapse_line(worker: str, at: float, gap: float) -> str:
+        stamp = datetime.fromtimestamp(wall + at - 0.5, UTC).isoformat(timespec="milliseconds")
+        return (f"{stamp} WARNING titan_worker: worker {worker}: {gap:.2f} s between two heartbeats, "
+                "past its TTL of 1.00 s (the process was stopped or starved of CPU, or Redis answered "
+                "late): calls it runs may have been taken over by other workers\n")  # fmt: skip
+
+    robbed = [
+        ev("phase", 0.5, name="start", wall=wall), call("c1:9", 1.0), ok("c1:9", 2.4, "b"),
+        *(ev("worker_start", 0.6, worker=f"nem-{pid}", pid=pid) for pid in (1, 2, 3)),
+        *(ev(kind, t, token="c1:9", nonce=nonce, pid=pid) for kind, t, nonce, pid in (
+            ("run_start", 1.1, "a", 1), ("run_start", 2.2, "b", 2),
+            ("run_end", 2.3, "b", 2), ("run_end", 2.5, "a", 1),
+        )),
+    ]  # fmt: skip
+    (tmp_path / "nemesis.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [*healthy(), *robbed]))
+    (tmp_path / "worker-nem-3.log").write_text(lapse_line("nem-3", 2.6, 1.4))
+    [v] = check(load(tmp_path)).violations
+    assert "call c1:9 ran 2 times with no fault to explain it" in v
+    (tmp_path / "worker-nem-1.log").write_text(lapse_line("nem-1", 2.6, 1.4))  # 1.2 s to 2.6 s
+    verdict = check(load(tmp_path))
+    assert verdict.ok, verdict.violations
+    assert verdict.stats["rerun_faults"] == {"lapse": 1} and verdict.stats["faults"]["lapse"] == 2
 
 
 def test_a_run_after_the_caller_gave_up_before_any_worker_took_it() -> None:

@@ -8,8 +8,9 @@ The invariants (each violation is one line of ``Verdict.violations``):
   nonce), a stream's items come in order without a gap; an error is the method's own, or one
   of ``FAULT_ERRORS`` with a fault in the call's window;
 - reruns: a call runs more than once only with a fault that explains it in its window (a worker
-  killed, stalled, cut off or its clock shifted, Redis restarted or failed over), and never
-  after its caller gave up before any worker took it;
+  killed, stalled, cut off or its clock shifted, Redis restarted or failed over, or a heartbeat
+  lapse past the TTL that the worker which ran it logged), and never after its caller gave up
+  before any worker took it;
 - jobs: every job ends in exactly one state, read back by id from another process, the same
   state every time once ended (or reported lost, only after Redis lost data);
 - ticks: a periodic tick never runs twice, and the schedule ticks again after the faults heal;
@@ -20,8 +21,11 @@ The invariants (each violation is one line of ``Verdict.violations``):
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +53,11 @@ FAULT_ERRORS = {
 }
 """What a call may fail with when a fault is in its window (README: "Errors")."""
 RERUN_FAULTS = {"kill9", "stall", "partition", "clock", "redis_restart", "failover", "primary_stopped",
-                "keys_deleted"}  # fmt: skip
+                "keys_deleted", "lapse"}  # fmt: skip
 """Faults that may make a call run again: its worker lost (killed, stalled, cut off, its record
-deleted, its clock shifted) or the acknowledgement lost with Redis."""
+deleted, its clock shifted, or its heartbeat lapsed past the TTL with no fault done to it: the
+process starved of CPU or Redis slow to answer, which the worker logs) or the acknowledgement lost
+with Redis."""
 CAUSES = [
     "kill9",
     "stall",
@@ -61,6 +67,7 @@ CAUSES = [
     "primary_stopped",
     "redis_restart",
     "clock",
+    "lapse",
 ]
 """The likeliest cause first, to say which fault explains a rerun when several could."""
 DATA_LOSS = {"failover", "primary_stopped", "redis_restart"}
@@ -99,11 +106,30 @@ class Verdict:
         return "\n".join(lines)
 
 
+LAPSE = re.compile(
+    r"^(\S+) WARNING titan_worker: worker (\S+): ([\d.]+) s between two heartbeats, past its TTL"
+)
+"""The line a worker logs when its heartbeat lapsed past its TTL (worker/titan_worker/liveness.py)."""
+
+
 def load(folder: Path) -> list[dict[str, Any]]:
-    return read(folder)
+    """The run's history, with each heartbeat lapse its workers logged as a fault of kind ``lapse``."""
+    events = read(folder)
+    start = next((e for e in events if e["k"] == "phase" and e.get("name") == "start"), None)
+    # Worker logs are stamped by the wall clock, the history by the monotonic one.
+    offset = start["wall"] - start["t"] if start and "wall" in start else time.time() - time.monotonic()
+    lapses = []
+    for log in sorted(folder.glob("worker-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = LAPSE.match(line)
+            if m:
+                end = datetime.fromisoformat(m[1]).timestamp() - offset
+                lapses.append({"k": "fault", "t": end, "kind": "lapse", "target": m[2],
+                               "start": end - float(m[3]), "end": end})  # fmt: skip
+    return sorted([*events, *lapses], key=lambda e: float(e["t"]))
 
 
-WORKER_FAULTS = {"kill9", "stall", "partition", "clock", "keys_deleted"}
+WORKER_FAULTS = {"kill9", "stall", "partition", "clock", "keys_deleted", "lapse"}
 """Faults done to one worker: they explain a rerun only of a call that worker ran."""
 
 

@@ -380,7 +380,7 @@ async def _main(env: Env) -> None:
     started = time.monotonic()
     env.ends_at = started + config.seconds
     env.history.record("phase", name="start", seed=config.seed, topology=config.topology,
-                       seconds=config.seconds)  # fmt: skip
+                       seconds=config.seconds, wall=time.time())  # fmt: skip
     async with ProcessManager(env.url, namespace=env.namespace) as pm:
         for _ in range(config.workers):
             env.start_worker()
