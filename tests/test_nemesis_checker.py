@@ -161,6 +161,7 @@ def test_a_rerun_explained_by_a_heartbeat_lapse_its_first_worker_logged(tmp_path
     verdict = check(load(tmp_path))
     assert verdict.ok, verdict.violations
     assert verdict.stats["rerun_faults"] == {"lapse": 1} and verdict.stats["faults"]["lapse"] == 2
+    assert verdict.stats["lapses_without_fault"] == 2  # no stall, kill or Redis fault behind either
 
 
 def test_a_run_after_the_caller_gave_up_before_any_worker_took_it() -> None:

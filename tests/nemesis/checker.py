@@ -92,7 +92,8 @@ class Verdict:
         lines = [
             f"{s.get('calls', 0)} calls, {s.get('jobs', 0)} jobs, {s.get('ticks', 0)} ticks checked; "
             f"faults: {faults or 'none'}",
-            f"reruns {s.get('reruns', 0)} (explained by: {s.get('rerun_faults', {})}); "
+            f"reruns {s.get('reruns', 0)} (explained by: {s.get('rerun_faults', {})}); heartbeat lapses "
+            f"with no fault done {s.get('lapses_without_fault', 0)}; "
             f"worst lateness past a deadline {s.get('worst_late', 0.0):.2f} s; "
             f"errors under faults {s.get('fault_errors', {})}",
             f"max worker RSS {s.get('max_rss', 0) / 2**20:.0f} MiB, max Redis used_memory "
@@ -379,6 +380,14 @@ def check(events: list[dict[str, Any]]) -> Verdict:
             f"Redis used_memory reached {max_redis / 2**20:.0f} MiB (bound {REDIS_BOUND / 2**20:.0f} MiB)"
         )
 
+    # A lapse with no fault done to its worker or to Redis at the time: the machine's own doing.
+    unprovoked = 0
+    for lapse in (f for f in faults.all if f["kind"] == "lapse"):
+        pid = faults.pids.get(lapse["target"])
+        others = faults.within(lapse["start"], lapse["end"], RERUN_FAULTS - {"lapse"})
+        if not [f for f in others if pid is None or faults.hit(f, {pid})]:
+            unprovoked += 1
+
     verdict.stats = {
         "calls": len(invokes),
         "jobs": len(submits),
@@ -389,6 +398,7 @@ def check(events: list[dict[str, Any]]) -> Verdict:
         "faults": dict(Counter(f["kind"] for f in faults.all)),
         "reruns": reruns,
         "rerun_faults": dict(rerun_faults),
+        "lapses_without_fault": unprovoked,
         "worst_late": round(worst_late, 3),
         "fault_errors": dict(fault_errors),
         "workers_refused_at_start": refused,
