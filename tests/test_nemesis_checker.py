@@ -235,3 +235,17 @@ def test_two_replies_for_one_call_on_the_wire_unless_one_entry_was_read_twice() 
     [v] = violations([*healthy(), first, other])
     assert "call c1:1 answered 2 times on the wire (by ['nem-1', 'nem-2'])" in v
     assert violations([*healthy(), first, other, fault("redis_restart", 1.0, 1.1, "redis")]) == []
+
+
+def test_a_caller_that_died_by_itself_and_a_workload_that_stopped() -> None:
+    spawn = ev("caller_spawn", 1.0, caller="c9", pid=9)
+    died = ev("caller_exit", 1.5, caller="c9", code=1, output="RedisUnavailable: cannot reach Redis")
+    [v] = violations([*healthy(), spawn, died])
+    assert "caller c9 exited with 1 by itself" in v
+    verdict = check(sorted([*healthy(), spawn, died, fault("redis_restart", 1.0, 1.2, "redis")],
+                           key=lambda e: e["t"]))  # fmt: skip
+    assert verdict.ok and verdict.stats["callers_refused_at_start"] == 1
+    # Callers all gone long before the workload's time was up: the run checked little, and says so.
+    [v] = violations([*healthy(), ev("phase", 0.5, name="start", seconds=100.0)])
+    assert "no call was sent for 100 s from t=1: the workload stopped" in v
+    assert violations([*healthy(), ev("phase", 0.5, name="start", seconds=20.0)]) == []

@@ -20,6 +20,7 @@ The invariants (each violation is one line of ``Verdict.violations``):
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -38,6 +39,8 @@ RECOVERY = 5.0
 calls are claimed 1 s after its heartbeat TTL; a promoted replica is found within a few seconds)."""
 RSS_BOUND = 400 * 1024 * 1024
 REDIS_BOUND = 256 * 1024 * 1024
+WORKLOAD_GAP = 30.0
+"""Seconds the workload may go without sending a call (every loop waiting out a failover at once)."""
 TICK_RESUME = 4.0
 """Seconds after everything healed within which the schedule must have ticked."""
 
@@ -370,6 +373,26 @@ def check(events: list[dict[str, Any]]) -> Verdict:
             bad.append(
                 f"worker {e['worker']} exited with {e['code']} by itself: {e.get('output', '')[-300:]!r}"
             )
+    # The callers: none dies by itself (exit 1, Redis unreachable, is allowed for one started while
+    # Redis was down; the run replaces it), and the workload goes on until its time is up.
+    spawned = {e["caller"]: e["t"] for e in events if e["k"] == "caller_spawn"}
+    callers_refused = 0
+    for e in events:
+        if e["k"] == "caller_exit":
+            began = spawned.get(e["caller"], e["t"])
+            redis_down = faults.within(began, e["t"], DATA_LOSS)
+            if e["code"] == 1 and e["t"] - began < 30 and redis_down and "RedisUnavailable" in e["output"]:
+                callers_refused += 1
+                continue
+            bad.append(f"caller {e['caller']} exited with {e['code']} by itself: {e['output'][-300:]!r}")
+    start = next((e for e in events if e["k"] == "phase" and e.get("name") == "start"), None)
+    sent = sorted(inv["t"] for inv in invokes.values())
+    if start is not None and "seconds" in start and sent:
+        marks = [*sent, start["t"] + start["seconds"]]
+        gap, after = max((b - a, a) for a, b in itertools.pairwise(marks))
+        if gap > WORKLOAD_GAP:
+            bad.append(f"no call was sent for {gap:.0f} s from t={after:.0f}: the workload stopped")
+
     mem = [e for e in events if e["k"] == "memory"]
     max_rss = max((r for e in mem for r in e["rss"].values()), default=0)
     max_redis = max((e["redis"] for e in mem), default=0)
@@ -402,6 +425,7 @@ def check(events: list[dict[str, Any]]) -> Verdict:
         "worst_late": round(worst_late, 3),
         "fault_errors": dict(fault_errors),
         "workers_refused_at_start": refused,
+        "callers_refused_at_start": callers_refused,
         "max_rss": max_rss,
         "max_redis": max_redis,
     }

@@ -119,6 +119,7 @@ async def kill_caller(env: Env, rng: random.Random) -> None:
     if caller is None:
         return
     start = time.monotonic()
+    env.killed.add(caller.proc.pid)
     caller.proc.kill()
     await anyio.to_thread.run_sync(caller.proc.wait)
     env.history.record("fault", kind="caller_kill", target=caller.name, start=start, end=time.monotonic())

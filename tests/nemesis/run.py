@@ -177,6 +177,7 @@ class Env:
         log.close()
         caller = CallerProc(name, proc)
         self.callers.append(caller)
+        self.history.record("caller_spawn", caller=name, pid=proc.pid)
         return caller
 
     def pick_caller(self, rng: random.Random) -> CallerProc | None:
@@ -250,7 +251,9 @@ async def _nemesis(env: Env, rng: random.Random, until: float) -> None:
 
 
 async def _watch(env: Env, until: float) -> None:
-    """Note every worker that exits without the nemesis's hand (and replace it); sample memory."""
+    """Note every worker, and every caller before its time is up, that exits without the nemesis's
+    hand (and replace it: a caller started while Redis was down cannot connect and exits, and the
+    workload must not dwindle to nothing); sample memory."""
     seen: set[int] = set()
     last_sample = 0.0
     while time.monotonic() < until:
@@ -264,6 +267,15 @@ async def _watch(env: Env, until: float) -> None:
                 )
                 env.history.record("worker_exit", worker=w.wid, code=code, by="itself", output=tail)
                 env.start_worker(netns=w.netns)
+        for c in list(env.callers):
+            code = c.proc.poll()
+            if code not in (None, 0) and c.proc.pid not in env.killed and c.proc.pid not in seen:
+                seen.add(c.proc.pid)
+                tail = (
+                    (env.config.folder / f"caller-{c.name}.log").read_bytes()[-2000:].decode(errors="replace")
+                )
+                env.history.record("caller_exit", caller=c.name, code=code, output=tail)
+                env.start_caller()
         if time.monotonic() - last_sample > 2:
             last_sample = time.monotonic()
             env.history.record("memory", **await anyio.to_thread.run_sync(env.memory))
