@@ -22,16 +22,11 @@ SECONDS = 75.0
 """The workload's time under faults; setting up, healing and reading back take the rest."""
 
 
-OPEN = (
-    re.compile(r"^call \S+ ran \d+ times with no fault to explain it$"),
-    re.compile(r"^call \S+ answered \d+ times on the wire "),
-    re.compile(r"^job \S+ \(call \S+\) ended as 'running', not an ended state$"),
-)
-"""Violations the long runs found and that are not fixed yet (docs/reliability.md, "Open"): a live
-worker's call taken over about one heartbeat TTL after it started, on a loaded machine; a call
-answered twice by one worker just after its caller gave up; a job whose end a failover lost,
-left running. A run whose only violations are of these kinds is an expected failure (xfail);
-any other violation fails the test."""
+OPEN: tuple[re.Pattern[str], ...] = ()
+"""Violations a long run found that are not explained or fixed yet (docs/reliability.md, "What it
+found"): a run whose only violations are of these kinds is an expected failure (xfail); any other
+violation fails the test. None now: a rerun with no fault is explained by the heartbeat lapse its
+worker logged, or it is a violation."""
 
 
 def _short_form(topology: str, seed: int, folder: Path) -> None:
@@ -40,7 +35,7 @@ def _short_form(topology: str, seed: int, folder: Path) -> None:
     stats = verdict.stats
     # The run proved something: calls, jobs and ticks checked, faults of several kinds done.
     assert stats["calls"] > 500 and stats["jobs"] > 50 and stats["tick_jobs"] > 20, stats
-    assert len(stats["faults"]) >= 3, stats["faults"]
+    assert len(set(stats["faults"]) - {"lapse"}) >= 3, stats["faults"]
     unknown = [v for v in verdict.violations if not any(p.search(v) for p in OPEN)]
     assert not unknown, verdict.summary()
     if not verdict.ok:

@@ -283,7 +283,15 @@ async def _watch(env: Env, until: float) -> None:
 
 
 async def _scale_pool(pm: ProcessManager, rng: random.Random, until: float, history: History) -> None:
-    pool = await pm.pool(POOL, size=1)
+    pool = None
+    while pool is None:
+        try:
+            pool = await pm.pool(POOL, size=1)
+        except TitanError as exc:  # its first worker could not reach Redis (failing over): again
+            history.record("pool_scale", size=1, error=f"{type(exc).__name__}: {exc}"[:300])
+            if time.monotonic() >= until:
+                return
+            await anyio.sleep(1)
     while time.monotonic() < until:
         await anyio.sleep(rng.uniform(3, 6))
         size = rng.randint(1, 3)
