@@ -29,7 +29,7 @@ import redis.cluster
 
 from titan_broker import Client, ProcessManager, TitanError
 from titan_broker._wire.keys import GROUP, Keys
-from titan_broker.testing._local_cluster import LocalCluster
+from titan_broker.testing._local_cluster import ClusterNode, LocalCluster
 from titan_broker.testing._local_redis import LocalRedis, wait_for
 from titan_broker.testing._local_sentinel import LocalSentinel
 
@@ -184,13 +184,43 @@ class Env:
         live = [c for c in self.callers if c.proc.poll() is None]
         return rng.choice(live) if live else None
 
-    def wait_cluster_whole(self) -> None:
-        assert self.cluster is not None
-        wait_for(self.cluster.ready_problem, 60.0, "the cluster whole again")
-
-    def wait_sentinel_whole(self) -> None:
+    # -- a replicated Redis: a Cluster, or a primary and a replica behind Sentinel
+    def primary(self) -> LocalRedis:
+        """The primary the service's keys live on now."""
+        if self.cluster is not None:
+            return self.cluster.primary_for(self.stream_key)
         assert self.sentinel is not None
-        wait_for(self.sentinel.ready_problem, 60.0, "the sentinels' set-up whole again")
+        return self.sentinel.primary()
+
+    def kill_primary(self) -> LocalRedis:
+        """SIGKILL the primary of the service's keys; return it."""
+        if self.cluster is not None:
+            primary = self.cluster.primary_for(self.stream_key)
+            self.cluster.kill(primary)
+            return primary
+        assert self.sentinel is not None
+        return self.sentinel.kill_primary()
+
+    def wait_promoted(self, old: LocalRedis) -> None:
+        if self.cluster is not None:
+            assert isinstance(old, ClusterNode)
+            self.cluster.wait_promoted(old, 30.0)
+        else:
+            assert self.sentinel is not None
+            self.sentinel.wait_failover(old, 30.0)
+
+    def heal_redis(self) -> None:
+        """Restart the killed servers as replicas; wait until everything is whole again."""
+        if self.cluster is not None:
+            self.cluster.heal(60.0)
+        elif self.sentinel is not None:
+            self.sentinel.heal(60.0)
+
+    def wait_redis_whole(self) -> None:
+        if self.cluster is not None:
+            wait_for(self.cluster.ready_problem, 60.0, "the cluster whole again")
+        elif self.sentinel is not None:
+            wait_for(self.sentinel.ready_problem, 60.0, "the sentinels' set-up whole again")
 
     def job_evidence(self, job_id: str) -> dict[str, Any]:
         """What Redis holds of a job that did not end: its hash, and its entry (the request it
@@ -365,16 +395,12 @@ def _heal(env: Env) -> None:
         env.link.set(up=True)
     if env.single is not None and (env.single.process is None or env.single.process.poll() is not None):
         env.single.start()
-    if env.cluster is not None:
-        for node in env.cluster.nodes:
-            if node.process is not None and node.process.poll() is None:
-                node.process.send_signal(signal.SIGCONT)
-        env.cluster.heal(60.0)
-    if env.sentinel is not None:
-        for server in env.sentinel.servers:
-            if server.process is not None and server.process.poll() is None:
-                server.process.send_signal(signal.SIGCONT)
-        env.sentinel.heal(60.0)
+    servers: list[LocalRedis] = [*(env.cluster.nodes if env.cluster else ()),
+                                 *(env.sentinel.servers if env.sentinel else ())]  # fmt: skip
+    for server in servers:
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)
+    env.heal_redis()
 
 
 def _stop_workers(env: Env) -> None:
