@@ -3,6 +3,8 @@ nothing else. Service ``a`` is client_log, ``b`` the calculator; ``alice`` and `
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis as sync_redis
 import redis.exceptions as rexc
@@ -330,6 +333,68 @@ async def test_a_refusal_is_an_access_denied_naming_command_key_and_role(secured
     message = str(info.value)
     assert "alice" in message and "caller" in message, message
     assert keys.calls(B) in message or B in message, message
+
+
+def test_a_refused_multi_is_an_access_denied_naming_multi_and_the_role(secured: Secured) -> None:
+    """redis-py sends MULTI, the commands and EXEC in one write: a refused MULTI shows as EXEC's
+    "EXEC without MULTI", which must not be what the user reads."""
+    registered(secured)
+    secured.admin_ask("ACL", "SETUSER", "operator", "-multi")
+    done = titan(secured.urls["operator"], secured.namespace, "dead-letters", A, "--purge", "--yes")
+    assert done.returncode == 4, done.stderr  # AccessDenied is a RedisUnavailable
+    message = " ".join(done.stderr.split())
+    assert "refused MULTI" in message and "'operator'" in message and "titan acl operator" in message, message
+    assert "EXEC without MULTI" not in message, message
+
+
+async def test_calls_refused_both_their_send_and_their_reply_read_leave_no_error_unretrieved(
+    secured: Secured,
+) -> None:
+    """alice may neither send to ``b`` nor read her replies from it: the reader's refusals fail the
+    calls waiting at that moment, some of them still sending (a delayed call, an affinity call
+    looking up its worker). Each call raises one AccessDenied; no error is left on a future nobody
+    reads ("Future exception was never retrieved")."""
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    raised: list[type[BaseException]] = []  # not the errors: their tracebacks would keep the futures
+    try:
+        async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+
+            async def calls(options: dict[str, Any]) -> None:
+                until = anyio.current_time() + 2.0  # past several of the reader's refusals (backoff)
+                while anyio.current_time() < until:
+                    try:
+                        await alice.call(B, "add", (1, 2), timeout=5, **options)
+                    except Exception as exc:
+                        raised.append(type(exc))
+                        # Its own error: the send's refusal, not the reply read's ("were sent, may have run").
+                        assert str(exc).startswith((f"cannot send {B}.add()", f"cannot route {B}.add()")), exc
+
+            async with anyio.create_task_group() as tg:
+                for options in [{}, {"delay": 0.01}, {"key": "k"}] * 6:
+                    tg.start_soon(calls, options)
+        gc.collect()  # an unretrieved error is reported when its future is collected
+        await anyio.lowlevel.checkpoint()
+    finally:
+        loop.set_exception_handler(previous)
+    assert raised and set(raised) == {AccessDenied}, set(raised)
+    assert not unretrieved, unretrieved[:3]
+
+
+async def test_a_caller_whose_rule_refuses_acl_whoami_takes_its_user_name_from_the_url(
+    secured: Secured,
+) -> None:
+    """Without its user's name the client id would not match the rule's reply keys (``<user>.*``),
+    and every call would fail with an AccessDenied on its reply stream that WHOAMI caused."""
+    secured.admin_ask("ACL", "SETUSER", "alice", "-acl|whoami")
+    secured.admin_ask("ACL", "LOG", "RESET")
+    async with Client(secured.urls["alice"], namespace=secured.namespace) as alice:
+        assert alice.client_id.startswith("alice."), alice.client_id
+        with pytest.raises(CallTimeout):  # no worker serves it: waited for, not refused
+            await alice.call(A, "run", ("x",), timeout=0.5)
+    assert not [e for e in denied_log(secured.admin) if e.startswith("alice ") and "whoami" not in e]
 
 
 def without_reply_rights(admin: Any, user: str) -> list[str]:

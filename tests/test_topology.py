@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from titan_broker._config import redact
+from titan_broker._config import redact, url_user
 from titan_broker._errors import ConfigError, RedisUnavailable
 from titan_broker._redis.topology import Cluster, _sentinel_topology, discover
 
@@ -73,3 +73,17 @@ def test_a_tls_sentinel_url_gives_the_primary_its_ca_like_the_channels() -> None
     topology = _sentinel_topology("redis+sentinels://s1:26379/mymaster?ssl_ca_certs=/x/ca.crt&db=2")
     assert topology._node_options() == {"db": 2, "ssl": True, "ssl_ca_certs": "/x/ca.crt"}
     assert topology.node_url(("10.0.0.9", 6380)) == "rediss://10.0.0.9:6380/2?ssl_ca_certs=%2Fx%2Fca.crt"
+
+
+@pytest.mark.parametrize(
+    ("url", "user"),
+    [
+        ("redis://app%2Dweb:s3cret@host:6379/0", "app-web"),
+        ("redis://host:6379/0?username=app&password=s3cret", "app"),  # a form redis-py reads too
+        ("redis+sentinel://app:s3cret@s1:26379,s2:26379/mymaster", "app"),
+        ("redis://:s3cret@host:6379/0", None),  # the default user
+        ("unix:///run/redis.sock", None),
+    ],
+)
+def test_the_acl_user_a_url_logs_in_as(url: str, user: str | None) -> None:
+    assert url_user(url) == user

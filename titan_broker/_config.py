@@ -6,7 +6,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from ._errors import ConfigError
 from ._wire.keys import check_name as check_name
@@ -27,7 +27,39 @@ def resolve_url(url: str | None) -> str:
             f"Redis URL {redact(url)!r} must start with redis://, rediss://, unix:// "
             "or redis+sentinel:// (see the README: Redis Cluster and Sentinel)"
         )
+    tls_options(url)
     return url
+
+
+def url_user(url: str) -> str | None:
+    """The ACL user a connection to ``url`` logs in as, when the URL names one (``user:pass@``, or
+    ``?username=`` as redis-py reads it too); None: the ``default`` user."""
+    parts = urlsplit(url)
+    if parts.username:
+        return unquote(parts.username)
+    return dict(parse_qsl(parts.query)).get("username") or None
+
+
+_TLS_INSTEAD = {"redis": "rediss", "redis+sentinel": "redis+sentinels"}
+"""The scheme with TLS for each scheme without it (a unix socket has none)."""
+
+
+def tls_options(url: str) -> dict[str, str]:
+    """The ``ssl_*`` options in the query of ``url``; ConfigError when its scheme has no TLS.
+
+    redis-py would pass them to a plain connection, which takes no TLS option
+    (a TypeError deep in its connection pool).
+    """
+    parts = urlsplit(url)
+    options = {k: v for k, v in parse_qsl(parts.query) if k.startswith("ssl_")}
+    if options and parts.scheme not in ("rediss", "redis+sentinels"):
+        instead = _TLS_INSTEAD.get(parts.scheme)
+        fix = f"use {instead}://" if instead else "a unix socket has no TLS: remove them"
+        raise ConfigError(
+            f"Redis URL {redact(url)!r} has TLS options ({', '.join(sorted(options))}) but "
+            f"{parts.scheme}:// does not use TLS: {fix}"
+        )
+    return options
 
 
 def resolve_namespace(namespace: str | None) -> str:

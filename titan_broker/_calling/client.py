@@ -29,10 +29,10 @@ import redis.exceptions as rexc
 from opentelemetry import propagate
 from opentelemetry import trace as otel
 
-from .._config import check_seconds, redact, resolve_namespace, resolve_url
-from .._errors import ConfigError, TitanError
+from .._config import check_seconds, redact, resolve_namespace, resolve_url, url_user
+from .._errors import AccessDenied, ConfigError, TitanError
 from .._redis.connection import REDIS_ERRORS, Redis, open_redis, text, titan_error
-from .._redis.denied import acting
+from .._redis.denied import acting, is_denied
 from .._redis.topology import discover
 from .._wire import protocol
 from .._wire.acl import USER_NAME, USER_SEPARATOR
@@ -72,8 +72,9 @@ class Client:
 
     The constructor does no I/O; ``async with Client(...)`` connects and starts
     the reply dispatcher, leaving the block stops it. Its client id starts with
-    the ACL user's name (``acl_user``, else ``ACL WHOAMI`` at connect), which
-    the rules of ``titan acl caller`` match to keep users' replies apart.
+    the ACL user's name (``acl_user``, else ``ACL WHOAMI`` at connect, else the
+    URL's user when the rule refuses WHOAMI), which the rules of ``titan acl
+    caller`` match to keep users' replies apart.
     """
 
     def __init__(
@@ -136,12 +137,17 @@ class Client:
         return self
 
     async def _whoami(self) -> str | None:
-        """The ACL user this client is: the one given, else ``ACL WHOAMI`` (None when denied)."""
+        """The ACL user this client is: the one given, else ``ACL WHOAMI``, else (a rule without
+        ``+acl|whoami``) the one the URL logs in as; None on a Redis without ACLs."""
         if self.acl_user is not None:
             return self.acl_user
         try:
             return text(await self.redis.execute_command("ACL", "WHOAMI"))
-        except rexc.ResponseError:  # denied, or a Redis without ACLs
+        except rexc.NoPermissionError:
+            # The connection logged in as the URL's user (no user: "default"); without its name the
+            # client id would not match the rule's reply keys, and every call would be refused.
+            return url_user(self.url) or "default"
+        except rexc.ResponseError:  # a Redis without ACLs: no rule to match
             return None
 
     async def __aexit__(
@@ -258,10 +264,22 @@ class Client:
                     raise self._workers.timeout_error(
                         service, method, timeout, loop.time() - timeout
                     ) from None
+                except AccessDenied:
+                    # The reply read was refused: when this call's send was refused too, that is its
+                    # error (it was not sent, so it did not run), whichever Redis answered first.
+                    if submit is not None:
+                        tried = submit.tried
+                        if not tried.done():
+                            await asyncio.wait((tried,), timeout=max(0.0, deadline - loop.time()))
+                        error = tried.exception() if tried.done() and not tried.cancelled() else None
+                        if isinstance(error, Exception) and is_denied(error):
+                            await sender.refused(error, service, method, _SUBMIT_COMMAND, submit.key,
+                                                 deadline)  # fmt: skip
+                    raise
                 except _SubmitFailed as failed:
                     assert submit is not None
                     # Raises its error, or returns for a try again (by send, which waits for Redis).
-                    await sender.refused(failed.error, service, method, "EVALSHA submit_many", submit.key,
+                    await sender.refused(failed.error, service, method, _SUBMIT_COMMAND, submit.key,
                                          deadline)  # fmt: skip
                     submit = None
                     fut = loop.create_future()
@@ -283,6 +301,10 @@ class Client:
             dispatcher.forget(call_id)
             if not answered:
                 _give_up(sender, submit, sent, deadline, None, call_id)
+                if fut.done() and not fut.cancelled():
+                    # The reply reader failed it while this call was not waiting on it (sending, or
+                    # routing): the call raised its own error, this one is not to be logged as lost.
+                    fut.exception()
 
     def stream(
         self,
@@ -448,6 +470,10 @@ def _traceparent() -> str | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent")
+
+
+_SUBMIT_COMMAND = "EVALSHA submit_many"
+"""What an ordinary call's send runs, as an AccessDenied names it."""
 
 
 class _Expired(Exception):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
@@ -35,7 +36,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 
-from .._config import redact
+from .._config import redact, tls_options
 from .._errors import ConfigError, RedisUnavailable
 
 logger = logging.getLogger(__name__)
@@ -293,8 +294,60 @@ class SentinelPrimary(Topology):
         return {**timeouts, **self.sentinel_auth}
 
 
+TLS_FILES = {
+    "ssl_ca_certs": "CA certificates", "ssl_certfile": "client certificate", "ssl_keyfile": "private key",
+}  # fmt: skip
+"""The URL's options that name a file of TLS material, and what each holds (PEM)."""
+
+
+def check_tls_files(url: str) -> None:
+    """ConfigError naming the option and the path when a TLS file of ``url`` cannot be read or loaded.
+
+    redis-py reads them on its first connection, where a missing file looks
+    like an unreachable server ("Error 2 connecting to ...: No such file or
+    directory"); they are loaded here once, as its connections would.
+    """
+    options = tls_options(url)
+    for name, holds in TLS_FILES.items():
+        path = options.get(name)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the TLS {holds} file {name}={path} of {redact(url)}: {exc.strerror or exc}"
+            ) from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca, cert, key = (options.get(name) for name in TLS_FILES)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"the TLS option ssl_ca_certs={ca} of {redact(url)} names a file without a PEM "
+                f"certificate ({exc.reason or exc})"
+            ) from None
+    if key is not None and cert is None:
+        raise ConfigError(f"{redact(url)} has ssl_keyfile={key} without ssl_certfile: give both")
+    if cert is not None:
+        password = options.get("ssl_password", "")
+        try:
+            # A callable: an encrypted key without ssl_password fails here, not at a password prompt.
+            context.load_cert_chain(cert, key, password=lambda: password)
+        except ssl.SSLError as exc:
+            pair = f"ssl_certfile={cert}" + (f" and ssl_keyfile={key}" if key else "")
+            raise ConfigError(
+                f"the TLS options {pair} of {redact(url)} do not hold a PEM certificate and its "
+                f"private key ({exc.reason or exc}; an encrypted key needs ssl_password)"
+            ) from None
+
+
 async def discover(url: str) -> Topology:
-    """What runs behind ``url``; raises RedisUnavailable (unreachable) or ConfigError (a bad URL)."""
+    """What runs behind ``url``; raises RedisUnavailable (unreachable) or ConfigError (a bad URL, or
+    a TLS file that cannot be read)."""
+    check_tls_files(url)
     parts = urlsplit(url)
     if parts.scheme in SENTINEL_SCHEMES:
         sentinel = _sentinel_topology(url)

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 import traceback
-import urllib.parse
 from dataclasses import replace
 from typing import Any
 
@@ -29,7 +28,7 @@ import anyio
 import anyio.abc
 from redis import exceptions as rexc
 
-from titan_broker._config import WorkerOptions, redact, resolve_namespace, resolve_url
+from titan_broker._config import WorkerOptions, redact, resolve_namespace, resolve_url, url_user
 from titan_broker._errors import ConfigError, RedisUnavailable, ServiceFileError
 from titan_broker._redis import Acting, access_denied, is_denied
 from titan_broker._service import load_service_file
@@ -205,10 +204,12 @@ def serve_file(
     except Exception as group:
         error = _leaf(group)
         if is_denied(error):  # the worker's ACL user lacks a permission: say which, not a traceback
-            user = urllib.parse.urlsplit(url).username or None
+            user = url_user(url)
             error = access_denied(error, f"serve {worker.service!r}", who=Acting("worker", user))
         if isinstance(error, RedisUnavailable):
             return ready.fail(EXIT_REDIS, str(error))
+        if isinstance(error, ConfigError):  # found on connecting: a TLS file that cannot be read
+            return ready.fail(EXIT_USAGE, str(error))
         if isinstance(error, rexc.ConnectionError | rexc.TimeoutError):
             # Redis went away after the worker connected (while it registered, say): the same exit.
             return ready.fail(EXIT_REDIS, f"lost Redis at {redact(url)}: {type(error).__name__}: {error}")

@@ -61,7 +61,8 @@ export interface ConnectOptions {
   /** Where warnings go (default: console.warn). */
   log?: (message: string) => void;
   /**
-   * The Redis ACL user this client is (default: `ACL WHOAMI` at connect). The client id starts with
+   * The Redis ACL user this client is (default: `ACL WHOAMI` at connect, or the URL's user when the
+   * rule refuses WHOAMI). The client id starts with
    * it and a dot, so the rules of `titan acl caller` keep each user's replies apart.
    */
   aclUser?: string;
@@ -754,8 +755,10 @@ export async function connect(url?: string, options: ConnectOptions = {}): Promi
   if (aclUser === undefined) {
     try {
       aclUser = String(await redis.call("ACL", "WHOAMI"));
-    } catch {
-      aclUser = undefined; // denied, or a Redis without ACLs: a client id without a user
+    } catch (exc) {
+      // Refused by the rule: the connection logged in as the URL's user ("default" without one), whose
+      // name the client id needs to match the rule's reply keys. A Redis without ACLs: no user.
+      aclUser = isDenied(exc) ? (urlUser(resolved) ?? "default") : undefined;
     }
   }
   return new Client(topology, redis, { ...options, aclUser });

@@ -156,6 +156,24 @@ describe("the Node client refused by Redis", () => {
     });
   });
 
+  it("takes its user name from the URL when its rule refuses ACL WHOAMI", async () => {
+    await apply("caller", "idle", "--user", "node-nowhoami");
+    const admin = redis.client();
+    try {
+      await admin.call("ACL", "SETUSER", "node-nowhoami", "-acl|whoami");
+    } finally {
+      admin.disconnect();
+    }
+    const caller = await connect(userUrl("node-nowhoami"), { namespace: NS });
+    try {
+      // Else its reply keys would not match its rule (`<user>.*`) and every call would be refused.
+      assert.ok(caller.clientId.startsWith("node-nowhoami."), caller.clientId);
+      await assert.rejects(caller.service<{ wait(): Promise<unknown> }>("idle", { timeout: 0.5 }).wait(), CallTimeout);
+    } finally {
+      await caller.close();
+    }
+  });
+
   it("reads no job of a service it has no rule for", async () => {
     const job = client.job("database:0123abcd");
     await assert.rejects(job.status(), (e: unknown) => denied(e, `${NS}:{database}:job:0123abcd`, "node-caller") && /HGETALL/.test((e as Error).message));
