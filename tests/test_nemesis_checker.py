@@ -225,6 +225,11 @@ def test_a_worker_that_could_not_reach_redis_as_it_started_during_an_outage() ->
     verdict = check(sorted([*healthy(), start, refused, fault("primary_stopped", 1.5, 3.5, "primary:1")],
                            key=lambda e: e["t"]))  # fmt: skip
     assert verdict.ok and verdict.stats["workers_refused_at_start"] == 1
+    # Stopped itself while it connected, its connection timed out: the same exit, for that worker only.
+    stalled = fault("stall", 2.5, 3.9, "nem-5")
+    verdict = check(sorted([*healthy(), start, refused, stalled], key=lambda e: e["t"]))
+    assert verdict.ok and verdict.stats["workers_refused_at_start"] == 1
+    assert violations([*healthy(), start, refused, fault("stall", 2.5, 3.9, "nem-6")]) != []
 
 
 def test_two_replies_for_one_call_on_the_wire_unless_one_entry_was_read_twice() -> None:

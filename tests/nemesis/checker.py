@@ -364,10 +364,13 @@ def check(events: list[dict[str, Any]]) -> Verdict:
     for e in events:
         if e["k"] == "worker_exit" and e["by"] == "itself":
             # Exit 4 (Redis unavailable) is documented for a worker that cannot reach Redis as it
-            # starts: allowed for one started while Redis (or its link) was down; the run replaces it.
+            # starts: allowed for one started while Redis (or its link) was down, or stopped while it
+            # connected; the run replaces it.
             began = started_at.get(e["worker"], e["t"])
             redis_down = faults.within(began, e["t"], DATA_LOSS | {"partition"})
-            if e["code"] == 4 and e["t"] - began < 30 and redis_down:
+            # Or the worker itself stopped (SIGSTOP) as it connected: its connection timed out.
+            stalled = [f for f in faults.within(began, e["t"], {"stall"}) if f["target"] == e["worker"]]
+            if e["code"] == 4 and e["t"] - began < 30 and (redis_down or stalled):
                 refused += 1
                 continue
             bad.append(
