@@ -22,11 +22,11 @@ SECONDS = 75.0
 """The workload's time under faults; setting up, healing and reading back take the rest."""
 
 
-OPEN: tuple[re.Pattern[str], ...] = ()
+OPEN = (re.compile(r"^call \S+ \(\w+\) answered \d+\.\d+ s after its deadline$"),)
 """Violations a long run found that are not explained or fixed yet (docs/reliability.md, "What it
-found"): a run whose only violations are of these kinds is an expected failure (xfail); any other
-violation fails the test. None now: a rerun with no fault is explained by the heartbeat lapse its
-worker logged, or it is a violation."""
+found"): a caller's CallTimeout about 1.1 s after its deadline (the bound is 1 s), each time while
+the Cluster's primary of the service's slot was stopped. A run whose only violations are of these
+kinds is an expected failure (xfail); any other violation fails the test."""
 
 
 def _short_form(topology: str, seed: int, folder: Path) -> None:
