@@ -24,9 +24,9 @@ SECONDS = 75.0
 
 OPEN = (re.compile(r"^call \S+ \(\w+\) answered \d+\.\d+ s after its deadline$"),)
 """Violations a long run found that are not explained or fixed yet (docs/reliability.md, "What it
-found"): a caller's CallTimeout about 1.1 s after its deadline (the bound is 1 s), each time while
-the Cluster's primary of the service's slot was stopped. A run whose only violations are of these
-kinds is an expected failure (xfail); any other violation fails the test."""
+found"): a caller's CallTimeout about 1.1 s after its deadline (the bound is 1 s), each time as a
+stretch in which that caller's own event loop did not turn ended. A run whose only violations are
+of these kinds is an expected failure (xfail); any other violation fails the test."""
 
 
 def _short_form(topology: str, seed: int, folder: Path) -> None:
