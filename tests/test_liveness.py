@@ -148,6 +148,9 @@ async def test_a_worker_whose_record_expired_registers_again(
     again = await in_thread(wait_until, registered_again, 10, "the worker to register again")
     for field in (b"service", b"version", b"pid", b"host", b"methods", b"concurrency", b"started_at"):
         assert again.get(field) == full[field], field
+    # The lapse is in its log, with its length: what explains a call of it run again elsewhere.
+    lapse = b"between two heartbeats, past its TTL of 1.00 s"
+    await in_thread(wait_until, lambda: lapse in workers.output(proc), 10, "the lapse logged")
     titan = await anyio.run_process(
         [sys.executable, "-m", "titan_cli", "--redis", workers.url, "--namespace", workers.namespace,
          "workers", "calculator", "--json"], check=False,

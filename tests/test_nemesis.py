@@ -1,4 +1,5 @@
-"""The nemesis run's short form: a fixed seed, about 90 s per topology, every invariant checked.
+"""The nemesis run's short form: a fixed seed, about 90 s per topology (a single Redis with AOF, a
+Cluster with replicas, a primary and a replica behind three Sentinels), every invariant checked.
 
 A mixed workload from caller processes while faults drawn from the seed hit workers, callers and
 Redis (tests/nemesis/); the checker reads the history and names any broken invariant with the
@@ -21,16 +22,11 @@ SECONDS = 75.0
 """The workload's time under faults; setting up, healing and reading back take the rest."""
 
 
-OPEN = (
-    re.compile(r"^call \S+ ran \d+ times with no fault to explain it$"),
-    re.compile(r"^call \S+ answered \d+ times on the wire "),
-    re.compile(r"^job \S+ \(call \S+\) ended as 'running', not an ended state$"),
-)
-"""Violations the long runs found and that are not fixed yet (docs/reliability.md, "Open"): a live
-worker's call taken over about one heartbeat TTL after it started, on a loaded machine; a call
-answered twice by one worker just after its caller gave up; a job whose end a failover lost,
-left running. A run whose only violations are of these kinds is an expected failure (xfail);
-any other violation fails the test."""
+OPEN = (re.compile(r"^call \S+ \(\w+\) answered \d+\.\d+ s after its deadline$"),)
+"""Violations a long run found that are not explained or fixed yet (docs/reliability.md, "What it
+found"): a caller's CallTimeout about 1.1 s after its deadline (the bound is 1 s), each time as a
+stretch in which that caller's own event loop did not turn ended. A run whose only violations are
+of these kinds is an expected failure (xfail); any other violation fails the test."""
 
 
 def _short_form(topology: str, seed: int, folder: Path) -> None:
@@ -39,7 +35,7 @@ def _short_form(topology: str, seed: int, folder: Path) -> None:
     stats = verdict.stats
     # The run proved something: calls, jobs and ticks checked, faults of several kinds done.
     assert stats["calls"] > 500 and stats["jobs"] > 50 and stats["tick_jobs"] > 20, stats
-    assert len(stats["faults"]) >= 3, stats["faults"]
+    assert len(set(stats["faults"]) - {"lapse"}) >= 3, stats["faults"]
     unknown = [v for v in verdict.violations if not any(p.search(v) for p in OPEN)]
     assert not unknown, verdict.summary()
     if not verdict.ok:
@@ -55,3 +51,9 @@ def test_nemesis_on_a_single_redis_with_aof(tmp_path: Path) -> None:
 def test_nemesis_on_a_cluster_with_replicas(tmp_path: Path) -> None:
     skip_without_cluster_binaries()
     _short_form("cluster", 777, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_nemesis_behind_sentinel(tmp_path: Path) -> None:
+    skip_without_cluster_binaries()
+    _short_form("sentinel", 5, tmp_path)

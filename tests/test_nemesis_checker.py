@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .nemesis.checker import LATE_BOUND, REDIS_BOUND, RSS_BOUND, check
+from .nemesis.checker import LATE_BOUND, REDIS_BOUND, RSS_BOUND, check, load
 
 
 def ev(event: str, t: float, /, **fields: Any) -> dict[str, Any]:
@@ -130,6 +133,37 @@ def test_a_rerun_needs_a_fault_to_explain_it() -> None:
     assert "call c1:9 ran 2 times" in v
 
 
+def test_a_rerun_explained_by_a_heartbeat_lapse_its_first_worker_logged(tmp_path: Path) -> None:
+    """A worker whose heartbeat lapsed past its TTL with no fault done to it (starved of CPU, Redis
+    slow) may lose a call it runs to another worker's claim: the lapse, read from that worker's
+    log, explains the rerun; the lapse of a worker that did not run it does not."""
+    wall = 1_000_000.0  # the wall clock when the monotonic one read 0.5
+
+    def lapse_line(worker: str, at: float, gap: float) -> str:
+        stamp = datetime.fromtimestamp(wall + at - 0.5, UTC).isoformat(timespec="milliseconds")
+        return (f"{stamp} WARNING titan_worker: worker {worker}: {gap:.2f} s between two heartbeats, "
+                "past its TTL of 1.00 s (the process was stopped or starved of CPU, or Redis answered "
+                "late): calls it runs may have been taken over by other workers\n")  # fmt: skip
+
+    robbed = [
+        ev("phase", 0.5, name="start", wall=wall), call("c1:9", 1.0), ok("c1:9", 2.4, "b"),
+        *(ev("worker_start", 0.6, worker=f"nem-{pid}", pid=pid) for pid in (1, 2, 3)),
+        *(ev(kind, t, token="c1:9", nonce=nonce, pid=pid) for kind, t, nonce, pid in (
+            ("run_start", 1.1, "a", 1), ("run_start", 2.2, "b", 2),
+            ("run_end", 2.3, "b", 2), ("run_end", 2.5, "a", 1),
+        )),
+    ]  # fmt: skip
+    (tmp_path / "nemesis.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [*healthy(), *robbed]))
+    (tmp_path / "worker-nem-3.log").write_text(lapse_line("nem-3", 2.6, 1.4))
+    [v] = check(load(tmp_path)).violations
+    assert "call c1:9 ran 2 times with no fault to explain it" in v
+    (tmp_path / "worker-nem-1.log").write_text(lapse_line("nem-1", 2.6, 1.4))  # 1.2 s to 2.6 s
+    verdict = check(load(tmp_path))
+    assert verdict.ok, verdict.violations
+    assert verdict.stats["rerun_faults"] == {"lapse": 1} and verdict.stats["faults"]["lapse"] == 2
+    assert verdict.stats["lapses_without_fault"] == 2  # no stall, kill or Redis fault behind either
+
+
 def test_a_run_after_the_caller_gave_up_before_any_worker_took_it() -> None:
     gave_up = [call("c1:9", 1.0, timeout=2.0), failed("c1:9", 3.0, "CallTimeout"), *ran("c1:9", 5.0, "late")]
     found = violations([*healthy(), *gave_up])
@@ -191,6 +225,11 @@ def test_a_worker_that_could_not_reach_redis_as_it_started_during_an_outage() ->
     verdict = check(sorted([*healthy(), start, refused, fault("primary_stopped", 1.5, 3.5, "primary:1")],
                            key=lambda e: e["t"]))  # fmt: skip
     assert verdict.ok and verdict.stats["workers_refused_at_start"] == 1
+    # Stopped itself while it connected, its connection timed out: the same exit, for that worker only.
+    stalled = fault("stall", 2.5, 3.9, "nem-5")
+    verdict = check(sorted([*healthy(), start, refused, stalled], key=lambda e: e["t"]))
+    assert verdict.ok and verdict.stats["workers_refused_at_start"] == 1
+    assert violations([*healthy(), start, refused, fault("stall", 2.5, 3.9, "nem-6")]) != []
 
 
 def test_two_replies_for_one_call_on_the_wire_unless_one_entry_was_read_twice() -> None:
@@ -201,3 +240,17 @@ def test_two_replies_for_one_call_on_the_wire_unless_one_entry_was_read_twice() 
     [v] = violations([*healthy(), first, other])
     assert "call c1:1 answered 2 times on the wire (by ['nem-1', 'nem-2'])" in v
     assert violations([*healthy(), first, other, fault("redis_restart", 1.0, 1.1, "redis")]) == []
+
+
+def test_a_caller_that_died_by_itself_and_a_workload_that_stopped() -> None:
+    spawn = ev("caller_spawn", 1.0, caller="c9", pid=9)
+    died = ev("caller_exit", 1.5, caller="c9", code=1, output="RedisUnavailable: cannot reach Redis")
+    [v] = violations([*healthy(), spawn, died])
+    assert "caller c9 exited with 1 by itself" in v
+    verdict = check(sorted([*healthy(), spawn, died, fault("redis_restart", 1.0, 1.2, "redis")],
+                           key=lambda e: e["t"]))  # fmt: skip
+    assert verdict.ok and verdict.stats["callers_refused_at_start"] == 1
+    # Callers all gone long before the workload's time was up: the run checked little, and says so.
+    [v] = violations([*healthy(), ev("phase", 0.5, name="start", seconds=100.0)])
+    assert "no call was sent for 100 s from t=1: the workload stopped" in v
+    assert violations([*healthy(), ev("phase", 0.5, name="start", seconds=20.0)]) == []

@@ -34,7 +34,10 @@ from .worker_harness import (
     EDGE,
     fill_redis,
     free_memory,
+    pending,
     private_workers,
+    replies,
+    send,
 )
 
 pytestmark = pytest.mark.anyio
@@ -241,3 +244,23 @@ async def test_a_blocking_read_unblocked_by_a_failover_relocates_like_readonly()
         finally:
             await channel.aclose()
             admin.close()
+
+
+def test_a_call_handed_twice_to_the_worker_running_it_is_answered_once(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis
+) -> None:
+    """A failover to a replica that had not received a delivery hands the entry out again, maybe to
+    the worker already running it: both runs are cancelled at the same deadline and settle together,
+    and the caller must still get one answer. Setting the group's last delivered id back does to
+    the stream what such a failover does."""
+    workers.start(SERVICES / "slow.py", "--concurrency", "4")
+    workers.wait_registered("slow", 1)
+    reply_key, entry_id = send(sync_client, keys, "slow", "sleep", (30,), deadline_in=3.0)
+    wait_until(lambda: pending(sync_client, keys, "slow"), 10, "the worker to take the call")
+    stream = keys.calls("slow")
+    sync_client.xgroup_setid(stream, GROUP, "0")
+    delivered = lambda: sync_client.xinfo_groups(stream)[0]["last-delivered-id"]  # noqa: E731
+    wait_until(lambda: delivered() == entry_id, 10, "the call handed to the same worker again")
+    wait_until(lambda: not pending(sync_client, keys, "slow"), 15, "the call settled")
+    answers = replies(sync_client, reply_key)
+    assert [a.ok for a in answers] == [False], answers

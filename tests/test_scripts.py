@@ -12,6 +12,7 @@ from titan_broker._wire.keys import GROUP, Keys
 
 pytestmark = pytest.mark.anyio
 RECLAIM = Script("reclaim")
+STARTED = Script("started")
 TICK = Script("tick")
 
 
@@ -89,3 +90,15 @@ async def test_a_tick_is_queued_once_however_many_workers_ask_for_it(
     await redis.hset(job, "status", "running")
     assert await TICK(redis, script_keys, args) == 0
     assert await redis.xlen(keys.calls("scripts")) == 1
+
+
+async def test_a_run_starting_marks_no_job_where_there_is_none(redis: aioredis.Redis, keys: Keys) -> None:
+    """A run's start mark that lands on a Redis without the job (a worker that read the request
+    from an old primary, back from a stop, and marks it on the new one, which never had the job)
+    makes no job there: it would read as running for good, with nothing left to run or end it."""
+    job = keys.job("scripts", "j-1")
+    assert await STARTED(redis, [job], ["w1", 1000]) == b"unknown"
+    assert not await redis.exists(job)
+    await redis.hset(job, mapping={"status": "queued", "attempts": 0})
+    assert await STARTED(redis, [job], ["w1", 1000]) == 1
+    assert await redis.hget(job, "status") == b"running"

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+from pathlib import Path
 
 import pytest
+import redis as sync_redis
 
+from titan_broker._wire.keys import Keys
 from titan_broker.testing import LocalRedis
 
 from .conftest import (
     CALCULATOR,
     SERVICES,
     Workers,
+    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -54,3 +59,18 @@ def test_worker_exits_4_when_it_loses_redis_while_starting(private_redis: LocalR
         assert b"127.0.0.1" in out and b"crashed" not in out, out
     finally:
         workers.close()
+
+
+@pytest.mark.parametrize("where", ["import", "init"])
+def test_worker_sigtermed_while_it_starts_exits_0_at_once(
+    workers: Workers, keys: Keys, sync_client: sync_redis.Redis, tmp_path: Path, where: str
+) -> None:
+    """SIGTERM while the service file imports or its init() runs (a slow start, a deploy rolled
+    back at once): the worker has nothing to drain and exits 0 now, not killed by the signal nor
+    after its start finished; it never serves."""
+    mark = tmp_path / "mark"
+    proc = workers.start(SERVICES / "slow_start.py", env={"SLOW_START": f"{where}:{mark}"})
+    wait_until(mark.exists, 30, f"the worker in its {where}")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0, workers.output(proc)
+    assert not sync_client.smembers(keys.workers("slow-start")), "the worker registered"

@@ -1,4 +1,4 @@
-"""``python -m tests.nemesis --minutes M --seed N --topology single|cluster [--folder DIR]``.
+"""``python -m tests.nemesis --minutes M --seed N --topology single|cluster|sentinel [--folder DIR]``.
 
 Runs the nemesis, prints the checker's summary, exits 1 when an invariant broke. ``--check DIR``
 only checks the history of an earlier run.
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.nemesis", description=__doc__)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=None, help="default: a random one (printed)")
-    parser.add_argument("--topology", choices=("single", "cluster"), default="single")
+    parser.add_argument("--topology", choices=("single", "cluster", "sentinel"), default="single")
     parser.add_argument("--folder", type=Path, default=None, help="where the history goes")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--callers", type=int, default=3)

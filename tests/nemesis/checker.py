@@ -8,8 +8,9 @@ The invariants (each violation is one line of ``Verdict.violations``):
   nonce), a stream's items come in order without a gap; an error is the method's own, or one
   of ``FAULT_ERRORS`` with a fault in the call's window;
 - reruns: a call runs more than once only with a fault that explains it in its window (a worker
-  killed, stalled, cut off or its clock shifted, Redis restarted or failed over), and never
-  after its caller gave up before any worker took it;
+  killed, stalled, cut off or its clock shifted, Redis restarted or failed over, or a heartbeat
+  lapse past the TTL that the worker which ran it logged), and never after its caller gave up
+  before any worker took it;
 - jobs: every job ends in exactly one state, read back by id from another process, the same
   state every time once ended (or reported lost, only after Redis lost data);
 - ticks: a periodic tick never runs twice, and the schedule ticks again after the faults heal;
@@ -19,9 +20,13 @@ The invariants (each violation is one line of ``Verdict.violations``):
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,8 @@ RECOVERY = 5.0
 calls are claimed 1 s after its heartbeat TTL; a promoted replica is found within a few seconds)."""
 RSS_BOUND = 400 * 1024 * 1024
 REDIS_BOUND = 256 * 1024 * 1024
+WORKLOAD_GAP = 30.0
+"""Seconds the workload may go without sending a call (every loop waiting out a failover at once)."""
 TICK_RESUME = 4.0
 """Seconds after everything healed within which the schedule must have ticked."""
 
@@ -49,9 +56,11 @@ FAULT_ERRORS = {
 }
 """What a call may fail with when a fault is in its window (README: "Errors")."""
 RERUN_FAULTS = {"kill9", "stall", "partition", "clock", "redis_restart", "failover", "primary_stopped",
-                "keys_deleted"}  # fmt: skip
+                "keys_deleted", "lapse"}  # fmt: skip
 """Faults that may make a call run again: its worker lost (killed, stalled, cut off, its record
-deleted, its clock shifted) or the acknowledgement lost with Redis."""
+deleted, its clock shifted, or its heartbeat lapsed past the TTL with no fault done to it: the
+process starved of CPU or Redis slow to answer, which the worker logs) or the acknowledgement lost
+with Redis."""
 CAUSES = [
     "kill9",
     "stall",
@@ -61,6 +70,7 @@ CAUSES = [
     "primary_stopped",
     "redis_restart",
     "clock",
+    "lapse",
 ]
 """The likeliest cause first, to say which fault explains a rerun when several could."""
 DATA_LOSS = {"failover", "primary_stopped", "redis_restart"}
@@ -85,7 +95,8 @@ class Verdict:
         lines = [
             f"{s.get('calls', 0)} calls, {s.get('jobs', 0)} jobs, {s.get('ticks', 0)} ticks checked; "
             f"faults: {faults or 'none'}",
-            f"reruns {s.get('reruns', 0)} (explained by: {s.get('rerun_faults', {})}); "
+            f"reruns {s.get('reruns', 0)} (explained by: {s.get('rerun_faults', {})}); heartbeat lapses "
+            f"with no fault done {s.get('lapses_without_fault', 0)}; "
             f"worst lateness past a deadline {s.get('worst_late', 0.0):.2f} s; "
             f"errors under faults {s.get('fault_errors', {})}",
             f"max worker RSS {s.get('max_rss', 0) / 2**20:.0f} MiB, max Redis used_memory "
@@ -99,11 +110,30 @@ class Verdict:
         return "\n".join(lines)
 
 
+LAPSE = re.compile(
+    r"^(\S+) WARNING titan_worker: worker (\S+): ([\d.]+) s between two heartbeats, past its TTL"
+)
+"""The line a worker logs when its heartbeat lapsed past its TTL (worker/titan_worker/liveness.py)."""
+
+
 def load(folder: Path) -> list[dict[str, Any]]:
-    return read(folder)
+    """The run's history, with each heartbeat lapse its workers logged as a fault of kind ``lapse``."""
+    events = read(folder)
+    start = next((e for e in events if e["k"] == "phase" and e.get("name") == "start"), None)
+    # Worker logs are stamped by the wall clock, the history by the monotonic one.
+    offset = start["wall"] - start["t"] if start and "wall" in start else time.time() - time.monotonic()
+    lapses = []
+    for log in sorted(folder.glob("worker-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = LAPSE.match(line)
+            if m:
+                end = datetime.fromisoformat(m[1]).timestamp() - offset
+                lapses.append({"k": "fault", "t": end, "kind": "lapse", "target": m[2],
+                               "start": end - float(m[3]), "end": end})  # fmt: skip
+    return sorted([*events, *lapses], key=lambda e: float(e["t"]))
 
 
-WORKER_FAULTS = {"kill9", "stall", "partition", "clock", "keys_deleted"}
+WORKER_FAULTS = {"kill9", "stall", "partition", "clock", "keys_deleted", "lapse"}
 """Faults done to one worker: they explain a rerun only of a call that worker ran."""
 
 
@@ -334,15 +364,38 @@ def check(events: list[dict[str, Any]]) -> Verdict:
     for e in events:
         if e["k"] == "worker_exit" and e["by"] == "itself":
             # Exit 4 (Redis unavailable) is documented for a worker that cannot reach Redis as it
-            # starts: allowed for one started while Redis (or its link) was down; the run replaces it.
+            # starts: allowed for one started while Redis (or its link) was down, or stopped while it
+            # connected; the run replaces it.
             began = started_at.get(e["worker"], e["t"])
             redis_down = faults.within(began, e["t"], DATA_LOSS | {"partition"})
-            if e["code"] == 4 and e["t"] - began < 30 and redis_down:
+            # Or the worker itself stopped (SIGSTOP) as it connected: its connection timed out.
+            stalled = [f for f in faults.within(began, e["t"], {"stall"}) if f["target"] == e["worker"]]
+            if e["code"] == 4 and e["t"] - began < 30 and (redis_down or stalled):
                 refused += 1
                 continue
             bad.append(
                 f"worker {e['worker']} exited with {e['code']} by itself: {e.get('output', '')[-300:]!r}"
             )
+    # The callers: none dies by itself (exit 1, Redis unreachable, is allowed for one started while
+    # Redis was down; the run replaces it), and the workload goes on until its time is up.
+    spawned = {e["caller"]: e["t"] for e in events if e["k"] == "caller_spawn"}
+    callers_refused = 0
+    for e in events:
+        if e["k"] == "caller_exit":
+            began = spawned.get(e["caller"], e["t"])
+            redis_down = faults.within(began, e["t"], DATA_LOSS)
+            if e["code"] == 1 and e["t"] - began < 30 and redis_down and "RedisUnavailable" in e["output"]:
+                callers_refused += 1
+                continue
+            bad.append(f"caller {e['caller']} exited with {e['code']} by itself: {e['output'][-300:]!r}")
+    start = next((e for e in events if e["k"] == "phase" and e.get("name") == "start"), None)
+    sent = sorted(inv["t"] for inv in invokes.values())
+    if start is not None and "seconds" in start and sent:
+        marks = [*sent, start["t"] + start["seconds"]]
+        gap, after = max((b - a, a) for a, b in itertools.pairwise(marks))
+        if gap > WORKLOAD_GAP:
+            bad.append(f"no call was sent for {gap:.0f} s from t={after:.0f}: the workload stopped")
+
     mem = [e for e in events if e["k"] == "memory"]
     max_rss = max((r for e in mem for r in e["rss"].values()), default=0)
     max_redis = max((e["redis"] for e in mem), default=0)
@@ -352,6 +405,14 @@ def check(events: list[dict[str, Any]]) -> Verdict:
         bad.append(
             f"Redis used_memory reached {max_redis / 2**20:.0f} MiB (bound {REDIS_BOUND / 2**20:.0f} MiB)"
         )
+
+    # A lapse with no fault done to its worker or to Redis at the time: the machine's own doing.
+    unprovoked = 0
+    for lapse in (f for f in faults.all if f["kind"] == "lapse"):
+        pid = faults.pids.get(lapse["target"])
+        others = faults.within(lapse["start"], lapse["end"], RERUN_FAULTS - {"lapse"})
+        if not [f for f in others if pid is None or faults.hit(f, {pid})]:
+            unprovoked += 1
 
     verdict.stats = {
         "calls": len(invokes),
@@ -363,9 +424,11 @@ def check(events: list[dict[str, Any]]) -> Verdict:
         "faults": dict(Counter(f["kind"] for f in faults.all)),
         "reruns": reruns,
         "rerun_faults": dict(rerun_faults),
+        "lapses_without_fault": unprovoked,
         "worst_late": round(worst_late, 3),
         "fault_errors": dict(fault_errors),
         "workers_refused_at_start": refused,
+        "callers_refused_at_start": callers_refused,
         "max_rss": max_rss,
         "max_redis": max_redis,
     }

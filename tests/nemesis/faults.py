@@ -119,6 +119,7 @@ async def kill_caller(env: Env, rng: random.Random) -> None:
     if caller is None:
         return
     start = time.monotonic()
+    env.killed.add(caller.proc.pid)
     caller.proc.kill()
     await anyio.to_thread.run_sync(caller.proc.wait)
     env.history.record("fault", kind="caller_kill", target=caller.name, start=start, end=time.monotonic())
@@ -141,39 +142,43 @@ async def restart_redis(env: Env, rng: random.Random) -> None:
 
 
 async def kill_primary(env: Env, rng: random.Random) -> None:
-    """SIGKILL the cluster primary of the service's slot; a replica is promoted; the old one rejoins."""
-    cluster = env.cluster
-    if cluster is None:
+    """SIGKILL the primary of the service's keys (the Cluster's node of their slot, or the one behind
+    Sentinel): a replica is promoted; the old primary comes back as a replica (it lost what it had
+    not replicated)."""
+    if env.cluster is None and env.sentinel is None:
         return
     async with env.redis_lock:
         start = time.monotonic()
-        primary = await anyio.to_thread.run_sync(cluster.primary_for, env.stream_key)
-        cluster.kill(primary)
+        primary = await anyio.to_thread.run_sync(env.kill_primary)
         try:
-            await anyio.to_thread.run_sync(cluster.wait_promoted, primary, 30.0)
+            await anyio.to_thread.run_sync(env.wait_promoted, primary)
         finally:
             await anyio.sleep(rng.uniform(0.5, 2.0))
-            await anyio.to_thread.run_sync(cluster.heal, 60.0)
+            await anyio.to_thread.run_sync(env.heal_redis)
         env.history.record("fault", kind="failover", target=f"primary:{primary.port}", start=start,
                            end=time.monotonic())  # fmt: skip
 
 
 async def stop_primary(env: Env, rng: random.Random) -> None:
-    """SIGSTOP the cluster primary of the service's slot past the node timeout (a replica takes
-    over), then SIGCONT it: it comes back to find itself a replica."""
-    cluster = env.cluster
-    if cluster is None:
+    """SIGSTOP the primary of the service's keys until a replica has taken over (past a Cluster's
+    node timeout; until the sentinels promote it), then SIGCONT it: it comes back to find itself a
+    replica, taking writes as a primary until it does."""
+    if env.cluster is None and env.sentinel is None:
         return
     async with env.redis_lock:
         start = time.monotonic()
-        primary = await anyio.to_thread.run_sync(cluster.primary_for, env.stream_key)
+        primary = await anyio.to_thread.run_sync(env.primary)
         assert primary.process is not None
         primary.process.send_signal(signal.SIGSTOP)
         try:
-            await anyio.sleep(cluster.node_timeout / 1000 * rng.uniform(2.5, 4.0))
+            if env.cluster is not None:
+                await anyio.sleep(env.cluster.node_timeout / 1000 * rng.uniform(2.5, 4.0))
+            else:
+                await anyio.to_thread.run_sync(env.wait_promoted, primary)
+                await anyio.sleep(rng.uniform(0.0, 1.0))
         finally:
             primary.process.send_signal(signal.SIGCONT)
-        await anyio.to_thread.run_sync(env.wait_cluster_whole)
+        await anyio.to_thread.run_sync(env.wait_redis_whole)
         env.history.record("fault", kind="primary_stopped", target=f"primary:{primary.port}", start=start,
                            end=time.monotonic())  # fmt: skip
 
@@ -189,5 +194,6 @@ WORKER_FAULTS: list[tuple[Any, int]] = [
 FAULTS: dict[str, list[tuple[Any, int]]] = {
     "single": [*WORKER_FAULTS, (restart_redis, 2)],
     "cluster": [*WORKER_FAULTS, (kill_primary, 1), (stop_primary, 1)],
+    "sentinel": [*WORKER_FAULTS, (kill_primary, 1), (stop_primary, 1)],
 }
 """The faults each topology draws from, with their weights."""

@@ -1,4 +1,5 @@
-"""A nemesis run: Redis (single with AOF, or a Cluster with replicas), workers, callers, faults.
+"""A nemesis run: Redis (single with AOF, a Cluster with replicas, or a primary and a replica behind
+three Sentinels), workers, callers, faults.
 
 ``run(RunConfig(...))`` starts everything in a folder of its own, lets the callers
 (tests/nemesis/workload.py, processes of their own) run their mixed workload while the
@@ -27,9 +28,10 @@ import redis as sync_redis
 import redis.cluster
 
 from titan_broker import Client, ProcessManager, TitanError
-from titan_broker._wire.keys import Keys
-from titan_broker.testing._local_cluster import LocalCluster
+from titan_broker._wire.keys import GROUP, Keys
+from titan_broker.testing._local_cluster import ClusterNode, LocalCluster
 from titan_broker.testing._local_redis import LocalRedis, wait_for
+from titan_broker.testing._local_sentinel import LocalSentinel
 
 from ..netns import Link
 from . import checker, faults
@@ -85,6 +87,7 @@ class Env:
     namespace: str
     single: LocalRedis | None = None
     cluster: LocalCluster | None = None
+    sentinel: LocalSentinel | None = None
     link: Link | None = None
     workers: list[WorkerProc] = field(default_factory=list)
     callers: list[CallerProc] = field(default_factory=list)
@@ -100,6 +103,8 @@ class Env:
     def client(self) -> Any:
         if self.cluster is not None:
             return redis.cluster.RedisCluster.from_url(self.url, socket_timeout=5)
+        if self.sentinel is not None:
+            return self.sentinel.client()
         return sync_redis.Redis.from_url(self.url, socket_timeout=5)
 
     # -- workers
@@ -172,15 +177,70 @@ class Env:
         log.close()
         caller = CallerProc(name, proc)
         self.callers.append(caller)
+        self.history.record("caller_spawn", caller=name, pid=proc.pid)
         return caller
 
     def pick_caller(self, rng: random.Random) -> CallerProc | None:
         live = [c for c in self.callers if c.proc.poll() is None]
         return rng.choice(live) if live else None
 
-    def wait_cluster_whole(self) -> None:
-        assert self.cluster is not None
-        wait_for(self.cluster.ready_problem, 60.0, "the cluster whole again")
+    # -- a replicated Redis: a Cluster, or a primary and a replica behind Sentinel
+    def primary(self) -> LocalRedis:
+        """The primary the service's keys live on now."""
+        if self.cluster is not None:
+            return self.cluster.primary_for(self.stream_key)
+        assert self.sentinel is not None
+        return self.sentinel.primary()
+
+    def kill_primary(self) -> LocalRedis:
+        """SIGKILL the primary of the service's keys; return it."""
+        if self.cluster is not None:
+            primary = self.cluster.primary_for(self.stream_key)
+            self.cluster.kill(primary)
+            return primary
+        assert self.sentinel is not None
+        return self.sentinel.kill_primary()
+
+    def wait_promoted(self, old: LocalRedis) -> None:
+        if self.cluster is not None:
+            assert isinstance(old, ClusterNode)
+            self.cluster.wait_promoted(old, 30.0)
+        else:
+            assert self.sentinel is not None
+            self.sentinel.wait_failover(old, 30.0)
+
+    def heal_redis(self) -> None:
+        """Restart the killed servers as replicas; wait until everything is whole again."""
+        if self.cluster is not None:
+            self.cluster.heal(60.0)
+        elif self.sentinel is not None:
+            self.sentinel.heal(60.0)
+
+    def wait_redis_whole(self) -> None:
+        if self.cluster is not None:
+            wait_for(self.cluster.ready_problem, 60.0, "the cluster whole again")
+        elif self.sentinel is not None:
+            wait_for(self.sentinel.ready_problem, 60.0, "the sentinels' set-up whole again")
+
+    def job_evidence(self, job_id: str) -> dict[str, Any]:
+        """What Redis holds of a job that did not end: its hash, and its entry (the request it
+        waits in) with who holds it, to tell a lost end from a run still owed."""
+        keys = Keys(self.namespace)
+        client = self.client()
+        try:
+            fields = {k.decode(): v.decode(errors="replace") for k, v in client.hgetall(
+                keys.job(SERVICE, job_id)).items() if k != b"result"}  # fmt: skip
+            entry = fields.get("entry")
+            found: dict[str, Any] = {"hash": fields}
+            if entry:
+                found["entry_exists"] = bool(client.xrange(self.stream_key, entry, entry))
+                found["pending"] = [{k: str(v) for k, v in p.items()} for p in client.xpending_range(
+                    self.stream_key, GROUP, min=entry, max=entry, count=1)]  # fmt: skip
+            return found
+        except (sync_redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            client.close()
 
     # -- memory
     def memory(self) -> dict[str, Any]:
@@ -195,6 +255,10 @@ class Env:
                     used += int(node.info("memory").get("used_memory", 0))
             elif self.single is not None:
                 client = sync_redis.Redis.from_url(self.url, socket_timeout=2)
+                used = int(client.info("memory")["used_memory"])
+                client.close()
+            elif self.sentinel is not None:
+                client = self.sentinel.client()
                 used = int(client.info("memory")["used_memory"])
                 client.close()
         except (sync_redis.RedisError, TitanError, OSError, ValueError):
@@ -217,7 +281,9 @@ async def _nemesis(env: Env, rng: random.Random, until: float) -> None:
 
 
 async def _watch(env: Env, until: float) -> None:
-    """Note every worker that exits without the nemesis's hand (and replace it); sample memory."""
+    """Note every worker, and every caller before its time is up, that exits without the nemesis's
+    hand (and replace it: a caller started while Redis was down cannot connect and exits, and the
+    workload must not dwindle to nothing); sample memory."""
     seen: set[int] = set()
     last_sample = 0.0
     while time.monotonic() < until:
@@ -231,6 +297,15 @@ async def _watch(env: Env, until: float) -> None:
                 )
                 env.history.record("worker_exit", worker=w.wid, code=code, by="itself", output=tail)
                 env.start_worker(netns=w.netns)
+        for c in list(env.callers):
+            code = c.proc.poll()
+            if code not in (None, 0) and c.proc.pid not in env.killed and c.proc.pid not in seen:
+                seen.add(c.proc.pid)
+                tail = (
+                    (env.config.folder / f"caller-{c.name}.log").read_bytes()[-2000:].decode(errors="replace")
+                )
+                env.history.record("caller_exit", caller=c.name, code=code, output=tail)
+                env.start_caller()
         if time.monotonic() - last_sample > 2:
             last_sample = time.monotonic()
             env.history.record("memory", **await anyio.to_thread.run_sync(env.memory))
@@ -238,7 +313,15 @@ async def _watch(env: Env, until: float) -> None:
 
 
 async def _scale_pool(pm: ProcessManager, rng: random.Random, until: float, history: History) -> None:
-    pool = await pm.pool(POOL, size=1)
+    pool = None
+    while pool is None:
+        try:
+            pool = await pm.pool(POOL, size=1)
+        except TitanError as exc:  # its first worker could not reach Redis (failing over): again
+            history.record("pool_scale", size=1, error=f"{type(exc).__name__}: {exc}"[:300])
+            if time.monotonic() >= until:
+                return
+            await anyio.sleep(1)
     while time.monotonic() < until:
         await anyio.sleep(rng.uniform(3, 6))
         size = rng.randint(1, 3)
@@ -280,6 +363,9 @@ async def _read_jobs(env: Env) -> None:
                     state = f"error:{type(exc).__name__}"
                 env.history.record("job_final", job=job_id, state=state, value=value, error=error,
                                    message=message)  # fmt: skip
+                if state in ("queued", "running", "retrying"):
+                    evidence = await anyio.to_thread.run_sync(env.job_evidence, job_id)
+                    env.history.record("job_unended", job=job_id, **evidence)
 
         async with anyio.create_task_group() as tg:
             for job_id in submitted:
@@ -309,11 +395,12 @@ def _heal(env: Env) -> None:
         env.link.set(up=True)
     if env.single is not None and (env.single.process is None or env.single.process.poll() is not None):
         env.single.start()
-    if env.cluster is not None:
-        for node in env.cluster.nodes:
-            if node.process is not None and node.process.poll() is None:
-                node.process.send_signal(signal.SIGCONT)
-        env.cluster.heal(60.0)
+    servers: list[LocalRedis] = [*(env.cluster.nodes if env.cluster else ()),
+                                 *(env.sentinel.servers if env.sentinel else ())]  # fmt: skip
+    for server in servers:
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)
+    env.heal_redis()
 
 
 def _stop_workers(env: Env) -> None:
@@ -339,7 +426,7 @@ async def _main(env: Env) -> None:
     started = time.monotonic()
     env.ends_at = started + config.seconds
     env.history.record("phase", name="start", seed=config.seed, topology=config.topology,
-                       seconds=config.seconds)  # fmt: skip
+                       seconds=config.seconds, wall=time.time())  # fmt: skip
     async with ProcessManager(env.url, namespace=env.namespace) as pm:
         for _ in range(config.workers):
             env.start_worker()
@@ -399,6 +486,7 @@ def run(config: RunConfig) -> checker.Verdict:
     link = Link.make() if config.partition and config.topology == "single" else None
     single: LocalRedis | None = None
     cluster: LocalCluster | None = None
+    sentinel: LocalSentinel | None = None
     try:
         if config.topology == "single":
             bind = ["--bind", "127.0.0.1", link.host_ip, "--protected-mode", "no"] if link else []
@@ -407,9 +495,13 @@ def run(config: RunConfig) -> checker.Verdict:
         elif config.topology == "cluster":
             cluster = LocalCluster(primaries=3, replicas=1).start()
             url = cluster.url
+        elif config.topology == "sentinel":
+            sentinel = LocalSentinel(sentinels=3).start()
+            url = sentinel.url
         else:
-            raise TitanError(f"no topology {config.topology!r}: single or cluster")
-        env = Env(config, history, url, namespace, single=single, cluster=cluster, link=link)
+            raise TitanError(f"no topology {config.topology!r}: single, cluster or sentinel")
+        env = Env(config, history, url, namespace, single=single, cluster=cluster, sentinel=sentinel,
+                  link=link)  # fmt: skip
         try:
             anyio.run(_main, env)
         finally:
@@ -429,6 +521,8 @@ def run(config: RunConfig) -> checker.Verdict:
             single.close()
         if cluster is not None:
             cluster.close()
+        if sentinel is not None:
+            sentinel.close()
         if link is not None:
             link.remove()
     verdict = checker.check(checker.load(config.folder))

@@ -75,6 +75,8 @@ class Caller:
         self.count = 0
         self.known_jobs: list[str] = []
         self._jobs_read_at = 0.0
+        self._read_up_to: dict[str, int] = {}
+        """How far each other caller's history was read for its jobs."""
 
     def token(self) -> str:
         self.count += 1
@@ -170,11 +172,17 @@ class Caller:
         now = time.monotonic()
         if now - self._jobs_read_at > 3:
             self._jobs_read_at = now
-            self.known_jobs = []
+            # Only what the files gained since the last look: read whole, they grow to megabytes
+            # in a long run, and reading them held this caller's event loop (its calls timed out late).
             for file in self.folder.glob("caller-*.jsonl"):
                 if file.name == f"caller-{self.name}.jsonl":
                     continue
-                for line in file.read_text().splitlines():
+                with file.open("rb") as f:
+                    f.seek(self._read_up_to.get(file.name, 0))
+                    new = f.read()
+                whole = new[: new.rfind(b"\n") + 1]  # a line being written is read next time
+                self._read_up_to[file.name] = self._read_up_to.get(file.name, 0) + len(whole)
+                for line in whole.decode(errors="replace").splitlines():
                     if '"job_submit"' in line:
                         with contextlib.suppress(json.JSONDecodeError, KeyError):
                             self.known_jobs.append(json.loads(line)["job"])

@@ -159,10 +159,21 @@ class Heartbeat:
         registered.set_result(None)
         ctx = self.ctx
         interval = ctx.options.heartbeat_interval
+        renewed = time.monotonic()
         while not self._stop.wait(interval):
             try:
                 self.beat()
                 ctx.log.over(("beat",), "worker %s: heartbeat reaches Redis again", ctx.worker_id)
+                # A lapse past the TTL lets other workers claim the calls this one runs: they run
+                # twice. Said every time (it is rare, and it explains a rerun), with its length.
+                beaten, renewed = renewed, time.monotonic()
+                if renewed - beaten > ctx.options.heartbeat_ttl:
+                    ctx.log.logger.warning(
+                        "worker %s: %.2f s between two heartbeats, past its TTL of %.2f s (the process "
+                        "was stopped or starved of CPU, or Redis answered late): calls it runs may "
+                        "have been taken over by other workers", ctx.worker_id, renewed - beaten,
+                        ctx.options.heartbeat_ttl,
+                    )  # fmt: skip
             except Exception as exc:  # the heartbeat must outlive any Redis trouble
                 ctx.log.log(logging.WARNING, "beat", "worker %s: heartbeat failed (%s); still trying",
                             ctx.worker_id, exc)  # fmt: skip

@@ -1,7 +1,7 @@
 """``titan-worker run FILE``: serve a service file until SIGTERM.
 
 Exit codes (also in README.md):
-  0  stopped cleanly after a drain
+  0  stopped cleanly after a drain, or by a signal before it served
   1  crashed (an unexpected error; see the log)
   2  bad command line (typer's usage error)
   3  bad service file: not found, import failed, no or several @process classes

@@ -100,25 +100,51 @@ def _banner(worker: Worker, url: str, namespace: str) -> None:
     )  # fmt: skip
 
 
-async def _serve(worker: Worker, ready: Ready, banner: tuple[str, str] | None = None) -> None:
+class _StoppedStarting(BaseException):
+    """SIGTERM or SIGINT while the service file loads: nothing to drain yet."""
+
+
+def _stop_loading(signum: int, _frame: object) -> None:
+    raise _StoppedStarting(signum)
+
+
+def _stopped_starting(ready: Ready, signum: int) -> int:
+    """A worker stopped before it served: it had nothing to drain, so it exits 0 at once."""
+    return ready.fail(EXIT_OK, f"stopped by {signal.Signals(signum).name} while starting, before serving")
+
+
+async def _serve(worker: Worker, ready: Ready, banner: tuple[str, str] | None, early: list[int]) -> None:
+    """Serve until a signal, then drain. A signal before the worker serves (noted in ``early`` before
+    the loop ran, or received while it connects and runs init()) stops it at once: there is nothing
+    to drain, and init() may take minutes."""
+    serving = False
     async with anyio.create_task_group() as tg:
 
-        async def watch_signals() -> None:
+        async def watch_signals(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                task_status.started()
                 async for signum in signals:
+                    if not serving:
+                        early.append(signum)
+                        tg.cancel_scope.cancel()
+                        return
                     if worker.stopping:
                         logger.warning("second signal: stopping without waiting for calls in flight")
                         tg.cancel_scope.cancel()
                     logger.info("received %s", signal.Signals(signum).name)
                     worker.stop()
 
-        tg.start_soon(watch_signals)
+        await tg.start(watch_signals)
+        if early:
+            tg.cancel_scope.cancel()
+            return
 
         async def serve_then_stop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             await worker.run(task_status=task_status)
             tg.cancel_scope.cancel()  # drained: only the signal watcher is left
 
         await tg.start(serve_then_stop)
+        serving = True
         streaming = sorted(m.name for m in worker.definition.methods.values() if m.streaming)
         methods = sorted(worker.definition.methods)
         ready.send(event="ready", service=worker.service, worker_id=worker.worker_id,
@@ -147,10 +173,18 @@ def serve_file(
     verbose: int = 0,
 ) -> int:
     """Load ``file``'s service and serve it until SIGTERM, then drain; the exit code."""
+    # From here a signal is the worker's to handle, not a death by signal: while the file loads (its
+    # imports may take long) it stops the load; once the event loop runs, its receiver takes over.
+    signals = (signal.SIGTERM, signal.SIGINT)
+    early: list[int] = []
+    for signum in signals:
+        signal.signal(signum, _stop_loading)
     try:
         definition = load_service_file(file)
         worker = Worker(definition, url=url, namespace=namespace, options=options,
                         dependencies=dependencies, service_name=name, worker_id=worker_id)  # fmt: skip
+        for signum in signals:  # noted until the event loop's receiver takes over
+            signal.signal(signum, lambda signum, _frame: early.append(signum))
     except ServiceFileError as exc:
         cause = exc.__cause__
         if cause is not None and verbose:  # an import that failed, maybe deep in the service's own modules
@@ -159,11 +193,13 @@ def serve_file(
         return ready.fail(EXIT_BAD_FILE, f"{exc}{hint}")
     except (ConfigError, TypeError) as exc:
         return ready.fail(EXIT_USAGE, str(exc))
+    except _StoppedStarting as stop:
+        return _stopped_starting(ready, stop.args[0])
     banner = None if ready.fd is not None else (url, namespace)  # a manager reports itself
     try:
         # uvloop, when installed (the extra titan-broker[uvloop]), runs the worker's event loop.
         uvloop = importlib.util.find_spec("uvloop") is not None
-        anyio.run(_serve, worker, ready, banner, backend_options={"use_uvloop": uvloop})
+        anyio.run(_serve, worker, ready, banner, early, backend_options={"use_uvloop": uvloop})
     except Exception as group:
         error = _leaf(group)
         if is_denied(error):  # the worker's ACL user lacks a permission: say which, not a traceback
@@ -180,6 +216,8 @@ def serve_file(
             return ready.fail(EXIT_INIT, f"{file}: {error}")
         logger.error("worker crashed", exc_info=error)
         return ready.fail(EXIT_CRASH, f"crashed: {type(error).__name__}: {error}")
+    if early:
+        return _stopped_starting(ready, early[0])
     exit_past_abandoned_threads()
     return EXIT_OK
 

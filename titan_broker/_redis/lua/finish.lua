@@ -12,7 +12,8 @@
 -- Shared ARGV: group, consumer, reply ttl ms.
 -- Per entry, KEYS: calls stream, [reply stream, or job hash];
 --   ARGV: entry id, reply, [job status: done or failed].
--- Answers, per entry, 1 when answered, 0 when the entry is no longer this worker's.
+-- Answers, per entry, 1 when answered, 0 when the entry is no longer this worker's
+-- (or an earlier part of this batch answered it already).
 -- include: settling
 -- include: batch
 local group, consumer = ARGV[2], ARGV[3]
@@ -37,6 +38,9 @@ local results = each_part(function(keys, first, last, shared)
   if not held[keys[1]][id] then return 0 end
   if keys[2] then answer(keys[2], reply, shared[3], job_status, expiring) end
   table.insert(answered[keys[1]], id)
+  -- Answered: no longer held for a second part of this batch for the same entry (one handed to this
+  -- worker twice, by a failover to a replica that had not received its first delivery).
+  held[keys[1]][id] = nil
   return 1
 end)
 for stream, ids in pairs(answered) do

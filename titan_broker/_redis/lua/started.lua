@@ -3,8 +3,12 @@
 -- a stalled worker that then resumed) may start after another run finished the job.
 -- KEYS: job hash
 -- ARGV: worker id, started (ms, Redis's clock)
--- Returns the runs counted so far, or the job's status when it has ended.
+-- A job this Redis does not have is not made: the run read its request from another server (an
+-- old primary back from a stop, whose writes the failover loses), and a hash made here would
+-- read as running for good, with no request left to run or end it.
+-- Returns the runs counted so far, the job's status when it has ended, or 'unknown'.
 local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'unknown' end
 if status == 'done' or status == 'failed' or status == 'dead' or status == 'cancelled' then
   return status
 end
