@@ -16,12 +16,14 @@ from .records import QueueInfo as QueueInfo
 from .records import ServiceInfo as ServiceInfo
 from .records import VersionInfo as VersionInfo
 from .records import WorkerInfo as WorkerInfo
+from .records import backlog as backlog
 from .records import forget_service as forget_service
 from .records import idle_since as idle_since
 from .records import known_services as known_services
 from .records import list_services as list_services
 from .records import list_workers as list_workers
 from .records import queue_info as queue_info
+from .records import queued as queued
 from .records import read_workers as read_workers
 from .records import service_scopes as service_scopes
 from .records import shard_count as shard_count
@@ -38,6 +40,7 @@ __all__ = (
     "VersionInfo",
     "WorkerInfo",
     "aggregate",
+    "backlog",
     "forget_service",
     "idle_since",
     "known_services",
@@ -46,6 +49,7 @@ __all__ = (
     "list_workers",
     "purge_dead_letters",
     "queue_info",
+    "queued",
     "read_workers",
     "replay_dead_letters",
     "service_scopes",

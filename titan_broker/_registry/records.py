@@ -331,8 +331,17 @@ async def service_scopes(redis: Redis, keys: Keys, service: str) -> list[str]:
 
 async def backlog(redis: Redis, keys: Keys, service: str) -> int:
     """Calls waiting or running in ``service``'s streams, every shard's."""
-    scopes = await service_scopes(redis, keys, service)
-    return sum([int(await redis.xlen(keys.calls(scope))) for scope in scopes])
+    return await queued(redis, keys, await service_scopes(redis, keys, service))
+
+
+async def queued(redis: Redis, keys: Keys, scopes: list[str]) -> int:
+    """Calls waiting or running in these shards' streams, in one round trip."""
+    if not scopes:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for scope in scopes:
+            pipe.xlen(keys.calls(scope))
+        return sum(int(n) for n in await pipe.execute())
 
 
 async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
