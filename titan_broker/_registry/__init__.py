@@ -23,6 +23,8 @@ from .records import list_services as list_services
 from .records import list_workers as list_workers
 from .records import queue_info as queue_info
 from .records import read_workers as read_workers
+from .records import registered_users as registered_users
+from .records import request_streams as request_streams
 from .records import service_scopes as service_scopes
 from .records import shard_count as shard_count
 
@@ -47,7 +49,9 @@ __all__ = (
     "purge_dead_letters",
     "queue_info",
     "read_workers",
+    "registered_users",
     "replay_dead_letters",
+    "request_streams",
     "service_scopes",
     "shard_count",
 )

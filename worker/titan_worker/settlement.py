@@ -183,6 +183,9 @@ class Settlement:
         # The new run keeps the call's deadline: its ttl counts from its due time.
         fields = protocol.next_attempt(entry.fields, deadline_ms - int(ctx.clock.now_ms()) - delay_ms)
         scope = Keys.scope_of(entry.stream)  # the next run waits in the delayed set of the entry's shard
+        user = Keys.stream_user(entry.stream)
+        if user is not None:  # and comes due on its caller user's stream
+            fields[protocol.F_USER] = user.encode()
         keys = [entry.stream, ctx.keys.delayed(scope)]
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, delay_ms, protocol.pack_fields(fields)]
         if outcome.job and outcome.reply_to is not None:
@@ -215,7 +218,7 @@ class Settlement:
             payload = protocol.encode_error(call_id[:256], WireError.DEAD_LETTERED, reason, ctx.worker_id)
         dead = protocol.dead_letter_fields(
             fields, reason=reason, deliveries=deliveries, worker=ctx.worker_id, source_id=entry.id,
-            max_size=ctx.options.max_payload + protocol.ENTRY_OVERHEAD,
+            max_size=ctx.options.max_payload + protocol.ENTRY_OVERHEAD, user=Keys.stream_user(entry.stream),
         )  # fmt: skip
         job_status = "dead" if len(keys) > 2 and job else ""
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, ctx.options.dead_letter_maxlen, payload,

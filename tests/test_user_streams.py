@@ -1,0 +1,144 @@
+"""Request streams of their own for the caller users registered for a service (``<ns>:{<svc>}:users``):
+workers read them beside the shared stream, and a call taken from one is settled, retried, dead-lettered
+and replayed on the stream it came from."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from titan_broker import WorkerOptions, process, public, retry
+from titan_broker._registry import queue_info
+from titan_broker._registry.dead_letters import list_dead_letters, replay_dead_letters
+from titan_broker._wire.keys import Keys
+from titan_broker._wire.protocol import F_REPLY_VALUE, decode_reply, encode_request
+from titan_broker.testing import LocalRedis, serve
+
+from .conftest import FAST_FAILOVER, SERVICES, Workers, eventually, run_log_dep
+
+pytestmark = pytest.mark.anyio
+
+SVC = "userstreamed"
+
+
+@process(name=SVC, version="1.0.0")
+class UserStreamed:
+    failed: ClassVar[set[str]] = set()
+
+    @public
+    async def echo(self, tag: str) -> str:
+        return tag
+
+    @public
+    @retry(attempts=2, backoff=0.05, jitter=False)
+    async def flaky(self, tag: str) -> str:
+        if tag not in UserStreamed.failed:
+            UserStreamed.failed.add(tag)
+            raise ConnectionError("the first run fails")
+        return f"again {tag}"
+
+
+async def send(redis: aioredis.Redis, keys: Keys, stream: str, method: str, tag: str) -> Any:
+    """A request written by hand on ``stream``; the value of its reply."""
+    reply_key = keys.reply(SVC, f"t.{uuid.uuid4().hex[:8]}")
+    fields = encode_request(f"t-{tag}", method, (tag,), {}, reply_key, 10_000)
+    await redis.xadd(stream, fields)  # type: ignore[arg-type]
+    found = await redis.xread({reply_key: "0-0"}, count=1, block=10_000)
+    assert found, f"no reply to {method}({tag!r}) sent on {stream}"
+    reply = decode_reply(found[0][1][0][1][F_REPLY_VALUE])
+    assert reply is not None and reply.ok, reply
+    return reply.value
+
+
+async def last_id(redis: aioredis.Redis, stream: str) -> bytes:
+    return (await redis.xinfo_stream(stream))["last-generated-id"]  # type: ignore[no-any-return]
+
+
+async def test_a_worker_serves_retries_and_dead_letters_each_registered_users_calls_on_their_stream(
+    private_redis: LocalRedis, aredis: aioredis.Redis
+) -> None:
+    ns = f"us{uuid.uuid4().hex[:6]}"
+    keys = Keys(ns)
+    await aredis.sadd(keys.users(SVC), "alice", "bob")
+    async with serve(UserStreamed, url=private_redis.url, namespace=ns):
+        alice, bob = keys.user_calls(SVC, "alice"), keys.user_calls(SVC, "bob")
+        assert await send(aredis, keys, alice, "echo", "from alice") == "from alice"
+        assert await send(aredis, keys, bob, "echo", "from bob") == "from bob"
+        assert await send(aredis, keys, keys.calls(SVC), "echo", "shared") == "shared"
+        # @retry: the next run waits in the delayed set and comes due on bob's stream, not the shared one
+        shared_before, bob_before = await last_id(aredis, keys.calls(SVC)), await last_id(aredis, bob)
+        assert await send(aredis, keys, bob, "flaky", "b1") == "again b1"
+        assert await last_id(aredis, keys.calls(SVC)) == shared_before
+        bob_now = await last_id(aredis, bob)
+        assert bob_now > bob_before
+        assert await aredis.xlen(bob) == 0  # both runs settled there
+        # a user registered while the worker runs: its stream is read within a heartbeat or two
+        await aredis.sadd(keys.users(SVC), "carol")
+        assert await send(aredis, keys, keys.user_calls(SVC, "carol"), "echo", "late") == "late"
+        # a dead letter (a reply key outside the service's) keeps its user, and a replay goes back there
+        bad = encode_request("t-dead", "echo", ("x",), {}, "elsewhere", 10_000)
+        await aredis.xadd(alice, bad)  # type: ignore[arg-type]
+        letters = await eventually(lambda: list_dead_letters(aredis, keys, SVC))
+        assert [letter.user for letter in letters] == ["alice"]
+        alice_before = await last_id(aredis, alice)
+        assert await replay_dead_letters(aredis, keys, SVC) == 1
+        assert await last_id(aredis, alice) > alice_before
+        assert await last_id(aredis, keys.calls(SVC)) == shared_before
+        await eventually(lambda: list_dead_letters(aredis, keys, SVC))  # dead again, from alice's stream
+        assert [letter.user for letter in await list_dead_letters(aredis, keys, SVC)] == ["alice"]
+        # titan queues counts the users' streams: a call waiting on carol's stream with no worker
+    await aredis.xadd(keys.user_calls(SVC, "carol"), {"v": "3"})
+    assert (await queue_info(aredis, keys, SVC)).backlog == 1
+
+
+async def test_a_call_on_a_users_stream_held_by_a_killed_worker_is_run_by_another(
+    redis_url: str, namespace: str, workers: Workers, tmp_path: Path
+) -> None:
+    keys, log = Keys(namespace), tmp_path / "runs.log"
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await redis.sadd(keys.users("client_log"), "alice")
+        first = workers.start(SERVICES / "client_log.py", *run_log_dep(log), *FAST_FAILOVER)
+        workers.wait_registered("client_log", 1)
+        stream = keys.user_calls("client_log", "alice")
+        await eventually(lambda: redis.exists(stream), what="alice's stream made by the worker")
+        reply_key = keys.reply("client_log", "alice.0123456789abcdef")
+        fields = encode_request("alice.0123456789abcdef-1", "run", ("held", 1.0), {}, reply_key, 30_000)
+        await redis.xadd(stream, fields)  # type: ignore[arg-type]
+        await eventually(lambda: anyio.to_thread.run_sync(lambda: log.exists() and "held" in log.read_text()))
+        workers.start(SERVICES / "client_log.py", *run_log_dep(log), *FAST_FAILOVER)
+        workers.wait_registered("client_log", 2)
+        workers.kill(first)
+        found = await redis.xread({reply_key: "0-0"}, count=1, block=20_000)
+        assert found, "the call held by the killed worker was not run by the other"
+        reply = decode_reply(found[0][1][0][1][F_REPLY_VALUE])
+        assert reply is not None and reply.ok and reply.value == "held"
+        assert log.read_text().split() == ["held", "held"]  # once each: the killed run, the reclaimed one
+        assert await redis.xlen(stream) == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_a_dead_workers_own_stream_of_a_user_goes_back_to_that_users_stream(
+    private_redis: LocalRedis, aredis: aioredis.Redis
+) -> None:
+    ns = f"us{uuid.uuid4().hex[:6]}"
+    keys = Keys(ns)
+    await aredis.sadd(keys.users(SVC), "alice")
+    await aredis.sadd(keys.affinity(SVC), "ghost")  # a worker that died with a call on its own stream
+    reply_key = keys.reply(SVC, "alice.0123456789abcdef")
+    fields = encode_request("alice.0123456789abcdef-1", "echo", ("rescued",), {}, reply_key, 30_000)
+    await aredis.xadd(keys.user_worker_calls(SVC, "ghost", "alice"), fields)  # type: ignore[arg-type]
+    options = WorkerOptions(heartbeat_interval=0.1, heartbeat_ttl=1.0)
+    async with serve(UserStreamed, url=private_redis.url, namespace=ns, options=options):
+        found = await aredis.xread({reply_key: "0-0"}, count=1, block=10_000)
+        assert found, "the call on the dead worker's stream of alice was not moved and run"
+        alice = keys.user_calls(SVC, "alice")
+        assert await last_id(aredis, alice) != b"0-0"  # it went through alice's stream
+        assert (await aredis.xinfo_stream(keys.calls(SVC)))["last-generated-id"] == b"0-0"
+        assert not await aredis.exists(keys.user_worker_calls(SVC, "ghost", "alice"))
