@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from titan_broker import WorkerOptions, process, public, retry
-from titan_broker._registry import queue_info
+from titan_broker._registry import RegistryReader, queue_info
 from titan_broker._registry.dead_letters import list_dead_letters, replay_dead_letters
 from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, decode_reply, encode_request
@@ -94,6 +94,8 @@ async def test_a_worker_serves_retries_and_dead_letters_each_registered_users_ca
         # titan queues counts the users' streams: a call waiting on carol's stream with no worker
     await aredis.xadd(keys.user_calls(SVC, "carol"), {"v": "3"})
     assert (await queue_info(aredis, keys, SVC)).backlog == 1
+    overview = await RegistryReader(keys).read(aredis)  # the dashboard's, and the autoscaler's
+    assert [s.queue.backlog for s in overview.services if s.info.name == SVC] == [1]
 
 
 async def test_a_call_on_a_users_stream_held_by_a_killed_worker_is_run_by_another(
