@@ -5,6 +5,7 @@ and replayed on the stream it came from."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,7 +13,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from titan_broker import WorkerOptions, process, public, retry
+from titan_broker import Client, WorkerOptions, process, public, retry
 from titan_broker._registry import RegistryReader, queue_info
 from titan_broker._registry.dead_letters import list_dead_letters, replay_dead_letters
 from titan_broker._wire.keys import Keys
@@ -33,6 +34,11 @@ class UserStreamed:
     @public
     async def echo(self, tag: str) -> str:
         return tag
+
+    @public
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
 
     @public
     @retry(attempts=2, backoff=0.05, jitter=False)
@@ -144,3 +150,42 @@ async def test_a_dead_workers_own_stream_of_a_user_goes_back_to_that_users_strea
         assert await last_id(aredis, alice) != b"0-0"  # it went through alice's stream
         assert (await aredis.xinfo_stream(keys.calls(SVC)))["last-generated-id"] == b"0-0"
         assert not await aredis.exists(keys.user_worker_calls(SVC, "ghost", "alice"))
+
+
+async def entries_added(redis: aioredis.Redis, stream: str) -> int:
+    """How many entries a stream ever had (Redis 7 says; 6.2 does not)."""
+    found = await redis.xinfo_stream(stream, full=True)
+    if "entries-added" not in found:
+        pytest.skip("Redis 6.2 does not count the entries a stream had")
+    return int(found["entries-added"])
+
+
+async def test_a_registered_callers_calls_go_to_its_own_streams_and_an_unregistered_ones_to_the_shared(
+    private_redis: LocalRedis, aredis: aioredis.Redis
+) -> None:
+    ns = f"us{uuid.uuid4().hex[:6]}"
+    keys = Keys(ns)
+    await aredis.sadd(keys.users(SVC), "alice")
+    async with (
+        serve(UserStreamed, url=private_redis.url, namespace=ns),
+        Client(private_redis.url, namespace=ns, acl_user="alice") as alice,
+        Client(private_redis.url, namespace=ns, acl_user="bob") as bob,
+    ):
+        svc = alice.proxy(SVC)
+        assert await svc.echo("a") == "a"
+        assert [i async for i in svc.count(5)] == list(range(5))
+        assert await svc.with_options(key="k").echo("affine") == "affine"
+        assert await alice.job(await alice.submit(SVC, "echo", ("job",))).result(timeout=10) == "job"
+        assert (
+            await alice.job(await alice.submit(SVC, "echo", ("later",), delay=0.2)).result(timeout=10)
+            == "later"
+        )
+        later = alice.job(await alice.submit(SVC, "echo", ("never",), delay=60))
+        assert await later.cancel() is True
+        assert await bob.call(SVC, "echo", ("b",)) == "b"  # not registered: the shared stream
+        ours = keys.user_calls(SVC, "alice")
+        (worker,) = await aredis.smembers(keys.affinity(SVC))
+        affine = keys.user_worker_calls(SVC, worker.decode(), "alice")
+        assert await entries_added(aredis, ours) == 4  # a call, a stream, a job, the delayed job come due
+        assert await entries_added(aredis, affine) == 1
+        assert await entries_added(aredis, keys.calls(SVC)) == 1  # bob's
