@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import anyio
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 
 from titan_broker import Client, WorkerOptions, process, public, retry
@@ -20,7 +21,7 @@ from titan_broker._wire.keys import Keys
 from titan_broker._wire.protocol import F_REPLY_VALUE, decode_reply, encode_request
 from titan_broker.testing import LocalRedis, serve
 
-from .conftest import FAST_FAILOVER, SERVICES, Workers, eventually, run_log_dep
+from .conftest import FAST_FAILOVER, SERVICES, Workers, eventually, run_log_dep, titan
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +190,46 @@ async def test_a_registered_callers_calls_go_to_its_own_streams_and_an_unregiste
         assert await entries_added(aredis, ours) == 4  # a call, a stream, a job, the delayed job come due
         assert await entries_added(aredis, affine) == 1
         assert await entries_added(aredis, keys.calls(SVC)) == 1  # bob's
+
+
+async def test_a_registered_callers_calls_spread_over_the_shards_on_its_own_stream_in_each(
+    private_redis: LocalRedis, aredis: aioredis.Redis
+) -> None:
+    ns = f"us{uuid.uuid4().hex[:6]}"
+    keys = Keys(ns)
+    await aredis.sadd(keys.users(SVC), "alice")
+    async with (
+        serve(UserStreamed, url=private_redis.url, namespace=ns, options=WorkerOptions(shards=2)) as svc,
+        Client(private_redis.url, namespace=ns, acl_user="alice") as alice,
+    ):
+        for i in range(6):  # one each turn of the event loop: every shard gets some
+            assert await alice.call(SVC, "echo", (str(i),)) == str(i)
+        assert await entries_added(aredis, keys.user_calls(SVC, "alice")) >= 1
+        assert await entries_added(aredis, keys.user_calls(f"{SVC}#1", "alice")) >= 1
+        assert await entries_added(aredis, keys.calls(f"{SVC}#1")) == 0
+        assert await svc.echo("served") == "served"  # the drain of serve() counts the users' streams
+
+
+def test_titan_queues_purge_and_forget_cover_the_registered_users_streams(
+    private_redis: LocalRedis, namespace: str
+) -> None:
+    keys, url = Keys(namespace), private_redis.url
+    admin = sync_redis.Redis.from_url(url)
+    try:
+        admin.hset(keys.services, "nobody", '{"name": "nobody", "version": "1", "methods": []}')
+        admin.sadd(keys.users("nobody"), "alice", "bob")
+        admin.xadd(keys.user_calls("nobody", "alice"), {"v": "3", "id": "a-1"})
+        admin.xadd(keys.user_calls("nobody", "bob"), {"v": "3", "id": "b-1"})
+        admin.xadd(keys.calls("nobody"), {"v": "3", "id": "s-1"})
+        done = titan(url, namespace, "queues", "--json")
+        assert done.returncode == 0, done.stderr
+        assert '"waiting": 3' in done.stdout, done.stdout
+        done = titan(url, namespace, "purge", "nobody", "--yes", "--json")
+        assert done.returncode == 0, done.stderr
+        assert [admin.xlen(keys.user_calls("nobody", u)) for u in ("alice", "bob")] == [0, 0]
+        admin.xadd(keys.user_calls("nobody", "alice"), {"v": "3", "id": "a-2"})
+        done = titan(url, namespace, "forget", "nobody", "--yes")
+        assert done.returncode == 0, done.stderr
+        assert not admin.exists(keys.user_calls("nobody", "alice"))
+    finally:
+        admin.close()
