@@ -52,14 +52,20 @@ class UserStreamed:
 
 async def send(redis: aioredis.Redis, keys: Keys, stream: str, method: str, tag: str) -> Any:
     """A request written by hand on ``stream``; the value of its reply."""
-    reply_key = keys.reply(SVC, f"t.{uuid.uuid4().hex[:8]}")
-    fields = encode_request(f"t-{tag}", method, (tag,), {}, reply_key, 10_000)
+    client_id = f"{Keys.stream_user(stream) or 't'}.{uuid.uuid4().hex[:16]}"  # a user's own, on its stream
+    reply_key = keys.reply(SVC, client_id)
+    fields = encode_request(f"{client_id}-1", method, (tag,), {}, reply_key, 10_000)
     await redis.xadd(stream, fields)  # type: ignore[arg-type]
     found = await redis.xread({reply_key: "0-0"}, count=1, block=10_000)
     assert found, f"no reply to {method}({tag!r}) sent on {stream}"
     reply = decode_reply(found[0][1][0][1][F_REPLY_VALUE])
     assert reply is not None and reply.ok, reply
     return reply.value
+
+
+async def _at_least(letters: Any, count: int) -> Any:
+    found = await letters
+    return found if len(found) >= count else None
 
 
 async def last_id(redis: aioredis.Redis, stream: str) -> bytes:
@@ -92,6 +98,19 @@ async def test_a_worker_serves_retries_and_dead_letters_each_registered_users_ca
         await aredis.xadd(alice, bad)  # type: ignore[arg-type]
         letters = await eventually(lambda: list_dead_letters(aredis, keys, SVC))
         assert [letter.user for letter in letters] == ["alice"]
+        await aredis.delete(keys.dead(SVC))
+        # a request on alice's stream is answered to alice's keys only: not to bob's reply stream
+        hers, his = keys.reply(SVC, "alice.0123456789abcdef"), keys.reply(SVC, "bob.0123456789abcdef")
+        for call_id, reply_to in (("bob.0123456789abcdef-1", hers), ("alice.0123456789abcdef-1", his)):
+            forged = encode_request(call_id, "echo", ("forged",), {}, reply_to, 10_000)
+            await aredis.xadd(alice, forged)  # type: ignore[arg-type]
+        letters = await eventually(
+            lambda: _at_least(list_dead_letters(aredis, keys, SVC), 2), what="both dead-lettered"
+        )
+        assert not await aredis.exists(his)  # not even the dead letter's answer
+        await aredis.delete(keys.dead(SVC))
+        await aredis.xadd(alice, bad)  # type: ignore[arg-type]
+        letters = await eventually(lambda: list_dead_letters(aredis, keys, SVC))
         alice_before = await last_id(aredis, alice)
         assert await replay_dead_letters(aredis, keys, SVC) == 1
         assert await last_id(aredis, alice) > alice_before

@@ -21,7 +21,7 @@ from redis import exceptions as rexc
 
 from titan_broker._errors import RedisUnavailable, WireError
 from titan_broker._redis import CONNECTION_ERRORS, Backoff, Batch, Script
-from titan_broker._wire import GROUP, Keys, protocol
+from titan_broker._wire import GROUP, Keys, acl, protocol
 
 from .call import DeadLetter, Entry, HandedOff, Outcome, Reply, Retry
 from .context import WorkerContext
@@ -211,7 +211,7 @@ class Settlement:
             answer
             and call_id
             and reply_to
-            and (job is not None or reply_to.startswith(ctx.keys.reply_prefix(scope)))
+            and (job is not None or reply_to.startswith(_reply_prefix(ctx, entry.stream)))
             and len(reply_to) < 256
         ):
             keys.append(reply_to)
@@ -225,6 +225,14 @@ class Settlement:
                            int(ctx.options.reply_ttl * 1000), job_status]  # fmt: skip
         args += protocol.flat_fields(dead)
         return int(await _DEAD_LETTER(ctx.redis, keys, args))
+
+
+def _reply_prefix(ctx: WorkerContext, stream: str) -> str:
+    """Where the replies to a stream's requests may go: its shard's reply streams, and only the user's
+    own for a registered caller user's stream."""
+    prefix = ctx.keys.reply_prefix(Keys.scope_of(stream))
+    user = Keys.stream_user(stream)
+    return prefix if user is None else f"{prefix}{user}{acl.USER_SEPARATOR}"
 
 
 class Settling:
