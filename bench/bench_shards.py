@@ -10,10 +10,13 @@ busiest primary's share of the Redis CPU, and what one service could reach with 
 one core each at the measured cost per call.
 
 On a 2-core machine the callers and workers, not Redis, bound the calls/s of both layouts: the
-point measured here is where Redis does the work.
+point measured here is where Redis does the work. ``--primary-cpu F`` gives each primary a CPU
+budget of its own, F of a core (a Linux CPU cgroup, root only), as if each ran on a small machine of
+its own: then one primary is the bound of an unsharded service, the case sharding is for, and the
+calls/s of both layouts show what the shards add.
 
 Run: `python -m bench.bench_shards [--primaries 3] [--workers 2] [--calls 20000] [--rounds 3]
-[--in-flight 64]`.
+[--in-flight 64] [--primary-cpu 0.1]`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -62,6 +66,37 @@ async def service(url: str, name: str, shards: int, workers: int) -> AsyncIterat
             return result
 
         yield call
+
+
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+"""cgroup v1's CPU controller, where a group's quota caps the CPU time of the processes in it."""
+
+
+@contextmanager
+def cpu_budget(nodes: list[ClusterNode], cores: float | None) -> Iterator[None]:
+    """Each node's redis-server held to ``cores`` of a core (None: no cap), in a CPU cgroup of its own."""
+    if cores is None:
+        yield
+        return
+    if not (CPU_CGROUP / "cpu.cfs_quota_us").exists():
+        raise SystemExit(f"--primary-cpu needs cgroup v1's CPU controller at {CPU_CGROUP} (and root)")
+    period = 10_000  # short, so that a capped primary is held back often and briefly, not 90 ms at once
+    groups = []
+    try:
+        for node in nodes:
+            assert node.process is not None
+            group = CPU_CGROUP / f"titan-bench-{node.port}"
+            group.mkdir(exist_ok=True)
+            groups.append(group)
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
+            (group / "cgroup.procs").write_text(str(node.process.pid))
+        yield
+    finally:
+        for group in groups:
+            for pid in (group / "cgroup.procs").read_text().split():
+                (CPU_CGROUP / "cgroup.procs").write_text(pid)
+            group.rmdir()
 
 
 def spread_name(cluster: LocalCluster, keys: Keys, shards: int, base: str) -> str:
@@ -142,6 +177,7 @@ async def run(args: argparse.Namespace) -> dict[int, list[dict[str, Any]]]:
         layouts = {1: "hot-1", args.primaries: spread_name(cluster, keys, args.primaries, "hot")}
         results: dict[int, list[dict[str, Any]]] = {k: [] for k in layouts}
         async with AsyncExitStack() as stack:
+            stack.enter_context(cpu_budget(primaries, args.primary_cpu))
             callers = {
                 k: await stack.enter_async_context(service(cluster.url, name, k, args.workers))
                 for k, name in layouts.items()
@@ -171,11 +207,16 @@ def main() -> None:
     parser.add_argument(
         "--in-flight", type=int, default=IN_FLIGHT, help="calls in flight (bench_core's B: 64)"
     )
+    parser.add_argument(
+        "--primary-cpu", type=float, default=None, help="each primary's CPU budget, in cores (root)"
+    )
     args = parser.parse_args()
     results = anyio.run(run, args)
     p = args.primaries
+    budget = f", each held to {args.primary_cpu:g} of a core" if args.primary_cpu else ""
     print(
-        f"one service, {args.in_flight} calls in flight, {args.workers} workers, a cluster of {p} primaries"
+        f"one service, {args.in_flight} calls in flight, {args.workers} workers, "
+        f"a cluster of {p} primaries{budget}"
     )
     print(f"{'shards':>6}  {'calls/s':>22}  {'Redis CPU µs/call':>20}  {'command µs/call':>18}  "
           f"{'busiest primary (CPU)':>22}  {'commands/call':>14}  per primary (CPU, median)")  # fmt: skip

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -466,3 +468,48 @@ async def test_a_pool_scales_down_while_redis_is_down(aof_redis: LocalRedis) -> 
             assert (pool.size, len(pool.workers)) == (1, 1)
         finally:
             aof_redis.start()
+
+
+async def test_a_pool_says_once_that_redis_is_out_of_reach_and_when_it_is_back(
+    aof_redis: LocalRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage is one warning line (no traceback every second), and its end another."""
+
+    pool_log = "titan_broker._processes.pool"
+    seen = {"cannot reach Redis": anyio.Event(), "reaches Redis again": anyio.Event()}
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            for text, event in seen.items():
+                if text in record.getMessage():
+                    event.set()
+
+    def lines(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == pool_log and text in r.getMessage()]
+
+    async def until(text: str) -> None:
+        with anyio.fail_after(20):
+            await seen[text].wait()
+
+    logging.getLogger(pool_log).addHandler(watch := Watch())
+    caplog.set_level(logging.INFO, logger=pool_log)
+    try:
+        await outage(aof_redis, until)
+    finally:
+        logging.getLogger(pool_log).removeHandler(watch)
+    (warning,) = lines("cannot reach Redis")
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
+    assert "monitor step failed" not in caplog.text
+
+
+async def outage(redis: LocalRedis, until: Callable[[str], Awaitable[None]]) -> None:
+    """A pool's Redis down for a few of its monitor's steps, then back."""
+    async with ProcessManager(redis.url, namespace="outage") as pm:
+        await pm.pool(POOLED, size=1)
+        redis.stop(kill=True)
+        try:
+            await until("cannot reach Redis")
+            await anyio.sleep(2.5)  # the monitor's next steps, each failing again
+        finally:
+            redis.start()
+        await until("reaches Redis again")

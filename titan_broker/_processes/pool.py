@@ -22,8 +22,8 @@ from .._calling.breaker import CircuitBreaker
 from .._calling.client import ServiceProxy
 from .._errors import ConfigError, SpawnError
 from .._redis import REDIS_ERRORS
+from .._registry import backlog
 from .._registry.latency import LatencyHistogram
-from .._registry.records import backlog
 from .launcher import WorkerProcess
 from .policies import AutoScale, Autoscaler, PoolSettings, RestartPolicy, replacement_reason
 from .supervisor import PoolContext, Supervisor
@@ -221,13 +221,22 @@ class Pool(Generic[T]):
         """Every ``interval`` s, replace the workers that need it; resize at the autoscale interval."""
         scaler = self._autoscaler
         next_scale = time.monotonic() + (scaler.policy.interval if scaler else 0)
+        out_of_reach = False  # an outage is one line when it starts and one when it ends
         while not self._supervisor.closed:
             await anyio.sleep(interval)
             try:
                 await self._check_workers()
+                if out_of_reach:
+                    logger.warning("pool %s: reaches Redis again", self.service)
+                    out_of_reach = False
                 if scaler is not None and time.monotonic() >= next_scale:
                     next_scale = time.monotonic() + scaler.policy.interval
                     await self._autoscale(scaler)
+            except REDIS_ERRORS as exc:
+                if not out_of_reach:
+                    logger.warning("pool %s: cannot reach Redis (%s); its workers run on, checked again "
+                                   "every %g s", self.service, exc, interval)  # fmt: skip
+                out_of_reach = True
             except Exception:
                 logger.exception("pool %s: monitor step failed", self.service)
 

@@ -16,12 +16,14 @@ from .records import QueueInfo as QueueInfo
 from .records import ServiceInfo as ServiceInfo
 from .records import VersionInfo as VersionInfo
 from .records import WorkerInfo as WorkerInfo
+from .records import backlog as backlog
 from .records import forget_service as forget_service
 from .records import idle_since as idle_since
 from .records import known_services as known_services
 from .records import list_services as list_services
 from .records import list_workers as list_workers
 from .records import queue_info as queue_info
+from .records import queued as queued
 from .records import read_workers as read_workers
 from .records import registered_users as registered_users
 from .records import request_streams as request_streams
@@ -40,6 +42,7 @@ __all__ = (
     "VersionInfo",
     "WorkerInfo",
     "aggregate",
+    "backlog",
     "forget_service",
     "idle_since",
     "known_services",
@@ -48,6 +51,7 @@ __all__ = (
     "list_workers",
     "purge_dead_letters",
     "queue_info",
+    "queued",
     "read_workers",
     "registered_users",
     "replay_dead_letters",

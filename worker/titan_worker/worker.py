@@ -17,7 +17,6 @@ The constructor does no I/O, so a worker can also run in-process:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import os
@@ -43,7 +42,14 @@ from titan_broker._redis import (
     open_redis,
     text,
 )
-from titan_broker._registry import LatencyHistogram, WorkerInfo, shard_count
+from titan_broker._registry import (
+    LatencyHistogram,
+    WorkerInfo,
+    queued,
+    read_workers,
+    registered_users,
+    shard_count,
+)
 from titan_broker._service import Health, ServiceDefinition
 from titan_broker._wire import Keys, protocol, shard_scopes
 
@@ -254,13 +260,14 @@ class Worker:
         registered = await shard_count(ctx.redis, ctx.keys, ctx.service)
         if registered == ctx.shards:
             return
-        others = [text(w) for w in await ctx.redis.smembers(ctx.keys.workers(ctx.service))]
-        record = functools.partial(ctx.keys.worker, ctx.service)
-        live = [w for w in others if w != ctx.worker_id and await ctx.redis.exists(record(w))]
+        ids = {text(w) for w in await ctx.redis.smembers(ctx.keys.workers(ctx.service))} - {ctx.worker_id}
+        live = [w.worker_id for w in await read_workers(ctx.redis, ctx.keys, ctx.service, sorted(ids))]
         if live:
             raise ConfigError(mismatch(ctx.service, registered, live, ctx.shards))
         dropped = shard_scopes(ctx.service, registered)[ctx.shards :]
-        left = sum([int(await ctx.redis.xlen(ctx.keys.calls(scope))) for scope in dropped])
+        left = await queued(
+            ctx.redis, ctx.keys, dropped, await registered_users(ctx.redis, ctx.keys, ctx.service)
+        )
         if left:
             which = f"shard {ctx.shards}" if len(dropped) == 1 else f"shards {ctx.shards} to {registered - 1}"
             raise ConfigError(

@@ -71,8 +71,21 @@ function parse(url: string): Parsed {
   return parsed;
 }
 
+/** The scheme with TLS for each scheme without it (a unix socket has none). */
+const TLS_INSTEAD: Record<string, string> = { redis: "rediss", "redis+sentinel": "redis+sentinels" };
+
 function tlsOptions(p: Parsed, secure: boolean): RedisOptions["tls"] | undefined {
-  if (!secure) return undefined;
+  if (!secure) {
+    // Given to a plain connection they would be ignored: the client would talk in clear to a
+    // server its user meant to authenticate.
+    const given = [...p.query.keys()].filter((k) => k.startsWith("ssl_")).sort();
+    if (given.length) {
+      const instead = TLS_INSTEAD[p.scheme];
+      const fix = instead ? `use ${instead}://` : "remove them";
+      throw new ConfigError(`Redis URL ${redact(p.url)} has TLS options (${given.join(", ")}) but ${p.scheme}:// does not use TLS: ${fix}`);
+    }
+    return undefined;
+  }
   const ca = p.query.get("ssl_ca_certs");
   const tls: NonNullable<RedisOptions["tls"]> = {};
   if (ca) {

@@ -119,6 +119,11 @@ describe("rediss:// URLs", () => {
     await refused(missing, ConfigError, /ssl_ca_certs.*\/nonexistent\/ca\.pem/);
   });
 
+  it("refuses TLS options on a URL without TLS, naming them and the scheme to use", async () => {
+    const plain = `${String(servers.info["bare"]).replace(/^rediss:/, "redis:")}?ssl_ca_certs=/tmp/ca.pem`;
+    await refused(plain, ConfigError, /TLS options \(ssl_ca_certs\) but redis:\/\/ does not use TLS: use rediss:\/\//);
+  });
+
   it("says a plain redis:// URL reached a TLS-only port, within bounds", async () => {
     const plain = String(servers.info["bare"]).replace(/^rediss:/, "redis:");
     await refused(plain, RedisUnavailable, /redis:\/\/127\.0\.0\.1/);
