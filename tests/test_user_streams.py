@@ -252,3 +252,14 @@ def test_titan_queues_purge_and_forget_cover_the_registered_users_streams(
         assert not admin.exists(keys.user_calls("nobody", "alice"))
     finally:
         admin.close()
+
+
+@pytest.mark.parametrize("worker_id", ["w@alice", "w{x}", "w:1", "w 1", ""])
+def test_a_worker_id_that_would_read_as_a_user_stream_or_break_a_key_is_refused(worker_id: str) -> None:
+    from titan_worker import Worker
+
+    from titan_broker import ConfigError
+    from titan_broker._service.definition import describe
+
+    with pytest.raises(ConfigError, match="worker id"):
+        Worker(describe(UserStreamed), url="redis://127.0.0.1:1", namespace="ns", worker_id=worker_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -65,6 +66,10 @@ from .settlement import Settlement, Settling
 
 logger = logging.getLogger(__name__)
 
+_WORKER_ID = re.compile(r"[^@{}:\s]{1,128}")
+"""Worker ids: part of key names (``calls:<id>``, ``worker:<id>``), so no '@' (a user stream's mark),
+no braces (a hash tag), no colon and no space."""
+
 
 class InitError(TitanError):
     """The service's ``init()`` raised."""
@@ -90,6 +95,11 @@ class Worker:
     ) -> None:
         options = options or WorkerOptions()
         service = check_name(service_name or definition.name, "service name")
+        if worker_id is not None and not _WORKER_ID.fullmatch(worker_id):
+            # A part of key names: '@' would read as a registered caller user's stream (calls:<id>@<user>).
+            raise ConfigError(
+                f"worker id {worker_id!r} is not valid: use 1-128 characters, none of @ {{ }} : or a space"
+            )
         self.url = url
         self.dependencies = dict(dependencies or {})
         self.ctx = WorkerContext(
