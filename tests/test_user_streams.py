@@ -170,6 +170,14 @@ async def test_a_dead_workers_own_stream_of_a_user_goes_back_to_that_users_strea
         assert await last_id(aredis, alice) != b"0-0"  # it went through alice's stream
         assert (await aredis.xinfo_stream(keys.calls(SVC)))["last-generated-id"] == b"0-0"
         assert not await aredis.exists(keys.user_worker_calls(SVC, "ghost", "alice"))
+        # a dead worker's consumer on alice's stream (nothing pending, no record) is removed too
+        await aredis.execute_command("XGROUP", "CREATECONSUMER", alice, "workers", "ghost")
+
+        async def ghost_gone() -> bool:
+            return all(c["name"] != b"ghost" for c in await aredis.xinfo_consumers(alice, "workers"))
+
+        # (sweeps come every fifth reclaim: about every 5 s while the worker waits in 1 s reads)
+        await eventually(ghost_gone, timeout=20, what="the dead consumer removed from alice's stream")
 
 
 async def entries_added(redis: aioredis.Redis, stream: str) -> int:
