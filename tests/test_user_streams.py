@@ -271,3 +271,29 @@ def test_a_worker_id_that_would_read_as_a_user_stream_or_break_a_key_is_refused(
 
     with pytest.raises(ConfigError, match="worker id"):
         Worker(describe(UserStreamed), url="redis://127.0.0.1:1", namespace="ns", worker_id=worker_id)
+
+
+def test_titan_acl_apply_registers_a_caller_and_a_workers_calls_with_the_services_they_call(
+    private_redis: LocalRedis, namespace: str
+) -> None:
+    keys, url = Keys(namespace), private_redis.url
+    for args in (
+        ["caller", "a", "b", "--user", "web"],
+        ["worker", "c", "--calls", "a", "--user", "c-worker"],
+    ):
+        done = titan(url, namespace, "acl", *args, "--apply")
+        assert done.returncode == 0, done.stderr
+    admin = sync_redis.Redis.from_url(url)
+    try:
+        assert [sorted(admin.smembers(keys.users(s))) for s in ("a", "b", "c")] == [
+            [b"c-worker", b"web"],
+            [b"web"],
+            [],
+        ]
+        done = titan(
+            url, namespace, "acl", "caller", "d", "--user", "printed"
+        )  # printed only: nothing written
+        assert done.returncode == 0 and "calls@printed" in done.stdout, done.stderr
+        assert not admin.exists(keys.users("d"))
+    finally:
+        admin.close()
