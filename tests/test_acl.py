@@ -62,6 +62,13 @@ class Secured:
         else:
             self.admin.execute_command(*command)
 
+    def set_rule(self, rule: acl.Rule) -> None:
+        """Apply a rule as ``titan acl ROLE --apply`` does: its user registered with the services it
+        calls, then its ACL SETUSER (the password its name with ``-pw``)."""
+        for service in rule.registers:
+            self.admin.sadd(self.keys.users(service), rule.user)
+        self.admin_ask(*rule.command(f"{rule.user}-pw"))
+
     def workers(self, user: str) -> Workers:
         """Workers run as ``user``, whose registration is read by an admin client."""
         return RoutedWorkers(self.urls[user], self.namespace, self.connect_admin)
@@ -89,8 +96,12 @@ def rules(namespace: str) -> list[acl.Rule]:
 
 
 def apply(ask: Any, namespace: str) -> None:
-    """Set every rule, each user's password its name with ``-pw``."""
+    """Set every rule, each user's password its name with ``-pw``, each caller registered with the
+    services it calls (as ``titan acl ... --apply`` does)."""
+    keys = Keys(namespace)
     for rule in rules(namespace):
+        for service in rule.registers:
+            ask("SADD", keys.users(service), rule.user)
         ask(*rule.command(f"{rule.user}-pw"))
 
 
@@ -251,6 +262,7 @@ def test_a_caller_cannot_touch_another_service_or_another_users_keys(secured: Se
         ("XGROUP", "DESTROY", keys.calls(A), "workers"),
         ("XREADGROUP", "GROUP", "workers", "w", "STREAMS", keys.calls(A), ">"),
         ("DEL", keys.calls(A)),
+        ("SADD", keys.users(A), "mallory"),
         ("HSET", keys.services, A, "{}"),
         ("GET", "outside-the-namespace"),
         ("FLUSHALL",),
@@ -260,6 +272,36 @@ def test_a_caller_cannot_touch_another_service_or_another_users_keys(secured: Se
     assert alice.xread({keys.reply(A, "alice.1"): "0"})  # her own reply stream: read, deleted
     assert alice.delete(keys.reply(A, "alice.1")) == 1
     alice.close()
+
+
+@pytest.mark.parametrize(("user", "other"), [("alice", "bob"), ("bob", "alice")])
+def test_a_caller_cannot_read_delete_or_write_another_users_requests(
+    secured: Secured, user: str, other: str
+) -> None:
+    """Two registered callers of the same service: each one's requests are its own."""
+    keys, caller = secured.keys, secured.user(user)
+    theirs = [keys.user_calls(A, other), keys.user_worker_calls(A, "w1", other), keys.calls(A)]
+    for stream in theirs:  # the other user's streams, and the shared one
+        secured.admin.xadd(stream, {"v": "3", "a": "secret"})
+        refused(caller, "XRANGE", stream, "-", "+")
+        refused(caller, "XDEL", stream, "0-1")
+        refused(caller, "XADD", stream, "*", "v", "3")
+        refused(caller, "XLEN", stream)
+    sharded = keys.user_calls(f"{A}#1", other)
+    refused(caller, "XADD", sharded, "*", "v", "3")
+    secured.admin.zadd(keys.delayed(A), {"another's delayed call": 1})
+    refused(caller, "ZREVRANGE", keys.delayed(A), "0", "-1")  # delayed calls hold arguments too
+    refused(caller, "ZRANGE", keys.delayed(A), "0", "-1")
+    for stream in (
+        keys.user_calls(A, user),
+        keys.user_calls(f"{A}#1", user),
+        keys.user_worker_calls(A, "w1", user),
+    ):
+        entry = caller.xadd(stream, {"v": "3"})  # its own: written, read, withdrawn
+        assert caller.xrange(stream)
+        assert caller.xdel(stream, entry) == 1
+    assert caller.sismember(keys.users(A), user)
+    caller.close()
 
 
 def registered(secured: Secured) -> None:
@@ -492,7 +534,7 @@ def test_the_examples_serve_and_the_remote_demo_calls_each_under_its_own_user(
     examples = ("calculator", "database", "image-processor")
     caller = acl.caller_rule(keys, examples, "demo-caller")
     for rule in (*(acl.worker_rule(keys, s, f"{s}-worker") for s in examples), caller):
-        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+        secured.set_rule(rule)
     url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
     started: list[Workers] = []
     try:
@@ -551,7 +593,7 @@ async def test_a_worker_retries_and_ticks_under_its_rule(secured: Secured, tmp_p
         acl.worker_rule(keys, "ticker", "ticker-worker"),
         acl.caller_rule(keys, ("tasks",), "tasks-caller"),
     ):
-        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+        secured.set_rule(rule)
     url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
     secured.admin_ask("ACL", "LOG", "RESET")
     tasks = RoutedWorkers(url.format(user="tasks-worker"), ns, secured.connect_admin)
@@ -579,7 +621,7 @@ async def test_a_call_is_handed_off_to_a_newer_version_under_the_worker_rule(sec
         acl.worker_rule(keys, "edge-upgrade", "edge-worker"),
         acl.caller_rule(keys, ("edge-upgrade",), "edge-caller"),
     ):
-        secured.admin_ask(*rule.command(f"{rule.user}-pw"))
+        secured.set_rule(rule)
     url = secured.urls["observer"].replace("observer:observer-pw", "{user}:{user}-pw")
     secured.admin_ask("ACL", "LOG", "RESET")
     edge = RoutedWorkers(url.format(user="edge-worker"), ns, secured.connect_admin)

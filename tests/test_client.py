@@ -46,7 +46,8 @@ def pid_of(server: LocalRedis) -> int:
 
 
 def caller_acl(ns: str, service: str = "client_log") -> list[str]:
-    """``titan acl caller SERVICE --user caller``'s rule, as ACL SETUSER arguments."""
+    """``titan acl caller SERVICE --user caller``'s rule, as ACL SETUSER arguments (the user must be in
+    the service's users set, as ``--apply`` puts it, to send with it)."""
     return acl.caller_rule(Keys(ns), (service,), "caller").arguments()
 
 
@@ -274,6 +275,7 @@ async def test_acl_rules_let_a_caller_call_but_not_reconfigure_a_service(
     caplog.set_level(logging.WARNING, logger="titan_broker")
     with LocalRedis(extra_args=["--requirepass", "adminpass"]) as server:
         admin = sync_redis.Redis(port=server.port, password="adminpass")
+        admin.sadd(Keys(namespace).users("client_log"), "caller")  # registered, as --apply does
         admin.execute_command("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace))
         admin.execute_command("ACL", "SETUSER", "worker", ">workerpass", *worker_acl(namespace))
         base = f"127.0.0.1:{server.port}/0"

@@ -619,6 +619,9 @@ async def test_the_acl_rules_work_on_a_cluster(secured_cluster: LocalCluster, na
     (reading the slot map needs its cluster permissions) and still cannot write the registry."""
     from .test_client import caller_acl, worker_acl
 
+    admin = secured_cluster.client()
+    admin.sadd(Keys(namespace).users("calculator"), "caller")  # registered, as titan acl --apply does
+    admin.close()
     for node in secured_cluster.nodes:
         node.ask("ACL", "SETUSER", "caller", ">callerpass", *caller_acl(namespace, "calculator"))
         node.ask("ACL", "SETUSER", "worker", ">workerpass", *worker_acl(namespace, "calculator"))

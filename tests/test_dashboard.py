@@ -366,7 +366,7 @@ def command_stats(client: sync_redis.Redis) -> dict[str, tuple[int, int]]:
 def test_one_refresh_costs_bounded_work_with_200_services_and_2000_workers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Three round trips, 1 + 7 per service + 1 per worker commands, no SCAN or KEYS; measured in Redis."""
+    """Three round trips, 1 + 8 per service + 1 per worker commands, no SCAN or KEYS; measured in Redis."""
     with LocalRedis() as server:
         client = sync_redis.Redis.from_url(server.url)
         keys = Keys("cost")
@@ -392,7 +392,8 @@ def test_one_refresh_costs_bounded_work_with_200_services_and_2000_workers(
 
         results = anyio.run(reads, 6)
         client.close()
-    expected = 1 + 7 * 200 + 2000  # the services hash; per service 7 (shard count included); per worker 1
+    # the services hash; per service 8 (shard count and registered users included); per worker 1
+    expected = 1 + 8 * 200 + 2000
     first, steady = results[0], results[1:]
     assert first[0] == expected and first[1] == 3
     assert first[3]["hgetall"][0] == 2001  # the services hash, then each worker's whole record once

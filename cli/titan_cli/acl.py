@@ -50,7 +50,11 @@ PasswordEnvOption = Annotated[
 ]
 ApplyOption = Annotated[
     bool,
-    typer.Option("--apply", help="Run ACL SETUSER on the Redis of --redis (every primary of a cluster)."),
+    typer.Option(
+        "--apply",
+        help="Run ACL SETUSER on the Redis of --redis (every primary of a cluster); a caller's user is "
+        "first added to each service's registered users.",
+    ),
 ]
 
 
@@ -63,11 +67,16 @@ def _password(var: str | None) -> str | None:
     return value
 
 
-async def _apply(url: str, rule: rules.Rule, password: str | None) -> int:
-    """Send the rule to every primary of the Redis at ``url``; return how many."""
+async def _apply(url: str, keys: Keys, rule: rules.Rule, password: str | None) -> int:
+    """Register the user with the services it calls (their ``users`` sets: its requests go to streams
+    of its own), then send the rule to every primary of the Redis at ``url``; return how many.
+    Registered first, so that a caller with the rule before (the shared stream allowed) moves to its
+    own streams before the new rule refuses the shared one."""
     topology = await discover(url)
     client = topology.client()
     try:
+        for service in rule.registers:
+            await client.sadd(keys.users(service), rule.user)
         if isinstance(client, RedisCluster):
             done = await client.execute_command(*rule.command(password), target_nodes=RedisCluster.PRIMARIES)
             return len(done) if isinstance(done, dict) else len(client.get_primaries())
@@ -90,11 +99,12 @@ def _emit(
 ) -> None:
     try:
         found = ctx.find_object(_Settings)
-        rule = rule_of(Keys(resolve_namespace(namespace or (found.namespace if found else None))))
+        keys = Keys(resolve_namespace(namespace or (found.namespace if found else None)))
+        rule = rule_of(keys)
         password = _password(password_env)
         if apply:
             url = resolve_url(redis or (found.url if found else None))
-            count = anyio.run(_apply, url, rule, password)
+            count = anyio.run(_apply, url, keys, rule, password)
             err.print(
                 f"applied the {rule.role} rule of user {rule.user!r} on {count} node(s)", highlight=False
             )
@@ -133,7 +143,10 @@ def worker(
     redis: RedisOption = None,
     namespace: NamespaceOption = None,
 ) -> None:
-    """The rule for the workers of SERVICE: every key of SERVICE, nothing of another service."""
+    """The rule for the workers of SERVICE: every key of SERVICE, nothing of another service.
+
+    With --calls OTHER and --apply, the user is also added to each OTHER's registered users, as a
+    caller's is (see titan acl caller)."""
     _emit(
         ctx,
         lambda keys: rules.worker_rule(keys, service, _user(user, f"{service}-worker"), tuple(calls or ())),
@@ -152,7 +165,11 @@ def caller(
     redis: RedisOption = None,
     namespace: NamespaceOption = None,
 ) -> None:
-    """The rule for a caller of SERVICE...: calls, streams, jobs; its own replies only."""
+    """The rule for a caller of SERVICE...: calls, streams, jobs; its own requests and replies only.
+
+    With --apply, the user is also added to each SERVICE's registered users (the set
+    <ns>:{SERVICE}:users): its calls then go to request streams of its own, which the rule
+    allows (and no other user's)."""
     _emit(
         ctx,
         lambda keys: rules.caller_rule(keys, tuple(services), _user(user, "titan-caller")),

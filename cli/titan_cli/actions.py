@@ -11,7 +11,13 @@ from titan_broker._calling import Client, split_id
 from titan_broker._calling import cancel as cancel_job
 from titan_broker._errors import CallError
 from titan_broker._redis import text
-from titan_broker._registry import forget_service, list_workers, service_scopes
+from titan_broker._registry import (
+    forget_service,
+    list_workers,
+    registered_users,
+    request_streams,
+    service_scopes,
+)
 from titan_broker._wire import GROUP, protocol
 
 from .common import (
@@ -104,16 +110,19 @@ def cancel_command(
 
 
 async def purge_waiting(c: Client, service: str) -> int:
-    """Delete the calls on ``service``'s streams (every shard's) that no worker has taken yet; a job
-    among them is cancelled (its hash says so). Calls a worker takes meanwhile still run."""
+    """Delete the calls on ``service``'s streams (every shard's, every registered user's) that no
+    worker has taken yet; a job among them is cancelled (its hash says so). Calls a worker takes
+    meanwhile still run."""
     purged = 0
+    users = await registered_users(c.redis, c.keys, service)
     for scope in await service_scopes(c.redis, c.keys, service):
-        purged += await _purge_stream(c, service, c.keys.calls(scope))
+        for stream in request_streams(c.keys, scope, users):
+            purged += await _purge_stream(c, service, stream)
     return purged
 
 
 async def _purge_stream(c: Client, service: str, stream: str) -> int:
-    """``purge_waiting`` on one shard's stream."""
+    """``purge_waiting`` on one request stream."""
     try:
         groups = cast(list[dict[Any, Any]], await c.redis.xinfo_groups(stream))
     except Exception:  # no stream yet: nothing waits

@@ -127,6 +127,7 @@ class Client:
             self._redis = await open_redis(topology)
             user = await self._whoami()
             self.client_id = client_id(user, self._random_id)
+            self._shards.user = user if user is not None and USER_NAME.fullmatch(user) else None
             acting.set(replace(acting.get(), user=user))
         except BaseException as exc:
             await self.aclose()
@@ -134,6 +135,7 @@ class Client:
                 raise titan_error(exc, f"connect to Redis at {redact(self.url)}") from exc
             raise
         self._links = Links(topology, self.keys, self.client_id, self.max_backlog, lambda: self.redis)
+        self._links.user_of = self._shards.user_for
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._links.tg = self._workers.tg = self._shards.tg = self._tg
@@ -231,6 +233,9 @@ class Client:
             self._connected()
             timeout = check_seconds("timeout", self.default_timeout if timeout is None else timeout)
             await self._workers.require_worker(service, method, now + timeout)
+        await self._shards.ready(
+            service, now + check_seconds("timeout", self.default_timeout if timeout is None else timeout)
+        )
         # The shard the call goes to: its stream, its reply stream and its link. Calls with a key
         # or a delay go to the first shard, where the workers' own streams and the delayed set are.
         scope = self._shards.next_scope(service) if later is None and key is None else service
@@ -338,7 +343,12 @@ class Client:
         scope = self._shards.next_scope(service) if key is None else service
         timeout, call_id, fields = self._request(scope, method, args, kwargs, timeout)
         request = StreamRequest(service, scope, method, call_id, fields, timeout, key, wait_for_worker)
-        return stream_items(request, self._link, self._workers, self.keys)
+
+        async def link_for(scope: str, deadline: float) -> Link:
+            await self._shards.ready(service, deadline)  # the first call: its user's stream, or not
+            return await self._link(scope, deadline)
+
+        return stream_items(request, link_for, self._workers, self.keys)
 
     def _check_name(self, service: str) -> None:
         """ConfigError for a service name that cannot be one (checked once per name)."""
@@ -407,6 +417,7 @@ class Client:
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
+        await self._shards.ready(service, until)
         link = await self._link(service, until)
         later = later._replace(job_id=job_id, result_ttl_ms=int(result_ttl * 1000))
         await link.sender.send(service, method, fields, None, until, timeout, later)

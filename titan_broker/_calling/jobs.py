@@ -28,7 +28,7 @@ from .._errors import CallTimeout, ConfigError, JobCancelled, JobNotFound, Remot
 from .._redis.connection import CONNECTION_ERRORS, REDIS_ERRORS, Redis, text, titan_error
 from .._redis.scripting import Script
 from .._wire import protocol
-from .._wire.keys import GROUP, Keys
+from .._wire.keys import GROUP, USER_MARK, Keys
 from .replies import error_of
 
 T = TypeVar("T")
@@ -308,8 +308,13 @@ class Job(Generic[T]):
 async def cancel(redis: Redis, keys: Keys, service: str, job_key: str) -> str:
     """Cancel a job unless a worker has it (cancel.lua): its status after, or 'unknown'.
 
-    Raises redis-py errors."""
-    return text(await _CANCEL(redis, [job_key, keys.calls(service), keys.delayed(service)], [GROUP]))
+    A job a registered caller user submitted waits on that user's stream (its hash's ``stream``):
+    only that user (or the operator) may delete it there. Raises redis-py errors."""
+    stream = keys.calls(service)
+    found = text(await redis.hget(job_key, "stream") or b"")
+    if found.startswith(stream + USER_MARK):  # never a key outside the service's request streams
+        stream = found
+    return text(await _CANCEL(redis, [job_key, stream, keys.delayed(service)], [GROUP]))
 
 
 async def list_jobs(

@@ -94,6 +94,10 @@ class Link:
             await channel.aclose()
 
 
+def _nobody(service: str) -> str | None:
+    return None
+
+
 class Links:
     """The links of one client, by service (see the module's doc)."""
 
@@ -109,6 +113,9 @@ class Links:
         self._opening: dict[str, asyncio.Task[Link]] = {}
         self.tg: anyio.abc.TaskGroup | None = None
         """Where dispatchers and withdrawals run; None while the client is closed."""
+        self.user_of: Callable[[str], str | None] = _nobody
+        """service -> this client's ACL user when it is registered for the service (its calls go to
+        the user's own request streams), else None."""
 
     def get(self, service: str, now: float | None = None) -> Link | None:
         """The open link of ``service``, marked used ``now`` (event-loop time; read when not given)."""
@@ -167,6 +174,7 @@ class Links:
             )
             channels.append(receiver)
             sender = Sender(self.keys, self.max_backlog, AutoPipeline(sender_channel), self._redis)
+            sender.user_of = self.user_of
             await sender.sync_clock()
             dispatcher = ReplyDispatcher(receiver, reply_key)
             await dispatcher.start()

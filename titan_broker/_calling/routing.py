@@ -1,5 +1,6 @@
 """What a client knows of a service's workers: where an affinity key goes, whether any worker lives,
-and over how many shards its calls spread.
+over how many shards its calls spread, and whether its user is registered for it (its calls then go
+to the user's own request streams).
 
 The first two are read from the registry and trusted for ROUTE_TTL. Shortly before a
 call's deadline the client checks, in the background, whether the service
@@ -53,8 +54,11 @@ class Shards:
     def __init__(self, keys: Keys, redis: Callable[[], Redis]) -> None:
         self.keys = keys
         self._redis = redis
-        self._known: dict[str, tuple[float, list[str]]] = {}
-        """service -> (event loop time to read it again, its shards' scopes)."""
+        self.user: str | None = None
+        """The client's ACL user (None: a Redis without ACLs, where no user is registered)."""
+        self._known: dict[str, tuple[float, list[str], bool]] = {}
+        """service -> (event loop time to read it again, its shards' scopes, whether ``user`` is
+        registered for it: its calls then go to the user's own request streams)."""
         self._turn: dict[str, int] = {}
         self._this_turn: dict[str, str] = {}
         """service -> the shard of the calls made in this turn of the event loop."""
@@ -65,6 +69,21 @@ class Shards:
         """The scopes of the service's shards as last read (its own only, until read)."""
         known = self._known.get(service)
         return known[1] if known is not None else [service]
+
+    def user_for(self, service: str) -> str | None:
+        """The client's user when it is registered for ``service`` (as last read), else None."""
+        known = self._known.get(service)
+        return self.user if known is not None and known[2] else None
+
+    async def ready(self, service: str, deadline: float) -> None:
+        """Read the service at the client's first call to it, by ``deadline`` (event loop time), when
+        the client has a user: whether its calls go to the user's streams must be known before the
+        first is sent (a rule without the shared stream refuses it). A read that fails or is late
+        leaves it to the background reads (the shared stream until then)."""
+        if self.user is None or service in self._known:
+            return
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            await self.read(service)
 
     def next_scope(self, service: str) -> str:
         """The scope of the shard for a new call (the service's own for one shard)."""
@@ -86,8 +105,17 @@ class Shards:
 
     async def read(self, service: str) -> None:
         """Read the service's shard count from the directory (one shard when not registered)."""
+        registered: object = 0
         try:
-            raw = await self._redis().hget(self.keys.config(service), "shards")
+            if self.user is None:
+                raw = await self._redis().hget(self.keys.config(service), "shards")
+            else:  # one round trip (both keys in the service's slot); a rule refusing the set: not registered
+                async with self._redis().pipeline(transaction=False) as pipe:
+                    pipe.hget(self.keys.config(service), "shards")
+                    pipe.sismember(self.keys.users(service), self.user)
+                    raw, registered = await pipe.execute(raise_on_error=False)
+                if isinstance(raw, Exception):
+                    raise raw
         except REDIS_ERRORS as exc:
             logger.debug("cannot read the shards of %r (%s); as before for now", service, exc)
             raw = None
@@ -96,7 +124,8 @@ class Shards:
         shards = shards_of(raw)
         if len(self._known) > 4096:  # bounded whatever names callers use
             self._known.clear()
-        self._known[service] = (anyio.current_time() + SHARDS_TTL, shard_scopes(service, shards))
+        scopes = shard_scopes(service, shards)
+        self._known[service] = (anyio.current_time() + SHARDS_TTL, scopes, registered in (1, True))
 
     def _read_soon(self, service: str) -> None:
         if self.tg is None or service in self._reading:

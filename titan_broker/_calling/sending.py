@@ -161,6 +161,14 @@ class Sender:
         """Where withdrawals run; None while the client closes (they wait for ``withdraw_pending``)."""
         self._withdrawals: dict[int, _Withdrawal] = {}
         self._withdrawal_ids = itertools.count()
+        self.user_of: Callable[[str], str | None] = lambda service: None
+        """service -> the client's ACL user when it is registered for the service, else None."""
+
+    def calls(self, scope: str) -> str:
+        """The request stream for this client's calls to a shard's scope: its user's own when the user
+        is registered for the service, else the shared one."""
+        user = self.user_of(scope_service(scope))
+        return self.keys.calls(scope) if user is None else self.keys.user_calls(scope, user)
 
     async def send(
         self,
@@ -183,14 +191,17 @@ class Sender:
         the deadline).
         """
         doing = f"send {scope_service(service)}.{method}()"
-        shared = self.keys.calls(service)
+        shared = self.calls(service)
         flat = protocol.flat_fields(fields)
         keys, argv, placed = self._call_parts(service, worker)
         member = b""
         if later is not None:
             keys = [shared, self.keys.delayed(service)]
             argv = [self.keys.config(service), self.max_backlog]
-            member = protocol.pack_fields(fields) if later.delay_ms > 0 else b""
+            user = self.user_of(scope_service(service))
+            if later.delay_ms > 0:  # a registered user's call comes due on the user's stream
+                routed = fields if user is None else {**fields, protocol.F_USER: user.encode()}
+                member = protocol.pack_fields(routed)
             job = protocol.job_token(fields)
             job_key = None
             if later.job_id is not None and job is not None:
@@ -277,10 +288,12 @@ class Sender:
 
     def _call_parts(self, service: str, worker: str | None) -> tuple[list[str], list[Any], Placement]:
         """An ordinary call's keys and arguments for submit.lua, and where it goes."""
-        shared = self.keys.calls(service)
+        shared = self.calls(service)
         if worker is None:
             return [shared], [self.keys.config(service), "", self.max_backlog], Placement((shared,), b"")
-        streams = (self.keys.worker_calls(service, worker), shared)
+        user = self.user_of(scope_service(service))
+        own = self.keys.worker_calls(service, worker)
+        streams = (own if user is None else self.keys.user_worker_calls(service, worker, user), shared)
         argv = [self.keys.config(service), self.keys.worker(service, worker), self.max_backlog]
         return list(streams), argv, Placement(streams, b"")
 

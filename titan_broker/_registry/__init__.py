@@ -25,6 +25,8 @@ from .records import list_workers as list_workers
 from .records import queue_info as queue_info
 from .records import queued as queued
 from .records import read_workers as read_workers
+from .records import registered_users as registered_users
+from .records import request_streams as request_streams
 from .records import service_scopes as service_scopes
 from .records import shard_count as shard_count
 
@@ -51,7 +53,9 @@ __all__ = (
     "queue_info",
     "queued",
     "read_workers",
+    "registered_users",
     "replay_dead_letters",
+    "request_streams",
     "service_scopes",
     "shard_count",
 )

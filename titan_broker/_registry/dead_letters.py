@@ -19,7 +19,7 @@ from typing import Any, cast
 from .._errors import TitanError
 from .._redis.connection import Redis
 from .._wire import protocol
-from .._wire.keys import Keys, shard_scope
+from .._wire.keys import USER, Keys, shard_scope
 from .records import service_scopes
 
 
@@ -38,6 +38,8 @@ class DeadLetter:
     """When it was dead-lettered, seconds since the epoch."""
     entry: dict[bytes, bytes]
     """The original stream entry, field by field."""
+    user: str | None = None
+    """The registered caller user whose request stream it came from (a replay goes back there)."""
 
     @property
     def arguments(self) -> Any:
@@ -60,6 +62,7 @@ class DeadLetter:
             "worker": self.worker,
             "at": self.at,
             "arguments": self.arguments,
+            "user": self.user,
         }
 
     @classmethod
@@ -70,6 +73,7 @@ class DeadLetter:
             original = {}
         if not isinstance(original, dict):
             original = {}
+        user = protocol.field_text(fields, b"user")
         return cls(
             id=entry_id.decode(),
             service=service,
@@ -80,6 +84,7 @@ class DeadLetter:
             worker=protocol.field_text(fields, b"worker") or "",
             at=int(fields.get(b"at", b"0")) / 1000,
             entry={k: v for k, v in original.items() if isinstance(k, bytes) and isinstance(v, bytes)},
+            user=user if user is not None and USER.fullmatch(user) else None,
         )
 
 
@@ -139,7 +144,8 @@ async def replay_dead_letters(
         fields.pop(protocol.F_MOVES, None)  # moves off dead workers' streams start again from 0
         scope, entry_id = _where(keys, service, letter.id)
         async with redis.pipeline(transaction=True) as pipe:  # one shard's keys: one slot
-            pipe.xadd(keys.calls(scope), fields)
+            stream = keys.calls(scope) if letter.user is None else keys.user_calls(scope, letter.user)
+            pipe.xadd(stream, fields)
             pipe.xdel(keys.dead(scope), entry_id)
             await pipe.execute()
         if progress is not None:

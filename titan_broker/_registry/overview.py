@@ -21,7 +21,7 @@ from typing import Any
 from redis import exceptions as rexc
 
 from .._redis.connection import Redis, text
-from .._wire.keys import GROUP, Keys, shard_scopes, shards_of
+from .._wire.keys import GROUP, USER, Keys, shard_scopes, shards_of
 from .health import ServiceHealth, aggregate
 from .records import QueueInfo, ServiceInfo, WorkerInfo, serving_versions
 
@@ -79,24 +79,31 @@ class RegistryReader:
                 pipe.smembers(keys.workers(name))
                 pipe.zcard(keys.jobs(name))
                 pipe.hget(keys.config(name), "shards")
+                pipe.smembers(keys.users(name))
                 _shard_figures(pipe, keys, name)
             replies: list[Any] = await pipe.execute(raise_on_error=False) if names else []
         commands += len(replies)
-        # Each service's replies: its workers, jobs and shard count, then four per shard: the first
-        # shard's here, a sharded service's others in one more round trip.
-        rows = {name: replies[i * 7 : i * 7 + 7] for i, name in enumerate(names)}
+        # Each service's replies: its workers, jobs, shard count and registered users, then four per
+        # shard: the first shard's here, a sharded service's others in one more round trip, with two
+        # per registered user's stream in each shard.
+        rows = {name: replies[i * 8 : i * 8 + 8] for i, name in enumerate(names)}
         scopes = {name: shard_scopes(name, shards_of(_raw(rows[name][2]))) for name in names}
-        sharded = [name for name in names if len(scopes[name]) > 1]
+        users = {name: _users(rows[name][3]) for name in names}
+        sharded = [name for name in names if len(scopes[name]) > 1 or users[name]]
         if sharded:
             async with redis.pipeline(transaction=False) as pipe:
                 for name in sharded:
                     for scope in scopes[name][1:]:
                         _shard_figures(pipe, keys, scope)
+                    for scope in scopes[name]:
+                        for user in users[name]:
+                            pipe.xlen(keys.user_calls(scope, user))
+                            pipe.xpending(keys.user_calls(scope, user), GROUP)
                 more: list[Any] = await pipe.execute(raise_on_error=False)
             commands += len(more)
             at = 0
             for name in sharded:
-                count = 4 * (len(scopes[name]) - 1)
+                count = (4 + 2 * len(users[name])) * len(scopes[name]) - 4
                 rows[name], at = rows[name] + more[at : at + count], at + count
         wanted: list[tuple[str, str]] = []
         for name in names:
@@ -152,10 +159,14 @@ class RegistryReader:
                 shards=len(scopes[name]),
             )
             shards, delayed = [], 0
+            per_user = row[4 + 4 * len(scopes[name]) :]  # two per user in each shard, the first shard first
+            width = 2 * len(users[name])
             for k, scope in enumerate(scopes[name]):
-                calls, dead_letters, summary, waiting = row[3 + 4 * k : 7 + 4 * k]
-                pending = int(summary["pending"]) if isinstance(summary, dict) else 0
-                shards.append(QueueInfo(scope, _int(calls), pending, _int(dead_letters)))
+                calls, dead_letters, summary, waiting = row[4 + 4 * k : 8 + 4 * k]
+                summaries = [summary, *per_user[k * width + 1 : (k + 1) * width : 2]]
+                pending = sum(int(s["pending"]) if isinstance(s, dict) else 0 for s in summaries)
+                calls = _int(calls) + sum(_int(n) for n in per_user[k * width : (k + 1) * width : 2])
+                shards.append(QueueInfo(scope, calls, pending, _int(dead_letters)))
                 delayed += _int(waiting)
             queue = QueueInfo.summed(name, shards)
             services.append(
@@ -193,6 +204,13 @@ def _shard_figures(pipe: Any, keys: Keys, scope: str) -> None:
     pipe.xlen(keys.dead(scope))
     pipe.xpending(keys.calls(scope), GROUP)  # no stream or group yet: an error, read as 0
     pipe.zcard(keys.delayed(scope))
+
+
+def _users(value: Any) -> list[str]:
+    """The registered users as SMEMBERS answered (an error, say a refusal: none)."""
+    if not isinstance(value, (set, list)):
+        return []
+    return sorted(u for u in (text(m) for m in value) if USER.fullmatch(u))
 
 
 def _raw(value: Any) -> bytes | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
 from .._redis.connection import Redis, text
-from .._wire.keys import Keys, shard_scopes, shards_of
+from .._wire.keys import USER, Keys, shard_scopes, shards_of
 from .latency import LatencyHistogram
 
 
@@ -329,35 +329,57 @@ async def service_scopes(redis: Redis, keys: Keys, service: str) -> list[str]:
     return shard_scopes(service, await shard_count(redis, keys, service))
 
 
+async def registered_users(redis: Redis, keys: Keys, service: str) -> list[str]:
+    """The caller users registered for ``service`` (its ``users`` set), each with request streams of
+    its own; names no rule could be written for are left out."""
+    return sorted(
+        u for u in (text(m) for m in await redis.smembers(keys.users(service))) if USER.fullmatch(u)
+    )
+
+
+def request_streams(keys: Keys, scope: str, users: list[str]) -> list[str]:
+    """One shard's request streams that any worker reads: the shared one, then each user's."""
+    return [keys.calls(scope), *(keys.user_calls(scope, user) for user in users)]
+
+
 async def backlog(redis: Redis, keys: Keys, service: str) -> int:
-    """Calls waiting or running in ``service``'s streams, every shard's."""
-    return await queued(redis, keys, await service_scopes(redis, keys, service))
+    """Calls waiting or running in ``service``'s streams, every shard's and every registered user's."""
+    scopes = await service_scopes(redis, keys, service)
+    return await queued(redis, keys, scopes, await registered_users(redis, keys, service))
 
 
-async def queued(redis: Redis, keys: Keys, scopes: list[str]) -> int:
-    """Calls waiting or running in these shards' streams, in one round trip."""
-    if not scopes:
+async def queued(redis: Redis, keys: Keys, scopes: list[str], users: Sequence[str] = ()) -> int:
+    """Calls waiting or running in these shards' streams (each registered user's in them too), in one
+    round trip."""
+    streams = [stream for scope in scopes for stream in request_streams(keys, scope, list(users))]
+    if not streams:
         return 0
     async with redis.pipeline(transaction=False) as pipe:
-        for scope in scopes:
-            pipe.xlen(keys.calls(scope))
+        for stream in streams:
+            pipe.xlen(stream)
         return sum(int(n) for n in await pipe.execute())
 
 
 async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
-    """Backlog, pending and dead letters of ``service``, per shard and in all."""
+    """Backlog, pending and dead letters of ``service``, per shard and in all (a shard's figures
+    count its registered users' streams too)."""
     shards = []
+    users = await registered_users(redis, keys, service)
     for scope in await service_scopes(redis, keys, service):
+        streams = request_streams(keys, scope, users)
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.calls(scope))
+            for stream in streams:
+                pipe.xlen(stream)
             pipe.xlen(keys.dead(scope))
-            backlog, dead = await pipe.execute()
-        try:
-            summary = await redis.xpending(keys.calls(scope), "workers")
-            pending = int(summary["pending"])
-        except Exception:  # no stream or no group yet
-            pending = 0
-        shards.append(QueueInfo(scope, int(backlog), pending, int(dead)))
+            *lengths, dead = await pipe.execute()
+        pending = 0
+        for stream in streams:
+            try:
+                summary = await redis.xpending(stream, "workers")
+                pending += int(summary["pending"])
+            except Exception:  # no stream or no group yet
+                pass
+        shards.append(QueueInfo(scope, sum(int(n) for n in lengths), pending, int(dead)))
     return QueueInfo.summed(service, shards)
 
 
@@ -392,13 +414,18 @@ async def forget_service(redis: Redis, keys: Keys, service: str) -> None:
     """Remove a service with no live worker from the registry: its directory entry, worker set, idle
     mark, calls, dead letters, delayed calls and schedule. Its jobs expire as they would."""
     scopes = await service_scopes(redis, keys, service)
+    users = await registered_users(redis, keys, service)
     await redis.hdel(keys.services, service)
     async with redis.pipeline(transaction=True) as pipe:  # the service's keys: one slot
         pipe.delete(keys.workers(service), keys.idle(service), keys.affinity(service), keys.config(service))
         pipe.delete(keys.calls(service), keys.dead(service), keys.delayed(service), keys.schedule(service))
+        if users:  # the registered users' requests (the set itself is the operator's: kept)
+            pipe.delete(*request_streams(keys, service, users)[1:])
         await pipe.execute()
     for scope in scopes[1:]:  # each other shard: a slot of its own
         await redis.delete(keys.calls(scope), keys.dead(scope), keys.delayed(scope), keys.config(scope))
+        if users:
+            await redis.delete(*request_streams(keys, scope, users)[1:])
 
 
 async def known_services(redis: Redis, keys: Keys) -> list[str]:

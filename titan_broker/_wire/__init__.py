@@ -6,6 +6,8 @@ its specification."""
 from . import acl as acl
 from .keys import GROUP as GROUP
 from .keys import MAX_SHARDS as MAX_SHARDS
+from .keys import USER as USER
+from .keys import USER_MARK as USER_MARK
 from .keys import Keys as Keys
 from .keys import check_shards as check_shards
 from .keys import shard_scope as shard_scope
@@ -17,6 +19,8 @@ from .values import Mismatch as Mismatch
 __all__ = (
     "GROUP",
     "MAX_SHARDS",
+    "USER",
+    "USER_MARK",
     "Keys",
     "Mismatch",
     "acl",

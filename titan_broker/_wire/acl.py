@@ -9,7 +9,9 @@ grant. Every pattern is built from ``Keys``, so the rules follow the namespace.
 
 A caller's own keys (reply streams, marks of calls given up, stream control)
 are told apart from another user's by the client id, which starts with the
-ACL user's name and a dot (``Client`` reads the name with ``ACL WHOAMI``).
+ACL user's name and a dot (``Client`` reads the name with ``ACL WHOAMI``); its
+requests by its own request streams (``calls@<user>``), which it uses once the
+user is in the service's ``users`` set (``Rule.registers``).
 """
 
 from __future__ import annotations
@@ -61,11 +63,14 @@ whole after NOSCRIPT (the Node client)."""
 
 CALLER_CALLS = (
     "evalsha", "eval", "xadd", "xdel", "xlen", "xrange", "xpending", "zadd", "zcard", "zrem", "zscore",
-    "zrevrange", "zremrangebyrank", "hset", "hget", "hgetall", "hmget", "hdel", "pexpire",
-    "lpush", "ltrim",
+    "zremrangebyrank", "hset", "hget", "hgetall", "hmget", "hdel", "pexpire", "lpush", "ltrim",
 )  # fmt: skip
-"""A caller on a service's calls streams, delayed set and jobs: sending (the scripts), withdrawing,
-the restart check, reading and cancelling jobs."""
+"""A caller on its own request streams, a service's delayed set and jobs: sending (the scripts, whose
+keys must all be in one selector), withdrawing, the restart check, reading and cancelling jobs. No
+command that lists the delayed set: its members are other callers' requests, arguments included."""
+
+CALLER_JOB_LIST = ("zrevrange",)
+"""A caller on a service's job index: listing the newest jobs."""
 
 CALLER_GONE = ("set",)
 """A caller on the marks of its own calls given up."""
@@ -84,15 +89,16 @@ READ = (
 )  # fmt: skip
 """Reading the registry, queues, jobs, dead letters and metrics (observer; a caller reads a few)."""
 
-REGISTRY_READ = ("hget", "hgetall", "hkeys", "smembers", "exists", "xlen")
-"""A caller on the registry of the services it calls: live workers, config, streaming methods."""
+REGISTRY_READ = ("hget", "hgetall", "hkeys", "smembers", "sismember", "exists", "xlen")
+"""A caller on the registry of the services it calls: live workers, config, streaming methods, and
+whether its user is registered (its requests then go to streams of its own)."""
 
 OPERATE = (
-    "evalsha", "eval", "xadd", "xdel", "xtrim", "xack", "del", "hset", "hdel", "srem", "zrem", "zadd",
-    "pexpire", "set", "lpush", "ltrim",
+    "evalsha", "eval", "xadd", "xdel", "xtrim", "xack", "del", "hset", "hdel", "sadd", "srem", "zrem",
+    "zadd", "pexpire", "set", "lpush", "ltrim",
 )  # fmt: skip
 """The operator, besides reading: replaying and purging dead letters, cancelling jobs and calls,
-forgetting a service."""
+forgetting a service, registering caller users (a service's ``users`` set)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,16 @@ class Rule:
     user: str
     services: tuple[str, ...]
     grants: tuple[Grant, ...]
+
+    @property
+    def registers(self) -> tuple[str, ...]:
+        """The services whose ``users`` set must name this user: those it calls (a caller's, and a
+        worker's ``--calls``), whose requests it may send to streams of its own only."""
+        if self.role == "caller":
+            return self.services
+        if self.role == "worker":
+            return self.services[1:]
+        return ()
 
     def arguments(self, password: str | None = None) -> list[str]:
         """The arguments of ``ACL SETUSER`` after the user's name.
@@ -172,13 +188,16 @@ def _caller_grants(keys: Keys, service: str, user: str) -> list[Grant]:
         Grant(tuple(f"~{keys.reply_prefix(s)}{own}" for s in shards), CALLER_REPLIES),
         Grant(
             (
-                *(f"~{keys.calls(s)}*" for s in shards),
+                # its own request streams only: the shared one and other users' hold their arguments
+                *(f"~{keys.user_calls(s, user)}" for s in shards),
+                *(f"~{keys.user_worker_calls(s, '*', user)}" for s in shards),
                 f"~{keys.delayed(service)}*",  # delayed calls and jobs go to the first shard
                 f"~{keys.job_prefix(service)}*",
                 f"~{keys.jobs(service)}",
             ),
             CALLER_CALLS,
         ),
+        Grant((f"~{keys.jobs(service)}",), CALLER_JOB_LIST),
         Grant(tuple(f"~{keys.gone_prefix(s)}{own}" for s in shards), CALLER_GONE),
         Grant(tuple(f"~{keys.stream_control(s, own)}" for s in shards), CALLER_STREAM_CONTROL),
         Grant((f"~{svc}cache-gen:*",), CALLER_CACHE),
@@ -187,6 +206,7 @@ def _caller_grants(keys: Keys, service: str, user: str) -> list[Grant]:
                 f"%R~{keys.workers(service)}",
                 f"%R~{keys.worker(service, '*')}",
                 f"%R~{keys.affinity(service)}",
+                f"%R~{keys.users(service)}",
                 *(f"%R~{keys.config(s)}" for s in shards),
             ),
             REGISTRY_READ,

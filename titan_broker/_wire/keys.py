@@ -37,6 +37,13 @@ def check_name(value: str, what: str) -> str:
 
 GROUP = "workers"
 
+USER_MARK = "@"
+"""Between a request stream's key and the caller user it belongs to (``<ns>:{<svc>}:calls@<user>``):
+in no user name, service name or worker id."""
+
+USER = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+"""Caller user names that can have request streams of their own (as ACL rules can be written for)."""
+
 MAX_SHARDS = 64
 """The most slots one service may be sharded over: each worker reads every shard (a connection and a
 read loop each), and a client keeps a link per shard it calls (at most 64 links)."""
@@ -93,6 +100,29 @@ class Keys:
     def worker_calls(self, service: str, worker_id: str) -> str:
         """Stream of calls for one worker only: the calls with a key that maps to it (affinity)."""
         return f"{self.namespace}:{{{service}}}:calls:{worker_id}"
+
+    def user_calls(self, scope: str, user: str) -> str:
+        """Stream of the requests one registered caller user sends to a service (or one of its
+        shards): the ACL rules give each user its own (see ``users``)."""
+        return f"{self.calls(scope)}{USER_MARK}{user}"
+
+    def user_worker_calls(self, scope: str, worker_id: str, user: str) -> str:
+        """A registered caller user's calls for one worker only (affinity, or handed to it)."""
+        return f"{self.worker_calls(scope, worker_id)}{USER_MARK}{user}"
+
+    def users(self, service: str) -> str:
+        """Set of the caller users registered for a service, each with request streams of its own
+        (written by the operator: ``titan acl caller --apply``; read by workers and callers)."""
+        return f"{self.namespace}:{{{service}}}:users"
+
+    @staticmethod
+    def stream_user(stream: str) -> str | None:
+        """The caller user whose request stream this is (``...calls@<user>``), or None for the
+        shared stream and a worker's own."""
+        tail = stream.rpartition("}")[2]
+        if USER_MARK not in tail:
+            return None
+        return tail.rpartition(USER_MARK)[2] or None
 
     def affinity(self, service: str) -> str:
         """Set of the ids of the workers that read a stream of their own."""

@@ -47,6 +47,10 @@ F_JOB = b"j"
 F_ATTEMPT = b"n"
 """Which run of the call this is under @retry (1 when absent)."""
 
+F_USER = b"@"
+"""In a delayed call's member only (never in an entry): the registered caller user whose request
+stream the call goes to when it comes due (``promote.lua`` takes it out)."""
+
 NO_DEADLINE_MS = 315_360_000_000
 """The timeout of a job without a deadline: ten years (``ttl`` is always a number)."""
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -345,8 +349,10 @@ def dead_letter_fields(
     worker: str,
     source_id: bytes,
     max_size: int = DEFAULT_MAX_PAYLOAD + ENTRY_OVERHEAD,
+    user: str | None = None,
 ) -> dict[bytes, bytes]:
-    """The fields of a dead-letter entry: the original entry and why it is here.
+    """The fields of a dead-letter entry: the original entry and why it is here; ``user``: the
+    registered caller user whose request stream it came from (a replay goes back there).
 
     The entry is kept whole, for replay, unless it is over the size limit:
     then only its known short fields are kept (it could not be served anyway).
@@ -365,6 +371,8 @@ def dead_letter_fields(
     for name in (F_ID, F_METHOD):
         if name in fields:
             dead[name] = fields[name]
+    if user is not None:
+        dead[b"user"] = user.encode()
     return dead
 
 

@@ -343,6 +343,9 @@ class Served(Generic[T]):
         queued, delayed, first = 0, 0, None
         for scope in self._scopes():
             streams = [keys.calls(scope)] + [keys.worker_calls(scope, w.worker_id) for w in self.workers]
+            for user in self.workers[0].ctx.users if self.workers else ():  # registered callers' streams
+                streams += [keys.user_calls(scope, user)]
+                streams += [keys.user_worker_calls(scope, w.worker_id, user) for w in self.workers]
             # One transaction per shard (all its keys in one slot): a retry leaves the queue for the
             # delayed set, and a due call the other way, in one step; read apart, both could look empty.
             async with self.client.redis.pipeline(transaction=True) as pipe:

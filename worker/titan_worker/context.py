@@ -67,6 +67,9 @@ class WorkerContext:
     writers_: dict[str, AutoPipeline] = field(default_factory=dict)
     """The writer of each shard after the first, by scope (a cluster runs each shard's scripts on
     the node of its slot, batched apart)."""
+    users: list[str] = field(default_factory=list)
+    """The caller users registered for the service (its ``users`` set) as last read, in the order
+    first seen: each has a request stream of its own in every shard, which this worker reads too."""
     streams_lost_at_ms: float = 0.0
     """Redis's time when the worker last found the service's stream or group gone (Redis lost its
     data): the entries it held from before are gone with them, not taken over."""
@@ -85,6 +88,29 @@ class WorkerContext:
     def streams(self) -> list[str]:
         """Each shard's calls stream, the first shard's (``stream``) first."""
         return [self.keys.calls(scope) for scope in self.scopes]
+
+    def user_streams(self, scope: str) -> list[str]:
+        """The request streams of the registered caller users in one shard's scope."""
+        return [self.keys.user_calls(scope, user) for user in self.users]
+
+    def own_user_streams(self, scope: str) -> list[str]:
+        """This worker's own streams of the registered caller users in one shard's scope."""
+        return [self.keys.user_worker_calls(scope, self.worker_id, user) for user in self.users]
+
+    def lane_streams(self, scope: str) -> list[str]:
+        """What one shard's read covers: its shared stream, this worker's own stream, and each
+        registered user's two (all in the shard's slot, so one XREADGROUP reads them)."""
+        return [
+            self.keys.calls(scope),
+            self.own_stream_of(scope),
+            *self.user_streams(scope),
+            *self.own_user_streams(scope),
+        ]
+
+    def claimable(self, scope: str) -> list[str]:
+        """The streams of one shard whose entries any worker may claim from a dead one (not the own
+        streams of a worker: those are moved back whole, see ``rescue.lua``)."""
+        return [self.keys.calls(scope), *self.user_streams(scope)]
 
     def writer_for(self, scope: str) -> AutoPipeline:
         """The writer for the keys of one shard's scope (see ``writers_``)."""

@@ -21,7 +21,7 @@ import anyio
 from titan_broker._errors import EncodeError, WireError
 from titan_broker._redis import Script
 from titan_broker._service import MethodSpec
-from titan_broker._wire import Keys, Mismatch, protocol
+from titan_broker._wire import Keys, Mismatch, acl, protocol
 
 from . import middleware
 from .call import Call, DeadLetter, Entry, Next, Outcome, Reply
@@ -61,10 +61,18 @@ class Executor:
         ctx = self.ctx
         scope = Keys.scope_of(entry.stream)
         prefix = self._reply_prefixes[scope]
+        user = Keys.stream_user(entry.stream)
+        if user is not None:  # a registered caller user's request: answered to that user's keys only
+            prefix = f"{prefix}{user}{acl.USER_SEPARATOR}"
         try:
             req = protocol.decode_request(
                 entry.fields, entry.id, reply_prefix=prefix, max_payload=self._max_payload
             )
+            if user is not None and not req.call_id.startswith(f"{user}{acl.USER_SEPARATOR}"):
+                raise protocol.BadEntry(
+                    f"call id {protocol.excerpt(req.call_id)} on the stream of user {user!r} is not "
+                    f"one of that user's (<user>.<random>-<n>)", call_id=None, reply_to=None,
+                )  # fmt: skip
         except protocol.BadEntry as bad:
             ctx.log.log(logging.WARNING, "bad-entry", "worker %s: bad request entry %s: %s",
                         ctx.worker_id, entry.id.decode(), bad)  # fmt: skip

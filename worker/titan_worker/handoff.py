@@ -44,7 +44,12 @@ class Handoff:
             try:
                 scope = Keys.scope_of(entry.stream)  # the entry's shard: its reply key is there
                 for target in await self._workers_with(req.method):
-                    keys = [entry.stream, ctx.keys.worker_calls(scope, target)]
+                    user = Keys.stream_user(entry.stream)  # a user's call: to the target's stream of it
+                    own = ctx.keys.worker_calls(scope, target)
+                    keys = [
+                        entry.stream,
+                        own if user is None else ctx.keys.user_worker_calls(scope, target, user),
+                    ]
                     if scope == ctx.service:
                         keys.append(ctx.keys.worker(ctx.service, target))  # checked in the script
                     elif not await ctx.redis.exists(ctx.keys.worker(ctx.service, target)):

@@ -84,13 +84,30 @@ class Housekeeping:
         shard's first, while its id is still in the affinity set (the first shard's rescue takes
         it out, and with it the worker from the next sweeps)."""
         ctx = self.ctx
-        if len(ctx.scopes) > 1 and not await ctx.redis.exists(ctx.keys.worker(ctx.service, worker_id)):
+        record = ctx.keys.worker(ctx.service, worker_id)
+        for user in ctx.users:  # each user's own streams of the dead worker back onto the user's stream
+            keys = [
+                ctx.keys.user_worker_calls(ctx.service, worker_id, user),
+                ctx.keys.user_calls(ctx.service, user),
+            ]
+            moved = await _RESCUE(ctx.redis, [*keys, record], [worker_id])
+            if moved == -1:
+                return  # it lives
+            if moved and moved > 0:
+                ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to the stream of "
+                                       "user %s", ctx.worker_id, moved, worker_id, user)  # fmt: skip
+        if len(ctx.scopes) > 1 and not await ctx.redis.exists(record):
             for scope in ctx.scopes[1:]:
-                keys = [ctx.keys.worker_calls(scope, worker_id), ctx.keys.calls(scope)]
-                moved = await _RESCUE(ctx.redis, keys, [worker_id])
-                if moved and moved > 0:
-                    ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to the stream "
-                                           "of shard %s", ctx.worker_id, moved, worker_id, scope)  # fmt: skip
+                pairs = [(ctx.keys.worker_calls(scope, worker_id), ctx.keys.calls(scope))]
+                pairs += [
+                    (ctx.keys.user_worker_calls(scope, worker_id, user), ctx.keys.user_calls(scope, user))
+                    for user in ctx.users
+                ]
+                for own, stream in pairs:
+                    moved = await _RESCUE(ctx.redis, [own, stream], [worker_id])
+                    if moved and moved > 0:
+                        ctx.log.logger.warning("worker %s moved %d call(s) of the dead worker %s to %s",
+                                               ctx.worker_id, moved, worker_id, stream)  # fmt: skip
         keys = [
             ctx.keys.worker_calls(ctx.service, worker_id),
             ctx.stream,
@@ -103,11 +120,14 @@ class Housekeeping:
                                    ctx.worker_id, moved, worker_id)  # fmt: skip
 
     async def _sweep_shards(self) -> None:
-        """Remove the consumers of the other shards' streams whose worker is gone (no registry
-        record) and that hold nothing: delete_consumer.lua's check, made from here because a
-        shard's stream and the worker records are in different slots."""
+        """Remove the consumers of the other streams (the registered users', the other shards') whose
+        worker is gone (no registry record) and that hold nothing: delete_consumer.lua's check, made
+        from here because a shard's stream and the worker records are in different slots."""
         ctx = self.ctx
-        for stream in ctx.streams[1:]:
+        others = [*ctx.user_streams(ctx.service)]
+        for scope in ctx.scopes[1:]:
+            others += ctx.claimable(scope)
+        for stream in others:
             for consumer in await ctx.redis.xinfo_consumers(stream, GROUP):
                 name = text(consumer["name"])
                 if name == ctx.worker_id or int(consumer.get("pending", 0)):

@@ -31,8 +31,8 @@ import anyio
 import anyio.lowlevel
 from redis import exceptions as rexc
 
-from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries
-from titan_broker._wire import GROUP, Keys, protocol
+from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries, text
+from titan_broker._wire import GROUP, USER, Keys, protocol
 
 from .call import DeadLetter, Entry
 from .context import WorkerContext
@@ -47,11 +47,13 @@ way: the entry stays in flight until it is done."""
 class Lane:
     """One read loop: its connection, and the streams one XREADGROUP of it reads."""
 
-    __slots__ = ("busy", "channel", "reader_at", "reader_id", "streams")
+    __slots__ = ("busy", "channel", "reader_at", "reader_id", "scope", "streams")
 
     def __init__(self, channel: Channel, streams: list[str]) -> None:
         self.channel = channel
         self.streams = streams
+        """Replaced whole (never changed in place) when registered users are added."""
+        self.scope = Keys.scope_of(streams[0])
         self.busy = False
         """Whether its last read found entries (it then reserves every free slot for its next)."""
         self.reader_id: int | None = None
@@ -68,7 +70,8 @@ class Intake:
         self.serve = serve
         self.in_flight = 0
         self._active: dict[str, set[bytes]] = {stream: set() for stream in ctx.streams}
-        """Per shard's stream, the ids of its entries in flight (read by the heartbeat thread)."""
+        """Per stream any worker may claim from (each shard's, and each registered user's in it), the
+        ids of its entries in flight (read by the heartbeat thread)."""
         self._reserved = 0
         """Slots the read loops blocked in a read hold for what it may return."""
         self._lock = threading.Lock()
@@ -116,17 +119,58 @@ class Intake:
     async def ensure_groups(self) -> None:
         """Make the streams and their consumer group (id 0: calls queued before are seen)."""
         ctx = self.ctx
-        for stream in (*ctx.streams, *(ctx.own_stream_of(scope) for scope in ctx.scopes)):
+        await self.refresh_users(create=False)
+        for scope in ctx.scopes:
+            await self._create_groups(ctx.lane_streams(scope))
+
+    async def _create_groups(self, streams: list[str]) -> None:
+        for stream in streams:
             try:
-                await ctx.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                await self.ctx.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def refresh_users(self, *, create: bool = True) -> None:
+        """Read the service's registered caller users; read the streams of those new to this worker
+        from now on, their group made first (``create``). A user taken out of the set stays read
+        until the worker stops: its streams may still hold calls."""
+        ctx = self.ctx
+        try:
+            members = await ctx.redis.smembers(ctx.keys.users(ctx.service))
+        except rexc.ResponseError as exc:  # not a set (written by something else), or refused
+            ctx.log.log(logging.WARNING, "users", "worker %s: cannot read the registered users of %r (%s)",
+                        ctx.worker_id, ctx.service, exc)  # fmt: skip
+            return
+        found = sorted(text(m) for m in members)
+        new = [user for user in found if USER.fullmatch(user) and user not in ctx.users]
+        if not new:
+            return
+        if create:
+            for scope in ctx.scopes:
+                for user in new:
+                    own = ctx.keys.user_worker_calls(scope, ctx.worker_id, user)
+                    await self._create_groups([ctx.keys.user_calls(scope, user), own])
+        ctx.users = [*ctx.users, *new]
+        self._sync_lanes()
+
+    def _sync_lanes(self) -> None:
+        """Each lane reads its shard's streams as the registered users now make them."""
+        ctx = self.ctx
+        with self._lock:
+            for scope in ctx.scopes:
+                for stream in ctx.claimable(scope):
+                    self._active.setdefault(stream, set())
+        for lane in self._lanes:
+            streams = ctx.lane_streams(lane.scope)
+            if streams != lane.streams:
+                lane.streams = streams
 
     async def run(self, lanes: list[Lane], grace: float) -> None:
         """Read and serve until stop(), then let calls in flight finish within ``grace`` seconds."""
         ctx = self.ctx
         self._lanes = lanes
+        self._sync_lanes()
         for lane in lanes:
             # Redis may be lost already: the read loop below reconnects and notes the id again.
             with contextlib.suppress(*CONNECTION_ERRORS):
@@ -230,12 +274,17 @@ class Intake:
         block_ms = max(1, int(ctx.options.read_block * 1000))
         backoff = Backoff()
         next_reclaim = 0.0
-        shards = [stream for stream in lane.streams if stream in self._active]
-        read = ["XREADGROUP", "GROUP", GROUP, ctx.worker_id, "COUNT", 0, "BLOCK", block_ms, "STREAMS",
-                *lane.streams, *[">"] * len(lane.streams)]  # fmt: skip
+        streams: list[str] = []
+        shards: list[str] = []
+        read: list[str | int] = []
         concurrency = ctx.options.concurrency
         several = len(self._lanes) > 1
         while not self._stopping:
+            if lane.streams is not streams:  # registered users were added: read their streams too
+                streams = lane.streams
+                shards = [stream for stream in streams if stream in self._active]
+                read = ["XREADGROUP", "GROUP", GROUP, ctx.worker_id, "COUNT", 0, "BLOCK", block_ms, "STREAMS",
+                        *streams, *[">"] * len(streams)]  # fmt: skip
             free = concurrency - self.in_flight - self._reserved
             # An idle shard's loop (several loops, its last read found nothing) asks for one entry
             # and holds no slot meanwhile: it may take one more than the slots (the slot tasks still
@@ -250,6 +299,11 @@ class Intake:
             try:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + ctx.options.heartbeat_interval
+                    if lane.scope == ctx.service:  # the first shard's loop reads the users for all
+                        await self.refresh_users()
+                        if lane.streams is not streams:
+                            next_reclaim = 0.0
+                            continue  # read (and reclaim from) the new users' streams too
                     # Up to every free slot, this loop's own included, whatever it asks to read.
                     quota = max(0, concurrency - self.in_flight - self._reserved + held)
                     claimed: list[tuple[Entry, int]] = []

@@ -224,7 +224,10 @@ class Heartbeat:
             pipe.delete(ctx.record_key)
             pipe.srem(ctx.keys.workers(ctx.service), ctx.worker_id)
             pipe.execute()
-            for scope in ctx.scopes[1:]:  # its record is gone (above): each shard's own stream
+            for scope in ctx.scopes:  # its record is gone (above): each registered user's own streams
+                for mine, theirs in zip(ctx.own_user_streams(scope), ctx.user_streams(scope), strict=True):
+                    _RESCUE.run_sync(self.client, [mine, theirs], [ctx.worker_id])
+            for scope in ctx.scopes[1:]:  # each shard's own stream
                 own = [ctx.own_stream_of(scope), ctx.keys.calls(scope)]
                 _RESCUE.run_sync(self.client, own, [ctx.worker_id])
             keys = [ctx.own_stream, ctx.stream, ctx.record_key, ctx.keys.affinity(ctx.service)]
@@ -235,7 +238,8 @@ class Heartbeat:
             if not pending:
                 # Only a consumer with nothing pending may go: DELCONSUMER drops its entries.
                 self.client.xgroup_delconsumer(ctx.stream, GROUP, ctx.worker_id)
-            for stream in ctx.streams[1:]:  # each other shard: its check made in one script
+            others = [*ctx.streams[1:], *(s for scope in ctx.scopes for s in ctx.user_streams(scope))]
+            for stream in others:  # each other stream: its check made in one script
                 _DELETE_CONSUMER.run_sync(self.client, [stream], [GROUP, ctx.worker_id])
         except redis.RedisError as exc:
             ctx.log.logger.warning("worker %s: could not deregister (%s); the record expires by itself",

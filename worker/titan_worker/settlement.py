@@ -21,7 +21,7 @@ from redis import exceptions as rexc
 
 from titan_broker._errors import RedisUnavailable, WireError
 from titan_broker._redis import CONNECTION_ERRORS, Backoff, Batch, Script
-from titan_broker._wire import GROUP, Keys, protocol
+from titan_broker._wire import GROUP, Keys, acl, protocol
 
 from .call import DeadLetter, Entry, HandedOff, Outcome, Reply, Retry
 from .context import WorkerContext
@@ -183,6 +183,9 @@ class Settlement:
         # The new run keeps the call's deadline: its ttl counts from its due time.
         fields = protocol.next_attempt(entry.fields, deadline_ms - int(ctx.clock.now_ms()) - delay_ms)
         scope = Keys.scope_of(entry.stream)  # the next run waits in the delayed set of the entry's shard
+        user = Keys.stream_user(entry.stream)
+        if user is not None:  # and comes due on its caller user's stream
+            fields[protocol.F_USER] = user.encode()
         keys = [entry.stream, ctx.keys.delayed(scope)]
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, delay_ms, protocol.pack_fields(fields)]
         if outcome.job and outcome.reply_to is not None:
@@ -208,20 +211,28 @@ class Settlement:
             answer
             and call_id
             and reply_to
-            and (job is not None or reply_to.startswith(ctx.keys.reply_prefix(scope)))
+            and (job is not None or reply_to.startswith(_reply_prefix(ctx, entry.stream)))
             and len(reply_to) < 256
         ):
             keys.append(reply_to)
             payload = protocol.encode_error(call_id[:256], WireError.DEAD_LETTERED, reason, ctx.worker_id)
         dead = protocol.dead_letter_fields(
             fields, reason=reason, deliveries=deliveries, worker=ctx.worker_id, source_id=entry.id,
-            max_size=ctx.options.max_payload + protocol.ENTRY_OVERHEAD,
+            max_size=ctx.options.max_payload + protocol.ENTRY_OVERHEAD, user=Keys.stream_user(entry.stream),
         )  # fmt: skip
         job_status = "dead" if len(keys) > 2 and job else ""
         args: list[Any] = [entry.id, GROUP, ctx.worker_id, ctx.options.dead_letter_maxlen, payload,
                            int(ctx.options.reply_ttl * 1000), job_status]  # fmt: skip
         args += protocol.flat_fields(dead)
         return int(await _DEAD_LETTER(ctx.redis, keys, args))
+
+
+def _reply_prefix(ctx: WorkerContext, stream: str) -> str:
+    """Where the replies to a stream's requests may go: its shard's reply streams, and only the user's
+    own for a registered caller user's stream."""
+    prefix = ctx.keys.reply_prefix(Keys.scope_of(stream))
+    user = Keys.stream_user(stream)
+    return prefix if user is None else f"{prefix}{user}{acl.USER_SEPARATOR}"
 
 
 class Settling:

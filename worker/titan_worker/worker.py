@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -42,7 +43,14 @@ from titan_broker._redis import (
     open_redis,
     text,
 )
-from titan_broker._registry import LatencyHistogram, WorkerInfo, queued, read_workers, shard_count
+from titan_broker._registry import (
+    LatencyHistogram,
+    WorkerInfo,
+    queued,
+    read_workers,
+    registered_users,
+    shard_count,
+)
 from titan_broker._service import Health, ServiceDefinition
 from titan_broker._wire import Keys, protocol, shard_scopes
 
@@ -57,6 +65,10 @@ from .scheduling import Scheduler
 from .settlement import Settlement, Settling
 
 logger = logging.getLogger(__name__)
+
+_WORKER_ID = re.compile(r"[^@{}:\s]{1,128}")
+"""Worker ids: part of key names (``calls:<id>``, ``worker:<id>``), so no '@' (a user stream's mark),
+no braces (a hash tag), no colon and no space."""
 
 
 class InitError(TitanError):
@@ -83,6 +95,11 @@ class Worker:
     ) -> None:
         options = options or WorkerOptions()
         service = check_name(service_name or definition.name, "service name")
+        if worker_id is not None and not _WORKER_ID.fullmatch(worker_id):
+            # A part of key names: '@' would read as a registered caller user's stream (calls:<id>@<user>).
+            raise ConfigError(
+                f"worker id {worker_id!r} is not valid: use 1-128 characters, none of @ {{ }} : or a space"
+            )
         self.url = url
         self.dependencies = dict(dependencies or {})
         self.ctx = WorkerContext(
@@ -258,7 +275,9 @@ class Worker:
         if live:
             raise ConfigError(mismatch(ctx.service, registered, live, ctx.shards))
         dropped = shard_scopes(ctx.service, registered)[ctx.shards :]
-        left = await queued(ctx.redis, ctx.keys, dropped)
+        left = await queued(
+            ctx.redis, ctx.keys, dropped, await registered_users(ctx.redis, ctx.keys, ctx.service)
+        )
         if left:
             which = f"shard {ctx.shards}" if len(dropped) == 1 else f"shards {ctx.shards} to {registered - 1}"
             raise ConfigError(

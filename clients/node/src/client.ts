@@ -27,7 +27,7 @@ import {
   EncodeError,
   PayloadTooLarge,
 } from "./errors.js";
-import { Job } from "./jobs.js";
+import { Job, jobStream } from "./jobs.js";
 import { Link, READ_BLOCK_MS, type Reply, type Sent } from "./link.js";
 import { defineScripts, type Scripts } from "./scripts.js";
 import { Shards, scopeService } from "./shards.js";
@@ -198,7 +198,8 @@ export class Client {
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.log = options.log ?? ((m: string) => console.warn(m));
     this.scripts = defineScripts(redis);
-    this.shards = new Shards(redis, (service) => this.key(service, "config"));
+    const user = options.aclUser !== undefined && ACL_USER_NAME.test(options.aclUser) ? options.aclUser : undefined;
+    this.shards = new Shards(redis, (service) => this.key(service, "config"), (service) => this.key(service, "users"), user);
     this.acting = { role: "caller", user: options.aclUser };
     redis.on("error", () => undefined); // ioredis reconnects by itself; calls report what it means to them
   }
@@ -291,6 +292,8 @@ export class Client {
    */
   async call(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): Promise<unknown> {
     const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
+    checkName(service, "service");
+    await this.shards.ready(service, performance.now() + timeout * 1000);
     const scope = this.scopeFor(service, options.key);
     const { callId, fields } = this.request(service, scope, method, args, kwargs, timeout * 1000);
     const started = performance.now();
@@ -340,6 +343,8 @@ export class Client {
    */
   async *stream(service: string, method: string, args: unknown[] = [], kwargs: Record<string, unknown> = {}, options: CallOptions = {}): AsyncGenerator<unknown, void, undefined> {
     const timeout = options.timeout === undefined ? this.defaultTimeout : checkSeconds("timeout", options.timeout);
+    checkName(service, "service");
+    await this.shards.ready(service, performance.now() + timeout * 1000);
     const scope = this.scopeFor(service, options.key);
     const { callId, fields } = this.request(service, scope, method, args, kwargs, timeout * 1000);
     const started = performance.now();
@@ -425,16 +430,21 @@ export class Client {
   private async send(link: Link, service: string, method: string, fields: Array<[string, Buffer]>, worker: string | null, deadline: number, timeout: number, later?: { delayMs: number; jobId: string | null; resultTtlMs: number }): Promise<Sent> {
     const doing = `send ${service}.${method}()`;
     const scope = link.scope;
-    const shared = this.key(scope, "calls");
+    // A registered caller user's requests go to streams of its own (PROTOCOL.md, Registered callers).
+    const user = this.shards.userFor(service);
+    const mine = user === undefined ? "" : `@${user}`;
+    const shared = this.key(scope, `calls${mine}`);
     const delayed = this.key(scope, "delayed");
     const flat: Buffer[] = [];
     for (const [name, value] of fields) flat.push(Buffer.from(name), value);
-    let keys: string[] = worker !== null ? [this.key(service, `calls:${worker}`), shared] : [shared];
+    let keys: string[] = worker !== null ? [this.key(service, `calls:${worker}${mine}`), shared] : [shared];
     let where = keys;
     let member: Buffer = Buffer.alloc(0);
     if (later !== undefined) {
       keys = [shared, delayed];
-      member = later.delayMs > 0 ? packRawMap(fields) : member;
+      // A registered user's delayed call carries the user: it comes due on the user's stream.
+      const routed: Array<[string, Buffer]> = user === undefined ? fields : [...fields, ["@", Buffer.from(user)]];
+      member = later.delayMs > 0 ? packRawMap(routed) : member;
       const token = later.jobId?.slice(service.length + 1);
       const jobKeys = token ? [this.key(service, `job:${token}`)] : [];
       if (token) keys.push(...jobKeys, this.key(service, "jobs"));
@@ -493,7 +503,7 @@ export class Client {
     const job = sent.keys.find((k) => kindOf(k) === "job");
     const attempt = async (): Promise<void> => {
       if (job !== undefined) {
-        await this.scripts.cancel(3, job, this.key(link.scope, "calls"), this.key(link.scope, "delayed"), "workers");
+        await this.scripts.cancel(3, job, await jobStream(this.redis, job, this.key(link.scope, "calls")), this.key(link.scope, "delayed"), "workers");
         return;
       }
       const tx = this.redis.multi();
@@ -683,6 +693,7 @@ export class Client {
     const ttlMs = options.deadline !== undefined ? options.deadline * 1000 : NO_DEADLINE_MS;
     const { fields } = this.request(service, service, method, argList, kwargs, ttlMs, token);
     const deadline = performance.now() + timeout * 1000;
+    await this.shards.ready(service, deadline);
     const link = this.liveLink(service) ?? (await this.link(service, deadline, method, timeout));
     await this.send(link, service, method, fields, null, deadline, timeout, {
       delayMs: Math.round((options.delay ?? 0) * 1000),

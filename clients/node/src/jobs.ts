@@ -115,8 +115,8 @@ export class Job<T = unknown> {
   /** Cancel the job if it has not started; true when it was. A job that runs, or has ended, is
    * left as it is (false). Raises JobNotFound. */
   async cancel(): Promise<boolean> {
-    const cancel = (): Promise<unknown> =>
-      this.scripts.cancel(3, this.key, `${this.namespace}:{${this.service}}:calls`, `${this.namespace}:{${this.service}}:delayed`, "workers");
+    const cancel = async (): Promise<unknown> =>
+      this.scripts.cancel(3, this.key, await jobStream(this.redis, this.key, `${this.namespace}:{${this.service}}:calls`), `${this.namespace}:{${this.service}}:delayed`, "workers");
     const outcome = await this.read("EVALSHA cancel", this.key, cancel, "cancel");
     const text = String(outcome);
     if (text === "unknown") throw this.notFound();
@@ -163,4 +163,11 @@ export class Job<T = unknown> {
   toString(): string {
     return `<Job ${this.id}>`;
   }
+}
+
+/** The request stream a job waits on: the shared one, or (its hash's `stream`) the stream of the
+ * registered caller user who submitted it, never a key outside the service's request streams. */
+export async function jobStream(redis: AnyRedis, job: string, shared: string): Promise<string> {
+  const found = await redis.hget(job, "stream");
+  return found !== null && found.startsWith(`${shared}@`) ? found : shared;
 }

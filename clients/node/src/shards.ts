@@ -6,6 +6,9 @@
  * name, the unsharded layout), so a busy service's calls spread over several slots, and a
  * cluster's primaries. The count is the `shards` field of the service's config hash, in its own
  * slot (written by its workers' registration, absent for one shard).
+ *
+ * Read in the same round trip: whether the client's ACL user is registered for the service (in its
+ * `users` set, PROTOCOL.md, Registered callers): its calls then go to request streams of its own.
  */
 import type { AnyRedis } from "./topology.js";
 import { within } from "./within.js";
@@ -39,8 +42,9 @@ export function shardsOf(raw: string | null): number {
 }
 
 export class Shards {
-  /** service -> when to read it again (performance.now() ms) and its shards' scopes. */
-  private readonly known = new Map<string, { until: number; scopes: string[] }>();
+  /** service -> when to read it again (performance.now() ms), its shards' scopes, and whether `user`
+   * is registered for it. */
+  private readonly known = new Map<string, { until: number; scopes: string[]; registered: boolean }>();
   private readonly turn = new Map<string, number>();
   /** service -> the scope of the calls made in this turn of the event loop. */
   private readonly thisTurn = new Map<string, string>();
@@ -51,7 +55,24 @@ export class Shards {
     private readonly redis: AnyRedis,
     /** The key of a service's config hash (shard 0's). */
     private readonly configOf: (service: string) => string,
+    /** The key of a service's set of registered caller users. */
+    private readonly usersOf: (service: string) => string,
+    /** The client's ACL user (undefined: none to register, on a Redis without ACLs). */
+    readonly user: string | undefined,
   ) {}
+
+  /** The client's user when it is registered for `service` (as last read), else undefined. */
+  userFor(service: string): string | undefined {
+    return this.known.get(service)?.registered === true ? this.user : undefined;
+  }
+
+  /** At the first call to a service, by `deadline` (performance.now() ms): read it before sending when
+   * the client has a user, since whether its calls go to the user's own streams must be known (a rule
+   * without the shared stream refuses it). A failed or late read leaves it to the background reads. */
+  async ready(service: string, deadline: number): Promise<void> {
+    if (this.user === undefined || this.known.has(service)) return;
+    await within(this.read(service), deadline, () => new Error("no answer in time")).catch(() => undefined);
+  }
 
   /** The scopes of the service's shards as last read (its own only, until read). */
   scopes(service: string): string[] {
@@ -85,8 +106,20 @@ export class Shards {
    * read keeps the count known before, if any. */
   async read(service: string): Promise<void> {
     let raw: string | null = null;
+    let registered = false;
     try {
-      raw = await within(this.redis.hget(this.configOf(service), "shards"), performance.now() + READ_BUDGET_MS, () => new Error("no answer in time"));
+      if (this.user === undefined) {
+        raw = await within(this.redis.hget(this.configOf(service), "shards"), performance.now() + READ_BUDGET_MS, () => new Error("no answer in time"));
+      } else {
+        // One round trip, both keys in the service's slot; a rule refusing the set: not registered.
+        const both = Promise.all([
+          this.redis.hget(this.configOf(service), "shards"),
+          this.redis.sismember(this.usersOf(service), this.user).catch(() => 0),
+        ]);
+        const [shards, member] = await within(both, performance.now() + READ_BUDGET_MS, () => new Error("no answer in time"));
+        raw = shards;
+        registered = member === 1;
+      }
     } catch {
       if (this.known.has(service)) return;
     }
@@ -95,6 +128,7 @@ export class Shards {
     this.known.set(service, {
       until: performance.now() + SHARDS_TTL_MS,
       scopes: Array.from({ length: count }, (_, k) => shardScope(service, k)),
+      registered,
     });
   }
 

@@ -83,6 +83,35 @@ describe("the Node client under the caller rule", () => {
     assert.deepEqual(await refusals(), []);
   });
 
+  it("sends to its user's own streams, and cannot read, delete or add to another user's or the shared one", async () => {
+    const calc = client.service<{ add(a: number, b: number): Promise<number> }>("calculator");
+    assert.equal(await calc.add(1, 1), 2);
+    assert.equal(await client.service<{ add(a: number, b: number): Promise<number> }>("calculator", { key: "k" }).add(1, 2), 3);
+    const later = await client.submit("calculator", "add", [1, 2], { delay: 60 });
+    assert.equal(await later.cancel(), true);
+    const soon = await client.submit("calculator", "add", [2, 2], { delay: 0.1 });
+    assert.equal(await soon.result({ timeout: 10 }), 4);
+    const admin = redis.client();
+    try {
+      const mine = `${NS}:{calculator}:calls@node-caller`;
+      const added = async (key: string): Promise<number> => {
+        const info = (await admin.call("XINFO", "STREAM", key)) as unknown[];
+        return Number(info[info.indexOf("entries-added") + 1]);
+      };
+      assert.ok((await added(mine)) >= 3, "its calls and its jobs (the delayed one come due) on its own stream");
+      assert.equal(await added(`${NS}:{calculator}:calls`), 0, "nothing on the shared stream");
+      await admin.xadd(`${NS}:{calculator}:calls@other`, "*", "v", "3");
+    } finally {
+      admin.disconnect();
+    }
+    const raw = client.redis;
+    for (const stream of [`${NS}:{calculator}:calls@other`, `${NS}:{calculator}:calls`, `${NS}:{calculator}:calls:w1@other`]) {
+      for (const command of [["XRANGE", stream, "-", "+"], ["XDEL", stream, "0-1"], ["XADD", stream, "*", "v", "3"]]) {
+        await assert.rejects(raw.call(command[0] as string, ...command.slice(1)), /NOPERM|permission/i, command.join(" "));
+      }
+    }
+  });
+
   it("cannot call another service nor touch another user's replies", async () => {
     const started = performance.now();
     await assert.rejects(
@@ -122,7 +151,8 @@ describe("the Node client refused by Redis", () => {
       const waiting = idle.service<{ wait(): Promise<unknown> }>("idle", { timeout: 8 }).wait();
       const outcome = waiting.then(() => null, (e: unknown) => e);
       // The request is queued (no worker serves 'idle'): the call waits on its reply stream.
-      await waitFor("the call's request in Redis", async () => (await admin.xlen(`${NS}:{idle}:calls`)) === 1, 10_000);
+      // On its user's own stream: `titan acl caller --apply` registered the user with the service.
+      await waitFor("the call's request in Redis", async () => (await admin.xlen(`${NS}:{idle}:calls@node-idle`)) === 1, 10_000);
       await admin.call("ACL", "SETUSER", "node-idle", "clearselectors");
       const error = await outcome;
       assert.ok(!(error instanceof CallTimeout), `the call timed out instead: ${String(error)}`);

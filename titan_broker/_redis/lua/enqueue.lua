@@ -4,7 +4,8 @@
 -- A delayed call's request is its member of the delayed set: its fields as
 -- a msgpack map, whose ttl counts from its due time (promote.lua). The
 -- backlog counts the delayed set too: what waits for later waits all the same.
--- KEYS: calls stream, delayed set, [job hash, jobs index]
+-- KEYS: calls stream (the shared one, or a registered caller user's, whose
+--       key the job's hash keeps as 'stream'), delayed set, [job hash, jobs index]
 -- ARGV: config hash (read only), default limit, the caller's deadline ms
 --       (Redis clock; for a job, the submit's) or 0, delay ms, member
 --       (delayed) or '', job id or '', result ttl ms, method, field, value, ...
@@ -31,6 +32,10 @@ else
   if deadline > 0 and not KEYS[3] then cut_ttl(ARGV, 9, deadline - now) end
   where, at = 'entry', redis.call('XADD', KEYS[1], '*', unpack(ARGV, 9))
 end
-if KEYS[3] then new_job(KEYS[3], KEYS[4], ARGV[6], ARGV[8], now, due, ARGV[7], where, at) end
+if KEYS[3] then
+  new_job(KEYS[3], KEYS[4], ARGV[6], ARGV[8], now, due, ARGV[7], where, at)
+  -- a registered caller user's stream: where cancelling finds the request
+  if string.find(KEYS[1], '@', 1, true) then redis.call('HSET', KEYS[3], 'stream', KEYS[1]) end
+end
 if where == 'entry' then return at end
 return 'delayed'

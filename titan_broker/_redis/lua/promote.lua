@@ -4,6 +4,10 @@
 -- call and none starts twice. A call's ttl counts from its due time and is
 -- cut by how late it moves; a job notes its new entry (its hash's key is
 -- built from the prefix and the job token, in the same slot).
+-- A member with the field '@' (a user name) goes to that registered caller
+-- user's stream, the calls stream's key and '@<user>' (same slot), without
+-- the field, when that stream exists (its workers made its group); else to
+-- the calls stream.
 -- A member that cannot be read (not a msgpack map of strings: written by
 -- something else) goes to the dead letters rather than being lost.
 -- A call (not a job) whose caller gave up meanwhile (its gone mark,
@@ -19,10 +23,16 @@ for i = 1, #due, 2 do
   local member, at = due[i], tonumber(due[i + 1])
   redis.call('ZREM', KEYS[1], member)
   local ok, f = pcall(cmsgpack.unpack, member)
-  local flat = {}
+  local flat, stream = {}, KEYS[2]
   if ok and type(f) == 'table' then
     for k, v in pairs(f) do
-      if type(k) == 'string' and type(v) == 'string' then
+      if k == '@' then
+        -- a registered caller user's call: back onto that user's stream (its name as in ACL rules)
+        if type(v) == 'string' and #v <= 64 and string.match(v, '^[%w_%-]+$')
+           and redis.call('EXISTS', KEYS[2] .. '@' .. v) == 1 then
+          stream = KEYS[2] .. '@' .. v
+        end
+      elseif type(k) == 'string' and type(v) == 'string' then
         if k == 'ttl' then v = string.format('%d', math.max(0, (tonumber(v) or 0) - (now - at))) end
         flat[#flat + 1] = k
         flat[#flat + 1] = v
@@ -38,7 +48,7 @@ for i = 1, #due, 2 do
                'a delayed call that cannot be read (not a msgpack map of strings)',
                'deliveries', 0, 'worker', '', 'source_id', '', 'at', now)
   else
-    local id = redis.call('XADD', KEYS[2], '*', unpack(flat))
+    local id = redis.call('XADD', stream, '*', unpack(flat))
     moved = moved + 1
     if type(f['j']) == 'string' then
       local job = ARGV[2] .. f['j']
