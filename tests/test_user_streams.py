@@ -136,12 +136,11 @@ async def test_a_call_on_a_users_stream_held_by_a_killed_worker_is_run_by_anothe
         stream = keys.user_calls("client_log", "alice")
         await eventually(lambda: redis.exists(stream), what="alice's stream made by the worker")
         reply_key = keys.reply("client_log", "alice.0123456789abcdef")
-        fields = encode_request("alice.0123456789abcdef-1", "run", ("held", 1.0), {}, reply_key, 30_000)
+        fields = encode_request("alice.0123456789abcdef-1", "run", ("held", 5.0), {}, reply_key, 30_000)
         await redis.xadd(stream, fields)  # type: ignore[arg-type]
         await eventually(lambda: anyio.to_thread.run_sync(lambda: log.exists() and "held" in log.read_text()))
+        workers.kill(first)  # mid-call (it takes 5 s), before another worker can take it over
         workers.start(SERVICES / "client_log.py", *run_log_dep(log), *FAST_FAILOVER)
-        workers.wait_registered("client_log", 2)
-        workers.kill(first)
         found = await redis.xread({reply_key: "0-0"}, count=1, block=20_000)
         assert found, "the call held by the killed worker was not run by the other"
         reply = decode_reply(found[0][1][0][1][F_REPLY_VALUE])

@@ -233,9 +233,10 @@ class Client:
             self._connected()
             timeout = check_seconds("timeout", self.default_timeout if timeout is None else timeout)
             await self._workers.require_worker(service, method, now + timeout)
-        await self._shards.ready(
-            service, now + check_seconds("timeout", self.default_timeout if timeout is None else timeout)
-        )
+        if self._shards.unread(service):  # a first call: its user's stream, or the shared one?
+            await self._shards.ready(
+                service, now + check_seconds("timeout", self.default_timeout if timeout is None else timeout)
+            )
         # The shard the call goes to: its stream, its reply stream and its link. Calls with a key
         # or a delay go to the first shard, where the workers' own streams and the delayed set are.
         scope = self._shards.next_scope(service) if later is None and key is None else service

@@ -75,12 +75,16 @@ class Shards:
         known = self._known.get(service)
         return self.user if known is not None and known[2] else None
 
+    def unread(self, service: str) -> bool:
+        """Whether ``ready`` has a read to wait for (a check cheap enough for every call)."""
+        return self.user is not None and service not in self._known
+
     async def ready(self, service: str, deadline: float) -> None:
         """Read the service at the client's first call to it, by ``deadline`` (event loop time), when
         the client has a user: whether its calls go to the user's streams must be known before the
         first is sent (a rule without the shared stream refuses it). A read that fails or is late
         leaves it to the background reads (the shared stream until then)."""
-        if self.user is None or service in self._known:
+        if not self.unread(service):
             return
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             await self.read(service)
