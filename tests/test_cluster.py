@@ -45,7 +45,7 @@ from titan_broker import (
     with_options,
 )
 from titan_broker._errors import ConfigError
-from titan_broker._redis.connection import Channel
+from titan_broker._redis.connection import Channel, titan_error
 from titan_broker._redis.topology import discover
 from titan_broker._wire.keys import GROUP, Keys
 from titan_broker.testing._local_cluster import ClusterNode, LocalCluster
@@ -756,3 +756,27 @@ async def test_a_cluster_url_with_a_database_number_is_a_clear_error(cluster: Lo
     for url in (f"{cluster.url}/1", f"{cluster.url}?db=2"):
         with pytest.raises(ConfigError, match="only database 0"):
             await discover(url)
+
+
+async def test_clients_made_after_the_urls_node_went_down_reach_the_cluster_by_the_nodes_it_knows() -> None:
+    """A worker learns the cluster's nodes when it starts; the clients it makes later (the heartbeat's
+    own among them) must not depend on the one node its URL names being up then."""
+    skip_without_cluster_binaries()
+    with LocalCluster(primaries=3, replicas=1) as c:
+        seed = c.replicas_of(c.primary_nodes()[0])[0]  # the cluster keeps every slot without it
+        topology = await discover(seed.url)
+        seed.stop(kill=True)
+        sync = topology.sync_client(decode_responses=False, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            sync.set("seed-down", "sync")
+            assert sync.get("seed-down") == b"sync"
+        finally:
+            sync.close()
+        client = topology.client(decode_responses=False, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            await client.set("seed-down", "async")
+            assert await client.get("seed-down") == b"async"
+        finally:
+            await client.aclose()
+        unreachable = rexc.RedisClusterUnreachableError("Redis Cluster cannot be connected")
+        assert isinstance(titan_error(unreachable, "serve"), RedisUnavailable)

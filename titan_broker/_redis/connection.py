@@ -35,6 +35,7 @@ Redis = aioredis.Redis | RedisCluster
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     rexc.ConnectionError,
     rexc.TimeoutError,
+    rexc.RedisClusterUnreachableError,  # no node of a cluster answered: the cluster is out of reach
     OSError,
 )
 REDIS_ERRORS: tuple[type[Exception], ...] = (rexc.RedisError, OSError)

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 import redis.cluster
 import redis.sentinel
 from redis import exceptions as rexc
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 
@@ -196,11 +196,15 @@ class Cluster(Topology):
     def client(self, **options: Any) -> RedisCluster:
         for unsupported in ("max_connections", "timeout", "health_check_interval", "retry"):
             options.pop(unsupported, None)
-        return RedisCluster.from_url(self.url, **options)
+        # Every node seen so far is a way in, not the URL's alone: a client made later (a pool's, the
+        # heartbeat's) must not fail because that one node is down then (redis-py adds the URL's).
+        nodes = [ClusterNode(host, port) for host, port in self.seeds]
+        return RedisCluster.from_url(self.url, startup_nodes=nodes, **options)
 
     def sync_client(self, **options: Any) -> redis.cluster.RedisCluster:
         options.pop("single_connection_client", None)
-        return redis.cluster.RedisCluster.from_url(self.url, **options)
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in self.seeds]  # type: ignore[no-untyped-call]
+        return redis.cluster.RedisCluster.from_url(self.url, startup_nodes=nodes, **options)
 
 
 class SentinelPrimary(Topology):
