@@ -29,6 +29,7 @@ from titan_broker._wire.protocol import (
     F_REPLY_VALUE,
     STREAM_WINDOW,
     decode_reply,
+    encode_end,
     encode_items,
     pack,
 )
@@ -201,6 +202,24 @@ async def test_items_missing_from_the_stream_fail_the_call_with_call_lost(
                 lost = encode_items(call_id, 500, [pack(500)], "elsewhere")
                 await pm.client.redis.xadd(reply_to, {F_REPLY_VALUE: lost})
     assert got == list(range(len(got))) and all(i < 500 for i in got)
+
+
+async def test_an_end_after_items_that_were_lost_fails_the_call_with_call_lost(
+    pm: ProcessManager, keys: Keys
+) -> None:
+    """The last items lost on the way and the end read (a failover that lost writes the end then
+    followed): the end says how many items there were, so the stream is not ended short silently."""
+    svc = await pm.spawn(STREAMER)
+    got: list[int] = []
+    with anyio.fail_after(20), pytest.raises(CallLost, match=r"items \d+ to 499"):
+        async for tick in svc.ticks():
+            got.append(tick)
+            if len(got) == 1:
+                [(_id, fields)] = await pm.client.redis.xrange(keys.calls("streamer"))
+                call_id, reply_to = fields[F_ID].decode(), fields[F_REPLY]
+                # The end of 500 items, next after the first: the items between were lost.
+                await pm.client.redis.xadd(reply_to, {F_REPLY_VALUE: encode_end(call_id, 500, "elsewhere")})
+    assert got == list(range(len(got))) and len(got) < 500
 
 
 async def test_redis_failing_under_a_stream_is_an_internal_error_not_the_methods(pm: ProcessManager) -> None:

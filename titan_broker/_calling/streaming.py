@@ -6,7 +6,8 @@ it onto the call's wake list, where a worker out of credit waits. Leaving
 the loop early (or any error) tells the worker to stop and deletes the
 request if no worker took it yet. A worker that took the call over replays
 it from the start; items already seen are skipped. An item past the next one
-expected means Redis lost some (a failover): the call fails with CallLost.
+expected, or an end counting more items than came, means Redis lost some (a
+failover): the call fails with CallLost.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ async def stream_items(
                 finished = True
                 raise error_of(item)
             if item.end is not None:
+                if item.end > received:  # the last items were lost, the end was not: never short silently
+                    raise CallLost(
+                        f"{service}.{method}() lost stream items {received} to {item.end - 1}: its end came "
+                        "next (Redis lost writes to the reply stream: a failover or a restart)"
+                    )
                 finished = True
                 return
             if item.seq is None or item.items is None:

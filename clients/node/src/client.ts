@@ -17,6 +17,7 @@ import { accessDenied, isDenied, type Acting } from "./denied.js";
 import { pack, packRawMap } from "./codec.js";
 import {
   BacklogFull,
+  CallLost,
   CallTimeout,
   ConfigError,
   NoLiveWorkers,
@@ -390,6 +391,8 @@ export class Client {
           throw remoteError(item.error);
         }
         if (item.end !== null) {
+          // The last items lost and the end not (a failover): never ended short silently.
+          if (item.end > received) throw lostItems(service, method, received, item.end, "its end");
           finished = true;
           return;
         }
@@ -397,6 +400,7 @@ export class Client {
           finished = true;
           throw new TitanError(`${service}.${method}() does not stream: await it instead of iterating`);
         }
+        if (item.seq > received) throw lostItems(service, method, received, item.seq, `item ${item.seq}`);
         // Items before `received` were replayed from the start by a worker that took the call over.
         for (const value of item.items.slice(Math.max(0, received - item.seq))) {
           received += 1;
@@ -779,3 +783,11 @@ export async function connect(url?: string, options: ConnectOptions = {}): Promi
 }
 
 export { READ_BLOCK_MS };
+
+/** Items `from` to `to - 1` of a stream never came, and `next` did: Redis lost writes to the reply
+ * stream (a failover or a restart), and the call fails rather than skip them. */
+function lostItems(service: string, method: string, from: number, to: number, next: string): CallLost {
+  return new CallLost(
+    `${service}.${method}() lost stream items ${from} to ${to - 1}: ${next} came next (Redis lost writes to the reply stream: a failover or a restart)`,
+  );
+}

@@ -21,6 +21,7 @@ import {
   RemoteError,
   connect,
   kw,
+  pack,
   rendezvous,
 } from "titan-broker";
 
@@ -268,6 +269,30 @@ describe("calls from Node to Python workers", () => {
       for await (const n of streamer.then_fail()) items.push(n);
     }, (e: unknown) => e instanceof RemoteError && e.type === "ValueError" && e.details["items"] === 2);
     assert.deepEqual(items, [1, 2]);
+  });
+
+  it("fails a stream with CallLost when items were lost, whether more items or the end came next", async () => {
+    const streamer = client.service<{ ticks(): AsyncIterable<number> }>("streamer");
+    const r = redis.client();
+    try {
+      // What a failover that lost writes to the reply stream leaves: a message from further on.
+      for (const [next, gap] of [[{ s: 500, i: [500] }, /items \d+ to 499: item 500 came next/], [{ end: 500 }, /items \d+ to 499: its end came next/]] as const) {
+        const seen: number[] = [];
+        await assert.rejects(async () => {
+          for await (const tick of streamer.ticks()) {
+            seen.push(tick);
+            if (seen.length > 1) continue;
+            const fields = ((await r.xrange("titan:{streamer}:calls", "-", "+")) as Array<[string, string[]]>)[0]![1];
+            const field = (name: string) => String(fields[fields.indexOf(name) + 1]);
+            await r.xadd(field("r"), "*", "reply", Buffer.from(pack({ id: field("id"), ok: true, ...next, w: "elsewhere" })));
+          }
+        }, (e: unknown) => e instanceof CallLost && gap.test(e.message));
+        assert.deepEqual(seen, seen.map((_, i) => i));
+        await waitFor("the abandoned stream's request to go", async () => (await r.xlen("titan:{streamer}:calls")) === 0, 10_000);
+      }
+    } finally {
+      r.disconnect();
+    }
   });
 
   it("runs a background job, read back by its id from a second Node process", async () => {
