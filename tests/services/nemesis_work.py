@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,18 @@ from typing import Any
 import anyio
 
 from titan_broker import periodic, process, public, retry
+
+if "libfaketime" in os.environ.get("LD_PRELOAD", ""):
+    # libfaketime 0.9.10 with FAKETIME_DONT_FAKE_MONOTONIC (the clock-shift fault's set-up) fails
+    # every absolute sleep on the monotonic clock, which is how Python's time.sleep waits: EINVAL,
+    # in any code that sleeps (redis-py's retries on a worker's heartbeat connection among them).
+    # A timed wait on an event waits the same time and works under it.
+    _NEVER_SET = threading.Event()
+
+    def _sleep(seconds: float) -> None:
+        _NEVER_SET.wait(seconds)
+
+    time.sleep = _sleep
 
 
 class Flaky(KeyError):
