@@ -29,6 +29,7 @@ from .records import registered_users as registered_users
 from .records import request_streams as request_streams
 from .records import service_scopes as service_scopes
 from .records import shard_count as shard_count
+from .records import user_names as user_names
 
 __all__ = (
     "RETIRED_AFTER",
@@ -58,4 +59,5 @@ __all__ = (
     "request_streams",
     "service_scopes",
     "shard_count",
+    "user_names",
 )

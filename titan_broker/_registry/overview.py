@@ -21,9 +21,9 @@ from typing import Any
 from redis import exceptions as rexc
 
 from .._redis.connection import Redis, text
-from .._wire.keys import GROUP, USER, Keys, shard_scopes, shards_of
+from .._wire.keys import GROUP, Keys, shard_scopes, shards_of
 from .health import ServiceHealth, aggregate
-from .records import QueueInfo, ServiceInfo, WorkerInfo, serving_versions
+from .records import QueueInfo, ServiceInfo, WorkerInfo, serving_versions, user_names
 
 HEARTBEAT_FIELDS: tuple[str, ...] = (
     "status", "in_flight", "calls", "errors", "heartbeat_at", "latency", "unhealthy_streak", "metrics",
@@ -88,7 +88,7 @@ class RegistryReader:
         # per registered user's stream in each shard.
         rows = {name: replies[i * 8 : i * 8 + 8] for i, name in enumerate(names)}
         scopes = {name: shard_scopes(name, shards_of(_raw(rows[name][2]))) for name in names}
-        users = {name: _users(rows[name][3]) for name in names}
+        users = {name: user_names(rows[name][3]) for name in names}
         sharded = [name for name in names if len(scopes[name]) > 1 or users[name]]
         if sharded:
             async with redis.pipeline(transaction=False) as pipe:
@@ -204,13 +204,6 @@ def _shard_figures(pipe: Any, keys: Keys, scope: str) -> None:
     pipe.xlen(keys.dead(scope))
     pipe.xpending(keys.calls(scope), GROUP)  # no stream or group yet: an error, read as 0
     pipe.zcard(keys.delayed(scope))
-
-
-def _users(value: Any) -> list[str]:
-    """The registered users as SMEMBERS answered (an error, say a refusal: none)."""
-    if not isinstance(value, (set, list)):
-        return []
-    return sorted(u for u in (text(m) for m in value) if USER.fullmatch(u))
 
 
 def _raw(value: Any) -> bytes | None:

@@ -332,9 +332,15 @@ async def service_scopes(redis: Redis, keys: Keys, service: str) -> list[str]:
 async def registered_users(redis: Redis, keys: Keys, service: str) -> list[str]:
     """The caller users registered for ``service`` (its ``users`` set), each with request streams of
     its own; names no rule could be written for are left out."""
-    return sorted(
-        u for u in (text(m) for m in await redis.smembers(keys.users(service))) if USER.fullmatch(u)
-    )
+    return user_names(await redis.smembers(keys.users(service)))
+
+
+def user_names(members: Any) -> list[str]:
+    """The user names of a ``users`` set as SMEMBERS answered, sorted; names no rule could be
+    written for are left out, and so is everything when the answer is an error (a refusal)."""
+    if not isinstance(members, (set, list)):
+        return []
+    return sorted(u for u in (text(m) for m in members) if USER.fullmatch(u))
 
 
 def request_streams(keys: Keys, scope: str, users: list[str]) -> list[str]:
@@ -370,15 +376,15 @@ async def queue_info(redis: Redis, keys: Keys, service: str) -> QueueInfo:
         async with redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xlen(stream)
+                pipe.xpending(stream, "workers")
             pipe.xlen(keys.dead(scope))
-            *lengths, dead = await pipe.execute()
-        pending = 0
-        for stream in streams:
-            try:
-                summary = await redis.xpending(stream, "workers")
-                pending += int(summary["pending"])
-            except Exception:  # no stream or no group yet
-                pass
+            *figures, dead = await pipe.execute(raise_on_error=False)
+        lengths, summaries = figures[::2], figures[1::2]
+        for value in (*lengths, dead):
+            if isinstance(value, Exception):
+                raise value
+        # An error in place of a summary: no stream or no group yet, so nothing pending.
+        pending = sum(int(s["pending"]) for s in summaries if isinstance(s, dict))
         shards.append(QueueInfo(scope, sum(int(n) for n in lengths), pending, int(dead)))
     return QueueInfo.summed(service, shards)
 

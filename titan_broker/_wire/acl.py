@@ -17,18 +17,17 @@ user is in the service's ``users`` set (``Rule.registers``).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .keys import Keys, check_name
+from .keys import USER, Keys, check_name
 
 Role = Literal["worker", "caller", "operator", "observer"]
 
 USER_SEPARATOR = "."
 """Between the ACL user's name and the random part of a client id."""
 
-USER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+USER_NAME = USER
 """User names a rule can be written for: no glob character and no separator, so that the
 pattern ``<user>.*`` matches this user's keys only."""
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from titan_broker._config import WorkerOptions
 from titan_broker._redis import AutoPipeline, Redis
+from titan_broker._registry import request_streams
 from titan_broker._service import ServiceDefinition
 from titan_broker._wire import Keys, shard_scopes
 
@@ -110,7 +111,7 @@ class WorkerContext:
     def claimable(self, scope: str) -> list[str]:
         """The streams of one shard whose entries any worker may claim from a dead one (not the own
         streams of a worker: those are moved back whole, see ``rescue.lua``)."""
-        return [self.keys.calls(scope), *self.user_streams(scope)]
+        return request_streams(self.keys, scope, self.users)
 
     def writer_for(self, scope: str) -> AutoPipeline:
         """The writer for the keys of one shard's scope (see ``writers_``)."""

@@ -31,8 +31,9 @@ import anyio
 import anyio.lowlevel
 from redis import exceptions as rexc
 
-from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries, text
-from titan_broker._wire import GROUP, USER, Keys, protocol
+from titan_broker._redis import CONNECTION_ERRORS, Backoff, Channel, stream_entries
+from titan_broker._registry import user_names
+from titan_broker._wire import GROUP, Keys, protocol
 
 from .call import DeadLetter, Entry
 from .context import WorkerContext
@@ -142,8 +143,7 @@ class Intake:
             ctx.log.log(logging.WARNING, "users", "worker %s: cannot read the registered users of %r (%s)",
                         ctx.worker_id, ctx.service, exc)  # fmt: skip
             return
-        found = sorted(text(m) for m in members)
-        new = [user for user in found if USER.fullmatch(user) and user not in ctx.users]
+        new = [user for user in user_names(members) if user not in ctx.users]
         if not new:
             return
         if create:
