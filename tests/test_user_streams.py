@@ -72,12 +72,18 @@ async def last_id(redis: aioredis.Redis, stream: str) -> bytes:
     return (await redis.xinfo_stream(stream))["last-generated-id"]  # type: ignore[no-any-return]
 
 
+async def with_users(redis: aioredis.Redis, *users: str) -> tuple[str, Keys]:
+    """A fresh namespace, and its keys, where ``users`` are registered for the service."""
+    ns = f"us{uuid.uuid4().hex[:6]}"
+    keys = Keys(ns)
+    await redis.sadd(keys.users(SVC), *users)
+    return ns, keys
+
+
 async def test_a_worker_serves_retries_and_dead_letters_each_registered_users_calls_on_their_stream(
     private_redis: LocalRedis, aredis: aioredis.Redis
 ) -> None:
-    ns = f"us{uuid.uuid4().hex[:6]}"
-    keys = Keys(ns)
-    await aredis.sadd(keys.users(SVC), "alice", "bob")
+    ns, keys = await with_users(aredis, "alice", "bob")
     async with serve(UserStreamed, url=private_redis.url, namespace=ns):
         alice, bob = keys.user_calls(SVC, "alice"), keys.user_calls(SVC, "bob")
         assert await send(aredis, keys, alice, "echo", "from alice") == "from alice"
@@ -156,9 +162,7 @@ async def test_a_call_on_a_users_stream_held_by_a_killed_worker_is_run_by_anothe
 async def test_a_dead_workers_own_stream_of_a_user_goes_back_to_that_users_stream(
     private_redis: LocalRedis, aredis: aioredis.Redis
 ) -> None:
-    ns = f"us{uuid.uuid4().hex[:6]}"
-    keys = Keys(ns)
-    await aredis.sadd(keys.users(SVC), "alice")
+    ns, keys = await with_users(aredis, "alice")
     await aredis.sadd(keys.affinity(SVC), "ghost")  # a worker that died with a call on its own stream
     reply_key = keys.reply(SVC, "alice.0123456789abcdef")
     fields = encode_request("alice.0123456789abcdef-1", "echo", ("rescued",), {}, reply_key, 30_000)
@@ -192,9 +196,7 @@ async def entries_added(redis: aioredis.Redis, stream: str) -> int:
 async def test_a_registered_callers_calls_go_to_its_own_streams_and_an_unregistered_ones_to_the_shared(
     private_redis: LocalRedis, aredis: aioredis.Redis
 ) -> None:
-    ns = f"us{uuid.uuid4().hex[:6]}"
-    keys = Keys(ns)
-    await aredis.sadd(keys.users(SVC), "alice")
+    ns, keys = await with_users(aredis, "alice")
     async with (
         serve(UserStreamed, url=private_redis.url, namespace=ns),
         Client(private_redis.url, namespace=ns, acl_user="alice") as alice,
@@ -223,9 +225,7 @@ async def test_a_registered_callers_calls_go_to_its_own_streams_and_an_unregiste
 async def test_a_registered_callers_calls_spread_over_the_shards_on_its_own_stream_in_each(
     private_redis: LocalRedis, aredis: aioredis.Redis
 ) -> None:
-    ns = f"us{uuid.uuid4().hex[:6]}"
-    keys = Keys(ns)
-    await aredis.sadd(keys.users(SVC), "alice")
+    ns, keys = await with_users(aredis, "alice")
     async with (
         serve(UserStreamed, url=private_redis.url, namespace=ns, options=WorkerOptions(shards=2)) as svc,
         Client(private_redis.url, namespace=ns, acl_user="alice") as alice,
